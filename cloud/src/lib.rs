@@ -1,0 +1,1 @@
+//! # edgesync-cloud

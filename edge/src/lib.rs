@@ -1,0 +1,11 @@
+//! # edgesync-edge
+//!
+//! The agent that runs next to the PLCs. Data flows:
+//! Modbus links (`modbus`) poll devices and emit samples; the twin store (`store`) keeps the
+//! latest value per property and decides what changed; changes go to the outbox (`store`), an
+//! append-only log in sled; the uplink (`uplink`) drives an [`edgesync_protocol::session::EdgeSession`]
+//! over QUIC and deletes outbox records once the hub acknowledged them as stored.
+
+pub mod config;
+pub mod model;
+pub mod modbus;

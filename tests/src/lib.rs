@@ -1,0 +1,4 @@
+//! # edgesync-testkit
+
+pub mod pki;
+pub mod sim;
