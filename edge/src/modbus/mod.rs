@@ -1,1 +1,4 @@
 //! Modbus links.
+
+pub mod codec;
+pub mod plan;
