@@ -1,1 +1,5 @@
 //! # edgesync-cloud
+
+pub mod api;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,1199 @@
+//! The hub's durable state on sled: uplink records, per-node sequence numbers, reported twins and
+//! node status.
+//!
+//! One [`HubStore`] is shared (`Arc<HubStore>`) by every connection task and by the HTTP API.
+//! Connection tasks call [`HubStore::commit_batch`] with each uplink batch and acknowledge it to
+//! the agent only after it returns; the API reads twins and node status from memory and never
+//! touches the disk.
+//!
+//! # Layout (one sled tree, `hub`)
+//!
+//! | key | value |
+//! |---|---|
+//! | `<node> 0x00 <first seq: u64 BE>` | [`encode_samples`] of one batch: records `first..first+n` |
+//! | `0x01 <node> 0x00 "seq"` | last uplink seq stored (u64 BE) |
+//! | `0x01 <node> 0x00 "agent"` | agent version (UTF-8) |
+//! | `0x01 <node> 0x00 "seen"` | last seen, ms since the epoch (u64 BE) |
+//! | `0x02 <node> 0x00 <device> 0x00 <property>` | [`encode_samples`] of the latest sample |
+//!
+//! Ids never hold `0x00` and always start with a letter or digit, so the three key spaces never
+//! overlap and a node's records sort by sequence number.
+//!
+//! # Invariants
+//!
+//! - A batch's new records, the node's new sequence number and the twin values they change are
+//!   written in one atomic sled batch: after a crash either all of it is there or none.
+//! - Records of a node have contiguous sequence numbers `1..=seq`, each stored exactly once:
+//!   duplicates are skipped, gaps are refused.
+//! - [`HubStore::stored_seq`] and [`CommitOutcome::stored_seq`] only report what has been
+//!   flushed to disk (fsync), so an agent told "stored up to N" may drop its records up to N.
+//! - The in-memory twin and node status follow commit order. Twin reads may show a value a few
+//!   milliseconds before its flush completes (it is already written, not yet fsynced).
+//! - A node's twin holds at most [`MAX_PROPERTIES_PER_NODE`] properties, so a peer cannot grow
+//!   the hub's memory without bound.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use edgesync_protocol::frame::{FrameError, decode_samples, encode_samples};
+use edgesync_protocol::{DeviceId, NodeId, PropertyId, Quality, Sample, Timestamp, Value, Version};
+use serde::Serialize;
+use serde::ser::SerializeStruct;
+
+use crate::telemetry;
+
+/// Most properties (over all devices) the twin of one node may hold.
+pub const MAX_PROPERTIES_PER_NODE: usize = 100_000;
+
+const TREE: &[u8] = b"hub";
+const META: u8 = 0x01;
+const TWIN: u8 = 0x02;
+const SEP: u8 = 0x00;
+const FIELD_SEQ: &[u8] = b"seq";
+const FIELD_AGENT: &[u8] = b"agent";
+const FIELD_SEEN: &[u8] = b"seen";
+
+/// What can go wrong in the hub store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled failed (I/O error, corruption detected by sled, ...).
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    /// The batch starts after the next expected sequence number; nothing was stored.
+    #[error("sequence gap: expected {expected}, got {got}")]
+    Gap {
+        /// The next sequence number the store expects (stored seq + 1).
+        expected: u64,
+        /// The first sequence number of the batch.
+        got: u64,
+    },
+    /// The batch's sequence numbers are not valid (a zero first seq, or an overflow).
+    #[error("invalid sequence numbers: first {first_seq} with {len} records")]
+    InvalidSeq {
+        /// The first sequence number of the batch.
+        first_seq: u64,
+        /// How many records the batch holds.
+        len: usize,
+    },
+    /// Storing the batch would give the node's twin more than [`MAX_PROPERTIES_PER_NODE`]
+    /// properties; nothing was stored.
+    #[error("twin of node {node} would exceed {limit} properties")]
+    TwinFull {
+        /// The node.
+        node: NodeId,
+        /// The limit.
+        limit: usize,
+    },
+    /// An entry on disk cannot be read back.
+    #[error("corrupt store entry {key}: {reason}")]
+    Corrupt {
+        /// The entry's key, escaped for display.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// What [`HubStore::commit_batch`] did with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// The node's last sequence number durably stored (flushed) after this commit.
+    pub stored_seq: u64,
+    /// How many records of the batch were new and stored.
+    pub accepted: usize,
+    /// How many records of the batch were already stored and skipped.
+    pub duplicates: usize,
+}
+
+/// What a connection reports about its node when the session is established.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConnInfo {
+    /// The peer's address (`ip:port`).
+    pub remote_addr: String,
+    /// The agent's version string.
+    pub agent_version: String,
+    /// The agent's boot id (changes on every agent start).
+    pub boot_id: String,
+    /// The config version the agent runs.
+    pub config_version: u64,
+}
+
+/// What the hub knows about a node (the API's node resource).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub struct NodeStatus {
+    /// The node.
+    pub node: NodeId,
+    /// Whether a session with the node is up.
+    pub connected: bool,
+    /// When the node was last heard from, ms since the epoch (`null` if never).
+    pub last_seen_ms: Option<u64>,
+    /// The address of the node's current or last connection since the hub started.
+    pub remote_addr: Option<String>,
+    /// The agent version the node last reported.
+    pub agent_version: Option<String>,
+    /// The boot id of the node's current or last connection since the hub started.
+    pub boot_id: Option<String>,
+    /// The last uplink sequence number durably stored.
+    pub uplink_seq: u64,
+    /// Records waiting in the node's outbox, as last reported by the agent.
+    pub backlog: u64,
+    /// The config version the node last reported.
+    pub config_version: u64,
+    /// How many devices the node's twin holds.
+    pub devices: usize,
+}
+
+/// The latest reported state of one property.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Reported {
+    /// The value (`None` if the property never had a good read).
+    pub value: Option<Value>,
+    /// Good or bad with a reason.
+    pub quality: Quality,
+    /// When the agent read it.
+    pub ts: Timestamp,
+}
+
+/// A desired value of one property and its version.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Desired {
+    /// The value to write to the device.
+    pub value: Value,
+    /// Its version (increases with every change).
+    pub version: Version,
+}
+
+/// The twin of one device: reported and desired state per property.
+///
+/// Serializes as `{"reported": {...}, "desired": {...}, "delta": {...}}`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Twin {
+    /// Latest reported state per property.
+    pub reported: BTreeMap<PropertyId, Reported>,
+    /// Desired value per property.
+    pub desired: BTreeMap<PropertyId, Desired>,
+}
+
+impl Twin {
+    /// Desired values that differ from the reported value (or have none reported).
+    pub fn delta(&self) -> BTreeMap<PropertyId, Value> {
+        self.desired
+            .iter()
+            .filter(|(prop, desired)| {
+                self.reported
+                    .get(*prop)
+                    .and_then(|r| r.value.as_ref())
+                    .is_none_or(|v| *v != desired.value)
+            })
+            .map(|(prop, desired)| (prop.clone(), desired.value.clone()))
+            .collect()
+    }
+}
+
+impl Serialize for Twin {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("Twin", 3)?;
+        st.serialize_field("reported", &self.reported)?;
+        st.serialize_field("desired", &self.desired)?;
+        st.serialize_field("delta", &self.delta())?;
+        st.end()
+    }
+}
+
+/// In-memory state of one node.
+#[derive(Debug, Default)]
+struct NodeState {
+    /// Last seq durably stored (flushed).
+    durable_seq: u64,
+    /// Last seq written to sled (maybe not yet flushed); >= durable_seq.
+    applied_seq: u64,
+    connected: bool,
+    last_seen_ms: Option<u64>,
+    remote_addr: Option<String>,
+    agent_version: Option<String>,
+    boot_id: Option<String>,
+    backlog: u64,
+    config_version: u64,
+    properties: usize,
+    twins: BTreeMap<DeviceId, Twin>,
+}
+
+/// What the synchronous part of a commit did.
+struct Applied {
+    /// The node's applied seq after this commit.
+    target_seq: u64,
+    accepted: usize,
+    duplicates: usize,
+}
+
+/// The hub's durable state (see the module docs for layout and invariants).
+#[derive(Debug)]
+pub struct HubStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    /// Serializes the check-and-write part of commits, so sequence checks and writes happen in
+    /// one order. Held only for synchronous work, never across an await.
+    commit_lock: Mutex<()>,
+    state: RwLock<BTreeMap<NodeId, NodeState>>,
+}
+
+impl HubStore {
+    /// Opens (or creates) the store in `dir`, with a sled page cache of `cache_bytes`, and
+    /// loads node status and twins into memory.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<HubStore, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()?;
+        let tree = db.open_tree(TREE)?;
+        let state = load(&tree)?;
+        Ok(HubStore {
+            db,
+            tree,
+            commit_lock: Mutex::new(()),
+            state: RwLock::new(state),
+        })
+    }
+
+    /// Whether the store answers reads (a cheap read through sled's page cache).
+    pub fn is_ready(&self) -> bool {
+        self.tree.get([META]).is_ok()
+    }
+
+    /// The last uplink sequence number durably stored for `node` (0 = none).
+    pub fn stored_seq(&self, node: &NodeId) -> Result<u64, StoreError> {
+        Ok(self.read().get(node).map_or(0, |n| n.durable_seq))
+    }
+
+    /// Stores an uplink batch: record `i` has sequence number `first_seq + i`.
+    ///
+    /// Records already stored are skipped and counted as duplicates. A batch starting after the
+    /// next expected sequence number is refused with [`StoreError::Gap`], storing nothing. The
+    /// new records are written as one entry together with the node's sequence number and twin,
+    /// atomically, then flushed; the outcome's `stored_seq` is durable when this returns.
+    /// Concurrent commits (of several nodes) share flushes.
+    ///
+    /// Cancellation: if the future is dropped during the flush, the records stay written and
+    /// become durable with the next flush; `stored_seq` does not report them until then.
+    pub async fn commit_batch(
+        &self,
+        node: &NodeId,
+        first_seq: u64,
+        records: &[Sample],
+    ) -> Result<CommitOutcome, StoreError> {
+        let started = tokio::time::Instant::now();
+        let applied = match self.apply(node, first_seq, records) {
+            Ok(applied) => applied,
+            Err(e) => {
+                telemetry::commit_failed(node, &e);
+                return Err(e);
+            }
+        };
+        let durable = self.read().get(node).map_or(0, |n| n.durable_seq);
+        let mut stored_seq = durable;
+        if durable < applied.target_seq {
+            // Everything up to target_seq was written before this flush started, so the flush
+            // covers it. sled lets concurrent flushers wait for one another's fsync.
+            if let Err(e) = self.db.flush_async().await {
+                let e = StoreError::from(e);
+                telemetry::commit_failed(node, &e);
+                return Err(e);
+            }
+            let mut state = self.write();
+            let n = state.entry(node.clone()).or_default();
+            n.durable_seq = n.durable_seq.max(applied.target_seq);
+            stored_seq = n.durable_seq;
+        }
+        telemetry::batch_committed(
+            applied.accepted,
+            applied.duplicates,
+            started.elapsed().as_secs_f64(),
+        );
+        Ok(CommitOutcome {
+            stored_seq,
+            accepted: applied.accepted,
+            duplicates: applied.duplicates,
+        })
+    }
+
+    /// The synchronous part of a commit: checks sequence numbers, writes one sled batch and
+    /// updates memory.
+    fn apply(
+        &self,
+        node: &NodeId,
+        first_seq: u64,
+        records: &[Sample],
+    ) -> Result<Applied, StoreError> {
+        let _commit = self
+            .commit_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (applied_seq, properties) = self
+            .read()
+            .get(node)
+            .map_or((0, 0), |n| (n.applied_seq, n.properties));
+        if records.is_empty() {
+            return Ok(Applied {
+                target_seq: applied_seq,
+                accepted: 0,
+                duplicates: 0,
+            });
+        }
+        let len = records.len();
+        let last_seq = u64::try_from(len - 1)
+            .ok()
+            .and_then(|n| first_seq.checked_add(n));
+        let Some(last_seq) = last_seq.filter(|_| first_seq > 0) else {
+            return Err(StoreError::InvalidSeq { first_seq, len });
+        };
+        let expected = applied_seq + 1;
+        if first_seq > expected {
+            return Err(StoreError::Gap {
+                expected,
+                got: first_seq,
+            });
+        }
+        if last_seq <= applied_seq {
+            return Ok(Applied {
+                target_seq: applied_seq,
+                accepted: 0,
+                duplicates: len,
+            });
+        }
+        // first_seq <= expected <= last_seq, so skip < len.
+        let skip = usize::try_from(expected - first_seq)
+            .unwrap_or(len)
+            .min(len);
+        let new = &records[skip..];
+
+        // Latest sample per (device, property) among the new records, in sequence order.
+        let mut latest: BTreeMap<(&DeviceId, &PropertyId), &Sample> = BTreeMap::new();
+        for s in new {
+            latest.insert((&s.device, &s.property), s);
+        }
+        {
+            let state = self.read();
+            let twins = state.get(node).map(|n| &n.twins);
+            let added = latest
+                .keys()
+                .filter(|(d, p)| {
+                    twins
+                        .and_then(|t| t.get(*d))
+                        .is_none_or(|t| !t.reported.contains_key(*p))
+                })
+                .count();
+            if properties + added > MAX_PROPERTIES_PER_NODE {
+                return Err(StoreError::TwinFull {
+                    node: node.clone(),
+                    limit: MAX_PROPERTIES_PER_NODE,
+                });
+            }
+        }
+
+        let mut batch = sled::Batch::default();
+        batch.insert(record_key(node, expected), encode_samples(new));
+        batch.insert(meta_key(node, FIELD_SEQ), &last_seq.to_be_bytes());
+        for ((device, property), sample) in &latest {
+            batch.insert(
+                twin_key(node, device, property),
+                encode_samples(std::slice::from_ref(*sample)),
+            );
+        }
+        self.tree.apply_batch(batch)?;
+
+        let mut state = self.write();
+        let n = state.entry(node.clone()).or_default();
+        n.applied_seq = last_seq;
+        for ((device, property), sample) in latest {
+            let twin = n.twins.entry(device.clone()).or_default();
+            let previous = twin.reported.insert(
+                property.clone(),
+                Reported {
+                    value: sample.value.clone(),
+                    quality: sample.quality,
+                    ts: sample.ts,
+                },
+            );
+            if previous.is_none() {
+                n.properties += 1;
+            }
+        }
+        Ok(Applied {
+            target_seq: last_seq,
+            accepted: new.len(),
+            duplicates: skip,
+        })
+    }
+
+    /// Every stored record of `node` with sequence number `>= from_seq`, in order.
+    pub fn records(&self, node: &NodeId, from_seq: u64) -> Result<Vec<(u64, Sample)>, StoreError> {
+        let prefix = node_prefix(node);
+        // The entry holding `from_seq` starts at or before it.
+        let begin = match self
+            .tree
+            .range(prefix.clone()..=record_key(node, from_seq))
+            .next_back()
+        {
+            Some(entry) => entry?.0.to_vec(),
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for entry in self.tree.range(begin..) {
+            let (key, value) = entry?;
+            let Some(seq_bytes) = key.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            let first = <[u8; 8]>::try_from(seq_bytes)
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt(&key, "record key without an 8-byte sequence number"))?;
+            let samples = decode_samples(&value).map_err(|e| corrupt_frame(&key, &e))?;
+            for (seq, sample) in (first..).zip(samples) {
+                if seq >= from_seq {
+                    out.push((seq, sample));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records that a session with `node` is established.
+    pub fn node_connected(
+        &self,
+        node: &NodeId,
+        info: ConnInfo,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut state = self.write();
+        let mut batch = sled::Batch::default();
+        batch.insert(meta_key(node, FIELD_AGENT), info.agent_version.as_bytes());
+        batch.insert(meta_key(node, FIELD_SEEN), &now_ms.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        let n = state.entry(node.clone()).or_default();
+        n.connected = true;
+        n.last_seen_ms = Some(now_ms);
+        n.remote_addr = Some(info.remote_addr);
+        n.agent_version = Some(info.agent_version);
+        n.boot_id = Some(info.boot_id);
+        n.config_version = info.config_version;
+        Ok(())
+    }
+
+    /// Records that the session with `node` ended.
+    pub fn node_disconnected(&self, node: &NodeId, now_ms: u64) -> Result<(), StoreError> {
+        let mut state = self.write();
+        self.tree
+            .insert(meta_key(node, FIELD_SEEN), &now_ms.to_be_bytes())?;
+        let n = state.entry(node.clone()).or_default();
+        n.connected = false;
+        n.last_seen_ms = Some(now_ms);
+        Ok(())
+    }
+
+    /// Records that `node` was heard from, with the backlog its agent reported.
+    pub fn node_seen(&self, node: &NodeId, now_ms: u64, backlog: u64) -> Result<(), StoreError> {
+        let mut state = self.write();
+        self.tree
+            .insert(meta_key(node, FIELD_SEEN), &now_ms.to_be_bytes())?;
+        let n = state.entry(node.clone()).or_default();
+        n.last_seen_ms = Some(now_ms);
+        n.backlog = backlog;
+        Ok(())
+    }
+
+    /// Status of every known node, ordered by node id.
+    pub fn nodes(&self) -> Vec<NodeStatus> {
+        self.read()
+            .iter()
+            .map(|(node, n)| status(node, n))
+            .collect()
+    }
+
+    /// Status of one node, if known.
+    pub fn node(&self, node: &NodeId) -> Option<NodeStatus> {
+        self.read().get(node).map(|n| status(node, n))
+    }
+
+    /// The devices in the twin of `node` (empty for an unknown node), ordered by id.
+    pub fn devices(&self, node: &NodeId) -> Vec<DeviceId> {
+        self.read()
+            .get(node)
+            .map(|n| n.twins.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The twin of one device, if the device is known.
+    pub fn twin(&self, node: &NodeId, device: &DeviceId) -> Option<Twin> {
+        self.read().get(node)?.twins.get(device).cloned()
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, BTreeMap<NodeId, NodeState>> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<NodeId, NodeState>> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn status(node: &NodeId, n: &NodeState) -> NodeStatus {
+    NodeStatus {
+        node: node.clone(),
+        connected: n.connected,
+        last_seen_ms: n.last_seen_ms,
+        remote_addr: n.remote_addr.clone(),
+        agent_version: n.agent_version.clone(),
+        boot_id: n.boot_id.clone(),
+        uplink_seq: n.durable_seq,
+        backlog: n.backlog,
+        config_version: n.config_version,
+        devices: n.twins.len(),
+    }
+}
+
+fn node_prefix(node: &NodeId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(node.as_str().len() + 9);
+    k.extend_from_slice(node.as_str().as_bytes());
+    k.push(SEP);
+    k
+}
+
+fn record_key(node: &NodeId, first_seq: u64) -> Vec<u8> {
+    let mut k = node_prefix(node);
+    k.extend_from_slice(&first_seq.to_be_bytes());
+    k
+}
+
+fn meta_key(node: &NodeId, field: &[u8]) -> Vec<u8> {
+    let mut k = vec![META];
+    k.extend_from_slice(node.as_str().as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(field);
+    k
+}
+
+fn twin_key(node: &NodeId, device: &DeviceId, property: &PropertyId) -> Vec<u8> {
+    let mut k = vec![TWIN];
+    k.extend_from_slice(node.as_str().as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(device.as_str().as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(property.as_str().as_bytes());
+    k
+}
+
+fn corrupt(key: &[u8], reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        key: key.escape_ascii().to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn corrupt_frame(key: &[u8], e: &FrameError) -> StoreError {
+    corrupt(key, e.to_string())
+}
+
+fn parse_id<T, E: std::fmt::Display>(
+    key: &[u8],
+    bytes: &[u8],
+    parse: impl FnOnce(String) -> Result<T, E>,
+) -> Result<T, StoreError> {
+    let s = std::str::from_utf8(bytes).map_err(|_| corrupt(key, "id is not utf-8"))?;
+    parse(s.to_owned()).map_err(|e| corrupt(key, e.to_string()))
+}
+
+fn be_u64(key: &[u8], value: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(value)
+        .map(u64::from_be_bytes)
+        .map_err(|_| corrupt(key, "value is not a u64"))
+}
+
+/// Loads node metadata and twins from disk.
+fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
+    let mut state: BTreeMap<NodeId, NodeState> = BTreeMap::new();
+    for entry in tree.scan_prefix([META]) {
+        let (key, value) = entry?;
+        let mut parts = key[1..].splitn(2, |b| *b == SEP);
+        let (Some(node), Some(field)) = (parts.next(), parts.next()) else {
+            return Err(corrupt(&key, "meta key without a field"));
+        };
+        let node = parse_id(&key, node, NodeId::new)?;
+        let n = state.entry(node).or_default();
+        match field {
+            FIELD_SEQ => {
+                let seq = be_u64(&key, &value)?;
+                n.durable_seq = seq;
+                n.applied_seq = seq;
+            }
+            FIELD_AGENT => {
+                let v = std::str::from_utf8(&value)
+                    .map_err(|_| corrupt(&key, "agent version is not utf-8"))?;
+                n.agent_version = Some(v.to_owned());
+            }
+            FIELD_SEEN => n.last_seen_ms = Some(be_u64(&key, &value)?),
+            // A field written by a newer hub: keep going.
+            _ => {}
+        }
+    }
+    for entry in tree.scan_prefix([TWIN]) {
+        let (key, value) = entry?;
+        let mut parts = key[1..].splitn(2, |b| *b == SEP);
+        let Some(node) = parts.next() else {
+            return Err(corrupt(&key, "twin key without a node"));
+        };
+        let node = parse_id(&key, node, NodeId::new)?;
+        let mut samples = decode_samples(&value).map_err(|e| corrupt_frame(&key, &e))?;
+        let (Some(sample), true) = (samples.pop(), samples.is_empty()) else {
+            return Err(corrupt(&key, "twin entry does not hold exactly one sample"));
+        };
+        let n = state.entry(node).or_default();
+        let twin = n.twins.entry(sample.device).or_default();
+        let previous = twin.reported.insert(
+            sample.property,
+            Reported {
+                value: sample.value,
+                quality: sample.quality,
+                ts: sample.ts,
+            },
+        );
+        if previous.is_none() {
+            n.properties += 1;
+        }
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use edgesync_protocol::BadReason;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const CACHE: u64 = 8 << 20;
+
+    fn node(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    fn dev(s: &str) -> DeviceId {
+        DeviceId::new(s).unwrap()
+    }
+
+    fn prop(s: &str) -> PropertyId {
+        PropertyId::new(s).unwrap()
+    }
+
+    fn sample(device: &str, property: &str, v: i64, ts: u64) -> Sample {
+        Sample {
+            device: dev(device),
+            property: prop(property),
+            value: Some(Value::Int(v)),
+            quality: Quality::Good,
+            ts: Timestamp(ts),
+        }
+    }
+
+    fn open(dir: &tempfile::TempDir) -> HubStore {
+        HubStore::open(dir.path(), CACHE).unwrap()
+    }
+
+    #[test]
+    fn store_is_send_and_sync() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<HubStore>();
+        check::<Arc<HubStore>>();
+    }
+
+    #[tokio::test]
+    async fn commit_and_reopen_keeps_seq_history_and_twin() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node("gw-1");
+        let batch1 = vec![
+            sample("plc1", "temp", 20, 100),
+            sample("plc1", "rpm", 900, 100),
+        ];
+        let batch2 = vec![
+            sample("plc1", "temp", 21, 200),
+            Sample {
+                quality: Quality::Bad(BadReason::Exception(2)),
+                ..sample("plc2", "level", 7, 210)
+            },
+        ];
+        {
+            let store = open(&dir);
+            assert_eq!(store.stored_seq(&n).unwrap(), 0);
+            let out = store.commit_batch(&n, 1, &batch1).await.unwrap();
+            assert_eq!(
+                out,
+                CommitOutcome {
+                    stored_seq: 2,
+                    accepted: 2,
+                    duplicates: 0
+                }
+            );
+            let out = store.commit_batch(&n, 3, &batch2).await.unwrap();
+            assert_eq!(out.stored_seq, 4);
+            assert_eq!(store.stored_seq(&n).unwrap(), 4);
+        }
+        let store = open(&dir);
+        assert_eq!(store.stored_seq(&n).unwrap(), 4);
+        let history = store.records(&n, 1).unwrap();
+        let expected: Vec<(u64, Sample)> =
+            (1..).zip(batch1.iter().chain(&batch2).cloned()).collect();
+        assert_eq!(history, expected);
+        // Reading from the middle of a stored batch.
+        assert_eq!(store.records(&n, 4).unwrap(), expected[3..].to_vec());
+        assert_eq!(store.records(&n, 5).unwrap(), vec![]);
+        assert_eq!(store.devices(&n), vec![dev("plc1"), dev("plc2")]);
+        let twin = store.twin(&n, &dev("plc1")).unwrap();
+        assert_eq!(twin.reported.len(), 2);
+        assert_eq!(twin.reported[&prop("temp")].value, Some(Value::Int(21)));
+        assert_eq!(twin.reported[&prop("temp")].ts, Timestamp(200));
+        let level = &store.twin(&n, &dev("plc2")).unwrap().reported[&prop("level")];
+        assert_eq!(level.quality, Quality::Bad(BadReason::Exception(2)));
+        let status = store.node(&n).unwrap();
+        assert_eq!(status.uplink_seq, 4);
+        assert_eq!(status.devices, 2);
+        assert!(!status.connected);
+        // Another node's records do not leak into this one's.
+        assert_eq!(store.records(&node("gw-10"), 1).unwrap(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let n = node("gw-1");
+        let batch: Vec<Sample> = (0..4).map(|i| sample("d", "p", i, i as u64)).collect();
+        store.commit_batch(&n, 1, &batch).await.unwrap();
+        // The same batch again: all duplicates.
+        let out = store.commit_batch(&n, 1, &batch).await.unwrap();
+        assert_eq!(
+            out,
+            CommitOutcome {
+                stored_seq: 4,
+                accepted: 0,
+                duplicates: 4
+            }
+        );
+        // Overlapping: seqs 3..=6, two old, two new.
+        let overlap: Vec<Sample> = (10..14).map(|i| sample("d", "p", i, i as u64)).collect();
+        let out = store.commit_batch(&n, 3, &overlap).await.unwrap();
+        assert_eq!(
+            out,
+            CommitOutcome {
+                stored_seq: 6,
+                accepted: 2,
+                duplicates: 2
+            }
+        );
+        let values: Vec<(u64, Option<Value>)> = store
+            .records(&n, 1)
+            .unwrap()
+            .into_iter()
+            .map(|(s, r)| (s, r.value))
+            .collect();
+        let want: Vec<(u64, Option<Value>)> = [0, 1, 2, 3, 12, 13]
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i as u64 + 1, Some(Value::Int(v))))
+            .collect();
+        assert_eq!(values, want);
+        assert_eq!(
+            store.twin(&n, &dev("d")).unwrap().reported[&prop("p")].value,
+            Some(Value::Int(13))
+        );
+    }
+
+    #[tokio::test]
+    async fn gap_is_refused_and_nothing_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let n = node("gw-1");
+        store
+            .commit_batch(&n, 1, &[sample("d", "p", 1, 1)])
+            .await
+            .unwrap();
+        let err = store
+            .commit_batch(&n, 3, &[sample("d", "p", 2, 2), sample("d", "q", 3, 3)])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Gap {
+                    expected: 2,
+                    got: 3
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(store.stored_seq(&n).unwrap(), 1);
+        assert_eq!(store.records(&n, 1).unwrap().len(), 1);
+        let twin = store.twin(&n, &dev("d")).unwrap();
+        assert_eq!(twin.reported.len(), 1);
+        assert_eq!(twin.reported[&prop("p")].value, Some(Value::Int(1)));
+        // A first batch must start at 1.
+        let err = store
+            .commit_batch(&node("gw-2"), 2, &[sample("d", "p", 1, 1)])
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            StoreError::Gap {
+                expected: 1,
+                got: 2
+            }
+        ));
+        assert!(store.node(&node("gw-2")).is_none());
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.records(&n, 1).unwrap().len(), 1);
+        assert_eq!(store.stored_seq(&node("gw-2")).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn invalid_sequence_numbers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let n = node("gw-1");
+        let err = store
+            .commit_batch(&n, 0, &[sample("d", "p", 1, 1)])
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            StoreError::InvalidSeq {
+                first_seq: 0,
+                len: 1
+            }
+        ));
+        let two = [sample("d", "p", 1, 1), sample("d", "p", 2, 2)];
+        let err = store.commit_batch(&n, u64::MAX, &two).await.unwrap_err();
+        assert!(matches!(err, StoreError::InvalidSeq { .. }), "{err:?}");
+        // An empty batch changes nothing.
+        let out = store.commit_batch(&n, 7, &[]).await.unwrap();
+        assert_eq!(
+            out,
+            CommitOutcome {
+                stored_seq: 0,
+                accepted: 0,
+                duplicates: 0
+            }
+        );
+        assert!(store.records(&n, 0).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn twin_follows_the_last_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let n = node("gw-1");
+        // Within one batch and across batches, the later sequence number wins, even if its
+        // timestamp is older (the agent sends per-device changes in read order).
+        store
+            .commit_batch(
+                &n,
+                1,
+                &[
+                    sample("d", "p", 1, 100),
+                    sample("d", "p", 2, 300),
+                    sample("d", "p", 3, 200),
+                ],
+            )
+            .await
+            .unwrap();
+        let reported = &store.twin(&n, &dev("d")).unwrap().reported[&prop("p")];
+        assert_eq!(reported.value, Some(Value::Int(3)));
+        assert_eq!(reported.ts, Timestamp(200));
+        let bad = Sample {
+            value: Some(Value::Int(3)),
+            quality: Quality::Bad(BadReason::Timeout),
+            ..sample("d", "p", 0, 400)
+        };
+        store.commit_batch(&n, 4, &[bad]).await.unwrap();
+        drop(store);
+        let store = open(&dir);
+        let reported = &store.twin(&n, &dev("d")).unwrap().reported[&prop("p")];
+        assert_eq!(reported.quality, Quality::Bad(BadReason::Timeout));
+        assert_eq!(reported.value, Some(Value::Int(3)));
+        assert_eq!(reported.ts, Timestamp(400));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commits_from_eight_nodes_are_all_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(&dir));
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                let n = node(&format!("gw-{i}"));
+                for b in 0..20u64 {
+                    let batch: Vec<Sample> = (0..5)
+                        .map(|k| sample("d", &format!("p{k}"), (b * 5 + k) as i64, b))
+                        .collect();
+                    let out = store.commit_batch(&n, b * 5 + 1, &batch).await.unwrap();
+                    assert_eq!(out.stored_seq, b * 5 + 5);
+                    assert_eq!(out.accepted, 5);
+                }
+            }));
+        }
+        for t in tasks {
+            tokio::time::timeout(std::time::Duration::from_secs(60), t)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.nodes().len(), 8);
+        for i in 0..8 {
+            let n = node(&format!("gw-{i}"));
+            assert_eq!(store.stored_seq(&n).unwrap(), 100);
+            let records = store.records(&n, 1).unwrap();
+            assert_eq!(records.len(), 100);
+            for (idx, (seq, s)) in records.iter().enumerate() {
+                assert_eq!(*seq, idx as u64 + 1);
+                assert_eq!(s.value, Some(Value::Int(idx as i64)));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn node_status_is_tracked_and_partly_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node("gw-1");
+        {
+            let store = open(&dir);
+            store
+                .node_connected(
+                    &n,
+                    ConnInfo {
+                        remote_addr: "10.0.0.5:4433".into(),
+                        agent_version: "0.1.0".into(),
+                        boot_id: "boot-a".into(),
+                        config_version: 3,
+                    },
+                    1_000,
+                )
+                .unwrap();
+            store.node_seen(&n, 2_000, 42).unwrap();
+            let s = store.node(&n).unwrap();
+            assert_eq!(
+                s,
+                NodeStatus {
+                    node: n.clone(),
+                    connected: true,
+                    last_seen_ms: Some(2_000),
+                    remote_addr: Some("10.0.0.5:4433".into()),
+                    agent_version: Some("0.1.0".into()),
+                    boot_id: Some("boot-a".into()),
+                    uplink_seq: 0,
+                    backlog: 42,
+                    config_version: 3,
+                    devices: 0,
+                }
+            );
+            store.node_disconnected(&n, 3_000).unwrap();
+            let s = store.node(&n).unwrap();
+            assert!(!s.connected);
+            assert_eq!(s.last_seen_ms, Some(3_000));
+            store.db.flush().unwrap();
+        }
+        let store = open(&dir);
+        let s = store.node(&n).unwrap();
+        assert!(!s.connected);
+        assert_eq!(s.last_seen_ms, Some(3_000));
+        assert_eq!(s.agent_version.as_deref(), Some("0.1.0"));
+        assert_eq!(s.remote_addr, None);
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["node"], "gw-1");
+        assert_eq!(json["last_seen_ms"], 3_000);
+        assert_eq!(json["uplink_seq"], 0);
+    }
+
+    #[tokio::test]
+    async fn twin_size_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let n = node("gw-1");
+        let too_many: Vec<Sample> = (0..=MAX_PROPERTIES_PER_NODE)
+            .map(|i| sample("d", &format!("p{i}"), 0, 0))
+            .collect();
+        let err = store.commit_batch(&n, 1, &too_many).await.unwrap_err();
+        assert!(matches!(err, StoreError::TwinFull { .. }), "{err:?}");
+        assert_eq!(store.stored_seq(&n).unwrap(), 0);
+        assert!(store.twin(&n, &dev("d")).is_none());
+    }
+
+    #[test]
+    fn twin_serializes_reported_desired_and_delta() {
+        let mut twin = Twin::default();
+        twin.reported.insert(
+            prop("temp"),
+            Reported {
+                value: Some(Value::Float(21.5)),
+                quality: Quality::Good,
+                ts: Timestamp(5),
+            },
+        );
+        twin.reported.insert(
+            prop("rpm"),
+            Reported {
+                value: None,
+                quality: Quality::Bad(BadReason::Timeout),
+                ts: Timestamp(6),
+            },
+        );
+        twin.desired.insert(
+            prop("temp"),
+            Desired {
+                value: Value::Float(21.5),
+                version: Version(1),
+            },
+        );
+        twin.desired.insert(
+            prop("rpm"),
+            Desired {
+                value: Value::Int(900),
+                version: Version(2),
+            },
+        );
+        let json = serde_json::to_value(&twin).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "reported": {
+                    "rpm": {"value": null, "quality": "bad: timeout", "ts": 6},
+                    "temp": {"value": 21.5, "quality": "good", "ts": 5},
+                },
+                "desired": {
+                    "rpm": {"value": 900, "version": 2},
+                    "temp": {"value": 21.5, "version": 1},
+                },
+                "delta": {"rpm": 900},
+            })
+        );
+    }
+
+    /// One step of the model test.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Commit `records` for node `node`, starting at `stored + 1 + offset` (at least 1).
+        Commit {
+            node: u8,
+            offset: i8,
+            records: Vec<(u8, u8, i64)>,
+        },
+        /// Close and reopen the store.
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u8..3, -3i8..=1, prop::collection::vec((0u8..2, 0u8..3, any::<i64>()), 0..5))
+                .prop_map(|(node, offset, records)| Op::Commit { node, offset, records }),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    #[derive(Default)]
+    struct Model {
+        history: Vec<Sample>,
+        twins: BTreeMap<DeviceId, BTreeMap<PropertyId, Option<Value>>>,
+    }
+
+    fn check(store: &HubStore, model: &HashMap<u8, Model>) {
+        for (i, m) in model {
+            let n = node(&format!("n{i}"));
+            assert_eq!(store.stored_seq(&n).unwrap(), m.history.len() as u64);
+            let got: Vec<Sample> = store
+                .records(&n, 1)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.1)
+                .collect();
+            assert_eq!(got, m.history);
+            assert_eq!(
+                store.devices(&n),
+                m.twins.keys().cloned().collect::<Vec<_>>()
+            );
+            for (d, props) in &m.twins {
+                let twin = store.twin(&n, d).unwrap();
+                let got: BTreeMap<PropertyId, Option<Value>> = twin
+                    .reported
+                    .into_iter()
+                    .map(|(p, r)| (p, r.value))
+                    .collect();
+                assert_eq!(&got, props);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        #[test]
+        fn store_matches_model(ops in prop::collection::vec(op(), 1..25)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = Some(open(&dir));
+            let mut model: HashMap<u8, Model> = HashMap::new();
+            let mut ts = 0u64;
+            for op in ops {
+                match op {
+                    Op::Reopen => {
+                        drop(store.take());
+                        store = Some(open(&dir));
+                    }
+                    Op::Commit { node: i, offset, records } => {
+                        let s = store.as_ref().unwrap();
+                        let n = node(&format!("n{i}"));
+                        let m = model.entry(i).or_default();
+                        let stored = m.history.len() as i64;
+                        let first = (stored + 1 + i64::from(offset)).max(1) as u64;
+                        let samples: Vec<Sample> = records
+                            .iter()
+                            .map(|(d, p, v)| {
+                                ts += 1;
+                                sample(&format!("d{d}"), &format!("p{p}"), *v, ts)
+                            })
+                            .collect();
+                        let result = rt.block_on(s.commit_batch(&n, first, &samples));
+                        if samples.is_empty() {
+                            prop_assert_eq!(result.unwrap().accepted, 0);
+                        } else if first > stored as u64 + 1 {
+                            let gap = matches!(result, Err(StoreError::Gap { expected, got })
+                                if expected == stored as u64 + 1 && got == first);
+                            prop_assert!(gap);
+                        } else {
+                            let dup = (stored as u64 + 1 - first).min(samples.len() as u64) as usize;
+                            let out = result.unwrap();
+                            prop_assert_eq!(out.duplicates, dup);
+                            prop_assert_eq!(out.accepted, samples.len() - dup);
+                            for s in &samples[dup..] {
+                                m.history.push(s.clone());
+                                m.twins
+                                    .entry(s.device.clone())
+                                    .or_default()
+                                    .insert(s.property.clone(), s.value.clone());
+                            }
+                            prop_assert_eq!(out.stored_seq, m.history.len() as u64);
+                        }
+                    }
+                }
+                check(store.as_ref().unwrap(), &model);
+            }
+            drop(store.take());
+            check(&open(&dir), &model);
+        }
+    }
+}
