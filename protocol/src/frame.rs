@@ -1,1 +1,571 @@
-//! frame
+//! Tunnel frames and their codec.
+//!
+//! On the wire a frame is a 4-byte big-endian length followed by that many bytes of a protobuf
+//! [`Frame`] message. Protobuf lets a newer peer add fields (an older peer skips unknown tags)
+//! and new message kinds (an older peer decodes them as a frame with no known body and reports
+//! [`FrameError::UnknownMessage`] for that frame only, without losing the stream).
+//!
+//! Invariants: no frame larger than the configured limit is ever buffered or produced; a
+//! decoder never panics and never allocates more than `max_frame_len` for one frame.
+
+use bytes::{Buf, BufMut, BytesMut};
+use prost::Message;
+
+use crate::ids::{DeviceId, IdError, PropertyId};
+use crate::value::{BadReason, Quality, Sample, Timestamp, Value};
+
+/// Protocol versions this build speaks, newest last.
+pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+
+/// Default largest frame accepted or produced (1 MiB).
+pub const DEFAULT_MAX_FRAME_LEN: usize = 1 << 20;
+
+/// Length prefix size in bytes.
+pub const LEN_PREFIX: usize = 4;
+
+/// One frame of the tunnel.
+#[derive(Clone, PartialEq, Message)]
+pub struct Frame {
+    /// What the frame carries; `None` when a newer peer sent a kind this build does not know.
+    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    pub body: Option<Body>,
+}
+
+/// The kinds of frames.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Body {
+    /// Edge → hub, first frame of a connection.
+    #[prost(message, tag = "1")]
+    Hello(Hello),
+    /// Hub → edge, answer to hello.
+    #[prost(message, tag = "2")]
+    Welcome(Welcome),
+    /// Edge → hub, a run of consecutive records.
+    #[prost(message, tag = "3")]
+    Records(Records),
+    /// Hub → edge, cumulative acknowledgement of durably stored records.
+    #[prost(message, tag = "4")]
+    Ack(Ack),
+    /// Hub → edge, "I expected this sequence number next": resend from there.
+    #[prost(message, tag = "5")]
+    Resend(Resend),
+    /// Either way, keep-alive probe.
+    #[prost(message, tag = "6")]
+    Ping(Ping),
+    /// Either way, answer to a ping.
+    #[prost(message, tag = "7")]
+    Pong(Ping),
+    /// Either way, the sender is closing the session (with a reason).
+    #[prost(message, tag = "8")]
+    Goodbye(Goodbye),
+}
+
+/// First frame from the edge.
+#[derive(Clone, PartialEq, Message)]
+pub struct Hello {
+    /// Protocol versions the edge speaks.
+    #[prost(uint32, repeated, tag = "1")]
+    pub versions: Vec<u32>,
+    /// The agent's version string.
+    #[prost(string, tag = "2")]
+    pub agent_version: String,
+    /// Random id of this agent process run.
+    #[prost(string, tag = "3")]
+    pub boot_id: String,
+    /// The sequence number the edge will give its next record.
+    #[prost(uint64, tag = "4")]
+    pub next_seq: u64,
+    /// The last downlink sequence number the edge applied.
+    #[prost(uint64, tag = "5")]
+    pub last_downlink_seq: u64,
+    /// The config bundle version the edge runs.
+    #[prost(uint64, tag = "6")]
+    pub config_version: u64,
+    /// Records waiting in the edge's outbox.
+    #[prost(uint64, tag = "7")]
+    pub backlog: u64,
+    /// The lowest sequence number still in the edge's outbox (records below it that the hub
+    /// has not stored are lost: dropped from a full outbox, or acknowledged by an earlier hub
+    /// whose store was rolled back). 0 = the outbox is empty.
+    #[prost(uint64, tag = "8")]
+    pub oldest_seq: u64,
+}
+
+/// The hub's answer to [`Hello`].
+#[derive(Clone, PartialEq, Message)]
+pub struct Welcome {
+    /// The protocol version chosen (the highest both speak).
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// The last uplink sequence number the hub has durably stored for this node (0 = none).
+    #[prost(uint64, tag = "2")]
+    pub stored_seq: u64,
+    /// The hub's version string.
+    #[prost(string, tag = "3")]
+    pub hub_version: String,
+    /// The node id the hub took from the edge's certificate.
+    #[prost(string, tag = "4")]
+    pub node: String,
+}
+
+/// A run of records with consecutive sequence numbers.
+#[derive(Clone, PartialEq, Message)]
+pub struct Records {
+    /// Sequence number of the first record; record `i` has `first_seq + i`.
+    #[prost(uint64, tag = "1")]
+    pub first_seq: u64,
+    /// The records.
+    #[prost(message, repeated, tag = "2")]
+    pub samples: Vec<WireSample>,
+    /// Records still waiting in the edge's outbox after this batch.
+    #[prost(uint64, tag = "3")]
+    pub backlog: u64,
+}
+
+/// Cumulative ack: every record up to and including `stored_seq` is durably stored.
+#[derive(Clone, PartialEq, Message)]
+pub struct Ack {
+    /// Highest sequence number stored (all lower ones are stored too).
+    #[prost(uint64, tag = "1")]
+    pub stored_seq: u64,
+}
+
+/// The hub saw a gap: it needs records from `from_seq` on.
+#[derive(Clone, PartialEq, Message)]
+pub struct Resend {
+    /// The next sequence number the hub expects.
+    #[prost(uint64, tag = "1")]
+    pub from_seq: u64,
+}
+
+/// Keep-alive.
+#[derive(Clone, PartialEq, Message)]
+pub struct Ping {
+    /// Opaque value echoed by the pong.
+    #[prost(uint64, tag = "1")]
+    pub nonce: u64,
+}
+
+/// Orderly close.
+#[derive(Clone, PartialEq, Message)]
+pub struct Goodbye {
+    /// Why the sender closes.
+    #[prost(string, tag = "1")]
+    pub reason: String,
+}
+
+/// A sample as carried on the wire (ids not yet validated).
+#[derive(Clone, PartialEq, Message)]
+pub struct WireSample {
+    /// Device id.
+    #[prost(string, tag = "1")]
+    pub device: String,
+    /// Property id.
+    #[prost(string, tag = "2")]
+    pub property: String,
+    /// The value, absent when the tag has never been read successfully.
+    #[prost(oneof = "WireValue", tags = "3, 4, 5, 6, 7")]
+    pub value: Option<WireValue>,
+    /// 0 good, 1 timeout, 2 exception (see `exception_code`), 3 disconnected, 4 decode error,
+    /// 5 bad response.
+    #[prost(uint32, tag = "8")]
+    pub quality: u32,
+    /// Modbus exception code when `quality` is 2.
+    #[prost(uint32, tag = "9")]
+    pub exception_code: u32,
+    /// Milliseconds since the Unix epoch when the agent read it.
+    #[prost(uint64, tag = "10")]
+    pub ts_ms: u64,
+}
+
+/// A value on the wire.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum WireValue {
+    /// Boolean.
+    #[prost(bool, tag = "3")]
+    Bool(bool),
+    /// Signed integer.
+    #[prost(sint64, tag = "4")]
+    Int(i64),
+    /// Unsigned integer.
+    #[prost(uint64, tag = "5")]
+    UInt(u64),
+    /// Float.
+    #[prost(double, tag = "6")]
+    Float(f64),
+    /// String.
+    #[prost(string, tag = "7")]
+    Str(String),
+}
+
+/// A list of samples, the unit stored in outbox and hub logs.
+#[derive(Clone, PartialEq, Message)]
+pub struct SampleBatch {
+    /// The samples.
+    #[prost(message, repeated, tag = "1")]
+    pub samples: Vec<WireSample>,
+}
+
+/// What can be wrong with bytes from a peer or a store.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The length prefix announces more than the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The bytes are not a valid protobuf message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The frame decoded but carries a message kind this build does not know.
+    #[error("unknown message kind (a newer peer?)")]
+    UnknownMessage,
+    /// A sample in a frame is invalid.
+    #[error("sample {index}: {reason}")]
+    InvalidSample {
+        /// Position of the sample in its frame.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl From<prost::DecodeError> for FrameError {
+    fn from(e: prost::DecodeError) -> Self {
+        FrameError::Malformed(e.to_string())
+    }
+}
+
+impl From<&Sample> for WireSample {
+    fn from(s: &Sample) -> Self {
+        let (quality, exception_code) = match s.quality {
+            Quality::Good => (0, 0),
+            Quality::Bad(BadReason::Timeout) => (1, 0),
+            Quality::Bad(BadReason::Exception(c)) => (2, u32::from(c)),
+            Quality::Bad(BadReason::Disconnected) => (3, 0),
+            Quality::Bad(BadReason::DecodeError) => (4, 0),
+            Quality::Bad(BadReason::BadResponse) => (5, 0),
+        };
+        WireSample {
+            device: s.device.as_str().to_owned(),
+            property: s.property.as_str().to_owned(),
+            value: s.value.as_ref().map(|v| match v {
+                Value::Bool(b) => WireValue::Bool(*b),
+                Value::Int(i) => WireValue::Int(*i),
+                Value::UInt(u) => WireValue::UInt(*u),
+                Value::Float(f) => WireValue::Float(*f),
+                Value::Str(s) => WireValue::Str(s.clone()),
+            }),
+            quality,
+            exception_code,
+            ts_ms: s.ts.0,
+        }
+    }
+}
+
+impl WireSample {
+    /// Validates the sample (ids, quality code) into a [`Sample`].
+    pub fn into_sample(self) -> Result<Sample, String> {
+        let device = DeviceId::new(self.device).map_err(|e: IdError| e.to_string())?;
+        let property = PropertyId::new(self.property).map_err(|e: IdError| e.to_string())?;
+        let quality = match self.quality {
+            0 => Quality::Good,
+            1 => Quality::Bad(BadReason::Timeout),
+            2 => {
+                let code = u8::try_from(self.exception_code)
+                    .map_err(|_| format!("exception code {} out of range", self.exception_code))?;
+                Quality::Bad(BadReason::Exception(code))
+            }
+            3 => Quality::Bad(BadReason::Disconnected),
+            4 => Quality::Bad(BadReason::DecodeError),
+            5 => Quality::Bad(BadReason::BadResponse),
+            other => return Err(format!("unknown quality code {other}")),
+        };
+        let value = self.value.map(|v| match v {
+            WireValue::Bool(b) => Value::Bool(b),
+            WireValue::Int(i) => Value::Int(i),
+            WireValue::UInt(u) => Value::UInt(u),
+            WireValue::Float(f) => Value::Float(f),
+            WireValue::Str(s) => Value::Str(s),
+        });
+        Ok(Sample {
+            device,
+            property,
+            value,
+            quality,
+            ts: Timestamp(self.ts_ms),
+        })
+    }
+}
+
+/// Validates a list of wire samples.
+pub fn samples_from_wire(wire: Vec<WireSample>) -> Result<Vec<Sample>, FrameError> {
+    wire.into_iter()
+        .enumerate()
+        .map(|(index, w)| {
+            w.into_sample()
+                .map_err(|reason| FrameError::InvalidSample { index, reason })
+        })
+        .collect()
+}
+
+/// Encodes samples compactly (the unit of outbox and hub log entries).
+pub fn encode_samples(samples: &[Sample]) -> Vec<u8> {
+    SampleBatch {
+        samples: samples.iter().map(WireSample::from).collect(),
+    }
+    .encode_to_vec()
+}
+
+/// Decodes what [`encode_samples`] wrote, validating every sample.
+pub fn decode_samples(bytes: &[u8]) -> Result<Vec<Sample>, FrameError> {
+    let batch = SampleBatch::decode(bytes)?;
+    samples_from_wire(batch.samples)
+}
+
+/// Appends `frame`, length-prefixed, to `out`.
+///
+/// Fails (appending nothing) when the encoded frame would exceed `max_frame_len`.
+pub fn encode_frame(
+    frame: &Frame,
+    max_frame_len: usize,
+    out: &mut BytesMut,
+) -> Result<(), FrameError> {
+    let len = frame.encoded_len();
+    if len > max_frame_len || u32::try_from(len).is_err() {
+        return Err(FrameError::TooLarge {
+            len,
+            max: max_frame_len,
+        });
+    }
+    out.reserve(LEN_PREFIX + len);
+    out.put_u32(len as u32);
+    frame
+        .encode(out)
+        .map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Convenience: one frame as a fresh buffer.
+pub fn frame_bytes(frame: &Frame, max_frame_len: usize) -> Result<BytesMut, FrameError> {
+    let mut out = BytesMut::new();
+    encode_frame(frame, max_frame_len, &mut out)?;
+    Ok(out)
+}
+
+/// Incremental decoder: push bytes as they arrive, pull whole frames.
+///
+/// After an error of kind [`FrameError::TooLarge`] or [`FrameError::Malformed`] the stream is
+/// out of sync and the connection must be closed; [`FrameError::UnknownMessage`] concerns one
+/// frame only and decoding may go on.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: BytesMut,
+    max_frame_len: usize,
+}
+
+impl FrameDecoder {
+    /// A decoder accepting frames of at most `max_frame_len` bytes.
+    pub fn new(max_frame_len: usize) -> Self {
+        FrameDecoder {
+            buf: BytesMut::new(),
+            max_frame_len,
+        }
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered but not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next whole frame, `Ok(None)` when more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Body>, FrameError> {
+        if self.buf.len() < LEN_PREFIX {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > self.max_frame_len {
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame_len,
+            });
+        }
+        if self.buf.len() < LEN_PREFIX + len {
+            // Reserve only up to the announced (bounded) length.
+            self.buf.reserve(LEN_PREFIX + len - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(LEN_PREFIX);
+        let payload = self.buf.split_to(len);
+        let frame = Frame::decode(payload.freeze())?;
+        match frame.body {
+            Some(body) => Ok(Some(body)),
+            None => Err(FrameError::UnknownMessage),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(i: u64) -> Sample {
+        Sample {
+            device: DeviceId::new("plc-1").unwrap(),
+            property: PropertyId::new(format!("p{i}")).unwrap(),
+            value: Some(Value::Float(i as f64 * 0.5)),
+            quality: if i % 3 == 0 {
+                Quality::Bad(BadReason::Exception(2))
+            } else {
+                Quality::Good
+            },
+            ts: Timestamp(1_700_000_000_000 + i),
+        }
+    }
+
+    #[test]
+    fn samples_round_trip() {
+        let s: Vec<Sample> = (0..10).map(sample).collect();
+        assert_eq!(decode_samples(&encode_samples(&s)).unwrap(), s);
+    }
+
+    #[test]
+    fn frames_round_trip_in_pieces() {
+        let frames = vec![
+            Body::Hello(Hello {
+                versions: vec![1],
+                agent_version: "x".into(),
+                boot_id: "b".into(),
+                next_seq: 7,
+                ..Default::default()
+            }),
+            Body::Records(Records {
+                first_seq: 7,
+                samples: (0..5).map(|i| WireSample::from(&sample(i))).collect(),
+                backlog: 0,
+            }),
+            Body::Ack(Ack { stored_seq: 11 }),
+        ];
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            encode_frame(
+                &Frame {
+                    body: Some(f.clone()),
+                },
+                4096,
+                &mut wire,
+            )
+            .unwrap();
+        }
+        // Feed one byte at a time: frames come out whole and in order.
+        let mut d = FrameDecoder::new(4096);
+        let mut got = vec![];
+        for b in wire.iter() {
+            d.push(&[*b]);
+            while let Some(f) = d.next_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        assert_eq!(got, frames);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_without_buffering() {
+        let mut d = FrameDecoder::new(100);
+        d.push(&1_000_000u32.to_be_bytes());
+        assert_eq!(
+            d.next_frame(),
+            Err(FrameError::TooLarge {
+                len: 1_000_000,
+                max: 100
+            })
+        );
+        let big = Frame {
+            body: Some(Body::Goodbye(Goodbye {
+                reason: "x".repeat(200),
+            })),
+        };
+        assert!(matches!(
+            frame_bytes(&big, 100),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_and_unknown_frames_are_errors() {
+        let mut d = FrameDecoder::new(100);
+        d.push(&[0, 0, 0, 3, 0xff, 0xff, 0xff]);
+        assert!(matches!(d.next_frame(), Err(FrameError::Malformed(_))));
+
+        // A frame with only a field this build does not know (tag 99): an unknown message.
+        let mut d = FrameDecoder::new(100);
+        let unknown = [0x98, 0x06, 0x01]; // field 99, varint, value 1
+        d.push(&[0, 0, 0, unknown.len() as u8]);
+        d.push(&unknown);
+        assert_eq!(d.next_frame(), Err(FrameError::UnknownMessage));
+        // ... and the stream stays usable.
+        let ack = frame_bytes(
+            &Frame {
+                body: Some(Body::Ack(Ack { stored_seq: 3 })),
+            },
+            100,
+        )
+        .unwrap();
+        d.push(&ack);
+        assert_eq!(d.next_frame(), Ok(Some(Body::Ack(Ack { stored_seq: 3 }))));
+    }
+
+    #[test]
+    fn newer_fields_are_skipped() {
+        // An Ack from a newer peer with an extra field 15 is still an Ack.
+        let mut payload = Ack { stored_seq: 5 }.encode_to_vec();
+        payload.extend_from_slice(&[0x78, 0x2a]); // field 15 varint 42
+        let mut frame = vec![0x22, payload.len() as u8]; // Frame field 4 (Ack), length-delimited
+        frame.extend_from_slice(&payload);
+        let mut d = FrameDecoder::new(100);
+        d.push(&(frame.len() as u32).to_be_bytes());
+        d.push(&frame);
+        assert_eq!(d.next_frame(), Ok(Some(Body::Ack(Ack { stored_seq: 5 }))));
+    }
+
+    #[test]
+    fn invalid_samples_are_reported_with_their_index() {
+        let mut w: Vec<WireSample> = (0..3).map(|i| WireSample::from(&sample(i))).collect();
+        w[2].device = "bad/id".into();
+        let e = samples_from_wire(w).unwrap_err();
+        assert!(
+            matches!(e, FrameError::InvalidSample { index: 2, .. }),
+            "{e}"
+        );
+        let mut w = WireSample::from(&sample(1));
+        w.quality = 77;
+        assert!(w.into_sample().is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoder_never_panics(chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..64), 0..16)) {
+            let mut d = FrameDecoder::new(256);
+            for c in chunks {
+                d.push(&c);
+                loop {
+                    match d.next_frame() {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break,
+                        Err(FrameError::UnknownMessage) => continue,
+                        Err(_) => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+}

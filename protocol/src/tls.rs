@@ -1,1 +1,460 @@
-//! tls
+//! rustls configurations that present and verify SPIFFE X.509-SVIDs (feature `tls`).
+//!
+//! Pure: callers read the PEM files and pass bytes in; rustls passes the verification time in.
+//!
+//! - [`Identity`]: our SVID (chain + key), checked to be a valid X.509-SVID.
+//! - [`TrustBundle`]: the trust-domain CA certificates.
+//! - [`client_config`]: the agent's side; accepts exactly the configured hub id.
+//! - [`server_config`]: the hub's side; requires a client SVID from the trust bundle and of the
+//!   form `spiffe://<td>/edge/<node>`, so a foreign trust domain or a non-edge path fails the
+//!   handshake. [`peer_node`] then takes the node id from the verified certificate.
+//!
+//! Both sides hold their SVID and bundle in [`SvidStore`]s, which a driver can update when the
+//! files rotate: new handshakes use the new material.
+
+use std::sync::{Arc, RwLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use spiffe::{SpiffeId, TrustDomain};
+
+use crate::ids::NodeId;
+use crate::spiffe_id::{PeerIdError, expect_id, node_from_edge_id};
+
+/// ALPN protocol id of the tunnel.
+pub const ALPN: &[u8] = b"edgesync/1";
+
+/// What can go wrong building TLS material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A PEM input holds no certificate.
+    #[error("no certificate found in {what}")]
+    NoCertificate {
+        /// Which input.
+        what: &'static str,
+    },
+    /// PEM could not be parsed.
+    #[error("cannot parse {what}: {reason}")]
+    Pem {
+        /// Which input.
+        what: &'static str,
+        /// Parser message.
+        reason: String,
+    },
+    /// The certificate and key are not a valid X.509-SVID.
+    #[error("not a valid X.509-SVID: {0}")]
+    Svid(String),
+    /// A bundle certificate is not usable as a trust anchor.
+    #[error("bundle certificate {index} is not a usable CA: {reason}")]
+    Anchor {
+        /// Position in the bundle.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
+    /// rustls refused the configuration.
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The crypto provider used everywhere: rustls with `ring`.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Our own X.509-SVID.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The SPIFFE ID in the leaf's URI SAN.
+    pub id: SpiffeId,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+}
+
+impl Identity {
+    /// Parses and checks an SVID from PEM certificate chain and PKCS#8 key.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Identity, TlsError> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::Pem {
+                what: "certificate file",
+                reason: e.to_string(),
+            })?;
+        if chain.is_empty() {
+            return Err(TlsError::NoCertificate {
+                what: "certificate file",
+            });
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
+            what: "key file",
+            reason: e.to_string(),
+        })?;
+        let chain_der: Vec<u8> = chain
+            .iter()
+            .flat_map(|c| c.as_ref().iter().copied())
+            .collect();
+        let svid = spiffe::X509Svid::parse_from_der(&chain_der, key.secret_der())
+            .map_err(|e| TlsError::Svid(e.to_string()))?;
+        Ok(Identity {
+            id: svid.spiffe_id().clone(),
+            chain,
+            key: Arc::new(key),
+        })
+    }
+
+    fn certified_key(&self, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, TlsError> {
+        let signing = provider
+            .key_provider
+            .load_private_key(self.key.clone_key())
+            .map_err(TlsError::Rustls)?;
+        Ok(Arc::new(CertifiedKey::new(self.chain.clone(), signing)))
+    }
+}
+
+/// The trust-domain CA certificates.
+#[derive(Debug, Clone)]
+pub struct TrustBundle {
+    anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
+}
+
+impl TrustBundle {
+    /// Parses one or more PEM CA certificates.
+    pub fn from_pem(bundle_pem: &[u8]) -> Result<TrustBundle, TlsError> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bundle_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::Pem {
+                what: "bundle file",
+                reason: e.to_string(),
+            })?;
+        if certs.is_empty() {
+            return Err(TlsError::NoCertificate {
+                what: "bundle file",
+            });
+        }
+        let mut anchors = Vec::with_capacity(certs.len());
+        for (index, c) in certs.iter().enumerate() {
+            let a = webpki::anchor_from_trusted_cert(c)
+                .map_err(|e| TlsError::Anchor {
+                    index,
+                    reason: format!("{e:?}"),
+                })?
+                .to_owned();
+            anchors.push(a);
+        }
+        Ok(TrustBundle { anchors })
+    }
+}
+
+/// Our SVID and trust bundle, replaceable at run time (rotation): new handshakes use the
+/// current material.
+#[derive(Debug)]
+pub struct SvidStore {
+    provider: Arc<CryptoProvider>,
+    inner: RwLock<Material>,
+}
+
+#[derive(Debug, Clone)]
+struct Material {
+    identity: Identity,
+    key: Arc<CertifiedKey>,
+    bundle: Arc<TrustBundle>,
+}
+
+impl SvidStore {
+    /// Builds a store from parsed material.
+    pub fn new(identity: Identity, bundle: TrustBundle) -> Result<Arc<SvidStore>, TlsError> {
+        let provider = provider();
+        let key = identity.certified_key(&provider)?;
+        Ok(Arc::new(SvidStore {
+            provider,
+            inner: RwLock::new(Material {
+                identity,
+                key,
+                bundle: Arc::new(bundle),
+            }),
+        }))
+    }
+
+    /// Replaces the material (after the files rotated).
+    pub fn update(&self, identity: Identity, bundle: TrustBundle) -> Result<(), TlsError> {
+        let key = identity.certified_key(&self.provider)?;
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        *g = Material {
+            identity,
+            key,
+            bundle: Arc::new(bundle),
+        };
+        Ok(())
+    }
+
+    /// Our current SPIFFE ID.
+    pub fn id(&self) -> SpiffeId {
+        self.material().identity.id.clone()
+    }
+
+    /// Our current identity.
+    pub fn identity(&self) -> Identity {
+        self.material().identity
+    }
+
+    fn material(&self) -> Material {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for SvidStore {
+    fn resolve(
+        &self,
+        _issuers: &[&[u8]],
+        _schemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.material().key)
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::server::ResolvesServerCert for SvidStore {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.material().key)
+    }
+}
+
+fn cert_error(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(e),
+    )))
+}
+
+fn webpki_error(e: webpki::Error) -> rustls::Error {
+    use rustls::CertificateError as C;
+    let c = match e {
+        webpki::Error::CertExpired { .. } => C::Expired,
+        webpki::Error::CertNotValidYet { .. } => C::NotValidYet,
+        webpki::Error::UnknownIssuer => C::UnknownIssuer,
+        webpki::Error::InvalidSignatureForPublicKey => C::BadSignature,
+        webpki::Error::RequiredEkuNotFoundContext(_) => C::InvalidPurpose,
+        other => C::Other(rustls::OtherError(Arc::new(WebpkiError(format!(
+            "{other:?}"
+        ))))),
+    };
+    rustls::Error::InvalidCertificate(c)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("certificate rejected: {0}")]
+struct WebpkiError(String);
+
+fn verify_chain(
+    algs: &WebPkiSupportedAlgorithms,
+    bundle: &TrustBundle,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+) -> Result<SpiffeId, rustls::Error> {
+    let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
+    ee.verify_for_usage(
+        algs.all,
+        &bundle.anchors,
+        intermediates,
+        now,
+        usage,
+        None,
+        None,
+    )
+    .map_err(webpki_error)?;
+    spiffe::cert::spiffe_id_from_der(end_entity.as_ref()).map_err(cert_error)
+}
+
+/// Agent side: verifies that the server is `expected` (and chains to the bundle).
+#[derive(Debug)]
+struct HubVerifier {
+    store: Arc<SvidStore>,
+    expected: SpiffeId,
+}
+
+impl ServerCertVerifier for HubVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let m = self.store.material();
+        let id = verify_chain(
+            &self.store.provider.signature_verification_algorithms,
+            &m.bundle,
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )?;
+        expect_id(&id, &self.expected).map_err(cert_error)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.store.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.store.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.store
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Hub side: requires an edge SVID of our trust domain.
+#[derive(Debug)]
+struct EdgeVerifier {
+    store: Arc<SvidStore>,
+    td: TrustDomain,
+}
+
+impl ClientCertVerifier for EdgeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Hints are optional; an empty list lets clients send their only SVID.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let m = self.store.material();
+        let id = verify_chain(
+            &self.store.provider.signature_verification_algorithms,
+            &m.bundle,
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
+        node_from_edge_id(&id, &self.td).map_err(cert_error)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.store.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.store.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.store
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The agent's TLS 1.3 client config: presents our SVID, accepts only `hub_id`.
+pub fn client_config(
+    store: Arc<SvidStore>,
+    hub_id: SpiffeId,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = store.provider.clone();
+    let verifier = Arc::new(HubVerifier {
+        store: store.clone(),
+        expected: hub_id,
+    });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(store);
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// The hub's TLS 1.3 server config: presents our SVID, requires an edge SVID of `td`.
+pub fn server_config(
+    store: Arc<SvidStore>,
+    td: TrustDomain,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = store.provider.clone();
+    let verifier = Arc::new(EdgeVerifier {
+        store: store.clone(),
+        td,
+    });
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(store);
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// The node id of a verified peer (leaf first), re-checked against `td`.
+pub fn peer_node(certs: &[CertificateDer<'_>], td: &TrustDomain) -> Result<NodeId, PeerIdError> {
+    let leaf = certs.first().ok_or_else(|| PeerIdError::NotSpiffe {
+        id: String::new(),
+        reason: "peer presented no certificate".into(),
+    })?;
+    let id =
+        spiffe::cert::spiffe_id_from_der(leaf.as_ref()).map_err(|e| PeerIdError::NotSpiffe {
+            id: String::new(),
+            reason: e.to_string(),
+        })?;
+    node_from_edge_id(&id, td)
+}
