@@ -497,6 +497,7 @@ pub fn encode_bit_mask(tag: &TagSpec, value: &Value) -> Result<(u16, u16), Encod
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use std::time::Duration;
 
@@ -784,10 +785,14 @@ mod tests {
             let reg = 1u16 << bit;
             assert_eq!(decode(&t, &[reg]), Ok(Value::Bool(true)), "bit {bit}");
             assert_eq!(decode(&t, &[!reg]), Ok(Value::Bool(false)), "bit {bit}");
-            let (and, or) = encode_bit_mask(&t, &Value::Bool(true)).unwrap();
-            assert_eq!((0x0000 & and) | (or & !and), reg);
-            let (and, or) = encode_bit_mask(&t, &Value::Bool(false)).unwrap();
-            assert_eq!((0xFFFF & and) | (or & !and), !reg);
+            // Function 0x16 semantics: (current & and) | (or & !and).
+            let apply = |current: u16, (and, or): (u16, u16)| (current & and) | (or & !and);
+            let set = encode_bit_mask(&t, &Value::Bool(true)).unwrap();
+            let clear = encode_bit_mask(&t, &Value::Bool(false)).unwrap();
+            for current in [0x0000u16, 0xFFFF, 0x5A5A] {
+                assert_eq!(apply(current, set), current | reg);
+                assert_eq!(apply(current, clear), current & !reg);
+            }
         }
         assert_eq!(
             encode(&t, &Value::Bool(true)),

@@ -142,8 +142,8 @@ pub fn plan_with_rejects(device: &DeviceSpec, tags: impl IntoIterator<Item = usi
         spans.sort_unstable();
         let limit = u32::from(read_limit(device, table));
         let gap = u32::from(device.max_gap);
-        // The request being built: start, end (exclusive), tags as (index, absolute address).
-        let mut current: Option<(u32, u32, Vec<(usize, u32)>)> = None;
+        // The request being built.
+        let mut current: Option<Span> = None;
         for (address, width, index) in spans {
             let end = address + width;
             if let Some((start, cur_end, members)) = current.as_mut() {
@@ -166,9 +166,12 @@ pub fn plan_with_rejects(device: &DeviceSpec, tags: impl IntoIterator<Item = usi
     Plan { requests, rejected }
 }
 
+/// A request being built: start, end (exclusive), tags as (index, absolute address).
+type Span = (u32, u32, Vec<(usize, u32)>);
+
 /// Builds a request from a checked span. All values fit in u16: `start < 65536`,
 /// `end - start <= 2000` and member addresses lie in `[start, end)`.
-fn finish(table: Table, (start, end, members): (u32, u32, Vec<(usize, u32)>)) -> ReadRequest {
+fn finish(table: Table, (start, end, members): Span) -> ReadRequest {
     let to16 = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
     ReadRequest {
         table,
@@ -222,6 +225,7 @@ pub fn split(device: &DeviceSpec, req: &ReadRequest) -> Option<(ReadRequest, Rea
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use std::time::Duration;
 

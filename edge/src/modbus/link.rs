@@ -1,0 +1,1344 @@
+//! One task per link: polls the units (devices) behind one Modbus TCP endpoint.
+//!
+//! # Behaviour
+//!
+//! - **One connection, one request at a time.** The task owns one TCP connection and sends one
+//!   request at a time, each under `tokio::time::timeout(device.timeout)`, setting the unit id
+//!   per request.
+//! - **Schedule.** Each device groups its readable tags by `poll_interval`; each group has its
+//!   own due instant. When one or more groups of a device are due, their tags are planned
+//!   together ([`plan`](super::plan)) and read in one cycle, which yields exactly one
+//!   [`DeviceReading`] with a sample for every tag read (good or bad). After a cycle a group is
+//!   due again one interval after its previous due instant; if that instant has already passed
+//!   (a slow link, a long outage), it is due one interval from now: missed ticks are skipped,
+//!   never caught up in a burst. The device whose due instant is earliest goes first.
+//! - **Exceptions** mark the tags of that request `Bad(Exception(code))` and keep the
+//!   connection. Exception 2 (illegal data address) splits the request in halves by tags and
+//!   retries them, down to single tags, so only the tag at fault goes bad; the refined plan is
+//!   remembered for that set of tags until the next reconnect, so the search is not repeated
+//!   every cycle.
+//! - **Timeouts** mark the tags of that request and of the rest of the device's cycle
+//!   `Bad(Timeout)`. The *unit* then backs off on its own (jittered exponential, 1 s doubling
+//!   to 30 s by default) while the other units keep their schedule. tokio-modbus checks the
+//!   transaction id of a response but reports a mismatch as an error instead of skipping the
+//!   stale frame, so a late answer to the timed-out request would spoil the next request of a
+//!   healthy unit: the link therefore reconnects (quietly) after every timeout.
+//! - **Transport errors** (connection refused or reset, end of stream) mark every readable tag
+//!   of every device on the link `Bad(Disconnected)` once per outage, then the link reconnects
+//!   with jittered exponential backoff (capped at 30 s by default). Malformed or mismatched
+//!   responses mark the request's tags `Bad(BadResponse)` and the link reconnects.
+//! - **Timestamps** come from the injected clock, read right after the last response of the
+//!   cycle.
+//! - The task ends when `cancel` fires or when the receiver of readings is dropped. It never
+//!   panics on anything a device sends.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgesync_protocol::{BadReason, DeviceId, PropertyId, Quality, Timestamp, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_modbus::client::{Client as _, Context};
+use tokio_modbus::slave::{Slave, SlaveContext as _};
+use tokio_modbus::{Request, Response};
+use tokio_util::sync::CancellationToken;
+
+use super::codec;
+use super::metrics::{ErrorKind, Health, UnitMetrics};
+use super::plan::{Plan, ReadRequest, plan_with_rejects, split};
+use crate::model::{Access, DeviceSpec, LinkSpec, Table};
+
+/// The wall clock the link stamps readings with (injected so tests control it).
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
+/// What one poll cycle of one device read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceReading {
+    /// The device.
+    pub device: DeviceId,
+    /// When the cycle's last response arrived (from the link's clock).
+    pub ts: Timestamp,
+    /// One sample per tag read in the cycle, ordered by tag index.
+    pub samples: Vec<TagSample>,
+}
+
+/// One tag's result in a [`DeviceReading`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TagSample {
+    /// Index into [`DeviceSpec::tags`].
+    pub tag: usize,
+    /// The tag's property.
+    pub property: PropertyId,
+    /// The decoded value; `None` when the quality is bad.
+    pub value: Option<Value>,
+    /// Good, or bad with the reason.
+    pub quality: Quality,
+}
+
+/// Tuning of a link task. The defaults suit production; tests shorten them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkOptions {
+    /// First backoff delay of a unit after a timeout, and of the link after a transport error.
+    pub backoff_initial: Duration,
+    /// Largest backoff delay (the delay doubles per failure up to this).
+    pub backoff_max: Duration,
+    /// Timeout of establishing the TCP connection.
+    pub connect_timeout: Duration,
+    /// Shortest poll interval honoured (shorter configured intervals are raised to it, so a
+    /// zero interval cannot spin the task).
+    pub min_poll_interval: Duration,
+}
+
+impl Default for LinkOptions {
+    fn default() -> Self {
+        LinkOptions {
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            min_poll_interval: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Spawns the task polling `devices` over `link`, with default [`LinkOptions`]. See
+/// [`spawn_link_with`].
+pub fn spawn_link(
+    link: LinkSpec,
+    devices: Vec<Arc<DeviceSpec>>,
+    tx: mpsc::Sender<DeviceReading>,
+    clock: Clock,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
+    spawn_link_with(LinkOptions::default(), link, devices, tx, clock, cancel)
+}
+
+/// Spawns the task polling `devices` over `link` (see the module docs for its behaviour).
+///
+/// Devices whose [`DeviceSpec::link`] is not `link` are ignored (with a warning). Readings go
+/// to `tx`; a full channel slows polling down (back-pressure), a closed one ends the task, as
+/// does `cancel`. Metric handles are registered here, with the recorder current in this call.
+/// Must be called within a tokio runtime.
+pub fn spawn_link_with(
+    options: LinkOptions,
+    link: LinkSpec,
+    devices: Vec<Arc<DeviceSpec>>,
+    tx: mpsc::Sender<DeviceReading>,
+    clock: Clock,
+    cancel: CancellationToken,
+) -> JoinHandle<()> {
+    let task = LinkTask::new(options, link, devices, tx, clock, cancel);
+    tokio::spawn(task.run())
+}
+
+/// Exponential backoff with jitter: the n-th delay is uniformly drawn from `[d/2, d]` where
+/// `d = min(initial * 2^n, max)`.
+#[derive(Debug, Clone)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    failures: u32,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max: max.max(initial),
+            failures: 0,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let factor = 1u32 << self.failures.min(20);
+        self.failures = self.failures.saturating_add(1);
+        let full = self.initial.saturating_mul(factor).min(self.max);
+        let half = full / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// The next due instant of a group read at `due`, never in the past of `now`.
+fn advance(due: Instant, interval: Duration, now: Instant) -> Instant {
+    let next = due + interval;
+    if next > now { next } else { now + interval }
+}
+
+/// Tags of one device sharing a poll interval.
+#[derive(Debug)]
+struct Group {
+    interval: Duration,
+    tags: Vec<usize>,
+    next_due: Instant,
+}
+
+/// Most refined plans remembered per unit.
+const MAX_CACHED_PLANS: usize = 32;
+
+/// One device (unit) on the link and its schedule.
+struct Unit {
+    spec: Arc<DeviceSpec>,
+    groups: Vec<Group>,
+    /// All readable tags, for "disconnected" readings.
+    readable: Vec<usize>,
+    backoff: Backoff,
+    /// While set and in the future, the unit is not polled (it timed out).
+    retry_at: Option<Instant>,
+    /// Plans refined by splitting after exception 2, by the sorted set of tags they read.
+    refined: HashMap<Vec<usize>, Plan>,
+    metrics: UnitMetrics,
+    health: Health,
+}
+
+impl Unit {
+    fn new(spec: Arc<DeviceSpec>, link_key: &str, options: &LinkOptions, now: Instant) -> Self {
+        let mut by_interval: Vec<(Duration, Vec<usize>)> = Vec::new();
+        let mut readable = Vec::new();
+        for (index, tag) in spec.tags.iter().enumerate() {
+            if tag.access == Access::Write {
+                continue;
+            }
+            readable.push(index);
+            let interval = tag.poll_interval.max(options.min_poll_interval);
+            match by_interval.iter_mut().find(|(i, _)| *i == interval) {
+                Some((_, tags)) => tags.push(index),
+                None => by_interval.push((interval, vec![index])),
+            }
+        }
+        by_interval.sort_by_key(|(i, _)| *i);
+        let groups = by_interval
+            .into_iter()
+            .map(|(interval, tags)| Group {
+                interval,
+                tags,
+                next_due: now,
+            })
+            .collect();
+        let metrics = UnitMetrics::new(link_key, &spec.unit_id.to_string());
+        Unit {
+            spec,
+            groups,
+            readable,
+            backoff: Backoff::new(options.backoff_initial, options.backoff_max),
+            retry_at: None,
+            refined: HashMap::new(),
+            metrics,
+            health: Health::default(),
+        }
+    }
+
+    /// When this unit next needs a cycle (`None` if it has nothing to read).
+    fn wake_at(&self) -> Option<Instant> {
+        let due = self.groups.iter().map(|g| g.next_due).min()?;
+        Some(match self.retry_at {
+            Some(retry) => due.max(retry),
+            None => due,
+        })
+    }
+
+    /// A reading marking every readable tag not in `except` bad with `reason`.
+    fn all_bad(&self, reason: BadReason, except: &[usize]) -> Vec<TagSample> {
+        self.readable
+            .iter()
+            .filter(|i| !except.contains(i))
+            .filter_map(|&i| {
+                Some(TagSample {
+                    tag: i,
+                    property: self.spec.tags.get(i)?.property.clone(),
+                    value: None,
+                    quality: Quality::Bad(reason),
+                })
+            })
+            .collect()
+    }
+}
+
+/// How a cycle ended, for the link.
+#[derive(Debug)]
+enum CycleEnd {
+    /// The connection is fine.
+    Ok,
+    /// Reconnect quietly (after a timeout or a mismatched response).
+    Reconnect,
+    /// The connection broke.
+    Transport(String),
+}
+
+/// The state of one link task.
+struct LinkTask {
+    key: String,
+    endpoint: String,
+    options: LinkOptions,
+    units: Vec<Unit>,
+    tx: mpsc::Sender<DeviceReading>,
+    clock: Clock,
+    cancel: CancellationToken,
+    conn: Option<Context>,
+    backoff: Backoff,
+    /// Whether the outage has been reported (readings and log) since the last connect.
+    down_reported: bool,
+    /// Link-level metrics (connect failures), `unit = "-"`.
+    metrics: UnitMetrics,
+}
+
+/// Why the task stops.
+struct Stop;
+
+impl LinkTask {
+    fn new(
+        options: LinkOptions,
+        link: LinkSpec,
+        devices: Vec<Arc<DeviceSpec>>,
+        tx: mpsc::Sender<DeviceReading>,
+        clock: Clock,
+        cancel: CancellationToken,
+    ) -> Self {
+        let key = link.key();
+        let LinkSpec::Tcp { endpoint } = &link;
+        let now = Instant::now();
+        let units = devices
+            .into_iter()
+            .filter(|d| {
+                let ok = d.link == link;
+                if !ok {
+                    tracing::warn!(link = %key, device = %d.id, "device is not on this link; ignored");
+                }
+                ok
+            })
+            .map(|d| Unit::new(d, &key, &options, now))
+            .collect();
+        LinkTask {
+            metrics: UnitMetrics::new(&key, "-"),
+            endpoint: endpoint.clone(),
+            backoff: Backoff::new(options.backoff_initial, options.backoff_max),
+            key,
+            options,
+            units,
+            tx,
+            clock,
+            cancel,
+            conn: None,
+            down_reported: false,
+        }
+    }
+
+    async fn run(mut self) {
+        let _ = self.run_inner().await;
+        tracing::debug!(link = %self.key, "modbus link task ended");
+    }
+
+    async fn run_inner(&mut self) -> Result<(), Stop> {
+        loop {
+            if self.conn.is_none() {
+                self.ensure_connected().await?;
+                continue;
+            }
+            // Nothing to poll: idle until cancelled.
+            let Some((unit, at)) = self
+                .units
+                .iter()
+                .enumerate()
+                .filter_map(|(i, u)| Some((i, u.wake_at()?)))
+                .min_by_key(|(i, at)| (*at, *i))
+            else {
+                self.cancel.cancelled().await;
+                return Err(Stop);
+            };
+            tokio::select! {
+                // Cancellation: stop at once (nothing is in flight).
+                () = self.cancel.cancelled() => return Err(Stop),
+                // The earliest unit is due (cancellation-safe: a plain timer).
+                () = tokio::time::sleep_until(at) => {}
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                continue;
+            };
+            let cycle = run_cycle(&mut self.units[unit], conn, &self.clock, &self.key);
+            let (reading, end) = tokio::select! {
+                // Cancellation mid-cycle: the request in flight is abandoned with the task.
+                () = self.cancel.cancelled() => return Err(Stop),
+                // The cycle ran to its end (all due tags have a sample).
+                out = cycle => out,
+            };
+            let mut except: Vec<usize> = Vec::new();
+            if let CycleEnd::Transport(_) = end {
+                except = reading.samples.iter().map(|s| s.tag).collect();
+            }
+            self.send(reading).await?;
+            match end {
+                CycleEnd::Ok => {}
+                CycleEnd::Reconnect => self.conn = None,
+                CycleEnd::Transport(error) => {
+                    self.conn = None;
+                    self.report_down(&error, Some((unit, except))).await?;
+                }
+            }
+        }
+    }
+
+    /// Sends a reading; a closed channel stops the task.
+    async fn send(&mut self, reading: DeviceReading) -> Result<(), Stop> {
+        tokio::select! {
+            // Cancellation while the consumer applies back-pressure.
+            () = self.cancel.cancelled() => Err(Stop),
+            // The consumer took the reading, or is gone (then the task has no purpose).
+            sent = self.tx.send(reading) => sent.map_err(|_| Stop),
+        }
+    }
+
+    /// Connects, or reports the outage and waits out the backoff.
+    async fn ensure_connected(&mut self) -> Result<(), Stop> {
+        let attempt = tokio::time::timeout(
+            self.options.connect_timeout,
+            tokio::net::TcpStream::connect(self.endpoint.as_str()),
+        );
+        let result = tokio::select! {
+            // Cancellation while connecting (dropping a connect attempt is safe).
+            () = self.cancel.cancelled() => return Err(Stop),
+            // The attempt succeeded, failed or timed out.
+            r = attempt => r,
+        };
+        let error = match result {
+            Ok(Ok(stream)) => {
+                // Small request/response frames: do not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                self.conn = Some(tokio_modbus::client::tcp::attach_slave(
+                    stream,
+                    Slave::tcp_device(),
+                ));
+                self.backoff.reset();
+                for unit in &mut self.units {
+                    // The device may have been reconfigured while we were away.
+                    unit.refined.clear();
+                }
+                if self.down_reported {
+                    self.down_reported = false;
+                    tracing::info!(link = %self.key, "modbus link connected again");
+                } else {
+                    tracing::debug!(link = %self.key, "modbus link connected");
+                }
+                return Ok(());
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("connect timed out after {:?}", self.options.connect_timeout),
+        };
+        self.metrics.error(ErrorKind::Transport);
+        self.report_down(&error, None).await?;
+        let delay = self.backoff.next_delay();
+        tokio::select! {
+            // Cancellation during the backoff.
+            () = self.cancel.cancelled() => Err(Stop),
+            // Backoff over: try again.
+            () = tokio::time::sleep(delay) => Ok(()),
+        }
+    }
+
+    /// Reports an outage once: a log line and, for every device, a reading marking its
+    /// readable tags disconnected (for `skip`'s unit, except the tags its last reading held).
+    async fn report_down(
+        &mut self,
+        error: &str,
+        skip: Option<(usize, Vec<usize>)>,
+    ) -> Result<(), Stop> {
+        if self.down_reported {
+            tracing::debug!(link = %self.key, error, "modbus link still down");
+            return Ok(());
+        }
+        self.down_reported = true;
+        tracing::warn!(link = %self.key, error, "modbus link down; reconnecting with backoff");
+        let ts = (self.clock)();
+        let mut readings = Vec::new();
+        for (i, unit) in self.units.iter_mut().enumerate() {
+            let except: &[usize] = match &skip {
+                Some((u, tags)) if *u == i => tags,
+                _ => &[],
+            };
+            let samples = unit.all_bad(BadReason::Disconnected, except);
+            if samples.is_empty() {
+                continue;
+            }
+            unit.health.observe(
+                &self.key,
+                unit.spec.id.as_str(),
+                unit.spec.unit_id,
+                samples
+                    .iter()
+                    .map(|s| (s.tag, s.property.as_str(), s.quality)),
+            );
+            readings.push(DeviceReading {
+                device: unit.spec.id.clone(),
+                ts,
+                samples,
+            });
+        }
+        for reading in readings {
+            self.send(reading).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The registers or bits of an answered read.
+enum Data {
+    Registers(Vec<u16>),
+    Bits(Vec<bool>),
+}
+
+fn request_for(req: &ReadRequest) -> Request<'static> {
+    match req.table {
+        Table::Coil => Request::ReadCoils(req.start, req.count),
+        Table::DiscreteInput => Request::ReadDiscreteInputs(req.start, req.count),
+        Table::InputRegister => Request::ReadInputRegisters(req.start, req.count),
+        Table::HoldingRegister => Request::ReadHoldingRegisters(req.start, req.count),
+    }
+}
+
+/// Checks that a response answers the request with the right amount of data.
+fn extract(req: &ReadRequest, response: Response) -> Option<Data> {
+    let count = usize::from(req.count);
+    match (req.table, response) {
+        (Table::HoldingRegister, Response::ReadHoldingRegisters(words))
+        | (Table::InputRegister, Response::ReadInputRegisters(words)) => {
+            (words.len() == count).then_some(Data::Registers(words))
+        }
+        (Table::Coil, Response::ReadCoils(mut bits))
+        | (Table::DiscreteInput, Response::ReadDiscreteInputs(mut bits)) => {
+            // Bits come padded to whole bytes.
+            if bits.len() < count {
+                return None;
+            }
+            bits.truncate(count);
+            Some(Data::Bits(bits))
+        }
+        _ => None,
+    }
+}
+
+/// The outcome of one request, before samples are made.
+enum Outcome {
+    Answered(Data, Duration),
+    Exception(u8, Duration),
+    Timeout,
+    Transport(String),
+    BadResponse(String, Duration),
+}
+
+async fn send_request(conn: &mut Context, req: &ReadRequest, timeout: Duration) -> Outcome {
+    let started = Instant::now();
+    match tokio::time::timeout(timeout, conn.call(request_for(req))).await {
+        Err(_) => Outcome::Timeout,
+        Ok(Err(tokio_modbus::Error::Transport(e))) => Outcome::Transport(e.to_string()),
+        Ok(Err(tokio_modbus::Error::Protocol(e))) => {
+            Outcome::BadResponse(e.to_string(), started.elapsed())
+        }
+        Ok(Ok(Err(exception))) => Outcome::Exception(u8::from(exception), started.elapsed()),
+        Ok(Ok(Ok(response))) => match extract(req, response) {
+            Some(data) => Outcome::Answered(data, started.elapsed()),
+            None => Outcome::BadResponse(
+                "response does not match the request".to_owned(),
+                started.elapsed(),
+            ),
+        },
+    }
+}
+
+/// Runs one cycle of `unit`: reads every due tag, and returns the reading and how the
+/// connection fared.
+async fn run_cycle(
+    unit: &mut Unit,
+    conn: &mut Context,
+    clock: &Clock,
+    link_key: &str,
+) -> (DeviceReading, CycleEnd) {
+    let started = Instant::now();
+    let mut due: Vec<usize> = Vec::new();
+    for group in &mut unit.groups {
+        if group.next_due <= started {
+            due.extend(&group.tags);
+            group.next_due = advance(group.next_due, group.interval, started);
+        }
+    }
+    due.sort_unstable();
+    due.dedup();
+
+    let spec = Arc::clone(&unit.spec);
+    let plan = match unit.refined.get(&due) {
+        Some(plan) => plan.clone(),
+        None => plan_with_rejects(&spec, due.iter().copied()),
+    };
+    let mut samples: Vec<TagSample> = Vec::with_capacity(due.len());
+    let push = |samples: &mut Vec<TagSample>, tag: usize, result: Result<Value, BadReason>| {
+        let Some(spec_tag) = spec.tags.get(tag) else {
+            return;
+        };
+        let (value, quality) = match result {
+            Ok(v) => (Some(v), Quality::Good),
+            Err(reason) => (None, Quality::Bad(reason)),
+        };
+        samples.push(TagSample {
+            tag,
+            property: spec_tag.property.clone(),
+            value,
+            quality,
+        });
+    };
+    for (tag, _) in &plan.rejected {
+        push(&mut samples, *tag, Err(BadReason::DecodeError));
+    }
+
+    conn.set_slave(Slave(spec.unit_id));
+    let mut queue: VecDeque<ReadRequest> = plan.requests.iter().cloned().collect();
+    let mut leaves: Vec<ReadRequest> = Vec::new();
+    let mut was_split = false;
+    let mut end = CycleEnd::Ok;
+    let mut abort: Option<BadReason> = None;
+    while let Some(req) = queue.pop_front() {
+        let mark = |samples: &mut Vec<TagSample>, reason: BadReason| {
+            for &(tag, _) in &req.tags {
+                push(samples, tag, Err(reason));
+            }
+        };
+        if let Some(reason) = abort {
+            mark(&mut samples, reason);
+            continue;
+        }
+        unit.metrics.request();
+        match send_request(conn, &req, spec.timeout).await {
+            Outcome::Timeout => {
+                unit.metrics.error(ErrorKind::Timeout);
+                mark(&mut samples, BadReason::Timeout);
+                abort = Some(BadReason::Timeout);
+                end = CycleEnd::Reconnect;
+            }
+            Outcome::Transport(error) => {
+                unit.metrics.error(ErrorKind::Transport);
+                mark(&mut samples, BadReason::Disconnected);
+                abort = Some(BadReason::Disconnected);
+                end = CycleEnd::Transport(error);
+            }
+            Outcome::BadResponse(error, took) => {
+                unit.metrics.response(took);
+                unit.metrics.error(ErrorKind::BadResponse);
+                tracing::debug!(link = link_key, device = %spec.id, error, "bad modbus response");
+                mark(&mut samples, BadReason::BadResponse);
+                abort = Some(BadReason::BadResponse);
+                end = CycleEnd::Reconnect;
+            }
+            Outcome::Exception(code, took) => {
+                unit.metrics.response(took);
+                if code == 2
+                    && let Some((a, b)) = split(&spec, &req)
+                {
+                    queue.push_front(b);
+                    queue.push_front(a);
+                    was_split = true;
+                    continue;
+                }
+                unit.metrics.error(ErrorKind::Exception);
+                mark(&mut samples, BadReason::Exception(code));
+                leaves.push(req);
+            }
+            Outcome::Answered(data, took) => {
+                unit.metrics.response(took);
+                for &(tag, offset) in &req.tags {
+                    let Some(spec_tag) = spec.tags.get(tag) else {
+                        continue;
+                    };
+                    let from = usize::from(offset);
+                    let to = from + usize::from(spec_tag.data_type.width());
+                    let decoded = match &data {
+                        Data::Registers(regs) => {
+                            regs.get(from..to).map(|r| codec::decode(spec_tag, r))
+                        }
+                        Data::Bits(bits) => {
+                            bits.get(from..to).map(|b| codec::decode_bit(spec_tag, b))
+                        }
+                    };
+                    let result = match decoded {
+                        Some(Ok(v)) => Ok(v),
+                        Some(Err(error)) => {
+                            unit.metrics.error(ErrorKind::Decode);
+                            tracing::trace!(device = %spec.id, tag, %error, "decode failed");
+                            Err(BadReason::DecodeError)
+                        }
+                        None => Err(BadReason::BadResponse),
+                    };
+                    push(&mut samples, tag, result);
+                }
+                leaves.push(req);
+            }
+        }
+    }
+    let ts = clock();
+
+    match abort {
+        Some(BadReason::Timeout) => {
+            let delay = unit.backoff.next_delay();
+            unit.retry_at = Some(Instant::now() + delay);
+        }
+        Some(_) => {}
+        None => {
+            unit.backoff.reset();
+            unit.retry_at = None;
+            if was_split {
+                if unit.refined.len() >= MAX_CACHED_PLANS {
+                    unit.refined.clear();
+                }
+                let refined = Plan {
+                    requests: leaves,
+                    rejected: plan.rejected.clone(),
+                };
+                unit.refined.insert(due, refined);
+            }
+        }
+    }
+    if let CycleEnd::Transport(_) = end {
+        // The outage report covers the other tags; mark this unit's remaining ones here.
+        let read: Vec<usize> = samples.iter().map(|s| s.tag).collect();
+        samples.extend(unit.all_bad(BadReason::Disconnected, &read));
+    }
+    samples.sort_by_key(|s| s.tag);
+    unit.metrics.cycle(started.elapsed());
+    unit.health.observe(
+        link_key,
+        spec.id.as_str(),
+        spec.unit_id,
+        samples
+            .iter()
+            .map(|s| (s.tag, s.property.as_str(), s.quality)),
+    );
+    (
+        DeviceReading {
+            device: spec.id.clone(),
+            ts,
+            samples,
+        },
+        end,
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tokio::net::TcpListener;
+    use tokio_modbus::server::Service;
+    use tokio_modbus::server::tcp::{Server, accept_tcp_connection};
+    use tokio_modbus::{ExceptionCode, SlaveRequest};
+
+    use super::*;
+    use crate::model::{ByteOrder, DataType, ReportPolicy, TagSpec};
+
+    /// One simulated unit.
+    #[derive(Default)]
+    struct SimUnit {
+        holding: HashMap<u16, u16>,
+        input: HashMap<u16, u16>,
+        coils: HashMap<u16, bool>,
+        /// Addresses that make any read covering them fail with exception 2.
+        illegal: HashSet<u16>,
+        /// Answer every input-register read with this exception.
+        input_exception: Option<u8>,
+        /// Never answer.
+        silent: bool,
+        /// Requests received.
+        requests: u64,
+    }
+
+    #[derive(Clone, Default)]
+    struct Sim(Arc<Mutex<HashMap<u8, SimUnit>>>);
+
+    impl Sim {
+        fn with<R>(&self, unit: u8, f: impl FnOnce(&mut SimUnit) -> R) -> R {
+            let mut units = self.0.lock().unwrap();
+            f(units.entry(unit).or_default())
+        }
+
+        fn handle(&self, req: SlaveRequest<'static>) -> Result<Option<Response>, ExceptionCode> {
+            let mut units = self.0.lock().unwrap();
+            let Some(u) = units.get_mut(&req.slave) else {
+                return Err(ExceptionCode::GatewayTargetDevice);
+            };
+            u.requests += 1;
+            if u.silent {
+                return Ok(None);
+            }
+            let range = |start: u16, count: u16| start..start.saturating_add(count);
+            let check = |u: &SimUnit, start: u16, count: u16| {
+                if range(start, count).any(|a| u.illegal.contains(&a)) {
+                    Err(ExceptionCode::IllegalDataAddress)
+                } else {
+                    Ok(())
+                }
+            };
+            let words = |m: &HashMap<u16, u16>, start: u16, count: u16| -> Vec<u16> {
+                range(start, count)
+                    .map(|a| m.get(&a).copied().unwrap_or(0))
+                    .collect()
+            };
+            match req.request {
+                Request::ReadHoldingRegisters(start, count) => {
+                    check(u, start, count)?;
+                    Ok(Some(Response::ReadHoldingRegisters(words(
+                        &u.holding, start, count,
+                    ))))
+                }
+                Request::ReadInputRegisters(start, count) => {
+                    if let Some(code) = u.input_exception {
+                        return Err(ExceptionCode::new(code));
+                    }
+                    check(u, start, count)?;
+                    Ok(Some(Response::ReadInputRegisters(words(
+                        &u.input, start, count,
+                    ))))
+                }
+                Request::ReadCoils(start, count) => {
+                    check(u, start, count)?;
+                    Ok(Some(Response::ReadCoils(
+                        range(start, count)
+                            .map(|a| u.coils.get(&a).copied().unwrap_or(false))
+                            .collect(),
+                    )))
+                }
+                _ => Err(ExceptionCode::IllegalFunction),
+            }
+        }
+    }
+
+    impl Service for Sim {
+        type Request = SlaveRequest<'static>;
+        type Response = Option<Response>;
+        type Exception = ExceptionCode;
+        type Future = std::future::Ready<Result<Option<Response>, ExceptionCode>>;
+
+        fn call(&self, req: Self::Request) -> Self::Future {
+            std::future::ready(self.handle(req))
+        }
+    }
+
+    /// Serves `sim` on `addr` until the returned task is aborted (which also closes the
+    /// connections it accepted).
+    async fn serve(addr: SocketAddr, sim: Sim) -> (SocketAddr, JoinHandle<()>) {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let local = listener.local_addr().unwrap();
+        let server = Server::new(listener);
+        let task = tokio::spawn(async move {
+            let on_connected = |stream, socket_addr| {
+                let sim = sim.clone();
+                async move { accept_tcp_connection(stream, socket_addr, move |_| Ok(Some(sim.clone()))) }
+            };
+            let _ = server.serve(&on_connected, |_err| {}).await;
+        });
+        (local, task)
+    }
+
+    fn tag(name: &str, table: Table, address: u16, data_type: DataType) -> TagSpec {
+        TagSpec {
+            property: PropertyId::new(name).unwrap(),
+            table,
+            address,
+            data_type,
+            bit: None,
+            byte_order: ByteOrder::Abcd,
+            scale: 1.0,
+            offset: 0.0,
+            unit: None,
+            access: Access::Read,
+            poll_interval: Duration::from_millis(100),
+            report: ReportPolicy::default(),
+        }
+    }
+
+    fn device(name: &str, addr: SocketAddr, unit_id: u8, tags: Vec<TagSpec>) -> Arc<DeviceSpec> {
+        Arc::new(DeviceSpec {
+            id: DeviceId::new(name).unwrap(),
+            link: link(addr),
+            unit_id,
+            timeout: Duration::from_millis(200),
+            max_registers_per_read: 125,
+            max_bits_per_read: 2000,
+            max_gap: 4,
+            tags,
+        })
+    }
+
+    fn link(addr: SocketAddr) -> LinkSpec {
+        LinkSpec::Tcp {
+            endpoint: addr.to_string(),
+        }
+    }
+
+    fn options() -> LinkOptions {
+        LinkOptions {
+            backoff_initial: Duration::from_millis(400),
+            backoff_max: Duration::from_millis(800),
+            connect_timeout: Duration::from_millis(500),
+            min_poll_interval: Duration::from_millis(10),
+        }
+    }
+
+    fn counting_clock() -> Clock {
+        let n = Arc::new(AtomicU64::new(1000));
+        Arc::new(move || Timestamp(n.fetch_add(1, Ordering::SeqCst)))
+    }
+
+    struct Running {
+        rx: mpsc::Receiver<DeviceReading>,
+        cancel: CancellationToken,
+        task: JoinHandle<()>,
+    }
+
+    impl Running {
+        fn start(addr: SocketAddr, devices: Vec<Arc<DeviceSpec>>) -> Self {
+            let (tx, rx) = mpsc::channel(64);
+            let cancel = CancellationToken::new();
+            let task = spawn_link_with(
+                options(),
+                link(addr),
+                devices,
+                tx,
+                counting_clock(),
+                cancel.clone(),
+            );
+            Running { rx, cancel, task }
+        }
+
+        async fn next(&mut self) -> DeviceReading {
+            tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
+                .await
+                .expect("a reading within 5 s")
+                .expect("link task alive")
+        }
+
+        /// The next reading of `device` (others are skipped).
+        async fn next_of(&mut self, device: &str) -> DeviceReading {
+            loop {
+                let r = self.next().await;
+                if r.device.as_str() == device {
+                    return r;
+                }
+            }
+        }
+
+        async fn stop(self) {
+            self.cancel.cancel();
+            tokio::time::timeout(Duration::from_secs(2), self.task)
+                .await
+                .expect("task ends on cancel")
+                .expect("task did not panic");
+        }
+    }
+
+    fn sample<'a>(r: &'a DeviceReading, property: &str) -> &'a TagSample {
+        r.samples
+            .iter()
+            .find(|s| s.property.as_str() == property)
+            .unwrap_or_else(|| panic!("no sample {property} in {r:?}"))
+    }
+
+    fn good(r: &DeviceReading, property: &str) -> Value {
+        let s = sample(r, property);
+        assert_eq!(s.quality, Quality::Good, "{property}: {s:?}");
+        s.value.clone().unwrap()
+    }
+
+    fn local() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn reads_decoded_values_of_two_units() {
+        let sim = Sim::default();
+        sim.with(1, |u| {
+            let f = 21.5f32.to_bits();
+            u.holding.insert(0, (f >> 16) as u16);
+            u.holding.insert(1, f as u16);
+            u.holding.insert(3, 42);
+            u.input.insert(7, 0x8000);
+            u.coils.insert(5, true);
+        });
+        sim.with(2, |u| {
+            let v = (-70_000i32) as u32;
+            u.holding.insert(100, v as u16); // CDAB: low word first
+            u.holding.insert(101, (v >> 16) as u16);
+            u.holding.insert(200, u16::from_be_bytes(*b"OK"));
+        });
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let mut bit = tag("flag", Table::HoldingRegister, 3, DataType::Bool);
+        bit.bit = Some(1);
+        let mut scaled = tag("level", Table::InputRegister, 7, DataType::UInt16);
+        scaled.scale = 0.5;
+        let d1 = device(
+            "plc-1",
+            addr,
+            1,
+            vec![
+                tag("temp", Table::HoldingRegister, 0, DataType::Float32),
+                tag("count", Table::HoldingRegister, 3, DataType::UInt16),
+                bit,
+                scaled,
+                tag("run", Table::Coil, 5, DataType::Bool),
+            ],
+        );
+        let mut swapped = tag("pos", Table::HoldingRegister, 100, DataType::Int32);
+        swapped.byte_order = ByteOrder::Cdab;
+        let d2 = device(
+            "plc-2",
+            addr,
+            2,
+            vec![
+                swapped,
+                tag(
+                    "name",
+                    Table::HoldingRegister,
+                    200,
+                    DataType::String { len: 2 },
+                ),
+            ],
+        );
+        let mut run = Running::start(addr, vec![d1, d2]);
+        let r1 = run.next_of("plc-1").await;
+        assert_eq!(good(&r1, "temp"), Value::Float(21.5));
+        assert_eq!(good(&r1, "count"), Value::UInt(42));
+        assert_eq!(good(&r1, "flag"), Value::Bool(true));
+        assert_eq!(good(&r1, "level"), Value::Float(16384.0));
+        assert_eq!(good(&r1, "run"), Value::Bool(true));
+        assert_eq!(
+            r1.samples.iter().map(|s| s.tag).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3, 4]
+        );
+        assert!(r1.ts.0 >= 1000, "timestamp from the injected clock");
+        let r2 = run.next_of("plc-2").await;
+        assert_eq!(good(&r2, "pos"), Value::Int(-70_000));
+        assert_eq!(good(&r2, "name"), Value::Str("OK".into()));
+        // Values change, the next cycle sees it.
+        sim.with(1, |u| u.holding.insert(3, 43));
+        let mut seen = false;
+        for _ in 0..20 {
+            let r = run.next_of("plc-1").await;
+            if good(&r, "count") == Value::UInt(43) {
+                seen = true;
+                break;
+            }
+        }
+        assert!(seen);
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn silent_unit_backs_off_while_other_unit_keeps_its_cycle() {
+        let sim = Sim::default();
+        sim.with(1, |u| {
+            u.holding.insert(0, 7);
+        });
+        sim.with(2, |u| u.silent = true);
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let d1 = device(
+            "ok",
+            addr,
+            1,
+            vec![tag("a", Table::HoldingRegister, 0, DataType::UInt16)],
+        );
+        let d2 = device(
+            "dead",
+            addr,
+            2,
+            vec![
+                tag("x", Table::HoldingRegister, 0, DataType::UInt16),
+                tag("y", Table::InputRegister, 0, DataType::UInt16),
+            ],
+        );
+        let mut run = Running::start(addr, vec![d1, d2]);
+        let started = Instant::now();
+        let mut ok_readings = 0;
+        let mut dead_readings = 0;
+        while started.elapsed() < Duration::from_millis(2000) {
+            let r = run.next().await;
+            match r.device.as_str() {
+                "ok" => {
+                    assert_eq!(good(&r, "a"), Value::UInt(7));
+                    ok_readings += 1;
+                }
+                _ => {
+                    // Both tags bad timeout; the second request was not even sent.
+                    for s in &r.samples {
+                        assert_eq!(s.quality, Quality::Bad(BadReason::Timeout), "{s:?}");
+                        assert_eq!(s.value, None);
+                    }
+                    assert_eq!(r.samples.len(), 2);
+                    dead_readings += 1;
+                }
+            }
+        }
+        // 100 ms interval over 2 s, minus the time spent waiting for the dead unit
+        // (200 ms per probe, probes every 200-800 ms).
+        assert!(ok_readings >= 8, "ok unit starved: {ok_readings}");
+        // Without backoff the dead unit would be probed ~7 times (200 ms timeout + 100 ms).
+        assert!(
+            (2..=5).contains(&dead_readings),
+            "dead unit probed {dead_readings} times"
+        );
+        let dead_requests = sim.with(2, |u| u.requests);
+        assert_eq!(dead_requests, dead_readings, "one request per probe");
+        // It comes back.
+        sim.with(2, |u| u.silent = false);
+        let r = run.next_of("dead").await;
+        let r = if r.samples[0].quality.is_good() {
+            r
+        } else {
+            run.next_of("dead").await
+        };
+        assert_eq!(good(&r, "x"), Value::UInt(0));
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn exception_marks_only_the_tags_of_that_request() {
+        let sim = Sim::default();
+        sim.with(1, |u| {
+            u.holding.insert(0, 5);
+            u.input_exception = Some(4);
+        });
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let d = device(
+            "plc",
+            addr,
+            1,
+            vec![
+                tag("good", Table::HoldingRegister, 0, DataType::UInt16),
+                tag("bad1", Table::InputRegister, 0, DataType::UInt16),
+                tag("bad2", Table::InputRegister, 1, DataType::UInt16),
+            ],
+        );
+        let mut run = Running::start(addr, vec![d]);
+        for _ in 0..3 {
+            let r = run.next().await;
+            assert_eq!(good(&r, "good"), Value::UInt(5));
+            for p in ["bad1", "bad2"] {
+                let s = sample(&r, p);
+                assert_eq!(s.quality, Quality::Bad(BadReason::Exception(4)));
+                assert_eq!(s.value, None);
+            }
+        }
+        // The connection was kept: still no transport trouble, the device recovers in place.
+        sim.with(1, |u| u.input_exception = None);
+        let mut recovered = false;
+        for _ in 0..5 {
+            let r = run.next().await;
+            if sample(&r, "bad1").quality.is_good() {
+                recovered = true;
+                break;
+            }
+        }
+        assert!(recovered);
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn illegal_data_address_isolates_the_bad_tag() {
+        let sim = Sim::default();
+        sim.with(1, |u| {
+            for a in 0..5 {
+                u.holding.insert(a, 100 + a);
+            }
+            u.illegal.insert(2);
+        });
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let tags = (0..5)
+            .map(|a| {
+                tag(
+                    &format!("t{a}"),
+                    Table::HoldingRegister,
+                    a,
+                    DataType::UInt16,
+                )
+            })
+            .collect();
+        let d = device("plc", addr, 1, tags);
+        let mut run = Running::start(addr, vec![d]);
+        let check = |r: &DeviceReading| {
+            for a in [0u16, 1, 3, 4] {
+                assert_eq!(good(r, &format!("t{a}")), Value::UInt(u64::from(100 + a)));
+            }
+            let s = sample(r, "t2");
+            assert_eq!(s.quality, Quality::Bad(BadReason::Exception(2)));
+        };
+        let r = run.next().await;
+        check(&r);
+        // First cycle: [0..5) fails, [0,1] ok, [2..5) fails, [2] fails, [3,4] ok.
+        let first = sim.with(1, |u| u.requests);
+        assert_eq!(first, 5);
+        let r = run.next().await;
+        check(&r);
+        // Next cycles reuse the refined plan: three requests.
+        let second = sim.with(1, |u| u.requests);
+        assert_eq!(second - first, 3);
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn reconnects_after_the_server_restarts() {
+        let sim = Sim::default();
+        sim.with(1, |u| {
+            u.holding.insert(0, 1);
+        });
+        sim.with(2, |u| {
+            u.holding.insert(0, 2);
+        });
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let mut slow = tag("b", Table::HoldingRegister, 0, DataType::UInt16);
+        slow.poll_interval = Duration::from_millis(300);
+        let d1 = device(
+            "one",
+            addr,
+            1,
+            vec![tag("a", Table::HoldingRegister, 0, DataType::UInt16), slow],
+        );
+        let d2 = device(
+            "two",
+            addr,
+            2,
+            vec![tag("c", Table::HoldingRegister, 0, DataType::UInt16)],
+        );
+        let mut run = Running::start(addr, vec![d1, d2]);
+        assert_eq!(good(&run.next_of("one").await, "a"), Value::UInt(1));
+        assert_eq!(good(&run.next_of("two").await, "c"), Value::UInt(2));
+
+        server.abort();
+        let _ = server.await;
+        // Every tag of both devices goes bad disconnected, once per device.
+        let mut disconnected: HashMap<String, Vec<String>> = HashMap::new();
+        while disconnected.len() < 2 {
+            let r = run.next().await;
+            if r.samples
+                .iter()
+                .all(|s| s.quality == Quality::Bad(BadReason::Disconnected))
+            {
+                let props = r.samples.iter().map(|s| s.property.to_string()).collect();
+                assert!(
+                    disconnected.insert(r.device.to_string(), props).is_none(),
+                    "reported twice: {r:?}"
+                );
+            }
+        }
+        assert_eq!(disconnected["one"], vec!["a", "b"]);
+        assert_eq!(disconnected["two"], vec!["c"]);
+        // Nothing more while the server is down (reconnect attempts are quiet).
+        let quiet = tokio::time::timeout(Duration::from_millis(700), run.rx.recv()).await;
+        assert!(quiet.is_err(), "unexpected reading while down: {quiet:?}");
+
+        let (_, server) = serve(addr, sim.clone()).await;
+        assert_eq!(good(&run.next_of("one").await, "a"), Value::UInt(1));
+        assert_eq!(good(&run.next_of("two").await, "c"), Value::UInt(2));
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn unreachable_endpoint_reports_disconnected_once_and_stops_on_cancel() {
+        // A port with nothing listening.
+        let listener = TcpListener::bind(local()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let d = device(
+            "plc",
+            addr,
+            1,
+            vec![tag("a", Table::HoldingRegister, 0, DataType::UInt16)],
+        );
+        let mut run = Running::start(addr, vec![d]);
+        let r = run.next().await;
+        assert_eq!(r.samples[0].quality, Quality::Bad(BadReason::Disconnected));
+        let quiet = tokio::time::timeout(Duration::from_millis(1000), run.rx.recv()).await;
+        assert!(quiet.is_err(), "reported again: {quiet:?}");
+        run.stop().await;
+    }
+
+    #[tokio::test]
+    async fn metrics_are_counted_per_link_and_unit() {
+        let sim = Sim::default();
+        sim.with(1, |u| u.input_exception = Some(3));
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let d = device(
+            "plc",
+            addr,
+            1,
+            vec![
+                tag("a", Table::HoldingRegister, 0, DataType::UInt16),
+                tag("b", Table::InputRegister, 0, DataType::UInt16),
+            ],
+        );
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let mut run = metrics::with_local_recorder(&recorder, || Running::start(addr, vec![d]));
+        run.next().await;
+        run.next().await;
+        run.stop().await;
+        let text = handle.render();
+        let key = format!("link=\"tcp://{addr}\",unit=\"1\"");
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name) && l.contains(&key))
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+                .to_owned()
+        };
+        let value = |l: String| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+        assert!(value(line("edgesync_modbus_requests_total")) >= 4.0);
+        let exceptions = text
+            .lines()
+            .find(|l| {
+                l.starts_with("edgesync_modbus_errors_total")
+                    && l.contains("kind=\"exception\"")
+                    && l.contains("unit=\"1\"")
+            })
+            .unwrap_or_else(|| panic!("no exception count in {text}"));
+        assert!(value(exceptions.to_owned()) >= 2.0);
+        assert!(text.contains("edgesync_modbus_response_seconds"));
+        assert!(text.contains("edgesync_modbus_cycle_seconds"));
+        server.abort();
+    }
+
+    #[test]
+    fn schedule_skips_missed_ticks() {
+        let t0 = Instant::now();
+        let i = Duration::from_millis(100);
+        // On time: keeps the phase.
+        assert_eq!(advance(t0, i, t0 + Duration::from_millis(30)), t0 + i);
+        // Late by several intervals: one interval from now, no catch-up burst.
+        let now = t0 + Duration::from_millis(450);
+        assert_eq!(advance(t0, i, now), now + i);
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let expected_caps = [1, 2, 4, 8, 16, 30, 30, 30];
+        for cap in expected_caps {
+            let d = b.next_delay();
+            let cap = Duration::from_secs(cap);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "{d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
+        }
+        for _ in 0..100 {
+            assert!(b.next_delay() <= Duration::from_secs(30));
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_secs(1));
+    }
+}
