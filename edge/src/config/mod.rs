@@ -1,0 +1,1331 @@
+//! Agent configuration: `agent.toml` → [`AgentConfig`].
+//!
+//! Reading happens in three steps, all pure (no file but the config itself is touched):
+//!
+//! 1. **Syntax.** The TOML is parsed; every syntax error is reported with its line.
+//! 2. **Raw values.** Each table (`[agent]`, `[hub]`, ..., each `[[devices]]`, each
+//!    `[[devices.tags]]`) is deserialized on its own into a raw serde struct whose fields are all
+//!    optional and carry their unit in their name (`poll_interval_ms`). Unknown keys are errors,
+//!    all of them reported, with their lines. A wrong type stops only the table it is in.
+//! 3. **Validation.** Every value is checked (ranges, names, addresses, combinations) and every
+//!    problem is reported as a sentence naming file, line and component, for example
+//!    `deploy/agent.toml:42: device "plc-1" tag "temp": address 70000 does not fit the holding
+//!    register table (0..=65535)`. Only when nothing is wrong is the typed [`AgentConfig`]
+//!    built, with defaults filled in and relative paths resolved against the config file's
+//!    directory.
+//!
+//! Invariant: an [`AgentConfig`] (and every [`DeviceSpec`] in it) has passed every check; the
+//! consumers (links, planner, store, uplink) need not re-check it.
+//!
+//! `deploy/README.md` documents every field; `deploy/agent.toml` is a checked example.
+
+mod address;
+mod diag;
+mod net;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use edgesync_protocol::{DeviceId, NodeId, PropertyId};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use toml::de::{DeTable, DeValue};
+
+pub use address::{AddressError, parse_shorthand, shorthand};
+pub use diag::{ConfigError, ConfigErrors};
+
+use crate::model::{
+    Access, ByteOrder, DataType, DeviceSpec, LinkSpec, ReportPolicy, Table, TagSpec,
+};
+use address::table_words;
+use diag::{Doc, Loc, Node};
+
+/// Default sled page cache of the agent: 8 MiB.
+pub const DEFAULT_SLED_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+/// Default outbox bound: 256 MiB.
+pub const DEFAULT_OUTBOX_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// Shortest poll interval accepted, in milliseconds.
+pub const MIN_POLL_INTERVAL_MS: i64 = 10;
+
+/// The validated agent configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// The file this was read from (as given), for messages.
+    pub source: PathBuf,
+    /// `[agent] node_id`: if set, must equal the node named in the agent's SVID (checked when
+    /// the identity is loaded).
+    pub node_id: Option<NodeId>,
+    /// `[agent] data_dir`: where sled keeps the twin and the outbox.
+    pub data_dir: PathBuf,
+    /// `[agent] sled_cache_bytes`: sled's page cache size.
+    pub sled_cache_bytes: u64,
+    /// `[hub]`: how to reach the hub.
+    pub hub: HubLinkConfig,
+    /// `[identity]`: the agent's X.509-SVID files and trust domain.
+    pub identity: IdentityFiles,
+    /// `[outbox]`: the outbox bounds and flush policy.
+    pub outbox: OutboxConfig,
+    /// `[metrics] listen`: where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// `[[devices]]`: the devices and their tags.
+    pub devices: Vec<DeviceSpec>,
+}
+
+/// How the agent reaches the hub (`[hub]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubLinkConfig {
+    /// `host:port` of the hub's QUIC (UDP) listener; the host may be a DNS name.
+    pub address: String,
+    /// The SPIFFE id the hub must present; `None` means `spiffe://<trust_domain>/hub`.
+    pub hub_id: Option<String>,
+    /// Give up a connection attempt after this long.
+    pub connect_timeout: Duration,
+    /// Send a keep-alive after this much silence.
+    pub keepalive: Duration,
+    /// Consider the connection dead after this much silence (longer than `keepalive`).
+    pub idle_timeout: Duration,
+    /// First reconnect delay (then doubled, jittered, capped).
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+/// The agent's identity as PEM files (`[identity]`), as written by spiffe-helper or
+/// cert-manager's csi-driver-spiffe. Paths are resolved; the files are not read here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityFiles {
+    /// The SPIFFE trust domain (`example.org`).
+    pub trust_domain: String,
+    /// The X.509-SVID certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The SVID's private key (PEM, PKCS#8).
+    pub key: PathBuf,
+    /// The trust bundle: CA certificates of the trust domain (PEM).
+    pub bundle: PathBuf,
+}
+
+/// When the outbox forces its writes to stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FsyncPolicy {
+    /// fsync after every group commit: an accepted record survives power loss (the default).
+    #[default]
+    EveryCommit,
+    /// fsync at most this often: up to this much accepted data may be lost on power loss
+    /// (not on a process crash); less flash wear.
+    Interval(Duration),
+    /// Never fsync explicitly; the OS writes back when it likes (typically within 30 s).
+    Never,
+}
+
+/// What the outbox does when it reaches `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutboxFullPolicy {
+    /// Drop the oldest history and record a gap (the default); latest state is kept by the twin.
+    #[default]
+    DropOldest,
+    /// Refuse new records (they are counted as a gap) until the hub drains the outbox.
+    RefuseNew,
+}
+
+/// The outbox bounds and flush policy (`[outbox]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxConfig {
+    /// Largest size of the outbox on disk, in bytes.
+    pub max_bytes: u64,
+    /// Group commit window in milliseconds: records accepted within it share one sled write.
+    pub commit_interval_ms: u64,
+    /// When commits are forced to stable storage.
+    pub fsync: FsyncPolicy,
+    /// Most records sent to the hub in one uplink batch.
+    pub batch_max_records: usize,
+    /// What happens when the outbox is full.
+    pub on_full: OutboxFullPolicy,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_OUTBOX_MAX_BYTES,
+            commit_interval_ms: 20,
+            fsync: FsyncPolicy::EveryCommit,
+            batch_max_records: 512,
+            on_full: OutboxFullPolicy::DropOldest,
+        }
+    }
+}
+
+/// Reads and validates the agent config at `path`; relative paths in it are resolved against
+/// the file's directory.
+pub fn load(path: &Path) -> Result<AgentConfig, ConfigErrors> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigErrors::single(&name, format!("cannot read the config file: {e}")))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let base = std::path::absolute(&dir).unwrap_or(dir);
+    let mut config = parse(&name, &text, &base)?;
+    config.source = path.to_path_buf();
+    Ok(config)
+}
+
+/// Validates the agent config `text`; messages name it `source_name`, and relative paths are
+/// resolved against `base_dir`. Pure: reads no file.
+pub fn parse(source_name: &str, text: &str, base_dir: &Path) -> Result<AgentConfig, ConfigErrors> {
+    let mut doc = Doc::new(source_name, text);
+    let Some(root) = doc.parse_root() else {
+        return Err(doc.into_errors());
+    };
+    let config = check(&mut doc, &root, source_name, base_dir);
+    doc.finish(config)
+}
+
+/// All problems, one per line as `file:line: message`: what `edgesync-agent validate` prints.
+pub fn render_errors(errors: &ConfigErrors) -> String {
+    errors.render()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw (unvalidated) file structure. Every field is optional so that all missing fields are
+// reported at once; the unit of a quantity is in its name.
+
+/// `[agent]`.
+#[derive(Debug, Default, Deserialize)]
+struct RawAgent {
+    /// The node id; must match the node in the SVID if set.
+    node_id: Option<String>,
+    /// Directory for sled (twin and outbox); required.
+    data_dir: Option<String>,
+    /// sled page cache in bytes (default 8 MiB).
+    sled_cache_bytes: Option<i64>,
+}
+
+/// `[hub]`.
+#[derive(Debug, Default, Deserialize)]
+struct RawHub {
+    /// `host:port` of the hub (UDP, QUIC); required.
+    address: Option<String>,
+    /// SPIFFE id the hub must present (default `spiffe://<trust_domain>/hub`).
+    hub_id: Option<String>,
+    /// Connection attempt timeout in milliseconds (default 5000).
+    connect_timeout_ms: Option<i64>,
+    /// Keep-alive interval in milliseconds (default 2000).
+    keepalive_ms: Option<i64>,
+    /// Idle timeout in milliseconds (default 10000), longer than the keep-alive.
+    idle_timeout_ms: Option<i64>,
+    /// First reconnect delay in milliseconds (default 200).
+    backoff_initial_ms: Option<i64>,
+    /// Longest reconnect delay in milliseconds (default 30000).
+    backoff_max_ms: Option<i64>,
+}
+
+/// `[identity]`.
+#[derive(Debug, Default, Deserialize)]
+struct RawIdentity {
+    /// SPIFFE trust domain; required.
+    trust_domain: Option<String>,
+    /// SVID certificate chain (PEM); required.
+    cert: Option<String>,
+    /// SVID private key (PEM); required.
+    key: Option<String>,
+    /// Trust bundle (PEM); required.
+    bundle: Option<String>,
+}
+
+/// `[outbox]`.
+#[derive(Debug, Default, Deserialize)]
+struct RawOutbox {
+    /// Bound on the outbox size in bytes (default 256 MiB).
+    max_bytes: Option<i64>,
+    /// Group commit window in milliseconds (default 20).
+    commit_interval_ms: Option<i64>,
+    /// `every_commit` (default), `interval` or `never`.
+    fsync: Option<String>,
+    /// With `fsync = "interval"`: the interval in milliseconds (default 1000).
+    fsync_interval_ms: Option<i64>,
+    /// Records per uplink batch (default 512).
+    batch_max_records: Option<i64>,
+    /// `drop_oldest` (default) or `refuse_new`.
+    on_full: Option<String>,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+struct RawMetrics {
+    /// `ip:port` to serve Prometheus metrics on.
+    listen: Option<String>,
+}
+
+/// `[defaults]`: device settings used when a device does not give them.
+#[derive(Debug, Default, Deserialize)]
+struct RawDefaults {
+    /// Poll interval in milliseconds (default 1000).
+    poll_interval_ms: Option<i64>,
+    /// Request timeout in milliseconds (default 1000).
+    timeout_ms: Option<i64>,
+    /// Byte order (default `ABCD`).
+    byte_order: Option<String>,
+    /// Most registers per read, 1..=125 (default 125).
+    max_registers_per_read: Option<i64>,
+    /// Most bits per read, 1..=2000 (default 2000).
+    max_bits_per_read: Option<i64>,
+    /// Largest gap bridged to merge reads (default 10).
+    max_gap: Option<i64>,
+}
+
+/// `[[devices]]`.
+#[derive(Debug, Default, Deserialize)]
+struct RawDevice {
+    /// Device id, unique on the node; required.
+    id: Option<String>,
+    /// Link protocol: `tcp`; required.
+    protocol: Option<String>,
+    /// `host:port` of the Modbus TCP server; required for `tcp`.
+    endpoint: Option<String>,
+    /// Modbus unit id 0..=247 (default 1).
+    unit_id: Option<i64>,
+    /// Poll interval in milliseconds for the device's tags.
+    poll_interval_ms: Option<i64>,
+    /// Request timeout in milliseconds.
+    timeout_ms: Option<i64>,
+    /// Default byte order of the device's tags.
+    byte_order: Option<String>,
+    /// Most registers per read, 1..=125.
+    max_registers_per_read: Option<i64>,
+    /// Most bits per read, 1..=2000.
+    max_bits_per_read: Option<i64>,
+    /// Largest gap bridged to merge reads.
+    max_gap: Option<i64>,
+}
+
+/// `[[devices.tags]]`.
+#[derive(Debug, Default, Deserialize)]
+struct RawTag {
+    /// Property id, unique in the device; required.
+    name: Option<String>,
+    /// `coil`, `discrete_input`, `input_register` or `holding_register`.
+    table: Option<String>,
+    /// 0-based offset (integer) or 1-based shorthand (string such as "40001").
+    address: Option<IntOrString>,
+    /// Data type; defaults to `bool` in the bit tables.
+    #[serde(rename = "type")]
+    data_type: Option<String>,
+    /// String length in registers.
+    length: Option<i64>,
+    /// Bit of a register, for a bool in a register table.
+    bit: Option<i64>,
+    /// Byte order override.
+    byte_order: Option<String>,
+    /// Scale factor (default 1.0).
+    scale: Option<f64>,
+    /// Offset added after scaling (default 0.0).
+    offset: Option<f64>,
+    /// Engineering unit.
+    unit: Option<String>,
+    /// `read` (default), `write` or `read_write`.
+    access: Option<String>,
+    /// Poll interval in milliseconds (default: the device's).
+    poll_interval_ms: Option<i64>,
+    /// Absolute deadband.
+    deadband: Option<f64>,
+    /// Percent deadband, 0..=100.
+    deadband_pct: Option<f64>,
+    /// Heartbeat: report an unchanged value at least this often, in milliseconds.
+    max_interval_ms: Option<i64>,
+    /// `on_change` (default) or `every_sample`.
+    report: Option<String>,
+}
+
+/// An integer or a string, for fields that accept both (such as a Modbus address).
+#[derive(Debug, Clone, PartialEq)]
+enum IntOrString {
+    /// An integer.
+    Int(i64),
+    /// A string.
+    Str(String),
+}
+
+impl<'de> Deserialize<'de> for IntOrString {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = IntOrString;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer or a string")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<IntOrString, E> {
+                Ok(IntOrString::Int(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<IntOrString, E> {
+                i64::try_from(v)
+                    .map(IntOrString::Int)
+                    .map_err(|_| E::custom(format!("integer {v} is too large")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IntOrString, E> {
+                Ok(IntOrString::Str(v.to_owned()))
+            }
+        }
+        de.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+const ROOT_KEYS: &[&str] = &[
+    "agent", "hub", "identity", "outbox", "metrics", "defaults", "devices",
+];
+
+const TABLES: &[(&str, Table)] = &[
+    ("coil", Table::Coil),
+    ("discrete_input", Table::DiscreteInput),
+    ("input_register", Table::InputRegister),
+    ("holding_register", Table::HoldingRegister),
+];
+
+const BYTE_ORDERS: &[(&str, ByteOrder)] = &[
+    ("ABCD", ByteOrder::Abcd),
+    ("BADC", ByteOrder::Badc),
+    ("CDAB", ByteOrder::Cdab),
+    ("DCBA", ByteOrder::Dcba),
+    ("ABCDEFGH", ByteOrder::Abcd),
+    ("BADCFEHG", ByteOrder::Badc),
+    ("GHEFCDAB", ByteOrder::Cdab),
+    ("HGFEDCBA", ByteOrder::Dcba),
+];
+
+const ACCESS: &[(&str, Access)] = &[
+    ("read", Access::Read),
+    ("write", Access::Write),
+    ("read_write", Access::ReadWrite),
+];
+
+/// Data type names; `String` gets its length from `length`.
+const TYPES: &[(&str, DataType)] = &[
+    ("bool", DataType::Bool),
+    ("int16", DataType::Int16),
+    ("uint16", DataType::UInt16),
+    ("int32", DataType::Int32),
+    ("uint32", DataType::UInt32),
+    ("int64", DataType::Int64),
+    ("uint64", DataType::UInt64),
+    ("float32", DataType::Float32),
+    ("float64", DataType::Float64),
+    ("string", DataType::String { len: 0 }),
+];
+
+/// Reads the table `key` of the root into `T`. `None` if it is broken (already reported), or
+/// if it is absent and `required` (reported here).
+fn read_section<T: DeserializeOwned + Default>(
+    doc: &mut Doc<'_>,
+    root: &DeTable<'_>,
+    key: &str,
+    required: Option<&str>,
+) -> Option<(T, Loc)> {
+    let component = format!("[{key}]");
+    let present = root.iter().any(|(k, _)| k.get_ref() == key);
+    if !present {
+        if let Some(needs) = required {
+            doc.error(
+                None,
+                format!("missing required table {component} ({needs})"),
+            );
+            return None;
+        }
+        return Some((T::default(), Loc::absent(component)));
+    }
+    let (node, loc) = doc.table(root, key, &component)?;
+    let raw = doc.section(node, &loc)?;
+    Some((raw, loc))
+}
+
+fn ms(v: i64) -> Duration {
+    Duration::from_millis(u64::try_from(v).unwrap_or(0))
+}
+
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn u16_of(v: i64) -> u16 {
+    u16::try_from(v).unwrap_or(0)
+}
+
+/// A string value of `table`, read directly (used to name a table in messages even when its
+/// raw struct could not be read).
+fn str_key<'a>(node: &'a Node<'_>, key: &str) -> Option<&'a str> {
+    match node.get_ref() {
+        DeValue::Table(t) => t
+            .iter()
+            .find(|(k, _)| k.get_ref() == key)
+            .and_then(|(_, v)| v.get_ref().as_str()),
+        _ => None,
+    }
+}
+
+fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> AgentConfig {
+    doc.check_keys(&Loc::absent("top level"), root, ROOT_KEYS);
+
+    // [agent]
+    let mut node_id = None;
+    let mut data_dir = PathBuf::new();
+    let mut sled_cache_bytes = DEFAULT_SLED_CACHE_BYTES;
+    if let Some((raw, loc)) =
+        read_section::<RawAgent>(doc, root, "agent", Some("it needs data_dir"))
+    {
+        if let Some(id) = raw.node_id {
+            match NodeId::new(id) {
+                Ok(id) => node_id = Some(id),
+                Err(e) => doc.at(&loc, "node_id", e),
+            }
+        }
+        if let Some(p) = doc.path(&loc, "data_dir", raw.data_dir, base) {
+            data_dir = p;
+        }
+        sled_cache_bytes = u64_of(doc.int_in(
+            &loc,
+            "sled_cache_bytes",
+            raw.sled_cache_bytes,
+            DEFAULT_SLED_CACHE_BYTES as i64,
+            1..=i64::MAX,
+        ));
+    }
+
+    let hub = check_hub(doc, root);
+    let identity = check_identity(doc, root, base);
+    let outbox = check_outbox(doc, root);
+
+    // [metrics]
+    let mut metrics_listen = None;
+    if let Some((raw, loc)) = read_section::<RawMetrics>(doc, root, "metrics", None)
+        && let Some(listen) = raw.listen
+    {
+        match listen.parse::<SocketAddr>() {
+            Ok(a) => metrics_listen = Some(a),
+            Err(_) => doc.at(
+                &loc,
+                "listen",
+                format_args!("listen {listen:?} is not an ip:port socket address"),
+            ),
+        }
+    }
+
+    let defaults = check_defaults(doc, root);
+    let devices = check_devices(doc, root, &defaults);
+
+    AgentConfig {
+        source: PathBuf::from(source),
+        node_id,
+        data_dir,
+        sled_cache_bytes,
+        hub,
+        identity,
+        outbox,
+        metrics_listen,
+        devices,
+    }
+}
+
+fn check_hub(doc: &mut Doc<'_>, root: &DeTable<'_>) -> HubLinkConfig {
+    let mut hub = HubLinkConfig {
+        address: String::new(),
+        hub_id: None,
+        connect_timeout: Duration::from_millis(5000),
+        keepalive: Duration::from_millis(2000),
+        idle_timeout: Duration::from_millis(10_000),
+        backoff_initial: Duration::from_millis(200),
+        backoff_max: Duration::from_millis(30_000),
+    };
+    let Some((raw, loc)) = read_section::<RawHub>(doc, root, "hub", Some("it needs address"))
+    else {
+        return hub;
+    };
+    if let Some(address) = doc.required(&loc, "address", raw.address) {
+        match net::check_host_port(&address) {
+            Ok(()) => hub.address = address,
+            Err(why) => doc.at(&loc, "address", format_args!("address {address:?} {why}")),
+        }
+    }
+    if let Some(id) = raw.hub_id {
+        match spiffe::SpiffeId::new(&id) {
+            Ok(_) => hub.hub_id = Some(id),
+            Err(e) => doc.at(
+                &loc,
+                "hub_id",
+                format_args!("hub_id {id:?} is not a SPIFFE id: {e}"),
+            ),
+        }
+    }
+    let connect = doc.int_in(
+        &loc,
+        "connect_timeout_ms",
+        raw.connect_timeout_ms,
+        5000,
+        1..=i64::MAX,
+    );
+    let keepalive = doc.int_in(&loc, "keepalive_ms", raw.keepalive_ms, 2000, 1..=i64::MAX);
+    let idle = doc.int_in(
+        &loc,
+        "idle_timeout_ms",
+        raw.idle_timeout_ms,
+        10_000,
+        1..=i64::MAX,
+    );
+    if keepalive >= idle {
+        doc.at(
+            &loc,
+            "keepalive_ms",
+            format_args!(
+                "keepalive_ms ({keepalive}) must be shorter than idle_timeout_ms ({idle}), or the connection times out between keep-alives"
+            ),
+        );
+    }
+    let initial = doc.int_in(
+        &loc,
+        "backoff_initial_ms",
+        raw.backoff_initial_ms,
+        200,
+        1..=i64::MAX,
+    );
+    let max = doc.int_in(
+        &loc,
+        "backoff_max_ms",
+        raw.backoff_max_ms,
+        30_000,
+        1..=i64::MAX,
+    );
+    if initial > max {
+        doc.at(
+            &loc,
+            "backoff_max_ms",
+            format_args!("backoff_max_ms ({max}) is shorter than backoff_initial_ms ({initial})"),
+        );
+    }
+    hub.connect_timeout = ms(connect);
+    hub.keepalive = ms(keepalive);
+    hub.idle_timeout = ms(idle);
+    hub.backoff_initial = ms(initial);
+    hub.backoff_max = ms(max);
+    hub
+}
+
+fn check_identity(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> IdentityFiles {
+    let mut id = IdentityFiles {
+        trust_domain: String::new(),
+        cert: PathBuf::new(),
+        key: PathBuf::new(),
+        bundle: PathBuf::new(),
+    };
+    let Some((raw, loc)) = read_section::<RawIdentity>(
+        doc,
+        root,
+        "identity",
+        Some("it needs trust_domain, cert, key and bundle"),
+    ) else {
+        return id;
+    };
+    if let Some(td) = doc.required(&loc, "trust_domain", raw.trust_domain) {
+        match net::check_trust_domain(&td) {
+            Ok(()) => id.trust_domain = td,
+            Err(why) => doc.at(
+                &loc,
+                "trust_domain",
+                format_args!("trust_domain {td:?} {why}"),
+            ),
+        }
+    }
+    id.cert = doc.path(&loc, "cert", raw.cert, base).unwrap_or_default();
+    id.key = doc.path(&loc, "key", raw.key, base).unwrap_or_default();
+    id.bundle = doc
+        .path(&loc, "bundle", raw.bundle, base)
+        .unwrap_or_default();
+    id
+}
+
+fn check_outbox(doc: &mut Doc<'_>, root: &DeTable<'_>) -> OutboxConfig {
+    let mut out = OutboxConfig::default();
+    let Some((raw, loc)) = read_section::<RawOutbox>(doc, root, "outbox", None) else {
+        return out;
+    };
+    out.max_bytes = u64_of(doc.int_in(
+        &loc,
+        "max_bytes",
+        raw.max_bytes,
+        DEFAULT_OUTBOX_MAX_BYTES as i64,
+        65_536..=i64::MAX,
+    ));
+    out.commit_interval_ms = u64_of(doc.int_in(
+        &loc,
+        "commit_interval_ms",
+        raw.commit_interval_ms,
+        20,
+        0..=10_000,
+    ));
+    let policy = match raw.fsync.as_deref() {
+        None => Some("every_commit"),
+        Some(s) => doc.choice(
+            &loc,
+            "fsync",
+            s,
+            &[
+                ("every_commit", "every_commit"),
+                ("interval", "interval"),
+                ("never", "never"),
+            ],
+        ),
+    };
+    let interval = doc.int_in(
+        &loc,
+        "fsync_interval_ms",
+        raw.fsync_interval_ms,
+        1000,
+        1..=i64::MAX,
+    );
+    out.fsync = match policy {
+        Some("interval") => FsyncPolicy::Interval(ms(interval)),
+        Some("never") => FsyncPolicy::Never,
+        _ => FsyncPolicy::EveryCommit,
+    };
+    if raw.fsync_interval_ms.is_some() && policy.is_some() && policy != Some("interval") {
+        doc.at(
+            &loc,
+            "fsync_interval_ms",
+            "fsync_interval_ms applies only with fsync = \"interval\"",
+        );
+    }
+    out.batch_max_records = usize::try_from(doc.int_in(
+        &loc,
+        "batch_max_records",
+        raw.batch_max_records,
+        512,
+        1..=65_536,
+    ))
+    .unwrap_or(512);
+    if let Some(s) = raw.on_full
+        && let Some(p) = doc.choice(
+            &loc,
+            "on_full",
+            &s,
+            &[
+                ("drop_oldest", OutboxFullPolicy::DropOldest),
+                ("refuse_new", OutboxFullPolicy::RefuseNew),
+            ],
+        )
+    {
+        out.on_full = p;
+    }
+    out
+}
+
+/// Device settings after `[defaults]` (and then a device's own values) are applied.
+#[derive(Debug, Clone, Copy)]
+struct DeviceDefaults {
+    poll_interval_ms: i64,
+    timeout_ms: i64,
+    byte_order: ByteOrder,
+    max_registers_per_read: i64,
+    max_bits_per_read: i64,
+    max_gap: i64,
+}
+
+impl Default for DeviceDefaults {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 1000,
+            timeout_ms: 1000,
+            byte_order: ByteOrder::Abcd,
+            max_registers_per_read: 125,
+            max_bits_per_read: 2000,
+            max_gap: 10,
+        }
+    }
+}
+
+/// The device-level settings shared by `[defaults]` and `[[devices]]`.
+struct DeviceSettings {
+    poll_interval_ms: Option<i64>,
+    timeout_ms: Option<i64>,
+    byte_order: Option<String>,
+    max_registers_per_read: Option<i64>,
+    max_bits_per_read: Option<i64>,
+    max_gap: Option<i64>,
+}
+
+fn apply_settings(
+    doc: &mut Doc<'_>,
+    loc: &Loc,
+    s: DeviceSettings,
+    base: &DeviceDefaults,
+) -> DeviceDefaults {
+    let mut d = *base;
+    d.poll_interval_ms = doc.int_in(
+        loc,
+        "poll_interval_ms",
+        s.poll_interval_ms,
+        base.poll_interval_ms,
+        MIN_POLL_INTERVAL_MS..=86_400_000,
+    );
+    d.timeout_ms = doc.int_in(
+        loc,
+        "timeout_ms",
+        s.timeout_ms,
+        base.timeout_ms,
+        1..=600_000,
+    );
+    if let Some(bo) = s.byte_order
+        && let Some(bo) = doc.choice(loc, "byte_order", &bo, BYTE_ORDERS)
+    {
+        d.byte_order = bo;
+    }
+    d.max_registers_per_read = doc.int_in(
+        loc,
+        "max_registers_per_read",
+        s.max_registers_per_read,
+        base.max_registers_per_read,
+        1..=125,
+    );
+    d.max_bits_per_read = doc.int_in(
+        loc,
+        "max_bits_per_read",
+        s.max_bits_per_read,
+        base.max_bits_per_read,
+        1..=2000,
+    );
+    d.max_gap = doc.int_in(loc, "max_gap", s.max_gap, base.max_gap, 0..=65_535);
+    d
+}
+
+fn check_defaults(doc: &mut Doc<'_>, root: &DeTable<'_>) -> DeviceDefaults {
+    let base = DeviceDefaults::default();
+    let Some((raw, loc)) = read_section::<RawDefaults>(doc, root, "defaults", None) else {
+        return base;
+    };
+    let settings = DeviceSettings {
+        poll_interval_ms: raw.poll_interval_ms,
+        timeout_ms: raw.timeout_ms,
+        byte_order: raw.byte_order,
+        max_registers_per_read: raw.max_registers_per_read,
+        max_bits_per_read: raw.max_bits_per_read,
+        max_gap: raw.max_gap,
+    };
+    apply_settings(doc, &loc, settings, &base)
+}
+
+fn check_devices(
+    doc: &mut Doc<'_>,
+    root: &DeTable<'_>,
+    defaults: &DeviceDefaults,
+) -> Vec<DeviceSpec> {
+    let mut devices = Vec::new();
+    let mut seen: HashMap<String, Option<usize>> = HashMap::new();
+    // No devices is valid: the hub may send them in a config bundle.
+    let items = doc.table_array(root, "devices", "[[devices]]");
+    for (i, (node, loc)) in items.into_iter().enumerate() {
+        let component = match str_key(node, "id") {
+            Some(id) => format!("device {id:?}"),
+            None => format!("device #{}", i + 1),
+        };
+        let loc = loc.named(component.clone());
+        let errors_before = doc.error_count();
+        // The tags are read below, table by table.
+        let raw: Option<RawDevice> = doc.section_except(node, &loc, &["tags"]);
+        let raw_ok = raw.is_some();
+        let raw = raw.unwrap_or_default();
+
+        let mut id = None;
+        if raw_ok && let Some(s) = doc.required(&loc, "id", raw.id) {
+            match DeviceId::new(s.clone()) {
+                Ok(d) => id = Some(d),
+                Err(e) => doc.at(&loc, "id", e),
+            }
+            if let Some(first) = seen.get(&s) {
+                let first = first.map(|l| format!(" on line {l}")).unwrap_or_default();
+                doc.at(
+                    &loc,
+                    "id",
+                    format_args!("device id {s:?} is already used{first}"),
+                );
+            } else {
+                seen.insert(s, loc.at("id"));
+            }
+        }
+
+        let mut link = None;
+        if raw_ok && let Some(protocol) = doc.required(&loc, "protocol", raw.protocol) {
+            if protocol == "tcp" {
+                if let Some(endpoint) = doc.required(&loc, "endpoint", raw.endpoint) {
+                    match net::check_host_port(&endpoint) {
+                        Ok(()) => link = Some(LinkSpec::Tcp { endpoint }),
+                        Err(why) => doc.at(
+                            &loc,
+                            "endpoint",
+                            format_args!("endpoint {endpoint:?} {why}"),
+                        ),
+                    }
+                }
+            } else {
+                doc.at(
+                    &loc,
+                    "protocol",
+                    format_args!("protocol {protocol:?} is not supported (only \"tcp\" is)"),
+                );
+            }
+        }
+        let unit_id = doc.int_in(&loc, "unit_id", raw.unit_id, 1, 0..=247);
+        let settings = DeviceSettings {
+            poll_interval_ms: raw.poll_interval_ms,
+            timeout_ms: raw.timeout_ms,
+            byte_order: raw.byte_order,
+            max_registers_per_read: raw.max_registers_per_read,
+            max_bits_per_read: raw.max_bits_per_read,
+            max_gap: raw.max_gap,
+        };
+        let dev = apply_settings(doc, &loc, settings, defaults);
+
+        let DeValue::Table(table) = node.get_ref() else {
+            continue;
+        };
+        let errors_before_tags = doc.error_count();
+        let tag_items = doc.table_array(table, "tags", &component);
+        if tag_items.is_empty() && doc.error_count() == errors_before_tags {
+            doc.error(loc.header, format!("{component}: device has no tags"));
+        }
+        let mut tags = Vec::new();
+        let mut seen_tags: HashMap<String, Option<usize>> = HashMap::new();
+        for (j, (tnode, tloc)) in tag_items.into_iter().enumerate() {
+            let tcomponent = match str_key(tnode, "name") {
+                Some(n) => format!("{component} tag {n:?}"),
+                None => format!("{component} tag #{}", j + 1),
+            };
+            let tloc = tloc.named(tcomponent);
+            let Some(raw_tag) = doc.section::<RawTag>(tnode, &tloc) else {
+                continue;
+            };
+            if let Some(name) = &raw_tag.name {
+                if let Some(first) = seen_tags.get(name) {
+                    let first = first.map(|l| format!(" on line {l}")).unwrap_or_default();
+                    doc.at(
+                        &tloc,
+                        "name",
+                        format_args!("tag name {name:?} is already used in this device{first}"),
+                    );
+                } else {
+                    seen_tags.insert(name.clone(), tloc.at("name"));
+                }
+            }
+            if let Some(tag) = check_tag(doc, &tloc, raw_tag, &dev) {
+                tags.push(tag);
+            }
+        }
+
+        if doc.error_count() > errors_before {
+            continue;
+        }
+        if let (Some(id), Some(link)) = (id, link) {
+            devices.push(DeviceSpec {
+                id,
+                link,
+                unit_id: u8::try_from(unit_id).unwrap_or(0),
+                timeout: ms(dev.timeout_ms),
+                max_registers_per_read: u16_of(dev.max_registers_per_read),
+                max_bits_per_read: u16_of(dev.max_bits_per_read),
+                max_gap: u16_of(dev.max_gap),
+                tags,
+            });
+        }
+    }
+    devices
+}
+
+fn is_64_bit(t: DataType) -> bool {
+    matches!(t, DataType::Int64 | DataType::UInt64 | DataType::Float64)
+}
+
+fn is_numeric(t: DataType) -> bool {
+    !matches!(t, DataType::Bool | DataType::String { .. })
+}
+
+fn type_name(t: DataType) -> &'static str {
+    TYPES
+        .iter()
+        .find(|(_, d)| std::mem::discriminant(d) == std::mem::discriminant(&t))
+        .map(|(n, _)| *n)
+        .unwrap_or("?")
+}
+
+/// Validates one tag; `None` if anything is wrong (every problem is reported).
+fn check_tag(doc: &mut Doc<'_>, loc: &Loc, raw: RawTag, dev: &DeviceDefaults) -> Option<TagSpec> {
+    let before = doc.error_count();
+
+    let property = match doc.required(loc, "name", raw.name) {
+        Some(n) => match PropertyId::new(n) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                doc.at(loc, "name", e);
+                None
+            }
+        },
+        None => None,
+    };
+
+    // Table and address.
+    let table_field = raw
+        .table
+        .as_deref()
+        .and_then(|s| doc.choice(loc, "table", s, TABLES));
+    let (table, address) = match raw.address {
+        None => {
+            doc.required::<()>(loc, "address", None);
+            (table_field, None)
+        }
+        Some(IntOrString::Int(n)) => {
+            if raw.table.is_none() {
+                doc.at(
+                    loc,
+                    "address",
+                    format_args!(
+                        "address {n} is a 0-based offset, so table is required (or write the address in shorthand, such as \"40001\")"
+                    ),
+                );
+            }
+            match u16::try_from(n) {
+                Ok(a) => (table_field, Some(a)),
+                Err(_) => {
+                    let what = match table_field {
+                        Some(t) => format!("the {} table", table_words(t)),
+                        None => "a Modbus table".to_owned(),
+                    };
+                    doc.at(
+                        loc,
+                        "address",
+                        format_args!("address {n} does not fit {what} (0..=65535)"),
+                    );
+                    (table_field, None)
+                }
+            }
+        }
+        Some(IntOrString::Str(s)) => match parse_shorthand(&s) {
+            Ok((t, a)) => {
+                if let Some(given) = table_field
+                    && given != t
+                {
+                    doc.at(
+                        loc,
+                        "table",
+                        format_args!(
+                            "table {:?} disagrees with address {s:?}, which is a {}",
+                            given.as_str(),
+                            table_words(t)
+                        ),
+                    );
+                }
+                (Some(t), Some(a))
+            }
+            Err(e) => {
+                doc.at(loc, "address", e);
+                (table_field, None)
+            }
+        },
+    };
+
+    // Data type, length and bit.
+    let named_type = raw
+        .data_type
+        .as_deref()
+        .and_then(|s| doc.choice(loc, "type", s, TYPES));
+    let mut data_type = match (raw.data_type.is_some(), named_type, table) {
+        (false, _, Some(t)) if !t.is_register() => Some(DataType::Bool),
+        (false, _, Some(_)) => {
+            doc.required::<()>(loc, "type", None);
+            None
+        }
+        (_, t, _) => t,
+    };
+    if let Some(DataType::String { .. }) = data_type {
+        match raw.length {
+            None => {
+                doc.at(
+                    loc,
+                    "type",
+                    "type \"string\" needs length (in registers, 1..=125)",
+                );
+                data_type = None;
+            }
+            Some(len) => {
+                let len = doc.int_in(loc, "length", Some(len), 0, 1..=125);
+                data_type = (len > 0).then_some(DataType::String { len: u16_of(len) });
+            }
+        }
+    } else if raw.length.is_some() && data_type.is_some() {
+        doc.at(loc, "length", "length applies only to type \"string\"");
+    }
+    let mut bit = None;
+    if let (Some(t), Some(dt)) = (table, data_type) {
+        match (t.is_register(), dt) {
+            (false, DataType::Bool) => {
+                if raw.bit.is_some() {
+                    doc.at(
+                        loc,
+                        "bit",
+                        format_args!(
+                            "bit applies only to a bool in a register table; a {} is a single bit already",
+                            table_words(t)
+                        ),
+                    );
+                }
+            }
+            (false, other) => {
+                doc.at(
+                    loc,
+                    "type",
+                    format_args!(
+                        "type {:?} cannot live in the {} table, which holds single bits (use type \"bool\")",
+                        type_name(other),
+                        table_words(t)
+                    ),
+                );
+            }
+            (true, DataType::Bool) => match raw.bit {
+                None => doc.at(
+                    loc,
+                    "type",
+                    format_args!("a bool in the {} table needs bit (0..=15)", table_words(t)),
+                ),
+                Some(b) => {
+                    let b = doc.int_in(loc, "bit", Some(b), -1, 0..=15);
+                    bit = u8::try_from(b).ok();
+                }
+            },
+            (true, _) => {
+                if raw.bit.is_some() {
+                    doc.at(loc, "bit", "bit applies only to type \"bool\"");
+                }
+            }
+        }
+    }
+
+    // Extent of the tag in its table.
+    if let (Some(t), Some(a), Some(dt)) = (table, address, data_type)
+        && t.is_register()
+    {
+        let width = u32::from(dt.width());
+        let last = u32::from(a) + width - 1;
+        if last > 65_535 {
+            doc.at(
+                loc,
+                "address",
+                format_args!(
+                    "address {a} ({} {}) with type {} ({width} registers) runs past the end of the {} table: its last register would be {last}, the table ends at 65535",
+                    table_words(t),
+                    shorthand(t, u32::from(a)),
+                    type_name(dt),
+                    table_words(t)
+                ),
+            );
+        }
+        if i64::from(width) > dev.max_registers_per_read {
+            doc.at(
+                loc,
+                "type",
+                format_args!(
+                    "type {} takes {width} registers, more than the device reads at once (max_registers_per_read = {})",
+                    type_name(dt),
+                    dev.max_registers_per_read
+                ),
+            );
+        }
+    }
+
+    let mut byte_order = dev.byte_order;
+    if let Some(bo) = raw.byte_order.as_deref()
+        && let Some(parsed) = doc.choice(loc, "byte_order", bo, BYTE_ORDERS)
+    {
+        byte_order = parsed;
+        if bo.len() == 8 && data_type.is_some_and(|d| !is_64_bit(d)) {
+            doc.at(
+                loc,
+                "byte_order",
+                format_args!(
+                    "byte_order {bo:?} is an 8-byte order, for 64-bit types only; use the 4-letter form"
+                ),
+            );
+        }
+    }
+
+    let scale = raw.scale.unwrap_or(1.0);
+    if !scale.is_finite() || scale == 0.0 {
+        doc.at(
+            loc,
+            "scale",
+            format_args!("scale is {scale} but must be finite and non-zero"),
+        );
+    }
+    let offset = raw.offset.unwrap_or(0.0);
+    if !offset.is_finite() {
+        doc.at(
+            loc,
+            "offset",
+            format_args!("offset is {offset} but must be finite"),
+        );
+    }
+    if let Some(dt) = data_type
+        && !is_numeric(dt)
+        && (raw.scale.is_some() || raw.offset.is_some())
+    {
+        let key = if raw.scale.is_some() {
+            "scale"
+        } else {
+            "offset"
+        };
+        doc.at(
+            loc,
+            key,
+            format_args!(
+                "scale and offset apply only to numeric types, not {:?}",
+                type_name(dt)
+            ),
+        );
+    }
+
+    if let Some(u) = &raw.unit
+        && u.trim().is_empty()
+    {
+        doc.at(loc, "unit", "unit is empty (leave it out instead)");
+    }
+
+    let access = raw
+        .access
+        .as_deref()
+        .map_or(Some(Access::Read), |s| doc.choice(loc, "access", s, ACCESS));
+    if let (Some(a), Some(t)) = (access, table)
+        && a != Access::Read
+        && matches!(t, Table::InputRegister | Table::DiscreteInput)
+    {
+        doc.at(
+            loc,
+            "access",
+            format_args!(
+                "access {:?} is not possible: the {} table is read only (write to a coil or holding register)",
+                raw.access.as_deref().unwrap_or(""),
+                table_words(t)
+            ),
+        );
+    }
+
+    let poll = doc.int_in(
+        loc,
+        "poll_interval_ms",
+        raw.poll_interval_ms,
+        dev.poll_interval_ms,
+        MIN_POLL_INTERVAL_MS..=86_400_000,
+    );
+
+    // Reporting policy.
+    let every_sample = match raw.report.as_deref() {
+        None => false,
+        Some(s) => doc
+            .choice(
+                loc,
+                "report",
+                s,
+                &[("on_change", false), ("every_sample", true)],
+            )
+            .unwrap_or(false),
+    };
+    let deadband_abs = raw.deadband.unwrap_or(0.0);
+    if !(deadband_abs.is_finite() && deadband_abs >= 0.0) {
+        doc.at(
+            loc,
+            "deadband",
+            format_args!("deadband is {deadband_abs} but must be a finite number >= 0"),
+        );
+    }
+    let deadband_pct = raw.deadband_pct.unwrap_or(0.0);
+    if !(0.0..=100.0).contains(&deadband_pct) {
+        doc.at(
+            loc,
+            "deadband_pct",
+            format_args!("deadband_pct is {deadband_pct} but must be in 0..=100"),
+        );
+    }
+    if raw.deadband.is_some() && raw.deadband_pct.is_some() {
+        doc.at(
+            loc,
+            "deadband_pct",
+            "deadband and deadband_pct are both given; choose one",
+        );
+    }
+    let has_deadband = raw.deadband.is_some() || raw.deadband_pct.is_some();
+    if has_deadband {
+        let key = if raw.deadband.is_some() {
+            "deadband"
+        } else {
+            "deadband_pct"
+        };
+        if every_sample {
+            doc.at(
+                loc,
+                key,
+                format_args!("{key} has no effect with report = \"every_sample\""),
+            );
+        }
+        if let Some(dt) = data_type
+            && !is_numeric(dt)
+        {
+            doc.at(
+                loc,
+                key,
+                format_args!(
+                    "{key} applies only to numeric types, not {:?}",
+                    type_name(dt)
+                ),
+            );
+        }
+    }
+    let max_interval = match raw.max_interval_ms {
+        None => None,
+        Some(v) => {
+            let v = doc.int_in(loc, "max_interval_ms", Some(v), 0, 1..=i64::MAX);
+            if v > 0 && v < poll {
+                doc.at(
+                    loc,
+                    "max_interval_ms",
+                    format_args!(
+                        "max_interval_ms ({v}) is shorter than the tag's poll interval ({poll} ms)"
+                    ),
+                );
+            }
+            Some(ms(v))
+        }
+    };
+
+    if doc.error_count() > before {
+        return None;
+    }
+    Some(TagSpec {
+        property: property?,
+        table: table?,
+        address: address?,
+        data_type: data_type?,
+        bit,
+        byte_order,
+        scale,
+        offset,
+        unit: raw.unit,
+        access: access?,
+        poll_interval: ms(poll),
+        report: ReportPolicy {
+            deadband_abs,
+            deadband_pct,
+            max_interval,
+            every_sample,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests;
