@@ -6,6 +6,10 @@
 //! append-only log in sled; the uplink (`uplink`) drives an [`edgesync_protocol::session::EdgeSession`]
 //! over QUIC and deletes outbox records once the hub acknowledged them as stored.
 
+pub mod agent;
 pub mod config;
 pub mod model;
 pub mod modbus;
+pub mod store;
+pub mod twin;
+pub mod uplink;

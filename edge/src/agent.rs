@@ -1,0 +1,276 @@
+//! Wiring of a running agent: links → twin → outbox → uplink.
+//!
+//! [`Agent::start`] builds every component from a validated [`AgentConfig`], spawns one task
+//! per Modbus link, the pipeline task (twin and group commits) and the uplink task, and
+//! returns a handle that stops them all.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use edgesync_protocol::spiffe_id::{self, SpiffeId};
+use edgesync_protocol::tls::Identity;
+use edgesync_protocol::{DeviceId, NodeId, PropertyId, Sample, Timestamp};
+use tokio::sync::{Mutex, broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AgentConfig, FsyncPolicy, OutboxFullPolicy};
+use crate::model::DeviceSpec;
+use crate::modbus::link::{Clock, DeviceReading, spawn_link};
+use crate::store::{AgentStore, Fsync};
+use crate::twin::Twin;
+use crate::uplink::{Uplink, UplinkConfig, UplinkStatus};
+
+/// Wall clock in ms since the epoch.
+pub fn wall_clock() -> Timestamp {
+    Timestamp(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    )
+}
+
+/// A batch of changes accepted by the outbox (committed), for local subscribers.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// Sequence number of the first record.
+    pub first_seq: u64,
+    /// The records.
+    pub samples: Arc<Vec<Sample>>,
+}
+
+/// A running agent.
+pub struct Agent {
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    /// Uplink status.
+    pub status: watch::Receiver<UplinkStatus>,
+    /// Changes as they are committed to the outbox.
+    pub committed: broadcast::Sender<Committed>,
+    /// The node id, from the SVID.
+    pub node: NodeId,
+    store: Arc<Mutex<AgentStore>>,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Reading or checking the SVID failed.
+    #[error("identity: {0}")]
+    Identity(String),
+    /// The store failed to open.
+    #[error("store {path}: {source}")]
+    Store {
+        /// The data directory.
+        path: String,
+        /// The error.
+        source: crate::store::StoreError,
+    },
+}
+
+impl Agent {
+    /// Starts every component. Must be called within a tokio runtime.
+    pub async fn start(cfg: AgentConfig) -> Result<Agent, StartError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| StartError::Identity(format!("{}: {e}", p.display())))
+        };
+        let identity = Identity::from_pem(&read(&cfg.identity.cert)?, &read(&cfg.identity.key)?)
+            .map_err(|e| StartError::Identity(format!("{}: {e}", cfg.identity.cert.display())))?;
+        let td = spiffe_id::trust_domain(&cfg.identity.trust_domain)
+            .map_err(|e| StartError::Identity(e.to_string()))?;
+        let node = spiffe_id::node_from_edge_id(&identity.id, &td)
+            .map_err(|e| StartError::Identity(format!("our own SVID: {e}")))?;
+        if let Some(want) = &cfg.node_id {
+            if want != &node {
+                return Err(StartError::Identity(format!(
+                    "config node_id {want} does not match the SVID's node {node}"
+                )));
+            }
+        }
+        let hub_id: SpiffeId = match &cfg.hub.hub_id {
+            Some(id) => spiffe_id::parse_id(id),
+            None => spiffe_id::parse_id(&spiffe_id::hub_id(&td)),
+        }
+        .map_err(|e| StartError::Identity(e.to_string()))?;
+
+        let fsync = match cfg.outbox.fsync {
+            FsyncPolicy::EveryCommit => Fsync::EveryCommit,
+            FsyncPolicy::Interval(d) => Fsync::IntervalMs(d.as_millis() as u64),
+            FsyncPolicy::Never => Fsync::Never,
+        };
+        let store_dir = cfg.data_dir.join("agent.sled");
+        let store = AgentStore::open(&store_dir, cfg.sled_cache_bytes, cfg.outbox.max_bytes, fsync)
+            .map_err(|source| StartError::Store { path: store_dir.display().to_string(), source })?;
+        let twin = Twin::from_samples(store.load_twin().map_err(|source| StartError::Store {
+            path: store_dir.display().to_string(),
+            source,
+        })?);
+        let next = store.next_seq();
+        let store = Arc::new(Mutex::new(store));
+
+        let cancel = CancellationToken::new();
+        let mut tasks = vec![];
+        let (tx, rx) = mpsc::channel::<DeviceReading>(1024);
+        let clock: Clock = Arc::new(wall_clock);
+        let mut by_link: BTreeMap<String, (crate::model::LinkSpec, Vec<Arc<DeviceSpec>>)> = BTreeMap::new();
+        let mut specs = HashMap::new();
+        for d in &cfg.devices {
+            let d = Arc::new(d.clone());
+            specs.insert(d.id.clone(), d.clone());
+            by_link.entry(d.link.key()).or_insert_with(|| (d.link.clone(), vec![])).1.push(d);
+        }
+        for (_, (link, devices)) in by_link {
+            tasks.push(spawn_link(link, devices, tx.clone(), clock.clone(), cancel.child_token()));
+        }
+        drop(tx);
+
+        let (appended_tx, appended_rx) = watch::channel(next);
+        let (dropped_tx, dropped_rx) = watch::channel(None);
+        let (committed, _) = broadcast::channel(256);
+        let pipeline = Pipeline {
+            rx,
+            specs,
+            twin,
+            store: store.clone(),
+            commit_interval: Duration::from_millis(cfg.outbox.commit_interval_ms.max(1)),
+            refuse_when_full: cfg.outbox.on_full == OutboxFullPolicy::RefuseNew,
+            max_bytes: cfg.outbox.max_bytes,
+            appended: appended_tx,
+            dropped: dropped_tx,
+            committed: committed.clone(),
+            cancel: cancel.child_token(),
+        };
+        tasks.push(tokio::spawn(pipeline.run()));
+
+        let (status_tx, status) = watch::channel(UplinkStatus::default());
+        let ucfg = UplinkConfig {
+            hub_address: cfg.hub.address.clone(),
+            hub_id,
+            cert: cfg.identity.cert.clone(),
+            key: cfg.identity.key.clone(),
+            bundle: cfg.identity.bundle.clone(),
+            connect_timeout: cfg.hub.connect_timeout,
+            keepalive: cfg.hub.keepalive,
+            idle_timeout: cfg.hub.idle_timeout,
+            backoff_initial: cfg.hub.backoff_initial,
+            backoff_max: cfg.hub.backoff_max,
+            batch_max_records: cfg.outbox.batch_max_records,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            boot_id: format!("{:016x}", fastrand::u64(..)),
+        };
+        let uplink = Uplink::new(ucfg, store.clone(), appended_rx, dropped_rx, status_tx, cancel.child_token());
+        tasks.push(tokio::spawn(uplink.run()));
+        tracing::info!(node = %node, devices = cfg.devices.len(), "agent started");
+        Ok(Agent { cancel, tasks, status, committed, node, store })
+    }
+
+    /// Stops every task, commits what is pending and flushes the store.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        if let Err(e) = self.store.lock().await.sync().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+}
+
+/// The pipeline task: readings → twin → group commits.
+struct Pipeline {
+    rx: mpsc::Receiver<DeviceReading>,
+    specs: HashMap<DeviceId, Arc<DeviceSpec>>,
+    twin: Twin,
+    store: Arc<Mutex<AgentStore>>,
+    commit_interval: Duration,
+    refuse_when_full: bool,
+    max_bytes: u64,
+    appended: watch::Sender<u64>,
+    dropped: watch::Sender<Option<(u64, u64)>>,
+    committed: broadcast::Sender<Committed>,
+    cancel: CancellationToken,
+}
+
+impl Pipeline {
+    async fn run(mut self) {
+        let mut pending: Vec<Sample> = vec![];
+        let mut dirty: HashMap<(DeviceId, PropertyId), Sample> = HashMap::new();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let commit_now = tokio::select! {
+                // Shutdown: commit what is pending, then stop.
+                _ = self.cancel.cancelled() => {
+                    self.commit(&mut pending, &mut dirty).await;
+                    return;
+                }
+                // A poll cycle of one device (mpsc::recv is cancel-safe).
+                r = self.rx.recv() => match r {
+                    None => {
+                        self.commit(&mut pending, &mut dirty).await;
+                        // All links ended; wait for shutdown.
+                        self.cancel.cancelled().await;
+                        return;
+                    }
+                    Some(reading) => {
+                        if let Some(spec) = self.specs.get(&reading.device) {
+                            for s in self.twin.observe(spec, &reading) {
+                                dirty.insert((s.device.clone(), s.property.clone()), s.clone());
+                                pending.push(s);
+                            }
+                        }
+                        if !pending.is_empty() && deadline.is_none() {
+                            deadline = Some(tokio::time::Instant::now() + self.commit_interval);
+                        }
+                        pending.len() >= 4096
+                    }
+                },
+                // The group-commit window closed.
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => true,
+            };
+            if commit_now {
+                deadline = None;
+                self.commit(&mut pending, &mut dirty).await;
+            }
+        }
+    }
+
+    async fn commit(&mut self, pending: &mut Vec<Sample>, dirty: &mut HashMap<(DeviceId, PropertyId), Sample>) {
+        if pending.is_empty() && dirty.is_empty() {
+            return;
+        }
+        let twin: Vec<Sample> = dirty.drain().map(|(_, s)| s).collect();
+        let mut records = std::mem::take(pending);
+        let mut st = self.store.lock().await;
+        if self.refuse_when_full && st.outbox_bytes() >= self.max_bytes {
+            metrics::counter!("edgesync_outbox_refused_records_total").increment(records.len() as u64);
+            records.clear();
+        }
+        let first_seq = st.next_seq();
+        let n = records.len();
+        let shared = Arc::new(records);
+        match st.append((*shared).clone(), &twin, wall_clock().0).await {
+            Ok(a) => {
+                drop(st);
+                metrics::counter!("edgesync_outbox_records_accepted_total").increment(n as u64);
+                if let Some(d) = a.dropped {
+                    metrics::counter!("edgesync_outbox_records_dropped_total").increment(d.1 - d.0 + 1);
+                    tracing::warn!(from = d.0, to = d.1, "outbox full: oldest history dropped");
+                    let _ = self.dropped.send(Some(d));
+                }
+                let _ = self.appended.send(a.next_seq);
+                if n > 0 {
+                    let _ = self.committed.send(Committed { first_seq, samples: shared });
+                }
+            }
+            Err(e) => {
+                // Nothing was accepted: the records are lost to history, the twin keeps the
+                // latest state and will be re-reported on the next change or heartbeat.
+                metrics::counter!("edgesync_outbox_commit_errors_total").increment(1);
+                tracing::error!(error = %e, records = n, "outbox commit failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! The agent's durable state in sled: the outbox and the twin.
+//!
+//! One sled tree, keys prefixed by kind:
+//! - `o` + first sequence number (u64 BE) → one *group* of records (compact protobuf), written
+//!   in one commit; record `i` of a group has sequence `first + i`;
+//! - `m` + name → metadata (`acked`, `next`), u64 BE;
+//! - `t` + device + `\0` + property → the latest reported sample of that property.
+//!
+//! Invariants:
+//! - a record counts as accepted once its group is committed (and flushed, per the fsync
+//!   policy); accepted records are deleted only after the hub acknowledged them, or dropped
+//!   oldest-first when the outbox exceeds its byte budget (which the uplink reports as a gap);
+//! - sequence numbers are dense: groups cover `acked+1 .. next` without holes (except dropped
+//!   history below the oldest group);
+//! - the twin in sled is written behind, in the same batch as the outbox group of the cycle
+//!   that changed it, so twin and outbox never disagree after a crash.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use edgesync_protocol::frame::{FrameError, decode_samples, encode_samples};
+use edgesync_protocol::{DeviceId, PropertyId, Sample};
+
+/// Errors of the agent store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled failed.
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    /// A stored entry does not decode (disk corruption or a foreign file).
+    #[error("corrupt entry {key}: {source}")]
+    Corrupt {
+        /// Which key.
+        key: String,
+        /// Decoder error.
+        source: FrameError,
+    },
+    /// Records were asked for that the outbox does not hold.
+    #[error("outbox does not hold records {from}..{to}")]
+    Missing {
+        /// First asked.
+        from: u64,
+        /// One past the last asked.
+        to: u64,
+    },
+}
+
+/// When the outbox fsyncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// After every group commit: nothing accepted is lost on power loss (more flash wear).
+    EveryCommit,
+    /// At most this often: a power loss loses at most this window (a process crash loses
+    /// nothing: sled's log is written on every commit).
+    IntervalMs(u64),
+    /// Never explicitly: the OS and sled's own background flush decide.
+    Never,
+}
+
+const META_ACKED: &[u8] = b"macked";
+const META_NEXT: &[u8] = b"mnext";
+
+fn group_key(first: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'o';
+    k[1..].copy_from_slice(&first.to_be_bytes());
+    k
+}
+
+fn twin_key(device: &DeviceId, property: &PropertyId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + device.as_str().len() + property.as_str().len());
+    k.push(b't');
+    k.extend_from_slice(device.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(property.as_str().as_bytes());
+    k
+}
+
+fn be_u64(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.try_into().ok()?))
+}
+
+#[derive(Debug, Clone)]
+struct Group {
+    count: u64,
+    bytes: u64,
+    /// Decoded records, kept while the cache budget allows.
+    cached: Option<Arc<Vec<Sample>>>,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The sequence number the next record will get.
+    pub next_seq: u64,
+    /// History dropped to respect the byte budget (`from..=to`), if any.
+    pub dropped: Option<(u64, u64)>,
+}
+
+/// The outbox and twin of one agent.
+pub struct AgentStore {
+    db: sled::Db,
+    fsync: Fsync,
+    last_fsync_ms: u64,
+    max_bytes: u64,
+    cache_budget: u64,
+    cached_bytes: u64,
+    groups: BTreeMap<u64, Group>,
+    total_bytes: u64,
+    acked: u64,
+    next: u64,
+}
+
+impl std::fmt::Debug for AgentStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentStore")
+            .field("acked", &self.acked)
+            .field("next", &self.next)
+            .field("groups", &self.groups.len())
+            .field("bytes", &self.total_bytes)
+            .finish()
+    }
+}
+
+impl AgentStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, cache_bytes: u64, max_bytes: u64, fsync: Fsync) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .mode(sled::Mode::LowSpace)
+            .flush_every_ms(match fsync {
+                Fsync::Never => Some(1000),
+                _ => None,
+            })
+            .open()?;
+        let acked = db.get(META_ACKED)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+        let mut groups = BTreeMap::new();
+        let mut total_bytes = 0;
+        let mut next = acked + 1;
+        for kv in db.scan_prefix(b"o") {
+            let (k, v) = kv?;
+            let Some(first) = be_u64(&k[1..]) else { continue };
+            let samples = decode_samples(&v).map_err(|source| StoreError::Corrupt {
+                key: format!("outbox group {first}"),
+                source,
+            })?;
+            let count = samples.len() as u64;
+            total_bytes += v.len() as u64;
+            next = next.max(first + count);
+            groups.insert(first, Group { count, bytes: v.len() as u64, cached: None });
+        }
+        let stored_next = db.get(META_NEXT)?.and_then(|v| be_u64(&v)).unwrap_or(1);
+        next = next.max(stored_next);
+        Ok(AgentStore {
+            db,
+            fsync,
+            last_fsync_ms: 0,
+            max_bytes,
+            cache_budget: (cache_bytes / 2).max(1 << 20),
+            cached_bytes: 0,
+            groups,
+            total_bytes,
+            acked,
+            next,
+        })
+    }
+
+    /// Highest sequence number the hub acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// The sequence number the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next
+    }
+
+    /// Records not yet acknowledged.
+    pub fn backlog(&self) -> u64 {
+        self.next - self.acked - 1
+    }
+
+    /// Bytes held by the outbox.
+    pub fn outbox_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    /// The latest reported samples persisted in the twin.
+    pub fn load_twin(&self) -> Result<Vec<Sample>, StoreError> {
+        let mut out = vec![];
+        for kv in self.db.scan_prefix(b"t") {
+            let (k, v) = kv?;
+            let mut s = decode_samples(&v).map_err(|source| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                source,
+            })?;
+            out.append(&mut s);
+        }
+        Ok(out)
+    }
+
+    /// Appends `records` to the outbox as one group and writes `twin` (latest samples of the
+    /// properties that changed) behind, in one atomic commit; returns once durable per the
+    /// fsync policy. `now_ms` is used only for the fsync interval.
+    pub async fn append(&mut self, records: Vec<Sample>, twin: &[Sample], now_ms: u64) -> Result<Appended, StoreError> {
+        let mut batch = sled::Batch::default();
+        for s in twin {
+            batch.insert(twin_key(&s.device, &s.property), encode_samples(std::slice::from_ref(s)));
+        }
+        let first = self.next;
+        let count = records.len() as u64;
+        let mut bytes = 0;
+        if count > 0 {
+            let enc = encode_samples(&records);
+            bytes = enc.len() as u64;
+            batch.insert(&group_key(first)[..], enc);
+            batch.insert(META_NEXT, &(first + count).to_be_bytes()[..]);
+        }
+        self.db.apply_batch(batch)?;
+        self.flush(now_ms).await?;
+        if count > 0 {
+            self.next = first + count;
+            self.total_bytes += bytes;
+            let cached = if self.cached_bytes + bytes <= self.cache_budget {
+                self.cached_bytes += bytes;
+                Some(Arc::new(records))
+            } else {
+                None
+            };
+            self.groups.insert(first, Group { count, bytes, cached });
+        }
+        let dropped = self.enforce_budget()?;
+        Ok(Appended { next_seq: self.next, dropped })
+    }
+
+    async fn flush(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        match self.fsync {
+            Fsync::EveryCommit => {
+                self.db.flush_async().await?;
+            }
+            Fsync::IntervalMs(ms) => {
+                if now_ms.saturating_sub(self.last_fsync_ms) >= ms {
+                    self.last_fsync_ms = now_ms;
+                    self.db.flush_async().await?;
+                }
+            }
+            Fsync::Never => {}
+        }
+        Ok(())
+    }
+
+    fn enforce_budget(&mut self) -> Result<Option<(u64, u64)>, StoreError> {
+        let mut dropped: Option<(u64, u64)> = None;
+        while self.total_bytes > self.max_bytes && self.groups.len() > 1 {
+            let Some((&first, _)) = self.groups.iter().next() else { break };
+            let g = self.remove_group(first)?;
+            let last = first + g.count - 1;
+            dropped = Some((dropped.map_or(first, |d| d.0), last));
+            // Dropped history counts as handled: the hub is told through the next hello.
+            if last > self.acked {
+                self.acked = last;
+                self.db.insert(META_ACKED, &last.to_be_bytes()[..])?;
+            }
+        }
+        Ok(dropped)
+    }
+
+    fn remove_group(&mut self, first: u64) -> Result<Group, StoreError> {
+        self.db.remove(group_key(first))?;
+        let g = self.groups.remove(&first).ok_or(StoreError::Missing { from: first, to: first })?;
+        self.total_bytes -= g.bytes;
+        if g.cached.is_some() {
+            self.cached_bytes -= g.bytes;
+        }
+        Ok(g)
+    }
+
+    /// Records `first .. first+count`, in order.
+    pub fn read(&mut self, first: u64, count: usize) -> Result<Vec<Sample>, StoreError> {
+        let end = first + count as u64;
+        let mut out = Vec::with_capacity(count);
+        let start_key = self.groups.range(..=first).next_back().map(|(k, _)| *k).unwrap_or(first);
+        let keys: Vec<u64> = self.groups.range(start_key..end).map(|(k, _)| *k).collect();
+        for gfirst in keys {
+            let samples = self.group_samples(gfirst)?;
+            for (i, s) in samples.iter().enumerate() {
+                let seq = gfirst + i as u64;
+                if seq >= first && seq < end {
+                    out.push(s.clone());
+                }
+            }
+        }
+        if out.len() != count {
+            return Err(StoreError::Missing { from: first, to: end });
+        }
+        Ok(out)
+    }
+
+    fn group_samples(&mut self, first: u64) -> Result<Arc<Vec<Sample>>, StoreError> {
+        if let Some(Group { cached: Some(c), .. }) = self.groups.get(&first) {
+            return Ok(c.clone());
+        }
+        let v = self.db.get(group_key(first))?.ok_or(StoreError::Missing { from: first, to: first + 1 })?;
+        let samples = decode_samples(&v).map_err(|source| StoreError::Corrupt {
+            key: format!("outbox group {first}"),
+            source,
+        })?;
+        Ok(Arc::new(samples))
+    }
+
+    /// The hub stored everything up to `upto`: delete it.
+    pub fn ack(&mut self, upto: u64) -> Result<(), StoreError> {
+        if upto <= self.acked {
+            return Ok(());
+        }
+        let upto = upto.min(self.next - 1);
+        let done: Vec<u64> = self
+            .groups
+            .iter()
+            .take_while(|(first, g)| *first + g.count - 1 <= upto)
+            .map(|(first, _)| *first)
+            .collect();
+        for first in done {
+            self.remove_group(first)?;
+        }
+        self.acked = upto;
+        self.db.insert(META_ACKED, &upto.to_be_bytes()[..])?;
+        Ok(())
+    }
+
+    /// The hub holds more than this outbox ever had (the outbox was lost): continue numbering
+    /// at `next_seq`.
+    pub fn rebase(&mut self, next_seq: u64) -> Result<(), StoreError> {
+        if next_seq > self.next {
+            let keys: Vec<u64> = self.groups.keys().copied().collect();
+            for k in keys {
+                self.remove_group(k)?;
+            }
+            self.next = next_seq;
+            self.acked = next_seq - 1;
+            self.db.insert(META_NEXT, &next_seq.to_be_bytes()[..])?;
+            self.db.insert(META_ACKED, &(next_seq - 1).to_be_bytes()[..])?;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything to disk (at shutdown).
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+/// Latest value per property, held in memory (the twin's hot copy).
+pub type TwinMap = HashMap<(DeviceId, PropertyId), Sample>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgesync_protocol::{Quality, Timestamp, Value};
+
+    fn s(i: u64) -> Sample {
+        Sample {
+            device: DeviceId::new("d").unwrap(),
+            property: PropertyId::new(format!("p{}", i % 5)).unwrap(),
+            value: Some(Value::UInt(i)),
+            quality: Quality::Good,
+            ts: Timestamp(i),
+        }
+    }
+
+    fn tmp() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("edgesync-store-{}-{}", std::process::id(), fastrand::u64(..)));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[tokio::test]
+    async fn append_read_ack_reopen() {
+        let dir = tmp();
+        {
+            let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+            let a = st.append((1..=10).map(s).collect(), &[s(10)], 0).await.unwrap();
+            assert_eq!(a.next_seq, 11);
+            st.append((11..=15).map(s).collect(), &[], 0).await.unwrap();
+            assert_eq!(st.read(9, 4).unwrap(), (9..=12).map(s).collect::<Vec<_>>());
+            st.ack(12).unwrap();
+            assert_eq!(st.backlog(), 3);
+            assert!(st.read(5, 1).is_err());
+        }
+        // Reopen: acked, next and the remaining records survive; the twin too.
+        let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+        assert_eq!((st.acked(), st.next_seq()), (12, 16));
+        assert_eq!(st.read(13, 3).unwrap(), (13..=15).map(s).collect::<Vec<_>>());
+        assert_eq!(st.load_twin().unwrap(), vec![s(10)]);
+        st.ack(15).unwrap();
+        assert_eq!(st.outbox_bytes(), 0);
+        drop(st);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn byte_budget_drops_oldest_history() {
+        let dir = tmp();
+        let mut st = AgentStore::open(&dir, 1 << 20, 400, Fsync::Never).unwrap();
+        let mut dropped = vec![];
+        for g in 0..20u64 {
+            let a = st.append((g * 10 + 1..=g * 10 + 10).map(s).collect(), &[], 0).await.unwrap();
+            if let Some(d) = a.dropped {
+                dropped.push(d);
+            }
+        }
+        assert!(!dropped.is_empty());
+        assert!(st.outbox_bytes() <= 400 || st.backlog() <= 10);
+        // What remains is contiguous and readable, right after what was dropped.
+        let oldest = st.acked() + 1;
+        let n = st.backlog() as usize;
+        assert_eq!(st.read(oldest, n).unwrap(), (oldest..oldest + n as u64).map(s).collect::<Vec<_>>());
+        assert_eq!(oldest + n as u64, 201);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn rebase_moves_numbering_forward() {
+        let dir = tmp();
+        let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::Never).unwrap();
+        st.append((1..=3).map(s).collect(), &[], 0).await.unwrap();
+        st.rebase(100).unwrap();
+        assert_eq!((st.acked(), st.next_seq(), st.backlog()), (99, 100, 0));
+        let a = st.append(vec![s(1)], &[], 0).await.unwrap();
+        assert_eq!(a.next_seq, 101);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// The outbox behaves like an in-memory model: what was appended and not acked is
+        /// readable in order, across reopenings.
+        #[test]
+        fn outbox_matches_model(ops in proptest::collection::vec((0u8..4, 1u64..20), 1..40)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let dir = tmp();
+                let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::Never).unwrap();
+                let mut model: std::collections::VecDeque<(u64, Sample)> = Default::default();
+                let mut next = 1u64;
+                for (op, n) in ops {
+                    match op {
+                        0 | 1 => {
+                            let recs: Vec<Sample> = (next..next + n).map(s).collect();
+                            for (i, r) in recs.iter().enumerate() { model.push_back((next + i as u64, r.clone())); }
+                            next += n;
+                            st.append(recs, &[], 0).await.unwrap();
+                        }
+                        2 => {
+                            let upto = (st.acked() + n).min(next - 1);
+                            st.ack(upto).unwrap();
+                            while model.front().is_some_and(|(q, _)| *q <= upto) { model.pop_front(); }
+                        }
+                        _ => {
+                            st.sync().await.unwrap();
+                            drop(st);
+                            st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::Never).unwrap();
+                        }
+                    }
+                    assert_eq!(st.next_seq(), next);
+                    assert_eq!(st.backlog() as usize, model.len());
+                    if let Some((first, _)) = model.front() {
+                        let got = st.read(*first, model.len()).unwrap();
+                        let want: Vec<Sample> = model.iter().map(|(_, r)| r.clone()).collect();
+                        assert_eq!(got, want);
+                    }
+                }
+                drop(st);
+                let _ = std::fs::remove_dir_all(&dir);
+            });
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The QUIC uplink: drives an [`EdgeSession`] over a quinn connection to the hub.
+//!
+//! One task. It (re)connects with jittered exponential backoff, presents the agent's SVID
+//! (re-read from the PEM files at every attempt, so a rotated SVID is used by the next
+//! connection), accepts only the configured hub id, opens one bidirectional stream and pumps
+//! the session: frames in, outbox records out, acknowledged records deleted from the outbox.
+//! In-flight records return to pending on every disconnect and are replayed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use edgesync_protocol::frame::{
+    self, Body, DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, FrameError, Goodbye, Records, WireSample,
+};
+use edgesync_protocol::session::{EdgeConfig, EdgeEvent, EdgeSession, Transmit};
+use edgesync_protocol::spiffe_id::SpiffeId;
+use edgesync_protocol::tls::{self, Identity, SvidStore, TrustBundle};
+use tokio::sync::{Mutex, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::AgentStore;
+
+/// Settings of the uplink.
+#[derive(Debug, Clone)]
+pub struct UplinkConfig {
+    /// Hub address, `host:port`.
+    pub hub_address: String,
+    /// The hub's SPIFFE ID (the only server id accepted).
+    pub hub_id: SpiffeId,
+    /// Our SVID certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Our SVID key (PEM, PKCS#8).
+    pub key: PathBuf,
+    /// Trust bundle (PEM).
+    pub bundle: PathBuf,
+    /// Connection establishment timeout.
+    pub connect_timeout: Duration,
+    /// Keep-alive interval (QUIC and session pings).
+    pub keepalive: Duration,
+    /// Idle timeout: a silent path is declared dead after this.
+    pub idle_timeout: Duration,
+    /// First reconnect delay.
+    pub backoff_initial: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+    /// Most records per frame.
+    pub batch_max_records: usize,
+    /// Agent version string.
+    pub agent_version: String,
+    /// This run's boot id.
+    pub boot_id: String,
+}
+
+/// What the uplink reports about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UplinkStatus {
+    /// Whether a session is established.
+    pub connected: bool,
+    /// Highest sequence number acknowledged by the hub.
+    pub acked: u64,
+    /// The last connection error, if any.
+    pub last_error: Option<String>,
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UplinkError {
+    /// Reading the identity files failed.
+    #[error("identity: {0}")]
+    Identity(String),
+    /// TLS material was refused.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The hub address does not resolve.
+    #[error("cannot resolve hub address {0}")]
+    Resolve(String),
+    /// Connecting failed.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The connection broke.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// The hub sent bytes that do not decode.
+    #[error("bad frame from hub: {0}")]
+    Frame(#[from] FrameError),
+    /// The session closed.
+    #[error("session: {0}")]
+    Session(String),
+    /// The outbox failed.
+    #[error("outbox: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The outbox dropped history; reconnecting tells the hub.
+    #[error("outbox dropped records {0}..={1} (full)")]
+    Dropped(u64, u64),
+}
+
+fn load_identity(cfg: &UplinkConfig) -> Result<Arc<SvidStore>, UplinkError> {
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|e| UplinkError::Identity(format!("{}: {e}", p.display())))
+    };
+    let id = Identity::from_pem(&read(&cfg.cert)?, &read(&cfg.key)?)?;
+    let bundle = TrustBundle::from_pem(&read(&cfg.bundle)?)?;
+    Ok(SvidStore::new(id, bundle)?)
+}
+
+/// Builds the quinn client config for `cfg` (reads the identity files).
+pub fn client_config(cfg: &UplinkConfig) -> Result<quinn::ClientConfig, UplinkError> {
+    let svid = load_identity(cfg)?;
+    let crypto = tls::client_config(svid, cfg.hub_id.clone())?;
+    let qc = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
+        .map_err(|e| UplinkError::Connect(e.to_string()))?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(qc));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(cfg.keepalive));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(cfg.idle_timeout) {
+        transport.max_idle_timeout(Some(idle));
+    }
+    cc.transport_config(Arc::new(transport));
+    Ok(cc)
+}
+
+/// The uplink task. Runs until `cancel` fires.
+pub struct Uplink {
+    cfg: UplinkConfig,
+    store: Arc<Mutex<AgentStore>>,
+    appended: watch::Receiver<u64>,
+    dropped: watch::Receiver<Option<(u64, u64)>>,
+    status: watch::Sender<UplinkStatus>,
+    cancel: CancellationToken,
+    origin: Instant,
+}
+
+impl Uplink {
+    /// Builds the task. `appended` carries the outbox's next sequence number after each
+    /// commit; `dropped` the last history dropped from a full outbox.
+    pub fn new(
+        cfg: UplinkConfig,
+        store: Arc<Mutex<AgentStore>>,
+        appended: watch::Receiver<u64>,
+        dropped: watch::Receiver<Option<(u64, u64)>>,
+        status: watch::Sender<UplinkStatus>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Uplink { cfg, store, appended, dropped, status, cancel, origin: Instant::now() }
+    }
+
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    /// Runs the reconnect loop.
+    pub async fn run(mut self) {
+        let (acked, next) = {
+            let st = self.store.lock().await;
+            (st.acked(), st.next_seq())
+        };
+        let scfg = EdgeConfig {
+            agent_version: self.cfg.agent_version.clone(),
+            boot_id: self.cfg.boot_id.clone(),
+            keepalive_ms: self.cfg.keepalive.as_millis() as u64,
+            idle_timeout_ms: self.cfg.idle_timeout.as_millis() as u64,
+            max_batch_records: self.cfg.batch_max_records,
+            ..EdgeConfig::default()
+        };
+        let mut session = EdgeSession::new(scfg, acked, next);
+        let mut backoff = self.cfg.backoff_initial;
+        let mut endpoint: Option<quinn::Endpoint> = None;
+        loop {
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            let started = Instant::now();
+            let result = self.connect_and_drive(&mut session, &mut endpoint).await;
+            session.handle_disconnected();
+            let welcomed = self.status.borrow().connected;
+            self.status.send_modify(|s| {
+                s.connected = false;
+                if let Err(e) = &result {
+                    s.last_error = Some(e.to_string());
+                }
+            });
+            metrics::gauge!("edgesync_uplink_connected").set(0.0);
+            match &result {
+                Ok(()) => break,
+                Err(e) => {
+                    metrics::counter!("edgesync_uplink_disconnects_total").increment(1);
+                    tracing::warn!(error = %e, hub = %self.cfg.hub_address, "uplink down");
+                }
+            }
+            // A connection that lived a while resets the backoff; a storm of failures grows it.
+            if welcomed && started.elapsed() > Duration::from_secs(5) {
+                backoff = self.cfg.backoff_initial;
+            }
+            let delay = jitter(backoff);
+            backoff = (backoff * 2).min(self.cfg.backoff_max);
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        if let Some(ep) = endpoint {
+            ep.close(0u32.into(), b"shutdown");
+            // Give the close frame a moment to leave; bounded.
+            let _ = tokio::time::timeout(Duration::from_millis(200), ep.wait_idle()).await;
+        }
+    }
+
+    async fn connect_and_drive(
+        &mut self,
+        session: &mut EdgeSession,
+        endpoint: &mut Option<quinn::Endpoint>,
+    ) -> Result<(), UplinkError> {
+        let cc = client_config(&self.cfg)?;
+        let addr: SocketAddr = tokio::net::lookup_host(&self.cfg.hub_address)
+            .await
+            .map_err(|e| UplinkError::Resolve(format!("{}: {e}", self.cfg.hub_address)))?
+            .next()
+            .ok_or_else(|| UplinkError::Resolve(self.cfg.hub_address.clone()))?;
+        let ep = match endpoint {
+            Some(ep) => ep.clone(),
+            None => {
+                let bind: SocketAddr = if addr.is_ipv6() {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+                };
+                let ep = quinn::Endpoint::client(bind)
+                    .map_err(|e| UplinkError::Connect(format!("bind: {e}")))?;
+                *endpoint = Some(ep.clone());
+                ep
+            }
+        };
+        let connecting = ep
+            .connect_with(cc, addr, "edgesync-hub")
+            .map_err(|e| UplinkError::Connect(e.to_string()))?;
+        let conn = tokio::select! {
+            _ = self.cancel.cancelled() => return Ok(()),
+            r = tokio::time::timeout(self.cfg.connect_timeout, connecting) => match r {
+                Err(_) => return Err(UplinkError::Connect(format!("timed out after {:?}", self.cfg.connect_timeout))),
+                Ok(Err(e)) => return Err(UplinkError::Connect(e.to_string())),
+                Ok(Ok(c)) => c,
+            }
+        };
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| UplinkError::Connection(e.to_string()))?;
+        metrics::counter!("edgesync_uplink_connects_total").increment(1);
+        session.handle_connected(self.now());
+        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut out = BytesMut::new();
+        let mut last_dropped = *self.dropped.borrow_and_update();
+        session.handle_appended(*self.appended.borrow_and_update());
+        loop {
+            // Act on everything the session wants before waiting again.
+            self.handle_events(session).await?;
+            out.clear();
+            while let Some(t) = session.poll_transmit() {
+                let frame = match t {
+                    Transmit::Frame(body) => Frame { body: Some(body) },
+                    Transmit::Records { first_seq, count } => {
+                        let samples = self.store.lock().await.read(first_seq, count)?;
+                        metrics::counter!("edgesync_uplink_records_sent_total").increment(count as u64);
+                        Frame {
+                            body: Some(Body::Records(Records {
+                                first_seq,
+                                samples: samples.iter().map(WireSample::from).collect(),
+                                backlog: session.backlog(),
+                            })),
+                        }
+                    }
+                };
+                frame::encode_frame(&frame, DEFAULT_MAX_FRAME_LEN, &mut out)?;
+                if out.len() >= 256 * 1024 {
+                    send.write_all(&out).await.map_err(|e| UplinkError::Connection(e.to_string()))?;
+                    out.clear();
+                }
+            }
+            if !out.is_empty() {
+                send.write_all(&out).await.map_err(|e| UplinkError::Connection(e.to_string()))?;
+            }
+            self.handle_events(session).await?;
+            let deadline = session
+                .poll_timeout()
+                .map(|t| self.origin + Duration::from_millis(t))
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                // Shutdown: say goodbye, bounded.
+                _ = self.cancel.cancelled() => {
+                    let bye = Frame { body: Some(Body::Goodbye(Goodbye { reason: "agent shutting down".into() })) };
+                    if let Ok(b) = frame::frame_bytes(&bye, DEFAULT_MAX_FRAME_LEN) {
+                        let _ = tokio::time::timeout(Duration::from_millis(200), send.write_all(&b)).await;
+                    }
+                    let _ = send.finish();
+                    conn.close(0u32.into(), b"bye");
+                    return Ok(());
+                }
+                // Bytes from the hub (RecvStream::read is cancel-safe).
+                r = recv.read(&mut buf) => match r {
+                    Ok(Some(n)) => {
+                        decoder.push(&buf[..n]);
+                        let now = self.now();
+                        loop {
+                            match decoder.next_frame() {
+                                Ok(Some(body)) => {
+                                    if let Err(e) = session.handle_frame(body, now) {
+                                        metrics::counter!("edgesync_uplink_session_errors_total").increment(1);
+                                        return Err(UplinkError::Session(e.to_string()));
+                                    }
+                                }
+                                Ok(None) => break,
+                                Err(FrameError::UnknownMessage) => {
+                                    metrics::counter!("edgesync_uplink_unknown_frames_total").increment(1);
+                                    tracing::debug!("ignoring a frame of a kind this agent does not know");
+                                }
+                                Err(e) => {
+                                    metrics::counter!("edgesync_uplink_bad_frames_total").increment(1);
+                                    return Err(e.into());
+                                }
+                            }
+                        }
+                    }
+                    Ok(None) => return Err(UplinkError::Connection("hub closed the stream".into())),
+                    Err(e) => return Err(UplinkError::Connection(e.to_string())),
+                },
+                // The outbox committed more records (watch::changed is cancel-safe).
+                r = self.appended.changed() => {
+                    if r.is_err() { return Ok(()); }
+                    session.handle_appended(*self.appended.borrow_and_update());
+                    let d = *self.dropped.borrow_and_update();
+                    if d != last_dropped {
+                        last_dropped = d;
+                        if let Some((from, to)) = d {
+                            return Err(UplinkError::Dropped(from, to));
+                        }
+                    }
+                }
+                // Session timers (keep-alive, idle, resend).
+                _ = tokio::time::sleep_until(deadline) => session.handle_timeout(self.now()),
+            }
+        }
+    }
+
+    async fn handle_events(&mut self, session: &mut EdgeSession) -> Result<(), UplinkError> {
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                EdgeEvent::Welcomed { version, stored_seq } => {
+                    tracing::info!(version, stored_seq, hub = %self.cfg.hub_address, "uplink established");
+                    metrics::gauge!("edgesync_uplink_connected").set(1.0);
+                    self.status.send_modify(|s| {
+                        s.connected = true;
+                        s.last_error = None;
+                    });
+                }
+                EdgeEvent::Acked { upto } => {
+                    let mut st = self.store.lock().await;
+                    st.ack(upto)?;
+                    metrics::gauge!("edgesync_outbox_backlog_records").set(st.backlog() as f64);
+                    metrics::gauge!("edgesync_outbox_bytes").set(st.outbox_bytes() as f64);
+                    drop(st);
+                    self.status.send_modify(|s| s.acked = upto);
+                }
+                EdgeEvent::Rebased { next_seq } => {
+                    tracing::warn!(next_seq, "hub holds more records than the outbox: renumbering");
+                    self.store.lock().await.rebase(next_seq)?;
+                }
+                EdgeEvent::Gap { from, to } => {
+                    metrics::counter!("edgesync_uplink_gaps_total").increment(1);
+                    tracing::warn!(from, to, "hub is missing records this outbox no longer has (reported as a gap)");
+                }
+                EdgeEvent::Closed(e) => return Err(UplinkError::Session(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A delay drawn uniformly from `[d/2, d]`.
+fn jitter(d: Duration) -> Duration {
+    let half = d / 2;
+    half + Duration::from_millis(fastrand::u64(0..=half.as_millis() as u64))
+}
