@@ -19,6 +19,9 @@
 //!   slave is dead), unless [`SimConfig::unknown_unit`] says to answer with an exception.
 //! - Dropping the last [`SimHandle`] (or calling [`SimHandle::shutdown`]) stops the listener,
 //!   every open connection and every script.
+//! - Every connection's stream is wrapped so that it reads as closed once
+//!   [`SimHandle::drop_connections`] is called or a [`Fault::Disconnect`] unit was addressed
+//!   on it; the server's request loop then ends and the socket is closed.
 
 use std::{
     collections::HashMap,
@@ -30,15 +33,17 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
 };
 
 use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     runtime::Handle,
+    sync::watch,
     task::AbortHandle,
     time::{Instant, MissedTickBehavior, Sleep},
 };
@@ -192,6 +197,9 @@ pub enum Fault {
     None,
     /// Never reply to any request (writes are not applied either).
     NoAnswer,
+    /// Close the connection that carried a request for this unit, without replying
+    /// (writes are not applied). Reconnecting works; the next request drops again.
+    Disconnect,
     /// Serve requests normally but send each reply this long after the request arrived.
     /// Requests on one connection are served in order, so a delay also holds back the
     /// requests queued behind it.
@@ -644,7 +652,7 @@ impl Unit {
     }
 
     /// Count, apply the fault, execute.
-    fn serve(&self, request: &Request<'_>) -> SimFuture {
+    fn serve(&self, request: &Request<'_>) -> Served {
         let function = request.function_code().value();
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.by_function[usize::from(function)].fetch_add(1, Ordering::Relaxed);
@@ -652,8 +660,11 @@ impl Unit {
         let mut data = self.lock();
         let delay = match &data.fault {
             Fault::None => None,
-            Fault::NoAnswer => return SimFuture::ready(Ok(None)),
-            Fault::Exception(code) => return SimFuture::ready(Err(ExceptionCode::new(*code))),
+            Fault::NoAnswer => return Served::Reply(SimFuture::ready(Ok(None))),
+            Fault::Disconnect => return Served::Disconnect,
+            Fault::Exception(code) => {
+                return Served::Reply(SimFuture::ready(Err(ExceptionCode::new(*code))));
+            }
             Fault::ExceptionAt {
                 table,
                 addr_range,
@@ -664,7 +675,7 @@ impl Unit {
                     && start < u32::from(addr_range.end)
                     && u32::from(addr_range.start) < end
                 {
-                    return SimFuture::ready(Err(ExceptionCode::new(*code)));
+                    return Served::Reply(SimFuture::ready(Err(ExceptionCode::new(*code))));
                 }
                 None
             }
@@ -672,11 +683,19 @@ impl Unit {
         };
         let outcome = data.execute(request).map(Some);
         drop(data);
-        match delay {
+        Served::Reply(match delay {
             None => SimFuture::ready(outcome),
             Some(delay) => SimFuture::delayed(delay, outcome),
-        }
+        })
     }
+}
+
+/// What a unit does with a request.
+enum Served {
+    /// Reply (or stay silent) when the future completes.
+    Reply(SimFuture),
+    /// Close the connection without replying.
+    Disconnect,
 }
 
 /// All units of a server, indexed by unit id.
@@ -685,6 +704,8 @@ struct Units {
     ids: Vec<u8>,
     unknown_unit: UnknownUnit,
     unknown_requests: AtomicU64,
+    accepted_connections: AtomicU64,
+    active_connections: AtomicU64,
 }
 
 impl Units {
@@ -704,6 +725,8 @@ impl Units {
             ids,
             unknown_unit: config.unknown_unit,
             unknown_requests: AtomicU64::new(0),
+            accepted_connections: AtomicU64::new(0),
+            active_connections: AtomicU64::new(0),
         }
     }
 
@@ -750,10 +773,11 @@ impl Future for SimFuture {
     }
 }
 
-/// The tokio-modbus service shared by all connections.
-#[derive(Clone)]
+/// The tokio-modbus service of one connection.
 struct SimService {
     units: Arc<Units>,
+    /// Shared with the connection's [`SimStream`]: set to close the connection.
+    kill: Arc<AtomicBool>,
 }
 
 impl Service for SimService {
@@ -764,7 +788,14 @@ impl Service for SimService {
 
     fn call(&self, req: Self::Request) -> Self::Future {
         match self.units.get(req.slave) {
-            Some(unit) => unit.serve(&req.request),
+            Some(unit) => match unit.serve(&req.request) {
+                Served::Reply(future) => future,
+                Served::Disconnect => {
+                    // The request loop reads the stream next and finds it closed.
+                    self.kill.store(true, Ordering::Relaxed);
+                    SimFuture::ready(Ok(None))
+                }
+            },
             None => {
                 self.units.unknown_requests.fetch_add(1, Ordering::Relaxed);
                 match self.units.unknown_unit {
@@ -776,10 +807,99 @@ impl Service for SimService {
     }
 }
 
+/// A connection's TCP stream that reads as closed once its connection is to be dropped.
+struct SimStream {
+    stream: TcpStream,
+    /// Set by the connection's service for [`Fault::Disconnect`].
+    kill: Arc<AtomicBool>,
+    /// Completes when [`SimHandle::drop_connections`] is called (or the simulator is gone).
+    dropped: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Latched once the connection is to be closed; `dropped` is not polled again.
+    closed: bool,
+    units: Arc<Units>,
+}
+
+impl SimStream {
+    /// Wrap an accepted stream and count it as active until dropped.
+    fn new(
+        stream: TcpStream,
+        units: Arc<Units>,
+        kill: Arc<AtomicBool>,
+        mut drops: watch::Receiver<u64>,
+    ) -> Self {
+        drops.mark_unchanged();
+        units.accepted_connections.fetch_add(1, Ordering::Relaxed);
+        units.active_connections.fetch_add(1, Ordering::Relaxed);
+        Self {
+            stream,
+            kill,
+            dropped: Box::pin(async move {
+                // An error means the simulator is gone: close as well.
+                let _ = drops.changed().await;
+            }),
+            closed: false,
+            units,
+        }
+    }
+
+    /// Whether the connection is to be closed; registers for the drop signal otherwise.
+    fn closing(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.closed
+            && (self.kill.load(Ordering::Relaxed) || self.dropped.as_mut().poll(cx).is_ready())
+        {
+            self.closed = true;
+        }
+        self.closed
+    }
+}
+
+impl Drop for SimStream {
+    fn drop(&mut self) {
+        self.units
+            .active_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for SimStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.closing(cx) {
+            // End of stream: the server's request loop ends and drops the socket.
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SimStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
 /// Shared state behind every clone of a [`SimHandle`]; dropping it stops everything.
 struct Inner {
     local_addr: SocketAddr,
     units: Arc<Units>,
+    /// Bumped by [`SimHandle::drop_connections`].
+    drops: watch::Sender<u64>,
     runtime: Handle,
     server: AbortHandle,
     scripts: Mutex<HashMap<ScriptId, AbortHandle>>,
@@ -831,19 +951,24 @@ impl SimHandle {
         let listener = TcpListener::bind(bind).await?;
         let local_addr = listener.local_addr()?;
         let units = Arc::new(Units::new(&config));
-        let service = SimService {
-            units: Arc::clone(&units),
-        };
+        let (drops, drops_rx) = watch::channel(0u64);
+        let server_units = Arc::clone(&units);
         let server = tokio::spawn(async move {
             let server = Server::new(listener);
             let on_connected = |stream: TcpStream, peer: SocketAddr| {
-                let service = service.clone();
+                let units = Arc::clone(&server_units);
+                let drops = drops_rx.clone();
                 async move {
                     if let Err(err) = stream.set_nodelay(true) {
                         tracing::debug!(%peer, %err, "plc sim: cannot set TCP_NODELAY");
                     }
                     tracing::trace!(%peer, "plc sim: connection accepted");
-                    Ok(Some((service, stream)))
+                    let kill = Arc::new(AtomicBool::new(false));
+                    let service = SimService {
+                        units: Arc::clone(&units),
+                        kill: Arc::clone(&kill),
+                    };
+                    Ok(Some((service, SimStream::new(stream, units, kill, drops))))
                 }
             };
             let on_process_error = |err: io::Error| {
@@ -857,6 +982,7 @@ impl SimHandle {
             inner: Arc::new(Inner {
                 local_addr,
                 units,
+                drops,
                 runtime: Handle::current(),
                 server: server.abort_handle(),
                 scripts: Mutex::new(HashMap::new()),
@@ -875,6 +1001,27 @@ impl SimHandle {
     #[must_use]
     pub fn unit_ids(&self) -> &[u8] {
         &self.inner.units.ids
+    }
+
+    /// Close every open client connection (the listener stays up, so clients can
+    /// reconnect), as a PLC reboot or a network blip would.
+    pub fn drop_connections(&self) {
+        self.inner.drops.send_modify(|generation| *generation += 1);
+    }
+
+    /// Connections accepted since the server started.
+    #[must_use]
+    pub fn accepted_connections(&self) -> u64 {
+        self.inner
+            .units
+            .accepted_connections
+            .load(Ordering::Relaxed)
+    }
+
+    /// Connections currently open.
+    #[must_use]
+    pub fn active_connections(&self) -> u64 {
+        self.inner.units.active_connections.load(Ordering::Relaxed)
     }
 
     /// Stop listening, close every connection and stop every script. Idempotent; the
@@ -1488,6 +1635,47 @@ mod tests {
         sim.reset_counters();
         assert_eq!(sim.request_count(1), 0);
         assert_eq!(sim.request_count_fc(1, 3), 0);
+    }
+
+    #[tokio::test]
+    async fn fault_disconnect_closes_the_connection() {
+        let sim = sim([1, 2]).await;
+        sim.set_fault(1, Fault::Disconnect).unwrap();
+        let mut ctx = client(&sim, 1).await;
+        let res = timeout(CALL, ctx.write_single_register(0, 9))
+            .await
+            .unwrap();
+        assert!(res.is_err(), "transport error expected: {res:?}");
+        assert_eq!(sim.holding(1, 0, 1).unwrap(), vec![0], "write not applied");
+        eventually(|| sim.active_connections() == 0).await;
+
+        sim.set_fault(1, Fault::None).unwrap();
+        let mut fresh = client(&sim, 1).await;
+        assert_eq!(read_holding(&mut fresh, 0, 1).await, Ok(vec![0]));
+        assert_eq!(sim.accepted_connections(), 2);
+        assert_eq!(sim.active_connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn drop_connections_closes_idle_clients_and_allows_reconnects() {
+        let sim = sim([1]).await;
+        let mut a = client(&sim, 1).await;
+        let mut b = client(&sim, 1).await;
+        assert_eq!(read_holding(&mut a, 0, 1).await, Ok(vec![0]));
+        assert_eq!(read_holding(&mut b, 0, 1).await, Ok(vec![0]));
+        eventually(|| sim.active_connections() == 2).await;
+
+        sim.drop_connections();
+        eventually(|| sim.active_connections() == 0).await;
+        for ctx in [&mut a, &mut b] {
+            let res = timeout(CALL, ctx.read_holding_registers(0, 1))
+                .await
+                .unwrap();
+            assert!(res.is_err(), "dropped connection must fail: {res:?}");
+        }
+        let mut c = client(&sim, 1).await;
+        assert_eq!(read_holding(&mut c, 0, 1).await, Ok(vec![0]));
+        assert_eq!(sim.accepted_connections(), 3);
     }
 
     /// Poll `f` every 10 ms until it returns true, for at most 5 s.

@@ -174,3 +174,52 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     tokio::signal::ctrl_c().await.context("wait for Ctrl-C")?;
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("edgesync-plc-sim").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.listen, "127.0.0.1:5020".parse().unwrap());
+        assert_eq!((args.units, args.registers, args.counters), (1, 1000, 10));
+        assert_eq!((args.tick_ms, args.sine_at), (100, 100));
+        args.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_out_of_range_options() {
+        assert!(parse(&["--units", "0"]).is_err());
+        assert!(parse(&["--units", "248"]).is_err());
+        assert!(parse(&["--registers", "0"]).is_err());
+        assert!(parse(&["--registers", "65537"]).is_err());
+        assert!(parse(&["--tick-ms", "0"]).is_err());
+        assert!(parse(&["--listen", "localhost"]).is_err());
+    }
+
+    #[test]
+    fn rejects_scripts_that_do_not_fit() {
+        let too_many = parse(&["--registers", "5", "--counters", "6", "--no-sine"]).unwrap();
+        assert!(too_many.validate().is_err());
+        let sine_past_end = parse(&["--registers", "101", "--sine-at", "100"]).unwrap();
+        assert!(sine_past_end.validate().is_err());
+        let overlap = parse(&["--counters", "101", "--sine-at", "100"]).unwrap();
+        assert!(overlap.validate().is_err());
+        let fits = parse(&[
+            "--registers",
+            "102",
+            "--counters",
+            "100",
+            "--sine-at",
+            "100",
+        ])
+        .unwrap();
+        fits.validate().unwrap();
+    }
+}
