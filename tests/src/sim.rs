@@ -1813,6 +1813,13 @@ mod tests {
     }
 
     #[test]
+    fn handle_is_shareable_across_tasks() {
+        fn assert_shareable<T: Clone + Send + Sync + 'static>() {}
+        assert_shareable::<SimHandle>();
+        assert_shareable::<Simulator>();
+    }
+
+    #[test]
     fn encodings_round_trip() {
         assert_eq!(encode_f32(1.0, WordOrder::BigEndian), [0x3F80, 0x0000]);
         assert_eq!(encode_f32(1.0, WordOrder::WordSwapped), [0x0000, 0x3F80]);
