@@ -198,7 +198,12 @@ fn is_identity(tag: &TagSpec) -> bool {
 }
 
 fn scaled(tag: &TagSpec, raw: f64) -> Value {
-    Value::Float(raw * tag.scale + tag.offset)
+    if is_identity(tag) {
+        // No arithmetic: keeps NaN payloads and the sign of zero bit-exact.
+        Value::Float(raw)
+    } else {
+        Value::Float(raw * tag.scale + tag.offset)
+    }
 }
 
 fn int_value(tag: &TagSpec, raw: i64) -> Value {

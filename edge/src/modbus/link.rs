@@ -33,6 +33,7 @@
 //!   panics on anything a device sends.
 
 use std::collections::{HashMap, VecDeque};
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -532,6 +533,10 @@ async fn send_request(conn: &mut Context, req: &ReadRequest, timeout: Duration) 
     let started = Instant::now();
     match tokio::time::timeout(timeout, conn.call(request_for(req))).await {
         Err(_) => Outcome::Timeout,
+        // The codec rejected the bytes: the peer talks, but not valid Modbus.
+        Ok(Err(tokio_modbus::Error::Transport(e))) if e.kind() == io::ErrorKind::InvalidData => {
+            Outcome::BadResponse(e.to_string(), started.elapsed())
+        }
         Ok(Err(tokio_modbus::Error::Transport(e))) => Outcome::Transport(e.to_string()),
         Ok(Err(tokio_modbus::Error::Protocol(e))) => {
             Outcome::BadResponse(e.to_string(), started.elapsed())
@@ -750,6 +755,8 @@ mod tests {
         input_exception: Option<u8>,
         /// Never answer.
         silent: bool,
+        /// Answer this late.
+        delay: Option<Duration>,
         /// Requests received.
         requests: u64,
     }
@@ -761,6 +768,10 @@ mod tests {
         fn with<R>(&self, unit: u8, f: impl FnOnce(&mut SimUnit) -> R) -> R {
             let mut units = self.0.lock().unwrap();
             f(units.entry(unit).or_default())
+        }
+
+        fn delay_of(&self, unit: u8) -> Option<Duration> {
+            self.0.lock().unwrap().get(&unit).and_then(|u| u.delay)
         }
 
         fn handle(&self, req: SlaveRequest<'static>) -> Result<Option<Response>, ExceptionCode> {
@@ -818,10 +829,18 @@ mod tests {
         type Request = SlaveRequest<'static>;
         type Response = Option<Response>;
         type Exception = ExceptionCode;
-        type Future = std::future::Ready<Result<Option<Response>, ExceptionCode>>;
+        type Future =
+            std::pin::Pin<Box<dyn Future<Output = Result<Option<Response>, ExceptionCode>> + Send>>;
 
         fn call(&self, req: Self::Request) -> Self::Future {
-            std::future::ready(self.handle(req))
+            let delay = self.delay_of(req.slave);
+            let result = self.handle(req);
+            Box::pin(async move {
+                if let Some(d) = delay {
+                    tokio::time::sleep(d).await;
+                }
+                result
+            })
         }
     }
 
@@ -1243,6 +1262,99 @@ mod tests {
         let (_, server) = serve(addr, sim.clone()).await;
         assert_eq!(good(&run.next_of("one").await, "a"), Value::UInt(1));
         assert_eq!(good(&run.next_of("two").await, "c"), Value::UInt(2));
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn late_answers_do_not_spoil_the_next_request() {
+        let sim = Sim::default();
+        sim.with(1, |u| {
+            u.holding.insert(0, 11);
+        });
+        sim.with(2, |u| {
+            u.holding.insert(0, 22);
+            // Answers after the 200 ms timeout, while unit 1 is asked next.
+            u.delay = Some(Duration::from_millis(300));
+        });
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let d1 = device(
+            "fast",
+            addr,
+            1,
+            vec![tag("a", Table::HoldingRegister, 0, DataType::UInt16)],
+        );
+        let d2 = device(
+            "late",
+            addr,
+            2,
+            vec![tag("b", Table::HoldingRegister, 0, DataType::UInt16)],
+        );
+        let mut run = Running::start(addr, vec![d1, d2]);
+        let mut fast = 0;
+        let mut late = 0;
+        while fast < 10 || late < 2 {
+            let r = run.next().await;
+            if r.device.as_str() == "fast" {
+                assert_eq!(good(&r, "a"), Value::UInt(11), "{r:?}");
+                fast += 1;
+            } else {
+                assert_eq!(r.samples[0].quality, Quality::Bad(BadReason::Timeout));
+                late += 1;
+            }
+        }
+        run.stop().await;
+        server.abort();
+    }
+
+    /// A raw TCP peer answering every read with a short but well-framed response first, then
+    /// with bytes that are not valid Modbus.
+    async fn serve_malformed() -> (SocketAddr, JoinHandle<()>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind(local()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut answered = 0u32;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut req = [0u8; 12];
+                while stream.read_exact(&mut req).await.is_ok() {
+                    let (tid0, tid1, unit) = (req[0], req[1], req[6]);
+                    let reply: Vec<u8> = if answered == 0 {
+                        // One register where two were asked for.
+                        vec![tid0, tid1, 0, 0, 0, 5, unit, 0x03, 0x02, 0x00, 0x07]
+                    } else {
+                        // Byte count 3: odd, impossible for registers.
+                        vec![tid0, tid1, 0, 0, 0, 6, unit, 0x03, 0x03, 0x00, 0x07, 0x00]
+                    };
+                    answered += 1;
+                    if stream.write_all(&reply).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn malformed_responses_are_bad_response() {
+        let (addr, server) = serve_malformed().await;
+        let d = device(
+            "plc",
+            addr,
+            1,
+            vec![tag("a", Table::HoldingRegister, 0, DataType::UInt32)],
+        );
+        let mut run = Running::start(addr, vec![d]);
+        for _ in 0..2 {
+            let r = run.next().await;
+            assert_eq!(
+                r.samples[0].quality,
+                Quality::Bad(BadReason::BadResponse),
+                "{r:?}"
+            );
+            assert_eq!(r.samples[0].value, None);
+        }
         run.stop().await;
         server.abort();
     }
