@@ -1,0 +1,501 @@
+//! Hub configuration: `hub.toml` → [`HubConfig`].
+//!
+//! Reading happens in three steps:
+//!
+//! 1. **Syntax.** The TOML is parsed; every syntax error is reported with its line.
+//! 2. **Raw values.** Each table (`[hub]`, `[identity]`, `[api]`, each `[[api.tokens]]`) is
+//!    deserialized on its own into a raw serde struct whose fields are all optional. Unknown keys
+//!    are errors, all of them reported with their lines. A wrong type stops only its table.
+//! 3. **Validation.** Every value is checked and every problem is reported as a sentence naming
+//!    file, line and component (`deploy/hub.toml:31: api token "ops": token is 9 characters
+//!    long, shorter than 16`). Only when nothing is wrong is [`HubConfig`] built, with defaults
+//!    filled in and relative paths resolved against the config file's directory.
+//!
+//! Validation reads no file except the `token_file`s of API tokens (a token is a secret that the
+//! hub needs as a value); the PEM files are only named here and read by the TLS setup.
+//!
+//! Invariant: a [`HubConfig`] has passed every check. `deploy/README.md` documents every field;
+//! `deploy/hub.toml` is a checked example.
+
+mod diag;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use toml::de::DeTable;
+
+pub use crate::api::{ApiToken, Role};
+pub use diag::{ConfigError, ConfigErrors};
+
+use diag::{Doc, Loc};
+
+/// Default sled page cache of the hub: 64 MiB.
+pub const DEFAULT_SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Default QUIC (UDP) listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
+/// Default HTTP API listen address.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+/// Shortest API token accepted, in characters.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// The validated hub configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubConfig {
+    /// The file this was read from (as given), for messages.
+    pub source: PathBuf,
+    /// `[hub] listen`: the QUIC (UDP) address agents connect to.
+    pub listen: SocketAddr,
+    /// `[hub] http_listen`: the HTTP API, SSE and metrics address (TCP).
+    pub http_listen: SocketAddr,
+    /// `[hub] data_dir`: where the sled hub store lives.
+    pub data_dir: PathBuf,
+    /// `[hub] sled_cache_bytes`: sled's page cache size.
+    pub sled_cache_bytes: u64,
+    /// `[hub] max_nodes`: most agents connected at once, if limited.
+    pub max_nodes: Option<u32>,
+    /// `[identity]`: the hub's X.509-SVID files and SPIFFE names.
+    pub identity: HubIdentity,
+    /// `[[api.tokens]]`: the bearer tokens the HTTP API accepts (at least one).
+    pub tokens: Vec<ApiToken>,
+}
+
+/// The hub's identity (`[identity]`). Paths are resolved; the files are not read here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubIdentity {
+    /// The SPIFFE trust domain (`example.org`); agents must be `spiffe://<td>/edge/<node>`.
+    pub trust_domain: String,
+    /// The hub's own SPIFFE id, which agents expect (default `spiffe://<td>/hub`).
+    pub hub_id: String,
+    /// The X.509-SVID certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The SVID's private key (PEM, PKCS#8).
+    pub key: PathBuf,
+    /// The trust bundle: CA certificates of the trust domain (PEM).
+    pub bundle: PathBuf,
+}
+
+/// Reads and validates the hub config at `path`; relative paths in it are resolved against the
+/// file's directory.
+pub fn load(path: &Path) -> Result<HubConfig, ConfigErrors> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigErrors::single(&name, format!("cannot read the config file: {e}")))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let base = std::path::absolute(&dir).unwrap_or(dir);
+    let mut config = parse(&name, &text, &base)?;
+    config.source = path.to_path_buf();
+    Ok(config)
+}
+
+/// Validates the hub config `text`; messages name it `source_name`, and relative paths are
+/// resolved against `base_dir`. Reads no file but the API tokens' `token_file`s.
+pub fn parse(source_name: &str, text: &str, base_dir: &Path) -> Result<HubConfig, ConfigErrors> {
+    let mut doc = Doc::new(source_name, text);
+    let Some(root) = doc.parse_root() else {
+        return Err(doc.into_errors());
+    };
+    let config = check(&mut doc, &root, source_name, base_dir);
+    doc.finish(config)
+}
+
+/// All problems, one per line as `file:line: message`: what `edgesync-hub validate` prints.
+pub fn render_errors(errors: &ConfigErrors) -> String {
+    errors.render()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw (unvalidated) file structure; every field optional so that all problems are reported.
+
+/// `[hub]`.
+#[derive(Debug, Default, Deserialize)]
+struct RawHub {
+    /// QUIC (UDP) listen address `ip:port` (default 0.0.0.0:7443).
+    listen: Option<String>,
+    /// HTTP listen address `ip:port` (default 127.0.0.1:8080).
+    http_listen: Option<String>,
+    /// Directory of the sled hub store; required.
+    data_dir: Option<String>,
+    /// sled page cache in bytes (default 64 MiB).
+    sled_cache_bytes: Option<i64>,
+    /// Most agents connected at once (default: no limit).
+    max_nodes: Option<i64>,
+}
+
+/// `[identity]`.
+#[derive(Debug, Default, Deserialize)]
+struct RawIdentity {
+    /// SPIFFE trust domain; required.
+    trust_domain: Option<String>,
+    /// SVID certificate chain (PEM); required.
+    cert: Option<String>,
+    /// SVID private key (PEM); required.
+    key: Option<String>,
+    /// Trust bundle (PEM); required.
+    bundle: Option<String>,
+    /// The hub's SPIFFE id (default `spiffe://<trust_domain>/hub`).
+    hub_id: Option<String>,
+}
+
+/// `[api]` (its only content is the `[[api.tokens]]` array, read table by table).
+#[derive(Debug, Default, Deserialize)]
+struct RawApi {}
+
+/// `[[api.tokens]]`.
+#[derive(Debug, Default, Deserialize)]
+struct RawToken {
+    /// A name for logs; required, unique.
+    name: Option<String>,
+    /// The secret, at least 16 characters (or `token_file`).
+    token: Option<String>,
+    /// A file holding the secret (or `token`).
+    token_file: Option<String>,
+    /// `admin` or `read_only`; required.
+    role: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+const ROOT_KEYS: &[&str] = &["hub", "identity", "api"];
+
+const ROLES: &[(&str, Role)] = &[("admin", Role::Admin), ("read_only", Role::ReadOnly)];
+
+/// Reads the table `key` of the root into `T`. `None` if it is broken (already reported), or
+/// if it is absent and `required` (reported here).
+fn read_section<T: DeserializeOwned + Default>(
+    doc: &mut Doc<'_>,
+    root: &DeTable<'_>,
+    key: &str,
+    required: Option<&str>,
+    nested: &[&str],
+) -> Option<(T, Loc)> {
+    let component = format!("[{key}]");
+    if !root.iter().any(|(k, _)| k.get_ref() == key) {
+        if let Some(needs) = required {
+            doc.error(
+                None,
+                format!("missing required table {component} ({needs})"),
+            );
+            return None;
+        }
+        return Some((T::default(), Loc::absent(component)));
+    }
+    let (node, loc) = doc.table(root, key, &component)?;
+    let raw = doc.section_except(node, &loc, nested)?;
+    Some((raw, loc))
+}
+
+/// Checks a SPIFFE trust domain name: 1 to 255 bytes of lowercase letters, digits, '.', '-'
+/// and '_'. Returns what is wrong, as a phrase.
+fn check_trust_domain(td: &str) -> Result<(), &'static str> {
+    if td.is_empty() {
+        return Err("is empty");
+    }
+    if td.len() > 255 {
+        return Err("is longer than 255 bytes");
+    }
+    if td.starts_with("spiffe://") {
+        return Err("must be the bare name (example.org), not a spiffe:// URI");
+    }
+    if !td
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+    {
+        return Err("may only hold lowercase letters, digits, '.', '-' and '_'");
+    }
+    Ok(())
+}
+
+fn socket_addr(
+    doc: &mut Doc<'_>,
+    loc: &Loc,
+    key: &str,
+    value: Option<String>,
+    default: &str,
+) -> SocketAddr {
+    let fallback = SocketAddr::from(([0, 0, 0, 0], 0));
+    let text = value.unwrap_or_else(|| default.to_owned());
+    match text.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            doc.at(
+                loc,
+                key,
+                format_args!(
+                    "{key} {text:?} is not an ip:port socket address (use 0.0.0.0:port for all interfaces)"
+                ),
+            );
+            fallback
+        }
+    }
+}
+
+fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> HubConfig {
+    doc.check_keys(&Loc::absent("top level"), root, ROOT_KEYS);
+
+    let mut config = HubConfig {
+        source: PathBuf::from(source),
+        listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+        http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        data_dir: PathBuf::new(),
+        sled_cache_bytes: DEFAULT_SLED_CACHE_BYTES,
+        max_nodes: None,
+        identity: HubIdentity {
+            trust_domain: String::new(),
+            hub_id: String::new(),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            bundle: PathBuf::new(),
+        },
+        tokens: Vec::new(),
+    };
+
+    // [hub]
+    if let Some((raw, loc)) =
+        read_section::<RawHub>(doc, root, "hub", Some("it needs data_dir"), &[])
+    {
+        config.listen = socket_addr(doc, &loc, "listen", raw.listen, DEFAULT_LISTEN);
+        config.http_listen = socket_addr(
+            doc,
+            &loc,
+            "http_listen",
+            raw.http_listen,
+            DEFAULT_HTTP_LISTEN,
+        );
+        config.data_dir = doc
+            .path(&loc, "data_dir", raw.data_dir, base)
+            .unwrap_or_default();
+        config.sled_cache_bytes = u64::try_from(doc.int_in(
+            &loc,
+            "sled_cache_bytes",
+            raw.sled_cache_bytes,
+            DEFAULT_SLED_CACHE_BYTES as i64,
+            1..=i64::MAX,
+        ))
+        .unwrap_or(DEFAULT_SLED_CACHE_BYTES);
+        if raw.max_nodes.is_some() {
+            let n = doc.int_in(&loc, "max_nodes", raw.max_nodes, 1, 1..=i64::from(u32::MAX));
+            config.max_nodes = u32::try_from(n).ok();
+        }
+    }
+
+    // [identity]
+    if let Some((raw, loc)) = read_section::<RawIdentity>(
+        doc,
+        root,
+        "identity",
+        Some("it needs trust_domain, cert, key and bundle"),
+        &[],
+    ) {
+        let id = &mut config.identity;
+        let mut td_ok = false;
+        if let Some(td) = doc.required(&loc, "trust_domain", raw.trust_domain) {
+            match check_trust_domain(&td) {
+                Ok(()) => {
+                    id.trust_domain = td;
+                    td_ok = true;
+                }
+                Err(why) => doc.at(
+                    &loc,
+                    "trust_domain",
+                    format_args!("trust_domain {td:?} {why}"),
+                ),
+            }
+        }
+        match raw.hub_id {
+            Some(hub_id) => match spiffe::SpiffeId::new(&hub_id) {
+                Ok(parsed) => {
+                    if td_ok && parsed.trust_domain_name() != id.trust_domain {
+                        doc.at(
+                            &loc,
+                            "hub_id",
+                            format_args!(
+                                "hub_id {hub_id:?} is not in trust domain {:?}",
+                                id.trust_domain
+                            ),
+                        );
+                    }
+                    id.hub_id = hub_id;
+                }
+                Err(e) => doc.at(
+                    &loc,
+                    "hub_id",
+                    format_args!("hub_id {hub_id:?} is not a SPIFFE id: {e}"),
+                ),
+            },
+            None => id.hub_id = format!("spiffe://{}/hub", id.trust_domain),
+        }
+        id.cert = doc.path(&loc, "cert", raw.cert, base).unwrap_or_default();
+        id.key = doc.path(&loc, "key", raw.key, base).unwrap_or_default();
+        id.bundle = doc
+            .path(&loc, "bundle", raw.bundle, base)
+            .unwrap_or_default();
+    }
+
+    // [api] and [[api.tokens]]
+    config.tokens = check_tokens(doc, root, base);
+    config
+}
+
+fn check_tokens(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> Vec<ApiToken> {
+    let mut tokens = Vec::new();
+    let needs = "it needs at least one [[api.tokens]]";
+    let Some((_, api_loc)) = read_section::<RawApi>(doc, root, "api", Some(needs), &["tokens"])
+    else {
+        return tokens;
+    };
+    let Some(api) = root
+        .iter()
+        .find(|(k, _)| k.get_ref() == "api")
+        .and_then(|(_, v)| v.get_ref().as_table())
+    else {
+        return tokens;
+    };
+    let before = doc.error_count();
+    let items = doc.table_array(api, "tokens", "[api]");
+    if items.is_empty() && doc.error_count() == before {
+        doc.error(
+            api_loc.header,
+            "[api]: no API tokens are configured (add an [[api.tokens]] table)",
+        );
+    }
+    let mut names: HashMap<String, Option<usize>> = HashMap::new();
+    let mut secrets: HashMap<String, String> = HashMap::new();
+    for (i, (node, loc)) in items.into_iter().enumerate() {
+        let component = match node
+            .get_ref()
+            .get("name")
+            .and_then(|v| v.get_ref().as_str())
+        {
+            Some(name) => format!("api token {name:?}"),
+            None => format!("api token #{}", i + 1),
+        };
+        let loc = loc.named(component);
+        let Some(raw) = doc.section::<RawToken>(node, &loc) else {
+            continue;
+        };
+        let before = doc.error_count();
+
+        let name = doc.required(&loc, "name", raw.name);
+        if let Some(name) = &name {
+            if name.trim().is_empty() {
+                doc.at(&loc, "name", "name is empty");
+            } else if let Some(first) = names.get(name) {
+                let first = first.map(|l| format!(" on line {l}")).unwrap_or_default();
+                doc.at(
+                    &loc,
+                    "name",
+                    format_args!("token name {name:?} is already used{first}"),
+                );
+            } else {
+                names.insert(name.clone(), loc.at("name"));
+            }
+        }
+
+        let secret_key = if raw.token.is_some() {
+            "token"
+        } else {
+            "token_file"
+        };
+        let secret = match (raw.token, raw.token_file) {
+            (Some(_), Some(_)) => {
+                doc.at(&loc, "token_file", "give token or token_file, not both");
+                None
+            }
+            (None, None) => {
+                doc.error(
+                    loc.header,
+                    format!(
+                        "{}: missing token (give token or token_file)",
+                        loc.component
+                    ),
+                );
+                None
+            }
+            (Some(t), None) => check_secret(doc, &loc, "token", t, "token"),
+            (None, Some(file)) => {
+                if file.is_empty() {
+                    doc.at(&loc, "token_file", "token_file is empty");
+                    None
+                } else {
+                    let path = base.join(&file);
+                    match std::fs::read_to_string(&path) {
+                        Ok(text) => {
+                            let what = format!("the token in {}", path.display());
+                            check_secret(doc, &loc, "token_file", text.trim().to_owned(), &what)
+                        }
+                        Err(e) => {
+                            doc.at(
+                                &loc,
+                                "token_file",
+                                format_args!("cannot read token_file {}: {e}", path.display()),
+                            );
+                            None
+                        }
+                    }
+                }
+            }
+        };
+        if let (Some(secret), Some(name)) = (&secret, &name) {
+            if let Some(other) = secrets.get(secret) {
+                doc.at(
+                    &loc,
+                    secret_key,
+                    format_args!("the same secret is already used by token {other:?}"),
+                );
+            } else {
+                secrets.insert(secret.clone(), name.clone());
+            }
+        }
+
+        let role = match doc.required(&loc, "role", raw.role) {
+            Some(r) => doc.choice(&loc, "role", &r, ROLES),
+            None => None,
+        };
+
+        if doc.error_count() > before {
+            continue;
+        }
+        if let (Some(name), Some(token), Some(role)) = (name, secret, role) {
+            tokens.push(ApiToken { name, token, role });
+        }
+    }
+    tokens
+}
+
+/// Checks a bearer token secret: at least [`MIN_TOKEN_LEN`] visible ASCII characters.
+fn check_secret(
+    doc: &mut Doc<'_>,
+    loc: &Loc,
+    key: &str,
+    secret: String,
+    what: &str,
+) -> Option<String> {
+    let len = secret.chars().count();
+    if len < MIN_TOKEN_LEN {
+        doc.at(
+            loc,
+            key,
+            format_args!("{what} is {len} characters long, shorter than {MIN_TOKEN_LEN}"),
+        );
+        return None;
+    }
+    if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+        doc.at(
+            loc,
+            key,
+            format_args!("{what} may only hold visible ASCII characters (no spaces)"),
+        );
+        return None;
+    }
+    Some(secret)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,275 @@
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use super::*;
+
+const EXAMPLE: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/hub.toml"));
+
+/// The smallest valid hub config (13 lines).
+const BASE: &str = r#"[hub]
+data_dir = "data"
+[identity]
+trust_domain = "example.org"
+cert = "c.pem"
+key = "k.pem"
+bundle = "b.pem"
+
+[[api.tokens]]
+name = "admin"
+token = "0123456789abcdef"
+role = "admin"
+
+"#;
+
+fn parse_text(text: &str) -> Result<HubConfig, ConfigErrors> {
+    parse("hub.toml", text, Path::new("/etc/edgesync"))
+}
+
+fn problems(text: &str) -> Vec<(Option<usize>, String)> {
+    match parse_text(text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.errors.into_iter().map(|e| (e.line, e.message)).collect(),
+    }
+}
+
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("{needle:?} not in text"))
+}
+
+fn assert_problem(text: &str, marker: &str, needle: &str) {
+    assert_problem_at(text, line_of(text, marker), needle);
+}
+
+fn assert_problem_at(text: &str, line: usize, needle: &str) {
+    let found = problems(text);
+    assert!(
+        found
+            .iter()
+            .any(|(l, m)| *l == Some(line) && m.contains(needle)),
+        "no problem on line {line} containing {needle:?}; got {found:#?}"
+    );
+}
+
+#[test]
+fn deploy_example_is_valid() {
+    let cfg =
+        parse("deploy/hub.toml", EXAMPLE, Path::new("/opt/hub")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.listen, "0.0.0.0:7443".parse().unwrap());
+    assert_eq!(cfg.http_listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(cfg.data_dir, Path::new("/opt/hub/./hub-data"));
+    assert_eq!(cfg.sled_cache_bytes, 64 << 20);
+    assert_eq!(cfg.max_nodes, Some(1000));
+    assert_eq!(cfg.identity.trust_domain, "example.org");
+    assert_eq!(cfg.identity.hub_id, "spiffe://example.org/hub");
+    assert_eq!(cfg.identity.key, Path::new("/opt/hub/./pki/hub.key"));
+    assert_eq!(cfg.tokens.len(), 2);
+    assert_eq!(cfg.tokens[0].name, "operator");
+    assert_eq!(cfg.tokens[0].role, Role::Admin);
+    assert_eq!(cfg.tokens[1].role, Role::ReadOnly);
+    assert_eq!(cfg.tokens[1].token, "read-only-example-token-change-me");
+}
+
+#[test]
+fn defaults_apply() {
+    let cfg = parse_text(BASE).unwrap();
+    assert_eq!(cfg.listen, "0.0.0.0:7443".parse().unwrap());
+    assert_eq!(cfg.http_listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(cfg.sled_cache_bytes, DEFAULT_SLED_CACHE_BYTES);
+    assert_eq!(cfg.max_nodes, None);
+    assert_eq!(cfg.identity.hub_id, "spiffe://example.org/hub");
+    assert_eq!(cfg.data_dir, Path::new("/etc/edgesync/data"));
+}
+
+#[test]
+fn several_problems_with_lines_and_unknown_fields() {
+    let text = r#"[hub]
+listen = "7443"
+http_listen = "localhost:8080"
+data_dir = "data"
+max_nodes = 0
+max_conns = 3
+
+[identity]
+trust_domain = "example.org"
+hub_id = "spiffe://other.org/hub"
+cert = "c.pem"
+key = "k.pem"
+
+[api]
+port = 1
+
+[[api.tokens]]
+name = "ops"
+token = "short"
+role = "root"
+
+[[api.tokens]]
+name = "ops"
+role = "admin"
+scope = "all"
+
+[tls]
+"#;
+    let err = parse("deploy/hub.toml", text, Path::new(".")).unwrap_err();
+    let rendered: Vec<String> = err.iter().map(|e| e.to_string()).collect();
+    let expected = [
+        "deploy/hub.toml:2: [hub]: listen \"7443\" is not an ip:port socket address",
+        "deploy/hub.toml:3: [hub]: http_listen \"localhost:8080\" is not an ip:port socket address",
+        "deploy/hub.toml:5: [hub]: max_nodes is 0 but must be in 1..=4294967295",
+        "deploy/hub.toml:6: [hub]: unknown field \"max_conns\" (did you mean \"max_nodes\"?)",
+        "deploy/hub.toml:8: [identity]: missing required field \"bundle\"",
+        "deploy/hub.toml:10: [identity]: hub_id \"spiffe://other.org/hub\" is not in trust domain \"example.org\"",
+        "deploy/hub.toml:15: [api]: unknown field \"port\"",
+        "deploy/hub.toml:19: api token \"ops\": token is 5 characters long, shorter than 16",
+        "deploy/hub.toml:20: api token \"ops\": role \"root\" is not one of \"admin\", \"read_only\"",
+        "deploy/hub.toml:22: api token \"ops\": missing token (give token or token_file)",
+        "deploy/hub.toml:23: api token \"ops\": token name \"ops\" is already used on line 18",
+        "deploy/hub.toml:25: api token \"ops\": unknown field \"scope\"",
+        "deploy/hub.toml:27: top level: unknown field \"tls\"",
+    ];
+    for want in expected {
+        assert!(
+            rendered.iter().any(|r| r.starts_with(want)),
+            "missing {want:?} in\n{}",
+            rendered.join("\n")
+        );
+    }
+    assert_eq!(rendered.len(), expected.len(), "{}", rendered.join("\n"));
+    assert_eq!(render_errors(&err).lines().count(), expected.len());
+}
+
+#[test]
+fn missing_everything() {
+    let found = problems("");
+    let msgs: Vec<&str> = found.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(
+        msgs,
+        [
+            "missing required table [hub] (it needs data_dir)",
+            "missing required table [identity] (it needs trust_domain, cert, key and bundle)",
+            "missing required table [api] (it needs at least one [[api.tokens]])",
+        ]
+    );
+    let text = BASE.replace(
+        "[[api.tokens]]\nname = \"admin\"\ntoken = \"0123456789abcdef\"\nrole = \"admin\"\n",
+        "[api]\n",
+    );
+    assert_problem(&text, "[api]", "[api]: no API tokens are configured");
+}
+
+#[test]
+fn token_checks() {
+    let with_token = |lines: &str| format!("{BASE}[[api.tokens]]\n{lines}\n");
+    let text = with_token("name = \"b\"\ntoken = \"0123456789abcdef\"\nrole = \"read_only\"");
+    assert!(
+        problems(&text)
+            .iter()
+            .any(|(_, m)| m.contains("the same secret is already used by token \"admin\"")),
+        "{:#?}",
+        problems(&text)
+    );
+    let text = with_token("name = \"b\"\ntoken = \"0123456789 abcdef\"\nrole = \"admin\"");
+    assert_problem(
+        &text,
+        "0123456789 abcdef",
+        "token may only hold visible ASCII characters",
+    );
+    let text = with_token(
+        "name = \"b\"\ntoken = \"0123456789abcdefX\"\ntoken_file = \"t\"\nrole = \"admin\"",
+    );
+    assert_problem(&text, "token_file", "give token or token_file, not both");
+    let text = with_token("name = \"b\"\ntoken = \"0123456789abcdefX\"");
+    // Missing fields are reported at the table header: the second [[api.tokens]], line 14.
+    assert_problem_at(
+        &text,
+        14,
+        "api token \"b\": missing required field \"role\"",
+    );
+    let text = with_token("token = \"0123456789abcdefX\"\nrole = \"admin\"");
+    assert_problem_at(&text, 14, "api token #2: missing required field \"name\"");
+    let text = with_token("name = \"b\"\ntoken_file = \"does-not-exist.token\"\nrole = \"admin\"");
+    assert_problem(
+        &text,
+        "token_file",
+        "cannot read token_file /etc/edgesync/does-not-exist.token",
+    );
+    let text = format!("{BASE}[api]\ntokens = 1\n");
+    assert!(
+        problems(&text)
+            .iter()
+            .any(|(_, m)| m.contains("invalid TOML") || m.contains("expected an array of tables"))
+    );
+}
+
+#[test]
+fn token_file_is_read_relative_to_the_config() {
+    let dir = std::env::temp_dir().join(format!("edgesync-hubcfg-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("secrets")).unwrap();
+    std::fs::write(
+        dir.join("secrets/ops.token"),
+        "  abcdefghijklmnopqrstuvwxyz\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("secrets/short.token"), "abc\n").unwrap();
+    let text = format!(
+        "{BASE}[[api.tokens]]\nname = \"ops\"\ntoken_file = \"secrets/ops.token\"\nrole = \"read_only\"\n"
+    );
+    let file = dir.join("hub.toml");
+    std::fs::write(&file, &text).unwrap();
+    let cfg = load(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.source, file);
+    assert_eq!(cfg.tokens[1].token, "abcdefghijklmnopqrstuvwxyz");
+    assert!(cfg.data_dir.is_absolute());
+
+    std::fs::write(&file, text.replace("ops.token", "short.token")).unwrap();
+    let err = load(&file).unwrap_err();
+    assert_eq!(err.len(), 1, "{err}");
+    assert!(
+        err.to_string()
+            .contains("is 3 characters long, shorter than 16"),
+        "{err}"
+    );
+    assert_eq!(err.errors[0].line, Some(line_of(&text, "token_file")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn identity_and_listen_checks() {
+    let text = BASE.replace(
+        "trust_domain = \"example.org\"",
+        "trust_domain = \"Example.org\"",
+    );
+    assert_problem(
+        &text,
+        "trust_domain",
+        "trust_domain \"Example.org\" may only hold lowercase",
+    );
+    let text = BASE.replace("cert = \"c.pem\"", "cert = \"c.pem\"\nhub_id = \"hub\"");
+    assert_problem(&text, "hub_id", "hub_id \"hub\" is not a SPIFFE id");
+    let text = BASE.replace(
+        "data_dir = \"data\"",
+        "data_dir = \"data\"\nlisten = \"[::]:7443\"\nsled_cache_bytes = 0",
+    );
+    assert_problem(
+        &text,
+        "sled_cache_bytes",
+        "sled_cache_bytes is 0 but must be at least 1",
+    );
+    let cfg = parse_text(&BASE.replace(
+        "data_dir = \"data\"",
+        "data_dir = \"/var/lib/hub\"\nlisten = \"[::]:7443\"",
+    ))
+    .unwrap();
+    assert_eq!(cfg.listen, "[::]:7443".parse().unwrap());
+    assert_eq!(cfg.data_dir, Path::new("/var/lib/hub"));
+    let text = BASE.replace("data_dir = \"data\"", "data_dir = 5");
+    assert_problem(
+        &text,
+        "data_dir",
+        "[hub]: data_dir: invalid type: integer `5`, expected a string",
+    );
+}
