@@ -16,7 +16,8 @@
 //!   connection. Exception 2 (illegal data address) splits the request in halves by tags and
 //!   retries them, down to single tags, so only the tag at fault goes bad; the refined plan is
 //!   remembered for that set of tags until the next reconnect, so the search is not repeated
-//!   every cycle.
+//!   every cycle. Exceptions 0x0A and 0x0B (a gateway cannot reach the unit) end the unit's
+//!   cycle (its remaining tags get the same exception) and back the unit off, like a timeout.
 //! - **Timeouts** mark the tags of that request and of the rest of the device's cycle
 //!   `Bad(Timeout)`. The *unit* then backs off on its own (jittered exponential, 1 s doubling
 //!   to 30 s by default) while the other units keep their schedule. tokio-modbus checks the
@@ -520,6 +521,13 @@ fn extract(req: &ReadRequest, response: Response) -> Option<Data> {
     }
 }
 
+/// Exceptions 0x0A (gateway path unavailable) and 0x0B (gateway target device failed to
+/// respond): the unit behind a gateway is unreachable, which is treated like a timeout (the
+/// rest of the cycle is skipped, the unit backs off) except that the connection is kept.
+fn is_unit_unreachable(code: u8) -> bool {
+    matches!(code, 0x0A | 0x0B)
+}
+
 /// The outcome of one request, before samples are made.
 enum Outcome {
     Answered(Data, Duration),
@@ -646,7 +654,12 @@ async fn run_cycle(
                 }
                 unit.metrics.error(ErrorKind::Exception);
                 mark(&mut samples, BadReason::Exception(code));
-                leaves.push(req);
+                if is_unit_unreachable(code) {
+                    // The gateway cannot reach the unit: do not ask it anything else now.
+                    abort = Some(BadReason::Exception(code));
+                } else {
+                    leaves.push(req);
+                }
             }
             Outcome::Answered(data, took) => {
                 unit.metrics.response(took);
@@ -682,7 +695,8 @@ async fn run_cycle(
     let ts = clock();
 
     match abort {
-        Some(BadReason::Timeout) => {
+        // Keep in step with `is_unit_unreachable`.
+        Some(BadReason::Timeout | BadReason::Exception(0x0A | 0x0B)) => {
             let delay = unit.backoff.next_delay();
             unit.retry_at = Some(Instant::now() + delay);
         }
@@ -757,6 +771,8 @@ mod tests {
         silent: bool,
         /// Answer this late.
         delay: Option<Duration>,
+        /// Answer like a gateway whose target does not respond (exception 0x0B).
+        gateway_fail: bool,
         /// Requests received.
         requests: u64,
     }
@@ -782,6 +798,9 @@ mod tests {
             u.requests += 1;
             if u.silent {
                 return Ok(None);
+            }
+            if u.gateway_fail {
+                return Err(ExceptionCode::GatewayTargetDevice);
             }
             let range = |start: u16, count: u16| start..start.saturating_add(count);
             let check = |u: &SimUnit, start: u16, count: u16| {
@@ -1355,6 +1374,92 @@ mod tests {
             );
             assert_eq!(r.samples[0].value, None);
         }
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn unreachable_unit_behind_a_gateway_backs_off_on_a_kept_connection() {
+        let sim = Sim::default();
+        sim.with(1, |u| {
+            u.holding.insert(0, 1);
+        });
+        sim.with(2, |u| u.gateway_fail = true);
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let d1 = device(
+            "ok",
+            addr,
+            1,
+            vec![tag("a", Table::HoldingRegister, 0, DataType::UInt16)],
+        );
+        let d2 = device(
+            "gone",
+            addr,
+            2,
+            vec![
+                tag("x", Table::HoldingRegister, 0, DataType::UInt16),
+                tag("y", Table::Coil, 0, DataType::Bool),
+            ],
+        );
+        let mut run = Running::start(addr, vec![d1, d2]);
+        let started = Instant::now();
+        let mut gone = 0u64;
+        while started.elapsed() < Duration::from_millis(1000) {
+            let r = run.next().await;
+            if r.device.as_str() == "gone" {
+                for s in &r.samples {
+                    assert_eq!(s.quality, Quality::Bad(BadReason::Exception(0x0B)));
+                }
+                assert_eq!(r.samples.len(), 2);
+                gone += 1;
+            } else {
+                assert_eq!(good(&r, "a"), Value::UInt(1));
+            }
+        }
+        // Probes at 0, then after 200-400 ms, then 400-800 ms: at most 3 in a second, one
+        // request each (the coil read is skipped), instead of 10 cycles of 2 requests.
+        assert!((1..=3).contains(&gone), "probed {gone} times");
+        assert_eq!(sim.with(2, |u| u.requests), gone);
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn tags_whose_intervals_coincide_are_read_in_one_cycle() {
+        let sim = Sim::default();
+        sim.with(1, |u| u.holding.insert(1, 9));
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let mut slow = tag("slow", Table::HoldingRegister, 1, DataType::UInt16);
+        slow.poll_interval = Duration::from_millis(200);
+        let mut write_only = tag("setpoint", Table::HoldingRegister, 2, DataType::UInt16);
+        write_only.access = Access::Write;
+        let d = device(
+            "plc",
+            addr,
+            1,
+            vec![
+                tag("fast", Table::HoldingRegister, 0, DataType::UInt16),
+                slow,
+                write_only,
+            ],
+        );
+        let mut run = Running::start(addr, vec![d]);
+        let mut with_slow = 0;
+        let n = 12;
+        for _ in 0..n {
+            let r = run.next().await;
+            assert_eq!(good(&r, "fast"), Value::UInt(0));
+            let props: Vec<&str> = r.samples.iter().map(|s| s.property.as_str()).collect();
+            match props.as_slice() {
+                ["fast"] => {}
+                ["fast", "slow"] => with_slow += 1,
+                other => panic!("unexpected cycle {other:?}"),
+            }
+        }
+        // The 200 ms group coincides with every second 100 ms cycle.
+        assert!((n / 2 - 1..=n / 2 + 1).contains(&with_slow), "{with_slow}");
+        // One request per cycle: adjacent registers of both groups are merged.
+        assert!(sim.with(1, |u| u.requests) <= n as u64 + 1);
         run.stop().await;
         server.abort();
     }
