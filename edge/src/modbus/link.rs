@@ -7,7 +7,7 @@
 //!   per request.
 //! - **Schedule.** Each device groups its readable tags by `poll_interval`; each group has its
 //!   own due instant. When one or more groups of a device are due, their tags are planned
-//!   together ([`plan`](super::plan)) and read in one cycle, which yields exactly one
+//!   together ([`plan`](mod@super::plan)) and read in one cycle, which yields exactly one
 //!   [`DeviceReading`] with a sample for every tag read (good or bad). After a cycle a group is
 //!   due again one interval after its previous due instant; if that instant has already passed
 //!   (a slow link, a long outage), it is due one interval from now: missed ticks are skipped,
@@ -79,7 +79,8 @@ pub struct TagSample {
     pub quality: Quality,
 }
 
-/// Tuning of a link task. The defaults suit production; tests shorten them.
+/// Tuning of a link task. The defaults suit production; tests shorten them. Poll intervals
+/// and backoff delays longer than a year are cut to a year.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkOptions {
     /// First backoff delay of a unit after a timeout, and of the link after a transport error.
@@ -134,6 +135,10 @@ pub fn spawn_link_with(
     tokio::spawn(task.run())
 }
 
+/// Longest poll interval or backoff honoured (longer ones are cut to it), so that instant
+/// arithmetic can never overflow whatever the config says.
+const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Exponential backoff with jitter: the n-th delay is uniformly drawn from `[d/2, d]` where
 /// `d = min(initial * 2^n, max)`.
 #[derive(Debug, Clone)]
@@ -145,9 +150,10 @@ struct Backoff {
 
 impl Backoff {
     fn new(initial: Duration, max: Duration) -> Self {
+        let initial = initial.min(MAX_DELAY);
         Backoff {
             initial,
-            max: max.max(initial),
+            max: max.min(MAX_DELAY).max(initial),
             failures: 0,
         }
     }
@@ -206,7 +212,10 @@ impl Unit {
                 continue;
             }
             readable.push(index);
-            let interval = tag.poll_interval.max(options.min_poll_interval);
+            let interval = tag
+                .poll_interval
+                .max(options.min_poll_interval)
+                .min(MAX_DELAY);
             match by_interval.iter_mut().find(|(i, _)| *i == interval) {
                 Some((_, tags)) => tags.push(index),
                 None => by_interval.push((interval, vec![index])),
@@ -1537,6 +1546,32 @@ mod tests {
         // Late by several intervals: one interval from now, no catch-up burst.
         let now = t0 + Duration::from_millis(450);
         assert_eq!(advance(t0, i, now), now + i);
+    }
+
+    #[test]
+    fn huge_durations_are_capped_not_overflowing() {
+        let mut b = Backoff::new(Duration::MAX, Duration::MAX);
+        for _ in 0..40 {
+            assert!(b.next_delay() <= MAX_DELAY);
+        }
+        let spec = Arc::new(DeviceSpec {
+            id: DeviceId::new("d").unwrap(),
+            link: link(local()),
+            unit_id: 1,
+            timeout: Duration::MAX,
+            max_registers_per_read: 125,
+            max_bits_per_read: 2000,
+            max_gap: 0,
+            tags: vec![{
+                let mut t = tag("a", Table::HoldingRegister, 0, DataType::UInt16);
+                t.poll_interval = Duration::MAX;
+                t
+            }],
+        });
+        let unit = Unit::new(spec, "l", &options(), Instant::now());
+        assert_eq!(unit.groups[0].interval, MAX_DELAY);
+        let now = Instant::now();
+        assert!(advance(now, unit.groups[0].interval, now) > now);
     }
 
     #[test]

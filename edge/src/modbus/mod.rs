@@ -29,7 +29,7 @@
 //! - A bad sample carries no value (`value: None`); keeping the last good one is the twin
 //!   store's business.
 //! - No register is read twice in one cycle, a tag is never split across reads, and reads
-//!   respect the device's and the protocol's limits ([`plan`]).
+//!   respect the device's and the protocol's limits ([`mod@plan`]).
 //! - Every request has a timeout; retries back off with jitter; nothing a device sends can
 //!   panic the task or make it spin.
 //! - [`codec::encode`] is the exact inverse of [`codec::decode`] and is what writes use.
