@@ -83,12 +83,10 @@ impl Agent {
             .map_err(|e| StartError::Identity(e.to_string()))?;
         let node = spiffe_id::node_from_edge_id(&identity.id, &td)
             .map_err(|e| StartError::Identity(format!("our own SVID: {e}")))?;
-        if let Some(want) = &cfg.node_id {
-            if want != &node {
-                return Err(StartError::Identity(format!(
-                    "config node_id {want} does not match the SVID's node {node}"
-                )));
-            }
+        if let Some(want) = cfg.node_id.as_ref().filter(|w| *w != &node) {
+            return Err(StartError::Identity(format!(
+                "config node_id {want} does not match the SVID's node {node}"
+            )));
         }
         let hub_id: SpiffeId = match &cfg.hub.hub_id {
             Some(id) => spiffe_id::parse_id(id),

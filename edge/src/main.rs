@@ -76,14 +76,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(cfg: config::AgentConfig) -> ExitCode {
-    if let Some(addr) = cfg.metrics_listen {
-        if let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new()
+    if let Some(addr) = cfg.metrics_listen
+        && let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
             .install()
-        {
-            eprintln!("metrics listener {addr}: {e}");
-            return ExitCode::FAILURE;
-        }
+    {
+        eprintln!("metrics listener {addr}: {e}");
+        return ExitCode::FAILURE;
     }
     let agent = match Agent::start(cfg).await {
         Ok(a) => a,

@@ -422,7 +422,7 @@ mod tests {
             device: DeviceId::new("plc-1").unwrap(),
             property: PropertyId::new(format!("p{i}")).unwrap(),
             value: Some(Value::Float(i as f64 * 0.5)),
-            quality: if i % 3 == 0 {
+            quality: if i.is_multiple_of(3) {
                 Quality::Bad(BadReason::Exception(2))
             } else {
                 Quality::Good

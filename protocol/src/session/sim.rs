@@ -310,10 +310,8 @@ impl World {
                 }
                 None => self.store.commit(c.first_seq, &c.samples),
             };
-            if c.epoch == self.epoch {
-                if let Some(h) = self.hub.as_mut() {
-                    h.handle_stored(upto);
-                }
+            if let Some(h) = self.hub.as_mut().filter(|_| c.epoch == self.epoch) {
+                h.handle_stored(upto);
             }
         }
         if self.connected {
@@ -326,15 +324,12 @@ impl World {
                 let _ = self.edge.handle_frame(b, self.now);
             }
         }
-        if let Some(t) = self.edge.poll_timeout() {
-            if t <= self.now {
-                self.edge.handle_timeout(self.now);
-            }
+        if self.edge.poll_timeout().is_some_and(|t| t <= self.now) {
+            self.edge.handle_timeout(self.now);
         }
-        if let Some(h) = self.hub.as_mut() {
-            if h.poll_timeout().is_some_and(|t| t <= self.now) {
-                h.handle_timeout(self.now);
-            }
+        let now = self.now;
+        if let Some(h) = self.hub.as_mut().filter(|h| h.poll_timeout().is_some_and(|t| t <= now)) {
+            h.handle_timeout(now);
         }
         self.pump();
     }
