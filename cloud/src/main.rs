@@ -1,1 +1,130 @@
-fn main() {}
+//! `edgesync-hub`: the hub binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use edgesync_cloud::api::{ApiToken, Role};
+use edgesync_cloud::config::{self, HubConfig};
+use edgesync_cloud::hub::{Hub, HubOptions};
+
+/// edgesync hub: accepts edge tunnels, stores twins and telemetry, serves the HTTP API.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the hub.
+    Run {
+        /// Path of hub.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file and report every problem at once (file and line).
+    Validate {
+        /// Path of hub.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn options(cfg: &HubConfig) -> HubOptions {
+    HubOptions {
+        listen: cfg.listen,
+        http_listen: cfg.http_listen,
+        data_dir: cfg.data_dir.clone(),
+        sled_cache_bytes: cfg.sled_cache_bytes,
+        trust_domain: cfg.identity.trust_domain.clone(),
+        hub_id: cfg.identity.hub_id.clone(),
+        cert: cfg.identity.cert.clone(),
+        key: cfg.identity.key.clone(),
+        bundle: cfg.identity.bundle.clone(),
+        tokens: cfg
+            .tokens
+            .iter()
+            .map(|t| ApiToken {
+                name: t.name.clone(),
+                token: t.token.clone(),
+                role: match t.role {
+                    config::Role::Admin => Role::Admin,
+                    config::Role::ReadOnly => Role::ReadOnly,
+                },
+            })
+            .collect(),
+        idle_timeout: Duration::from_secs(10),
+        max_connections: 10_000,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { config: path } => match config::load(&path) {
+            Ok(_) => {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprint!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config: path } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                )
+                .init();
+            let cfg = match config::load(&path) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(async move {
+                let hub = match Hub::start(options(&cfg)).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        eprintln!("edgesync-hub: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                // One machine-readable line, for scripts and tests that asked for port 0.
+                println!("edgesync-hub listening tunnel={} http={}", hub.tunnel_addr, hub.http_addr);
+                wait_for_signal().await;
+                tracing::info!("shutting down");
+                hub.shutdown().await;
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,4 +1,8 @@
 //! # edgesync-testkit
+//!
+//! Test support for edgesync: a PLC simulator ([`sim`]), SVID minting ([`pki`]) and a harness
+//! that starts the real binaries ([`harness`]).
 
+pub mod harness;
 pub mod pki;
 pub mod sim;

@@ -1,1 +1,4 @@
-//! integration tests
+//! End-to-end tests: real `edgesync-agent` and `edgesync-hub` processes on loopback, a PLC
+//! simulator, a throwaway SPIFFE trust domain.
+
+mod e2e;

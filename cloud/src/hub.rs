@@ -1,0 +1,139 @@
+//! A running hub: the tunnel server, the store and the HTTP API, started together.
+//!
+//! [`Hub::start`] is what `edgesync-hub run` calls; the demo and the benchmarks embed a hub
+//! the same way.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgesync_protocol::spiffe_id::{self, TrustDomain};
+use edgesync_protocol::tls::{Identity, SvidStore, TrustBundle};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiState, ApiToken};
+use crate::server::{self, TunnelConfig};
+use crate::store::HubStore;
+
+/// Everything a hub needs to start.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// UDP address of the QUIC tunnel.
+    pub listen: SocketAddr,
+    /// TCP address of the HTTP API.
+    pub http_listen: SocketAddr,
+    /// Where the sled store lives.
+    pub data_dir: PathBuf,
+    /// sled cache size.
+    pub sled_cache_bytes: u64,
+    /// Trust domain of the fleet.
+    pub trust_domain: String,
+    /// The hub's own SPIFFE ID (its SVID must carry it).
+    pub hub_id: String,
+    /// The hub's SVID certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The hub's SVID key (PEM).
+    pub key: PathBuf,
+    /// Trust bundle (PEM).
+    pub bundle: PathBuf,
+    /// API tokens.
+    pub tokens: Vec<ApiToken>,
+    /// Session idle timeout.
+    pub idle_timeout: Duration,
+    /// Most concurrent tunnel connections.
+    pub max_connections: usize,
+}
+
+/// Why the hub could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HubError {
+    /// The identity files are unusable.
+    #[error("identity: {0}")]
+    Identity(String),
+    /// The store failed to open.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// A listener could not be bound.
+    #[error("listen: {0}")]
+    Listen(String),
+}
+
+/// A running hub.
+pub struct Hub {
+    /// The store (shared with the API and sessions).
+    pub store: Arc<HubStore>,
+    /// Where the tunnel listens (the real port when 0 was asked).
+    pub tunnel_addr: SocketAddr,
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn load_svid(o: &HubOptions, td: &TrustDomain) -> Result<Arc<SvidStore>, HubError> {
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| HubError::Identity(format!("{}: {e}", p.display())));
+    let id = Identity::from_pem(&read(&o.cert)?, &read(&o.key)?)
+        .map_err(|e| HubError::Identity(format!("{}: {e}", o.cert.display())))?;
+    let want = spiffe_id::parse_id(&o.hub_id).map_err(|e| HubError::Identity(e.to_string()))?;
+    if id.id != want {
+        return Err(HubError::Identity(format!("the SVID in {} is {}, not the configured hub id {want}", o.cert.display(), id.id)));
+    }
+    if !id.id.is_member_of(td) {
+        return Err(HubError::Identity(format!("hub id {} is not in trust domain {td}", id.id)));
+    }
+    let bundle = TrustBundle::from_pem(&read(&o.bundle)?).map_err(|e| HubError::Identity(format!("{}: {e}", o.bundle.display())))?;
+    SvidStore::new(id, bundle).map_err(|e| HubError::Identity(e.to_string()))
+}
+
+impl Hub {
+    /// Opens the store, binds both listeners and starts serving. Must be called within a
+    /// tokio runtime.
+    pub async fn start(o: HubOptions) -> Result<Hub, HubError> {
+        let td = spiffe_id::trust_domain(&o.trust_domain).map_err(|e| HubError::Identity(e.to_string()))?;
+        let svid = load_svid(&o, &td)?;
+        let store = Arc::new(HubStore::open(&o.data_dir.join("hub.sled"), o.sled_cache_bytes)?);
+        let tcfg = TunnelConfig {
+            trust_domain: td,
+            idle_timeout: o.idle_timeout,
+            max_connections: o.max_connections,
+        };
+        let endpoint = server::endpoint(o.listen, svid, &tcfg).map_err(HubError::Listen)?;
+        let tunnel_addr = endpoint.local_addr().map_err(|e| HubError::Listen(e.to_string()))?;
+        let listener = tokio::net::TcpListener::bind(o.http_listen)
+            .await
+            .map_err(|e| HubError::Listen(format!("{}: {e}", o.http_listen)))?;
+        let http_addr = listener.local_addr().map_err(|e| HubError::Listen(e.to_string()))?;
+        let cancel = CancellationToken::new();
+        let mut tasks = vec![];
+        tasks.push(tokio::spawn(server::serve(endpoint, store.clone(), tcfg, cancel.child_token())));
+        let state = ApiState {
+            store: store.clone(),
+            tokens: Arc::new(o.tokens.clone()),
+            metrics: crate::telemetry::prometheus(),
+        };
+        let app = api::router(state);
+        let http_cancel = cancel.child_token();
+        tasks.push(tokio::spawn(async move {
+            let shutdown = async move { http_cancel.cancelled().await };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                tracing::error!(error = %e, "http server failed");
+            }
+        }));
+        tracing::info!(%tunnel_addr, %http_addr, "hub started");
+        Ok(Hub { store, tunnel_addr, http_addr, cancel, tasks })
+    }
+
+    /// Stops serving and flushes the store.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! The QUIC tunnel server: accepts edge connections and drives a [`HubSession`] per node.
+//!
+//! Per connection: the TLS handshake requires an edge SVID of our trust domain (see
+//! `edgesync_protocol::tls::server_config`); the node id is taken from the verified
+//! certificate. One bidirectional stream carries the session. Records go to a per-connection
+//! committer task that merges queued batches into one store commit (group commit) and reports
+//! the durable sequence number back; only then does the session acknowledge.
+//!
+//! A newer connection of the same node supersedes the older one (an agent restarted after
+//! `kill -9` does not wait for the old connection to time out).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use edgesync_protocol::frame::{self, Body, DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, FrameError};
+use edgesync_protocol::session::{HubConfig as SessionConfig, HubEvent, HubSession, Millis};
+use edgesync_protocol::spiffe_id::TrustDomain;
+use edgesync_protocol::tls::{self, SvidStore};
+use edgesync_protocol::{NodeId, Sample};
+use rustls_pki_types::CertificateDer;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{ConnInfo, HubStore};
+
+/// Settings of the tunnel server.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// Trust domain whose edges are accepted.
+    pub trust_domain: TrustDomain,
+    /// Close a session after this much silence.
+    pub idle_timeout: Duration,
+    /// Most connections handled at once (more are refused until some close).
+    pub max_connections: usize,
+}
+
+/// Builds the quinn endpoint listening on `listen`.
+pub fn endpoint(listen: SocketAddr, svid: Arc<SvidStore>, cfg: &TunnelConfig) -> Result<quinn::Endpoint, String> {
+    let crypto = tls::server_config(svid, cfg.trust_domain.clone()).map_err(|e| e.to_string())?;
+    let qc = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| e.to_string())?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(qc));
+    let mut transport = quinn::TransportConfig::default();
+    if let Ok(idle) = quinn::IdleTimeout::try_from(cfg.idle_timeout) {
+        transport.max_idle_timeout(Some(idle));
+    }
+    transport.max_concurrent_bidi_streams(1u8.into());
+    transport.max_concurrent_uni_streams(0u8.into());
+    sc.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(sc, listen).map_err(|e| format!("bind {listen}: {e}"))
+}
+
+struct Ctx {
+    store: Arc<HubStore>,
+    cfg: TunnelConfig,
+    origin: Instant,
+    live: Mutex<HashMap<NodeId, (u64, CancellationToken)>>,
+    next_conn: std::sync::atomic::AtomicU64,
+    active: std::sync::atomic::AtomicUsize,
+}
+
+impl Ctx {
+    fn now(&self) -> Millis {
+        self.origin.elapsed().as_millis() as u64
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Accepts connections until `cancel` fires.
+pub async fn serve(endpoint: quinn::Endpoint, store: Arc<HubStore>, cfg: TunnelConfig, cancel: CancellationToken) {
+    let ctx = Arc::new(Ctx {
+        store,
+        cfg,
+        origin: Instant::now(),
+        live: Mutex::new(HashMap::new()),
+        next_conn: 0.into(),
+        active: 0.into(),
+    });
+    loop {
+        let incoming = tokio::select! {
+            _ = cancel.cancelled() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        use std::sync::atomic::Ordering;
+        if ctx.active.load(Ordering::Relaxed) >= ctx.cfg.max_connections {
+            metrics::counter!("edgesync_hub_connections_refused_total", "reason" => "limit").increment(1);
+            incoming.refuse();
+            continue;
+        }
+        let ctx = ctx.clone();
+        let cancel = cancel.child_token();
+        tokio::spawn(async move {
+            ctx.active.fetch_add(1, Ordering::Relaxed);
+            handle_connection(incoming, &ctx, cancel).await;
+            ctx.active.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    endpoint.close(0u32.into(), b"hub shutting down");
+}
+
+async fn handle_connection(incoming: quinn::Incoming, ctx: &Arc<Ctx>, cancel: CancellationToken) {
+    let remote = incoming.remote_address();
+    let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            metrics::counter!("edgesync_hub_handshake_failures_total").increment(1);
+            tracing::warn!(%remote, error = %e, "tunnel handshake refused");
+            return;
+        }
+        Err(_) => {
+            metrics::counter!("edgesync_hub_handshake_failures_total").increment(1);
+            tracing::warn!(%remote, "tunnel handshake timed out");
+            return;
+        }
+    };
+    let node = match conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| "no peer certificate".to_string())
+        .and_then(|certs| tls::peer_node(&certs, &ctx.cfg.trust_domain).map_err(|e| e.to_string()))
+    {
+        Ok(n) => n,
+        Err(e) => {
+            // The verifier already refuses these; this is defence in depth.
+            metrics::counter!("edgesync_hub_handshake_failures_total").increment(1);
+            tracing::warn!(%remote, error = %e, "peer refused");
+            conn.close(1u32.into(), b"forbidden");
+            return;
+        }
+    };
+    // Supersede an older connection of the same node.
+    let conn_id = ctx.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let token = cancel.child_token();
+    if let Some((_, old)) = ctx
+        .live
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(node.clone(), (conn_id, token.clone()))
+    {
+        old.cancel();
+    }
+    metrics::gauge!("edgesync_hub_sessions").increment(1.0);
+    let result = drive(&conn, ctx, &node, remote, &token).await;
+    metrics::gauge!("edgesync_hub_sessions").decrement(1.0);
+    {
+        let mut live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.get(&node).is_some_and(|(id, _)| *id == conn_id) {
+            live.remove(&node);
+            if let Err(e) = ctx.store.node_disconnected(&node, wall_ms()) {
+                tracing::error!(%node, error = %e, "cannot record disconnect");
+            }
+        }
+    }
+    match result {
+        Ok(()) => tracing::info!(%node, %remote, "session ended"),
+        Err(e) => {
+            metrics::counter!("edgesync_hub_session_errors_total").increment(1);
+            tracing::warn!(%node, %remote, error = %e, "session ended with an error");
+        }
+    }
+    conn.close(0u32.into(), b"bye");
+}
+
+enum Job {
+    Store { first_seq: u64, samples: Vec<Sample> },
+    Gap { from: u64, to: u64 },
+}
+
+/// Commits jobs in order, merging what is queued into one commit.
+async fn committer(store: Arc<HubStore>, node: NodeId, mut jobs: mpsc::Receiver<Job>, done: mpsc::Sender<Result<u64, String>>) {
+    while let Some(job) = jobs.recv().await {
+        let result = match job {
+            Job::Gap { from, to } => {
+                metrics::counter!("edgesync_hub_gap_records_total").increment(to - from + 1);
+                tracing::warn!(%node, from, to, "records lost at the edge (outbox overflow): recording a gap");
+                store.commit_gap(&node, from, to).await.map_err(|e| e.to_string())
+            }
+            Job::Store { first_seq, mut samples } => {
+                // Group commit: merge the batches that queued up meanwhile.
+                let mut next = first_seq + samples.len() as u64;
+                let mut pending_gap = None;
+                while let Ok(more) = jobs.try_recv() {
+                    match more {
+                        Job::Store { first_seq: f, samples: s } if f == next => {
+                            next += s.len() as u64;
+                            samples.extend(s);
+                        }
+                        other => {
+                            pending_gap = Some(other);
+                            break;
+                        }
+                    }
+                }
+                let n = samples.len() as u64;
+                let r = store.commit_batch(&node, first_seq, &samples).await;
+                let r = match r {
+                    Ok(o) => {
+                        metrics::counter!("edgesync_hub_records_stored_total").increment(o.accepted as u64);
+                        if o.duplicates > 0 {
+                            metrics::counter!("edgesync_hub_duplicate_records_total").increment(o.duplicates as u64);
+                        }
+                        Ok(o.stored_seq)
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = n;
+                if let Some(job) = pending_gap {
+                    // Report this commit first, then handle the job that did not merge.
+                    if done.send(r).await.is_err() {
+                        return;
+                    }
+                    let r2 = match job {
+                        Job::Gap { from, to } => store.commit_gap(&node, from, to).await.map_err(|e| e.to_string()),
+                        Job::Store { first_seq, samples } => store
+                            .commit_batch(&node, first_seq, &samples)
+                            .await
+                            .map(|o| o.stored_seq)
+                            .map_err(|e| e.to_string()),
+                    };
+                    r2
+                } else {
+                    r
+                }
+            }
+        };
+        if done.send(result).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn drive(
+    conn: &quinn::Connection,
+    ctx: &Arc<Ctx>,
+    node: &NodeId,
+    remote: SocketAddr,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let (mut send, mut recv) = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        r = tokio::time::timeout(ctx.cfg.idle_timeout, conn.accept_bi()) => match r {
+            Err(_) => return Err("no stream opened in time".into()),
+            Ok(Err(e)) => return Err(format!("connection: {e}")),
+            Ok(Ok(s)) => s,
+        }
+    };
+    let stored = ctx.store.stored_seq(node).map_err(|e| format!("store: {e}"))?;
+    let scfg = SessionConfig {
+        hub_version: env!("CARGO_PKG_VERSION").to_owned(),
+        idle_timeout_ms: ctx.cfg.idle_timeout.as_millis() as u64,
+    };
+    let mut session = HubSession::new(scfg, node.clone(), stored, ctx.now());
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(64);
+    let (done_tx, mut done_rx) = mpsc::channel(64);
+    let committer = tokio::spawn(committer(ctx.store.clone(), node.clone(), jobs_rx, done_tx));
+    let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = BytesMut::new();
+    let result = loop {
+        // Events first (they may queue jobs), then frames to send.
+        let mut closed = None;
+        while let Some(ev) = session.poll_event() {
+            match ev {
+                HubEvent::Hello(h) => {
+                    tracing::info!(%node, %remote, agent = %h.agent_version, backlog = h.backlog, "session established");
+                    let info = ConnInfo {
+                        remote_addr: remote.to_string(),
+                        agent_version: h.agent_version,
+                        boot_id: h.boot_id,
+                        config_version: h.config_version,
+                    };
+                    if let Err(e) = ctx.store.node_connected(node, info, wall_ms()) {
+                        tracing::error!(%node, error = %e, "cannot record connect");
+                    }
+                    let _ = ctx.store.node_seen(node, wall_ms(), h.backlog);
+                }
+                HubEvent::Store { first_seq, samples } => {
+                    // Bounded queue: when commits lag, we stop reading and QUIC flow control
+                    // pushes back on the agent.
+                    if jobs_tx.send(Job::Store { first_seq, samples }).await.is_err() {
+                        closed = Some(Err("committer stopped".to_string()));
+                    }
+                }
+                HubEvent::Gap { from, to } => {
+                    if jobs_tx.send(Job::Gap { from, to }).await.is_err() {
+                        closed = Some(Err("committer stopped".to_string()));
+                    }
+                }
+                HubEvent::Duplicates { count } => {
+                    metrics::counter!("edgesync_hub_duplicate_frames_records_total").increment(count);
+                }
+                HubEvent::Backlog(b) => {
+                    let _ = ctx.store.node_seen(node, wall_ms(), b);
+                }
+                HubEvent::Closed(e) => closed = Some(Err(e.to_string())),
+            }
+        }
+        out.clear();
+        while let Some(body) = session.poll_transmit() {
+            if let Err(e) = frame::encode_frame(&Frame { body: Some(body) }, DEFAULT_MAX_FRAME_LEN, &mut out) {
+                tracing::error!(%node, error = %e, "cannot encode a frame");
+            }
+        }
+        if !out.is_empty() {
+            if let Err(e) = send.write_all(&out).await {
+                break Err(format!("write: {e}"));
+            }
+        }
+        if let Some(r) = closed {
+            // Let the goodbye leave.
+            let _ = send.finish();
+            break r;
+        }
+        let deadline = session
+            .poll_timeout()
+            .map(|t| ctx.origin + Duration::from_millis(t))
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            // Superseded by a newer connection of this node, or hub shutdown.
+            _ = cancel.cancelled() => {
+                let bye = Frame { body: Some(Body::Goodbye(frame::Goodbye { reason: "superseded or shutting down".into() })) };
+                if let Ok(b) = frame::frame_bytes(&bye, DEFAULT_MAX_FRAME_LEN) {
+                    let _ = tokio::time::timeout(Duration::from_millis(200), send.write_all(&b)).await;
+                }
+                break Ok(());
+            }
+            // Bytes from the agent (RecvStream::read is cancel-safe).
+            r = recv.read(&mut buf) => match r {
+                Ok(Some(n)) => {
+                    decoder.push(&buf[..n]);
+                    let now = ctx.now();
+                    let mut err = None;
+                    loop {
+                        match decoder.next_frame() {
+                            Ok(Some(body)) => {
+                                if session.handle_frame(body, now).is_err() {
+                                    break; // reported as a Closed event
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(FrameError::UnknownMessage) => {
+                                metrics::counter!("edgesync_hub_unknown_frames_total").increment(1);
+                                tracing::debug!(%node, "ignoring a frame of a kind this hub does not know");
+                            }
+                            Err(e) => {
+                                metrics::counter!("edgesync_hub_bad_frames_total").increment(1);
+                                err = Some(format!("bad frame: {e}"));
+                                break;
+                            }
+                        }
+                    }
+                    if let Some(e) = err {
+                        break Err(e);
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(format!("read: {e}")),
+            },
+            // A commit finished (mpsc::recv is cancel-safe).
+            d = done_rx.recv() => match d {
+                Some(Ok(upto)) => session.handle_stored(upto),
+                Some(Err(e)) => {
+                    metrics::counter!("edgesync_hub_commit_errors_total").increment(1);
+                    session.handle_store_failed(e);
+                }
+                None => break Err("committer stopped".into()),
+            },
+            // Idle and handshake timers.
+            _ = tokio::time::sleep_until(deadline) => session.handle_timeout(ctx.now()),
+        }
+    };
+    drop(jobs_tx);
+    // Let queued commits finish (they are idempotent); bounded.
+    let _ = tokio::time::timeout(Duration::from_secs(5), committer).await;
+    result
+}

@@ -1,0 +1,331 @@
+//! Sync from a simulated PLC to the hub API through real processes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use edgesync_cloud::store::HubStore;
+use edgesync_protocol::{NodeId, Value};
+use edgesync_testkit::harness::{self, Api, Pki, Proc, SimDevice, TempDir};
+use edgesync_testkit::sim::{Script, ScriptId, SimConfig, SimHandle, Table};
+
+const TD: &str = "example.org";
+
+struct Rig {
+    tmp: TempDir,
+    pki: Pki,
+    sim: SimHandle,
+    scripts: Vec<ScriptId>,
+    hub: Option<Proc>,
+    agent: Option<Proc>,
+    api: Api,
+    tunnel: String,
+    http: String,
+}
+
+async fn start_sim(counters: u16) -> anyhow::Result<(SimHandle, Vec<ScriptId>)> {
+    let sim = SimHandle::start("127.0.0.1:0".parse()?, SimConfig::with_units([1, 2])).await?;
+    let mut ids = vec![];
+    for unit in [1u8, 2] {
+        for i in 0..counters {
+            ids.push(sim.add_script(unit, Table::HoldingRegister, i, Script::Counter { step: 1 }, Duration::from_millis(50))?);
+        }
+    }
+    Ok((sim, ids))
+}
+
+/// Stops the PLC's counters, so the hub can converge on fixed values.
+fn freeze(r: &Rig) {
+    for id in &r.scripts {
+        r.sim.remove_script(*id);
+    }
+}
+
+async fn start_hub(tmp: &Path, pki: &Pki, listen: &str, http: &str) -> anyhow::Result<(Proc, String, String)> {
+    let (cert, key) = pki.svid(&format!("spiffe://{TD}/hub"), "hub")?;
+    let cfg = harness::hub_toml(tmp, listen, http, TD, &cert, &key, &pki.bundle, None)?;
+    let hub = Proc::spawn(
+        &harness::bin("edgesync-hub")?,
+        &["run", "--config", &cfg.display().to_string()],
+        &tmp.join("hub.log"),
+        Some("edgesync-hub listening"),
+    )
+    .await?;
+    let (t, h) = harness::hub_addrs(hub.ready_line.as_deref().unwrap_or_default())?;
+    Ok((hub, t, h))
+}
+
+fn devices(sim: &SimHandle, counters: u16) -> Vec<SimDevice> {
+    [1u8, 2]
+        .iter()
+        .map(|u| SimDevice {
+            id: format!("plc-{u}"),
+            endpoint: sim.local_addr().to_string(),
+            unit: *u,
+            counters,
+            poll_ms: 50,
+        })
+        .collect()
+}
+
+async fn start_agent(tmp: &Path, pki: &Pki, node_id: &str, tunnel: &str, devs: &[SimDevice]) -> anyhow::Result<Proc> {
+    let dir = tmp.join(node_id.replace('/', "_"));
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = pki.svid(node_id, "agent")?;
+    std::fs::rename(&cert, dir.join("agent.pem"))?;
+    std::fs::rename(&key, dir.join("agent.key.pem"))?;
+    let cfg = harness::agent_toml(&dir, tunnel, TD, &dir.join("agent.pem"), &dir.join("agent.key.pem"), &pki.bundle, devs, "")?;
+    Proc::spawn(&harness::bin("edgesync-agent")?, &["run", "--config", &cfg.display().to_string()], &dir.join("agent.log"), None).await
+}
+
+async fn rig(counters: u16) -> anyhow::Result<Rig> {
+    let tmp = TempDir::new("e2e")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let (sim, scripts) = start_sim(counters).await?;
+    let (hub, tunnel, http) = start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
+    let agent = start_agent(tmp.path(), &pki, &format!("spiffe://{TD}/edge/gw-1"), &tunnel, &devices(&sim, counters)).await?;
+    let api = Api::new(&http);
+    Ok(Rig { tmp, pki, sim, scripts, hub: Some(hub), agent: Some(agent), api, tunnel, http })
+}
+
+fn logs(r: &Rig) -> String {
+    let a = r.agent.as_ref().map(|p| p.log_text()).unwrap_or_default();
+    let h = r.hub.as_ref().map(|p| p.log_text()).unwrap_or_default();
+    format!("--- agent log ---\n{a}\n--- hub log ---\n{h}")
+}
+
+/// Waits until the hub's twin of every counter equals what the simulator holds now.
+async fn converged(r: &Rig, counters: u16, within: Duration) -> anyhow::Result<()> {
+    let sim = r.sim.clone();
+    r.api
+        .wait_for(within, move |api| {
+            let sim = sim.clone();
+            async move {
+                for unit in [1u8, 2] {
+                    let want = sim.holding(unit, 0, counters as usize)?;
+                    for (i, w) in want.iter().enumerate() {
+                        let got = api.reported_u64("gw-1", &format!("plc-{unit}"), &format!("c{i}")).await?;
+                        if got != Some(u64::from(*w)) {
+                            return Ok(None);
+                        }
+                    }
+                }
+                Ok(Some(()))
+            }
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulator_values_reach_the_hub_api() -> anyhow::Result<()> {
+    let r = rig(4).await?;
+    // Values arrive and keep changing.
+    let first = r
+        .api
+        .wait_for(Duration::from_secs(20), |api| async move { api.reported_u64("gw-1", "plc-1", "c0").await })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&r)))?;
+    let later = r
+        .api
+        .wait_for(Duration::from_secs(10), move |api| async move {
+            Ok(api.reported_u64("gw-1", "plc-1", "c0").await?.filter(|v| *v > first))
+        })
+        .await?;
+    assert!(later > first);
+    // The twin has the contract's shape.
+    let (status, twin) = r.api.get("/api/v1/nodes/gw-1/devices/plc-2/twin").await?;
+    assert_eq!(status, 200);
+    assert_eq!(twin["reported"]["c3"]["quality"], "good");
+    assert!(twin["reported"]["c3"]["ts"].as_u64().is_some_and(|ts| ts > 1_600_000_000_000));
+    assert!(twin["desired"].is_object() && twin["delta"].is_object());
+    // The node is listed as connected, with its agent version.
+    let (_, node) = r.api.get("/api/v1/nodes/gw-1").await?;
+    assert_eq!(node["connected"], true, "{node}");
+    // Freeze the PLC: the hub converges on exactly its values.
+    freeze(&r);
+    converged(&r, 4, Duration::from_secs(15)).await?;
+    // No token, no data.
+    let no_auth = reqwest::get(format!("http://{}/api/v1/nodes", r.http)).await?;
+    assert_eq!(no_auth.status().as_u16(), 401);
+    Ok(())
+}
+
+/// Checks the hub's history of one node: dense sequence numbers from 1, each stored once, and
+/// per property strictly increasing counter values (nothing replayed out of order).
+fn check_history(store: &HubStore, node: &str) -> anyhow::Result<usize> {
+    let node = NodeId::new(node)?;
+    let stored = store.stored_seq(&node)?;
+    let recs = store.records(&node, 1)?;
+    assert_eq!(recs.len() as u64, stored, "every sequence number up to {stored} is stored exactly once");
+    for (i, (seq, _)) in recs.iter().enumerate() {
+        assert_eq!(*seq, i as u64 + 1, "sequence numbers are dense");
+    }
+    let mut last: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for (seq, s) in &recs {
+        let Some(Value::Int(v)) = s.value.clone().map(|v| match v {
+            Value::UInt(u) => Value::Int(u as i64),
+            other => other,
+        }) else {
+            continue;
+        };
+        let key = (s.device.to_string(), s.property.to_string());
+        if let Some(prev) = last.get(&key) {
+            assert!((v as u64) > *prev, "record {seq}: {key:?} went from {prev} to {v} (duplicate or reordered)");
+        }
+        last.insert(key, v as u64);
+    }
+    Ok(recs.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_with_sigkill_loses_nothing_and_duplicates_nothing() -> anyhow::Result<()> {
+    let mut r = rig(8).await?;
+    r.api
+        .wait_for(Duration::from_secs(20), |api| async move { api.reported_u64("gw-1", "plc-1", "c0").await })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&r)))?;
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300 + 200 * round)).await;
+        if let Some(a) = r.agent.take() {
+            a.kill9().await?;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        r.agent = Some(
+            start_agent(r.tmp.path(), &r.pki, &format!("spiffe://{TD}/edge/gw-1"), &r.tunnel, &devices(&r.sim, 8)).await?,
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    freeze(&r);
+    converged(&r, 8, Duration::from_secs(20)).await.map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&r)))?;
+    // Stop the agent cleanly, then the hub, and read the hub's history.
+    if let Some(a) = r.agent.take() {
+        assert!(a.terminate().await?, "agent exits 0 on SIGTERM");
+    }
+    if let Some(h) = r.hub.take() {
+        assert!(h.terminate().await?, "hub exits 0 on SIGTERM");
+    }
+    let store = HubStore::open(&r.tmp.path().join("hubdata").join("hub.sled"), 1 << 20)?;
+    let n = check_history(&store, "gw-1")?;
+    assert!(n > 50, "a meaningful history was stored ({n} records)");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_restart_agent_resumes_by_itself() -> anyhow::Result<()> {
+    let mut r = rig(2).await?;
+    r.api
+        .wait_for(Duration::from_secs(20), |api| async move { api.reported_u64("gw-1", "plc-1", "c0").await })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&r)))?;
+    // Kill the hub hard; restart it on the same ports.
+    if let Some(h) = r.hub.take() {
+        h.kill9().await?;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (hub, _, _) = start_hub(r.tmp.path(), &r.pki, &r.tunnel, &r.http).await?;
+    r.hub = Some(hub);
+    let before = r.api.reported_u64("gw-1", "plc-1", "c0").await?.unwrap_or(0);
+    r.api
+        .wait_for(Duration::from_secs(20), move |api| async move {
+            Ok(api.reported_u64("gw-1", "plc-1", "c0").await?.filter(|v| *v > before + 5))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&r)))?;
+    freeze(&r);
+    converged(&r, 2, Duration::from_secs(20)).await?;
+    if let Some(a) = r.agent.take() {
+        a.terminate().await?;
+    }
+    if let Some(h) = r.hub.take() {
+        h.terminate().await?;
+    }
+    let store = HubStore::open(&r.tmp.path().join("hubdata").join("hub.sled"), 1 << 20)?;
+    check_history(&store, "gw-1")?;
+    Ok(())
+}
+
+async fn handshake_failures(api: &Api) -> anyhow::Result<f64> {
+    let m = api.metrics().await?;
+    Ok(m.lines()
+        .filter(|l| l.starts_with("edgesync_hub_handshake_failures_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_and_non_edge_identities_are_refused() -> anyhow::Result<()> {
+    let tmp = TempDir::new("refuse")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let (sim, _scripts) = start_sim(1).await?;
+    let (_hub, tunnel, http) = start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
+    let api = Api::new(&http);
+    let devs = devices(&sim, 1);
+
+    // 1. An edge of another trust domain, signed by its own CA, trusting ours.
+    let evil_dir = tmp.path().join("evil");
+    let evil = Pki::new(&evil_dir, "evil.org")?;
+    let (cert, key) = evil.svid("spiffe://evil.org/edge/gw-x", "agent")?;
+    let cfg = harness::agent_toml(&evil_dir, &tunnel, "evil.org", &cert, &key, &pki.bundle, &devs, "")?;
+    let a1 = Proc::spawn(&harness::bin("edgesync-agent")?, &["run", "--config", &cfg.display().to_string()], &evil_dir.join("agent.log"), None).await?;
+
+    // 2. A foreign trust-domain id signed by our own CA (the hub must check the domain).
+    let (cert2, key2) = pki.svid("spiffe://evil.org/edge/gw-y", "foreign")?;
+    let d2 = tmp.path().join("foreign");
+    std::fs::create_dir_all(&d2)?;
+    let cfg2 = harness::agent_toml(&d2, &tunnel, "evil.org", &cert2, &key2, &pki.bundle, &devs, "")?;
+    let a2 = Proc::spawn(&harness::bin("edgesync-agent")?, &["run", "--config", &cfg2.display().to_string()], &d2.join("agent.log"), None).await;
+
+    // 3. A non-edge path of our trust domain.
+    let (cert3, key3) = pki.svid(&format!("spiffe://{TD}/workload/gw-z"), "workload")?;
+    let d3 = tmp.path().join("workload");
+    std::fs::create_dir_all(&d3)?;
+    let cfg3 = harness::agent_toml(&d3, &tunnel, TD, &cert3, &key3, &pki.bundle, &devs, "")?;
+    let a3 = Proc::spawn(&harness::bin("edgesync-agent")?, &["run", "--config", &cfg3.display().to_string()], &d3.join("agent.log"), None).await?;
+
+    // The hub counts refused handshakes and never lists these nodes.
+    api.wait_for(Duration::from_secs(20), |api| async move {
+        Ok((handshake_failures(&api).await? >= 2.0).then_some(()))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", a1.log_text(), a3.log_text()))?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, nodes) = api.get("/api/v1/nodes").await?;
+    assert_eq!(nodes.as_array().map(|a| a.len()), Some(0), "no refused node may appear: {nodes}");
+    // Agents 2 and 3 refuse to even start with an identity that is not an edge of their
+    // trust domain, or keep failing to connect; either way nothing got through.
+    if let Ok(a2) = a2 {
+        drop(a2);
+    }
+    drop(a1);
+    drop(a3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_refuses_a_hub_with_the_wrong_id() -> anyhow::Result<()> {
+    let tmp = TempDir::new("wronghub")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let (sim, _scripts) = start_sim(1).await?;
+    // The hub presents spiffe://example.org/impostor (and is configured to be it).
+    let (cert, key) = pki.svid(&format!("spiffe://{TD}/impostor"), "hub")?;
+    let cfg = harness::hub_toml(tmp.path(), "127.0.0.1:0", "127.0.0.1:0", TD, &cert, &key, &pki.bundle, Some(&format!("spiffe://{TD}/impostor")))?;
+    let hub = Proc::spawn(&harness::bin("edgesync-hub")?, &["run", "--config", &cfg.display().to_string()], &tmp.path().join("hub.log"), Some("edgesync-hub listening")).await?;
+    let (tunnel, http) = harness::hub_addrs(hub.ready_line.as_deref().unwrap_or_default())?;
+    let agent = start_agent(tmp.path(), &pki, &format!("spiffe://{TD}/edge/gw-1"), &tunnel, &devices(&sim, 1)).await?;
+    let api = Api::new(&http);
+    // The agent tries, and refuses the hub's certificate, every time.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = agent.log_text();
+        if log.matches("uplink down").count() >= 2 {
+            assert!(log.contains("is not the expected spiffe://example.org/hub"), "{log}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "agent never reported the refusal:\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, nodes) = api.get("/api/v1/nodes").await?;
+    assert_eq!(nodes.as_array().map(|a| a.len()), Some(0), "{nodes}");
+    Ok(())
+}
+
