@@ -155,7 +155,7 @@ pub fn agent_toml(
     for d in devices {
         writeln!(
             s,
-            "[[devices]]\nid = {:?}\nendpoint = {:?}\nunit_id = {}\npoll_interval_ms = {}\ntimeout_ms = 500\n",
+            "[[devices]]\nid = {:?}\nprotocol = \"tcp\"\nendpoint = {:?}\nunit_id = {}\npoll_interval_ms = {}\ntimeout_ms = 500\n",
             d.id, d.endpoint, d.unit, d.poll_ms
         )?;
         for i in 0..d.counters {
