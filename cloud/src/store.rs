@@ -428,6 +428,43 @@ impl HubStore {
         })
     }
 
+    /// Records that `node`'s records `from..=to` are lost for good (its agent dropped them
+    /// from a full outbox): they count as stored, so the sequence continues after `to`. The
+    /// gap itself is kept (meta key `gap` + `from`) for audits. Durable when this returns.
+    pub async fn commit_gap(&self, node: &NodeId, from: u64, to: u64) -> Result<u64, StoreError> {
+        if from == 0 || to < from {
+            return Err(StoreError::InvalidSeq { first_seq: from, len: 0 });
+        }
+        {
+            let _commit = self.commit_lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let applied = self.read().get(node).map_or(0, |n| n.applied_seq);
+            if to <= applied {
+                return Ok(self.read().get(node).map_or(0, |n| n.durable_seq));
+            }
+            if from > applied + 1 {
+                return Err(StoreError::Gap { expected: applied + 1, got: from });
+            }
+            let mut gap_field = b"gap".to_vec();
+            gap_field.extend_from_slice(&from.to_be_bytes());
+            let mut batch = sled::Batch::default();
+            batch.insert(meta_key(node, &gap_field), &to.to_be_bytes());
+            batch.insert(meta_key(node, FIELD_SEQ), &to.to_be_bytes());
+            self.tree.apply_batch(batch)?;
+            self.write().entry(node.clone()).or_default().applied_seq = to;
+        }
+        self.db.flush_async().await?;
+        let mut state = self.write();
+        let n = state.entry(node.clone()).or_default();
+        n.durable_seq = n.durable_seq.max(to);
+        Ok(n.durable_seq)
+    }
+
+    /// Flushes everything to disk (at shutdown).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
     /// Every stored record of `node` with sequence number `>= from_seq`, in order.
     pub fn records(&self, node: &NodeId, from_seq: u64) -> Result<Vec<(u64, Sample)>, StoreError> {
         let prefix = node_prefix(node);
