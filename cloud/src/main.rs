@@ -57,7 +57,7 @@ fn options(cfg: &HubConfig) -> HubOptions {
             })
             .collect(),
         idle_timeout: Duration::from_secs(10),
-        max_connections: 10_000,
+        max_connections: cfg.max_nodes.map_or(10_000, |n| n as usize),
     }
 }
 
