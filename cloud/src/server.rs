@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use edgesync_protocol::frame::{self, Body, DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, FrameError};
+use edgesync_protocol::frame::{
+    self, Body, DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, FrameError,
+};
 use edgesync_protocol::session::{HubConfig as SessionConfig, HubEvent, HubSession, Millis};
 use edgesync_protocol::spiffe_id::TrustDomain;
 use edgesync_protocol::tls::{self, SvidStore};
@@ -39,9 +41,14 @@ pub struct TunnelConfig {
 }
 
 /// Builds the quinn endpoint listening on `listen`.
-pub fn endpoint(listen: SocketAddr, svid: Arc<SvidStore>, cfg: &TunnelConfig) -> Result<quinn::Endpoint, String> {
+pub fn endpoint(
+    listen: SocketAddr,
+    svid: Arc<SvidStore>,
+    cfg: &TunnelConfig,
+) -> Result<quinn::Endpoint, String> {
     let crypto = tls::server_config(svid, cfg.trust_domain.clone()).map_err(|e| e.to_string())?;
-    let qc = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| e.to_string())?;
+    let qc =
+        quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| e.to_string())?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(qc));
     let mut transport = quinn::TransportConfig::default();
     if let Ok(idle) = quinn::IdleTimeout::try_from(cfg.idle_timeout) {
@@ -76,7 +83,12 @@ fn wall_ms() -> u64 {
 }
 
 /// Accepts connections until `cancel` fires.
-pub async fn serve(endpoint: quinn::Endpoint, store: Arc<HubStore>, cfg: TunnelConfig, cancel: CancellationToken) {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    store: Arc<HubStore>,
+    cfg: TunnelConfig,
+    cancel: CancellationToken,
+) {
     let ctx = Arc::new(Ctx {
         store,
         cfg,
@@ -92,7 +104,8 @@ pub async fn serve(endpoint: quinn::Endpoint, store: Arc<HubStore>, cfg: TunnelC
         };
         use std::sync::atomic::Ordering;
         if ctx.active.load(Ordering::Relaxed) >= ctx.cfg.max_connections {
-            metrics::counter!("edgesync_hub_connections_refused_total", "reason" => "limit").increment(1);
+            metrics::counter!("edgesync_hub_connections_refused_total", "reason" => "limit")
+                .increment(1);
             incoming.refuse();
             continue;
         }
@@ -138,7 +151,9 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: &Arc<Ctx>, cancel: Ca
         }
     };
     // Supersede an older connection of the same node.
-    let conn_id = ctx.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let conn_id = ctx
+        .next_conn
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let token = cancel.child_token();
     if let Some((_, old)) = ctx
         .live
@@ -171,68 +186,88 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: &Arc<Ctx>, cancel: Ca
 }
 
 enum Job {
-    Store { first_seq: u64, samples: Vec<Sample> },
-    Gap { from: u64, to: u64 },
+    Store {
+        first_seq: u64,
+        samples: Vec<Sample>,
+    },
+    Gap {
+        from: u64,
+        to: u64,
+    },
 }
 
-/// Commits jobs in order, merging what is queued into one commit.
-async fn committer(store: Arc<HubStore>, node: NodeId, mut jobs: mpsc::Receiver<Job>, done: mpsc::Sender<Result<u64, String>>) {
-    while let Some(job) = jobs.recv().await {
-        let result = match job {
-            Job::Gap { from, to } => {
-                metrics::counter!("edgesync_hub_gap_records_total").increment(to - from + 1);
-                tracing::warn!(%node, from, to, "records lost at the edge (outbox overflow): recording a gap");
-                store.commit_gap(&node, from, to).await.map_err(|e| e.to_string())
+async fn commit_one(store: &HubStore, node: &NodeId, job: Job) -> Result<u64, String> {
+    match job {
+        Job::Gap { from, to } => {
+            metrics::counter!("edgesync_hub_gap_records_total").increment(to - from + 1);
+            tracing::warn!(%node, from, to, "records lost at the edge (outbox overflow): recording a gap");
+            store
+                .commit_gap(node, from, to)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Job::Store { first_seq, samples } => {
+            let o = store
+                .commit_batch(node, first_seq, &samples)
+                .await
+                .map_err(|e| e.to_string())?;
+            metrics::counter!("edgesync_hub_records_stored_total").increment(o.accepted as u64);
+            if o.duplicates > 0 {
+                metrics::counter!("edgesync_hub_duplicate_records_total")
+                    .increment(o.duplicates as u64);
             }
-            Job::Store { first_seq, mut samples } => {
-                // Group commit: merge the batches that queued up meanwhile.
+            Ok(o.stored_seq)
+        }
+    }
+}
+
+/// Commits jobs in order, merging consecutive record batches that queued up meanwhile into one
+/// commit (group commit), and reports each commit's durable sequence number.
+async fn committer(
+    store: Arc<HubStore>,
+    node: NodeId,
+    mut jobs: mpsc::Receiver<Job>,
+    done: mpsc::Sender<Result<u64, String>>,
+) {
+    let mut held: Option<Job> = None;
+    loop {
+        let job = match held.take() {
+            Some(j) => j,
+            None => match jobs.recv().await {
+                Some(j) => j,
+                None => return,
+            },
+        };
+        let job = match job {
+            Job::Store {
+                first_seq,
+                mut samples,
+            } => {
                 let mut next = first_seq + samples.len() as u64;
-                let mut pending_gap = None;
                 while let Ok(more) = jobs.try_recv() {
                     match more {
-                        Job::Store { first_seq: f, samples: s } if f == next => {
+                        Job::Store {
+                            first_seq: f,
+                            samples: s,
+                        } if f == next => {
                             next += s.len() as u64;
                             samples.extend(s);
                         }
                         other => {
-                            pending_gap = Some(other);
+                            held = Some(other);
                             break;
                         }
                     }
                 }
-                let n = samples.len() as u64;
-                let r = store.commit_batch(&node, first_seq, &samples).await;
-                let r = match r {
-                    Ok(o) => {
-                        metrics::counter!("edgesync_hub_records_stored_total").increment(o.accepted as u64);
-                        if o.duplicates > 0 {
-                            metrics::counter!("edgesync_hub_duplicate_records_total").increment(o.duplicates as u64);
-                        }
-                        Ok(o.stored_seq)
-                    }
-                    Err(e) => Err(e.to_string()),
-                };
-                let _ = n;
-                if let Some(job) = pending_gap {
-                    // Report this commit first, then handle the job that did not merge.
-                    if done.send(r).await.is_err() {
-                        return;
-                    }
-                    let r2 = match job {
-                        Job::Gap { from, to } => store.commit_gap(&node, from, to).await.map_err(|e| e.to_string()),
-                        Job::Store { first_seq, samples } => store
-                            .commit_batch(&node, first_seq, &samples)
-                            .await
-                            .map(|o| o.stored_seq)
-                            .map_err(|e| e.to_string()),
-                    };
-                    r2
-                } else {
-                    r
-                }
+                Job::Store { first_seq, samples }
             }
+            gap => gap,
         };
-        if done.send(result).await.is_err() {
+        if done
+            .send(commit_one(&store, &node, job).await)
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -253,7 +288,10 @@ async fn drive(
             Ok(Ok(s)) => s,
         }
     };
-    let stored = ctx.store.stored_seq(node).map_err(|e| format!("store: {e}"))?;
+    let stored = ctx
+        .store
+        .stored_seq(node)
+        .map_err(|e| format!("store: {e}"))?;
     let scfg = SessionConfig {
         hub_version: env!("CARGO_PKG_VERSION").to_owned(),
         idle_timeout_ms: ctx.cfg.idle_timeout.as_millis() as u64,
@@ -286,7 +324,11 @@ async fn drive(
                 HubEvent::Store { first_seq, samples } => {
                     // Bounded queue: when commits lag, we stop reading and QUIC flow control
                     // pushes back on the agent.
-                    if jobs_tx.send(Job::Store { first_seq, samples }).await.is_err() {
+                    if jobs_tx
+                        .send(Job::Store { first_seq, samples })
+                        .await
+                        .is_err()
+                    {
                         closed = Some(Err("committer stopped".to_string()));
                     }
                 }
@@ -296,7 +338,8 @@ async fn drive(
                     }
                 }
                 HubEvent::Duplicates { count } => {
-                    metrics::counter!("edgesync_hub_duplicate_frames_records_total").increment(count);
+                    metrics::counter!("edgesync_hub_duplicate_frames_records_total")
+                        .increment(count);
                 }
                 HubEvent::Backlog(b) => {
                     let _ = ctx.store.node_seen(node, wall_ms(), b);
@@ -306,7 +349,9 @@ async fn drive(
         }
         out.clear();
         while let Some(body) = session.poll_transmit() {
-            if let Err(e) = frame::encode_frame(&Frame { body: Some(body) }, DEFAULT_MAX_FRAME_LEN, &mut out) {
+            if let Err(e) =
+                frame::encode_frame(&Frame { body: Some(body) }, DEFAULT_MAX_FRAME_LEN, &mut out)
+            {
                 tracing::error!(%node, error = %e, "cannot encode a frame");
             }
         }
