@@ -74,17 +74,27 @@ pub struct Hub {
 }
 
 fn load_svid(o: &HubOptions, td: &TrustDomain) -> Result<Arc<SvidStore>, HubError> {
-    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| HubError::Identity(format!("{}: {e}", p.display())));
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|e| HubError::Identity(format!("{}: {e}", p.display())))
+    };
     let id = Identity::from_pem(&read(&o.cert)?, &read(&o.key)?)
         .map_err(|e| HubError::Identity(format!("{}: {e}", o.cert.display())))?;
     let want = spiffe_id::parse_id(&o.hub_id).map_err(|e| HubError::Identity(e.to_string()))?;
     if id.id != want {
-        return Err(HubError::Identity(format!("the SVID in {} is {}, not the configured hub id {want}", o.cert.display(), id.id)));
+        return Err(HubError::Identity(format!(
+            "the SVID in {} is {}, not the configured hub id {want}",
+            o.cert.display(),
+            id.id
+        )));
     }
     if !id.id.is_member_of(td) {
-        return Err(HubError::Identity(format!("hub id {} is not in trust domain {td}", id.id)));
+        return Err(HubError::Identity(format!(
+            "hub id {} is not in trust domain {td}",
+            id.id
+        )));
     }
-    let bundle = TrustBundle::from_pem(&read(&o.bundle)?).map_err(|e| HubError::Identity(format!("{}: {e}", o.bundle.display())))?;
+    let bundle = TrustBundle::from_pem(&read(&o.bundle)?)
+        .map_err(|e| HubError::Identity(format!("{}: {e}", o.bundle.display())))?;
     SvidStore::new(id, bundle).map_err(|e| HubError::Identity(e.to_string()))
 }
 
@@ -92,23 +102,36 @@ impl Hub {
     /// Opens the store, binds both listeners and starts serving. Must be called within a
     /// tokio runtime.
     pub async fn start(o: HubOptions) -> Result<Hub, HubError> {
-        let td = spiffe_id::trust_domain(&o.trust_domain).map_err(|e| HubError::Identity(e.to_string()))?;
+        let td = spiffe_id::trust_domain(&o.trust_domain)
+            .map_err(|e| HubError::Identity(e.to_string()))?;
         let svid = load_svid(&o, &td)?;
-        let store = Arc::new(HubStore::open(&o.data_dir.join("hub.sled"), o.sled_cache_bytes)?);
+        let store = Arc::new(HubStore::open(
+            &o.data_dir.join("hub.sled"),
+            o.sled_cache_bytes,
+        )?);
         let tcfg = TunnelConfig {
             trust_domain: td,
             idle_timeout: o.idle_timeout,
             max_connections: o.max_connections,
         };
         let endpoint = server::endpoint(o.listen, svid, &tcfg).map_err(HubError::Listen)?;
-        let tunnel_addr = endpoint.local_addr().map_err(|e| HubError::Listen(e.to_string()))?;
+        let tunnel_addr = endpoint
+            .local_addr()
+            .map_err(|e| HubError::Listen(e.to_string()))?;
         let listener = tokio::net::TcpListener::bind(o.http_listen)
             .await
             .map_err(|e| HubError::Listen(format!("{}: {e}", o.http_listen)))?;
-        let http_addr = listener.local_addr().map_err(|e| HubError::Listen(e.to_string()))?;
+        let http_addr = listener
+            .local_addr()
+            .map_err(|e| HubError::Listen(e.to_string()))?;
         let cancel = CancellationToken::new();
         let mut tasks = vec![];
-        tasks.push(tokio::spawn(server::serve(endpoint, store.clone(), tcfg, cancel.child_token())));
+        tasks.push(tokio::spawn(server::serve(
+            endpoint,
+            store.clone(),
+            tcfg,
+            cancel.child_token(),
+        )));
         let state = ApiState {
             store: store.clone(),
             tokens: Arc::new(o.tokens.clone()),
@@ -118,12 +141,21 @@ impl Hub {
         let http_cancel = cancel.child_token();
         tasks.push(tokio::spawn(async move {
             let shutdown = async move { http_cancel.cancelled().await };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
                 tracing::error!(error = %e, "http server failed");
             }
         }));
         tracing::info!(%tunnel_addr, %http_addr, "hub started");
-        Ok(Hub { store, tunnel_addr, http_addr, cancel, tasks })
+        Ok(Hub {
+            store,
+            tunnel_addr,
+            http_addr,
+            cancel,
+            tasks,
+        })
     }
 
     /// Stops serving and flushes the store.

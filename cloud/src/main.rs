@@ -88,7 +88,10 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");
@@ -104,7 +107,10 @@ fn main() -> ExitCode {
                     }
                 };
                 // One machine-readable line, for scripts and tests that asked for port 0.
-                println!("edgesync-hub listening tunnel={} http={}", hub.tunnel_addr, hub.http_addr);
+                println!(
+                    "edgesync-hub listening tunnel={} http={}",
+                    hub.tunnel_addr, hub.http_addr
+                );
                 wait_for_signal().await;
                 tracing::info!("shutting down");
                 hub.shutdown().await;

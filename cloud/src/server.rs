@@ -355,10 +355,10 @@ async fn drive(
                 tracing::error!(%node, error = %e, "cannot encode a frame");
             }
         }
-        if !out.is_empty() {
-            if let Err(e) = send.write_all(&out).await {
-                break Err(format!("write: {e}"));
-            }
+        if !out.is_empty()
+            && let Err(e) = send.write_all(&out).await
+        {
+            break Err(format!("write: {e}"));
         }
         if let Some(r) = closed {
             // Let the goodbye leave.
