@@ -151,6 +151,55 @@ pub struct TagSpec {
     pub report: ReportPolicy,
 }
 
+/// Parity of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Parity {
+    /// No parity bit.
+    None,
+    /// Even parity (the Modbus RTU default).
+    #[default]
+    Even,
+    /// Odd parity.
+    Odd,
+}
+
+impl Parity {
+    /// Stable lowercase name used in config and logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Parity::None => "none",
+            Parity::Even => "even",
+            Parity::Odd => "odd",
+        }
+    }
+}
+
+/// Shortest inter-frame delay used on a serial line, whatever the baud rate.
+pub const MIN_INTER_FRAME_DELAY: Duration = Duration::from_millis(2);
+
+/// The default silence between two RTU frames: 3.5 character times at `baud`, where one
+/// character is 1 start bit + `data_bits` + 1 parity bit unless `parity` is none +
+/// `stop_bits`, but at least [`MIN_INTER_FRAME_DELAY`].
+///
+/// Worked example: 19200 baud, 8 data bits, even parity, 1 stop bit = 11 bits per character,
+/// 3.5 × 11 / 19200 s = 2.005 ms. At 9600 baud 8N1 (10 bits): 3.646 ms. At 115200 baud the
+/// computed 0.33 ms is raised to 2 ms. A zero baud rate gives the minimum.
+pub fn default_inter_frame_delay(
+    baud: u32,
+    parity: Parity,
+    data_bits: u8,
+    stop_bits: u8,
+) -> Duration {
+    if baud == 0 {
+        return MIN_INTER_FRAME_DELAY;
+    }
+    let parity_bits = u64::from(parity != Parity::None);
+    let bits = 1 + u64::from(data_bits) + parity_bits + u64::from(stop_bits);
+    // 3.5 characters = 7 half characters, in nanoseconds, rounded up.
+    let nanos = (7 * bits * 1_000_000_000).div_ceil(2 * u64::from(baud));
+    Duration::from_nanos(nanos).max(MIN_INTER_FRAME_DELAY)
+}
+
 /// How the agent reaches a device.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum LinkSpec {
@@ -159,14 +208,45 @@ pub enum LinkSpec {
         /// `host:port`.
         endpoint: String,
     },
+    /// Modbus RTU over a local serial port (RS-485 or RS-232).
+    Rtu {
+        /// Path of the serial device, e.g. `/dev/ttyUSB0`.
+        path: String,
+        /// Baud rate.
+        baud: u32,
+        /// Parity.
+        parity: Parity,
+        /// Data bits per character (7 or 8).
+        data_bits: u8,
+        /// Stop bits per character (1 or 2).
+        stop_bits: u8,
+        /// Silence kept between the end of one frame and the start of the next.
+        inter_frame_delay: Duration,
+    },
+    /// Modbus RTU frames carried over TCP to `host:port` (a serial-to-Ethernet converter in
+    /// transparent mode).
+    RtuOverTcp {
+        /// `host:port`.
+        endpoint: String,
+    },
 }
 
 impl LinkSpec {
     /// A stable key naming the physical link (devices sharing it share one connection).
+    ///
+    /// It names only the physical resource: a serial port is its path, whatever the line
+    /// settings (the config refuses two devices that give one port different settings).
     pub fn key(&self) -> String {
         match self {
             LinkSpec::Tcp { endpoint } => format!("tcp://{endpoint}"),
+            LinkSpec::Rtu { path, .. } => format!("rtu://{path}"),
+            LinkSpec::RtuOverTcp { endpoint } => format!("rtu+tcp://{endpoint}"),
         }
+    }
+
+    /// Whether requests are framed as Modbus RTU (no transaction ids: one shared bus).
+    pub fn is_rtu(&self) -> bool {
+        matches!(self, LinkSpec::Rtu { .. } | LinkSpec::RtuOverTcp { .. })
     }
 }
 

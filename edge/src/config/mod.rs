@@ -38,7 +38,8 @@ pub use address::{AddressError, parse_shorthand, shorthand};
 pub use diag::{ConfigError, ConfigErrors};
 
 use crate::model::{
-    Access, ByteOrder, DataType, DeviceSpec, LinkSpec, ReportPolicy, Table, TagSpec,
+    Access, ByteOrder, DataType, DeviceSpec, LinkSpec, Parity, ReportPolicy, Table, TagSpec,
+    default_inter_frame_delay,
 };
 use address::table_words;
 use diag::{Doc, Loc, Node};
@@ -282,10 +283,24 @@ struct RawDefaults {
 struct RawDevice {
     /// Device id, unique on the node; required.
     id: Option<String>,
-    /// Link protocol: `tcp`; required.
+    /// Link protocol: `tcp`, `rtu` or `rtu_over_tcp`; required.
     protocol: Option<String>,
-    /// `host:port` of the Modbus TCP server; required for `tcp`.
+    /// `host:port` of the Modbus TCP server (or RTU-over-TCP converter); required for `tcp`
+    /// and `rtu_over_tcp`.
     endpoint: Option<String>,
+    /// Serial device path, e.g. `/dev/ttyUSB0`; required for `rtu`.
+    serial_port: Option<String>,
+    /// Baud rate for `rtu`, 300..=4000000 (default 19200).
+    baud: Option<i64>,
+    /// Parity for `rtu`: `none`, `even` or `odd` (default `even`).
+    parity: Option<String>,
+    /// Data bits for `rtu`: 7 or 8 (default 8).
+    data_bits: Option<i64>,
+    /// Stop bits for `rtu`: 1 or 2 (default 1).
+    stop_bits: Option<i64>,
+    /// Silence between RTU frames in milliseconds, 0..=10000 (default: 3.5 character times
+    /// at the baud rate, at least 2 ms).
+    inter_frame_delay_ms: Option<i64>,
     /// Modbus unit id 0..=247 (default 1).
     unit_id: Option<i64>,
     /// Poll interval in milliseconds for the device's tags.
@@ -822,6 +837,8 @@ fn check_devices(
 ) -> Vec<DeviceSpec> {
     let mut devices = Vec::new();
     let mut seen: HashMap<String, Option<usize>> = HashMap::new();
+    // Physical links by key: the first device on each, its line, and its link.
+    let mut links: HashMap<String, (String, Option<usize>, LinkSpec)> = HashMap::new();
     // No devices is valid: the hub may send them in a config bundle.
     let items = doc.table_array(root, "devices", "[[devices]]");
     for (i, (node, loc)) in items.into_iter().enumerate() {
@@ -837,7 +854,7 @@ fn check_devices(
         let raw = raw.unwrap_or_default();
 
         let mut id = None;
-        if raw_ok && let Some(s) = doc.required(&loc, "id", raw.id) {
+        if raw_ok && let Some(s) = doc.required(&loc, "id", raw.id.clone()) {
             match DeviceId::new(s.clone()) {
                 Ok(d) => id = Some(d),
                 Err(e) => doc.at(&loc, "id", e),
@@ -855,25 +872,58 @@ fn check_devices(
         }
 
         let mut link = None;
-        if raw_ok && let Some(protocol) = doc.required(&loc, "protocol", raw.protocol) {
-            if protocol == "tcp" {
-                if let Some(endpoint) = doc.required(&loc, "endpoint", raw.endpoint) {
-                    match net::check_host_port(&endpoint) {
-                        Ok(()) => link = Some(LinkSpec::Tcp { endpoint }),
-                        Err(why) => doc.at(
-                            &loc,
-                            "endpoint",
-                            format_args!("endpoint {endpoint:?} {why}"),
+        if raw_ok && let Some(protocol) = doc.required(&loc, "protocol", raw.protocol.clone()) {
+            link = check_link(doc, &loc, &protocol, &raw);
+        }
+        let mut conflict = false;
+        if let Some(l) = &link {
+            let device = str_key(node, "id").unwrap_or("?").to_owned();
+            let key_field = match l {
+                LinkSpec::Rtu { .. } => "serial_port",
+                _ => "endpoint",
+            };
+            match links.get(&l.key()) {
+                Some((first, first_line, first_link)) if first_link != l => {
+                    let on = first_line
+                        .map(|n| format!(" on line {n}"))
+                        .unwrap_or_default();
+                    doc.at(
+                        &loc,
+                        key_field,
+                        format_args!(
+                            "device {device:?} and device {first:?}{on} share a link but give it different settings (a serial port's baud, parity, data_bits, stop_bits and inter_frame_delay_ms must agree)"
                         ),
-                    }
+                    );
+                    conflict = true;
                 }
-            } else {
-                doc.at(
-                    &loc,
-                    "protocol",
-                    format_args!("protocol {protocol:?} is not supported (only \"tcp\" is)"),
-                );
+                Some(_) => {}
+                None => {
+                    links.insert(l.key(), (device, loc.at(key_field), l.clone()));
+                }
             }
+            // One endpoint spoken to with two framings cannot work either.
+            if let LinkSpec::Tcp { endpoint } | LinkSpec::RtuOverTcp { endpoint } = l {
+                let other = match l {
+                    LinkSpec::Tcp { .. } => format!("rtu+tcp://{endpoint}"),
+                    _ => format!("tcp://{endpoint}"),
+                };
+                if let Some((first, first_line, _)) = links.get(&other) {
+                    let on = first_line
+                        .map(|n| format!(" on line {n}"))
+                        .unwrap_or_default();
+                    doc.at(
+                        &loc,
+                        "protocol",
+                        format_args!(
+                            "endpoint {endpoint:?} is also used by device {first:?}{on} with the other framing (tcp and rtu_over_tcp cannot share an endpoint)"
+                        ),
+                    );
+                    conflict = true;
+                }
+            }
+        }
+        if conflict {
+            link = None;
         }
         let unit_id = doc.int_in(&loc, "unit_id", raw.unit_id, 1, 0..=247);
         let settings = DeviceSettings {
@@ -939,6 +989,100 @@ fn check_devices(
         }
     }
     devices
+}
+
+const PARITIES: &[(&str, Parity)] = &[
+    ("none", Parity::None),
+    ("even", Parity::Even),
+    ("odd", Parity::Odd),
+];
+
+/// The link of a device from `protocol` and its fields; `None` if anything is wrong
+/// (reported). Serial fields are refused on TCP links and `endpoint` on serial ones.
+fn check_link(doc: &mut Doc<'_>, loc: &Loc, protocol: &str, raw: &RawDevice) -> Option<LinkSpec> {
+    let serial_fields = [
+        ("serial_port", raw.serial_port.is_some()),
+        ("baud", raw.baud.is_some()),
+        ("parity", raw.parity.is_some()),
+        ("data_bits", raw.data_bits.is_some()),
+        ("stop_bits", raw.stop_bits.is_some()),
+        ("inter_frame_delay_ms", raw.inter_frame_delay_ms.is_some()),
+    ];
+    match protocol {
+        "tcp" | "rtu_over_tcp" => {
+            let before = doc.error_count();
+            for (field, present) in serial_fields {
+                if present {
+                    doc.at(
+                        loc,
+                        field,
+                        format_args!("{field} applies only to protocol \"rtu\", not {protocol:?}"),
+                    );
+                }
+            }
+            let endpoint = doc.required(loc, "endpoint", raw.endpoint.clone())?;
+            if let Err(why) = net::check_host_port(&endpoint) {
+                doc.at(loc, "endpoint", format_args!("endpoint {endpoint:?} {why}"));
+                return None;
+            }
+            if doc.error_count() > before {
+                return None;
+            }
+            Some(if protocol == "tcp" {
+                LinkSpec::Tcp { endpoint }
+            } else {
+                LinkSpec::RtuOverTcp { endpoint }
+            })
+        }
+        "rtu" => {
+            let before = doc.error_count();
+            if raw.endpoint.is_some() {
+                doc.at(
+                    loc,
+                    "endpoint",
+                    "endpoint applies to protocols \"tcp\" and \"rtu_over_tcp\"; a serial device is named by serial_port",
+                );
+            }
+            let path = doc.required(loc, "serial_port", raw.serial_port.clone());
+            if path.as_deref().is_some_and(|p| p.trim().is_empty()) {
+                doc.at(loc, "serial_port", "serial_port is empty");
+            }
+            let baud = doc.int_in(loc, "baud", raw.baud, 19_200, 300..=4_000_000);
+            let parity = match &raw.parity {
+                Some(p) => doc.choice(loc, "parity", p, PARITIES).unwrap_or_default(),
+                None => Parity::Even,
+            };
+            let data_bits = doc.int_in(loc, "data_bits", raw.data_bits, 8, 7..=8);
+            let stop_bits = doc.int_in(loc, "stop_bits", raw.stop_bits, 1, 1..=2);
+            let baud = u32::try_from(baud).unwrap_or(19_200);
+            let data_bits = u8::try_from(data_bits).unwrap_or(8);
+            let stop_bits = u8::try_from(stop_bits).unwrap_or(1);
+            let inter_frame_delay = match raw.inter_frame_delay_ms {
+                Some(v) => ms(doc.int_in(loc, "inter_frame_delay_ms", Some(v), 0, 0..=10_000)),
+                None => default_inter_frame_delay(baud, parity, data_bits, stop_bits),
+            };
+            let path = path?;
+            if doc.error_count() > before {
+                return None;
+            }
+            Some(LinkSpec::Rtu {
+                path,
+                baud,
+                parity,
+                data_bits,
+                stop_bits,
+                inter_frame_delay,
+            })
+        }
+        other => {
+            doc.at(
+                loc,
+                "protocol",
+                format_args!("protocol {other:?} is not one of \"tcp\", \"rtu\", \"rtu_over_tcp\""),
+            );
+            None
+        }
+    }
 }
 
 fn is_64_bit(t: DataType) -> bool {

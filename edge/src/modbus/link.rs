@@ -1,10 +1,12 @@
-//! One task per link: polls the units (devices) behind one Modbus TCP endpoint.
+//! One task per link: polls the units (devices) behind one Modbus TCP endpoint, one serial
+//! port (RTU), or one serial-to-Ethernet converter (RTU over TCP), and serves writes to them.
 //!
 //! # Behaviour
 //!
-//! - **One connection, one request at a time.** The task owns one TCP connection and sends one
-//!   request at a time, each under `tokio::time::timeout(device.timeout)`, setting the unit id
-//!   per request.
+//! - **One connection, one request at a time.** The task owns one connection (a TCP stream or
+//!   an open serial port, see [`transport`](super::transport)) and sends one request at a
+//!   time, each under `tokio::time::timeout(device.timeout)`, setting the unit id per request.
+//!   On RTU the inter-frame delay is kept between requests.
 //! - **Schedule.** Each device groups its readable tags by `poll_interval`; each group has its
 //!   own due instant. When one or more groups of a device are due, their tags are planned
 //!   together ([`plan`](mod@super::plan)) and read in one cycle, which yields exactly one
@@ -20,21 +22,26 @@
 //!   cycle (its remaining tags get the same exception) and back the unit off, like a timeout.
 //! - **Timeouts** mark the tags of that request and of the rest of the device's cycle
 //!   `Bad(Timeout)`. The *unit* then backs off on its own (jittered exponential, 1 s doubling
-//!   to 30 s by default) while the other units keep their schedule. tokio-modbus checks the
-//!   transaction id of a response but reports a mismatch as an error instead of skipping the
-//!   stale frame, so a late answer to the timed-out request would spoil the next request of a
-//!   healthy unit: the link therefore reconnects (quietly) after every timeout.
+//!   to 30 s by default) while the other units keep their schedule. On Modbus TCP,
+//!   tokio-modbus checks the transaction id of a response but reports a mismatch as an error
+//!   instead of skipping the stale frame, so a late answer to the timed-out request would
+//!   spoil the next request of a healthy unit: a TCP link therefore reconnects (quietly)
+//!   after every timeout. An RTU link is shared by every unit on the bus and is never reset
+//!   for a timeout: stale bytes are discarded before the next request instead (see
+//!   [`transport`](super::transport)).
 //! - **Transport errors** (connection refused or reset, end of stream) mark every readable tag
 //!   of every device on the link `Bad(Disconnected)` once per outage, then the link reconnects
 //!   with jittered exponential backoff (capped at 30 s by default). Malformed or mismatched
-//!   responses mark the request's tags `Bad(BadResponse)` and the link reconnects.
+//!   responses mark the request's tags `Bad(BadResponse)`; a TCP link reconnects, an RTU link
+//!   reconnects only when the frame decoder gave up (its stream ends after that).
+//! - **Writes** ([`LinkHandle::write`], rules in [`write`](super::write)) are served between
+//!   poll cycles, through the same one-request-at-a-time connection and timeouts.
 //! - **Timestamps** come from the injected clock, read right after the last response of the
 //!   cycle.
 //! - The task ends when `cancel` fires or when the receiver of readings is dropped. It never
 //!   panics on anything a device sends.
 
 use std::collections::{HashMap, VecDeque};
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,14 +49,14 @@ use edgesync_protocol::{BadReason, DeviceId, PropertyId, Quality, Timestamp, Val
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_modbus::client::{Client as _, Context};
-use tokio_modbus::slave::{Slave, SlaveContext as _};
 use tokio_modbus::{Request, Response};
 use tokio_util::sync::CancellationToken;
 
 use super::codec;
 use super::metrics::{ErrorKind, Health, UnitMetrics};
 use super::plan::{Plan, ReadRequest, plan_with_rejects, split};
+use super::transport::{self, Conn, Reply};
+use super::write::{self, ConnFate, LinkHandle, WriteCommand, WriteError, WriteMetrics};
 use crate::model::{Access, DeviceSpec, LinkSpec, Table};
 
 /// The wall clock the link stamps readings with (injected so tests control it).
@@ -117,12 +124,16 @@ pub fn spawn_link(
     spawn_link_with(LinkOptions::default(), link, devices, tx, clock, cancel)
 }
 
+/// How many writes may wait for a link task before [`LinkHandle::write`] waits for room.
+const WRITE_QUEUE: usize = 32;
+
 /// Spawns the task polling `devices` over `link` (see the module docs for its behaviour).
 ///
-/// Devices whose [`DeviceSpec::link`] is not `link` are ignored (with a warning). Readings go
-/// to `tx`; a full channel slows polling down (back-pressure), a closed one ends the task, as
-/// does `cancel`. Metric handles are registered here, with the recorder current in this call.
-/// Must be called within a tokio runtime.
+/// Devices whose [`DeviceSpec::link`] does not have `link`'s [key](LinkSpec::key) are ignored
+/// (with a warning). Readings go to `tx`; a full channel slows polling down (back-pressure), a
+/// closed one ends the task, as does `cancel`. Metric handles are registered here, with the
+/// recorder current in this call. Must be called within a tokio runtime. The link serves no
+/// writes; see [`spawn_link_writable`].
 pub fn spawn_link_with(
     options: LinkOptions,
     link: LinkSpec,
@@ -131,8 +142,23 @@ pub fn spawn_link_with(
     clock: Clock,
     cancel: CancellationToken,
 ) -> JoinHandle<()> {
-    let task = LinkTask::new(options, link, devices, tx, clock, cancel);
-    tokio::spawn(task.run())
+    spawn_link_writable(options, link, devices, tx, clock, cancel).1
+}
+
+/// Like [`spawn_link_with`], and returns a [`LinkHandle`] that writes to the link's devices.
+/// Dropping every clone of the handle only ends writing; polling goes on.
+pub fn spawn_link_writable(
+    options: LinkOptions,
+    link: LinkSpec,
+    devices: Vec<Arc<DeviceSpec>>,
+    tx: mpsc::Sender<DeviceReading>,
+    clock: Clock,
+    cancel: CancellationToken,
+) -> (LinkHandle, JoinHandle<()>) {
+    let (cmd_tx, cmd_rx) = mpsc::channel(WRITE_QUEUE);
+    let handle = LinkHandle::new(link.key(), cmd_tx);
+    let task = LinkTask::new(options, link, devices, tx, clock, cancel, cmd_rx);
+    (handle, tokio::spawn(task.run()))
 }
 
 /// Longest poll interval or backoff honoured (longer ones are cut to it), so that instant
@@ -200,6 +226,7 @@ struct Unit {
     /// Plans refined by splitting after exception 2, by the sorted set of tags they read.
     refined: HashMap<Vec<usize>, Plan>,
     metrics: UnitMetrics,
+    writes: WriteMetrics,
     health: Health,
 }
 
@@ -231,6 +258,7 @@ impl Unit {
             })
             .collect();
         let metrics = UnitMetrics::new(link_key, &spec.unit_id.to_string());
+        let writes = WriteMetrics::new(link_key, &spec.unit_id.to_string());
         Unit {
             spec,
             groups,
@@ -239,6 +267,7 @@ impl Unit {
             retry_at: None,
             refined: HashMap::new(),
             metrics,
+            writes,
             health: Health::default(),
         }
     }
@@ -274,7 +303,8 @@ impl Unit {
 enum CycleEnd {
     /// The connection is fine.
     Ok,
-    /// Reconnect quietly (after a timeout or a mismatched response).
+    /// Reconnect quietly (after a timeout or a mismatched response on TCP, or a frame the
+    /// RTU decoder gave up on).
     Reconnect,
     /// The connection broke.
     Transport(String),
@@ -283,13 +313,15 @@ enum CycleEnd {
 /// The state of one link task.
 struct LinkTask {
     key: String,
-    endpoint: String,
+    link: LinkSpec,
     options: LinkOptions,
     units: Vec<Unit>,
     tx: mpsc::Sender<DeviceReading>,
     clock: Clock,
     cancel: CancellationToken,
-    conn: Option<Context>,
+    conn: Option<Conn>,
+    /// Writes to serve; `None` once every [`LinkHandle`] is gone.
+    commands: Option<mpsc::Receiver<WriteCommand>>,
     backoff: Backoff,
     /// Whether the outage has been reported (readings and log) since the last connect.
     down_reported: bool,
@@ -308,14 +340,14 @@ impl LinkTask {
         tx: mpsc::Sender<DeviceReading>,
         clock: Clock,
         cancel: CancellationToken,
+        commands: mpsc::Receiver<WriteCommand>,
     ) -> Self {
         let key = link.key();
-        let LinkSpec::Tcp { endpoint } = &link;
         let now = Instant::now();
         let units = devices
             .into_iter()
             .filter(|d| {
-                let ok = d.link == link;
+                let ok = d.link.key() == key;
                 if !ok {
                     tracing::warn!(link = %key, device = %d.id, "device is not on this link; ignored");
                 }
@@ -325,7 +357,7 @@ impl LinkTask {
             .collect();
         LinkTask {
             metrics: UnitMetrics::new(&key, "-"),
-            endpoint: endpoint.clone(),
+            link,
             backoff: Backoff::new(options.backoff_initial, options.backoff_max),
             key,
             options,
@@ -334,6 +366,7 @@ impl LinkTask {
             clock,
             cancel,
             conn: None,
+            commands: Some(commands),
             down_reported: false,
         }
     }
@@ -349,23 +382,34 @@ impl LinkTask {
                 self.ensure_connected().await?;
                 continue;
             }
-            // Nothing to poll: idle until cancelled.
-            let Some((unit, at)) = self
+            let next = self
                 .units
                 .iter()
                 .enumerate()
                 .filter_map(|(i, u)| Some((i, u.wake_at()?)))
-                .min_by_key(|(i, at)| (*at, *i))
-            else {
-                self.cancel.cancelled().await;
-                return Err(Stop);
+                .min_by_key(|(i, at)| (*at, *i));
+            let due = async {
+                match next {
+                    Some((_, at)) => tokio::time::sleep_until(at).await,
+                    // Nothing to poll: only writes and cancellation can wake the task.
+                    None => std::future::pending().await,
+                }
             };
-            tokio::select! {
+            let command = tokio::select! {
                 // Cancellation: stop at once (nothing is in flight).
                 () = self.cancel.cancelled() => return Err(Stop),
                 // The earliest unit is due (cancellation-safe: a plain timer).
-                () = tokio::time::sleep_until(at) => {}
+                () = due => None,
+                // A write arrived (cancellation-safe: `recv` loses nothing when dropped).
+                cmd = next_command(&mut self.commands) => Some(cmd),
+            };
+            if let Some(cmd) = command {
+                self.handle_write(cmd).await?;
+                continue;
             }
+            let Some((unit, _)) = next else {
+                continue;
+            };
             let Some(conn) = self.conn.as_mut() else {
                 continue;
             };
@@ -392,6 +436,89 @@ impl LinkTask {
         }
     }
 
+    /// Serves one write (see [`write`](super::write)) and answers it.
+    async fn handle_write(&mut self, cmd: WriteCommand) -> Result<(), Stop> {
+        let WriteCommand {
+            device,
+            property,
+            value,
+            reply,
+        } = cmd;
+        let Some(index) = self.units.iter().position(|u| u.spec.id == device) else {
+            let _ = reply.send(Err(WriteError::UnknownDevice(device)));
+            return Ok(());
+        };
+        let spec = Arc::clone(&self.units[index].spec);
+        let mut down: Option<String> = None;
+        let result = 'write: {
+            let Some(tag) = spec.tags.iter().find(|t| t.property == property) else {
+                break 'write Err(WriteError::UnknownTag {
+                    device: device.clone(),
+                    property: property.clone(),
+                });
+            };
+            let op = match write::prepare(tag, &value) {
+                Ok(op) => op,
+                Err(e) => break 'write Err(e),
+            };
+            let unit = &mut self.units[index];
+            let now = Instant::now();
+            if let Some(at) = unit.retry_at
+                && at > now
+            {
+                break 'write Err(WriteError::UnitBackingOff { retry_in: at - now });
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                break 'write Err(WriteError::Disconnected);
+            };
+            let target = write::Target {
+                unit: spec.unit_id,
+                timeout: spec.timeout,
+                metrics: &unit.metrics,
+            };
+            let (result, fate) = tokio::select! {
+                // Cancellation mid-write: the request in flight is abandoned with the task.
+                () = self.cancel.cancelled() => return Err(Stop),
+                // The write and its verification ran to their end.
+                out = write::execute(conn, &target, tag, op) => out,
+            };
+            match fate {
+                ConnFate::Ok => {}
+                ConnFate::Reset => self.conn = None,
+                ConnFate::Down(error) => {
+                    self.conn = None;
+                    down = Some(error);
+                }
+            }
+            if matches!(
+                result,
+                Err(WriteError::Timeout | WriteError::Exception(0x0A | 0x0B))
+            ) {
+                // Keep in step with `is_unit_unreachable`.
+                let delay = unit.backoff.next_delay();
+                unit.retry_at = Some(Instant::now() + delay);
+            }
+            result
+        };
+        let unit = &self.units[index];
+        unit.writes.record(&result);
+        match &result {
+            Ok(outcome) => tracing::info!(
+                link = %self.key, device = %device, property = %property,
+                outcome = outcome.label(), "modbus write"
+            ),
+            Err(error) => tracing::warn!(
+                link = %self.key, device = %device, property = %property,
+                %error, "modbus write failed"
+            ),
+        }
+        let _ = reply.send(result);
+        if let Some(error) = down {
+            self.report_down(&error, None).await?;
+        }
+        Ok(())
+    }
+
     /// Sends a reading; a closed channel stops the task.
     async fn send(&mut self, reading: DeviceReading) -> Result<(), Stop> {
         tokio::select! {
@@ -402,12 +529,10 @@ impl LinkTask {
         }
     }
 
-    /// Connects, or reports the outage and waits out the backoff.
+    /// Connects, or reports the outage and waits out the backoff (failing the writes that
+    /// arrive meanwhile with [`WriteError::Disconnected`]).
     async fn ensure_connected(&mut self) -> Result<(), Stop> {
-        let attempt = tokio::time::timeout(
-            self.options.connect_timeout,
-            tokio::net::TcpStream::connect(self.endpoint.as_str()),
-        );
+        let attempt = transport::open(&self.link, self.options.connect_timeout);
         let result = tokio::select! {
             // Cancellation while connecting (dropping a connect attempt is safe).
             () = self.cancel.cancelled() => return Err(Stop),
@@ -415,13 +540,8 @@ impl LinkTask {
             r = attempt => r,
         };
         let error = match result {
-            Ok(Ok(stream)) => {
-                // Small request/response frames: do not wait for Nagle.
-                let _ = stream.set_nodelay(true);
-                self.conn = Some(tokio_modbus::client::tcp::attach_slave(
-                    stream,
-                    Slave::tcp_device(),
-                ));
+            Ok(conn) => {
+                self.conn = Some(conn);
                 self.backoff.reset();
                 for unit in &mut self.units {
                     // The device may have been reconfigured while we were away.
@@ -435,17 +555,25 @@ impl LinkTask {
                 }
                 return Ok(());
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("connect timed out after {:?}", self.options.connect_timeout),
+            Err(e) => e.to_string(),
         };
         self.metrics.error(ErrorKind::Transport);
         self.report_down(&error, None).await?;
-        let delay = self.backoff.next_delay();
-        tokio::select! {
-            // Cancellation during the backoff.
-            () = self.cancel.cancelled() => Err(Stop),
-            // Backoff over: try again.
-            () = tokio::time::sleep(delay) => Ok(()),
+        let until = Instant::now() + self.backoff.next_delay();
+        loop {
+            tokio::select! {
+                // Cancellation during the backoff.
+                () = self.cancel.cancelled() => return Err(Stop),
+                // Backoff over: try again.
+                () = tokio::time::sleep_until(until) => return Ok(()),
+                // A write while down fails at once (cancellation-safe: `recv`).
+                cmd = next_command(&mut self.commands) => {
+                    if let Some(unit) = self.units.iter().find(|u| u.spec.id == cmd.device) {
+                        unit.writes.record(&Err(WriteError::Disconnected));
+                    }
+                    let _ = cmd.reply.send(Err(WriteError::Disconnected));
+                }
+            }
         }
     }
 
@@ -543,27 +671,33 @@ enum Outcome {
     Exception(u8, Duration),
     Timeout,
     Transport(String),
-    BadResponse(String, Duration),
+    /// Malformed or mismatched; whether the connection must be re-established.
+    BadResponse(String, Duration, bool),
 }
 
-async fn send_request(conn: &mut Context, req: &ReadRequest, timeout: Duration) -> Outcome {
-    let started = Instant::now();
-    match tokio::time::timeout(timeout, conn.call(request_for(req))).await {
-        Err(_) => Outcome::Timeout,
-        // The codec rejected the bytes: the peer talks, but not valid Modbus.
-        Ok(Err(tokio_modbus::Error::Transport(e))) if e.kind() == io::ErrorKind::InvalidData => {
-            Outcome::BadResponse(e.to_string(), started.elapsed())
+/// Waits for the next write; pending forever once every handle is gone.
+async fn next_command(commands: &mut Option<mpsc::Receiver<WriteCommand>>) -> WriteCommand {
+    if let Some(rx) = commands.as_mut() {
+        if let Some(cmd) = rx.recv().await {
+            return cmd;
         }
-        Ok(Err(tokio_modbus::Error::Transport(e))) => Outcome::Transport(e.to_string()),
-        Ok(Err(tokio_modbus::Error::Protocol(e))) => {
-            Outcome::BadResponse(e.to_string(), started.elapsed())
-        }
-        Ok(Ok(Err(exception))) => Outcome::Exception(u8::from(exception), started.elapsed()),
-        Ok(Ok(Ok(response))) => match extract(req, response) {
-            Some(data) => Outcome::Answered(data, started.elapsed()),
+        *commands = None;
+    }
+    std::future::pending().await
+}
+
+async fn send_request(conn: &mut Conn, unit: u8, req: &ReadRequest, timeout: Duration) -> Outcome {
+    match conn.call(unit, request_for(req), timeout).await {
+        Reply::Timeout => Outcome::Timeout,
+        Reply::Transport(e) => Outcome::Transport(e),
+        Reply::BadResponse { error, took, reset } => Outcome::BadResponse(error, took, reset),
+        Reply::Exception(code, took) => Outcome::Exception(code, took),
+        Reply::Response(response, took) => match extract(req, response) {
+            Some(data) => Outcome::Answered(data, took),
             None => Outcome::BadResponse(
                 "response does not match the request".to_owned(),
-                started.elapsed(),
+                took,
+                !conn.is_rtu(),
             ),
         },
     }
@@ -573,7 +707,7 @@ async fn send_request(conn: &mut Context, req: &ReadRequest, timeout: Duration) 
 /// connection fared.
 async fn run_cycle(
     unit: &mut Unit,
-    conn: &mut Context,
+    conn: &mut Conn,
     clock: &Clock,
     link_key: &str,
 ) -> (DeviceReading, CycleEnd) {
@@ -613,7 +747,6 @@ async fn run_cycle(
         push(&mut samples, *tag, Err(BadReason::DecodeError));
     }
 
-    conn.set_slave(Slave(spec.unit_id));
     let mut queue: VecDeque<ReadRequest> = plan.requests.iter().cloned().collect();
     let mut leaves: Vec<ReadRequest> = Vec::new();
     let mut was_split = false;
@@ -630,12 +763,14 @@ async fn run_cycle(
             continue;
         }
         unit.metrics.request();
-        match send_request(conn, &req, spec.timeout).await {
+        match send_request(conn, spec.unit_id, &req, spec.timeout).await {
             Outcome::Timeout => {
                 unit.metrics.error(ErrorKind::Timeout);
                 mark(&mut samples, BadReason::Timeout);
                 abort = Some(BadReason::Timeout);
-                end = CycleEnd::Reconnect;
+                if conn.timeout_resets() {
+                    end = CycleEnd::Reconnect;
+                }
             }
             Outcome::Transport(error) => {
                 unit.metrics.error(ErrorKind::Transport);
@@ -643,13 +778,15 @@ async fn run_cycle(
                 abort = Some(BadReason::Disconnected);
                 end = CycleEnd::Transport(error);
             }
-            Outcome::BadResponse(error, took) => {
+            Outcome::BadResponse(error, took, reset) => {
                 unit.metrics.response(took);
                 unit.metrics.error(ErrorKind::BadResponse);
                 tracing::debug!(link = link_key, device = %spec.id, error, "bad modbus response");
                 mark(&mut samples, BadReason::BadResponse);
                 abort = Some(BadReason::BadResponse);
-                end = CycleEnd::Reconnect;
+                if reset {
+                    end = CycleEnd::Reconnect;
+                }
             }
             Outcome::Exception(code, took) => {
                 unit.metrics.response(took);

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! DeviceSpec (validated, model.rs)
-//!     │  grouped per link key (one TCP endpoint)
+//!     │  grouped per link key (one TCP endpoint, serial port or RTU-over-TCP converter)
 //!     ▼
 //! link::spawn_link ── one task per link, one connection, one request at a time
 //!     │  per device: tags grouped by poll interval, due groups read together
@@ -40,9 +40,14 @@ pub mod codec;
 pub mod link;
 pub mod metrics;
 pub mod plan;
+pub mod transport;
+pub mod write;
 
 pub use codec::{
     DecodeError, EncodeError, decode, decode_bit, encode, encode_bit, encode_bit_mask,
 };
-pub use link::{Clock, DeviceReading, LinkOptions, TagSample, spawn_link, spawn_link_with};
+pub use link::{
+    Clock, DeviceReading, LinkOptions, TagSample, spawn_link, spawn_link_with, spawn_link_writable,
+};
 pub use plan::{Plan, PlanError, ReadRequest, plan, plan_with_rejects, split};
+pub use write::{LinkHandle, WriteError, WriteOutcome};
