@@ -21,6 +21,7 @@
 
 mod address;
 mod diag;
+mod kubeedge;
 mod net;
 
 use std::collections::HashMap;
@@ -175,14 +176,16 @@ pub fn load(path: &Path) -> Result<AgentConfig, ConfigErrors> {
 }
 
 /// Validates the agent config `text`; messages name it `source_name`, and relative paths are
-/// resolved against `base_dir`. Pure: reads no file.
+/// resolved against `base_dir`. Reads no file but the KubeEdge YAML files named by
+/// `[[kubeedge]]` entries.
 pub fn parse(source_name: &str, text: &str, base_dir: &Path) -> Result<AgentConfig, ConfigErrors> {
     let mut doc = Doc::new(source_name, text);
     let Some(root) = doc.parse_root() else {
         return Err(doc.into_errors());
     };
-    let config = check(&mut doc, &root, source_name, base_dir);
-    doc.finish(config)
+    let mut foreign = ConfigErrors::default();
+    let config = check(&mut doc, &root, source_name, base_dir, &mut foreign);
+    kubeedge::merge(doc.finish(config), foreign)
 }
 
 /// All problems, one per line as `file:line: message`: what `edgesync-agent validate` prints.
@@ -392,7 +395,7 @@ impl<'de> Deserialize<'de> for IntOrString {
 // Validation.
 
 const ROOT_KEYS: &[&str] = &[
-    "agent", "hub", "identity", "outbox", "metrics", "defaults", "devices",
+    "agent", "hub", "identity", "outbox", "metrics", "defaults", "devices", "kubeedge",
 ];
 
 const TABLES: &[(&str, Table)] = &[
@@ -482,7 +485,15 @@ fn str_key<'a>(node: &'a Node<'_>, key: &str) -> Option<&'a str> {
     }
 }
 
-fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> AgentConfig {
+/// Checks the whole TOML document; problems in the KubeEdge YAML files it names go to
+/// `foreign`.
+fn check(
+    doc: &mut Doc<'_>,
+    root: &DeTable<'_>,
+    source: &str,
+    base: &Path,
+    foreign: &mut ConfigErrors,
+) -> AgentConfig {
     doc.check_keys(&Loc::absent("top level"), root, ROOT_KEYS);
 
     // [agent]
@@ -530,7 +541,8 @@ fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> Ag
     }
 
     let defaults = check_defaults(doc, root);
-    let devices = check_devices(doc, root, &defaults);
+    let mut devices = check_devices(doc, root, &defaults);
+    kubeedge::import(doc, root, source, base, &defaults, &mut devices, foreign);
 
     AgentConfig {
         source: PathBuf::from(source),
