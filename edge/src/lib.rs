@@ -10,6 +10,7 @@ pub mod agent;
 pub mod config;
 pub mod model;
 pub mod modbus;
+pub mod probe;
 pub mod store;
 pub mod twin;
 pub mod uplink;
