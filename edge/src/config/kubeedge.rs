@@ -207,7 +207,7 @@ enum RawProtocolField {
     /// `DeviceModel.spec.protocol` (a name; not used).
     Name,
     /// `Device.spec.protocol`.
-    Config(RawProtocol),
+    Config(Box<RawProtocol>),
 }
 
 impl<'de> Deserialize<'de> for RawProtocolField {
@@ -226,7 +226,7 @@ impl<'de> Deserialize<'de> for RawProtocolField {
                 map: A,
             ) -> Result<RawProtocolField, A::Error> {
                 RawProtocol::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(RawProtocolField::Config)
+                    .map(|p| RawProtocolField::Config(Box::new(p)))
             }
         }
         de.deserialize_any(V)
