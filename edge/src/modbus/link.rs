@@ -327,6 +327,8 @@ struct LinkTask {
     down_reported: bool,
     /// Link-level metrics (connect failures), `unit = "-"`.
     metrics: UnitMetrics,
+    /// Connections established.
+    connects: metrics::Counter,
 }
 
 /// Why the task stops.
@@ -357,6 +359,7 @@ impl LinkTask {
             .collect();
         LinkTask {
             metrics: UnitMetrics::new(&key, "-"),
+            connects: metrics::counter!(transport::CONNECTS_TOTAL, "link" => key.clone()),
             link,
             backoff: Backoff::new(options.backoff_initial, options.backoff_max),
             key,
@@ -542,6 +545,7 @@ impl LinkTask {
         let error = match result {
             Ok(conn) => {
                 self.conn = Some(conn);
+                self.connects.increment(1);
                 self.backoff.reset();
                 for unit in &mut self.units {
                     // The device may have been reconfigured while we were away.
@@ -901,7 +905,8 @@ mod tests {
     use tokio_modbus::{ExceptionCode, SlaveRequest};
 
     use super::*;
-    use crate::model::{ByteOrder, DataType, ReportPolicy, TagSpec};
+    use crate::modbus::write::WriteOutcome;
+    use crate::model::{ByteOrder, DataType, Parity, ReportPolicy, TagSpec};
 
     /// One simulated unit.
     #[derive(Default)]
@@ -921,6 +926,14 @@ mod tests {
         gateway_fail: bool,
         /// Requests received.
         requests: u64,
+        /// Function codes received, in order.
+        functions: Vec<u8>,
+        /// Acknowledge writes without applying them.
+        ignore_writes: bool,
+        /// Answer every write with this exception.
+        write_exception: Option<u8>,
+        /// Answer functions 5 and 6 with "illegal function" (only 15 and 16 work).
+        no_single_writes: bool,
     }
 
     #[derive(Clone, Default)]
@@ -942,6 +955,7 @@ mod tests {
                 return Err(ExceptionCode::GatewayTargetDevice);
             };
             u.requests += 1;
+            u.functions.push(req.request.function_code().value());
             if u.silent {
                 return Ok(None);
             }
@@ -984,6 +998,47 @@ mod tests {
                             .map(|a| u.coils.get(&a).copied().unwrap_or(false))
                             .collect(),
                     )))
+                }
+                Request::WriteSingleCoil(..) | Request::WriteSingleRegister(..)
+                    if u.no_single_writes =>
+                {
+                    Err(ExceptionCode::IllegalFunction)
+                }
+                Request::WriteSingleCoil(..)
+                | Request::WriteSingleRegister(..)
+                | Request::WriteMultipleCoils(..)
+                | Request::WriteMultipleRegisters(..)
+                    if u.write_exception.is_some() =>
+                {
+                    Err(ExceptionCode::new(u.write_exception.unwrap()))
+                }
+                Request::WriteSingleCoil(a, v) => {
+                    if !u.ignore_writes {
+                        u.coils.insert(a, v);
+                    }
+                    Ok(Some(Response::WriteSingleCoil(a, v)))
+                }
+                Request::WriteMultipleCoils(a, vs) => {
+                    if !u.ignore_writes {
+                        for (i, v) in vs.iter().enumerate() {
+                            u.coils.insert(a + i as u16, *v);
+                        }
+                    }
+                    Ok(Some(Response::WriteMultipleCoils(a, vs.len() as u16)))
+                }
+                Request::WriteSingleRegister(a, v) => {
+                    if !u.ignore_writes {
+                        u.holding.insert(a, v);
+                    }
+                    Ok(Some(Response::WriteSingleRegister(a, v)))
+                }
+                Request::WriteMultipleRegisters(a, vs) => {
+                    if !u.ignore_writes {
+                        for (i, v) in vs.iter().enumerate() {
+                            u.holding.insert(a + i as u16, *v);
+                        }
+                    }
+                    Ok(Some(Response::WriteMultipleRegisters(a, vs.len() as u16)))
                 }
                 _ => Err(ExceptionCode::IllegalFunction),
             }
@@ -1043,9 +1098,13 @@ mod tests {
     }
 
     fn device(name: &str, addr: SocketAddr, unit_id: u8, tags: Vec<TagSpec>) -> Arc<DeviceSpec> {
+        device_on(link(addr), name, unit_id, tags)
+    }
+
+    fn device_on(link: LinkSpec, name: &str, unit_id: u8, tags: Vec<TagSpec>) -> Arc<DeviceSpec> {
         Arc::new(DeviceSpec {
             id: DeviceId::new(name).unwrap(),
-            link: link(addr),
+            link,
             unit_id,
             timeout: Duration::from_millis(200),
             max_registers_per_read: 125,
@@ -1079,21 +1138,48 @@ mod tests {
         rx: mpsc::Receiver<DeviceReading>,
         cancel: CancellationToken,
         task: JoinHandle<()>,
+        handle: LinkHandle,
     }
 
     impl Running {
         fn start(addr: SocketAddr, devices: Vec<Arc<DeviceSpec>>) -> Self {
+            Self::start_on(link(addr), devices)
+        }
+
+        fn start_on(link: LinkSpec, devices: Vec<Arc<DeviceSpec>>) -> Self {
             let (tx, rx) = mpsc::channel(64);
             let cancel = CancellationToken::new();
-            let task = spawn_link_with(
+            let (handle, task) = spawn_link_writable(
                 options(),
-                link(addr),
+                link,
                 devices,
                 tx,
                 counting_clock(),
                 cancel.clone(),
             );
-            Running { rx, cancel, task }
+            Running {
+                rx,
+                cancel,
+                task,
+                handle,
+            }
+        }
+
+        /// Writes `value` to `property` of `device` (bounded in time).
+        async fn write(
+            &self,
+            device: &str,
+            property: &str,
+            value: Value,
+        ) -> Result<WriteOutcome, WriteError> {
+            let device = DeviceId::new(device).unwrap();
+            let property = PropertyId::new(property).unwrap();
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                self.handle.write(&device, &property, value),
+            )
+            .await
+            .expect("a write answer within 5 s")
         }
 
         async fn next(&mut self) -> DeviceReading {
@@ -1729,5 +1815,700 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_secs(1));
+    }
+
+    // ---- writes ----------------------------------------------------------------------
+
+    fn writable(name: &str, table: Table, address: u16, data_type: DataType) -> TagSpec {
+        TagSpec {
+            access: Access::ReadWrite,
+            ..tag(name, table, address, data_type)
+        }
+    }
+
+    fn ordered(mut t: TagSpec, order: ByteOrder) -> TagSpec {
+        t.byte_order = order;
+        t
+    }
+
+    /// Registers of big-endian `bytes` laid out in `order`, computed independently of the
+    /// codec: ABCD as is, BADC bytes swapped per register, CDAB registers reversed, DCBA all
+    /// bytes reversed (little endian).
+    fn wire(bytes: &[u8], order: ByteOrder) -> Vec<u16> {
+        let mut b = bytes.to_vec();
+        match order {
+            ByteOrder::Abcd => {}
+            ByteOrder::Badc => b.chunks_mut(2).for_each(|c| c.swap(0, 1)),
+            ByteOrder::Cdab => {
+                let mut regs: Vec<[u8; 2]> = b.chunks(2).map(|c| [c[0], c[1]]).collect();
+                regs.reverse();
+                b = regs.concat();
+            }
+            ByteOrder::Dcba => b.reverse(),
+        }
+        b.chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect()
+    }
+
+    fn holding(sim: &Sim, unit: u8, start: u16, count: u16) -> Vec<u16> {
+        sim.with(unit, |u| {
+            (start..start + count)
+                .map(|a| u.holding.get(&a).copied().unwrap_or(0))
+                .collect()
+        })
+    }
+
+    /// Function codes unit `unit` received since the last call (reads by the poller
+    /// included), then forgets them.
+    fn take_functions(sim: &Sim, unit: u8) -> Vec<u8> {
+        sim.with(unit, |u| std::mem::take(&mut u.functions))
+    }
+
+    /// Write function codes only.
+    fn writes_of(functions: &[u8]) -> Vec<u8> {
+        functions
+            .iter()
+            .copied()
+            .filter(|f| matches!(f, 5 | 6 | 15 | 16))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn writes_every_writable_type_and_verifies_them() {
+        let sim = Sim::default();
+        sim.with(1, |_| {});
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let mut tags = vec![
+            writable("coil", Table::Coil, 3, DataType::Bool),
+            writable("i16", Table::HoldingRegister, 0, DataType::Int16),
+            writable("u16", Table::HoldingRegister, 1, DataType::UInt16),
+            writable("i32", Table::HoldingRegister, 2, DataType::Int32),
+            writable("u32", Table::HoldingRegister, 4, DataType::UInt32),
+            writable("i64", Table::HoldingRegister, 6, DataType::Int64),
+            writable("u64", Table::HoldingRegister, 10, DataType::UInt64),
+            writable("f32", Table::HoldingRegister, 14, DataType::Float32),
+            writable("s", Table::HoldingRegister, 16, DataType::String { len: 3 }),
+            writable("flag", Table::HoldingRegister, 20, DataType::Bool),
+        ];
+        let orders = [
+            ByteOrder::Abcd,
+            ByteOrder::Badc,
+            ByteOrder::Cdab,
+            ByteOrder::Dcba,
+        ];
+        for (i, order) in orders.iter().enumerate() {
+            tags.push(ordered(
+                writable(
+                    &format!("f64_{i}"),
+                    Table::HoldingRegister,
+                    30 + 4 * i as u16,
+                    DataType::Float64,
+                ),
+                *order,
+            ));
+            tags.push(ordered(
+                writable(
+                    &format!("f32_{i}"),
+                    Table::HoldingRegister,
+                    50 + 2 * i as u16,
+                    DataType::Float32,
+                ),
+                *order,
+            ));
+        }
+        // Polled slowly, so the function log is mostly the writes'.
+        for t in &mut tags {
+            t.poll_interval = Duration::from_secs(3600);
+        }
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics_handle = recorder.handle();
+        let mut run = metrics::with_local_recorder(&recorder, || {
+            Running::start(addr, vec![device("plc", addr, 1, tags)])
+        });
+        run.next().await;
+        take_functions(&sim, 1);
+
+        // A coil: function 5, read back with 1.
+        assert_eq!(
+            run.write("plc", "coil", Value::Bool(true)).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(sim.with(1, |u| u.coils.get(&3).copied()), Some(true));
+        assert_eq!(take_functions(&sim, 1), vec![5, 1]);
+
+        // One register: function 6, read back with 3.
+        assert_eq!(
+            run.write("plc", "i16", Value::Int(-2)).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(holding(&sim, 1, 0, 1), vec![0xFFFE]);
+        assert_eq!(take_functions(&sim, 1), vec![6, 3]);
+        assert_eq!(
+            run.write("plc", "u16", Value::UInt(65535)).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(holding(&sim, 1, 1, 1), vec![0xFFFF]);
+
+        // Several registers: one function 16, read back with 3.
+        assert_eq!(
+            run.write("plc", "i32", Value::Int(-100_000)).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(
+            holding(&sim, 1, 2, 2),
+            wire(&(-100_000i32).to_be_bytes(), ByteOrder::Abcd)
+        );
+        assert_eq!(take_functions(&sim, 1), vec![6, 3, 16, 3]);
+        assert_eq!(
+            run.write("plc", "u32", Value::UInt(0xDEAD_BEEF)).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(holding(&sim, 1, 4, 2), vec![0xDEAD, 0xBEEF]);
+        assert_eq!(
+            run.write("plc", "i64", Value::Int(-1_234_567_890_123))
+                .await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(
+            holding(&sim, 1, 6, 4),
+            wire(&(-1_234_567_890_123i64).to_be_bytes(), ByteOrder::Abcd)
+        );
+        assert_eq!(
+            run.write("plc", "u64", Value::UInt(u64::MAX - 1)).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(
+            holding(&sim, 1, 10, 4),
+            vec![0xFFFF, 0xFFFF, 0xFFFF, 0xFFFE]
+        );
+        assert_eq!(
+            run.write("plc", "f32", Value::Float(1.5)).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(
+            holding(&sim, 1, 14, 2),
+            wire(&1.5f32.to_be_bytes(), ByteOrder::Abcd)
+        );
+        assert_eq!(
+            run.write("plc", "s", Value::Str("abc".into())).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(holding(&sim, 1, 16, 3), vec![0x6162, 0x6300, 0x0000]);
+        assert_eq!(
+            run.write("plc", "flag", Value::Bool(true)).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(holding(&sim, 1, 20, 1), vec![1]);
+        take_functions(&sim, 1);
+
+        // Every byte order, 64 and 32 bits.
+        for (i, order) in orders.iter().enumerate() {
+            let v = -1234.5678e9f64;
+            let r = run.write("plc", &format!("f64_{i}"), Value::Float(v)).await;
+            assert_eq!(r, Ok(WriteOutcome::Verified), "{order:?}");
+            assert_eq!(
+                holding(&sim, 1, 30 + 4 * i as u16, 4),
+                wire(&v.to_be_bytes(), *order),
+                "{order:?}"
+            );
+            let w = 3.25f32;
+            let r = run
+                .write("plc", &format!("f32_{i}"), Value::Float(f64::from(w)))
+                .await;
+            assert_eq!(r, Ok(WriteOutcome::Verified), "{order:?}");
+            assert_eq!(
+                holding(&sim, 1, 50 + 2 * i as u16, 2),
+                wire(&w.to_be_bytes(), *order),
+                "{order:?}"
+            );
+        }
+        assert_eq!(writes_of(&take_functions(&sim, 1)), vec![16; 8]);
+
+        run.stop().await;
+        let text = metrics_handle.render();
+        let verified = text
+            .lines()
+            .find(|l| {
+                l.starts_with(write::WRITES_TOTAL)
+                    && l.contains("result=\"verified\"")
+                    && l.contains("unit=\"1\"")
+            })
+            .unwrap_or_else(|| panic!("no verified writes in {text}"));
+        assert!(verified.ends_with(" 18"), "{verified}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn register_bit_write_is_read_modify_write_preserving_other_bits() {
+        let sim = Sim::default();
+        sim.with(1, |u| {
+            u.holding.insert(5, 0b1010_0000_0000_0001);
+        });
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let mut bit = writable("b3", Table::HoldingRegister, 5, DataType::Bool);
+        bit.bit = Some(3);
+        bit.poll_interval = Duration::from_secs(3600);
+        let mut run = Running::start(addr, vec![device("plc", addr, 1, vec![bit])]);
+        assert_eq!(good(&run.next().await, "b3"), Value::Bool(false));
+        take_functions(&sim, 1);
+        assert_eq!(
+            run.write("plc", "b3", Value::Bool(true)).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(holding(&sim, 1, 5, 1), vec![0b1010_0000_0000_1001]);
+        // Read, write the whole register, read back.
+        assert_eq!(take_functions(&sim, 1), vec![3, 6, 3]);
+        // The PLC changes another bit meanwhile; clearing ours keeps it.
+        sim.with(1, |u| u.holding.insert(5, 0b1010_0000_0100_1001));
+        assert_eq!(
+            run.write("plc", "b3", Value::Bool(false)).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(holding(&sim, 1, 5, 1), vec![0b1010_0000_0100_0001]);
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn refused_writes_send_nothing() {
+        let sim = Sim::default();
+        sim.with(1, |_| {});
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let tags = vec![
+            tag("ro", Table::HoldingRegister, 0, DataType::UInt16),
+            writable("input", Table::InputRegister, 0, DataType::UInt16),
+            writable("di", Table::DiscreteInput, 0, DataType::Bool),
+            writable("small", Table::HoldingRegister, 1, DataType::Int16),
+        ];
+        let mut run = Running::start(addr, vec![device("plc", addr, 1, tags)]);
+        run.next().await;
+        take_functions(&sim, 1);
+        let not_writable = |r: Result<WriteOutcome, WriteError>| {
+            assert!(matches!(r, Err(WriteError::NotWritable { .. })), "{r:?}")
+        };
+        not_writable(run.write("plc", "ro", Value::UInt(1)).await);
+        not_writable(run.write("plc", "input", Value::UInt(1)).await);
+        not_writable(run.write("plc", "di", Value::Bool(true)).await);
+        let r = run.write("plc", "small", Value::Int(70_000)).await;
+        assert!(matches!(r, Err(WriteError::Encode(_))), "{r:?}");
+        let r = run.write("plc", "small", Value::Str("x".into())).await;
+        assert!(matches!(r, Err(WriteError::Encode(_))), "{r:?}");
+        let r = run.write("plc", "nope", Value::Int(1)).await;
+        assert!(matches!(r, Err(WriteError::UnknownTag { .. })), "{r:?}");
+        let r = run.write("other", "small", Value::Int(1)).await;
+        assert!(matches!(r, Err(WriteError::UnknownDevice(_))), "{r:?}");
+        assert_eq!(writes_of(&take_functions(&sim, 1)), Vec::<u8>::new());
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn write_exceptions_and_mismatches_are_reported() {
+        let sim = Sim::default();
+        sim.with(1, |_| {});
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let tags = vec![
+            writable("r", Table::HoldingRegister, 0, DataType::UInt32),
+            writable("c", Table::Coil, 0, DataType::Bool),
+        ];
+        let mut run = Running::start(addr, vec![device("plc", addr, 1, tags)]);
+        run.next().await;
+        // The device refuses: the exception is reported, the link is kept.
+        sim.with(1, |u| u.write_exception = Some(4));
+        assert_eq!(
+            run.write("plc", "r", Value::UInt(7)).await,
+            Err(WriteError::Exception(4))
+        );
+        assert_eq!(
+            run.write("plc", "c", Value::Bool(true)).await,
+            Err(WriteError::Exception(4))
+        );
+        // The device acknowledges but ignores the write: the read-back catches it.
+        sim.with(1, |u| {
+            u.write_exception = None;
+            u.ignore_writes = true;
+            u.holding.insert(1, 9);
+        });
+        assert_eq!(
+            run.write("plc", "r", Value::UInt(0x0001_0002)).await,
+            Err(WriteError::Mismatch {
+                wrote: vec![1, 2],
+                read: vec![0, 9]
+            })
+        );
+        assert_eq!(
+            run.write("plc", "c", Value::Bool(true)).await,
+            Err(WriteError::Mismatch {
+                wrote: vec![1],
+                read: vec![0]
+            })
+        );
+        // Polling carried on throughout.
+        let r = run.next().await;
+        assert_eq!(good(&r, "r"), Value::UInt(9));
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn devices_without_single_writes_get_functions_15_and_16() {
+        let sim = Sim::default();
+        sim.with(1, |u| u.no_single_writes = true);
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let mut wo = writable("wo", Table::HoldingRegister, 1, DataType::UInt16);
+        wo.access = Access::Write;
+        let tags = vec![
+            writable("r", Table::HoldingRegister, 0, DataType::UInt16),
+            writable("c", Table::Coil, 0, DataType::Bool),
+            wo,
+        ];
+        let mut run = Running::start(addr, vec![device("plc", addr, 1, tags)]);
+        run.next().await;
+        take_functions(&sim, 1);
+        assert_eq!(
+            run.write("plc", "r", Value::UInt(77)).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(
+            run.write("plc", "c", Value::Bool(true)).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(writes_of(&take_functions(&sim, 1)), vec![6, 16, 5, 15]);
+        assert_eq!(holding(&sim, 1, 0, 1), vec![77]);
+        assert_eq!(sim.with(1, |u| u.coils.get(&0).copied()), Some(true));
+        // A write-only tag is written, not read back.
+        assert_eq!(
+            run.write("plc", "wo", Value::UInt(5)).await,
+            Ok(WriteOutcome::Written)
+        );
+        let f = take_functions(&sim, 1);
+        assert_eq!(f.iter().filter(|&&f| f == 16).count(), 1, "{f:?}");
+        assert_eq!(holding(&sim, 1, 1, 1), vec![5]);
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn writes_to_a_unit_in_backoff_fail_fast() {
+        let sim = Sim::default();
+        sim.with(2, |u| u.silent = true);
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let d2 = device(
+            "dead",
+            addr,
+            2,
+            vec![writable("x", Table::HoldingRegister, 0, DataType::UInt16)],
+        );
+        let mut run = Running::start(addr, vec![d2]);
+        let r = run.next().await;
+        assert_eq!(r.samples[0].quality, Quality::Bad(BadReason::Timeout));
+        let started = Instant::now();
+        let w = run.write("dead", "x", Value::UInt(1)).await;
+        assert!(matches!(w, Err(WriteError::UnitBackingOff { .. })), "{w:?}");
+        assert!(started.elapsed() < Duration::from_millis(100));
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn writes_while_the_link_is_down_fail_fast() {
+        // Nothing listens there.
+        let addr = {
+            let l = std::net::TcpListener::bind(local()).unwrap();
+            l.local_addr().unwrap()
+        };
+        let d = device(
+            "plc",
+            addr,
+            1,
+            vec![writable("x", Table::HoldingRegister, 0, DataType::UInt16)],
+        );
+        let mut run = Running::start(addr, vec![d]);
+        let r = run.next().await;
+        assert_eq!(r.samples[0].quality, Quality::Bad(BadReason::Disconnected));
+        let w = run.write("plc", "x", Value::UInt(1)).await;
+        assert_eq!(w, Err(WriteError::Disconnected));
+        run.stop().await;
+        // The task is gone: writes say so.
+        let w = run_write_after_stop().await;
+        assert_eq!(w, Err(WriteError::LinkClosed));
+    }
+
+    async fn run_write_after_stop() -> Result<WriteOutcome, WriteError> {
+        let (tx, _rx) = mpsc::channel(1);
+        let cancel = CancellationToken::new();
+        let link = LinkSpec::Tcp {
+            endpoint: "127.0.0.1:1".into(),
+        };
+        let (handle, task) = spawn_link_writable(
+            options(),
+            link,
+            vec![],
+            tx,
+            counting_clock(),
+            cancel.clone(),
+        );
+        cancel.cancel();
+        task.await.unwrap();
+        handle
+            .write(
+                &DeviceId::new("plc").unwrap(),
+                &PropertyId::new("x").unwrap(),
+                Value::UInt(1),
+            )
+            .await
+    }
+
+    // ---- RTU ---------------------------------------------------------------------------
+
+    /// A pseudo-terminal pair joined by socat; killed (by its pid) on drop.
+    struct PtyPair {
+        child: tokio::process::Child,
+        a: String,
+        b: String,
+    }
+
+    impl PtyPair {
+        async fn open() -> Self {
+            use tokio::io::AsyncBufReadExt as _;
+            let mut child = tokio::process::Command::new("socat")
+                .args(["-d", "-d", "pty,raw,echo=0", "pty,raw,echo=0"])
+                .stderr(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("socat is installed");
+            let stderr = child.stderr.take().unwrap();
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            let mut paths = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    let line = lines.next_line().await.unwrap().expect("socat output");
+                    if let Some(i) = line.find("PTY is ") {
+                        paths.push(line[i + 7..].trim().to_owned());
+                    }
+                    if line.contains("starting data transfer loop") {
+                        break;
+                    }
+                }
+            })
+            .await
+            .expect("socat ready within 5 s");
+            // Keep reading its log so socat never blocks on a full pipe.
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            assert_eq!(paths.len(), 2, "{paths:?}");
+            let b = paths.pop().unwrap();
+            let a = paths.pop().unwrap();
+            PtyPair { child, a, b }
+        }
+
+        async fn close(mut self) {
+            let _ = self.child.kill().await;
+        }
+    }
+
+    fn rtu_link(path: &str) -> LinkSpec {
+        LinkSpec::Rtu {
+            path: path.to_owned(),
+            baud: 19_200,
+            parity: Parity::Even,
+            data_bits: 8,
+            stop_bits: 1,
+            inter_frame_delay: Duration::from_millis(2),
+        }
+    }
+
+    fn serve_rtu(path: &str, sim: Sim) -> JoinHandle<()> {
+        let serial = tokio_serial::SerialStream::open(&tokio_serial::new(path, 19_200)).unwrap();
+        tokio::spawn(async move {
+            let _ = tokio_modbus::server::rtu::Server::new(serial)
+                .serve_forever(sim)
+                .await;
+        })
+    }
+
+    /// Serves `sim` as RTU frames over TCP; counts the connections accepted.
+    async fn serve_rtu_over_tcp(sim: Sim) -> (SocketAddr, JoinHandle<()>, Arc<AtomicU64>) {
+        use tokio_modbus::server::rtu_over_tcp::{Server as RtuServer, accept_tcp_connection};
+        let listener = TcpListener::bind(local()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&accepted);
+        let server = RtuServer::new(listener);
+        let task = tokio::spawn(async move {
+            let on_connected = |stream, socket_addr| {
+                let sim = sim.clone();
+                count.fetch_add(1, Ordering::SeqCst);
+                async move { accept_tcp_connection(stream, socket_addr, move |_| Ok(Some(sim.clone()))) }
+            };
+            let _ = server.serve(&on_connected, |_err| {}).await;
+        });
+        (addr, task, accepted)
+    }
+
+    fn connects(text: &str, link: &str) -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(transport::CONNECTS_TOTAL) && l.contains(link))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no connect count for {link} in {text}"))
+    }
+
+    /// Two units on one bus: both decode; then one goes silent and only it times out and
+    /// backs off while the other keeps its cycle, on the same (never reset) link.
+    async fn two_units_one_silent(link: LinkSpec, sim: Sim) -> String {
+        sim.with(1, |u| {
+            u.holding.insert(0, 0x4049);
+            u.holding.insert(1, 0x0FDB);
+            u.coils.insert(2, true);
+        });
+        sim.with(2, |u| {
+            u.input.insert(7, 0xFFFF);
+        });
+        let d1 = device_on(
+            link.clone(),
+            "one",
+            1,
+            vec![
+                writable("pi", Table::HoldingRegister, 0, DataType::Float32),
+                tag("c", Table::Coil, 2, DataType::Bool),
+                writable("w", Table::HoldingRegister, 10, DataType::Float64),
+            ],
+        );
+        let d2 = device_on(
+            link.clone(),
+            "two",
+            2,
+            vec![tag("neg", Table::InputRegister, 7, DataType::Int16)],
+        );
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics_handle = recorder.handle();
+        let mut run = metrics::with_local_recorder(&recorder, || {
+            Running::start_on(link.clone(), vec![d1, d2])
+        });
+        let r = run.next_of("one").await;
+        match good(&r, "pi") {
+            Value::Float(f) => assert!((f - std::f64::consts::PI).abs() < 1e-6, "{f}"),
+            v => panic!("{v:?}"),
+        }
+        assert_eq!(good(&r, "c"), Value::Bool(true));
+        assert_eq!(good(&run.next_of("two").await, "neg"), Value::Int(-1));
+
+        // A verified multi-register write over this transport.
+        let v = 6.02214076e23f64;
+        assert_eq!(
+            run.write("one", "w", Value::Float(v)).await,
+            Ok(WriteOutcome::Verified)
+        );
+        assert_eq!(
+            holding(&sim, 1, 10, 4),
+            wire(&v.to_be_bytes(), ByteOrder::Abcd)
+        );
+
+        sim.with(2, |u| u.silent = true);
+        let started = Instant::now();
+        let (mut ones, mut twos) = (0, 0);
+        while started.elapsed() < Duration::from_millis(1500) {
+            let r = run.next().await;
+            if r.device.as_str() == "one" {
+                assert_eq!(good(&r, "c"), Value::Bool(true));
+                ones += 1;
+            } else if r.samples[0].quality != Quality::Good {
+                assert_eq!(r.samples[0].quality, Quality::Bad(BadReason::Timeout));
+                twos += 1;
+            }
+        }
+        assert!(ones >= 7, "unit 1 starved: {ones} cycles");
+        assert!((1..=4).contains(&twos), "unit 2 probed {twos} times");
+        // It comes back on the same link.
+        sim.with(2, |u| u.silent = false);
+        loop {
+            let r = run.next_of("two").await;
+            if r.samples[0].quality == Quality::Good {
+                break;
+            }
+        }
+        run.stop().await;
+        let text = metrics_handle.render();
+        assert_eq!(connects(&text, &link.key()), 1.0, "the link was reset");
+        text
+    }
+
+    #[tokio::test]
+    async fn rtu_over_a_pty_pair_isolates_a_silent_unit_without_resetting_the_bus() {
+        let pty = PtyPair::open().await;
+        let sim = Sim::default();
+        let server = serve_rtu(&pty.b, sim.clone());
+        two_units_one_silent(rtu_link(&pty.a), sim).await;
+        server.abort();
+        pty.close().await;
+    }
+
+    #[tokio::test]
+    async fn rtu_over_tcp_isolates_a_silent_unit_on_one_connection() {
+        let sim = Sim::default();
+        let (addr, server, accepted) = serve_rtu_over_tcp(sim.clone()).await;
+        let link = LinkSpec::RtuOverTcp {
+            endpoint: addr.to_string(),
+        };
+        two_units_one_silent(link, sim).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn rtu_late_answers_never_become_another_units_values() {
+        let pty = PtyPair::open().await;
+        let sim = Sim::default();
+        sim.with(1, |u| {
+            u.holding.insert(0, 111);
+        });
+        sim.with(3, |u| {
+            u.holding.insert(0, 333);
+            // Answers 150 ms after its 200 ms timeout.
+            u.delay = Some(Duration::from_millis(350));
+        });
+        let server = serve_rtu(&pty.b, sim.clone());
+        let link = rtu_link(&pty.a);
+        let d1 = device_on(
+            link.clone(),
+            "one",
+            1,
+            vec![tag("v", Table::HoldingRegister, 0, DataType::UInt16)],
+        );
+        let d3 = device_on(
+            link.clone(),
+            "late",
+            3,
+            vec![tag("v", Table::HoldingRegister, 0, DataType::UInt16)],
+        );
+        let mut run = Running::start_on(link, vec![d1, d3]);
+        let started = Instant::now();
+        let (mut good_ones, mut bad_ones) = (0, 0);
+        while started.elapsed() < Duration::from_millis(2000) {
+            let r = run.next().await;
+            let s = &r.samples[0];
+            match r.device.as_str() {
+                "one" if s.quality == Quality::Good => {
+                    assert_eq!(
+                        s.value,
+                        Some(Value::UInt(111)),
+                        "unit 1 got another unit's answer"
+                    );
+                    good_ones += 1;
+                }
+                "one" => bad_ones += 1,
+                _ => {
+                    // Always too late: its answer must never be accepted.
+                    assert_eq!(s.quality, Quality::Bad(BadReason::Timeout), "{s:?}");
+                }
+            }
+        }
+        assert!(good_ones >= 8, "unit 1: {good_ones} good, {bad_ones} bad");
+        assert!(bad_ones <= 2, "unit 1: {good_ones} good, {bad_ones} bad");
+        run.stop().await;
+        server.abort();
+        pty.close().await;
     }
 }

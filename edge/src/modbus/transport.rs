@@ -38,6 +38,18 @@ use tokio_modbus::{Request, Response};
 
 use crate::model::{LinkSpec, Parity};
 
+/// Counter of connections established (TCP connects, serial port opens), label `link`. It
+/// counting more than once per outage shows a link being reset.
+pub const CONNECTS_TOTAL: &str = "edgesync_modbus_connects_total";
+
+/// Describes the transport metric to the installed recorder.
+pub fn describe() {
+    metrics::describe_counter!(
+        CONNECTS_TOTAL,
+        "Modbus connections established (TCP connects, serial port opens)"
+    );
+}
+
 /// Silence kept between exchanges of RTU frames over TCP (the converter times the serial
 /// side itself; this only gives a late answer the chance to arrive and be discarded).
 pub const RTU_OVER_TCP_FRAME_DELAY: Duration = Duration::from_millis(2);
@@ -311,4 +323,205 @@ fn open_serial(
         .parity(parity)
         .flow_control(tokio_serial::FlowControl::None);
     tokio_serial::SerialStream::open(&builder).map_err(|e| OpenError::Io(io::Error::from(e)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{AgentConfig, ConfigErrors, parse};
+    use crate::model::default_inter_frame_delay;
+
+    const BASE: &str = r#"[agent]
+data_dir = "data"
+[hub]
+address = "hub.local:7443"
+[identity]
+trust_domain = "example.org"
+cert = "c.pem"
+key = "k.pem"
+bundle = "b.pem"
+"#;
+
+    fn device(id: &str, link_lines: &str) -> String {
+        format!(
+            "[[devices]]\nid = \"{id}\"\n{link_lines}\n[[devices.tags]]\nname = \"t\"\ntable = \"holding_register\"\naddress = 0\ntype = \"uint16\"\n"
+        )
+    }
+
+    fn parse_devices(devices: &[String]) -> Result<AgentConfig, ConfigErrors> {
+        let text = format!("{BASE}{}", devices.concat());
+        parse("agent.toml", &text, Path::new("/etc/edgesync"))
+    }
+
+    fn messages(r: Result<AgentConfig, ConfigErrors>) -> Vec<String> {
+        match r {
+            Ok(_) => panic!("expected errors"),
+            Err(e) => e
+                .errors
+                .into_iter()
+                .map(|e| format!("{:?}: {}", e.line, e.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn inter_frame_delay_defaults_to_three_and_a_half_characters() {
+        // 19200 8E1: 11 bits per character, 3.5 characters = 2.005 ms.
+        let d = default_inter_frame_delay(19_200, Parity::Even, 8, 1);
+        assert_eq!(d.as_micros(), 2005);
+        // 9600 8N1: 10 bits, 3.646 ms.
+        let d = default_inter_frame_delay(9_600, Parity::None, 8, 1);
+        assert_eq!(d.as_micros(), 3645);
+        // Fast lines get the 2 ms floor.
+        assert_eq!(
+            default_inter_frame_delay(115_200, Parity::None, 8, 1),
+            MIN_DELAY
+        );
+        assert_eq!(default_inter_frame_delay(0, Parity::None, 8, 1), MIN_DELAY);
+    }
+
+    const MIN_DELAY: Duration = crate::model::MIN_INTER_FRAME_DELAY;
+
+    #[test]
+    fn rtu_and_rtu_over_tcp_devices_parse() {
+        let cfg = parse_devices(&[
+            device(
+                "a",
+                "protocol = \"rtu\"\nserial_port = \"/dev/ttyUSB0\"\nbaud = 9600\nparity = \"none\"\ndata_bits = 8\nstop_bits = 2\nunit_id = 1",
+            ),
+            device("b", "protocol = \"rtu\"\nserial_port = \"/dev/ttyUSB0\"\nbaud = 9600\nparity = \"none\"\nstop_bits = 2\nunit_id = 2"),
+            device("c", "protocol = \"rtu\"\nserial_port = \"/dev/ttyS1\"\ninter_frame_delay_ms = 7"),
+            device("d", "protocol = \"rtu_over_tcp\"\nendpoint = \"10.0.0.9:4001\""),
+        ])
+        .unwrap();
+        let links: Vec<&LinkSpec> = cfg.devices.iter().map(|d| &d.link).collect();
+        assert_eq!(
+            links[0],
+            &LinkSpec::Rtu {
+                path: "/dev/ttyUSB0".into(),
+                baud: 9600,
+                parity: Parity::None,
+                data_bits: 8,
+                stop_bits: 2,
+                inter_frame_delay: default_inter_frame_delay(9600, Parity::None, 8, 2),
+            }
+        );
+        // Same port, same settings: one physical link.
+        assert_eq!(links[0], links[1]);
+        assert_eq!(links[0].key(), "rtu:///dev/ttyUSB0");
+        // Defaults: 19200 8E1; an explicit inter-frame delay.
+        assert_eq!(
+            links[2],
+            &LinkSpec::Rtu {
+                path: "/dev/ttyS1".into(),
+                baud: 19_200,
+                parity: Parity::Even,
+                data_bits: 8,
+                stop_bits: 1,
+                inter_frame_delay: Duration::from_millis(7),
+            }
+        );
+        assert_eq!(
+            links[3],
+            &LinkSpec::RtuOverTcp {
+                endpoint: "10.0.0.9:4001".into()
+            }
+        );
+        assert!(
+            links[3].is_rtu()
+                && !LinkSpec::Tcp {
+                    endpoint: "x:1".into()
+                }
+                .is_rtu()
+        );
+    }
+
+    #[test]
+    fn conflicting_settings_on_one_serial_port_name_both_devices() {
+        let errors = messages(parse_devices(&[
+            device(
+                "first",
+                "protocol = \"rtu\"\nserial_port = \"/dev/ttyUSB0\"\nbaud = 9600",
+            ),
+            device(
+                "second",
+                "protocol = \"rtu\"\nserial_port = \"/dev/ttyUSB0\"\nbaud = 19200",
+            ),
+        ]));
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        let e = &errors[0];
+        assert!(
+            e.contains("\"second\"") && e.contains("\"first\"") && e.contains("on line 13"),
+            "{e}"
+        );
+        // Reported on the second device's serial_port line.
+        assert!(e.starts_with("Some(23)"), "{e}");
+    }
+
+    #[test]
+    fn link_fields_are_checked() {
+        let errors = messages(parse_devices(&[
+            device("a", "protocol = \"rtu\""),
+            device(
+                "b",
+                "protocol = \"rtu\"\nserial_port = \"/dev/x\"\nparity = \"mark\"\ndata_bits = 5\nstop_bits = 3\nbaud = 10",
+            ),
+            device("c", "protocol = \"tcp\"\nendpoint = \"h:1\"\nbaud = 9600"),
+            device(
+                "d",
+                "protocol = \"rtu\"\nserial_port = \"/dev/y\"\nendpoint = \"h:1\"",
+            ),
+            device("e", "protocol = \"udp\"\nendpoint = \"h:1\""),
+            device("f", "protocol = \"rtu_over_tcp\"\nendpoint = \"h:1\""),
+            device("g", "protocol = \"tcp\"\nendpoint = \"h:1\""),
+        ]));
+        let has = |needle: &str| {
+            assert!(
+                errors.iter().any(|e| e.contains(needle)),
+                "no {needle:?} in {errors:#?}"
+            )
+        };
+        has("device \"a\": missing required field \"serial_port\"");
+        has("parity \"mark\" is not one of \"none\", \"even\", \"odd\"");
+        has("data_bits is 5 but must be in 7..=8");
+        has("stop_bits is 3 but must be in 1..=2");
+        has("baud is 10 but must be in 300..=4000000");
+        has("baud applies only to protocol \"rtu\", not \"tcp\"");
+        has("endpoint applies to protocols \"tcp\" and \"rtu_over_tcp\"");
+        has("protocol \"udp\" is not one of \"tcp\", \"rtu\", \"rtu_over_tcp\"");
+        has("with the other framing");
+    }
+
+    #[tokio::test]
+    async fn a_missing_serial_port_is_an_open_error() {
+        let link = LinkSpec::Rtu {
+            path: "/dev/edgesync-no-such-port".into(),
+            baud: 9600,
+            parity: Parity::None,
+            data_bits: 8,
+            stop_bits: 1,
+            inter_frame_delay: Duration::from_millis(4),
+        };
+        assert!(open(&link, Duration::from_secs(1)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn flushing_discards_stale_bytes_before_writing() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut ours = Flushing::new(ours);
+        theirs.write_all(b"stale").await.unwrap();
+        tokio::task::yield_now().await;
+        ours.write_all(b"req").await.unwrap();
+        let mut req = [0u8; 3];
+        theirs.read_exact(&mut req).await.unwrap();
+        assert_eq!(&req, b"req");
+        theirs.write_all(b"fresh").await.unwrap();
+        let mut got = [0u8; 5];
+        ours.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"fresh");
+    }
 }
