@@ -15,16 +15,18 @@
 //! | `0x01 <node> 0x00 "agent"` | agent version (UTF-8) |
 //! | `0x01 <node> 0x00 "seen"` | last seen, ms since the epoch (u64 BE) |
 //! | `0x02 <node> 0x00 <device> 0x00 <property>` | [`encode_samples`] of the latest sample |
+//! | `0x03 <node> 0x00 <first seq: u64 BE>` | last seq (u64 BE) of a gap: records lost at the edge |
 //!
-//! Ids never hold `0x00` and always start with a letter or digit, so the three key spaces never
+//! Ids never hold `0x00` and always start with a letter or digit, so the key spaces never
 //! overlap and a node's records sort by sequence number.
 //!
 //! # Invariants
 //!
 //! - A batch's new records, the node's new sequence number and the twin values they change are
 //!   written in one atomic sled batch: after a crash either all of it is there or none.
-//! - Records of a node have contiguous sequence numbers `1..=seq`, each stored exactly once:
-//!   duplicates are skipped, gaps are refused.
+//! - Every sequence number `1..=seq` of a node is stored exactly once, either as a record or
+//!   inside a gap marker (records the edge lost and reported); duplicates are skipped, batches
+//!   that would leave a hole are refused.
 //! - [`HubStore::stored_seq`] and [`CommitOutcome::stored_seq`] only report what has been
 //!   flushed to disk (fsync), so an agent told "stored up to N" may drop its records up to N.
 //! - The in-memory twin and node status follow commit order. Twin reads may show a value a few
@@ -34,7 +36,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use edgesync_protocol::frame::{FrameError, decode_samples, encode_samples};
 use edgesync_protocol::{DeviceId, NodeId, PropertyId, Quality, Sample, Timestamp, Value, Version};
@@ -49,6 +52,7 @@ pub const MAX_PROPERTIES_PER_NODE: usize = 100_000;
 const TREE: &[u8] = b"hub";
 const META: u8 = 0x01;
 const TWIN: u8 = 0x02;
+const GAP: u8 = 0x03;
 const SEP: u8 = 0x00;
 const FIELD_SEQ: &[u8] = b"seq";
 const FIELD_AGENT: &[u8] = b"agent";
@@ -86,6 +90,17 @@ pub enum StoreError {
         /// The limit.
         limit: usize,
     },
+    /// A gap range is empty or starts at 0.
+    #[error("invalid gap: records {from}..={to}")]
+    InvalidGap {
+        /// First lost record.
+        from: u64,
+        /// Last lost record.
+        to: u64,
+    },
+    /// A blocking store task failed (it panicked, or the runtime is shutting down).
+    #[error("store task failed: {0}")]
+    Task(String),
     /// An entry on disk cannot be read back.
     #[error("corrupt store entry {key}: {reason}")]
     Corrupt {
@@ -223,6 +238,8 @@ struct NodeState {
 
 /// What the synchronous part of a commit did.
 struct Applied {
+    /// The commit's ticket: durable once `flushed >= ticket`.
+    ticket: u64,
     /// The node's applied seq after this commit.
     target_seq: u64,
     accepted: usize,
@@ -230,14 +247,29 @@ struct Applied {
 }
 
 /// The hub's durable state (see the module docs for layout and invariants).
+///
+/// Cheap to share: wrap it in an `Arc`. All methods take `&self`.
 #[derive(Debug)]
 pub struct HubStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     db: sled::Db,
     tree: sled::Tree,
     /// Serializes the check-and-write part of commits, so sequence checks and writes happen in
-    /// one order. Held only for synchronous work, never across an await.
+    /// one order. Only taken on blocking threads, never across an await.
     commit_lock: Mutex<()>,
     state: RwLock<BTreeMap<NodeId, NodeState>>,
+    /// Number of sled batches written by commits (a commit's ticket).
+    written: AtomicU64,
+    /// All commits with a ticket up to this value are flushed.
+    flushed: AtomicU64,
+    /// Flushes run one at a time; commits waiting here share the next flush (group commit).
+    flush_lock: tokio::sync::Mutex<()>,
+    /// Flushes performed (for tests and metrics).
+    flushes: AtomicU64,
 }
 
 impl HubStore {
@@ -251,21 +283,27 @@ impl HubStore {
         let tree = db.open_tree(TREE)?;
         let state = load(&tree)?;
         Ok(HubStore {
-            db,
-            tree,
-            commit_lock: Mutex::new(()),
-            state: RwLock::new(state),
+            inner: Arc::new(Inner {
+                db,
+                tree,
+                commit_lock: Mutex::new(()),
+                state: RwLock::new(state),
+                written: AtomicU64::new(0),
+                flushed: AtomicU64::new(0),
+                flush_lock: tokio::sync::Mutex::new(()),
+                flushes: AtomicU64::new(0),
+            }),
         })
     }
 
     /// Whether the store answers reads (a cheap read through sled's page cache).
     pub fn is_ready(&self) -> bool {
-        self.tree.get([META]).is_ok()
+        self.inner.tree.get([META]).is_ok()
     }
 
     /// The last uplink sequence number durably stored for `node` (0 = none).
     pub fn stored_seq(&self, node: &NodeId) -> Result<u64, StoreError> {
-        Ok(self.read().get(node).map_or(0, |n| n.durable_seq))
+        Ok(self.inner.read().get(node).map_or(0, |n| n.durable_seq))
     }
 
     /// Stores an uplink batch: record `i` has sequence number `first_seq + i`.
@@ -274,10 +312,14 @@ impl HubStore {
     /// next expected sequence number is refused with [`StoreError::Gap`], storing nothing. The
     /// new records are written as one entry together with the node's sequence number and twin,
     /// atomically, then flushed; the outcome's `stored_seq` is durable when this returns.
-    /// Concurrent commits (of several nodes) share flushes.
     ///
-    /// Cancellation: if the future is dropped during the flush, the records stay written and
-    /// become durable with the next flush; `stored_seq` does not report them until then.
+    /// The sled write runs on a blocking thread (a sled batch waits for any fsync in progress),
+    /// so the caller's runtime thread is never blocked. Concurrent commits share flushes: one
+    /// flush runs at a time and covers every commit written before it started.
+    ///
+    /// Cancellation: if the future is dropped, a write already started completes (memory and
+    /// disk stay consistent) and becomes durable with the next flush; `stored_seq` does not
+    /// report it until then.
     pub async fn commit_batch(
         &self,
         node: &NodeId,
@@ -285,33 +327,38 @@ impl HubStore {
         records: &[Sample],
     ) -> Result<CommitOutcome, StoreError> {
         let started = tokio::time::Instant::now();
-        let applied = match self.apply(node, first_seq, records) {
-            Ok(applied) => applied,
-            Err(e) => {
-                telemetry::commit_failed(node, &e);
-                return Err(e);
-            }
-        };
-        let durable = self.read().get(node).map_or(0, |n| n.durable_seq);
-        let mut stored_seq = durable;
-        if durable < applied.target_seq {
-            // Everything up to target_seq was written before this flush started, so the flush
-            // covers it. sled lets concurrent flushers wait for one another's fsync.
-            if let Err(e) = self.db.flush_async().await {
-                let e = StoreError::from(e);
-                telemetry::commit_failed(node, &e);
-                return Err(e);
-            }
-            let mut state = self.write();
-            let n = state.entry(node.clone()).or_default();
-            n.durable_seq = n.durable_seq.max(applied.target_seq);
-            stored_seq = n.durable_seq;
+        let result = self.commit_inner(node, first_seq, records).await;
+        match &result {
+            Ok(out) => telemetry::batch_committed(
+                out.accepted,
+                out.duplicates,
+                started.elapsed().as_secs_f64(),
+            ),
+            Err(e) => telemetry::commit_failed(node, e),
         }
-        telemetry::batch_committed(
-            applied.accepted,
-            applied.duplicates,
-            started.elapsed().as_secs_f64(),
-        );
+        result
+    }
+
+    async fn commit_inner(
+        &self,
+        node: &NodeId,
+        first_seq: u64,
+        records: &[Sample],
+    ) -> Result<CommitOutcome, StoreError> {
+        if records.is_empty() {
+            return Ok(CommitOutcome {
+                stored_seq: self.stored_seq(node)?,
+                accepted: 0,
+                duplicates: 0,
+            });
+        }
+        let inner = Arc::clone(&self.inner);
+        let (owned_node, owned) = (node.clone(), records.to_vec());
+        let applied =
+            tokio::task::spawn_blocking(move || inner.apply(&owned_node, first_seq, &owned))
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))??;
+        let stored_seq = self.make_durable(node, &applied).await?;
         Ok(CommitOutcome {
             stored_seq,
             accepted: applied.accepted,
@@ -319,6 +366,99 @@ impl HubStore {
         })
     }
 
+    /// Records that the node's records `from..=to` are lost for good (the edge dropped them):
+    /// stores a gap marker and advances the node's sequence number to `to`, atomically, then
+    /// flushes. Returns the node's durable sequence number.
+    ///
+    /// The part of the range already stored is skipped; a range starting after the next
+    /// expected sequence number is refused with [`StoreError::Gap`].
+    pub async fn commit_gap(&self, node: &NodeId, from: u64, to: u64) -> Result<u64, StoreError> {
+        let result = self.commit_gap_inner(node, from, to).await;
+        if let Err(e) = &result {
+            telemetry::commit_failed(node, e);
+        }
+        result
+    }
+
+    async fn commit_gap_inner(&self, node: &NodeId, from: u64, to: u64) -> Result<u64, StoreError> {
+        let inner = Arc::clone(&self.inner);
+        let owned_node = node.clone();
+        let applied = tokio::task::spawn_blocking(move || inner.apply_gap(&owned_node, from, to))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        self.make_durable(node, &applied).await
+    }
+
+    /// Flushes the commit (unless already durable) and marks the node's seq durable.
+    async fn make_durable(&self, node: &NodeId, applied: &Applied) -> Result<u64, StoreError> {
+        let durable = self.inner.read().get(node).map_or(0, |n| n.durable_seq);
+        if durable >= applied.target_seq {
+            return Ok(durable);
+        }
+        self.flush_through(applied.ticket).await?;
+        let mut state = self.inner.write();
+        let n = state.entry(node.clone()).or_default();
+        n.durable_seq = n.durable_seq.max(applied.target_seq);
+        Ok(n.durable_seq)
+    }
+
+    /// Makes everything written so far durable (for shutdown; commits flush on their own).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        // Snapshot before flushing: every seq applied now is covered by the flush below.
+        let applied: Vec<(NodeId, u64)> = self
+            .inner
+            .read()
+            .iter()
+            .map(|(node, n)| (node.clone(), n.applied_seq))
+            .collect();
+        let upto = self.inner.written.load(Ordering::Acquire);
+        let _leader = self.inner.flush_lock.lock().await;
+        self.flush_locked(upto).await?;
+        let mut state = self.inner.write();
+        for (node, seq) in applied {
+            if let Some(n) = state.get_mut(&node) {
+                n.durable_seq = n.durable_seq.max(seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns once every commit with a ticket up to `ticket` is flushed (group commit).
+    async fn flush_through(&self, ticket: u64) -> Result<(), StoreError> {
+        if self.inner.flushed.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        let _leader = self.inner.flush_lock.lock().await;
+        // A flush that ran while we waited may have covered us.
+        if self.inner.flushed.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        // Every commit with a ticket up to `upto` finished its write before this flush starts.
+        let upto = self.inner.written.load(Ordering::Acquire);
+        self.flush_locked(upto).await
+    }
+
+    /// Flushes (caller holds `flush_lock`), then records that tickets up to `upto` are durable.
+    async fn flush_locked(&self, upto: u64) -> Result<(), StoreError> {
+        let db = self.inner.db.clone();
+        // A blocking thread, not sled's flush_async: sled 0.34 runs flush_async on its own small
+        // IO pool, which deadlocks when flushers fill the pool while a batch waits for the
+        // flush's read lock (the log write the flush waits for is queued on that same pool).
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        self.inner.flushes.fetch_add(1, Ordering::Relaxed);
+        self.inner.flushed.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Flushes performed by commits since the store was opened.
+    pub fn flush_count(&self) -> u64 {
+        self.inner.flushes.load(Ordering::Relaxed)
+    }
+}
+
+impl Inner {
     /// The synchronous part of a commit: checks sequence numbers, writes one sled batch and
     /// updates memory.
     fn apply(
@@ -335,18 +475,11 @@ impl HubStore {
             .read()
             .get(node)
             .map_or((0, 0), |n| (n.applied_seq, n.properties));
-        if records.is_empty() {
-            return Ok(Applied {
-                target_seq: applied_seq,
-                accepted: 0,
-                duplicates: 0,
-            });
-        }
         let len = records.len();
-        let last_seq = u64::try_from(len - 1)
+        let last_seq = u64::try_from(len.saturating_sub(1))
             .ok()
             .and_then(|n| first_seq.checked_add(n));
-        let Some(last_seq) = last_seq.filter(|_| first_seq > 0) else {
+        let Some(last_seq) = last_seq.filter(|_| first_seq > 0 && len > 0) else {
             return Err(StoreError::InvalidSeq { first_seq, len });
         };
         let expected = applied_seq + 1;
@@ -357,7 +490,9 @@ impl HubStore {
             });
         }
         if last_seq <= applied_seq {
+            // Already written; durable once every write so far is flushed.
             return Ok(Applied {
+                ticket: self.written.load(Ordering::Acquire),
                 target_seq: applied_seq,
                 accepted: 0,
                 duplicates: len,
@@ -374,7 +509,7 @@ impl HubStore {
         for s in new {
             latest.insert((&s.device, &s.property), s);
         }
-        {
+        let last_seen = {
             let state = self.read();
             let twins = state.get(node).map(|n| &n.twins);
             let added = latest
@@ -391,11 +526,16 @@ impl HubStore {
                     limit: MAX_PROPERTIES_PER_NODE,
                 });
             }
-        }
+            state.get(node).and_then(|n| n.last_seen_ms)
+        };
 
         let mut batch = sled::Batch::default();
         batch.insert(record_key(node, expected), encode_samples(new));
         batch.insert(meta_key(node, FIELD_SEQ), &last_seq.to_be_bytes());
+        if let Some(seen) = last_seen {
+            // node_seen only updates memory; persist it with the node's commits.
+            batch.insert(meta_key(node, FIELD_SEEN), &seen.to_be_bytes());
+        }
         for ((device, property), sample) in &latest {
             batch.insert(
                 twin_key(node, device, property),
@@ -403,6 +543,7 @@ impl HubStore {
             );
         }
         self.tree.apply_batch(batch)?;
+        let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
 
         let mut state = self.write();
         let n = state.entry(node.clone()).or_default();
@@ -422,55 +563,68 @@ impl HubStore {
             }
         }
         Ok(Applied {
+            ticket,
             target_seq: last_seq,
             accepted: new.len(),
             duplicates: skip,
         })
     }
 
-    /// Records that `node`'s records `from..=to` are lost for good (its agent dropped them
-    /// from a full outbox): they count as stored, so the sequence continues after `to`. The
-    /// gap itself is kept (meta key `gap` + `from`) for audits. Durable when this returns.
-    pub async fn commit_gap(&self, node: &NodeId, from: u64, to: u64) -> Result<u64, StoreError> {
+    /// The synchronous part of a gap commit.
+    fn apply_gap(&self, node: &NodeId, from: u64, to: u64) -> Result<Applied, StoreError> {
+        let _commit = self
+            .commit_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if from == 0 || to < from {
-            return Err(StoreError::InvalidSeq { first_seq: from, len: 0 });
+            return Err(StoreError::InvalidGap { from, to });
         }
-        {
-            let _commit = self.commit_lock.lock().unwrap_or_else(PoisonError::into_inner);
-            let applied = self.read().get(node).map_or(0, |n| n.applied_seq);
-            if to <= applied {
-                return Ok(self.read().get(node).map_or(0, |n| n.durable_seq));
-            }
-            if from > applied + 1 {
-                return Err(StoreError::Gap { expected: applied + 1, got: from });
-            }
-            let mut gap_field = b"gap".to_vec();
-            gap_field.extend_from_slice(&from.to_be_bytes());
-            let mut batch = sled::Batch::default();
-            batch.insert(meta_key(node, &gap_field), &to.to_be_bytes());
-            batch.insert(meta_key(node, FIELD_SEQ), &to.to_be_bytes());
-            self.tree.apply_batch(batch)?;
-            self.write().entry(node.clone()).or_default().applied_seq = to;
+        let applied_seq = self.read().get(node).map_or(0, |n| n.applied_seq);
+        let expected = applied_seq + 1;
+        if from > expected {
+            return Err(StoreError::Gap {
+                expected,
+                got: from,
+            });
         }
-        self.db.flush_async().await?;
-        let mut state = self.write();
-        let n = state.entry(node.clone()).or_default();
-        n.durable_seq = n.durable_seq.max(to);
-        Ok(n.durable_seq)
+        if to <= applied_seq {
+            return Ok(Applied {
+                ticket: self.written.load(Ordering::Acquire),
+                target_seq: applied_seq,
+                accepted: 0,
+                duplicates: 0,
+            });
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(gap_key(node, expected), &to.to_be_bytes());
+        batch.insert(meta_key(node, FIELD_SEQ), &to.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
+        self.write().entry(node.clone()).or_default().applied_seq = to;
+        Ok(Applied {
+            ticket,
+            target_seq: to,
+            accepted: 0,
+            duplicates: 0,
+        })
     }
 
-    /// Flushes everything to disk (at shutdown).
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+    fn read(&self) -> RwLockReadGuard<'_, BTreeMap<NodeId, NodeState>> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<NodeId, NodeState>> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl HubStore {
     /// Every stored record of `node` with sequence number `>= from_seq`, in order.
     pub fn records(&self, node: &NodeId, from_seq: u64) -> Result<Vec<(u64, Sample)>, StoreError> {
         let prefix = node_prefix(node);
         // The entry holding `from_seq` starts at or before it.
         let begin = match self
-            .tree
+            .tree()
             .range(prefix.clone()..=record_key(node, from_seq))
             .next_back()
         {
@@ -478,7 +632,7 @@ impl HubStore {
             None => prefix.clone(),
         };
         let mut out = Vec::new();
-        for entry in self.tree.range(begin..) {
+        for entry in self.tree().range(begin..) {
             let (key, value) = entry?;
             let Some(seq_bytes) = key.strip_prefix(prefix.as_slice()) else {
                 break;
@@ -496,21 +650,38 @@ impl HubStore {
         Ok(out)
     }
 
-    /// Records that a session with `node` is established.
+    /// The gaps recorded for `node` (ranges of lost records, inclusive), in order.
+    pub fn gaps(&self, node: &NodeId) -> Result<Vec<(u64, u64)>, StoreError> {
+        let mut prefix = vec![GAP];
+        prefix.extend_from_slice(&node_prefix(node));
+        let mut out = Vec::new();
+        for entry in self.tree().scan_prefix(&prefix) {
+            let (key, value) = entry?;
+            let from = be_u64(&key, &key[prefix.len()..])?;
+            let to = be_u64(&key, &value)?;
+            out.push((from, to));
+        }
+        Ok(out)
+    }
+
+    /// Records that a session with `node` is established (persists the agent version and the
+    /// time; durable with the next flush).
+    ///
+    /// Writes to sled: may wait briefly (at most about one fsync) while a commit is queued
+    /// behind a flush.
     pub fn node_connected(
         &self,
         node: &NodeId,
         info: ConnInfo,
         now_ms: u64,
     ) -> Result<(), StoreError> {
+        let tree = self.tree();
+        tree.insert(meta_key(node, FIELD_AGENT), info.agent_version.as_bytes())?;
+        tree.insert(meta_key(node, FIELD_SEEN), &now_ms.to_be_bytes())?;
         let mut state = self.write();
-        let mut batch = sled::Batch::default();
-        batch.insert(meta_key(node, FIELD_AGENT), info.agent_version.as_bytes());
-        batch.insert(meta_key(node, FIELD_SEEN), &now_ms.to_be_bytes());
-        self.tree.apply_batch(batch)?;
         let n = state.entry(node.clone()).or_default();
         n.connected = true;
-        n.last_seen_ms = Some(now_ms);
+        n.last_seen_ms = n.last_seen_ms.max(Some(now_ms));
         n.remote_addr = Some(info.remote_addr);
         n.agent_version = Some(info.agent_version);
         n.boot_id = Some(info.boot_id);
@@ -518,24 +689,26 @@ impl HubStore {
         Ok(())
     }
 
-    /// Records that the session with `node` ended.
+    /// Records that the session with `node` ended (persists the time; durable with the next
+    /// flush). Writes to sled like [`node_connected`](Self::node_connected).
     pub fn node_disconnected(&self, node: &NodeId, now_ms: u64) -> Result<(), StoreError> {
-        let mut state = self.write();
-        self.tree
+        self.tree()
             .insert(meta_key(node, FIELD_SEEN), &now_ms.to_be_bytes())?;
+        let mut state = self.write();
         let n = state.entry(node.clone()).or_default();
         n.connected = false;
-        n.last_seen_ms = Some(now_ms);
+        n.last_seen_ms = n.last_seen_ms.max(Some(now_ms));
         Ok(())
     }
 
     /// Records that `node` was heard from, with the backlog its agent reported.
+    ///
+    /// Memory only (cheap enough for every frame): the time is persisted with the node's next
+    /// commit or disconnect. Never fails today; fallible so that persisting can change.
     pub fn node_seen(&self, node: &NodeId, now_ms: u64, backlog: u64) -> Result<(), StoreError> {
         let mut state = self.write();
-        self.tree
-            .insert(meta_key(node, FIELD_SEEN), &now_ms.to_be_bytes())?;
         let n = state.entry(node.clone()).or_default();
-        n.last_seen_ms = Some(now_ms);
+        n.last_seen_ms = n.last_seen_ms.max(Some(now_ms));
         n.backlog = backlog;
         Ok(())
     }
@@ -567,11 +740,15 @@ impl HubStore {
     }
 
     fn read(&self) -> RwLockReadGuard<'_, BTreeMap<NodeId, NodeState>> {
-        self.state.read().unwrap_or_else(PoisonError::into_inner)
+        self.inner.read()
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<NodeId, NodeState>> {
-        self.state.write().unwrap_or_else(PoisonError::into_inner)
+        self.inner.write()
+    }
+
+    fn tree(&self) -> &sled::Tree {
+        &self.inner.tree
     }
 }
 
@@ -608,6 +785,12 @@ fn meta_key(node: &NodeId, field: &[u8]) -> Vec<u8> {
     k.extend_from_slice(node.as_str().as_bytes());
     k.push(SEP);
     k.extend_from_slice(field);
+    k
+}
+
+fn gap_key(node: &NodeId, first_seq: u64) -> Vec<u8> {
+    let mut k = vec![GAP];
+    k.extend_from_slice(&record_key(node, first_seq));
     k
 }
 
@@ -966,6 +1149,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_commits_from_eight_nodes_are_all_durable() {
+        // 8 x 50 commits: enough to have deadlocked sled 0.34's flush_async (see flush_locked).
+        const BATCHES: u64 = 50;
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(open(&dir));
         let mut tasks = Vec::new();
@@ -973,7 +1158,7 @@ mod tests {
             let store = Arc::clone(&store);
             tasks.push(tokio::spawn(async move {
                 let n = node(&format!("gw-{i}"));
-                for b in 0..20u64 {
+                for b in 0..BATCHES {
                     let batch: Vec<Sample> = (0..5)
                         .map(|k| sample("d", &format!("p{k}"), (b * 5 + k) as i64, b))
                         .collect();
@@ -984,19 +1169,26 @@ mod tests {
             }));
         }
         for t in tasks {
-            tokio::time::timeout(std::time::Duration::from_secs(60), t)
+            tokio::time::timeout(std::time::Duration::from_secs(120), t)
                 .await
                 .unwrap()
                 .unwrap();
         }
+        // Group commit: concurrent commits shared flushes.
+        let flushes = store.flush_count();
+        assert!(
+            flushes < 8 * BATCHES,
+            "{flushes} flushes for {} commits",
+            8 * BATCHES
+        );
         drop(store);
         let store = open(&dir);
         assert_eq!(store.nodes().len(), 8);
         for i in 0..8 {
             let n = node(&format!("gw-{i}"));
-            assert_eq!(store.stored_seq(&n).unwrap(), 100);
+            assert_eq!(store.stored_seq(&n).unwrap(), BATCHES * 5);
             let records = store.records(&n, 1).unwrap();
-            assert_eq!(records.len(), 100);
+            assert_eq!(records.len() as u64, BATCHES * 5);
             for (idx, (seq, s)) in records.iter().enumerate() {
                 assert_eq!(*seq, idx as u64 + 1);
                 assert_eq!(s.value, Some(Value::Int(idx as i64)));
@@ -1043,7 +1235,7 @@ mod tests {
             let s = store.node(&n).unwrap();
             assert!(!s.connected);
             assert_eq!(s.last_seen_ms, Some(3_000));
-            store.db.flush().unwrap();
+            store.inner.db.flush().unwrap();
         }
         let store = open(&dir);
         let s = store.node(&n).unwrap();
@@ -1121,6 +1313,72 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn gaps_count_as_stored_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node("gw-1");
+        {
+            let store = open(&dir);
+            store
+                .commit_batch(&n, 1, &[sample("d", "p", 1, 1), sample("d", "p", 2, 2)])
+                .await
+                .unwrap();
+            // Records 3..=9 were lost at the edge.
+            assert_eq!(store.commit_gap(&n, 3, 9).await.unwrap(), 9);
+            // Overlapping report: only 10..=12 is new.
+            assert_eq!(store.commit_gap(&n, 8, 12).await.unwrap(), 12);
+            // Entirely old: nothing changes.
+            assert_eq!(store.commit_gap(&n, 1, 5).await.unwrap(), 12);
+            let err = store.commit_gap(&n, 14, 20).await.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    StoreError::Gap {
+                        expected: 13,
+                        got: 14
+                    }
+                ),
+                "{err:?}"
+            );
+            let err = store.commit_gap(&n, 5, 4).await.unwrap_err();
+            assert!(matches!(err, StoreError::InvalidGap { .. }), "{err:?}");
+            let out = store
+                .commit_batch(&n, 13, &[sample("d", "p", 13, 13)])
+                .await
+                .unwrap();
+            assert_eq!(out.stored_seq, 13);
+        }
+        let store = open(&dir);
+        assert_eq!(store.stored_seq(&n).unwrap(), 13);
+        assert_eq!(store.gaps(&n).unwrap(), vec![(3, 9), (10, 12)]);
+        let seqs: Vec<u64> = store.records(&n, 1).unwrap().iter().map(|r| r.0).collect();
+        assert_eq!(seqs, vec![1, 2, 13]);
+        assert_eq!(store.records(&n, 5).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn flush_persists_status_and_last_seen_rides_on_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node("gw-1");
+        {
+            let store = open(&dir);
+            store
+                .node_connected(&n, ConnInfo::default(), 1_000)
+                .unwrap();
+            store.node_seen(&n, 5_000, 3).unwrap();
+            store
+                .commit_batch(&n, 1, &[sample("d", "p", 1, 1)])
+                .await
+                .unwrap();
+            store.node_seen(&n, 9_000, 0).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = open(&dir);
+        // node_seen alone is memory only; the commit carried 5_000 to disk.
+        assert_eq!(store.node(&n).unwrap().last_seen_ms, Some(5_000));
+        assert_eq!(store.node(&n).unwrap().uplink_seq, 1);
+    }
+
     /// One step of the model test.
     #[derive(Debug, Clone)]
     enum Op {
@@ -1130,6 +1388,8 @@ mod tests {
             offset: i8,
             records: Vec<(u8, u8, i64)>,
         },
+        /// Record a gap of `len` records for node `node`, from `stored + 1 + offset`.
+        Gap { node: u8, offset: i8, len: u8 },
         /// Close and reopen the store.
         Reopen,
     }
@@ -1138,27 +1398,26 @@ mod tests {
         prop_oneof![
             6 => (0u8..3, -3i8..=1, prop::collection::vec((0u8..2, 0u8..3, any::<i64>()), 0..5))
                 .prop_map(|(node, offset, records)| Op::Commit { node, offset, records }),
+            1 => (0u8..3, -2i8..=1, 1u8..4)
+                .prop_map(|(node, offset, len)| Op::Gap { node, offset, len }),
             1 => Just(Op::Reopen),
         ]
     }
 
     #[derive(Default)]
     struct Model {
-        history: Vec<Sample>,
+        seq: u64,
+        history: Vec<(u64, Sample)>,
+        gaps: Vec<(u64, u64)>,
         twins: BTreeMap<DeviceId, BTreeMap<PropertyId, Option<Value>>>,
     }
 
     fn check(store: &HubStore, model: &HashMap<u8, Model>) {
         for (i, m) in model {
             let n = node(&format!("n{i}"));
-            assert_eq!(store.stored_seq(&n).unwrap(), m.history.len() as u64);
-            let got: Vec<Sample> = store
-                .records(&n, 1)
-                .unwrap()
-                .into_iter()
-                .map(|r| r.1)
-                .collect();
-            assert_eq!(got, m.history);
+            assert_eq!(store.stored_seq(&n).unwrap(), m.seq);
+            assert_eq!(store.records(&n, 1).unwrap(), m.history);
+            assert_eq!(store.gaps(&n).unwrap(), m.gaps);
             assert_eq!(
                 store.devices(&n),
                 m.twins.keys().cloned().collect::<Vec<_>>()
@@ -1195,8 +1454,8 @@ mod tests {
                         let s = store.as_ref().unwrap();
                         let n = node(&format!("n{i}"));
                         let m = model.entry(i).or_default();
-                        let stored = m.history.len() as i64;
-                        let first = (stored + 1 + i64::from(offset)).max(1) as u64;
+                        let stored = m.seq;
+                        let first = (stored as i64 + 1 + i64::from(offset)).max(1) as u64;
                         let samples: Vec<Sample> = records
                             .iter()
                             .map(|(d, p, v)| {
@@ -1207,23 +1466,43 @@ mod tests {
                         let result = rt.block_on(s.commit_batch(&n, first, &samples));
                         if samples.is_empty() {
                             prop_assert_eq!(result.unwrap().accepted, 0);
-                        } else if first > stored as u64 + 1 {
+                        } else if first > stored + 1 {
                             let gap = matches!(result, Err(StoreError::Gap { expected, got })
-                                if expected == stored as u64 + 1 && got == first);
+                                if expected == stored + 1 && got == first);
                             prop_assert!(gap);
                         } else {
-                            let dup = (stored as u64 + 1 - first).min(samples.len() as u64) as usize;
+                            let dup = (stored + 1 - first).min(samples.len() as u64) as usize;
                             let out = result.unwrap();
                             prop_assert_eq!(out.duplicates, dup);
                             prop_assert_eq!(out.accepted, samples.len() - dup);
                             for s in &samples[dup..] {
-                                m.history.push(s.clone());
+                                m.seq += 1;
+                                m.history.push((m.seq, s.clone()));
                                 m.twins
                                     .entry(s.device.clone())
                                     .or_default()
                                     .insert(s.property.clone(), s.value.clone());
                             }
-                            prop_assert_eq!(out.stored_seq, m.history.len() as u64);
+                            prop_assert_eq!(out.stored_seq, m.seq);
+                        }
+                    }
+                    Op::Gap { node: i, offset, len } => {
+                        let s = store.as_ref().unwrap();
+                        let n = node(&format!("n{i}"));
+                        let m = model.entry(i).or_default();
+                        let from = (m.seq as i64 + 1 + i64::from(offset)).max(1) as u64;
+                        let to = from + u64::from(len) - 1;
+                        let result = rt.block_on(s.commit_gap(&n, from, to));
+                        if from > m.seq + 1 {
+                            let gap = matches!(result, Err(StoreError::Gap { expected, got })
+                                if expected == m.seq + 1 && got == from);
+                            prop_assert!(gap);
+                        } else {
+                            if to > m.seq {
+                                m.gaps.push((m.seq + 1, to));
+                                m.seq = to;
+                            }
+                            prop_assert_eq!(result.unwrap(), m.seq);
                         }
                     }
                 }

@@ -140,6 +140,8 @@ pub(crate) fn commit_failed(node: &NodeId, error: &StoreError) {
         StoreError::InvalidSeq { .. } => "invalid_seq",
         StoreError::TwinFull { .. } => "twin_full",
         StoreError::Corrupt { .. } => "corrupt",
+        StoreError::InvalidGap { .. } => "invalid_gap",
+        StoreError::Task(_) => "task",
         StoreError::Sled(_) => "storage",
     };
     tracing::warn!(node = %node, reason, error = %error, "uplink batch not stored");
