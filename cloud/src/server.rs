@@ -211,11 +211,7 @@ async fn commit_one(store: &HubStore, node: &NodeId, job: Job) -> Result<u64, St
                 .commit_batch(node, first_seq, &samples)
                 .await
                 .map_err(|e| e.to_string())?;
-            metrics::counter!("edgesync_hub_records_stored_total").increment(o.accepted as u64);
-            if o.duplicates > 0 {
-                metrics::counter!("edgesync_hub_duplicate_records_total")
-                    .increment(o.duplicates as u64);
-            }
+            // The store counts stored and duplicate records itself.
             Ok(o.stored_seq)
         }
     }
