@@ -2,3 +2,4 @@
 //! simulator, a throwaway SPIFFE trust domain.
 
 mod e2e;
+mod modbus;
