@@ -938,6 +938,13 @@ fn check_devices(
             link = None;
         }
         let unit_id = doc.int_in(&loc, "unit_id", raw.unit_id, 1, 0..=247);
+        if unit_id == 0 && link.as_ref().is_some_and(LinkSpec::is_rtu) {
+            doc.at(
+                &loc,
+                "unit_id",
+                "unit_id 0 is the broadcast address on an RTU bus, which no device answers",
+            );
+        }
         let settings = DeviceSettings {
             poll_interval_ms: raw.poll_interval_ms,
             timeout_ms: raw.timeout_ms,

@@ -477,6 +477,10 @@ bundle = "b.pem"
             device("e", "protocol = \"udp\"\nendpoint = \"h:1\""),
             device("f", "protocol = \"rtu_over_tcp\"\nendpoint = \"h:1\""),
             device("g", "protocol = \"tcp\"\nendpoint = \"h:1\""),
+            device(
+                "h",
+                "protocol = \"rtu\"\nserial_port = \"/dev/z\"\nunit_id = 0",
+            ),
         ]));
         let has = |needle: &str| {
             assert!(
@@ -493,6 +497,7 @@ bundle = "b.pem"
         has("endpoint applies to protocols \"tcp\" and \"rtu_over_tcp\"");
         has("protocol \"udp\" is not one of \"tcp\", \"rtu\", \"rtu_over_tcp\"");
         has("with the other framing");
+        has("unit_id 0 is the broadcast address");
     }
 
     #[tokio::test]
