@@ -3,11 +3,15 @@
 # Rust toolchain (rustup + cargo). It installs what it needs itself (scripts/setup-debian.sh),
 # then runs, in order, stopping at the first failure:
 #
-#   1. setup        apt packages, rustfmt/clippy, the aarch64 target
+#   1. setup        apt packages, rustfmt/clippy, the aarch64 target (scripts/setup-debian.sh);
+#                   the Python venv with pymodbus and socat for the Modbus interop tests
+#                   (scripts/setup-python.sh)
 #   2. fmt          cargo fmt --all --check
 #   3. clippy       cargo clippy --workspace --all-targets --locked -- -D warnings
 #   4. test         cargo test --workspace --locked   (unit + integration; the integration
-#                   tests build the binaries and start real processes)
+#                   tests build the binaries and start real processes), bounded by
+#                   EDGESYNC_TEST_TIMEOUT_S (default 1200 s) so a hang fails instead of
+#                   blocking CI forever
 #   5. cross-build  release build of edgesync-agent for aarch64-unknown-linux-gnu, then its size
 #                   and a check that it is an aarch64 ELF
 #
@@ -70,14 +74,18 @@ fail() { printf '\ntest.sh: error: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------------------------------------
 # 1. Setup: everything installed here; nothing assumed beyond Debian + rustup/cargo.
-#    New test dependencies (Python venv with pymodbus, mosquitto, ...) are installed by
-#    scripts/setup-debian.sh; anything they need in this shell (PATH to a venv, a broker
-#    started for the tests) goes right after this step, before fmt.
+#    One script per kind of dependency; what the tests need from this shell (a venv's path, a
+#    broker started for the tests) is exported right after the script that installs it.
+#    mosquitto (MQTT tests) slots in here the same way when those tests arrive.
 # ---------------------------------------------------------------------------------------------
-begin_step setup "install system packages and Rust components (scripts/setup-debian.sh)"
+begin_step setup "install system packages, Rust components and the Python venv"
+# System packages (apt), rustfmt + clippy, the aarch64 target.
 bash "${ROOT}/scripts/setup-debian.sh"
 cargo --version
 rustc --version
+# Python venv with pymodbus + pyserial, and socat: the Modbus interop and RTU tests.
+bash "${ROOT}/scripts/setup-python.sh"
+export EDGESYNC_PYTHON="${ROOT}/.venv/bin/python"
 end_step
 
 # ---------------------------------------------------------------------------------------------
@@ -91,8 +99,11 @@ begin_step clippy "cargo clippy --workspace --all-targets --locked -- -D warning
 cargo clippy --workspace --all-targets --locked -- -D warnings
 end_step
 
-begin_step test "cargo test --workspace --locked"
-cargo test --workspace --locked
+TEST_TIMEOUT_S=${EDGESYNC_TEST_TIMEOUT_S:-1200}
+begin_step test "cargo test --workspace --locked (time limit ${TEST_TIMEOUT_S} s)"
+# timeout signals its whole process group, so hung test processes die with cargo.
+timeout --kill-after=30 "${TEST_TIMEOUT_S}" cargo test --workspace --locked \
+    || { status=$?; [[ ${status} -ne 124 ]] || printf '\ntest.sh: the test suite ran over %s s\n' "${TEST_TIMEOUT_S}" >&2; exit "${status}"; }
 end_step
 
 # ---------------------------------------------------------------------------------------------
