@@ -265,7 +265,7 @@ endpoint = "10.0.0.1:502"
         "deploy/agent.toml:7: [hub]: keepalive_ms (20000) must be shorter than idle_timeout_ms (10000)",
         "deploy/agent.toml:9: [identity]: missing required field \"bundle\"",
         "deploy/agent.toml:10: [identity]: trust_domain \"Example.org\" may only hold lowercase",
-        "deploy/agent.toml:16: device \"plc-1\": protocol \"rtu\" is not supported (only \"tcp\" is)",
+        "deploy/agent.toml:14: device \"plc-1\": missing required field \"serial_port\"",
         "deploy/agent.toml:17: device \"plc-1\": unit_id is 248 but must be in 0..=247",
         "deploy/agent.toml:18: device \"plc-1\": poll_interval_ms is 5 but must be in 10..=86400000",
         "deploy/agent.toml:23: device \"plc-1\" tag \"temp\": address 70000 does not fit the holding register table (0..=65535)",
