@@ -8,8 +8,9 @@
 #                   (scripts/setup-python.sh)
 #   2. fmt          cargo fmt --all --check
 #   3. clippy       cargo clippy --workspace --all-targets --locked -- -D warnings
-#   4. test         cargo test --workspace --locked   (unit + integration; the integration
-#                   tests build the binaries and start real processes), bounded by
+#   4. test         cargo test --workspace --locked --no-fail-fast (unit + integration; the
+#                   integration tests build the binaries and start real processes; every
+#                   failing test binary is reported, not just the first), bounded by
 #                   EDGESYNC_TEST_TIMEOUT_S (default 1200 s) so a hang fails instead of
 #                   blocking CI forever
 #   5. cross-build  release build of edgesync-agent for aarch64-unknown-linux-gnu, then its size
@@ -100,9 +101,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 end_step
 
 TEST_TIMEOUT_S=${EDGESYNC_TEST_TIMEOUT_S:-1200}
-begin_step test "cargo test --workspace --locked (time limit ${TEST_TIMEOUT_S} s)"
+begin_step test "cargo test --workspace --locked --no-fail-fast (time limit ${TEST_TIMEOUT_S} s)"
 # timeout signals its whole process group, so hung test processes die with cargo.
-timeout --kill-after=30 "${TEST_TIMEOUT_S}" cargo test --workspace --locked \
+timeout --kill-after=30 "${TEST_TIMEOUT_S}" cargo test --workspace --locked --no-fail-fast \
     || { status=$?; [[ ${status} -ne 124 ]] || printf '\ntest.sh: the test suite ran over %s s\n' "${TEST_TIMEOUT_S}" >&2; exit "${status}"; }
 end_step
 
