@@ -16,8 +16,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, FsyncPolicy, OutboxFullPolicy};
+use crate::modbus::link::{Clock, DeviceReading, LinkOptions, spawn_link_writable};
+use crate::modbus::write::{LinkHandle, WriteError, WriteOutcome};
 use crate::model::DeviceSpec;
-use crate::modbus::link::{Clock, DeviceReading, spawn_link};
 use crate::store::{AgentStore, Fsync};
 use crate::twin::Twin;
 use crate::uplink::{Uplink, UplinkConfig, UplinkStatus};
@@ -52,6 +53,8 @@ pub struct Agent {
     /// The node id, from the SVID.
     pub node: NodeId,
     store: Arc<Mutex<AgentStore>>,
+    /// Write access to each device, through its link's queue.
+    writers: HashMap<DeviceId, LinkHandle>,
 }
 
 /// Why the agent could not start.
@@ -100,8 +103,16 @@ impl Agent {
             FsyncPolicy::Never => Fsync::Never,
         };
         let store_dir = cfg.data_dir.join("agent.sled");
-        let store = AgentStore::open(&store_dir, cfg.sled_cache_bytes, cfg.outbox.max_bytes, fsync)
-            .map_err(|source| StartError::Store { path: store_dir.display().to_string(), source })?;
+        let store = AgentStore::open(
+            &store_dir,
+            cfg.sled_cache_bytes,
+            cfg.outbox.max_bytes,
+            fsync,
+        )
+        .map_err(|source| StartError::Store {
+            path: store_dir.display().to_string(),
+            source,
+        })?;
         let twin = Twin::from_samples(store.load_twin().map_err(|source| StartError::Store {
             path: store_dir.display().to_string(),
             source,
@@ -113,15 +124,36 @@ impl Agent {
         let mut tasks = vec![];
         let (tx, rx) = mpsc::channel::<DeviceReading>(1024);
         let clock: Clock = Arc::new(wall_clock);
-        let mut by_link: BTreeMap<String, (crate::model::LinkSpec, Vec<Arc<DeviceSpec>>)> = BTreeMap::new();
+        let mut by_link: BTreeMap<String, (crate::model::LinkSpec, Vec<Arc<DeviceSpec>>)> =
+            BTreeMap::new();
         let mut specs = HashMap::new();
         for d in &cfg.devices {
             let d = Arc::new(d.clone());
             specs.insert(d.id.clone(), d.clone());
-            by_link.entry(d.link.key()).or_insert_with(|| (d.link.clone(), vec![])).1.push(d);
+            by_link
+                .entry(d.link.key())
+                .or_insert_with(|| (d.link.clone(), vec![]))
+                .1
+                .push(d);
         }
+        crate::modbus::metrics::describe();
+        crate::modbus::transport::describe();
+        crate::modbus::write::describe();
+        let mut writers = HashMap::new();
         for (_, (link, devices)) in by_link {
-            tasks.push(spawn_link(link, devices, tx.clone(), clock.clone(), cancel.child_token()));
+            let ids: Vec<DeviceId> = devices.iter().map(|d| d.id.clone()).collect();
+            let (handle, task) = spawn_link_writable(
+                LinkOptions::default(),
+                link,
+                devices,
+                tx.clone(),
+                clock.clone(),
+                cancel.child_token(),
+            );
+            for id in ids {
+                writers.insert(id, handle.clone());
+            }
+            tasks.push(task);
         }
         drop(tx);
 
@@ -159,10 +191,39 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             boot_id: format!("{:016x}", fastrand::u64(..)),
         };
-        let uplink = Uplink::new(ucfg, store.clone(), appended_rx, dropped_rx, status_tx, cancel.child_token());
+        let uplink = Uplink::new(
+            ucfg,
+            store.clone(),
+            appended_rx,
+            dropped_rx,
+            status_tx,
+            cancel.child_token(),
+        );
         tasks.push(tokio::spawn(uplink.run()));
         tracing::info!(node = %node, devices = cfg.devices.len(), "agent started");
-        Ok(Agent { cancel, tasks, status, committed, node, store })
+        Ok(Agent {
+            cancel,
+            tasks,
+            status,
+            committed,
+            node,
+            store,
+            writers,
+        })
+    }
+
+    /// Writes `value` to a writable tag and verifies it by reading it back (see
+    /// [`crate::modbus::write`]). The write waits its turn in the link's request queue.
+    pub async fn write(
+        &self,
+        device: &DeviceId,
+        property: &PropertyId,
+        value: edgesync_protocol::Value,
+    ) -> Result<WriteOutcome, WriteError> {
+        match self.writers.get(device) {
+            Some(h) => h.write(device, property, value).await,
+            None => Err(WriteError::UnknownDevice(device.clone())),
+        }
     }
 
     /// Stops every task, commits what is pending and flushes the store.
@@ -235,7 +296,11 @@ impl Pipeline {
         }
     }
 
-    async fn commit(&mut self, pending: &mut Vec<Sample>, dirty: &mut HashMap<(DeviceId, PropertyId), Sample>) {
+    async fn commit(
+        &mut self,
+        pending: &mut Vec<Sample>,
+        dirty: &mut HashMap<(DeviceId, PropertyId), Sample>,
+    ) {
         if pending.is_empty() && dirty.is_empty() {
             return;
         }
@@ -243,7 +308,8 @@ impl Pipeline {
         let mut records = std::mem::take(pending);
         let mut st = self.store.lock().await;
         if self.refuse_when_full && st.outbox_bytes() >= self.max_bytes {
-            metrics::counter!("edgesync_outbox_refused_records_total").increment(records.len() as u64);
+            metrics::counter!("edgesync_outbox_refused_records_total")
+                .increment(records.len() as u64);
             records.clear();
         }
         let first_seq = st.next_seq();
@@ -254,13 +320,17 @@ impl Pipeline {
                 drop(st);
                 metrics::counter!("edgesync_outbox_records_accepted_total").increment(n as u64);
                 if let Some(d) = a.dropped {
-                    metrics::counter!("edgesync_outbox_records_dropped_total").increment(d.1 - d.0 + 1);
+                    metrics::counter!("edgesync_outbox_records_dropped_total")
+                        .increment(d.1 - d.0 + 1);
                     tracing::warn!(from = d.0, to = d.1, "outbox full: oldest history dropped");
                     let _ = self.dropped.send(Some(d));
                 }
                 let _ = self.appended.send(a.next_seq);
                 if n > 0 {
-                    let _ = self.committed.send(Committed { first_seq, samples: shared });
+                    let _ = self.committed.send(Committed {
+                        first_seq,
+                        samples: shared,
+                    });
                 }
             }
             Err(e) => {
