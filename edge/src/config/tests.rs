@@ -81,7 +81,16 @@ fn deploy_example_is_valid() {
     assert_eq!(cfg.hub.idle_timeout, Duration::from_secs(10));
     assert_eq!(cfg.outbox, OutboxConfig::default());
     assert_eq!(cfg.metrics_listen, "127.0.0.1:9464".parse().ok());
-    assert_eq!(cfg.devices.len(), 2);
+    assert_eq!(cfg.devices.len(), 3);
+
+    let flow = &cfg.devices[2];
+    assert!(
+        matches!(&flow.link, LinkSpec::Rtu { path, baud: 9600, parity: crate::model::Parity::None, data_bits: 8, stop_bits: 1, inter_frame_delay }
+            if path == "/dev/ttyUSB0" && *inter_frame_delay == crate::model::default_inter_frame_delay(9600, crate::model::Parity::None, 8, 1)),
+        "{:?}",
+        flow.link
+    );
+    assert_eq!((flow.unit_id, flow.tags[0].table), (7, Table::InputRegister));
 
     let boiler = &cfg.devices[0];
     assert_eq!(boiler.id.as_str(), "boiler-1");
