@@ -276,10 +276,21 @@ impl HubStore {
     /// Opens (or creates) the store in `dir`, with a sled page cache of `cache_bytes`, and
     /// loads node status and twins into memory.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<HubStore, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()?;
+        let config = sled::Config::new().path(dir).cache_capacity(cache_bytes);
+        // Wait up to 2 s for the file lock: a handle dropped a moment ago (sled's flusher thread
+        // outlives it briefly) or a process that just exited may still hold it.
+        let mut tries = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if tries < 100 && e.to_string().contains("could not acquire lock") =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let tree = db.open_tree(TREE)?;
         let state = load(&tree)?;
         Ok(HubStore {

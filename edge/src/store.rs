@@ -78,6 +78,25 @@ fn twin_key(device: &DeviceId, property: &PropertyId) -> Vec<u8> {
     k
 }
 
+/// Opens sled, waiting up to 2 s for the file lock: a previous handle of this process (or a
+/// process that just exited) may release it a moment late (sled's flusher thread holds the
+/// database briefly after the last handle drops).
+fn open_with_retry(config: &sled::Config) -> Result<sled::Db, sled::Error> {
+    let mut tries = 0;
+    loop {
+        match config.open() {
+            // sled reports a held lock as an `Other` I/O error with this text.
+            Err(sled::Error::Io(e))
+                if tries < 100 && e.to_string().contains("could not acquire lock") =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn be_u64(v: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(v.try_into().ok()?))
 }
@@ -126,23 +145,30 @@ impl std::fmt::Debug for AgentStore {
 
 impl AgentStore {
     /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path, cache_bytes: u64, max_bytes: u64, fsync: Fsync) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
+    pub fn open(
+        dir: &Path,
+        cache_bytes: u64,
+        max_bytes: u64,
+        fsync: Fsync,
+    ) -> Result<Self, StoreError> {
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::LowSpace)
             .flush_every_ms(match fsync {
                 Fsync::Never => Some(1000),
                 _ => None,
-            })
-            .open()?;
+            });
+        let db = open_with_retry(&config)?;
         let acked = db.get(META_ACKED)?.and_then(|v| be_u64(&v)).unwrap_or(0);
         let mut groups = BTreeMap::new();
         let mut total_bytes = 0;
         let mut next = acked + 1;
         for kv in db.scan_prefix(b"o") {
             let (k, v) = kv?;
-            let Some(first) = be_u64(&k[1..]) else { continue };
+            let Some(first) = be_u64(&k[1..]) else {
+                continue;
+            };
             let samples = decode_samples(&v).map_err(|source| StoreError::Corrupt {
                 key: format!("outbox group {first}"),
                 source,
@@ -150,7 +176,14 @@ impl AgentStore {
             let count = samples.len() as u64;
             total_bytes += v.len() as u64;
             next = next.max(first + count);
-            groups.insert(first, Group { count, bytes: v.len() as u64, cached: None });
+            groups.insert(
+                first,
+                Group {
+                    count,
+                    bytes: v.len() as u64,
+                    cached: None,
+                },
+            );
         }
         let stored_next = db.get(META_NEXT)?.and_then(|v| be_u64(&v)).unwrap_or(1);
         next = next.max(stored_next);
@@ -205,10 +238,18 @@ impl AgentStore {
     /// Appends `records` to the outbox as one group and writes `twin` (latest samples of the
     /// properties that changed) behind, in one atomic commit; returns once durable per the
     /// fsync policy. `now_ms` is used only for the fsync interval.
-    pub async fn append(&mut self, records: Vec<Sample>, twin: &[Sample], now_ms: u64) -> Result<Appended, StoreError> {
+    pub async fn append(
+        &mut self,
+        records: Vec<Sample>,
+        twin: &[Sample],
+        now_ms: u64,
+    ) -> Result<Appended, StoreError> {
         let mut batch = sled::Batch::default();
         for s in twin {
-            batch.insert(twin_key(&s.device, &s.property), encode_samples(std::slice::from_ref(s)));
+            batch.insert(
+                twin_key(&s.device, &s.property),
+                encode_samples(std::slice::from_ref(s)),
+            );
         }
         let first = self.next;
         let count = records.len() as u64;
@@ -230,10 +271,20 @@ impl AgentStore {
             } else {
                 None
             };
-            self.groups.insert(first, Group { count, bytes, cached });
+            self.groups.insert(
+                first,
+                Group {
+                    count,
+                    bytes,
+                    cached,
+                },
+            );
         }
         let dropped = self.enforce_budget()?;
-        Ok(Appended { next_seq: self.next, dropped })
+        Ok(Appended {
+            next_seq: self.next,
+            dropped,
+        })
     }
 
     async fn flush(&mut self, now_ms: u64) -> Result<(), StoreError> {
@@ -255,7 +306,9 @@ impl AgentStore {
     fn enforce_budget(&mut self) -> Result<Option<(u64, u64)>, StoreError> {
         let mut dropped: Option<(u64, u64)> = None;
         while self.total_bytes > self.max_bytes && self.groups.len() > 1 {
-            let Some((&first, _)) = self.groups.iter().next() else { break };
+            let Some((&first, _)) = self.groups.iter().next() else {
+                break;
+            };
             let g = self.remove_group(first)?;
             let last = first + g.count - 1;
             dropped = Some((dropped.map_or(first, |d| d.0), last));
@@ -270,7 +323,10 @@ impl AgentStore {
 
     fn remove_group(&mut self, first: u64) -> Result<Group, StoreError> {
         self.db.remove(group_key(first))?;
-        let g = self.groups.remove(&first).ok_or(StoreError::Missing { from: first, to: first })?;
+        let g = self.groups.remove(&first).ok_or(StoreError::Missing {
+            from: first,
+            to: first,
+        })?;
         self.total_bytes -= g.bytes;
         if g.cached.is_some() {
             self.cached_bytes -= g.bytes;
@@ -282,7 +338,12 @@ impl AgentStore {
     pub fn read(&mut self, first: u64, count: usize) -> Result<Vec<Sample>, StoreError> {
         let end = first + count as u64;
         let mut out = Vec::with_capacity(count);
-        let start_key = self.groups.range(..=first).next_back().map(|(k, _)| *k).unwrap_or(first);
+        let start_key = self
+            .groups
+            .range(..=first)
+            .next_back()
+            .map(|(k, _)| *k)
+            .unwrap_or(first);
         let keys: Vec<u64> = self.groups.range(start_key..end).map(|(k, _)| *k).collect();
         for gfirst in keys {
             let samples = self.group_samples(gfirst)?;
@@ -294,16 +355,25 @@ impl AgentStore {
             }
         }
         if out.len() != count {
-            return Err(StoreError::Missing { from: first, to: end });
+            return Err(StoreError::Missing {
+                from: first,
+                to: end,
+            });
         }
         Ok(out)
     }
 
     fn group_samples(&mut self, first: u64) -> Result<Arc<Vec<Sample>>, StoreError> {
-        if let Some(Group { cached: Some(c), .. }) = self.groups.get(&first) {
+        if let Some(Group {
+            cached: Some(c), ..
+        }) = self.groups.get(&first)
+        {
             return Ok(c.clone());
         }
-        let v = self.db.get(group_key(first))?.ok_or(StoreError::Missing { from: first, to: first + 1 })?;
+        let v = self.db.get(group_key(first))?.ok_or(StoreError::Missing {
+            from: first,
+            to: first + 1,
+        })?;
         let samples = decode_samples(&v).map_err(|source| StoreError::Corrupt {
             key: format!("outbox group {first}"),
             source,
@@ -342,7 +412,8 @@ impl AgentStore {
             self.next = next_seq;
             self.acked = next_seq - 1;
             self.db.insert(META_NEXT, &next_seq.to_be_bytes()[..])?;
-            self.db.insert(META_ACKED, &(next_seq - 1).to_be_bytes()[..])?;
+            self.db
+                .insert(META_ACKED, &(next_seq - 1).to_be_bytes()[..])?;
         }
         Ok(())
     }
@@ -373,7 +444,11 @@ mod tests {
     }
 
     fn tmp() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("edgesync-store-{}-{}", std::process::id(), fastrand::u64(..)));
+        let d = std::env::temp_dir().join(format!(
+            "edgesync-store-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         let _ = std::fs::remove_dir_all(&d);
         d
     }
@@ -383,7 +458,10 @@ mod tests {
         let dir = tmp();
         {
             let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
-            let a = st.append((1..=10).map(s).collect(), &[s(10)], 0).await.unwrap();
+            let a = st
+                .append((1..=10).map(s).collect(), &[s(10)], 0)
+                .await
+                .unwrap();
             assert_eq!(a.next_seq, 11);
             st.append((11..=15).map(s).collect(), &[], 0).await.unwrap();
             assert_eq!(st.read(9, 4).unwrap(), (9..=12).map(s).collect::<Vec<_>>());
@@ -394,7 +472,10 @@ mod tests {
         // Reopen: acked, next and the remaining records survive; the twin too.
         let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
         assert_eq!((st.acked(), st.next_seq()), (12, 16));
-        assert_eq!(st.read(13, 3).unwrap(), (13..=15).map(s).collect::<Vec<_>>());
+        assert_eq!(
+            st.read(13, 3).unwrap(),
+            (13..=15).map(s).collect::<Vec<_>>()
+        );
         assert_eq!(st.load_twin().unwrap(), vec![s(10)]);
         st.ack(15).unwrap();
         assert_eq!(st.outbox_bytes(), 0);
@@ -408,7 +489,10 @@ mod tests {
         let mut st = AgentStore::open(&dir, 1 << 20, 400, Fsync::Never).unwrap();
         let mut dropped = vec![];
         for g in 0..20u64 {
-            let a = st.append((g * 10 + 1..=g * 10 + 10).map(s).collect(), &[], 0).await.unwrap();
+            let a = st
+                .append((g * 10 + 1..=g * 10 + 10).map(s).collect(), &[], 0)
+                .await
+                .unwrap();
             if let Some(d) = a.dropped {
                 dropped.push(d);
             }
@@ -418,7 +502,10 @@ mod tests {
         // What remains is contiguous and readable, right after what was dropped.
         let oldest = st.acked() + 1;
         let n = st.backlog() as usize;
-        assert_eq!(st.read(oldest, n).unwrap(), (oldest..oldest + n as u64).map(s).collect::<Vec<_>>());
+        assert_eq!(
+            st.read(oldest, n).unwrap(),
+            (oldest..oldest + n as u64).map(s).collect::<Vec<_>>()
+        );
         assert_eq!(oldest + n as u64, 201);
         let _ = std::fs::remove_dir_all(&dir);
     }

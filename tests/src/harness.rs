@@ -42,7 +42,15 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "edgesync-edge", "-p", "edgesync-cloud", "--bins"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "edgesync-edge",
+            "-p",
+            "edgesync-cloud",
+            "--bins",
+        ]);
         if release {
             cmd.arg("--release");
         }
@@ -69,7 +77,11 @@ pub struct TempDir(PathBuf);
 impl TempDir {
     /// Creates `$TMPDIR/edgesync-<tag>-<random>`.
     pub fn new(tag: &str) -> anyhow::Result<TempDir> {
-        let p = std::env::temp_dir().join(format!("edgesync-{tag}-{}-{:x}", std::process::id(), fastrand::u64(..)));
+        let p = std::env::temp_dir().join(format!(
+            "edgesync-{tag}-{}-{:x}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         std::fs::create_dir_all(&p)?;
         Ok(TempDir(p))
     }
@@ -103,12 +115,18 @@ impl Pki {
         std::fs::create_dir_all(dir)?;
         let ca = TestCa::new(td)?;
         let bundle = ca.write_bundle(dir)?;
-        Ok(Pki { ca, dir: dir.to_path_buf(), bundle })
+        Ok(Pki {
+            ca,
+            dir: dir.to_path_buf(),
+            bundle,
+        })
     }
 
     /// Mints an SVID for `spiffe_id` valid for a day, written as `<name>.pem` / `<name>.key.pem`.
     pub fn svid(&self, spiffe_id: &str, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
-        self.ca.mint(spiffe_id, Duration::from_secs(86_400))?.write(&self.dir, name)
+        self.ca
+            .mint(spiffe_id, Duration::from_secs(86_400))?
+            .write(&self.dir, name)
     }
 }
 
@@ -129,6 +147,7 @@ pub struct SimDevice {
 }
 
 /// Writes an agent config into `dir/agent.toml`.
+#[allow(clippy::too_many_arguments)] // a flat call reads best in tests; callers name each path
 pub fn agent_toml(
     dir: &Path,
     hub: &str,
@@ -140,8 +159,15 @@ pub fn agent_toml(
     extra: &str,
 ) -> anyhow::Result<PathBuf> {
     let mut s = String::new();
-    writeln!(s, "[agent]\ndata_dir = {:?}\n", dir.join("data").display().to_string())?;
-    writeln!(s, "[hub]\naddress = {hub:?}\nbackoff_initial_ms = 100\nbackoff_max_ms = 1000\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n")?;
+    writeln!(
+        s,
+        "[agent]\ndata_dir = {:?}\n",
+        dir.join("data").display().to_string()
+    )?;
+    writeln!(
+        s,
+        "[hub]\naddress = {hub:?}\nbackoff_initial_ms = 100\nbackoff_max_ms = 1000\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n"
+    )?;
     writeln!(
         s,
         "[identity]\ntrust_domain = {td:?}\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
@@ -159,7 +185,10 @@ pub fn agent_toml(
             d.id, d.endpoint, d.unit, d.poll_ms
         )?;
         for i in 0..d.counters {
-            writeln!(s, "[[devices.tags]]\nname = \"c{i}\"\ntable = \"holding_register\"\naddress = {i}\ntype = \"uint16\"\n")?;
+            writeln!(
+                s,
+                "[[devices.tags]]\nname = \"c{i}\"\ntable = \"holding_register\"\naddress = {i}\ntype = \"uint16\"\n"
+            )?;
         }
     }
     let p = dir.join("agent.toml");
@@ -169,9 +198,23 @@ pub fn agent_toml(
 
 /// Writes a hub config into `dir/hub.toml` (tunnel and API on the given addresses; port 0
 /// allowed).
-pub fn hub_toml(dir: &Path, listen: &str, http: &str, td: &str, cert: &Path, key: &Path, bundle: &Path, hub_id: Option<&str>) -> anyhow::Result<PathBuf> {
+#[allow(clippy::too_many_arguments)] // as agent_toml
+pub fn hub_toml(
+    dir: &Path,
+    listen: &str,
+    http: &str,
+    td: &str,
+    cert: &Path,
+    key: &Path,
+    bundle: &Path,
+    hub_id: Option<&str>,
+) -> anyhow::Result<PathBuf> {
     let mut s = String::new();
-    writeln!(s, "[hub]\nlisten = {listen:?}\nhttp_listen = {http:?}\ndata_dir = {:?}\n", dir.join("hubdata").display().to_string())?;
+    writeln!(
+        s,
+        "[hub]\nlisten = {listen:?}\nhttp_listen = {http:?}\ndata_dir = {:?}\n",
+        dir.join("hubdata").display().to_string()
+    )?;
     writeln!(
         s,
         "[identity]\ntrust_domain = {td:?}\ncert = {:?}\nkey = {:?}\nbundle = {:?}",
@@ -182,7 +225,10 @@ pub fn hub_toml(dir: &Path, listen: &str, http: &str, td: &str, cert: &Path, key
     if let Some(id) = hub_id {
         writeln!(s, "hub_id = {id:?}")?;
     }
-    writeln!(s, "\n[[api.tokens]]\nname = \"test\"\ntoken = {TOKEN:?}\nrole = \"admin\"")?;
+    writeln!(
+        s,
+        "\n[[api.tokens]]\nname = \"test\"\ntoken = {TOKEN:?}\nrole = \"admin\""
+    )?;
     let p = dir.join("hub.toml");
     std::fs::write(&p, s)?;
     Ok(p)
@@ -200,8 +246,16 @@ pub struct Proc {
 impl Proc {
     /// Starts `program args`, logging to `log`. If `ready` is given, waits (up to 30 s) for a
     /// stdout line starting with it.
-    pub async fn spawn(program: &Path, args: &[&str], log: &Path, ready: Option<&str>) -> anyhow::Result<Proc> {
-        let logf = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    pub async fn spawn(
+        program: &Path,
+        args: &[&str],
+        log: &Path,
+        ready: Option<&str>,
+    ) -> anyhow::Result<Proc> {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -215,7 +269,9 @@ impl Proc {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
-        let mut child = cmd.spawn().with_context(|| format!("spawn {}", program.display()))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", program.display()))?;
         let mut ready_line = None;
         if let Some(prefix) = ready {
             let out = child.stdout.take().context("no stdout")?;
@@ -234,13 +290,20 @@ impl Proc {
                 _ => {
                     let _ = child.start_kill();
                     let log_text = std::fs::read_to_string(log).unwrap_or_default();
-                    bail!("{} did not become ready; log:\n{log_text}", program.display());
+                    bail!(
+                        "{} did not become ready; log:\n{log_text}",
+                        program.display()
+                    );
                 }
             }
             // Keep draining stdout so the child never blocks on a full pipe.
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         }
-        Ok(Proc { child, log: log.to_path_buf(), ready_line })
+        Ok(Proc {
+            child,
+            log: log.to_path_buf(),
+            ready_line,
+        })
     }
 
     /// The process id.
@@ -257,7 +320,9 @@ impl Proc {
     /// SIGTERM, then wait (up to 15 s) for a clean exit; returns whether it exited 0.
     pub async fn terminate(mut self) -> anyhow::Result<bool> {
         if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
         }
         match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
             Ok(s) => Ok(s?.success()),
@@ -286,7 +351,10 @@ pub fn hub_addrs(line: &str) -> anyhow::Result<(String, String)> {
             http = Some(v.to_owned());
         }
     }
-    Ok((tunnel.context("no tunnel= in line")?, http.context("no http= in line")?))
+    Ok((
+        tunnel.context("no tunnel= in line")?,
+        http.context("no http= in line")?,
+    ))
 }
 
 /// A client of the hub API.
@@ -299,7 +367,10 @@ pub struct Api {
 impl Api {
     /// For the API at `http_addr` (`ip:port`).
     pub fn new(http_addr: &str) -> Api {
-        Api { base: format!("http://{http_addr}"), client: reqwest::Client::new() }
+        Api {
+            base: format!("http://{http_addr}"),
+            client: reqwest::Client::new(),
+        }
     }
 
     /// GET `path` with the harness token; JSON body and status.
@@ -319,12 +390,25 @@ impl Api {
 
     /// GET `/metrics` text.
     pub async fn metrics(&self) -> anyhow::Result<String> {
-        Ok(self.client.get(format!("{}/metrics", self.base)).send().await?.text().await?)
+        Ok(self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await?
+            .text()
+            .await?)
     }
 
     /// The reported value of `node/device/prop` as u64, if present and good.
-    pub async fn reported_u64(&self, node: &str, device: &str, prop: &str) -> anyhow::Result<Option<u64>> {
-        let (status, v) = self.get(&format!("/api/v1/nodes/{node}/devices/{device}/twin")).await?;
+    pub async fn reported_u64(
+        &self,
+        node: &str,
+        device: &str,
+        prop: &str,
+    ) -> anyhow::Result<Option<u64>> {
+        let (status, v) = self
+            .get(&format!("/api/v1/nodes/{node}/devices/{device}/twin"))
+            .await?;
         if status != 200 {
             return Ok(None);
         }

@@ -328,7 +328,11 @@ impl World {
             self.edge.handle_timeout(self.now);
         }
         let now = self.now;
-        if let Some(h) = self.hub.as_mut().filter(|h| h.poll_timeout().is_some_and(|t| t <= now)) {
+        if let Some(h) = self
+            .hub
+            .as_mut()
+            .filter(|h| h.poll_timeout().is_some_and(|t| t <= now))
+        {
             h.handle_timeout(now);
         }
         self.pump();

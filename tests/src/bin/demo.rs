@@ -32,8 +32,20 @@ async fn main() -> anyhow::Result<()> {
     // A PLC with two units: counters, a ramp and a temperature sine.
     let sim = SimHandle::start("127.0.0.1:0".parse()?, SimConfig::with_units([1, 2])).await?;
     for unit in [1u8, 2] {
-        sim.add_script(unit, Table::HoldingRegisters, 0, Script::Counter { step: 1 }, Duration::from_millis(250))?;
-        sim.add_script(unit, Table::HoldingRegisters, 10, Script::sine_f32(5.0, 20.0 + f64::from(unit), Duration::from_secs(20)), Duration::from_millis(100))?;
+        sim.add_script(
+            unit,
+            Table::HoldingRegisters,
+            0,
+            Script::Counter { step: 1 },
+            Duration::from_millis(250),
+        )?;
+        sim.add_script(
+            unit,
+            Table::HoldingRegisters,
+            10,
+            Script::sine_f32(5.0, 20.0 + f64::from(unit), Duration::from_secs(20)),
+            Duration::from_millis(100),
+        )?;
     }
 
     let hub = Hub::start(HubOptions {
@@ -46,7 +58,11 @@ async fn main() -> anyhow::Result<()> {
         cert: hub_cert,
         key: hub_key,
         bundle: pki.bundle.clone(),
-        tokens: vec![ApiToken { name: "demo".into(), token: TOKEN.into(), role: Role::Admin }],
+        tokens: vec![ApiToken {
+            name: "demo".into(),
+            token: TOKEN.into(),
+            role: Role::Admin,
+        }],
         idle_timeout: Duration::from_secs(10),
         max_connections: 100,
     })
@@ -75,8 +91,14 @@ async fn main() -> anyhow::Result<()> {
 
     println!("edgesync demo");
     println!("  PLC simulator  modbus://{}", sim.local_addr());
-    println!("  hub tunnel     quic://{} (mTLS, spiffe://{TD}/hub)", hub.tunnel_addr);
-    println!("  hub API        http://{}  (Authorization: Bearer {TOKEN})", hub.http_addr);
+    println!(
+        "  hub tunnel     quic://{} (mTLS, spiffe://{TD}/hub)",
+        hub.tunnel_addr
+    );
+    println!(
+        "  hub API        http://{}  (Authorization: Bearer {TOKEN})",
+        hub.http_addr
+    );
     println!("  agent          spiffe://{TD}/edge/{}", agent.node);
     println!("live values as the hub sees them (Ctrl-C to stop):\n");
     let api = Api::new(&hub.http_addr.to_string());

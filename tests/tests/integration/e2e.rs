@@ -28,7 +28,13 @@ async fn start_sim(counters: u16) -> anyhow::Result<(SimHandle, Vec<ScriptId>)> 
     let mut ids = vec![];
     for unit in [1u8, 2] {
         for i in 0..counters {
-            ids.push(sim.add_script(unit, Table::HoldingRegisters, i, Script::Counter { step: 1 }, Duration::from_millis(50))?);
+            ids.push(sim.add_script(
+                unit,
+                Table::HoldingRegisters,
+                i,
+                Script::Counter { step: 1 },
+                Duration::from_millis(50),
+            )?);
         }
     }
     Ok((sim, ids))
@@ -41,7 +47,12 @@ fn freeze(r: &Rig) {
     }
 }
 
-async fn start_hub(tmp: &Path, pki: &Pki, listen: &str, http: &str) -> anyhow::Result<(Proc, String, String)> {
+async fn start_hub(
+    tmp: &Path,
+    pki: &Pki,
+    listen: &str,
+    http: &str,
+) -> anyhow::Result<(Proc, String, String)> {
     let (cert, key) = pki.svid(&format!("spiffe://{TD}/hub"), "hub")?;
     let cfg = harness::hub_toml(tmp, listen, http, TD, &cert, &key, &pki.bundle, None)?;
     let hub = Proc::spawn(
@@ -68,14 +79,35 @@ fn devices(sim: &SimHandle, counters: u16) -> Vec<SimDevice> {
         .collect()
 }
 
-async fn start_agent(tmp: &Path, pki: &Pki, node_id: &str, tunnel: &str, devs: &[SimDevice]) -> anyhow::Result<Proc> {
+async fn start_agent(
+    tmp: &Path,
+    pki: &Pki,
+    node_id: &str,
+    tunnel: &str,
+    devs: &[SimDevice],
+) -> anyhow::Result<Proc> {
     let dir = tmp.join(node_id.rsplit('/').next().unwrap_or("agent"));
     std::fs::create_dir_all(&dir)?;
     let (cert, key) = pki.svid(node_id, "agent")?;
     std::fs::rename(&cert, dir.join("agent.pem"))?;
     std::fs::rename(&key, dir.join("agent.key.pem"))?;
-    let cfg = harness::agent_toml(&dir, tunnel, TD, &dir.join("agent.pem"), &dir.join("agent.key.pem"), &pki.bundle, devs, "")?;
-    Proc::spawn(&harness::bin("edgesync-agent")?, &["run", "--config", &cfg.display().to_string()], &dir.join("agent.log"), None).await
+    let cfg = harness::agent_toml(
+        &dir,
+        tunnel,
+        TD,
+        &dir.join("agent.pem"),
+        &dir.join("agent.key.pem"),
+        &pki.bundle,
+        devs,
+        "",
+    )?;
+    Proc::spawn(
+        &harness::bin("edgesync-agent")?,
+        &["run", "--config", &cfg.display().to_string()],
+        &dir.join("agent.log"),
+        None,
+    )
+    .await
 }
 
 async fn rig(counters: u16) -> anyhow::Result<Rig> {
@@ -83,9 +115,26 @@ async fn rig(counters: u16) -> anyhow::Result<Rig> {
     let pki = Pki::new(&tmp.path().join("pki"), TD)?;
     let (sim, scripts) = start_sim(counters).await?;
     let (hub, tunnel, http) = start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
-    let agent = start_agent(tmp.path(), &pki, &format!("spiffe://{TD}/edge/gw-1"), &tunnel, &devices(&sim, counters)).await?;
+    let agent = start_agent(
+        tmp.path(),
+        &pki,
+        &format!("spiffe://{TD}/edge/gw-1"),
+        &tunnel,
+        &devices(&sim, counters),
+    )
+    .await?;
     let api = Api::new(&http);
-    Ok(Rig { tmp, pki, sim, scripts, hub: Some(hub), agent: Some(agent), api, tunnel, http })
+    Ok(Rig {
+        tmp,
+        pki,
+        sim,
+        scripts,
+        hub: Some(hub),
+        agent: Some(agent),
+        api,
+        tunnel,
+        http,
+    })
 }
 
 fn logs(r: &Rig) -> String {
@@ -104,7 +153,9 @@ async fn converged(r: &Rig, counters: u16, within: Duration) -> anyhow::Result<(
                 for unit in [1u8, 2] {
                     let want = sim.holding(unit, 0, counters as usize)?;
                     for (i, w) in want.iter().enumerate() {
-                        let got = api.reported_u64("gw-1", &format!("plc-{unit}"), &format!("c{i}")).await?;
+                        let got = api
+                            .reported_u64("gw-1", &format!("plc-{unit}"), &format!("c{i}"))
+                            .await?;
                         if got != Some(u64::from(*w)) {
                             return Ok(None);
                         }
@@ -122,13 +173,18 @@ async fn simulator_values_reach_the_hub_api() -> anyhow::Result<()> {
     // Values arrive and keep changing.
     let first = r
         .api
-        .wait_for(Duration::from_secs(20), |api| async move { api.reported_u64("gw-1", "plc-1", "c0").await })
+        .wait_for(Duration::from_secs(20), |api| async move {
+            api.reported_u64("gw-1", "plc-1", "c0").await
+        })
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&r)))?;
     let later = r
         .api
         .wait_for(Duration::from_secs(10), move |api| async move {
-            Ok(api.reported_u64("gw-1", "plc-1", "c0").await?.filter(|v| *v > first))
+            Ok(api
+                .reported_u64("gw-1", "plc-1", "c0")
+                .await?
+                .filter(|v| *v > first))
         })
         .await?;
     assert!(later > first);
@@ -136,7 +192,11 @@ async fn simulator_values_reach_the_hub_api() -> anyhow::Result<()> {
     let (status, twin) = r.api.get("/api/v1/nodes/gw-1/devices/plc-2/twin").await?;
     assert_eq!(status, 200);
     assert_eq!(twin["reported"]["c3"]["quality"], "good");
-    assert!(twin["reported"]["c3"]["ts"].as_u64().is_some_and(|ts| ts > 1_600_000_000_000));
+    assert!(
+        twin["reported"]["c3"]["ts"]
+            .as_u64()
+            .is_some_and(|ts| ts > 1_600_000_000_000)
+    );
     assert!(twin["desired"].is_object() && twin["delta"].is_object());
     // The node is listed as connected, with its agent version.
     let (_, node) = r.api.get("/api/v1/nodes/gw-1").await?;
@@ -156,7 +216,11 @@ fn check_history(store: &HubStore, node: &str) -> anyhow::Result<usize> {
     let node = NodeId::new(node)?;
     let stored = store.stored_seq(&node)?;
     let recs = store.records(&node, 1)?;
-    assert_eq!(recs.len() as u64, stored, "every sequence number up to {stored} is stored exactly once");
+    assert_eq!(
+        recs.len() as u64,
+        stored,
+        "every sequence number up to {stored} is stored exactly once"
+    );
     for (i, (seq, _)) in recs.iter().enumerate() {
         assert_eq!(*seq, i as u64 + 1, "sequence numbers are dense");
     }
@@ -170,7 +234,10 @@ fn check_history(store: &HubStore, node: &str) -> anyhow::Result<usize> {
         };
         let key = (s.device.to_string(), s.property.to_string());
         if let Some(prev) = last.get(&key) {
-            assert!((v as u64) > *prev, "record {seq}: {key:?} went from {prev} to {v} (duplicate or reordered)");
+            assert!(
+                (v as u64) > *prev,
+                "record {seq}: {key:?} went from {prev} to {v} (duplicate or reordered)"
+            );
         }
         last.insert(key, v as u64);
     }
@@ -181,7 +248,9 @@ fn check_history(store: &HubStore, node: &str) -> anyhow::Result<usize> {
 async fn agent_killed_with_sigkill_loses_nothing_and_duplicates_nothing() -> anyhow::Result<()> {
     let mut r = rig(8).await?;
     r.api
-        .wait_for(Duration::from_secs(20), |api| async move { api.reported_u64("gw-1", "plc-1", "c0").await })
+        .wait_for(Duration::from_secs(20), |api| async move {
+            api.reported_u64("gw-1", "plc-1", "c0").await
+        })
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&r)))?;
     for round in 0..3 {
@@ -191,12 +260,21 @@ async fn agent_killed_with_sigkill_loses_nothing_and_duplicates_nothing() -> any
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         r.agent = Some(
-            start_agent(r.tmp.path(), &r.pki, &format!("spiffe://{TD}/edge/gw-1"), &r.tunnel, &devices(&r.sim, 8)).await?,
+            start_agent(
+                r.tmp.path(),
+                &r.pki,
+                &format!("spiffe://{TD}/edge/gw-1"),
+                &r.tunnel,
+                &devices(&r.sim, 8),
+            )
+            .await?,
         );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     freeze(&r);
-    converged(&r, 8, Duration::from_secs(20)).await.map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&r)))?;
+    converged(&r, 8, Duration::from_secs(20))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&r)))?;
     // Stop the agent cleanly, then the hub, and read the hub's history.
     if let Some(a) = r.agent.take() {
         assert!(a.terminate().await?, "agent exits 0 on SIGTERM");
@@ -214,7 +292,9 @@ async fn agent_killed_with_sigkill_loses_nothing_and_duplicates_nothing() -> any
 async fn hub_restart_agent_resumes_by_itself() -> anyhow::Result<()> {
     let mut r = rig(2).await?;
     r.api
-        .wait_for(Duration::from_secs(20), |api| async move { api.reported_u64("gw-1", "plc-1", "c0").await })
+        .wait_for(Duration::from_secs(20), |api| async move {
+            api.reported_u64("gw-1", "plc-1", "c0").await
+        })
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&r)))?;
     // Kill the hub hard; restart it on the same ports.
@@ -224,10 +304,17 @@ async fn hub_restart_agent_resumes_by_itself() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(800)).await;
     let (hub, _, _) = start_hub(r.tmp.path(), &r.pki, &r.tunnel, &r.http).await?;
     r.hub = Some(hub);
-    let before = r.api.reported_u64("gw-1", "plc-1", "c0").await?.unwrap_or(0);
+    let before = r
+        .api
+        .reported_u64("gw-1", "plc-1", "c0")
+        .await?
+        .unwrap_or(0);
     r.api
         .wait_for(Duration::from_secs(20), move |api| async move {
-            Ok(api.reported_u64("gw-1", "plc-1", "c0").await?.filter(|v| *v > before + 5))
+            Ok(api
+                .reported_u64("gw-1", "plc-1", "c0")
+                .await?
+                .filter(|v| *v > before + 5))
         })
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&r)))?;
@@ -265,22 +352,58 @@ async fn foreign_and_non_edge_identities_are_refused() -> anyhow::Result<()> {
     let evil_dir = tmp.path().join("evil");
     let evil = Pki::new(&evil_dir, "evil.org")?;
     let (cert, key) = evil.svid("spiffe://evil.org/edge/gw-x", "agent")?;
-    let cfg = harness::agent_toml(&evil_dir, &tunnel, "evil.org", &cert, &key, &pki.bundle, &devs, "")?;
-    let a1 = Proc::spawn(&harness::bin("edgesync-agent")?, &["run", "--config", &cfg.display().to_string()], &evil_dir.join("agent.log"), None).await?;
+    let cfg = harness::agent_toml(
+        &evil_dir,
+        &tunnel,
+        "evil.org",
+        &cert,
+        &key,
+        &pki.bundle,
+        &devs,
+        "",
+    )?;
+    let a1 = Proc::spawn(
+        &harness::bin("edgesync-agent")?,
+        &["run", "--config", &cfg.display().to_string()],
+        &evil_dir.join("agent.log"),
+        None,
+    )
+    .await?;
 
     // 2. A foreign trust-domain id signed by our own CA (the hub must check the domain).
     let (cert2, key2) = pki.svid("spiffe://evil.org/edge/gw-y", "foreign")?;
     let d2 = tmp.path().join("foreign");
     std::fs::create_dir_all(&d2)?;
-    let cfg2 = harness::agent_toml(&d2, &tunnel, "evil.org", &cert2, &key2, &pki.bundle, &devs, "")?;
-    let a2 = Proc::spawn(&harness::bin("edgesync-agent")?, &["run", "--config", &cfg2.display().to_string()], &d2.join("agent.log"), None).await;
+    let cfg2 = harness::agent_toml(
+        &d2,
+        &tunnel,
+        "evil.org",
+        &cert2,
+        &key2,
+        &pki.bundle,
+        &devs,
+        "",
+    )?;
+    let a2 = Proc::spawn(
+        &harness::bin("edgesync-agent")?,
+        &["run", "--config", &cfg2.display().to_string()],
+        &d2.join("agent.log"),
+        None,
+    )
+    .await;
 
     // 3. A non-edge path of our trust domain.
     let (cert3, key3) = pki.svid(&format!("spiffe://{TD}/workload/gw-z"), "workload")?;
     let d3 = tmp.path().join("workload");
     std::fs::create_dir_all(&d3)?;
     let cfg3 = harness::agent_toml(&d3, &tunnel, TD, &cert3, &key3, &pki.bundle, &devs, "")?;
-    let a3 = Proc::spawn(&harness::bin("edgesync-agent")?, &["run", "--config", &cfg3.display().to_string()], &d3.join("agent.log"), None).await?;
+    let a3 = Proc::spawn(
+        &harness::bin("edgesync-agent")?,
+        &["run", "--config", &cfg3.display().to_string()],
+        &d3.join("agent.log"),
+        None,
+    )
+    .await?;
 
     // The hub counts refused handshakes and never lists these nodes.
     api.wait_for(Duration::from_secs(20), |api| async move {
@@ -290,7 +413,11 @@ async fn foreign_and_non_edge_identities_are_refused() -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", a1.log_text(), a3.log_text()))?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (_, nodes) = api.get("/api/v1/nodes").await?;
-    assert_eq!(nodes.as_array().map(|a| a.len()), Some(0), "no refused node may appear: {nodes}");
+    assert_eq!(
+        nodes.as_array().map(|a| a.len()),
+        Some(0),
+        "no refused node may appear: {nodes}"
+    );
     // Agents 2 and 3 refuse to even start with an identity that is not an edge of their
     // trust domain, or keep failing to connect; either way nothing got through.
     if let Ok(a2) = a2 {
@@ -308,10 +435,32 @@ async fn agent_refuses_a_hub_with_the_wrong_id() -> anyhow::Result<()> {
     let (sim, _scripts) = start_sim(1).await?;
     // The hub presents spiffe://example.org/impostor (and is configured to be it).
     let (cert, key) = pki.svid(&format!("spiffe://{TD}/impostor"), "hub")?;
-    let cfg = harness::hub_toml(tmp.path(), "127.0.0.1:0", "127.0.0.1:0", TD, &cert, &key, &pki.bundle, Some(&format!("spiffe://{TD}/impostor")))?;
-    let hub = Proc::spawn(&harness::bin("edgesync-hub")?, &["run", "--config", &cfg.display().to_string()], &tmp.path().join("hub.log"), Some("edgesync-hub listening")).await?;
+    let cfg = harness::hub_toml(
+        tmp.path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        TD,
+        &cert,
+        &key,
+        &pki.bundle,
+        Some(&format!("spiffe://{TD}/impostor")),
+    )?;
+    let hub = Proc::spawn(
+        &harness::bin("edgesync-hub")?,
+        &["run", "--config", &cfg.display().to_string()],
+        &tmp.path().join("hub.log"),
+        Some("edgesync-hub listening"),
+    )
+    .await?;
     let (tunnel, http) = harness::hub_addrs(hub.ready_line.as_deref().unwrap_or_default())?;
-    let agent = start_agent(tmp.path(), &pki, &format!("spiffe://{TD}/edge/gw-1"), &tunnel, &devices(&sim, 1)).await?;
+    let agent = start_agent(
+        tmp.path(),
+        &pki,
+        &format!("spiffe://{TD}/edge/gw-1"),
+        &tunnel,
+        &devices(&sim, 1),
+    )
+    .await?;
     let api = Api::new(&http);
     // The agent tries, and refuses the hub's certificate, every time.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -319,19 +468,22 @@ async fn agent_refuses_a_hub_with_the_wrong_id() -> anyhow::Result<()> {
         let log = agent.log_text();
         if log.matches("uplink down").count() >= 2 {
             assert!(
-                log.contains("spiffe://example.org/impostor") && log.contains("invalid peer certificate"),
+                log.contains("spiffe://example.org/impostor")
+                    && log.contains("invalid peer certificate"),
                 "the agent names the refused hub id: {log}"
             );
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "agent never reported the refusal:\n{log}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent never reported the refusal:\n{log}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (_, nodes) = api.get("/api/v1/nodes").await?;
     assert_eq!(nodes.as_array().map(|a| a.len()), Some(0), "{nodes}");
     Ok(())
 }
-
 
 async fn metric_sum(api: &Api, name: &str) -> anyhow::Result<f64> {
     let m = api.metrics().await?;
@@ -349,7 +501,9 @@ async fn bad_frames_from_a_peer_are_counted_and_harmless() -> anyhow::Result<()>
     use edgesync_edge::uplink::{UplinkConfig, client_config};
     let r = rig(1).await?;
     r.api
-        .wait_for(Duration::from_secs(20), |api| async move { api.reported_u64("gw-1", "plc-1", "c0").await })
+        .wait_for(Duration::from_secs(20), |api| async move {
+            api.reported_u64("gw-1", "plc-1", "c0").await
+        })
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&r)))?;
     let (cert, key) = r.pki.svid(&format!("spiffe://{TD}/edge/rogue"), "rogue")?;
@@ -379,7 +533,9 @@ async fn bad_frames_from_a_peer_are_counted_and_harmless() -> anyhow::Result<()>
         &[0, 0, 0, 3, 0x98, 0x06, 0x01],
     ];
     for p in payloads {
-        let conn = ep.connect_with(client_config(&ucfg)?, hub_addr, "hub")?.await?;
+        let conn = ep
+            .connect_with(client_config(&ucfg)?, hub_addr, "hub")?
+            .await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         send.write_all(p).await?;
         // The hub answers by closing (or, for the unknown frame, by ignoring it).
@@ -396,10 +552,17 @@ async fn bad_frames_from_a_peer_are_counted_and_harmless() -> anyhow::Result<()>
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", logs(&r)))?;
     // The real agent is unaffected: its values keep flowing.
-    let now = r.api.reported_u64("gw-1", "plc-1", "c0").await?.unwrap_or(0);
+    let now = r
+        .api
+        .reported_u64("gw-1", "plc-1", "c0")
+        .await?
+        .unwrap_or(0);
     r.api
         .wait_for(Duration::from_secs(10), move |api| async move {
-            Ok(api.reported_u64("gw-1", "plc-1", "c0").await?.filter(|v| *v > now))
+            Ok(api
+                .reported_u64("gw-1", "plc-1", "c0")
+                .await?
+                .filter(|v| *v > now))
         })
         .await?;
     Ok(())
@@ -419,8 +582,23 @@ async fn agent_writes_are_verified_and_reach_the_hub() -> anyhow::Result<()> {
     let (hub, tunnel, http) = start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
     let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/gw-w"), "agent")?;
     let extra = String::new();
-    let dev = SimDevice { id: "plc-1".into(), endpoint: sim.local_addr().to_string(), unit: 1, counters: 1, poll_ms: 50 };
-    let cfg = harness::agent_toml(tmp.path(), &tunnel, TD, &cert, &key, &pki.bundle, &[dev], &extra)?;
+    let dev = SimDevice {
+        id: "plc-1".into(),
+        endpoint: sim.local_addr().to_string(),
+        unit: 1,
+        counters: 1,
+        poll_ms: 50,
+    };
+    let cfg = harness::agent_toml(
+        tmp.path(),
+        &tunnel,
+        TD,
+        &cert,
+        &key,
+        &pki.bundle,
+        &[dev],
+        &extra,
+    )?;
     // Add writable tags: a float32 set point (CDAB) and a bit of a status word.
     let mut text = std::fs::read_to_string(&cfg)?;
     text.push_str(
@@ -433,20 +611,36 @@ async fn agent_writes_are_verified_and_reach_the_hub() -> anyhow::Result<()> {
     let agent = Agent::start(cfg).await?;
     let d = DeviceId::new("plc-1")?;
 
-    let out = agent.write(&d, &PropertyId::new("setpoint")?, Value::Float(21.5)).await?;
+    let out = agent
+        .write(&d, &PropertyId::new("setpoint")?, Value::Float(21.5))
+        .await?;
     assert_eq!(out, WriteOutcome::Verified);
     // 21.5f32 = 0x41AC0000; CDAB puts the low word first.
     assert_eq!(sim.holding(1, 10, 2)?, vec![0x0000, 0x41AC]);
-    agent.write(&d, &PropertyId::new("run")?, Value::Bool(false)).await?;
-    assert_eq!(sim.holding(1, 20, 1)?, vec![0b1000_0001], "only bit 3 changed");
+    agent
+        .write(&d, &PropertyId::new("run")?, Value::Bool(false))
+        .await?;
+    assert_eq!(
+        sim.holding(1, 20, 1)?,
+        vec![0b1000_0001],
+        "only bit 3 changed"
+    );
     // A read-only tag is refused before anything is sent.
-    let refused = agent.write(&d, &PropertyId::new("c0")?, Value::UInt(1)).await;
-    assert!(matches!(refused, Err(WriteError::NotWritable { .. })), "{refused:?}");
+    let refused = agent
+        .write(&d, &PropertyId::new("c0")?, Value::UInt(1))
+        .await;
+    assert!(
+        matches!(refused, Err(WriteError::NotWritable { .. })),
+        "{refused:?}"
+    );
 
     let api = Api::new(&http);
     api.wait_for(Duration::from_secs(15), |api| async move {
         let (status, twin) = api.get("/api/v1/nodes/gw-w/devices/plc-1/twin").await?;
-        Ok((status == 200 && twin["reported"]["setpoint"]["value"].as_f64() == Some(21.5)).then_some(()))
+        Ok(
+            (status == 200 && twin["reported"]["setpoint"]["value"].as_f64() == Some(21.5))
+                .then_some(()),
+        )
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", hub.log_text()))?;
