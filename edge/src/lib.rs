@@ -8,8 +8,8 @@
 
 pub mod agent;
 pub mod config;
-pub mod model;
 pub mod modbus;
+pub mod model;
 pub mod probe;
 pub mod store;
 pub mod twin;

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 
 use edgesync_protocol::{DeviceId, PropertyId, Sample, Timestamp, Value};
 
-use crate::model::{DeviceSpec, ReportPolicy};
 use crate::modbus::link::DeviceReading;
+use crate::model::{DeviceSpec, ReportPolicy};
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -56,14 +56,21 @@ impl Twin {
     pub fn from_samples(samples: Vec<Sample>) -> Self {
         let entries = samples
             .into_iter()
-            .map(|s| ((s.device.clone(), s.property.clone()), Entry { reported: s }))
+            .map(|s| {
+                (
+                    (s.device.clone(), s.property.clone()),
+                    Entry { reported: s },
+                )
+            })
             .collect();
         Twin { entries }
     }
 
     /// The latest reported sample of a property.
     pub fn get(&self, device: &DeviceId, property: &PropertyId) -> Option<&Sample> {
-        self.entries.get(&(device.clone(), property.clone())).map(|e| &e.reported)
+        self.entries
+            .get(&(device.clone(), property.clone()))
+            .map(|e| &e.reported)
     }
 
     /// Number of properties held.
@@ -80,7 +87,9 @@ impl Twin {
     pub fn observe(&mut self, spec: &DeviceSpec, reading: &DeviceReading) -> Vec<Sample> {
         let mut out = Vec::new();
         for ts in &reading.samples {
-            let Some(tag) = spec.tags.get(ts.tag) else { continue };
+            let Some(tag) = spec.tags.get(ts.tag) else {
+                continue;
+            };
             let policy = &tag.report;
             // A bad sample keeps the last good value (stale, flagged by quality).
             let key = (reading.device.clone(), ts.property.clone());
@@ -109,7 +118,12 @@ impl Twin {
                     quality: ts.quality,
                     ts: reading.ts,
                 };
-                self.entries.insert(key, Entry { reported: s.clone() });
+                self.entries.insert(
+                    key,
+                    Entry {
+                        reported: s.clone(),
+                    },
+                );
                 out.push(s);
             }
         }
@@ -129,13 +143,15 @@ mod tests {
     use edgesync_protocol::{BadReason, Quality};
 
     use super::*;
-    use crate::model::*;
     use crate::modbus::link::TagSample;
+    use crate::model::*;
 
     fn spec(policy: ReportPolicy) -> DeviceSpec {
         DeviceSpec {
             id: DeviceId::new("d").unwrap(),
-            link: LinkSpec::Tcp { endpoint: "x:1".into() },
+            link: LinkSpec::Tcp {
+                endpoint: "x:1".into(),
+            },
             unit_id: 1,
             timeout: Duration::from_secs(1),
             max_registers_per_read: 125,
@@ -172,7 +188,9 @@ mod tests {
     }
 
     fn values(out: Vec<Sample>) -> Vec<Option<f64>> {
-        out.iter().map(|s| s.value.as_ref().and_then(Value::as_f64)).collect()
+        out.iter()
+            .map(|s| s.value.as_ref().and_then(Value::as_f64))
+            .collect()
     }
 
     #[test]
@@ -184,29 +202,50 @@ mod tests {
         });
         let mut t = Twin::default();
         let g = Quality::Good;
-        assert_eq!(values(t.observe(&sp, &reading(0, Some(10.0), g))), vec![Some(10.0)]);
+        assert_eq!(
+            values(t.observe(&sp, &reading(0, Some(10.0), g))),
+            vec![Some(10.0)]
+        );
         assert!(t.observe(&sp, &reading(100, Some(10.4), g)).is_empty());
-        assert_eq!(values(t.observe(&sp, &reading(200, Some(10.6), g))), vec![Some(10.6)]);
+        assert_eq!(
+            values(t.observe(&sp, &reading(200, Some(10.6), g))),
+            vec![Some(10.6)]
+        );
         assert!(t.observe(&sp, &reading(1100, Some(10.6), g)).is_empty());
         // Heartbeat: unchanged for max_interval.
-        assert_eq!(values(t.observe(&sp, &reading(1200, Some(10.6), g))), vec![Some(10.6)]);
+        assert_eq!(
+            values(t.observe(&sp, &reading(1200, Some(10.6), g))),
+            vec![Some(10.6)]
+        );
     }
 
     #[test]
     fn percent_deadband_quality_change_and_every_sample() {
-        let sp = spec(ReportPolicy { deadband_pct: 10.0, ..Default::default() });
+        let sp = spec(ReportPolicy {
+            deadband_pct: 10.0,
+            ..Default::default()
+        });
         let mut t = Twin::default();
         let g = Quality::Good;
         let _ = t.observe(&sp, &reading(0, Some(100.0), g));
         assert!(t.observe(&sp, &reading(1, Some(109.0), g)).is_empty());
-        assert_eq!(values(t.observe(&sp, &reading(2, Some(111.0), g))), vec![Some(111.0)]);
+        assert_eq!(
+            values(t.observe(&sp, &reading(2, Some(111.0), g))),
+            vec![Some(111.0)]
+        );
         // Going bad is reported, keeping the last value.
         let bad = t.observe(&sp, &reading(3, None, Quality::Bad(BadReason::Timeout)));
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].value, Some(Value::Float(111.0)));
-        assert!(t.observe(&sp, &reading(4, None, Quality::Bad(BadReason::Timeout))).is_empty());
+        assert!(
+            t.observe(&sp, &reading(4, None, Quality::Bad(BadReason::Timeout)))
+                .is_empty()
+        );
 
-        let sp = spec(ReportPolicy { every_sample: true, ..Default::default() });
+        let sp = spec(ReportPolicy {
+            every_sample: true,
+            ..Default::default()
+        });
         let mut t = Twin::default();
         for i in 0..3 {
             assert_eq!(t.observe(&sp, &reading(i, Some(1.0), g)).len(), 1);

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use edgesync_protocol::frame::{
-    self, Body, DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, FrameError, Goodbye, Records, WireSample,
+    self, Body, DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, FrameError, Goodbye, Records,
+    WireSample,
 };
 use edgesync_protocol::session::{EdgeConfig, EdgeEvent, EdgeSession, Transmit};
 use edgesync_protocol::spiffe_id::SpiffeId;
@@ -146,7 +147,15 @@ impl Uplink {
         status: watch::Sender<UplinkStatus>,
         cancel: CancellationToken,
     ) -> Self {
-        Uplink { cfg, store, appended, dropped, status, cancel, origin: Instant::now() }
+        Uplink {
+            cfg,
+            store,
+            appended,
+            dropped,
+            status,
+            cancel,
+            origin: Instant::now(),
+        }
     }
 
     fn now(&self) -> u64 {
@@ -266,7 +275,8 @@ impl Uplink {
                     Transmit::Frame(body) => Frame { body: Some(body) },
                     Transmit::Records { first_seq, count } => {
                         let samples = self.store.lock().await.read(first_seq, count)?;
-                        metrics::counter!("edgesync_uplink_records_sent_total").increment(count as u64);
+                        metrics::counter!("edgesync_uplink_records_sent_total")
+                            .increment(count as u64);
                         Frame {
                             body: Some(Body::Records(Records {
                                 first_seq,
@@ -278,12 +288,16 @@ impl Uplink {
                 };
                 frame::encode_frame(&frame, DEFAULT_MAX_FRAME_LEN, &mut out)?;
                 if out.len() >= 256 * 1024 {
-                    send.write_all(&out).await.map_err(|e| UplinkError::Connection(e.to_string()))?;
+                    send.write_all(&out)
+                        .await
+                        .map_err(|e| UplinkError::Connection(e.to_string()))?;
                     out.clear();
                 }
             }
             if !out.is_empty() {
-                send.write_all(&out).await.map_err(|e| UplinkError::Connection(e.to_string()))?;
+                send.write_all(&out)
+                    .await
+                    .map_err(|e| UplinkError::Connection(e.to_string()))?;
             }
             self.handle_events(session).await?;
             let deadline = session
@@ -350,7 +364,10 @@ impl Uplink {
     async fn handle_events(&mut self, session: &mut EdgeSession) -> Result<(), UplinkError> {
         while let Some(ev) = session.poll_event() {
             match ev {
-                EdgeEvent::Welcomed { version, stored_seq } => {
+                EdgeEvent::Welcomed {
+                    version,
+                    stored_seq,
+                } => {
                     tracing::info!(version, stored_seq, hub = %self.cfg.hub_address, "uplink established");
                     metrics::gauge!("edgesync_uplink_connected").set(1.0);
                     self.status.send_modify(|s| {
@@ -367,12 +384,19 @@ impl Uplink {
                     self.status.send_modify(|s| s.acked = upto);
                 }
                 EdgeEvent::Rebased { next_seq } => {
-                    tracing::warn!(next_seq, "hub holds more records than the outbox: renumbering");
+                    tracing::warn!(
+                        next_seq,
+                        "hub holds more records than the outbox: renumbering"
+                    );
                     self.store.lock().await.rebase(next_seq)?;
                 }
                 EdgeEvent::Gap { from, to } => {
                     metrics::counter!("edgesync_uplink_gaps_total").increment(1);
-                    tracing::warn!(from, to, "hub is missing records this outbox no longer has (reported as a gap)");
+                    tracing::warn!(
+                        from,
+                        to,
+                        "hub is missing records this outbox no longer has (reported as a gap)"
+                    );
                 }
                 EdgeEvent::Closed(e) => return Err(UplinkError::Session(e.to_string())),
             }

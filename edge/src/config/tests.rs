@@ -90,7 +90,10 @@ fn deploy_example_is_valid() {
         "{:?}",
         flow.link
     );
-    assert_eq!((flow.unit_id, flow.tags[0].table), (7, Table::InputRegister));
+    assert_eq!(
+        (flow.unit_id, flow.tags[0].table),
+        (7, Table::InputRegister)
+    );
 
     let boiler = &cfg.devices[0];
     assert_eq!(boiler.id.as_str(), "boiler-1");
