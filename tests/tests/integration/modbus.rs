@@ -754,11 +754,11 @@ async fn pymodbus_tcp_every_type_and_byte_order_reaches_the_hub() -> anyhow::Res
             cat: c2,
         },
     ];
-    let started = Instant::now();
     let s = stack(tmp.path(), &devices_toml(&devs, 200, 1000)).await?;
+    let started = Instant::now();
     hub_shows(&s, &devs, Duration::from_secs(30)).await?;
     eprintln!(
-        "pymodbus TCP: {} tags correct in the hub after {:?}",
+        "pymodbus TCP: {} tags correct in the hub {:?} after the agent started",
         devs.iter().map(|d| d.cat.tags.len()).sum::<usize>(),
         started.elapsed()
     );
@@ -808,11 +808,11 @@ async fn pymodbus_rtu_over_a_pty_pair_two_units_reach_the_hub() -> anyhow::Resul
             cat: c2,
         },
     ];
-    let started = Instant::now();
     let s = stack(tmp.path(), &devices_toml(&devs, 300, 1000)).await?;
+    let started = Instant::now();
     hub_shows(&s, &devs, Duration::from_secs(40)).await?;
     eprintln!(
-        "pymodbus RTU on {} <-> {}: all tags correct in the hub after {:?}",
+        "pymodbus RTU on {} <-> {}: all tags correct in the hub {:?} after the agent started",
         pty.a,
         pty.b,
         started.elapsed()
