@@ -5,6 +5,8 @@
 //! group commits and only then acknowledged; the HTTP [`api`] serves nodes and twins from the
 //! store's memory; [`telemetry`] exposes Prometheus metrics. [`hub::Hub`] starts it all.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod config;
 pub mod hub;

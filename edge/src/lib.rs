@@ -6,6 +6,8 @@
 //! append-only log in sled; the uplink (`uplink`) drives an [`edgesync_protocol::session::EdgeSession`]
 //! over QUIC and deletes outbox records once the hub acknowledged them as stored.
 
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod config;
 pub mod modbus;

@@ -17,6 +17,10 @@
 //! Drivers (in `edgesync-edge` and `edgesync-cloud`) own the sockets and the clock: they feed
 //! bytes and `now` in with `handle_*` calls and act on what `poll_*` calls return.
 
+#![warn(missing_docs)]
+
+#[cfg(feature = "config")]
+pub mod config_diag;
 pub mod frame;
 pub mod ids;
 pub mod session;

@@ -3,6 +3,8 @@
 //! Test support for edgesync: a PLC simulator ([`sim`]), SVID minting ([`pki`]) and a harness
 //! that starts the real binaries ([`harness`]).
 
+#![warn(missing_docs)]
+
 pub mod harness;
 pub mod pki;
 pub mod sim;

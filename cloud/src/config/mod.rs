@@ -17,7 +17,7 @@
 //! Invariant: a [`HubConfig`] has passed every check. `deploy/README.md` documents every field;
 //! `deploy/hub.toml` is a checked example.
 
-mod diag;
+use edgesync_protocol::config_diag as diag;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -32,11 +32,11 @@ use serde::de::IgnoredAny;
 use serde_saphyr::Spanned;
 use toml::de::DeTable;
 
-use super::diag::{ConfigError, ConfigErrors, Doc, Loc};
 use super::{
     DeviceDefaults, IntOrString, MIN_POLL_INTERVAL_MS, RawTag, check_tag, ms, net, u16_of,
 };
 use crate::model::{DeviceSpec, LinkSpec, Parity, Table, default_inter_frame_delay};
+use edgesync_protocol::config_diag::{ConfigError, ConfigErrors, Doc, Loc};
 
 /// The only API version accepted.
 pub(super) const API_VERSION: &str = "devices.kubeedge.io/v1beta1";

@@ -20,7 +20,7 @@
 //! `deploy/README.md` documents every field; `deploy/agent.toml` is a checked example.
 
 mod address;
-mod diag;
+use edgesync_protocol::config_diag as diag;
 mod kubeedge;
 mod net;
 

@@ -13,10 +13,9 @@
 //! 4. [`Doc::finish`] returns the validated value if nothing was reported, else every problem,
 //!    in file order.
 //!
-//! This module depends only on `toml`, `serde` and `serde_ignored`. The agent and the hub keep
-//! identical copies (`edgesync-edge` and `edgesync-cloud`, `src/config/diag.rs`), each using a
-//! subset, until it moves to a crate both depend on.
-#![allow(dead_code)]
+//! This module (feature `config`) depends only on `toml`, `serde` and `serde_ignored`; the
+//! agent's and the hub's config loaders both use it. It lives here because `edgesync-protocol`
+//! is the one crate both depend on; it does no I/O beyond what callers pass in.
 
 use std::fmt;
 use std::ops::{Range, RangeInclusive};
@@ -116,11 +115,11 @@ impl<'a> IntoIterator for &'a ConfigErrors {
 }
 
 /// A parsed TOML value with its place in the file.
-pub(crate) type Node<'i> = Spanned<DeValue<'i>>;
+pub type Node<'i> = Spanned<DeValue<'i>>;
 
 /// Where a table is in the file and what it is called in messages.
 #[derive(Debug, Clone)]
-pub(crate) struct Loc {
+pub struct Loc {
     /// How messages name the table: `[hub]`, `device "plc-1"`, `device "plc-1" tag "temp"`.
     pub component: String,
     /// Line of the table header (or of the key holding an inline table), if the table exists.
@@ -156,7 +155,7 @@ impl Loc {
 }
 
 /// One config file being checked: its line table and the problems found so far.
-pub(crate) struct Doc<'t> {
+pub struct Doc<'t> {
     file: String,
     text: &'t str,
     line_starts: Vec<usize>,
