@@ -9,7 +9,9 @@
 //! Faults are injected per unit at runtime with [`SimHandle::set_fault`]: no answer, late
 //! answers, or exception responses for every request or only for an address range.
 //! Request counters per unit and per function code let a test count the requests of a
-//! poll cycle.
+//! poll cycle; [`SimHandle::record_arrivals`] additionally keeps the arrival instant of every
+//! request per unit ([`Arrival`]), so a benchmark can measure a poller's cycle jitter from the
+//! PLC's side.
 //!
 //! Invariants:
 //! - The set of units and the size of every bank are fixed when the server starts.
@@ -629,11 +631,28 @@ fn request_span(request: &Request<'_>) -> Option<(Table, u32, u32)> {
     Some((table, start, start.saturating_add(len)))
 }
 
+/// One request as it reached a unit, recorded while [`SimHandle::record_arrivals`] is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    /// When the simulator's service received the (fully decoded) request, on the tokio clock.
+    pub at: Instant,
+    /// The function code.
+    pub function: u8,
+    /// The table the request touches (`None` for function codes without an address).
+    pub table: Option<Table>,
+    /// First address touched (0 without a table).
+    pub address: u16,
+    /// Number of registers or bits touched (0 without a table).
+    pub quantity: u16,
+}
+
 /// One simulated unit: its data and its counters.
 struct Unit {
     data: Mutex<UnitData>,
     requests: AtomicU64,
     by_function: [AtomicU64; 256],
+    /// Arrivals since recording was switched on; `None` while it is off.
+    arrivals: Mutex<Option<Vec<Arrival>>>,
 }
 
 impl Unit {
@@ -642,6 +661,33 @@ impl Unit {
             data: Mutex::new(UnitData::new(sizes)),
             requests: AtomicU64::new(0),
             by_function: std::array::from_fn(|_| AtomicU64::new(0)),
+            arrivals: Mutex::new(None),
+        }
+    }
+
+    fn arrivals(&self) -> MutexGuard<'_, Option<Vec<Arrival>>> {
+        self.arrivals.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Note the request's arrival if recording is on.
+    fn record(&self, function: u8, request: &Request<'_>) {
+        let at = Instant::now();
+        if let Some(log) = self.arrivals().as_mut() {
+            let (table, address, quantity) = match request_span(request) {
+                Some((table, start, end)) => (
+                    Some(table),
+                    u16::try_from(start).unwrap_or(u16::MAX),
+                    u16::try_from(end - start).unwrap_or(u16::MAX),
+                ),
+                None => (None, 0, 0),
+            };
+            log.push(Arrival {
+                at,
+                function,
+                table,
+                address,
+                quantity,
+            });
         }
     }
 
@@ -656,6 +702,7 @@ impl Unit {
         let function = request.function_code().value();
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.by_function[usize::from(function)].fetch_add(1, Ordering::Relaxed);
+        self.record(function, request);
 
         let mut data = self.lock();
         let delay = match &data.fault {
@@ -1208,6 +1255,27 @@ impl SimHandle {
         self.inner.units.unknown_requests.load(Ordering::Relaxed)
     }
 
+    /// Switch recording of request arrivals on (discarding anything recorded before) or off
+    /// (discarding what was recorded), for every unit. Requests for units that are not
+    /// simulated are never recorded.
+    pub fn record_arrivals(&self, on: bool) {
+        for unit in self.inner.units.by_id.iter().flatten() {
+            *unit.arrivals() = on.then(Vec::new);
+        }
+    }
+
+    /// The arrivals recorded for `unit` since recording was switched on or since the last
+    /// call, oldest first; recording goes on. Empty for a unit not simulated or while
+    /// recording is off.
+    #[must_use]
+    pub fn take_arrivals(&self, unit: u8) -> Vec<Arrival> {
+        self.inner
+            .units
+            .get(unit)
+            .and_then(|u| u.arrivals().as_mut().map(std::mem::take))
+            .unwrap_or_default()
+    }
+
     /// Reset the request counters of every unit (and of unknown units) to zero.
     pub fn reset_counters(&self) {
         for unit in self.inner.units.by_id.iter().flatten() {
@@ -1635,6 +1703,52 @@ mod tests {
         sim.reset_counters();
         assert_eq!(sim.request_count(1), 0);
         assert_eq!(sim.request_count_fc(1, 3), 0);
+    }
+
+    #[tokio::test]
+    async fn records_request_arrivals_only_while_switched_on() {
+        let sim = sim([1, 2]).await;
+        let mut ctx = client(&sim, 1).await;
+        read_holding(&mut ctx, 0, 10).await.unwrap();
+        assert!(
+            sim.take_arrivals(1).is_empty(),
+            "recording is off by default"
+        );
+
+        sim.record_arrivals(true);
+        let before = Instant::now();
+        read_holding(&mut ctx, 5, 10).await.unwrap();
+        ctx.read_coils(3, 8).await.unwrap().unwrap();
+        let after = Instant::now();
+        let arrivals = sim.take_arrivals(1);
+        assert_eq!(arrivals.len(), 2);
+        assert_eq!(
+            (
+                arrivals[0].function,
+                arrivals[0].table,
+                arrivals[0].address,
+                arrivals[0].quantity
+            ),
+            (3, Some(Table::HoldingRegisters), 5, 10)
+        );
+        assert_eq!(
+            (
+                arrivals[1].function,
+                arrivals[1].table,
+                arrivals[1].address,
+                arrivals[1].quantity
+            ),
+            (1, Some(Table::Coils), 3, 8)
+        );
+        assert!(before <= arrivals[0].at && arrivals[0].at <= arrivals[1].at);
+        assert!(arrivals[1].at <= after);
+        assert!(sim.take_arrivals(1).is_empty(), "taken arrivals are gone");
+        assert!(sim.take_arrivals(2).is_empty());
+        assert!(sim.take_arrivals(9).is_empty(), "unknown unit");
+
+        sim.record_arrivals(false);
+        read_holding(&mut ctx, 0, 1).await.unwrap();
+        assert!(sim.take_arrivals(1).is_empty());
     }
 
     #[tokio::test]

@@ -1,0 +1,734 @@
+//! `edgesync-bench-modbus`: the cost and the regularity of polling 10,000 Modbus tags.
+//!
+//! Setup per run: the PLC simulator ([`SimHandle`], in this process) with 20 units of 500
+//! holding registers and enough coils; a hub embedded in this process ([`Hub::start`]), so the
+//! agent's uplink is live; and the real `edgesync-agent` release binary as a separate process,
+//! configured with 500 tags per unit of mixed types (uint16, int16, int32 and float32 in every
+//! 32-bit byte order, float64 in two 64-bit orders, over the 500 registers; the rest bools in
+//! coils), all polled every 100 ms. A few uint16 tags per unit are driven by a counter script
+//! so that the agent has changes to report through its twin, outbox and uplink.
+//!
+//! After a warm-up (every device visible in the hub's twin, then `--warmup-secs`), the
+//! simulator's request counters are reset and its per-unit arrival log switched on for a
+//! window of `--window-secs`. Measured over the window:
+//! - **requests per cycle per unit**, from the simulator's counters and arrival log;
+//! - **agent CPU** as a share of one core: utime + stime from `/proc/<pid>/stat`;
+//! - **peak RSS**: `VmHWM` from `/proc/<pid>/status` at the end of the window;
+//! - **cycle jitter**: per unit, the cycle starts are the first request arrival after a
+//!   pause of more than half a period; jitter is `|start[k+1] - start[k] - period|` over all
+//!   units (the "period jitter"), and, as a second view, the lateness of each start against
+//!   the unit's own best-fitting 100 ms grid (`start[k] - k * period`, minus its minimum);
+//! - records the hub stored during the window (proof the uplink ran).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail, ensure};
+use clap::{Parser, ValueEnum};
+use edgesync_cloud::api::{ApiToken, Role};
+use edgesync_cloud::hub::{Hub, HubOptions};
+use edgesync_edge::modbus::codec;
+use edgesync_edge::model::{Access, ByteOrder, DataType, ReportPolicy, Table as TagTable, TagSpec};
+use edgesync_protocol::{NodeId, PropertyId, Value};
+use edgesync_testkit::harness::{self, Api, Pki, Proc, TempDir};
+use edgesync_testkit::sim::{Arrival, BankSizes, Script, SimConfig, SimHandle, Table};
+use hdrhistogram::Histogram;
+use tokio::time::Instant;
+
+const TD: &str = "bench.example";
+const NODE: &str = "gw-bench";
+/// Largest read the planner may issue (Modbus limit, the agent's default).
+const MAX_READ: u16 = 125;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FsyncArg {
+    /// fsync after every outbox group commit (the agent's default).
+    EveryCommit,
+    /// never fsync explicitly.
+    Never,
+}
+
+/// Modbus polling benchmark: 10,000 tags on 20 units every 100 ms, agent as a real process.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Simulated PLC units (devices).
+    #[arg(long, default_value_t = 20)]
+    units: u8,
+    /// Tags in total (split evenly over the units; what does not fit in the registers goes
+    /// into coils).
+    #[arg(long, default_value_t = 10_000)]
+    tags: u32,
+    /// Holding registers per unit that the register tags are spread over.
+    #[arg(long, default_value_t = 500)]
+    registers: u16,
+    /// Poll interval of every device.
+    #[arg(long, default_value_t = 100)]
+    poll_ms: u64,
+    /// uint16 tags per unit that a counter script changes every poll interval.
+    #[arg(long, default_value_t = 5)]
+    changing_per_unit: u16,
+    /// Simulator listeners (separate Modbus TCP endpoints, hence separate agent links); the
+    /// units are spread over them round-robin.
+    #[arg(long, default_value_t = 1)]
+    endpoints: u8,
+    /// Seconds after every device reached the hub before measuring.
+    #[arg(long, default_value_t = 10)]
+    warmup_secs: u64,
+    /// Seconds of the measurement window.
+    #[arg(long, default_value_t = 60)]
+    window_secs: u64,
+    /// Runs (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Agent outbox fsync policy.
+    #[arg(long, value_enum, default_value = "every-commit")]
+    agent_fsync: FsyncArg,
+    /// Keep the agent's config and log here instead of a temporary directory (for profiling).
+    #[arg(long)]
+    keep_dir: Option<PathBuf>,
+    /// Also print the jitter p50/p99 of every unit (in the order the agent polls them on a
+    /// link: units sharing an endpoint are served one after the other).
+    #[arg(long)]
+    per_unit: bool,
+    /// Run this agent binary instead of the workspace's `edgesync-agent` of the current
+    /// profile (e.g. `target/bench/edgesync-agent`, which keeps its symbols, for profiling).
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
+    /// Command prefix to run the agent under (e.g. "valgrind --tool=callgrind"), split on
+    /// spaces.
+    #[arg(long)]
+    wrap: Option<String>,
+}
+
+/// One tag of the generated layout (the same on every unit).
+#[derive(Debug, Clone)]
+struct TagDef {
+    name: String,
+    table: TagTable,
+    address: u16,
+    data_type: DataType,
+    order: ByteOrder,
+    /// The 8-letter name for 64-bit types, the 4-letter one otherwise.
+    order_name: &'static str,
+}
+
+impl TagDef {
+    fn type_name(&self) -> &'static str {
+        codec::type_name(&self.data_type)
+    }
+}
+
+/// The per-unit layout: register tags packed over `registers` holding registers (a cycle of
+/// mixed types; a multi-register tag never straddles a 125-register boundary, so an ideal
+/// planner needs `ceil(registers / 125)` reads), then bools in coils up to `per_unit` tags.
+fn layout(registers: u16, per_unit: u32) -> Vec<TagDef> {
+    use ByteOrder::{Abcd, Badc, Cdab, Dcba};
+    use DataType::{Float32, Float64, Int16, Int32, UInt16};
+    let pattern: [(DataType, ByteOrder, &'static str); 18] = [
+        (UInt16, Abcd, "ABCD"),
+        (Int16, Abcd, "ABCD"),
+        (UInt16, Abcd, "ABCD"),
+        (Int32, Abcd, "ABCD"),
+        (Float32, Abcd, "ABCD"),
+        (UInt16, Abcd, "ABCD"),
+        (Int16, Abcd, "ABCD"),
+        (Float32, Cdab, "CDAB"),
+        (UInt16, Abcd, "ABCD"),
+        (Int32, Cdab, "CDAB"),
+        (Float32, Badc, "BADC"),
+        (UInt16, Abcd, "ABCD"),
+        (Float32, Dcba, "DCBA"),
+        (Float64, Abcd, "ABCDEFGH"),
+        (UInt16, Abcd, "ABCD"),
+        (Int16, Abcd, "ABCD"),
+        (Float64, Cdab, "GHEFCDAB"),
+        (UInt16, Abcd, "ABCD"),
+    ];
+    let mut tags = Vec::new();
+    let mut addr: u16 = 0;
+    let mut i = 0usize;
+    while addr < registers && (tags.len() as u32) < per_unit {
+        let (mut dt, mut order, mut order_name) = pattern[i % pattern.len()];
+        i += 1;
+        let boundary = (addr / MAX_READ + 1) * MAX_READ;
+        if addr + dt.width() > boundary.min(registers) {
+            (dt, order, order_name) = (UInt16, Abcd, "ABCD");
+        }
+        tags.push(TagDef {
+            name: format!("r{addr}"),
+            table: TagTable::HoldingRegister,
+            address: addr,
+            data_type: dt,
+            order,
+            order_name,
+        });
+        addr += dt.width();
+    }
+    let mut coil = 0u16;
+    while (tags.len() as u32) < per_unit {
+        tags.push(TagDef {
+            name: format!("b{coil}"),
+            table: TagTable::Coil,
+            address: coil,
+            data_type: DataType::Bool,
+            order: Abcd,
+            order_name: "ABCD",
+        });
+        coil += 1;
+    }
+    tags
+}
+
+/// The registers that hold `value` for `tag`, encoded by the agent's own codec.
+fn encode(tag: &TagDef, value: f64) -> anyhow::Result<Vec<u16>> {
+    let spec = TagSpec {
+        property: PropertyId::new(tag.name.clone())?,
+        table: tag.table,
+        address: tag.address,
+        data_type: tag.data_type,
+        bit: None,
+        byte_order: tag.order,
+        scale: 1.0,
+        offset: 0.0,
+        unit: None,
+        access: Access::Read,
+        poll_interval: Duration::from_millis(100),
+        report: ReportPolicy::default(),
+    };
+    let v = match tag.data_type {
+        DataType::Float32 | DataType::Float64 => Value::Float(value),
+        DataType::UInt16 => Value::UInt(value as u64),
+        _ => Value::Int(value as i64),
+    };
+    codec::encode(&spec, &v).map_err(|e| anyhow!("encode {}: {e}", tag.name))
+}
+
+fn agent_toml(
+    args: &Args,
+    dir: &Path,
+    hub: SocketAddr,
+    pki: &Pki,
+    endpoints: &[SocketAddr],
+    tags: &[TagDef],
+) -> anyhow::Result<PathBuf> {
+    let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/{NODE}"), "agent")?;
+    let fsync = match args.agent_fsync {
+        FsyncArg::EveryCommit => "every_commit",
+        FsyncArg::Never => "never",
+    };
+    let mut s = String::new();
+    writeln!(
+        s,
+        "[agent]\ndata_dir = {:?}\n",
+        dir.join("data").display().to_string()
+    )?;
+    writeln!(
+        s,
+        "[hub]\naddress = {:?}\nbackoff_initial_ms = 100\nbackoff_max_ms = 1000\n",
+        hub.to_string()
+    )?;
+    writeln!(
+        s,
+        "[identity]\ntrust_domain = {TD:?}\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string(),
+        pki.bundle.display().to_string()
+    )?;
+    writeln!(s, "[outbox]\ncommit_interval_ms = 20\nfsync = {fsync:?}\n")?;
+    for u in 1..=args.units {
+        let endpoint = endpoints[usize::from(u - 1) % endpoints.len()];
+        writeln!(
+            s,
+            "[[devices]]\nid = \"plc-{u}\"\nprotocol = \"tcp\"\nendpoint = \"{endpoint}\"\nunit_id = {u}\npoll_interval_ms = {}\ntimeout_ms = 500\n",
+            args.poll_ms
+        )?;
+        for t in tags {
+            write!(
+                s,
+                "[[devices.tags]]\nname = {:?}\ntable = {:?}\naddress = {}\n",
+                t.name,
+                t.table.as_str(),
+                t.address
+            )?;
+            if t.table.is_register() {
+                writeln!(
+                    s,
+                    "type = {:?}\nbyte_order = {:?}",
+                    t.type_name(),
+                    t.order_name
+                )?;
+            }
+            s.push('\n');
+        }
+    }
+    let p = dir.join("agent.toml");
+    std::fs::write(&p, s)?;
+    Ok(p)
+}
+
+/// CPU seconds (user + system) of `pid`.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = s
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("bad /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name.
+    let ticks: f64 = f.get(11).context("no utime")?.parse::<f64>()?
+        + f.get(12).context("no stime")?.parse::<f64>()?;
+    Ok(ticks / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A `kB` line of `/proc/<pid>/status`, in MiB.
+fn status_mib(pid: u32, key: &str) -> anyhow::Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = s
+        .lines()
+        .find(|l| l.starts_with(key))
+        .with_context(|| format!("no {key}"))?;
+    let kb: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("bad status line")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+/// Cycle statistics of one unit's arrivals.
+#[derive(Debug, Default)]
+struct UnitCycles {
+    /// Cycle start instants.
+    starts: Vec<Instant>,
+    /// Requests per cycle.
+    requests: Vec<usize>,
+    /// Time from the first to the last request of a cycle.
+    spans: Vec<Duration>,
+}
+
+/// Split arrivals into cycles: a new cycle begins after a pause longer than half a period.
+fn cycles(arrivals: &[Arrival], period: Duration) -> UnitCycles {
+    let mut out = UnitCycles::default();
+    let mut last: Option<Instant> = None;
+    let mut first = None;
+    for a in arrivals {
+        let new_cycle = last.is_none_or(|l| a.at.duration_since(l) > period / 2);
+        if new_cycle {
+            if let (Some(f), Some(l)) = (first, last) {
+                out.spans.push(l.duration_since(f));
+            }
+            out.starts.push(a.at);
+            out.requests.push(0);
+            first = Some(a.at);
+        }
+        if let Some(n) = out.requests.last_mut() {
+            *n += 1;
+        }
+        last = Some(a.at);
+    }
+    if let (Some(f), Some(l)) = (first, last) {
+        out.spans.push(l.duration_since(f));
+    }
+    out
+}
+
+#[derive(Debug)]
+struct RunResult {
+    requests_per_cycle: f64,
+    expected_requests: u32,
+    cycles_per_unit: f64,
+    expected_cycles: f64,
+    missed: u64,
+    cpu_pct: f64,
+    hwm_mib: f64,
+    rss_mib: f64,
+    jitter: Histogram<u64>,
+    lateness: Histogram<u64>,
+    span: Histogram<u64>,
+    stored_per_s: f64,
+}
+
+async fn run_once(args: &Args, run: usize) -> anyhow::Result<RunResult> {
+    let tmp = TempDir::new("bench-modbus")?;
+    let dir = match &args.keep_dir {
+        Some(d) => {
+            let d = d.join(format!("run{run}"));
+            std::fs::create_dir_all(&d)?;
+            d
+        }
+        None => tmp.path().to_path_buf(),
+    };
+    let per_unit = args.tags / u32::from(args.units);
+    let tags = layout(args.registers, per_unit);
+    let coils = tags.iter().filter(|t| t.table == TagTable::Coil).count();
+    let period = Duration::from_millis(args.poll_ms);
+
+    // Simulators: units spread round-robin over the endpoints.
+    let sizes = BankSizes {
+        coils: coils.max(1),
+        discrete_inputs: 1,
+        input_registers: 1,
+        holding_registers: usize::from(args.registers),
+    };
+    let mut sims = Vec::new();
+    for e in 0..args.endpoints {
+        let units = (1..=args.units).filter(|u| (u - 1) % args.endpoints == e);
+        let sim = SimHandle::start(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            SimConfig::with_units(units).sizes(sizes),
+        )
+        .await?;
+        sims.push(sim);
+    }
+    let sim_of = |u: u8| &sims[usize::from(u - 1) % sims.len()];
+    for u in 1..=args.units {
+        let sim = sim_of(u);
+        for (i, t) in tags.iter().enumerate() {
+            let v = (i % 1000) as f64 + f64::from(u);
+            match t.table {
+                TagTable::Coil => sim.set_coil(u, t.address, i % 3 == 0)?,
+                _ => {
+                    let v = if t.data_type == DataType::Float32 || t.data_type == DataType::Float64
+                    {
+                        v * 0.25
+                    } else {
+                        v
+                    };
+                    sim.set_holding(u, t.address, &encode(t, v)?)?;
+                }
+            }
+        }
+        for t in tags
+            .iter()
+            .filter(|t| t.data_type == DataType::UInt16)
+            .take(usize::from(args.changing_per_unit))
+        {
+            sim.add_script(
+                u,
+                Table::HoldingRegisters,
+                t.address,
+                Script::Counter { step: 1 },
+                period,
+            )?;
+        }
+    }
+
+    let pki = Pki::new(&dir.join("pki"), TD)?;
+    let hub_id = format!("spiffe://{TD}/hub");
+    let (cert, key) = pki.svid(&hub_id, "hub")?;
+    let hub = Hub::start(HubOptions {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: dir.join("hub"),
+        sled_cache_bytes: 64 << 20,
+        trust_domain: TD.into(),
+        hub_id,
+        cert,
+        key,
+        bundle: pki.bundle.clone(),
+        tokens: vec![ApiToken {
+            name: "bench".into(),
+            token: harness::TOKEN.into(),
+            role: Role::Admin,
+        }],
+        idle_timeout: Duration::from_secs(10),
+        max_connections: 16,
+    })
+    .await?;
+    let api = Api::new(&hub.http_addr.to_string());
+    let endpoints: Vec<SocketAddr> = sims.iter().map(SimHandle::local_addr).collect();
+    let config = agent_toml(args, &dir, hub.tunnel_addr, &pki, &endpoints, &tags)?;
+    let agent_bin = match &args.agent_bin {
+        Some(p) => p.clone(),
+        None => harness::bin("edgesync-agent")?,
+    };
+    let config_arg = config.display().to_string();
+    let agent_bin_arg = agent_bin.display().to_string();
+    let mut cmd: Vec<&str> = args
+        .wrap
+        .as_deref()
+        .map(|w| w.split(' ').collect())
+        .unwrap_or_default();
+    cmd.extend([
+        agent_bin_arg.as_str(),
+        "run",
+        "--config",
+        config_arg.as_str(),
+    ]);
+    let program = PathBuf::from(cmd[0]);
+    let agent = Proc::spawn(&program, &cmd[1..], &dir.join("agent.log"), None).await?;
+    let pid = agent.pid().context("agent has no pid")?;
+
+    // Warm-up: every device has reached the hub's twin (the last coil proves whole devices).
+    let last = tags.last().context("no tags")?.name.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    for u in 1..=args.units {
+        loop {
+            let path = format!("/api/v1/nodes/{NODE}/devices/plc-{u}/twin");
+            if let Ok((200, v)) = api.get(&path).await
+                && !v["reported"][&last].is_null()
+            {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+                let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
+                bail!(
+                    "plc-{u} did not reach the hub within 120 s; agent log (last lines, newest first):\n{tail}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
+
+    // Measurement window.
+    let node = NodeId::new(NODE)?;
+    let seq0 = hub.store.stored_seq(&node)?;
+    for sim in &sims {
+        sim.reset_counters();
+        sim.record_arrivals(true);
+    }
+    let c0 = cpu_seconds(pid)?;
+    let w0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.window_secs)).await;
+    let c1 = cpu_seconds(pid)?;
+    let elapsed = w0.elapsed().as_secs_f64();
+    let hwm_mib = status_mib(pid, "VmHWM:")?;
+    let rss_mib = status_mib(pid, "VmRSS:")?;
+    let seq1 = hub.store.stored_seq(&node)?;
+    let mut per_unit_arrivals = Vec::new();
+    let mut total_requests = 0u64;
+    for u in 1..=args.units {
+        let sim = sim_of(u);
+        total_requests += sim.request_count(u);
+        per_unit_arrivals.push(sim.take_arrivals(u));
+    }
+    for sim in &sims {
+        sim.record_arrivals(false);
+    }
+    let cpu_pct = (c1 - c0) / elapsed * 100.0;
+
+    let _ = agent.terminate().await;
+    hub.shutdown().await;
+    for sim in &sims {
+        sim.shutdown();
+    }
+
+    let mut jitter = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut lateness = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut span = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut cycles_total = 0usize;
+    let mut missed = 0u64;
+    let p_us = period.as_micros() as i64;
+    for (index, arrivals) in per_unit_arrivals.iter().enumerate() {
+        let mut unit_jitter = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        // Drop the first and last cycle: the window may cut them.
+        let c = cycles(arrivals, period);
+        ensure!(
+            c.starts.len() > 3,
+            "a unit had {} cycles in the window",
+            c.starts.len()
+        );
+        let starts = &c.starts[1..c.starts.len() - 1];
+        for s in &c.spans[1..c.spans.len() - 1] {
+            span.saturating_record(s.as_micros() as u64);
+        }
+        cycles_total += starts.len();
+        let mut offsets = Vec::new();
+        for w in starts.windows(2) {
+            let gap = w[1].duration_since(w[0]).as_micros() as i64;
+            // A gap of about k periods means k - 1 cycles were skipped (schedule catch-up).
+            let k = ((gap as f64) / (p_us as f64)).round().max(1.0) as i64;
+            missed += (k - 1) as u64;
+            jitter.saturating_record((gap - k * p_us).unsigned_abs());
+            unit_jitter.saturating_record((gap - k * p_us).unsigned_abs());
+        }
+        if args.per_unit {
+            println!(
+                "      unit {:>3}: jitter p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, {} cycles",
+                index + 1,
+                ms(unit_jitter.value_at_quantile(0.5)),
+                ms(unit_jitter.value_at_quantile(0.99)),
+                ms(unit_jitter.max()),
+                starts.len()
+            );
+        }
+        let t0 = starts[0];
+        for s in starts {
+            let d = s.duration_since(t0).as_micros() as i64;
+            let k = ((d as f64) / (p_us as f64)).round() as i64;
+            offsets.push(d - k * p_us);
+        }
+        let min = offsets.iter().copied().min().unwrap_or(0);
+        for o in offsets {
+            lateness.saturating_record((o - min).unsigned_abs());
+        }
+    }
+    let requests_in_full_cycles: usize = per_unit_arrivals
+        .iter()
+        .map(|a| {
+            let c = cycles(a, period);
+            c.requests[1..c.requests.len().saturating_sub(1)]
+                .iter()
+                .sum::<usize>()
+        })
+        .sum();
+    let full_cycles: usize = per_unit_arrivals
+        .iter()
+        .map(|a| cycles(a, period).requests.len().saturating_sub(2))
+        .sum();
+    let requests_per_cycle = requests_in_full_cycles as f64 / full_cycles.max(1) as f64;
+    ensure!(
+        total_requests
+            >= per_unit_arrivals
+                .iter()
+                .map(|a| a.len() as u64)
+                .sum::<u64>(),
+        "the counters and the arrival log disagree"
+    );
+    let expected_requests =
+        u32::from(args.registers.div_ceil(MAX_READ)) + u32::try_from(coils.div_ceil(2000))?;
+    ensure!(
+        seq1 > seq0,
+        "the hub stored nothing during the window: the uplink is not live"
+    );
+    Ok(RunResult {
+        requests_per_cycle,
+        expected_requests,
+        cycles_per_unit: cycles_total as f64 / f64::from(args.units),
+        expected_cycles: (elapsed / period.as_secs_f64()) - 2.0,
+        missed,
+        cpu_pct,
+        hwm_mib,
+        rss_mib,
+        jitter,
+        lateness,
+        span,
+        stored_per_s: (seq1 - seq0) as f64 / elapsed,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(
+        args.units >= 1 && args.endpoints >= 1,
+        "--units and --endpoints must be at least 1"
+    );
+    ensure!(args.runs >= 1, "--runs must be at least 1");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let per_unit = args.tags / u32::from(args.units);
+        let tags = layout(args.registers, per_unit);
+        let mut kinds: Vec<(String, usize)> = Vec::new();
+        for t in &tags {
+            let k = if t.table == TagTable::Coil {
+                "bool(coil)".to_string()
+            } else {
+                format!("{}/{}", t.type_name(), t.order_name)
+            };
+            match kinds.iter_mut().find(|(n, _)| *n == k) {
+                Some((_, c)) => *c += 1,
+                None => kinds.push((k, 1)),
+            }
+        }
+        println!(
+            "modbus polling: {} units x {} tags = {} tags every {} ms over {} endpoint(s), {} changing tags/unit, agent = edgesync-agent process",
+            args.units,
+            tags.len(),
+            tags.len() * usize::from(args.units),
+            args.poll_ms,
+            args.endpoints,
+            args.changing_per_unit
+        );
+        let kinds: Vec<String> = kinds.iter().map(|(k, c)| format!("{k} {c}")).collect();
+        println!("tags per unit: {}", kinds.join(", "));
+        println!("window {} s after a {} s warm-up; jitter = |cycle start interval - period|", args.window_secs, args.warmup_secs);
+        println!(
+            "{:>4} {:>9} {:>8} {:>9} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "run", "req/cyc", "(ideal)", "cycles/u", "missed", "cpu %", "hwm MiB", "rss MiB",
+            "jit p50", "jit p99", "jit max", "late p99", "span p99", "stored/s"
+        );
+        let mut results = Vec::new();
+        for run in 1..=args.runs {
+            let r = run_once(&args, run).await?;
+            println!(
+                "{:>4} {:>9.2} {:>8} {:>9.1} {:>7} {:>8.2} {:>8.1} {:>9.1} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.0}",
+                run,
+                r.requests_per_cycle,
+                r.expected_requests,
+                r.cycles_per_unit,
+                r.missed,
+                r.cpu_pct,
+                r.hwm_mib,
+                r.rss_mib,
+                ms(r.jitter.value_at_quantile(0.5)),
+                ms(r.jitter.value_at_quantile(0.99)),
+                ms(r.jitter.max()),
+                ms(r.lateness.value_at_quantile(0.99)),
+                ms(r.span.value_at_quantile(0.99)),
+                r.stored_per_s,
+            );
+            let _ = r.expected_cycles;
+            results.push(r);
+        }
+        let med = |f: &dyn Fn(&RunResult) -> f64| median(results.iter().map(f).collect());
+        let cpu = med(&|r| r.cpu_pct);
+        let hwm = med(&|r| r.hwm_mib);
+        let p99 = med(&|r| ms(r.jitter.value_at_quantile(0.99)));
+        println!(
+            "{:>4} {:>9.2} {:>8} {:>9.1} {:>7} {:>8.2} {:>8.1} {:>9.1} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.0}",
+            "med",
+            med(&|r| r.requests_per_cycle),
+            "",
+            med(&|r| r.cycles_per_unit),
+            med(&|r| r.missed as f64),
+            cpu,
+            hwm,
+            med(&|r| r.rss_mib),
+            med(&|r| ms(r.jitter.value_at_quantile(0.5))),
+            p99,
+            med(&|r| ms(r.jitter.max())),
+            med(&|r| ms(r.lateness.value_at_quantile(0.99))),
+            med(&|r| ms(r.span.value_at_quantile(0.99))),
+            med(&|r| r.stored_per_s),
+        );
+        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+        println!(
+            "targets: cpu < 10% of one core: {} ({cpu:.2}%); peak RSS < 32 MB: {} ({:.1} MB); jitter p99 < 5 ms: {} ({p99:.3} ms)",
+            verdict(cpu < 10.0),
+            verdict(hwm * 1.048_576 < 32.0),
+            hwm * 1.048_576,
+            verdict(p99 < 5.0),
+        );
+        Ok::<_, anyhow::Error>(())
+    })
+}
