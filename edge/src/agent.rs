@@ -113,10 +113,13 @@ impl Agent {
             path: store_dir.display().to_string(),
             source,
         })?;
-        let twin = Twin::from_samples(store.load_twin().map_err(|source| StartError::Store {
-            path: store_dir.display().to_string(),
-            source,
-        })?);
+        let twin = Twin::new(
+            &cfg.devices,
+            store.load_twin().map_err(|source| StartError::Store {
+                path: store_dir.display().to_string(),
+                source,
+            })?,
+        );
         let next = store.next_seq();
         let store = Arc::new(Mutex::new(store));
 

@@ -13,19 +13,15 @@ use edgesync_protocol::{DeviceId, PropertyId, Sample, Timestamp, Value};
 use crate::modbus::link::DeviceReading;
 use crate::model::{DeviceSpec, ReportPolicy};
 
-#[derive(Debug, Clone)]
-struct Entry {
-    /// Last reported sample.
-    reported: Sample,
-}
-
-/// Latest reported sample per property.
+/// Latest reported sample per property, held per device in tag order, so the hot path does
+/// one map lookup per device reading and indexes tags by position (no string hashing or
+/// cloning per sample).
 #[derive(Debug, Default)]
 pub struct Twin {
-    entries: HashMap<(DeviceId, PropertyId), Entry>,
+    devices: HashMap<DeviceId, Vec<Option<Sample>>>,
 }
 
-fn moved(policy: &ReportPolicy, old: &Option<Value>, new: &Option<Value>) -> bool {
+fn moved(policy: &ReportPolicy, old: Option<&Value>, new: Option<&Value>) -> bool {
     match (old, new) {
         (Some(o), Some(n)) => match (o.as_f64(), n.as_f64()) {
             (Some(a), Some(b)) if !matches!(o, Value::Str(_)) => {
@@ -52,65 +48,79 @@ fn moved(policy: &ReportPolicy, old: &Option<Value>, new: &Option<Value>) -> boo
 }
 
 impl Twin {
-    /// A twin starting from persisted samples.
-    pub fn from_samples(samples: Vec<Sample>) -> Self {
-        let entries = samples
-            .into_iter()
-            .map(|s| {
-                (
-                    (s.device.clone(), s.property.clone()),
-                    Entry { reported: s },
-                )
-            })
+    /// A twin for `specs`, starting from persisted samples (those of properties no longer
+    /// configured are dropped).
+    pub fn new(specs: &[DeviceSpec], persisted: Vec<Sample>) -> Self {
+        let mut devices: HashMap<DeviceId, Vec<Option<Sample>>> = specs
+            .iter()
+            .map(|d| (d.id.clone(), vec![None; d.tags.len()]))
             .collect();
-        Twin { entries }
+        for s in persisted {
+            let Some(spec) = specs.iter().find(|d| d.id == s.device) else {
+                continue;
+            };
+            let Some(i) = spec.tags.iter().position(|t| t.property == s.property) else {
+                continue;
+            };
+            if let Some(slot) = devices.get_mut(&s.device).and_then(|v| v.get_mut(i)) {
+                *slot = Some(s);
+            }
+        }
+        Twin { devices }
     }
 
     /// The latest reported sample of a property.
     pub fn get(&self, device: &DeviceId, property: &PropertyId) -> Option<&Sample> {
-        self.entries
-            .get(&(device.clone(), property.clone()))
-            .map(|e| &e.reported)
+        self.devices
+            .get(device)?
+            .iter()
+            .flatten()
+            .find(|s| &s.property == property)
     }
 
-    /// Number of properties held.
+    /// Number of properties holding a sample.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.devices.values().flatten().flatten().count()
     }
 
-    /// Whether the twin is empty.
+    /// Whether no property holds a sample.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
     /// Applies one poll cycle; returns the samples to report (in tag order).
     pub fn observe(&mut self, spec: &DeviceSpec, reading: &DeviceReading) -> Vec<Sample> {
         let mut out = Vec::new();
+        let slots = self
+            .devices
+            .entry(reading.device.clone())
+            .or_insert_with(|| vec![None; spec.tags.len()]);
+        if slots.len() < spec.tags.len() {
+            slots.resize(spec.tags.len(), None);
+        }
         for ts in &reading.samples {
-            let Some(tag) = spec.tags.get(ts.tag) else {
+            let (Some(tag), Some(slot)) = (spec.tags.get(ts.tag), slots.get_mut(ts.tag)) else {
                 continue;
             };
             let policy = &tag.report;
-            // A bad sample keeps the last good value (stale, flagged by quality).
-            let key = (reading.device.clone(), ts.property.clone());
-            let prev = self.entries.get(&key);
-            let value = match (&ts.value, prev) {
-                (None, Some(p)) => p.reported.value.clone(),
-                (v, _) => v.clone(),
-            };
-            let report = match prev {
+            let report = match slot.as_ref() {
                 None => true,
-                Some(p) => {
-                    let old = &p.reported;
+                Some(old) => {
+                    // A bad sample keeps the last good value (stale, flagged by quality).
+                    let value = ts.value.as_ref().or(old.value.as_ref());
                     policy.every_sample
                         || old.quality != ts.quality
-                        || moved(policy, &old.value, &value)
+                        || moved(policy, old.value.as_ref(), value)
                         || policy.max_interval.is_some_and(|mi| {
                             reading.ts.0.saturating_sub(old.ts.0) >= mi.as_millis() as u64
                         })
                 }
             };
             if report {
+                let value = match (&ts.value, slot.as_ref()) {
+                    (None, Some(old)) => old.value.clone(),
+                    (v, _) => v.clone(),
+                };
                 let s = Sample {
                     device: reading.device.clone(),
                     property: ts.property.clone(),
@@ -118,12 +128,7 @@ impl Twin {
                     quality: ts.quality,
                     ts: reading.ts,
                 };
-                self.entries.insert(
-                    key,
-                    Entry {
-                        reported: s.clone(),
-                    },
-                );
+                *slot = Some(s.clone());
                 out.push(s);
             }
         }
@@ -132,7 +137,12 @@ impl Twin {
 
     /// Timestamp of the newest sample held (for diagnostics).
     pub fn newest(&self) -> Option<Timestamp> {
-        self.entries.values().map(|e| e.reported.ts).max()
+        self.devices
+            .values()
+            .flatten()
+            .flatten()
+            .map(|s| s.ts)
+            .max()
     }
 }
 
@@ -200,7 +210,7 @@ mod tests {
             max_interval: Some(Duration::from_millis(1000)),
             ..Default::default()
         });
-        let mut t = Twin::default();
+        let mut t = Twin::new(&[], vec![]);
         let g = Quality::Good;
         assert_eq!(
             values(t.observe(&sp, &reading(0, Some(10.0), g))),
@@ -225,7 +235,7 @@ mod tests {
             deadband_pct: 10.0,
             ..Default::default()
         });
-        let mut t = Twin::default();
+        let mut t = Twin::new(&[], vec![]);
         let g = Quality::Good;
         let _ = t.observe(&sp, &reading(0, Some(100.0), g));
         assert!(t.observe(&sp, &reading(1, Some(109.0), g)).is_empty());
@@ -246,7 +256,7 @@ mod tests {
             every_sample: true,
             ..Default::default()
         });
-        let mut t = Twin::default();
+        let mut t = Twin::new(&[], vec![]);
         for i in 0..3 {
             assert_eq!(t.observe(&sp, &reading(i, Some(1.0), g)).len(), 1);
         }

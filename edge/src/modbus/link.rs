@@ -211,7 +211,7 @@ struct Group {
     next_due: Instant,
 }
 
-/// Most refined plans remembered per unit.
+/// Most plans remembered per unit (a unit with many poll intervals has several due sets).
 const MAX_CACHED_PLANS: usize = 32;
 
 /// One device (unit) on the link and its schedule.
@@ -223,8 +223,10 @@ struct Unit {
     backoff: Backoff,
     /// While set and in the future, the unit is not polled (it timed out).
     retry_at: Option<Instant>,
-    /// Plans refined by splitting after exception 2, by the sorted set of tags they read.
-    refined: HashMap<Vec<usize>, Plan>,
+    /// Plans by the sorted set of tags they read: computed once per set of due tags (planning
+    /// every cycle costs more than the rest of a cycle), and replaced by the refined plan after
+    /// splitting on exception 2.
+    plans: HashMap<Vec<usize>, Arc<Plan>>,
     metrics: UnitMetrics,
     writes: WriteMetrics,
     health: Health,
@@ -265,7 +267,7 @@ impl Unit {
             readable,
             backoff: Backoff::new(options.backoff_initial, options.backoff_max),
             retry_at: None,
-            refined: HashMap::new(),
+            plans: HashMap::new(),
             metrics,
             writes,
             health: Health::default(),
@@ -549,7 +551,7 @@ impl LinkTask {
                 self.backoff.reset();
                 for unit in &mut self.units {
                     // The device may have been reconfigured while we were away.
-                    unit.refined.clear();
+                    unit.plans.clear();
                 }
                 if self.down_reported {
                     self.down_reported = false;
@@ -727,9 +729,16 @@ async fn run_cycle(
     due.dedup();
 
     let spec = Arc::clone(&unit.spec);
-    let plan = match unit.refined.get(&due) {
-        Some(plan) => plan.clone(),
-        None => plan_with_rejects(&spec, due.iter().copied()),
+    let plan = match unit.plans.get(&due) {
+        Some(plan) => Arc::clone(plan),
+        None => {
+            if unit.plans.len() >= MAX_CACHED_PLANS {
+                unit.plans.clear();
+            }
+            let plan = Arc::new(plan_with_rejects(&spec, due.iter().copied()));
+            unit.plans.insert(due.clone(), Arc::clone(&plan));
+            plan
+        }
     };
     let mut samples: Vec<TagSample> = Vec::with_capacity(due.len());
     let push = |samples: &mut Vec<TagSample>, tag: usize, result: Result<Value, BadReason>| {
@@ -855,14 +864,14 @@ async fn run_cycle(
             unit.backoff.reset();
             unit.retry_at = None;
             if was_split {
-                if unit.refined.len() >= MAX_CACHED_PLANS {
-                    unit.refined.clear();
+                if unit.plans.len() >= MAX_CACHED_PLANS {
+                    unit.plans.clear();
                 }
                 let refined = Plan {
                     requests: leaves,
                     rejected: plan.rejected.clone(),
                 };
-                unit.refined.insert(due, refined);
+                unit.plans.insert(due, Arc::new(refined));
             }
         }
     }

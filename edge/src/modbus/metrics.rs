@@ -9,7 +9,6 @@
 //! dead logs once, not every cycle. Link loss and recovery are logged once per episode by the
 //! link itself.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use edgesync_protocol::{BadReason, Quality};
@@ -147,7 +146,8 @@ const LOGGED_NAMES: usize = 8;
 /// Per-unit memory of each tag's last quality, to log only changes.
 #[derive(Debug, Default)]
 pub(crate) struct Health {
-    last: HashMap<usize, Quality>,
+    /// By tag index.
+    last: Vec<Option<Quality>>,
 }
 
 impl Health {
@@ -164,7 +164,10 @@ impl Health {
         let mut went_bad: Vec<(BadReason, Vec<&str>)> = Vec::new();
         let mut recovered: Vec<&str> = Vec::new();
         for (tag, property, quality) in samples {
-            let previous = self.last.insert(tag, quality);
+            if self.last.len() <= tag {
+                self.last.resize(tag + 1, None);
+            }
+            let previous = self.last[tag].replace(quality);
             if previous == Some(quality) {
                 continue;
             }
@@ -241,9 +244,9 @@ mod tests {
             1,
             [(0, "a", bad), (1, "b", Quality::Good)].into_iter(),
         );
-        assert_eq!(h.last.get(&0), Some(&bad));
+        assert_eq!(h.last.first().copied().flatten(), Some(bad));
         h.observe("l", "d", 1, [(0, "a", Quality::Good)].into_iter());
-        assert_eq!(h.last.get(&0), Some(&Quality::Good));
-        assert_eq!(h.last.get(&1), Some(&Quality::Good));
+        assert_eq!(h.last.first().copied().flatten(), Some(Quality::Good));
+        assert_eq!(h.last.get(1).copied().flatten(), Some(Quality::Good));
     }
 }
