@@ -15,6 +15,7 @@
 #                   blocking CI forever
 #   5. cross-build  release build of edgesync-agent for aarch64-unknown-linux-gnu, then its size
 #                   and a check that it is an aarch64 ELF
+#   6. fuzz         every fuzz/ target built and run briefly (scripts/fuzz-smoke.sh)
 #
 # Usage: scripts/test.sh        (CI: .ci/run)
 # Prints the time of every step at the end, also when a step fails.
@@ -137,4 +138,12 @@ machine=$(od -A n -t u2 --endian=little -j 18 -N 2 "${agent}" | tr -d ' ')
 [[ ${machine} == 183 ]] || fail "${agent} is not an aarch64 binary (e_machine ${machine}, expected 183)"
 file -b "${agent}" | grep -q 'ARM aarch64' || fail "file(1) does not report ARM aarch64 for ${agent}"
 printf 'ok: %s is a 64-bit little-endian aarch64 ELF of %s bytes\n' "${agent}" "$(stat -c %s "${agent}")"
+end_step
+
+# ---------------------------------------------------------------------------------------------
+# 6. Fuzzing smoke run: builds every target of fuzz/ (cargo-fuzz, libFuzzer + ASan on the stable
+#    toolchain) and runs each briefly; a crash fails the run (scripts/fuzz-smoke.sh).
+# ---------------------------------------------------------------------------------------------
+begin_step fuzz "scripts/fuzz-smoke.sh (each target ${FUZZ_SECONDS:-15} s)"
+FUZZ_SECONDS="${FUZZ_SECONDS:-15}" bash "${ROOT}/scripts/fuzz-smoke.sh"
 end_step
