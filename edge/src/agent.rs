@@ -4,7 +4,7 @@
 //! per Modbus link, the pipeline task (twin and group commits) and the uplink task, and
 //! returns a handle that stops them all.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -241,6 +241,9 @@ impl Agent {
     }
 }
 
+/// How often the twin is written behind to sled (at most).
+const TWIN_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The pipeline task: readings → twin → group commits.
 struct Pipeline {
     rx: mpsc::Receiver<DeviceReading>,
@@ -259,29 +262,31 @@ struct Pipeline {
 impl Pipeline {
     async fn run(mut self) {
         let mut pending: Vec<Sample> = vec![];
-        let mut dirty: HashMap<(DeviceId, PropertyId), Sample> = HashMap::new();
+        let mut dirty: HashSet<DeviceId> = HashSet::new();
         let mut deadline: Option<tokio::time::Instant> = None;
+        let mut twin_flushed = tokio::time::Instant::now();
         loop {
             let commit_now = tokio::select! {
                 // Shutdown: commit what is pending, then stop.
                 _ = self.cancel.cancelled() => {
-                    self.commit(&mut pending, &mut dirty).await;
+                    self.commit(&mut pending, &mut dirty, true).await;
                     return;
                 }
                 // A poll cycle of one device (mpsc::recv is cancel-safe).
                 r = self.rx.recv() => match r {
                     None => {
-                        self.commit(&mut pending, &mut dirty).await;
+                        self.commit(&mut pending, &mut dirty, true).await;
                         // All links ended; wait for shutdown.
                         self.cancel.cancelled().await;
                         return;
                     }
                     Some(reading) => {
                         if let Some(spec) = self.specs.get(&reading.device) {
-                            for s in self.twin.observe(spec, &reading) {
-                                dirty.insert((s.device.clone(), s.property.clone()), s.clone());
-                                pending.push(s);
+                            let changes = self.twin.observe(spec, &reading);
+                            if !changes.is_empty() {
+                                dirty.insert(reading.device.clone());
                             }
+                            pending.extend(changes);
                         }
                         if !pending.is_empty() && deadline.is_none() {
                             deadline = Some(tokio::time::Instant::now() + self.commit_interval);
@@ -291,23 +296,42 @@ impl Pipeline {
                 },
                 // The group-commit window closed.
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => true,
+                // The twin's write-behind is due (only while some device's twin is dirty).
+                _ = tokio::time::sleep_until(twin_flushed + TWIN_FLUSH_INTERVAL), if !dirty.is_empty() => true,
             };
             if commit_now {
                 deadline = None;
-                self.commit(&mut pending, &mut dirty).await;
+                let flush_twin = twin_flushed.elapsed() >= TWIN_FLUSH_INTERVAL;
+                if flush_twin {
+                    twin_flushed = tokio::time::Instant::now();
+                }
+                self.commit(&mut pending, &mut dirty, flush_twin).await;
             }
         }
     }
 
+    /// Commits the pending records as one outbox group; with `flush_twin`, also writes the
+    /// twin of every dirty device behind, in the same batch.
     async fn commit(
         &mut self,
         pending: &mut Vec<Sample>,
-        dirty: &mut HashMap<(DeviceId, PropertyId), Sample>,
+        dirty: &mut HashSet<DeviceId>,
+        flush_twin: bool,
     ) {
-        if pending.is_empty() && dirty.is_empty() {
+        let twin: Vec<(DeviceId, Vec<Sample>)> = if flush_twin {
+            dirty
+                .drain()
+                .map(|d| {
+                    let samples = self.twin.device_samples(&d);
+                    (d, samples)
+                })
+                .collect()
+        } else {
+            vec![]
+        };
+        if pending.is_empty() && twin.is_empty() {
             return;
         }
-        let twin: Vec<Sample> = dirty.drain().map(|(_, s)| s).collect();
         let mut records = std::mem::take(pending);
         let mut st = self.store.lock().await;
         if self.refuse_when_full && st.outbox_bytes() >= self.max_bytes {

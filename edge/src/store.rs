@@ -4,7 +4,9 @@
 //! - `o` + first sequence number (u64 BE) → one *group* of records (compact protobuf), written
 //!   in one commit; record `i` of a group has sequence `first + i`;
 //! - `m` + name → metadata (`acked`, `next`), u64 BE;
-//! - `t` + device + `\0` + property → the latest reported sample of that property.
+//! - `t` + device → the latest reported sample of every property of that device (one entry
+//!   per device: sled's memory grows with the number of keys, ~2 KB each, so 10,000
+//!   per-property keys would cost the agent ~20 MB).
 //!
 //! Invariants:
 //! - a record counts as accepted once its group is committed (and flushed, per the fsync
@@ -12,8 +14,9 @@
 //!   oldest-first when the outbox exceeds its byte budget (which the uplink reports as a gap);
 //! - sequence numbers are dense: groups cover `acked+1 .. next` without holes (except dropped
 //!   history below the oldest group);
-//! - the twin in sled is written behind, in the same batch as the outbox group of the cycle
-//!   that changed it, so twin and outbox never disagree after a crash.
+//! - the twin in sled is written behind, at most every second, in the same atomic batch as an
+//!   outbox group; after a crash it may lag the outbox by that second, which only means the
+//!   first poll after a restart reports those properties again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -69,12 +72,10 @@ fn group_key(first: u64) -> [u8; 9] {
     k
 }
 
-fn twin_key(device: &DeviceId, property: &PropertyId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(2 + device.as_str().len() + property.as_str().len());
+fn twin_key(device: &DeviceId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + device.as_str().len());
     k.push(b't');
     k.extend_from_slice(device.as_str().as_bytes());
-    k.push(0);
-    k.extend_from_slice(property.as_str().as_bytes());
     k
 }
 
@@ -235,21 +236,18 @@ impl AgentStore {
         Ok(out)
     }
 
-    /// Appends `records` to the outbox as one group and writes `twin` (latest samples of the
-    /// properties that changed) behind, in one atomic commit; returns once durable per the
-    /// fsync policy. `now_ms` is used only for the fsync interval.
+    /// Appends `records` to the outbox as one group and writes `twin` (for each listed device,
+    /// the latest samples of all its properties) behind, in one atomic commit; returns once
+    /// durable per the fsync policy. `now_ms` is used only for the fsync interval.
     pub async fn append(
         &mut self,
         records: Vec<Sample>,
-        twin: &[Sample],
+        twin: &[(DeviceId, Vec<Sample>)],
         now_ms: u64,
     ) -> Result<Appended, StoreError> {
         let mut batch = sled::Batch::default();
-        for s in twin {
-            batch.insert(
-                twin_key(&s.device, &s.property),
-                encode_samples(std::slice::from_ref(s)),
-            );
+        for (device, samples) in twin {
+            batch.insert(twin_key(device), encode_samples(samples));
         }
         let first = self.next;
         let count = records.len() as u64;
@@ -459,7 +457,11 @@ mod tests {
         {
             let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
             let a = st
-                .append((1..=10).map(s).collect(), &[s(10)], 0)
+                .append(
+                    (1..=10).map(s).collect(),
+                    &[(DeviceId::new("d").unwrap(), vec![s(9), s(10)])],
+                    0,
+                )
                 .await
                 .unwrap();
             assert_eq!(a.next_seq, 11);
@@ -476,7 +478,7 @@ mod tests {
             st.read(13, 3).unwrap(),
             (13..=15).map(s).collect::<Vec<_>>()
         );
-        assert_eq!(st.load_twin().unwrap(), vec![s(10)]);
+        assert_eq!(st.load_twin().unwrap(), vec![s(9), s(10)]);
         st.ack(15).unwrap();
         assert_eq!(st.outbox_bytes(), 0);
         drop(st);

@@ -135,6 +135,14 @@ impl Twin {
         out
     }
 
+    /// The latest samples of every property of `device` (what the store persists per device).
+    pub fn device_samples(&self, device: &DeviceId) -> Vec<Sample> {
+        self.devices
+            .get(device)
+            .map(|v| v.iter().flatten().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Timestamp of the newest sample held (for diagnostics).
     pub fn newest(&self) -> Option<Timestamp> {
         self.devices
