@@ -853,3 +853,72 @@ fn hub_identity_and_metrics_checks() {
         Some("spiffe://example.org/hub/eu")
     );
 }
+
+/// A large file (parsed block by block) reports the same problems on the same lines as a
+/// small one, and its devices come out complete and in order.
+#[test]
+fn large_files_parse_in_blocks_with_the_same_lines() {
+    let mut text = String::from(BASE);
+    text.push_str("[defaults]\npoll_interval_ms = 250\n");
+    for d in 0..40 {
+        text.push_str(&format!(
+            "\n[[devices]] # device {d}\nid = \"plc-{d}\"\nprotocol = \"tcp\"\nendpoint = \"10.0.0.{d}:502\"\n"
+        ));
+        for t in 0..25 {
+            text.push_str(&format!(
+                "\n[[devices.tags]]\nname = \"t{t}\"\naddress = \"4{:05}\"\ntype = \"uint16\"\n",
+                t + 1
+            ));
+        }
+    }
+    assert!(
+        text.len() > 64 * 1024,
+        "the test must take the block-by-block path"
+    );
+    let cfg = parse_text(&text).unwrap();
+    assert_eq!(cfg.devices.len(), 40);
+    assert!(
+        cfg.devices
+            .iter()
+            .enumerate()
+            .all(|(i, d)| d.id.as_str() == format!("plc-{i}") && d.tags.len() == 25)
+    );
+    assert_eq!(
+        cfg.devices[39].tags[0].poll_interval,
+        Duration::from_millis(250)
+    );
+
+    // Problems in late blocks keep their real line numbers.
+    let bad = text
+        .replacen(
+            "name = \"t7\"\naddress = \"400008\"",
+            "name = \"t7\"\naddress = 70000\ntable = \"holding_register\"",
+            1,
+        )
+        .replace("id = \"plc-33\"", "id = \"plc-33\"\nfrobnicate = 1");
+    let probs = problems(&bad);
+    let frob = line_of(&bad, "frobnicate");
+    assert!(
+        probs
+            .iter()
+            .any(|(l, m)| *l == Some(frob) && m.contains("frobnicate")),
+        "{probs:?}"
+    );
+    let addr = line_of(&bad, "address = 70000");
+    assert!(
+        probs
+            .iter()
+            .any(|(l, m)| *l == Some(addr) && m.contains("70000")),
+        "{probs:?}"
+    );
+    // A syntax error anywhere is reported with its line (the whole-text path).
+    let broken = text.replace("id = \"plc-20\"", "id = \"plc-20");
+    let probs = problems(&broken);
+    let line = line_of(&broken, "id = \"plc-20");
+    assert!(
+        probs
+            .iter()
+            .any(|(l, m)| *l == Some(line) && m.contains("invalid TOML")),
+        "{probs:?}"
+    );
+}
