@@ -76,7 +76,7 @@ pub enum StartError {
 
 impl Agent {
     /// Starts every component. Must be called within a tokio runtime.
-    pub async fn start(cfg: AgentConfig) -> Result<Agent, StartError> {
+    pub async fn start(mut cfg: AgentConfig) -> Result<Agent, StartError> {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| StartError::Identity(format!("{}: {e}", p.display())))
         };
@@ -130,8 +130,10 @@ impl Agent {
         let mut by_link: BTreeMap<String, (crate::model::LinkSpec, Vec<Arc<DeviceSpec>>)> =
             BTreeMap::new();
         let mut specs = HashMap::new();
-        for d in &cfg.devices {
-            let d = Arc::new(d.clone());
+        let device_count = cfg.devices.len();
+        // Moved, not cloned: a 10,000-tag config is megabytes.
+        for d in std::mem::take(&mut cfg.devices) {
+            let d = Arc::new(d);
             specs.insert(d.id.clone(), d.clone());
             by_link
                 .entry(d.link.key())
@@ -203,7 +205,7 @@ impl Agent {
             cancel.child_token(),
         );
         tasks.push(tokio::spawn(uplink.run()));
-        tracing::info!(node = %node, devices = cfg.devices.len(), "agent started");
+        tracing::info!(node = %node, devices = device_count, "agent started");
         Ok(Agent {
             cancel,
             tasks,

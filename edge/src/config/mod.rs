@@ -46,7 +46,7 @@ use address::table_words;
 use diag::{Doc, Loc, Node};
 
 /// Default sled page cache of the agent: 8 MiB.
-pub const DEFAULT_SLED_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+pub const DEFAULT_SLED_CACHE_BYTES: u64 = 2 * 1024 * 1024;
 /// Default outbox bound: 256 MiB.
 pub const DEFAULT_OUTBOX_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// Shortest poll interval accepted, in milliseconds.

@@ -171,7 +171,7 @@ fn defaults_apply() {
         "table = \"holding_register\"\naddress = 5\ntype = \"int16\"",
     ))
     .unwrap();
-    assert_eq!(cfg.sled_cache_bytes, 8 * 1024 * 1024);
+    assert_eq!(cfg.sled_cache_bytes, 2 * 1024 * 1024);
     assert_eq!(cfg.hub.hub_id, None);
     assert_eq!(cfg.hub.connect_timeout, Duration::from_millis(5000));
     assert_eq!(cfg.hub.keepalive, Duration::from_millis(2000));
