@@ -433,3 +433,40 @@ impl Api {
         }
     }
 }
+
+/// Starts a hub in this process on loopback ports the OS chooses: its SVID
+/// (`spiffe://<td>/hub`) minted from `pki`, its store under `dir/hub`, the harness
+/// [`TOKEN`] as admin. The demo and the benchmarks embed their hub this way.
+pub async fn embedded_hub(pki: &Pki, dir: &Path) -> anyhow::Result<edgesync_cloud::hub::Hub> {
+    use edgesync_cloud::api::{ApiToken, Role};
+    use edgesync_cloud::hub::{Hub, HubOptions};
+    let td = pki.ca.trust_domain().to_owned();
+    let hub_id = format!("spiffe://{td}/hub");
+    let (cert, key) = pki.svid(&hub_id, "hub")?;
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    Ok(Hub::start(HubOptions {
+        listen: loopback,
+        http_listen: loopback,
+        data_dir: dir.join("hub"),
+        sled_cache_bytes: 64 << 20,
+        trust_domain: td,
+        hub_id,
+        cert,
+        key,
+        bundle: pki.bundle.clone(),
+        tokens: vec![ApiToken {
+            name: "harness".into(),
+            token: TOKEN.into(),
+            role: Role::Admin,
+        }],
+        idle_timeout: Duration::from_secs(10),
+        max_connections: 100,
+    })
+    .await?)
+}
+
+/// The median of `v` (the upper one for an even count; NaN when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}

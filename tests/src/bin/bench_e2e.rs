@@ -16,10 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
-use edgesync_cloud::api::{ApiToken, Role};
-use edgesync_cloud::hub::{Hub, HubOptions};
 use edgesync_edge::agent::Agent;
-use edgesync_testkit::harness::{self, Api, Pki, Proc, SimDevice, TempDir};
+use edgesync_testkit::harness::{self, Api, Pki, Proc, SimDevice, TempDir, median};
 use edgesync_testkit::sim::{SimConfig, SimHandle};
 use hdrhistogram::Histogram;
 
@@ -201,27 +199,7 @@ async fn run_once(args: &Args) -> anyhow::Result<RunResult> {
         SimConfig::with_units(1..=args.units),
     )
     .await?;
-    let hub_id = format!("spiffe://{TD}/hub");
-    let (cert, key) = pki.svid(&hub_id, "hub")?;
-    let hub = Hub::start(HubOptions {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.join("hub"),
-        sled_cache_bytes: 64 << 20,
-        trust_domain: TD.into(),
-        hub_id,
-        cert,
-        key,
-        bundle: pki.bundle.clone(),
-        tokens: vec![ApiToken {
-            name: "bench".into(),
-            token: harness::TOKEN.into(),
-            role: Role::Admin,
-        }],
-        idle_timeout: Duration::from_secs(10),
-        max_connections: 16,
-    })
-    .await?;
+    let hub = harness::embedded_hub(&pki, dir).await?;
     let api = Api::new(&hub.http_addr.to_string());
     let mut values = vec![vec![0u16; args.registers as usize]; args.units as usize];
     // Start from a known non-zero state so the hub's twin proves every tag arrived.
@@ -298,15 +276,6 @@ async fn run_once(args: &Args) -> anyhow::Result<RunResult> {
         rss,
         startup_s,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
 }
 
 fn ms(us: u64) -> f64 {

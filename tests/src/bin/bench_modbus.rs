@@ -27,12 +27,10 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
-use edgesync_cloud::api::{ApiToken, Role};
-use edgesync_cloud::hub::{Hub, HubOptions};
 use edgesync_edge::modbus::codec;
 use edgesync_edge::model::{Access, ByteOrder, DataType, ReportPolicy, Table as TagTable, TagSpec};
 use edgesync_protocol::{NodeId, PropertyId, Value};
-use edgesync_testkit::harness::{self, Api, Pki, Proc, TempDir};
+use edgesync_testkit::harness::{self, Api, Pki, Proc, TempDir, median};
 use edgesync_testkit::sim::{Arrival, BankSizes, Script, SimConfig, SimHandle, Table};
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
@@ -426,27 +424,7 @@ async fn run_once(args: &Args, run: usize) -> anyhow::Result<RunResult> {
     }
 
     let pki = Pki::new(&dir.join("pki"), TD)?;
-    let hub_id = format!("spiffe://{TD}/hub");
-    let (cert, key) = pki.svid(&hub_id, "hub")?;
-    let hub = Hub::start(HubOptions {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.join("hub"),
-        sled_cache_bytes: 64 << 20,
-        trust_domain: TD.into(),
-        hub_id,
-        cert,
-        key,
-        bundle: pki.bundle.clone(),
-        tokens: vec![ApiToken {
-            name: "bench".into(),
-            token: harness::TOKEN.into(),
-            role: Role::Admin,
-        }],
-        idle_timeout: Duration::from_secs(10),
-        max_connections: 16,
-    })
-    .await?;
+    let hub = harness::embedded_hub(&pki, &dir).await?;
     let api = Api::new(&hub.http_addr.to_string());
     let endpoints: Vec<SocketAddr> = sims.iter().map(SimHandle::local_addr).collect();
     let config = agent_toml(args, &dir, hub.tunnel_addr, &pki, &endpoints, &tags)?;
@@ -619,15 +597,6 @@ async fn run_once(args: &Args, run: usize) -> anyhow::Result<RunResult> {
         span,
         stored_per_s: (seq1 - seq0) as f64 / elapsed,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
 }
 
 fn ms(us: u64) -> f64 {

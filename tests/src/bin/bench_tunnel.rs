@@ -15,7 +15,6 @@
 //! Both phases run `--runs` times per agent fsync policy; the median run is reported.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,14 +22,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
-use edgesync_cloud::hub::{Hub, HubOptions};
+use edgesync_cloud::hub::Hub;
 use edgesync_cloud::store::HubStore;
 use edgesync_edge::agent::wall_clock;
 use edgesync_edge::store::{AgentStore, Fsync};
 use edgesync_edge::uplink::{Uplink, UplinkConfig, UplinkStatus};
 use edgesync_protocol::spiffe_id;
 use edgesync_protocol::{DeviceId, NodeId, PropertyId, Quality, Sample, Value};
-use edgesync_testkit::harness::{Pki, TempDir};
+use edgesync_testkit::harness::{self, Pki, TempDir, median};
 use hdrhistogram::Histogram;
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
@@ -120,23 +119,7 @@ async fn start_hub() -> anyhow::Result<Rig> {
     let tmp = TempDir::new("bench-tunnel")?;
     let dir = tmp.path().to_path_buf();
     let pki = Pki::new(&dir.join("pki"), TD)?;
-    let hub_id = format!("spiffe://{TD}/hub");
-    let (cert, key) = pki.svid(&hub_id, "hub")?;
-    let hub = Hub::start(HubOptions {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.join("hub"),
-        sled_cache_bytes: 64 << 20,
-        trust_domain: TD.into(),
-        hub_id,
-        cert,
-        key,
-        bundle: pki.bundle.clone(),
-        tokens: vec![],
-        idle_timeout: Duration::from_secs(10),
-        max_connections: 16,
-    })
-    .await?;
+    let hub = harness::embedded_hub(&pki, &dir).await?;
     Ok(Rig {
         _tmp: tmp,
         pki,
@@ -382,15 +365,6 @@ async fn latency(
         commit,
         achieved_rate,
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
 }
 
 fn ms(us: u64) -> f64 {

@@ -7,10 +7,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use edgesync_cloud::api::{ApiToken, Role};
-use edgesync_cloud::hub::{Hub, HubOptions};
 use edgesync_edge::agent::Agent;
-use edgesync_testkit::harness::{Api, Pki, TOKEN, TempDir};
+use edgesync_testkit::harness::{self, Api, Pki, TOKEN, TempDir};
 use edgesync_testkit::sim::{Script, SimConfig, SimHandle, Table};
 
 const TD: &str = "demo.edgesync.local";
@@ -26,7 +24,6 @@ async fn main() -> anyhow::Result<()> {
     let tmp = TempDir::new("demo")?;
     let dir = tmp.path();
     let pki = Pki::new(&dir.join("pki"), TD)?;
-    let (hub_cert, hub_key) = pki.svid(&format!("spiffe://{TD}/hub"), "hub")?;
     let (agent_cert, agent_key) = pki.svid(&format!("spiffe://{TD}/edge/line-1"), "agent")?;
 
     // A PLC with two units: counters, a ramp and a temperature sine.
@@ -48,25 +45,7 @@ async fn main() -> anyhow::Result<()> {
         )?;
     }
 
-    let hub = Hub::start(HubOptions {
-        listen: "127.0.0.1:0".parse()?,
-        http_listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.join("hub"),
-        sled_cache_bytes: 16 << 20,
-        trust_domain: TD.into(),
-        hub_id: format!("spiffe://{TD}/hub"),
-        cert: hub_cert,
-        key: hub_key,
-        bundle: pki.bundle.clone(),
-        tokens: vec![ApiToken {
-            name: "demo".into(),
-            token: TOKEN.into(),
-            role: Role::Admin,
-        }],
-        idle_timeout: Duration::from_secs(10),
-        max_connections: 100,
-    })
-    .await?;
+    let hub = harness::embedded_hub(&pki, dir).await?;
 
     let mut toml = format!(
         "[agent]\ndata_dir = {:?}\n\n[hub]\naddress = \"{}\"\n\n[identity]\ntrust_domain = {TD:?}\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\n[outbox]\ncommit_interval_ms = 20\n",
