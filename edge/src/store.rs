@@ -79,6 +79,9 @@ fn twin_key(device: &DeviceId) -> Vec<u8> {
     k
 }
 
+/// sled segment (and write buffer) size of the agent store; sled's default is 512 KiB.
+const SEGMENT_BYTES: usize = 256 * 1024;
+
 /// Opens sled, waiting up to 2 s for the file lock: a previous handle of this process (or a
 /// process that just exited) may release it a moment late (sled's flusher thread holds the
 /// database briefly after the last handle drops).
@@ -156,6 +159,8 @@ impl AgentStore {
             .path(dir)
             .cache_capacity(cache_bytes)
             .mode(sled::Mode::LowSpace)
+            // sled keeps its write buffers segment-sized; the agent's groups are small.
+            .segment_size(SEGMENT_BYTES)
             .flush_every_ms(match fsync {
                 Fsync::Never => Some(1000),
                 _ => None,
