@@ -491,6 +491,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn groups_larger_than_a_segment_survive_reopen() {
+        let dir = tmp();
+        let big: Vec<Sample> = (1..=20_000).map(s).collect();
+        {
+            let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+            st.append(big.clone(), &[], 0).await.unwrap();
+        }
+        let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+        assert_eq!(st.next_seq(), 20_001);
+        assert_eq!(st.read(1, 20_000).unwrap(), big);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
     async fn byte_budget_drops_oldest_history() {
         let dir = tmp();
         let mut st = AgentStore::open(&dir, 1 << 20, 400, Fsync::Never).unwrap();
