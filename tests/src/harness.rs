@@ -470,3 +470,39 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
+
+/// CPU time (user + system) of process `pid` so far, in seconds, from `/proc/<pid>/stat`.
+pub fn proc_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name.
+    let rest = s
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("bad /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).context("no utime")?.parse::<f64>()?
+        + f.get(12).context("no stime")?.parse::<f64>()?;
+    let per_second: f64 = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0);
+    Ok(ticks / per_second)
+}
+
+/// A `kB` line of `/proc/<pid>/status` (`"VmRSS:"`, `"VmHWM:"`), in MiB.
+pub fn proc_status_mib(pid: u32, key: &str) -> anyhow::Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = s
+        .lines()
+        .find(|l| l.starts_with(key))
+        .with_context(|| format!("no {key}"))?;
+    let kb: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("bad status line")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail, ensure};
+use anyhow::{anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
 use edgesync_edge::agent::Agent;
 use edgesync_testkit::harness::{self, Api, Pki, Proc, SimDevice, TempDir, median};
@@ -84,45 +84,6 @@ impl AgentRun {
             }
         }
     }
-}
-
-/// CPU seconds (user + system) of `pid`.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = s
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("bad /proc stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).context("no utime")?.parse::<f64>()?
-        + f.get(12).context("no stime")?.parse::<f64>()?;
-    Ok(ticks / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// Resident set size of `pid`, MiB.
-fn rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = s
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS")?;
-    let kb: f64 = line
-        .split_whitespace()
-        .nth(1)
-        .context("bad VmRSS")?
-        .parse()?;
-    Ok(kb / 1024.0)
 }
 
 struct RunResult {
@@ -234,11 +195,11 @@ async fn run_once(args: &Args) -> anyhow::Result<RunResult> {
 
     // Agent CPU over an idle window: polling 1000 tags, nothing changes, no API traffic.
     let pid = agent.pid();
-    let c0 = cpu_seconds(pid)?;
+    let c0 = harness::proc_cpu_seconds(pid)?;
     let w0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.cpu_window_secs)).await;
-    let cpu_pct = (cpu_seconds(pid)? - c0) / w0.elapsed().as_secs_f64() * 100.0;
-    let rss = rss_mib(pid)?;
+    let cpu_pct = (harness::proc_cpu_seconds(pid)? - c0) / w0.elapsed().as_secs_f64() * 100.0;
+    let rss = harness::proc_status_mib(pid, "VmRSS:")?;
 
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for _ in 0..args.samples {

@@ -266,45 +266,6 @@ fn agent_toml(
     Ok(p)
 }
 
-/// CPU seconds (user + system) of `pid`.
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = s
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .context("bad /proc stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name.
-    let ticks: f64 = f.get(11).context("no utime")?.parse::<f64>()?
-        + f.get(12).context("no stime")?.parse::<f64>()?;
-    Ok(ticks / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// A `kB` line of `/proc/<pid>/status`, in MiB.
-fn status_mib(pid: u32, key: &str) -> anyhow::Result<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = s
-        .lines()
-        .find(|l| l.starts_with(key))
-        .with_context(|| format!("no {key}"))?;
-    let kb: f64 = line
-        .split_whitespace()
-        .nth(1)
-        .context("bad status line")?
-        .parse()?;
-    Ok(kb / 1024.0)
-}
-
 /// Cycle statistics of one unit's arrivals.
 #[derive(Debug, Default)]
 struct UnitCycles {
@@ -479,13 +440,13 @@ async fn run_once(args: &Args, run: usize) -> anyhow::Result<RunResult> {
         sim.reset_counters();
         sim.record_arrivals(true);
     }
-    let c0 = cpu_seconds(pid)?;
+    let c0 = harness::proc_cpu_seconds(pid)?;
     let w0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.window_secs)).await;
-    let c1 = cpu_seconds(pid)?;
+    let c1 = harness::proc_cpu_seconds(pid)?;
     let elapsed = w0.elapsed().as_secs_f64();
-    let hwm_mib = status_mib(pid, "VmHWM:")?;
-    let rss_mib = status_mib(pid, "VmRSS:")?;
+    let hwm_mib = harness::proc_status_mib(pid, "VmHWM:")?;
+    let rss_mib = harness::proc_status_mib(pid, "VmRSS:")?;
     let seq1 = hub.store.stored_seq(&node)?;
     let mut per_unit_arrivals = Vec::new();
     let mut total_requests = 0u64;
