@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod config;
+pub mod events;
 pub mod hub;
 pub mod server;
 pub mod store;

@@ -292,7 +292,11 @@ async fn drive(
         hub_version: env!("CARGO_PKG_VERSION").to_owned(),
         idle_timeout_ms: ctx.cfg.idle_timeout.as_millis() as u64,
     };
-    let mut session = HubSession::new(scfg, node.clone(), stored, ctx.now());
+    let mut session = HubSession::new(scfg, node.clone(), stored, ctx.now())
+        .with_control_stored(ctx.store.control_seq(node));
+    // Desired values: the highest version sent on this connection (from the agent's hello).
+    let mut desired_sent: Option<u64> = None;
+    let mut desired_rx = ctx.store.desired_changes();
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(64);
     let (done_tx, mut done_rx) = mpsc::channel(64);
     let committer = tokio::spawn(committer(ctx.store.clone(), node.clone(), jobs_rx, done_tx));
@@ -316,6 +320,20 @@ async fn drive(
                         tracing::error!(%node, error = %e, "cannot record connect");
                     }
                     let _ = ctx.store.node_seen(node, wall_ms(), h.backlog);
+                    desired_sent = Some(h.last_downlink_seq);
+                }
+                HubEvent::Control(c) => match ctx.store.apply_control(node, c).await {
+                    Ok(seq) => session.handle_control_stored(seq),
+                    Err(e) => {
+                        metrics::counter!("edgesync_hub_commit_errors_total").increment(1);
+                        session.handle_store_failed(e.to_string());
+                    }
+                },
+                HubEvent::Schema(schema) => {
+                    if let Err(e) = ctx.store.store_schema(node, &schema).await {
+                        metrics::counter!("edgesync_hub_schema_errors_total").increment(1);
+                        tracing::warn!(%node, device = %schema.device.escape_debug(), error = %e, "device schema refused");
+                    }
                 }
                 HubEvent::Store { first_seq, samples } => {
                     // Bounded queue: when commits lag, we stop reading and QUIC flow control
@@ -341,6 +359,15 @@ async fn drive(
                     let _ = ctx.store.node_seen(node, wall_ms(), b);
                 }
                 HubEvent::Closed(e) => closed = Some(Err(e.to_string())),
+            }
+        }
+        // Desired values newer than what this connection sent, in version order.
+        if let Some(sent) = desired_sent.as_mut()
+            && session.desired_enabled()
+        {
+            for d in ctx.store.desired_after(node, *sent) {
+                *sent = (*sent).max(d.version);
+                let _ = session.send_desired(d);
             }
         }
         out.clear();
@@ -415,6 +442,13 @@ async fn drive(
                 }
                 None => break Err("committer stopped".into()),
             },
+            // A desired value was set somewhere (watch::changed is cancel-safe); the loop's
+            // top sends what concerns this node.
+            r = desired_rx.changed() => {
+                if r.is_err() {
+                    break Err("store closed".into());
+                }
+            }
             // Idle and handshake timers.
             _ = tokio::time::sleep_until(deadline) => session.handle_timeout(ctx.now()),
         }

@@ -16,6 +16,9 @@
 //! | `0x01 <node> 0x00 "seen"` | last seen, ms since the epoch (u64 BE) |
 //! | `0x02 <node> 0x00 <device> 0x00 <property>` | [`encode_samples`] of the latest sample |
 //! | `0x03 <node> 0x00 <first seq: u64 BE>` | last seq (u64 BE) of a gap: records lost at the edge |
+//! | `0x04 <node> 0x00 <device> 0x00 <property>` | the desired value and its outcome (JSON) |
+//! | `0x05 <node> 0x00 <device>` | the device's schema as the agent sent it (protobuf) |
+//! | `0x01 <node> 0x00 "dlseq"` / `"ctlseq"` | last desired version assigned / control record stored |
 //!
 //! Ids never hold `0x00` and always start with a letter or digit, so the key spaces never
 //! overlap and a node's records sort by sequence number.
@@ -39,8 +42,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use edgesync_protocol::frame::{FrameError, decode_samples, encode_samples};
-use edgesync_protocol::{DeviceId, NodeId, PropertyId, Quality, Sample, Timestamp, Value, Version};
+use edgesync_protocol::desired::{Applied as AppliedOutcome, Origin, Outcome};
+use edgesync_protocol::frame::{
+    Control, ControlKind, DesiredFrame, DeviceSchema, FrameError, PropertySchema, decode_samples,
+    encode_samples, value_from_wire, value_to_wire,
+};
+use edgesync_protocol::{DeviceId, NodeId, PropertyId, Quality, Sample, Timestamp, Value};
 use serde::Serialize;
 use serde::ser::SerializeStruct;
 
@@ -53,7 +60,11 @@ const TREE: &[u8] = b"hub";
 const META: u8 = 0x01;
 const TWIN: u8 = 0x02;
 const GAP: u8 = 0x03;
+const DESIRED: u8 = 0x04;
+const SCHEMA: u8 = 0x05;
 const SEP: u8 = 0x00;
+const FIELD_DOWNLINK: &[u8] = b"dlseq";
+const FIELD_CONTROL: &[u8] = b"ctlseq";
 const FIELD_SEQ: &[u8] = b"seq";
 const FIELD_AGENT: &[u8] = b"agent";
 const FIELD_SEEN: &[u8] = b"seen";
@@ -172,13 +183,62 @@ pub struct Reported {
     pub ts: Timestamp,
 }
 
-/// A desired value of one property and its version.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A desired value of one property, its version and what became of it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Desired {
     /// The value to write to the device.
     pub value: Value,
-    /// Its version (increases with every change).
-    pub version: Version,
+    /// Its version: the node's downlink sequence number (increases with every change).
+    pub version: u64,
+    /// Who set it.
+    pub origin: Origin,
+    /// When it was set, ms since the Unix epoch.
+    pub set_ms: u64,
+    /// The API token name that set it, or `edge` for a local change.
+    pub by: String,
+    /// What became of it on the node (`None` until the node reports).
+    pub applied: Option<AppliedOutcome>,
+}
+
+/// One property whose desired value was set: its new version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DesiredSet {
+    /// The property.
+    pub property: PropertyId,
+    /// Its new version.
+    pub version: u64,
+}
+
+/// A problem with one property of a desired change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// The property as given.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Why a desired change was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DesiredError {
+    /// The node is not known.
+    #[error("node {0} not found")]
+    UnknownNode(NodeId),
+    /// The node has no such device.
+    #[error("device {device} not found on node {node}")]
+    UnknownDevice {
+        /// The node.
+        node: NodeId,
+        /// The device.
+        device: DeviceId,
+    },
+    /// Some values are invalid (every problem; nothing was changed).
+    #[error("{}", .0.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldError>),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// The twin of one device: reported and desired state per property.
@@ -234,6 +294,12 @@ struct NodeState {
     config_version: u64,
     properties: usize,
     twins: BTreeMap<DeviceId, Twin>,
+    /// What the agent said its devices are (protocol version 2).
+    schema: BTreeMap<DeviceId, BTreeMap<PropertyId, PropertySchema>>,
+    /// Last desired version assigned.
+    downlink_seq: u64,
+    /// Last control record stored.
+    control_seq: u64,
 }
 
 /// What the synchronous part of a commit did.
@@ -270,6 +336,10 @@ struct Inner {
     flush_lock: tokio::sync::Mutex<()>,
     /// Flushes performed (for tests and metrics).
     flushes: AtomicU64,
+    /// The event stream.
+    events: crate::events::EventBus,
+    /// Woken when a desired value is set for a node (sessions wait on it).
+    desired_notify: tokio::sync::watch::Sender<u64>,
 }
 
 impl HubStore {
@@ -303,8 +373,324 @@ impl HubStore {
                 flushed: AtomicU64::new(0),
                 flush_lock: tokio::sync::Mutex::new(()),
                 flushes: AtomicU64::new(0),
+                events: crate::events::EventBus::new(
+                    crate::events::DEFAULT_CAPACITY,
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                ),
+                desired_notify: tokio::sync::watch::channel(0).0,
             }),
         })
+    }
+
+    /// The event stream.
+    pub fn events(&self) -> &crate::events::EventBus {
+        &self.inner.events
+    }
+
+    /// A receiver that changes whenever a desired value is set on any node.
+    pub fn desired_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.desired_notify.subscribe()
+    }
+
+    /// The last control record stored for `node`.
+    pub fn control_seq(&self, node: &NodeId) -> u64 {
+        self.read().get(node).map_or(0, |n| n.control_seq)
+    }
+
+    /// Stores what the agent says a device is (its properties), replacing the previous one.
+    pub async fn store_schema(
+        &self,
+        node: &NodeId,
+        schema: &DeviceSchema,
+    ) -> Result<(), StoreError> {
+        use prost::Message;
+        let device = DeviceId::new(schema.device.clone()).map_err(|e| StoreError::Corrupt {
+            key: "schema".into(),
+            reason: e.to_string(),
+        })?;
+        let mut props = BTreeMap::new();
+        for p in &schema.properties {
+            let id = PropertyId::new(p.property.clone()).map_err(|e| StoreError::Corrupt {
+                key: format!("schema of {device}"),
+                reason: e.to_string(),
+            })?;
+            props.insert(id, p.clone());
+        }
+        {
+            let state = self.read();
+            let others: usize = state.get(node).map_or(0, |n| {
+                n.schema
+                    .iter()
+                    .filter(|(d, _)| **d != device)
+                    .map(|(_, p)| p.len())
+                    .sum()
+            });
+            if others + props.len() > MAX_PROPERTIES_PER_NODE {
+                return Err(StoreError::TwinFull {
+                    node: node.clone(),
+                    limit: MAX_PROPERTIES_PER_NODE,
+                });
+            }
+            if state
+                .get(node)
+                .and_then(|n| n.schema.get(&device))
+                .is_some_and(|old| *old == props)
+            {
+                return Ok(());
+            }
+        }
+        self.tree()
+            .insert(schema_key(node, &device), schema.encode_to_vec())?;
+        let mut state = self.write();
+        let n = state.entry(node.clone()).or_default();
+        n.twins.entry(device.clone()).or_default();
+        n.schema.insert(device, props);
+        Ok(())
+    }
+
+    /// Sets desired values of a device (`{property: json}`), checked against the schema the
+    /// agent sent: all or nothing. Each property gets the next version of the node; the
+    /// change is durable when this returns and is then sent to the node (at once if it is
+    /// connected, else when it returns).
+    pub async fn set_desired(
+        &self,
+        node: &NodeId,
+        device: &DeviceId,
+        values: &serde_json::Map<String, serde_json::Value>,
+        by: &str,
+    ) -> Result<Vec<DesiredSet>, DesiredError> {
+        let now_ms = wall_ms();
+        let typed: Vec<(PropertyId, Value)> = {
+            let state = self.read();
+            let n = state
+                .get(node)
+                .ok_or_else(|| DesiredError::UnknownNode(node.clone()))?;
+            let schema = match n.schema.get(device) {
+                Some(s) => s,
+                None if n.twins.contains_key(device) => {
+                    return Err(DesiredError::Invalid(vec![FieldError {
+                        field: String::new(),
+                        message: format!(
+                            "node {node} has not described device {device} (its agent is older than protocol version 2): desired values cannot be checked"
+                        ),
+                    }]));
+                }
+                None => {
+                    return Err(DesiredError::UnknownDevice {
+                        node: node.clone(),
+                        device: device.clone(),
+                    });
+                }
+            };
+            check_values(schema, device, values).map_err(DesiredError::Invalid)?
+        };
+        let _commit = self
+            .inner
+            .commit_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut seq = self.read().get(node).map_or(0, |n| n.downlink_seq);
+        let mut batch = sled::Batch::default();
+        let mut set = vec![];
+        let mut entries = vec![];
+        for (property, value) in typed {
+            seq += 1;
+            let d = Desired {
+                value,
+                version: seq,
+                origin: Origin::Hub,
+                set_ms: now_ms,
+                by: by.to_owned(),
+                applied: None,
+            };
+            batch.insert(desired_key(node, device, &property), desired_json(&d)?);
+            set.push(DesiredSet {
+                property: property.clone(),
+                version: seq,
+            });
+            entries.push((property, d));
+        }
+        batch.insert(meta_key(node, FIELD_DOWNLINK), &seq.to_be_bytes());
+        self.tree().apply_batch(batch).map_err(StoreError::from)?;
+        drop(_commit);
+        let ticket = self.inner.written.fetch_add(1, Ordering::AcqRel) + 1;
+        self.flush_through(ticket).await?;
+        {
+            let mut state = self.write();
+            let n = state.entry(node.clone()).or_default();
+            n.downlink_seq = n.downlink_seq.max(seq);
+            let twin = n.twins.entry(device.clone()).or_default();
+            for (property, d) in entries {
+                self.inner.events.publish(
+                    "desired",
+                    serde_json::json!({"node": node, "device": device, "property": property, "desired": d}),
+                );
+                twin.desired.insert(property, d);
+            }
+        }
+        self.inner.desired_notify.send_modify(|v| *v += 1);
+        Ok(set)
+    }
+
+    /// The desired values of `node` with a version above `after`, in version order (what a
+    /// session sends the node). Superseded versions are not sent: only the latest value of
+    /// each property counts.
+    pub fn desired_after(&self, node: &NodeId, after: u64) -> Vec<DesiredFrame> {
+        let state = self.read();
+        let Some(n) = state.get(node) else {
+            return vec![];
+        };
+        let mut out: Vec<DesiredFrame> = n
+            .twins
+            .iter()
+            .flat_map(|(device, twin)| {
+                twin.desired
+                    .iter()
+                    .filter(|(_, d)| d.version > after)
+                    .map(move |(property, d)| DesiredFrame {
+                        device: device.as_str().to_owned(),
+                        property: property.as_str().to_owned(),
+                        value: Some(value_to_wire(&d.value)),
+                        version: d.version,
+                        origin: u32::from(d.origin == Origin::Edge),
+                        set_ms: d.set_ms,
+                    })
+            })
+            .collect();
+        out.sort_by_key(|d| d.version);
+        out
+    }
+
+    /// Applies one control record of `node` (an outcome or a local proposal) and stores it
+    /// durably with the node's control sequence number. Returns that number.
+    ///
+    /// Records at or below the stored number are skipped (a resend).
+    pub async fn apply_control(&self, node: &NodeId, c: Control) -> Result<u64, StoreError> {
+        let now_ms = wall_ms();
+        let guard = self
+            .inner
+            .commit_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (stored, mut seq) = self
+            .read()
+            .get(node)
+            .map_or((0, 0), |n| (n.control_seq, n.downlink_seq));
+        if c.seq <= stored {
+            return Ok(stored);
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(meta_key(node, FIELD_CONTROL), &c.seq.to_be_bytes());
+        // What to change in memory after the flush.
+        let mut change: Option<(DeviceId, PropertyId, Desired)> = None;
+        let mut event: Option<(&'static str, serde_json::Value)> = None;
+        match c.kind {
+            Some(ControlKind::Status(st)) => {
+                if let (Ok(device), Ok(property), Some(outcome)) = (
+                    DeviceId::new(st.device.clone()),
+                    PropertyId::new(st.property.clone()),
+                    Outcome::from_wire(st.outcome, st.exception_code, st.detail.clone()),
+                ) {
+                    let current = self
+                        .read()
+                        .get(node)
+                        .and_then(|n| n.twins.get(&device))
+                        .and_then(|t| t.desired.get(&property))
+                        .cloned();
+                    // The outcome of the current version, or of a local change (version 0)
+                    // that the hub accepted as the current version.
+                    if let Some(mut d) = current.filter(|d| {
+                        d.version == st.version || (st.version == 0 && d.origin == Origin::Edge)
+                    }) {
+                        let applied = AppliedOutcome {
+                            version: d.version,
+                            outcome,
+                            ts_ms: st.ts_ms,
+                        };
+                        d.applied = Some(applied.clone());
+                        batch.insert(desired_key(node, &device, &property), desired_json(&d)?);
+                        event = Some((
+                            "applied",
+                            serde_json::json!({"node": node, "device": device, "property": property, "applied": applied}),
+                        ));
+                        change = Some((device, property, d));
+                    }
+                }
+            }
+            Some(ControlKind::Proposal(p)) => {
+                if let (Ok(device), Ok(property), Some(value)) = (
+                    DeviceId::new(p.device.clone()),
+                    PropertyId::new(p.property.clone()),
+                    p.value.clone().map(value_from_wire),
+                ) {
+                    let current = self
+                        .read()
+                        .get(node)
+                        .and_then(|n| n.twins.get(&device))
+                        .and_then(|t| t.desired.get(&property))
+                        .cloned();
+                    // The hub's own value wins when an operator set it after the base.
+                    let hub_newer = current
+                        .as_ref()
+                        .is_some_and(|d| d.origin == Origin::Hub && d.version > p.base_version);
+                    seq += 1;
+                    let d = match current {
+                        Some(cur) if hub_newer => {
+                            metrics::counter!("edgesync_hub_proposals_total", "result" => "rejected").increment(1);
+                            Desired {
+                                version: seq,
+                                set_ms: now_ms,
+                                applied: None,
+                                ..cur
+                            }
+                        }
+                        _ => {
+                            metrics::counter!("edgesync_hub_proposals_total", "result" => "accepted").increment(1);
+                            Desired {
+                                value,
+                                version: seq,
+                                origin: Origin::Edge,
+                                set_ms: p.set_ms,
+                                by: "edge".into(),
+                                applied: None,
+                            }
+                        }
+                    };
+                    batch.insert(desired_key(node, &device, &property), desired_json(&d)?);
+                    batch.insert(meta_key(node, FIELD_DOWNLINK), &seq.to_be_bytes());
+                    event = Some((
+                        "desired",
+                        serde_json::json!({"node": node, "device": device, "property": property, "desired": d}),
+                    ));
+                    change = Some((device, property, d));
+                }
+            }
+            None => {}
+        }
+        self.tree().apply_batch(batch)?;
+        drop(guard);
+        let ticket = self.inner.written.fetch_add(1, Ordering::AcqRel) + 1;
+        self.flush_through(ticket).await?;
+        let notify = {
+            let mut state = self.write();
+            let n = state.entry(node.clone()).or_default();
+            n.control_seq = n.control_seq.max(c.seq);
+            n.downlink_seq = n.downlink_seq.max(seq);
+            let desired_changed = event.as_ref().is_some_and(|(k, _)| *k == "desired");
+            if let Some((device, property, d)) = change {
+                n.twins.entry(device).or_default().desired.insert(property, d);
+            }
+            desired_changed
+        };
+        if let Some((kind, data)) = event {
+            self.inner.events.publish(kind, data);
+        }
+        if notify {
+            self.inner.desired_notify.send_modify(|v| *v += 1);
+        }
+        Ok(c.seq)
     }
 
     /// Whether the store answers reads (a cheap read through sled's page cache).
@@ -556,6 +942,20 @@ impl Inner {
         self.tree.apply_batch(batch)?;
         let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
 
+        let mut per_device: BTreeMap<&DeviceId, serde_json::Map<String, serde_json::Value>> =
+            BTreeMap::new();
+        for ((device, property), sample) in &latest {
+            per_device.entry(*device).or_default().insert(
+                property.as_str().to_owned(),
+                serde_json::json!({"value": sample.value, "quality": sample.quality, "ts": sample.ts}),
+            );
+        }
+        for (device, reported) in per_device {
+            self.events.publish(
+                "twin",
+                serde_json::json!({"node": node, "device": device, "reported": reported}),
+            );
+        }
         let mut state = self.write();
         let n = state.entry(node.clone()).or_default();
         n.applied_seq = last_seq;
@@ -689,6 +1089,10 @@ impl HubStore {
         let tree = self.tree();
         tree.insert(meta_key(node, FIELD_AGENT), info.agent_version.as_bytes())?;
         tree.insert(meta_key(node, FIELD_SEEN), &now_ms.to_be_bytes())?;
+        self.inner.events.publish(
+            "node_connected",
+            serde_json::json!({"node": node, "remote_addr": info.remote_addr, "agent_version": info.agent_version, "ts_ms": now_ms}),
+        );
         let mut state = self.write();
         let n = state.entry(node.clone()).or_default();
         n.connected = true;
@@ -705,6 +1109,10 @@ impl HubStore {
     pub fn node_disconnected(&self, node: &NodeId, now_ms: u64) -> Result<(), StoreError> {
         self.tree()
             .insert(meta_key(node, FIELD_SEEN), &now_ms.to_be_bytes())?;
+        self.inner.events.publish(
+            "node_disconnected",
+            serde_json::json!({"node": node, "ts_ms": now_ms}),
+        );
         let mut state = self.write();
         let n = state.entry(node.clone()).or_default();
         n.connected = false;
@@ -815,6 +1223,113 @@ fn twin_key(node: &NodeId, device: &DeviceId, property: &PropertyId) -> Vec<u8> 
     k
 }
 
+fn desired_key(node: &NodeId, device: &DeviceId, property: &PropertyId) -> Vec<u8> {
+    let mut k = twin_key(node, device, property);
+    k[0] = DESIRED;
+    k
+}
+
+fn schema_key(node: &NodeId, device: &DeviceId) -> Vec<u8> {
+    let mut k = vec![SCHEMA];
+    k.extend_from_slice(node.as_str().as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(device.as_str().as_bytes());
+    k
+}
+
+fn desired_json(d: &Desired) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(d).map_err(|e| StoreError::Corrupt {
+        key: "desired".into(),
+        reason: e.to_string(),
+    })
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Checks `{property: json}` against a device's schema: all or nothing.
+fn check_values(
+    schema: &BTreeMap<PropertyId, PropertySchema>,
+    device: &DeviceId,
+    values: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Vec<(PropertyId, Value)>, Vec<FieldError>> {
+    use serde_json::Value as J;
+    let mut ok = vec![];
+    let mut errors = vec![];
+    if values.is_empty() {
+        errors.push(FieldError {
+            field: String::new(),
+            message: "no properties given".into(),
+        });
+    }
+    for (name, json) in values {
+        let mut err = |message: String| {
+            errors.push(FieldError {
+                field: name.clone(),
+                message,
+            })
+        };
+        let Some((id, p)) = PropertyId::new(name.clone())
+            .ok()
+            .and_then(|id| schema.get(&id).map(|p| (id, p)))
+        else {
+            err(format!("device {device} has no property {name:?}"));
+            continue;
+        };
+        if !p.writable {
+            err(format!("{name} is read-only"));
+            continue;
+        }
+        let value = match (p.kind.as_str(), json) {
+            ("bool", J::Bool(b)) => Value::Bool(*b),
+            ("string", J::String(s)) => Value::Str(s.clone()),
+            ("int", J::Number(n)) if n.as_i64().is_some() => Value::Int(n.as_i64().unwrap_or(0)),
+            ("uint", J::Number(n)) if n.as_u64().is_some() => Value::UInt(n.as_u64().unwrap_or(0)),
+            ("float", J::Number(n)) => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            (kind, other) => {
+                err(format!(
+                    "expected a {} value, got {}",
+                    match kind {
+                        "int" => "integer",
+                        "uint" => "non-negative integer",
+                        "float" => "number",
+                        "bool" => "boolean",
+                        k => k,
+                    },
+                    match other {
+                        J::Null => "null".to_owned(),
+                        J::Bool(_) => "a boolean".to_owned(),
+                        J::Number(n) => format!("{n}"),
+                        J::String(_) => "a string".to_owned(),
+                        J::Array(_) => "an array".to_owned(),
+                        J::Object(_) => "an object".to_owned(),
+                    }
+                ));
+                continue;
+            }
+        };
+        if let Some(x) = value.as_f64().filter(|_| !matches!(value, Value::Bool(_))) {
+            if !x.is_finite() {
+                err(format!("{x} is not a finite number"));
+                continue;
+            }
+            if let Some(min) = p.min.filter(|m| x < *m) {
+                err(format!("{x} is below the minimum {min}"));
+                continue;
+            }
+            if let Some(max) = p.max.filter(|m| x > *m) {
+                err(format!("{x} is above the maximum {max}"));
+                continue;
+            }
+        }
+        ok.push((id, value));
+    }
+    if errors.is_empty() { Ok(ok) } else { Err(errors) }
+}
+
 fn corrupt(key: &[u8], reason: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
         key: key.escape_ascii().to_string(),
@@ -864,6 +1379,8 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
                 n.agent_version = Some(v.to_owned());
             }
             FIELD_SEEN => n.last_seen_ms = Some(be_u64(&key, &value)?),
+            FIELD_DOWNLINK => n.downlink_seq = be_u64(&key, &value)?,
+            FIELD_CONTROL => n.control_seq = be_u64(&key, &value)?,
             // A field written by a newer hub: keep going.
             _ => {}
         }
@@ -892,6 +1409,46 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
         if previous.is_none() {
             n.properties += 1;
         }
+    }
+    for entry in tree.scan_prefix([DESIRED]) {
+        let (key, value) = entry?;
+        let mut parts = key[1..].splitn(3, |b| *b == SEP);
+        let (Some(node), Some(device), Some(property)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(corrupt(&key, "desired key without node, device and property"));
+        };
+        let node = parse_id(&key, node, NodeId::new)?;
+        let device = parse_id(&key, device, DeviceId::new)?;
+        let property = parse_id(&key, property, PropertyId::new)?;
+        let d: Desired =
+            serde_json::from_slice(&value).map_err(|e| corrupt(&key, e.to_string()))?;
+        state
+            .entry(node)
+            .or_default()
+            .twins
+            .entry(device)
+            .or_default()
+            .desired
+            .insert(property, d);
+    }
+    for entry in tree.scan_prefix([SCHEMA]) {
+        use prost::Message;
+        let (key, value) = entry?;
+        let mut parts = key[1..].splitn(2, |b| *b == SEP);
+        let (Some(node), Some(device)) = (parts.next(), parts.next()) else {
+            return Err(corrupt(&key, "schema key without node and device"));
+        };
+        let node = parse_id(&key, node, NodeId::new)?;
+        let device = parse_id(&key, device, DeviceId::new)?;
+        let schema = DeviceSchema::decode(&value[..]).map_err(|e| corrupt(&key, e.to_string()))?;
+        let mut props = BTreeMap::new();
+        for p in schema.properties {
+            let id = parse_id(&key, p.property.as_bytes(), PropertyId::new)?;
+            props.insert(id, p);
+        }
+        let n = state.entry(node).or_default();
+        n.twins.entry(device.clone()).or_default();
+        n.schema.insert(device, props);
     }
     Ok(state)
 }
@@ -1297,14 +1854,26 @@ mod tests {
             prop("temp"),
             Desired {
                 value: Value::Float(21.5),
-                version: Version(1),
+                version: 1,
+                origin: Origin::Hub,
+                set_ms: 3,
+                by: "ops".into(),
+                applied: Some(AppliedOutcome {
+                    version: 1,
+                    outcome: Outcome::Ok,
+                    ts_ms: 4,
+                }),
             },
         );
         twin.desired.insert(
             prop("rpm"),
             Desired {
                 value: Value::Int(900),
-                version: Version(2),
+                version: 2,
+                origin: Origin::Edge,
+                set_ms: 5,
+                by: "edge".into(),
+                applied: None,
             },
         );
         let json = serde_json::to_value(&twin).unwrap();
@@ -1316,8 +1885,9 @@ mod tests {
                     "temp": {"value": 21.5, "quality": "good", "ts": 5},
                 },
                 "desired": {
-                    "rpm": {"value": 900, "version": 2},
-                    "temp": {"value": 21.5, "version": 1},
+                    "rpm": {"value": 900, "version": 2, "origin": "edge", "set_ms": 5, "by": "edge", "applied": null},
+                    "temp": {"value": 21.5, "version": 1, "origin": "hub", "set_ms": 3, "by": "ops",
+                             "applied": {"version": 1, "outcome": "ok", "ts_ms": 4}},
                 },
                 "delta": {"rpm": 900},
             })

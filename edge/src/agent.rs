@@ -1,8 +1,10 @@
-//! Wiring of a running agent: links → twin → outbox → uplink.
+//! Wiring of a running agent: links → twin → outbox → uplink, and back: uplink → downlink →
+//! links.
 //!
 //! [`Agent::start`] builds every component from a validated [`AgentConfig`], spawns one task
-//! per Modbus link, the pipeline task (twin and group commits) and the uplink task, and
-//! returns a handle that stops them all.
+//! per Modbus link, the pipeline task (twin and group commits), the downlink task (desired
+//! values to the PLCs) and the uplink task, and returns a handle that stops them all. Local
+//! consumers reach the twin through [`Agent::local`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -16,12 +18,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, FsyncPolicy, OutboxFullPolicy};
+use crate::downlink::{Downlink, DownlinkChannels, DownlinkConfig};
+use crate::local::{LocalTwin, TwinEvent};
 use crate::modbus::link::{Clock, DeviceReading, LinkOptions, spawn_link_writable};
 use crate::modbus::write::{LinkHandle, WriteError, WriteOutcome};
 use crate::model::DeviceSpec;
 use crate::store::{AgentStore, Fsync};
 use crate::twin::Twin;
-use crate::uplink::{Uplink, UplinkConfig, UplinkStatus};
+use crate::uplink::{DownlinkLink, Uplink, UplinkConfig, UplinkStatus};
 
 /// Wall clock in ms since the epoch.
 pub fn wall_clock() -> Timestamp {
@@ -55,6 +59,8 @@ pub struct Agent {
     store: Arc<Mutex<AgentStore>>,
     /// Write access to each device, through its link's queue.
     writers: HashMap<DeviceId, LinkHandle>,
+    /// The twin as local consumers see it.
+    pub local: LocalTwin,
 }
 
 /// Why the agent could not start.
@@ -121,7 +127,13 @@ impl Agent {
             })?,
         );
         let next = store.next_seq();
+        let last_downlink = store.last_downlink().map_err(|source| StartError::Store {
+            path: store_dir.display().to_string(),
+            source,
+        })?;
+        let control_next = store.control_next();
         let store = Arc::new(Mutex::new(store));
+        let twin = Arc::new(std::sync::Mutex::new(twin));
 
         let cancel = CancellationToken::new();
         let mut tasks = vec![];
@@ -162,13 +174,41 @@ impl Agent {
         }
         drop(tx);
 
+        let (local_tx, local_rx) = mpsc::channel(256);
+        let local = LocalTwin::new(node.clone(), twin.clone(), specs.clone(), local_tx);
+        let (desired_tx, desired_rx) = mpsc::channel(256);
+        let (control_tx, control_rx) = watch::channel(control_next);
+        let (downlink_tx, downlink_rx) = watch::channel(last_downlink);
+        let downlink = Downlink::new(
+            DownlinkConfig {
+                expiry: cfg.desired_expiry,
+                ..DownlinkConfig::default()
+            },
+            local.clone(),
+            store.clone(),
+            writers.clone(),
+            DownlinkChannels {
+                from_hub: desired_rx,
+                local: local_rx,
+                control_next: control_tx,
+                last_downlink: downlink_tx,
+            },
+            cancel.child_token(),
+        )
+        .await
+        .map_err(|source| StartError::Store {
+            path: store_dir.display().to_string(),
+            source,
+        })?;
+        tasks.push(tokio::spawn(downlink.run()));
+
         let (appended_tx, appended_rx) = watch::channel(next);
         let (dropped_tx, dropped_rx) = watch::channel(None);
         let (committed, _) = broadcast::channel(256);
         let pipeline = Pipeline {
             rx,
             specs,
-            twin,
+            local: local.clone(),
             store: store.clone(),
             commit_interval: Duration::from_millis(cfg.outbox.commit_interval_ms.max(1)),
             refuse_when_full: cfg.outbox.on_full == OutboxFullPolicy::RefuseNew,
@@ -203,7 +243,13 @@ impl Agent {
             dropped_rx,
             status_tx,
             cancel.child_token(),
-        );
+        )
+        .with_downlink(DownlinkLink {
+            to_downlink: desired_tx,
+            control_next: control_rx,
+            last_downlink: downlink_rx,
+            twin: local.clone(),
+        });
         tasks.push(tokio::spawn(uplink.run()));
         tracing::info!(node = %node, devices = device_count, "agent started");
         Ok(Agent {
@@ -214,6 +260,7 @@ impl Agent {
             node,
             store,
             writers,
+            local,
         })
     }
 
@@ -250,7 +297,7 @@ const TWIN_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 struct Pipeline {
     rx: mpsc::Receiver<DeviceReading>,
     specs: HashMap<DeviceId, Arc<DeviceSpec>>,
-    twin: Twin,
+    local: LocalTwin,
     store: Arc<Mutex<AgentStore>>,
     commit_interval: Duration,
     refuse_when_full: bool,
@@ -284,11 +331,16 @@ impl Pipeline {
                     }
                     Some(reading) => {
                         if let Some(spec) = self.specs.get(&reading.device) {
-                            let changes = self.twin.observe(spec, &reading);
+                            let changes = self.local.lock().observe(spec, &reading);
                             if !changes.is_empty() {
                                 dirty.insert(reading.device.clone());
+                                // Local consumers get the change now; the hub after the commit.
+                                pending.extend(changes.iter().cloned());
+                                self.local.emit(TwinEvent::Reported {
+                                    device: reading.device.clone(),
+                                    samples: Arc::new(changes),
+                                });
                             }
-                            pending.extend(changes);
                         }
                         if !pending.is_empty() && deadline.is_none() {
                             deadline = Some(tokio::time::Instant::now() + self.commit_interval);
@@ -321,10 +373,11 @@ impl Pipeline {
         flush_twin: bool,
     ) {
         let twin: Vec<(DeviceId, Vec<Sample>)> = if flush_twin {
+            let twin = self.local.lock();
             dirty
                 .drain()
                 .map(|d| {
-                    let samples = self.twin.device_samples(&d);
+                    let samples = twin.device_samples(&d);
                     (d, samples)
                 })
                 .collect()

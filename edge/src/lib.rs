@@ -10,9 +10,13 @@
 
 pub mod agent;
 pub mod config;
+pub mod downlink;
+pub mod local;
 pub mod modbus;
 pub mod model;
+pub mod mqtt;
 pub mod probe;
 pub mod store;
 pub mod twin;
 pub mod uplink;
+pub mod values;

@@ -32,6 +32,14 @@ pub enum StoreError {
     /// sled failed.
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
+    /// A stored desired-state entry does not decode.
+    #[error("corrupt entry {key}: {reason}")]
+    CorruptDesired {
+        /// Which key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A stored entry does not decode (disk corruption or a foreign file).
     #[error("corrupt entry {key}: {source}")]
     Corrupt {
@@ -64,6 +72,40 @@ pub enum Fsync {
 
 const META_ACKED: &[u8] = b"macked";
 const META_NEXT: &[u8] = b"mnext";
+/// Highest control record the hub acknowledged.
+const META_CTL_ACKED: &[u8] = b"mcacked";
+/// Highest desired version taken over from the hub.
+const META_DOWNLINK: &[u8] = b"mdownlink";
+
+fn control_key(seq: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'c';
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn desired_key(device: &DeviceId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + device.as_str().len());
+    k.push(b'd');
+    k.extend_from_slice(device.as_str().as_bytes());
+    k
+}
+
+/// The desired state of one property, as persisted (see [`AgentStore::save_desired`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PersistedDesired {
+    /// The property.
+    pub property: PropertyId,
+    /// Its desired value.
+    pub desired: Option<edgesync_protocol::desired::DesiredValue>,
+    /// What became of it.
+    pub applied: Option<edgesync_protocol::desired::Applied>,
+    /// The highest version of this property the hub sent (the base of local proposals).
+    pub base: u64,
+    /// A version (or a local change, 0) taken over but not yet at a final outcome: applied
+    /// again after a restart.
+    pub pending: bool,
+}
 
 fn group_key(first: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -134,6 +176,8 @@ pub struct AgentStore {
     total_bytes: u64,
     acked: u64,
     next: u64,
+    ctl_acked: u64,
+    ctl_next: u64,
 }
 
 impl std::fmt::Debug for AgentStore {
@@ -193,6 +237,12 @@ impl AgentStore {
         }
         let stored_next = db.get(META_NEXT)?.and_then(|v| be_u64(&v)).unwrap_or(1);
         next = next.max(stored_next);
+        let ctl_acked = db.get(META_CTL_ACKED)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+        let ctl_next = match db.scan_prefix(b"c").keys().next_back() {
+            Some(k) => be_u64(&k?[1..]).map_or(ctl_acked + 1, |last| last + 1),
+            None => ctl_acked + 1,
+        }
+        .max(ctl_acked + 1);
         Ok(AgentStore {
             db,
             fsync,
@@ -204,7 +254,157 @@ impl AgentStore {
             total_bytes,
             acked,
             next,
+            ctl_acked,
+            ctl_next,
         })
+    }
+
+    /// Highest control record the hub acknowledged.
+    pub fn control_acked(&self) -> u64 {
+        self.ctl_acked
+    }
+
+    /// The sequence number the next control record will get.
+    pub fn control_next(&self) -> u64 {
+        self.ctl_next
+    }
+
+    /// Appends a control record (an outcome or a proposal for the hub); durable per the fsync
+    /// policy when this returns. Returns the control log's next sequence number.
+    pub async fn append_control(
+        &mut self,
+        kind: edgesync_protocol::frame::ControlKind,
+        now_ms: u64,
+    ) -> Result<u64, StoreError> {
+        use prost::Message;
+        let seq = self.ctl_next;
+        let rec = edgesync_protocol::frame::Control {
+            seq,
+            kind: Some(kind),
+        };
+        self.db.insert(control_key(seq), rec.encode_to_vec())?;
+        self.flush(now_ms).await?;
+        self.ctl_next = seq + 1;
+        Ok(self.ctl_next)
+    }
+
+    /// Control records `first .. first+count`, in order.
+    pub fn read_control(
+        &self,
+        first: u64,
+        count: usize,
+    ) -> Result<Vec<edgesync_protocol::frame::Control>, StoreError> {
+        use prost::Message;
+        let end = first + count as u64;
+        let mut out = Vec::with_capacity(count);
+        for kv in self.db.range(control_key(first)..control_key(end)) {
+            let (k, v) = kv?;
+            let rec = edgesync_protocol::frame::Control::decode(&v[..]).map_err(|e| {
+                StoreError::Corrupt {
+                    key: format!("control record {:?}", be_u64(&k[1..])),
+                    source: e.into(),
+                }
+            })?;
+            out.push(rec);
+        }
+        if out.len() != count {
+            return Err(StoreError::Missing {
+                from: first,
+                to: end,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The hub stored control records up to `upto`: delete them.
+    pub fn ack_control(&mut self, upto: u64) -> Result<(), StoreError> {
+        let upto = upto.min(self.ctl_next - 1);
+        if upto <= self.ctl_acked {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for seq in self.ctl_acked + 1..=upto {
+            batch.remove(&control_key(seq)[..]);
+        }
+        batch.insert(META_CTL_ACKED, &upto.to_be_bytes()[..]);
+        self.db.apply_batch(batch)?;
+        self.ctl_acked = upto;
+        Ok(())
+    }
+
+    /// The hub holds control records this store lost: continue numbering at `next_seq`.
+    pub fn rebase_control(&mut self, next_seq: u64) -> Result<(), StoreError> {
+        if next_seq > self.ctl_next {
+            let mut batch = sled::Batch::default();
+            for seq in self.ctl_acked + 1..self.ctl_next {
+                batch.remove(&control_key(seq)[..]);
+            }
+            batch.insert(META_CTL_ACKED, &(next_seq - 1).to_be_bytes()[..]);
+            self.db.apply_batch(batch)?;
+            self.ctl_next = next_seq;
+            self.ctl_acked = next_seq - 1;
+        }
+        Ok(())
+    }
+
+    /// The highest desired version taken over from the hub (0 = none).
+    pub fn last_downlink(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .get(META_DOWNLINK)?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(0))
+    }
+
+    /// Persists the desired state of one device's properties and, with `last_downlink`, the
+    /// highest version taken over, in one atomic batch; durable per the fsync policy.
+    pub async fn save_desired(
+        &mut self,
+        device: &DeviceId,
+        entries: &[PersistedDesired],
+        last_downlink: Option<u64>,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(entries).map_err(|e| StoreError::CorruptDesired {
+            key: device.to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut batch = sled::Batch::default();
+        batch.insert(desired_key(device), json);
+        if let Some(v) = last_downlink {
+            batch.insert(META_DOWNLINK, &v.to_be_bytes()[..]);
+        }
+        self.db.apply_batch(batch)?;
+        self.flush(now_ms).await
+    }
+
+    /// Persists only the downlink position (a version taken over that concerns no configured
+    /// property).
+    pub async fn save_desired_marker(
+        &mut self,
+        last_downlink: u64,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.db.insert(META_DOWNLINK, &last_downlink.to_be_bytes()[..])?;
+        self.flush(now_ms).await
+    }
+
+    /// Every persisted desired state, per device.
+    pub fn load_desired(&self) -> Result<Vec<(DeviceId, Vec<PersistedDesired>)>, StoreError> {
+        let mut out = vec![];
+        for kv in self.db.scan_prefix(b"d") {
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k[1..]).into_owned();
+            let bad = |reason: String| StoreError::CorruptDesired {
+                key: format!("desired {key}"),
+                reason,
+            };
+            let device = DeviceId::new(key.clone()).map_err(|e| bad(e.to_string()))?;
+            let entries: Vec<PersistedDesired> =
+                serde_json::from_slice(&v).map_err(|e| bad(e.to_string()))?;
+            out.push((device, entries));
+        }
+        Ok(out)
     }
 
     /// Highest sequence number the hub acknowledged.

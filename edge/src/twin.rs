@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use edgesync_protocol::desired::{Applied, DesiredValue};
 use edgesync_protocol::{DeviceId, PropertyId, Sample, Timestamp, Value};
 
 use crate::modbus::link::DeviceReading;
@@ -16,9 +17,45 @@ use crate::model::{DeviceSpec, ReportPolicy};
 /// Latest reported sample per property, held per device in tag order, so the hot path does
 /// one map lookup per device reading and indexes tags by position (no string hashing or
 /// cloning per sample).
+///
+/// Samples restored from the persisted twin after a restart serve readers at once, but they
+/// are never the baseline of the reporting policy: the persisted twin is written behind and
+/// may be older than what was already reported to the hub (or newer than what the hub
+/// stored), so the first reading of every property after a restart is always reported. That
+/// is what makes the hub converge to what the PLC holds whenever the agent crashed.
 #[derive(Debug, Default)]
 pub struct Twin {
-    devices: HashMap<DeviceId, Vec<Option<Sample>>>,
+    devices: HashMap<DeviceId, Slots>,
+}
+
+/// One device's state in tag order: samples, which of them were restored from disk and not
+/// yet confirmed by a reading of this run, desired values and what became of them.
+#[derive(Debug, Default, Clone)]
+struct Slots {
+    samples: Vec<Option<Sample>>,
+    restored: Vec<bool>,
+    desired: Vec<Option<DesiredValue>>,
+    applied: Vec<Option<Applied>>,
+}
+
+impl Slots {
+    fn new(len: usize) -> Self {
+        Slots {
+            samples: vec![None; len],
+            restored: vec![false; len],
+            desired: vec![None; len],
+            applied: vec![None; len],
+        }
+    }
+
+    fn grow(&mut self, len: usize) {
+        if self.samples.len() < len {
+            self.samples.resize(len, None);
+            self.restored.resize(len, false);
+            self.desired.resize(len, None);
+            self.applied.resize(len, None);
+        }
+    }
 }
 
 fn moved(policy: &ReportPolicy, old: Option<&Value>, new: Option<&Value>) -> bool {
@@ -51,9 +88,9 @@ impl Twin {
     /// A twin for `specs`, starting from persisted samples (those of properties no longer
     /// configured are dropped).
     pub fn new(specs: &[DeviceSpec], persisted: Vec<Sample>) -> Self {
-        let mut devices: HashMap<DeviceId, Vec<Option<Sample>>> = specs
+        let mut devices: HashMap<DeviceId, Slots> = specs
             .iter()
-            .map(|d| (d.id.clone(), vec![None; d.tags.len()]))
+            .map(|d| (d.id.clone(), Slots::new(d.tags.len())))
             .collect();
         for s in persisted {
             let Some(spec) = specs.iter().find(|d| d.id == s.device) else {
@@ -62,8 +99,12 @@ impl Twin {
             let Some(i) = spec.tags.iter().position(|t| t.property == s.property) else {
                 continue;
             };
-            if let Some(slot) = devices.get_mut(&s.device).and_then(|v| v.get_mut(i)) {
+            if let Some(slots) = devices.get_mut(&s.device)
+                && let (Some(slot), Some(restored)) =
+                    (slots.samples.get_mut(i), slots.restored.get_mut(i))
+            {
                 *slot = Some(s);
+                *restored = true;
             }
         }
         Twin { devices }
@@ -73,6 +114,7 @@ impl Twin {
     pub fn get(&self, device: &DeviceId, property: &PropertyId) -> Option<&Sample> {
         self.devices
             .get(device)?
+            .samples
             .iter()
             .flatten()
             .find(|s| &s.property == property)
@@ -80,7 +122,10 @@ impl Twin {
 
     /// Number of properties holding a sample.
     pub fn len(&self) -> usize {
-        self.devices.values().flatten().flatten().count()
+        self.devices
+            .values()
+            .flat_map(|d| d.samples.iter().flatten())
+            .count()
     }
 
     /// Whether no property holds a sample.
@@ -94,17 +139,21 @@ impl Twin {
         let slots = self
             .devices
             .entry(reading.device.clone())
-            .or_insert_with(|| vec![None; spec.tags.len()]);
-        if slots.len() < spec.tags.len() {
-            slots.resize(spec.tags.len(), None);
-        }
+            .or_insert_with(|| Slots::new(spec.tags.len()));
+        slots.grow(spec.tags.len());
         for ts in &reading.samples {
-            let (Some(tag), Some(slot)) = (spec.tags.get(ts.tag), slots.get_mut(ts.tag)) else {
+            let (Some(tag), Some(slot), Some(restored)) = (
+                spec.tags.get(ts.tag),
+                slots.samples.get_mut(ts.tag),
+                slots.restored.get_mut(ts.tag),
+            ) else {
                 continue;
             };
             let policy = &tag.report;
             let report = match slot.as_ref() {
                 None => true,
+                // Restored from disk: never a baseline (see the type's docs).
+                Some(_) if *restored => true,
                 Some(old) => {
                     // A bad sample keeps the last good value (stale, flagged by quality).
                     let value = ts.value.as_ref().or(old.value.as_ref());
@@ -129,17 +178,64 @@ impl Twin {
                     ts: reading.ts,
                 };
                 *slot = Some(s.clone());
+                *restored = false;
                 out.push(s);
             }
         }
         out
     }
 
+    /// Reported sample, desired value and applied outcome of tag `index` of `device`.
+    pub fn property(
+        &self,
+        device: &DeviceId,
+        index: usize,
+    ) -> (Option<Sample>, Option<DesiredValue>, Option<Applied>) {
+        let Some(d) = self.devices.get(device) else {
+            return (None, None, None);
+        };
+        (
+            d.samples.get(index).cloned().flatten(),
+            d.desired.get(index).cloned().flatten(),
+            d.applied.get(index).cloned().flatten(),
+        )
+    }
+
+    /// Sets the desired value of tag `index` of `device` (a device with `len` tags).
+    pub fn set_desired(
+        &mut self,
+        device: &DeviceId,
+        len: usize,
+        index: usize,
+        desired: DesiredValue,
+    ) {
+        let d = self
+            .devices
+            .entry(device.clone())
+            .or_insert_with(|| Slots::new(len));
+        d.grow(len);
+        if let Some(slot) = d.desired.get_mut(index) {
+            *slot = Some(desired);
+        }
+    }
+
+    /// Records what became of the desired value of tag `index` of `device`.
+    pub fn set_applied(&mut self, device: &DeviceId, len: usize, index: usize, applied: Applied) {
+        let d = self
+            .devices
+            .entry(device.clone())
+            .or_insert_with(|| Slots::new(len));
+        d.grow(len);
+        if let Some(slot) = d.applied.get_mut(index) {
+            *slot = Some(applied);
+        }
+    }
+
     /// The latest samples of every property of `device` (what the store persists per device).
     pub fn device_samples(&self, device: &DeviceId) -> Vec<Sample> {
         self.devices
             .get(device)
-            .map(|v| v.iter().flatten().cloned().collect())
+            .map(|v| v.samples.iter().flatten().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -147,8 +243,7 @@ impl Twin {
     pub fn newest(&self) -> Option<Timestamp> {
         self.devices
             .values()
-            .flatten()
-            .flatten()
+            .flat_map(|d| d.samples.iter().flatten())
             .map(|s| s.ts)
             .max()
     }
@@ -268,5 +363,33 @@ mod tests {
         for i in 0..3 {
             assert_eq!(t.observe(&sp, &reading(i, Some(1.0), g)).len(), 1);
         }
+    }
+
+    #[test]
+    fn restored_samples_are_never_the_reporting_baseline() {
+        // The persisted twin says 7 (written behind before a crash); the hub may hold
+        // something else. The first reading after the restart is reported even though it
+        // equals the restored value, then the policy applies again.
+        let sp = spec(ReportPolicy::default());
+        let restored = Sample {
+            device: DeviceId::new("d").unwrap(),
+            property: PropertyId::new("t").unwrap(),
+            value: Some(Value::Float(7.0)),
+            quality: Quality::Good,
+            ts: Timestamp(5),
+        };
+        let mut t = Twin::new(std::slice::from_ref(&sp), vec![restored]);
+        // Readers see the restored value before any reading.
+        assert_eq!(
+            t.get(&sp.id, &PropertyId::new("t").unwrap())
+                .and_then(|s| s.value.clone()),
+            Some(Value::Float(7.0))
+        );
+        let g = Quality::Good;
+        assert_eq!(
+            values(t.observe(&sp, &reading(10, Some(7.0), g))),
+            vec![Some(7.0)]
+        );
+        assert!(t.observe(&sp, &reading(20, Some(7.0), g)).is_empty());
     }
 }

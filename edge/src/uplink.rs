@@ -19,10 +19,11 @@ use edgesync_protocol::frame::{
 use edgesync_protocol::session::{EdgeConfig, EdgeEvent, EdgeSession, Transmit};
 use edgesync_protocol::spiffe_id::SpiffeId;
 use edgesync_protocol::tls::{self, Identity, SvidStore, TrustBundle};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::local::{LocalTwin, TwinEvent};
 use crate::store::AgentStore;
 
 /// Settings of the uplink.
@@ -134,6 +135,19 @@ pub struct Uplink {
     status: watch::Sender<UplinkStatus>,
     cancel: CancellationToken,
     origin: Instant,
+    downlink: Option<DownlinkLink>,
+}
+
+/// How the uplink talks to the downlink (protocol version 2).
+pub struct DownlinkLink {
+    /// Desired values from the hub, to the downlink.
+    pub to_downlink: mpsc::Sender<edgesync_protocol::frame::DesiredFrame>,
+    /// The control log's next sequence number, from the downlink.
+    pub control_next: watch::Receiver<u64>,
+    /// The highest desired version taken over, from the downlink.
+    pub last_downlink: watch::Receiver<u64>,
+    /// The local twin (schemas after welcome, uplink events).
+    pub twin: LocalTwin,
 }
 
 impl Uplink {
@@ -155,7 +169,14 @@ impl Uplink {
             status,
             cancel,
             origin: Instant::now(),
+            downlink: None,
         }
+    }
+
+    /// Adds desired values and the control log (protocol version 2).
+    pub fn with_downlink(mut self, d: DownlinkLink) -> Self {
+        self.downlink = Some(d);
+        self
     }
 
     fn now(&self) -> u64 {
@@ -176,7 +197,11 @@ impl Uplink {
             max_batch_records: self.cfg.batch_max_records,
             ..EdgeConfig::default()
         };
-        let mut session = EdgeSession::new(scfg, acked, next);
+        let (ctl_acked, ctl_next) = {
+            let st = self.store.lock().await;
+            (st.control_acked(), st.control_next())
+        };
+        let mut session = EdgeSession::new(scfg, acked, next).with_control(ctl_acked, ctl_next);
         let mut backoff = self.cfg.backoff_initial;
         let mut endpoint: Option<quinn::Endpoint> = None;
         loop {
@@ -194,6 +219,9 @@ impl Uplink {
                 }
             });
             metrics::gauge!("edgesync_uplink_connected").set(0.0);
+            if welcomed && let Some(d) = &self.downlink {
+                d.twin.emit(TwinEvent::Uplink { connected: false });
+            }
             match &result {
                 Ok(()) => break,
                 Err(e) => {
@@ -260,6 +288,10 @@ impl Uplink {
             .await
             .map_err(|e| UplinkError::Connection(e.to_string()))?;
         metrics::counter!("edgesync_uplink_connects_total").increment(1);
+        if let Some(d) = &mut self.downlink {
+            session.set_last_downlink(*d.last_downlink.borrow_and_update());
+            session.handle_control_appended(*d.control_next.borrow_and_update());
+        }
         session.handle_connected(self.now());
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
         let mut buf = vec![0u8; 64 * 1024];
@@ -273,6 +305,19 @@ impl Uplink {
             while let Some(t) = session.poll_transmit() {
                 let frame = match t {
                     Transmit::Frame(body) => Frame { body: Some(body) },
+                    Transmit::Control { first_seq, count } => {
+                        let recs = self.store.lock().await.read_control(first_seq, count)?;
+                        for rec in recs {
+                            frame::encode_frame(
+                                &Frame {
+                                    body: Some(Body::Control(rec)),
+                                },
+                                DEFAULT_MAX_FRAME_LEN,
+                                &mut out,
+                            )?;
+                        }
+                        continue;
+                    }
                     Transmit::Records { first_seq, count } => {
                         let samples = self.store.lock().await.read(first_seq, count)?;
                         metrics::counter!("edgesync_uplink_records_sent_total")
@@ -355,6 +400,18 @@ impl Uplink {
                         }
                     }
                 }
+                // The control log grew (watch::changed is cancel-safe; never resolves without a
+                // downlink).
+                r = async {
+                    match &mut self.downlink {
+                        Some(d) => d.control_next.changed().await.map(|()| *d.control_next.borrow_and_update()),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Ok(next) = r {
+                        session.handle_control_appended(next);
+                    }
+                }
                 // Session timers (keep-alive, idle, resend).
                 _ = tokio::time::sleep_until(deadline) => session.handle_timeout(self.now()),
             }
@@ -374,6 +431,32 @@ impl Uplink {
                         s.connected = true;
                         s.last_error = None;
                     });
+                    if let Some(d) = &self.downlink {
+                        d.twin.emit(TwinEvent::Uplink { connected: true });
+                        if session.desired_enabled() {
+                            // The hub checks desired values against what we run.
+                            for device in d.twin.devices() {
+                                if let Some(spec) = d.twin.spec(&device) {
+                                    session.queue_frame(Body::Schema(crate::values::schema(spec)));
+                                }
+                            }
+                        }
+                    }
+                }
+                EdgeEvent::Desired(desired) => {
+                    if let Some(d) = &self.downlink {
+                        // Bounded: a slow downlink slows the hub's stream, never our memory.
+                        if d.to_downlink.send(desired).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                EdgeEvent::ControlAcked { upto } => {
+                    self.store.lock().await.ack_control(upto)?;
+                }
+                EdgeEvent::ControlRebased { next_seq } => {
+                    tracing::warn!(next_seq, "hub holds more control records than this agent: renumbering");
+                    self.store.lock().await.rebase_control(next_seq)?;
                 }
                 EdgeEvent::Acked { upto } => {
                     let mut st = self.store.lock().await;

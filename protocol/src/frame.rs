@@ -15,7 +15,16 @@ use crate::ids::{DeviceId, IdError, PropertyId};
 use crate::value::{BadReason, Quality, Sample, Timestamp, Value};
 
 /// Protocol versions this build speaks, newest last.
-pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+///
+/// - 1: hello/welcome, records, acks, resend, ping, goodbye.
+/// - 2: adds the downlink of desired values ([`DesiredFrame`]), the edge's control log
+///   ([`Control`], acknowledged by [`ControlAck`]: outcomes of desired values and local
+///   proposals) and the device schema ([`DeviceSchema`]). A peer that negotiated 1 neither
+///   sends nor receives them.
+pub const SUPPORTED_VERSIONS: &[u32] = &[1, 2];
+
+/// The first protocol version with desired values, control records and schemas.
+pub const VERSION_DESIRED: u32 = 2;
 
 /// Default largest frame accepted or produced (1 MiB).
 pub const DEFAULT_MAX_FRAME_LEN: usize = 1 << 20;
@@ -27,7 +36,7 @@ pub const LEN_PREFIX: usize = 4;
 #[derive(Clone, PartialEq, Message)]
 pub struct Frame {
     /// What the frame carries; `None` when a newer peer sent a kind this build does not know.
-    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
     pub body: Option<Body>,
 }
 
@@ -58,6 +67,151 @@ pub enum Body {
     /// Either way, the sender is closing the session (with a reason).
     #[prost(message, tag = "8")]
     Goodbye(Goodbye),
+    /// Hub → edge (version 2), a desired value with its version.
+    #[prost(message, tag = "9")]
+    Desired(DesiredFrame),
+    /// Edge → hub (version 2), one record of the edge's control log.
+    #[prost(message, tag = "10")]
+    Control(Control),
+    /// Hub → edge (version 2), cumulative acknowledgement of durably stored control records.
+    #[prost(message, tag = "11")]
+    ControlAck(ControlAck),
+    /// Edge → hub (version 2), the properties of one device (sent after every welcome).
+    #[prost(message, tag = "12")]
+    Schema(DeviceSchema),
+}
+
+/// A desired value: hub → edge, delivered in version order.
+#[derive(Clone, PartialEq, Message)]
+pub struct DesiredFrame {
+    /// Device id.
+    #[prost(string, tag = "1")]
+    pub device: String,
+    /// Property id.
+    #[prost(string, tag = "2")]
+    pub property: String,
+    /// The value.
+    #[prost(oneof = "WireValue", tags = "3, 4, 5, 6, 7")]
+    pub value: Option<WireValue>,
+    /// Its version: the node's downlink sequence number (1, 2, ...).
+    #[prost(uint64, tag = "8")]
+    pub version: u64,
+    /// 0 = set by an operator through the hub, 1 = a local change of the edge the hub accepted.
+    #[prost(uint32, tag = "9")]
+    pub origin: u32,
+    /// When it was set, ms since the Unix epoch.
+    #[prost(uint64, tag = "10")]
+    pub set_ms: u64,
+}
+
+/// One record of the edge's control log (edge → hub), numbered by the edge.
+#[derive(Clone, PartialEq, Message)]
+pub struct Control {
+    /// The record's sequence number in the control log (1, 2, ...).
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// What it says.
+    #[prost(oneof = "ControlKind", tags = "2, 3")]
+    pub kind: Option<ControlKind>,
+}
+
+/// The kinds of control records.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum ControlKind {
+    /// What became of a desired version.
+    #[prost(message, tag = "2")]
+    Status(DesiredStatus),
+    /// A local app changed a desired value: compare-and-set against `base_version`.
+    #[prost(message, tag = "3")]
+    Proposal(Proposal),
+}
+
+/// What became of a desired version on the edge.
+#[derive(Clone, PartialEq, Message)]
+pub struct DesiredStatus {
+    /// Device id.
+    #[prost(string, tag = "1")]
+    pub device: String,
+    /// Property id.
+    #[prost(string, tag = "2")]
+    pub property: String,
+    /// The desired version (0 = a local change not yet accepted by the hub).
+    #[prost(uint64, tag = "8")]
+    pub version: u64,
+    /// Outcome code (see `desired::Outcome::to_wire`).
+    #[prost(uint32, tag = "9")]
+    pub outcome: u32,
+    /// Modbus exception code for outcome `exception`.
+    #[prost(uint32, tag = "10")]
+    pub exception_code: u32,
+    /// Reason for outcome `refused`.
+    #[prost(string, tag = "11")]
+    pub detail: String,
+    /// When the outcome was reached, ms since the Unix epoch.
+    #[prost(uint64, tag = "12")]
+    pub ts_ms: u64,
+}
+
+/// A local desired change, proposed to the hub.
+#[derive(Clone, PartialEq, Message)]
+pub struct Proposal {
+    /// Device id.
+    #[prost(string, tag = "1")]
+    pub device: String,
+    /// Property id.
+    #[prost(string, tag = "2")]
+    pub property: String,
+    /// The value the local app set.
+    #[prost(oneof = "WireValue", tags = "3, 4, 5, 6, 7")]
+    pub value: Option<WireValue>,
+    /// The desired version the local change was based on (0 = none).
+    #[prost(uint64, tag = "8")]
+    pub base_version: u64,
+    /// When the local app set it, ms since the Unix epoch.
+    #[prost(uint64, tag = "9")]
+    pub set_ms: u64,
+}
+
+/// Every control record up to and including `upto` is durably stored by the hub.
+#[derive(Clone, PartialEq, Message)]
+pub struct ControlAck {
+    /// Highest control sequence number stored.
+    #[prost(uint64, tag = "1")]
+    pub upto: u64,
+}
+
+/// The properties of one device, as the edge's config defines them.
+#[derive(Clone, PartialEq, Message)]
+pub struct DeviceSchema {
+    /// Device id.
+    #[prost(string, tag = "1")]
+    pub device: String,
+    /// Its properties, in tag order.
+    #[prost(message, repeated, tag = "2")]
+    pub properties: Vec<PropertySchema>,
+}
+
+/// One property of a device.
+#[derive(Clone, PartialEq, Message)]
+pub struct PropertySchema {
+    /// Property id.
+    #[prost(string, tag = "1")]
+    pub property: String,
+    /// Value kind: `bool`, `int`, `uint`, `float` or `string`.
+    #[prost(string, tag = "2")]
+    pub kind: String,
+    /// Whether it may be written.
+    #[prost(bool, tag = "3")]
+    pub writable: bool,
+    /// Engineering unit.
+    #[prost(string, tag = "4")]
+    pub unit: String,
+    /// Smallest value that can be written (numbers), if bounded.
+    #[prost(double, optional, tag = "5")]
+    pub min: Option<f64>,
+    /// Largest value that can be written (numbers), if bounded.
+    #[prost(double, optional, tag = "6")]
+    pub max: Option<f64>,
 }
 
 /// First frame from the edge.
@@ -106,6 +260,9 @@ pub struct Welcome {
     /// The node id the hub took from the edge's certificate.
     #[prost(string, tag = "4")]
     pub node: String,
+    /// (Version 2) The last control record the hub has durably stored for this node.
+    #[prost(uint64, tag = "5")]
+    pub control_seq: u64,
 }
 
 /// A run of records with consecutive sequence numbers.
@@ -299,6 +456,28 @@ impl WireSample {
             quality,
             ts: Timestamp(self.ts_ms),
         })
+    }
+}
+
+/// A value as carried on the wire.
+pub fn value_to_wire(v: &Value) -> WireValue {
+    match v {
+        Value::Bool(b) => WireValue::Bool(*b),
+        Value::Int(i) => WireValue::Int(*i),
+        Value::UInt(u) => WireValue::UInt(*u),
+        Value::Float(f) => WireValue::Float(*f),
+        Value::Str(s) => WireValue::Str(s.clone()),
+    }
+}
+
+/// A wire value as a value.
+pub fn value_from_wire(v: WireValue) -> Value {
+    match v {
+        WireValue::Bool(b) => Value::Bool(b),
+        WireValue::Int(i) => Value::Int(i),
+        WireValue::UInt(u) => Value::UInt(u),
+        WireValue::Float(f) => Value::Float(f),
+        WireValue::Str(s) => Value::Str(s),
     }
 }
 

@@ -21,6 +21,7 @@
 
 #[cfg(feature = "config")]
 pub mod config_diag;
+pub mod desired;
 pub mod frame;
 pub mod ids;
 pub mod session;

@@ -22,6 +22,7 @@
 mod address;
 use edgesync_protocol::config_diag as diag;
 mod kubeedge;
+mod mqtt;
 mod net;
 
 use std::collections::HashMap;
@@ -37,6 +38,7 @@ use toml::de::{DeTable, DeValue};
 
 pub use address::{AddressError, parse_shorthand, shorthand};
 pub use diag::{ConfigError, ConfigErrors};
+pub use mqtt::{EmbeddedBroker, ExternalBroker, MqttConfig, MqttMode, MqttPassword, MqttTls};
 
 use crate::model::{
     Access, ByteOrder, DataType, DeviceSpec, LinkSpec, Parity, ReportPolicy, Table, TagSpec,
@@ -47,6 +49,9 @@ use diag::{Doc, Loc, Node};
 
 /// Default sled page cache of the agent: 8 MiB.
 pub const DEFAULT_SLED_CACHE_BYTES: u64 = 2 * 1024 * 1024;
+
+/// Default `[agent] desired_expiry_ms`: ten minutes.
+pub const DEFAULT_DESIRED_EXPIRY_MS: u64 = 600_000;
 /// Default outbox bound: 256 MiB.
 pub const DEFAULT_OUTBOX_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// Shortest poll interval accepted, in milliseconds.
@@ -64,6 +69,9 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// `[agent] sled_cache_bytes`: sled's page cache size.
     pub sled_cache_bytes: u64,
+    /// `[agent] desired_expiry_ms`: how long a desired value waits for an unreachable device
+    /// before its outcome is `expired` (0 = one attempt only).
+    pub desired_expiry: Duration,
     /// `[hub]`: how to reach the hub.
     pub hub: HubLinkConfig,
     /// `[identity]`: the agent's X.509-SVID files and trust domain.
@@ -74,6 +82,8 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// `[[devices]]`: the devices and their tags.
     pub devices: Vec<DeviceSpec>,
+    /// `[mqtt]`: the local MQTT bus (default: an embedded broker on 127.0.0.1:1883).
+    pub mqtt: MqttConfig,
 }
 
 /// How the agent reaches the hub (`[hub]`).
@@ -206,6 +216,8 @@ struct RawAgent {
     data_dir: Option<String>,
     /// sled page cache in bytes (default 8 MiB).
     sled_cache_bytes: Option<i64>,
+    /// How long a desired value waits for an unreachable device, ms (default 600000).
+    desired_expiry_ms: Option<i64>,
 }
 
 /// `[hub]`.
@@ -395,7 +407,7 @@ impl<'de> Deserialize<'de> for IntOrString {
 // Validation.
 
 const ROOT_KEYS: &[&str] = &[
-    "agent", "hub", "identity", "outbox", "metrics", "defaults", "devices", "kubeedge",
+    "agent", "hub", "identity", "outbox", "metrics", "defaults", "devices", "kubeedge", "mqtt",
 ];
 
 const TABLES: &[(&str, Table)] = &[
@@ -500,6 +512,7 @@ fn check(
     let mut node_id = None;
     let mut data_dir = PathBuf::new();
     let mut sled_cache_bytes = DEFAULT_SLED_CACHE_BYTES;
+    let mut desired_expiry = Duration::from_millis(DEFAULT_DESIRED_EXPIRY_MS);
     if let Some((raw, loc)) =
         read_section::<RawAgent>(doc, root, "agent", Some("it needs data_dir"))
     {
@@ -519,6 +532,13 @@ fn check(
             DEFAULT_SLED_CACHE_BYTES as i64,
             1..=i64::MAX,
         ));
+        desired_expiry = Duration::from_millis(u64_of(doc.int_in(
+            &loc,
+            "desired_expiry_ms",
+            raw.desired_expiry_ms,
+            DEFAULT_DESIRED_EXPIRY_MS as i64,
+            0..=i64::MAX,
+        )));
     }
 
     let hub = check_hub(doc, root);
@@ -540,6 +560,7 @@ fn check(
         }
     }
 
+    let mqtt = mqtt::check(doc, root, base);
     let defaults = check_defaults(doc, root);
     let mut devices = check_devices(doc, root, &defaults);
     kubeedge::import(doc, root, source, base, &defaults, &mut devices, foreign);
@@ -549,11 +570,13 @@ fn check(
         node_id,
         data_dir,
         sled_cache_bytes,
+        desired_expiry,
         hub,
         identity,
         outbox,
         metrics_listen,
         devices,
+        mqtt,
     }
 }
 

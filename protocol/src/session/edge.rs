@@ -2,7 +2,10 @@
 
 use std::collections::VecDeque;
 
-use crate::frame::{Ack, Body, Goodbye, Hello, Ping, Resend, SUPPORTED_VERSIONS, Welcome};
+use crate::frame::{
+    Ack, Body, ControlAck, DesiredFrame, Goodbye, Hello, Ping, Resend, SUPPORTED_VERSIONS,
+    VERSION_DESIRED, Welcome,
+};
 
 use super::{Millis, SessionError, negotiate};
 
@@ -74,10 +77,18 @@ pub enum Transmit {
         /// How many.
         count: usize,
     },
+    /// (Version 2) Read control records `first_seq .. first_seq + count` from the control log
+    /// and send each as a [`Control`](crate::frame::Control) frame.
+    Control {
+        /// First control sequence number.
+        first_seq: u64,
+        /// How many.
+        count: usize,
+    },
 }
 
 /// What happened, for the driver to act on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[must_use]
 pub enum EdgeEvent {
     /// The hub welcomed us.
@@ -105,9 +116,26 @@ pub enum EdgeEvent {
         /// Last missing.
         to: u64,
     },
+    /// (Version 2) The hub sent a desired value. Versions arrive in increasing order; the
+    /// driver takes over only versions above the last one it persisted.
+    Desired(DesiredFrame),
+    /// (Version 2) Every control record up to `upto` is stored by the hub: delete them.
+    ControlAcked {
+        /// Highest acknowledged control sequence number.
+        upto: u64,
+    },
+    /// (Version 2) The hub has stored control records the edge no longer knows (its store was
+    /// lost): number the next control record `next_seq`.
+    ControlRebased {
+        /// The next control sequence number to assign.
+        next_seq: u64,
+    },
     /// The session closed.
     Closed(SessionError),
 }
+
+/// Most control records in one burst of transmits.
+const CONTROL_BATCH: u64 = 64;
 
 /// The edge end of a session. See the [module docs](super) for the calling order.
 #[derive(Debug)]
@@ -127,6 +155,12 @@ pub struct EdgeSession {
     nonce: u64,
     transmits: VecDeque<Transmit>,
     events: VecDeque<EdgeEvent>,
+    /// Highest control sequence number the hub acknowledged.
+    ctl_acked: u64,
+    /// Next control sequence number the control log will assign.
+    ctl_next: u64,
+    /// Next control sequence number to transmit.
+    ctl_send_from: u64,
 }
 
 impl EdgeSession {
@@ -146,6 +180,56 @@ impl EdgeSession {
             nonce: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            ctl_acked: 0,
+            ctl_next: 1,
+            ctl_send_from: 1,
+        }
+    }
+
+    /// Sets the control log's state: records `acked+1 .. next_seq` are pending. Call before
+    /// the first connection.
+    pub fn with_control(mut self, acked: u64, next_seq: u64) -> Self {
+        self.ctl_acked = acked;
+        self.ctl_next = next_seq.max(acked + 1);
+        self.ctl_send_from = acked + 1;
+        self
+    }
+
+    /// The negotiated protocol version, while ready.
+    pub fn version(&self) -> Option<u32> {
+        match self.state {
+            EdgeState::Ready { version } => Some(version),
+            _ => None,
+        }
+    }
+
+    /// Whether desired values, control records and schemas may be exchanged (ready, and
+    /// version 2 or later negotiated).
+    pub fn desired_enabled(&self) -> bool {
+        self.version().is_some_and(|v| v >= VERSION_DESIRED)
+    }
+
+    /// The highest desired version the edge has taken over (sent in the next hello).
+    pub fn set_last_downlink(&mut self, version: u64) {
+        self.cfg.last_downlink_seq = version;
+    }
+
+    /// The control log appended records: it will number the next one `next_seq`.
+    pub fn handle_control_appended(&mut self, next_seq: u64) {
+        if next_seq > self.ctl_next {
+            self.ctl_next = next_seq;
+        }
+    }
+
+    /// Control records not yet acknowledged.
+    pub fn control_backlog(&self) -> u64 {
+        self.ctl_next - self.ctl_acked - 1
+    }
+
+    /// Queues a frame the driver composed (a schema). Ignored unless ready.
+    pub fn queue_frame(&mut self, body: Body) {
+        if matches!(self.state, EdgeState::Ready { .. }) {
+            self.transmits.push_back(Transmit::Frame(body));
         }
     }
 
@@ -174,6 +258,7 @@ impl EdgeSession {
         self.state = EdgeState::AwaitWelcome;
         self.transmits.clear();
         self.send_from = self.acked + 1;
+        self.ctl_send_from = self.ctl_acked + 1;
         self.last_rx = now;
         self.connected_at = now;
         self.last_progress = now;
@@ -200,6 +285,7 @@ impl EdgeSession {
         self.state = EdgeState::Disconnected;
         self.transmits.clear();
         self.send_from = self.acked + 1;
+        self.ctl_send_from = self.ctl_acked + 1;
         self.ping_outstanding = false;
     }
 
@@ -214,6 +300,7 @@ impl EdgeSession {
         self.state = EdgeState::Closed(err.clone());
         self.transmits.clear();
         self.send_from = self.acked + 1;
+        self.ctl_send_from = self.ctl_acked + 1;
         self.events.push_back(EdgeEvent::Closed(err.clone()));
         Err(err)
     }
@@ -249,9 +336,39 @@ impl EdgeSession {
             }
             Body::Pong(_) => Ok(()),
             Body::Goodbye(Goodbye { reason }) => self.close(SessionError::PeerClosed(reason)),
-            Body::Hello(_) | Body::Records(_) => self.close(SessionError::Violation(
-                "hub sent an edge-only frame".into(),
-            )),
+            Body::Desired(d) => {
+                self.require_desired("desired")?;
+                self.events.push_back(EdgeEvent::Desired(d));
+                Ok(())
+            }
+            Body::ControlAck(ControlAck { upto }) => {
+                self.require_desired("control ack")?;
+                if upto >= self.ctl_send_from {
+                    return self.close(SessionError::Violation(format!(
+                        "control ack of {upto}, but only {} were sent",
+                        self.ctl_send_from - 1
+                    )));
+                }
+                if upto > self.ctl_acked {
+                    self.ctl_acked = upto;
+                    self.events.push_back(EdgeEvent::ControlAcked { upto });
+                }
+                Ok(())
+            }
+            Body::Hello(_) | Body::Records(_) | Body::Control(_) | Body::Schema(_) => self.close(
+                SessionError::Violation("hub sent an edge-only frame".into()),
+            ),
+        }
+    }
+
+    fn require_desired(&mut self, what: &str) -> Result<(), SessionError> {
+        self.require_ready(what)?;
+        if self.desired_enabled() {
+            Ok(())
+        } else {
+            self.close(SessionError::Violation(format!(
+                "{what} in protocol version 1"
+            )))
         }
     }
 
@@ -298,6 +415,22 @@ impl EdgeSession {
             });
         }
         self.send_from = self.acked + 1;
+        if w.version >= VERSION_DESIRED {
+            let stored = w.control_seq;
+            if stored >= self.ctl_next {
+                // The hub knows control records we lost: continue after them.
+                self.ctl_acked = stored;
+                self.ctl_next = stored + 1;
+                self.events.push_back(EdgeEvent::ControlAcked { upto: stored });
+                self.events.push_back(EdgeEvent::ControlRebased {
+                    next_seq: self.ctl_next,
+                });
+            } else if stored > self.ctl_acked {
+                self.ctl_acked = stored;
+                self.events.push_back(EdgeEvent::ControlAcked { upto: stored });
+            }
+            self.ctl_send_from = self.ctl_acked + 1;
+        }
         Ok(())
     }
 
@@ -378,6 +511,16 @@ impl EdgeSession {
         }
         if !matches!(self.state, EdgeState::Ready { .. }) {
             return None;
+        }
+        // Control records first: few, small, and an operator is waiting for them.
+        if self.desired_enabled() && self.ctl_send_from < self.ctl_next {
+            let count = (self.ctl_next - self.ctl_send_from).min(CONTROL_BATCH);
+            let first_seq = self.ctl_send_from;
+            self.ctl_send_from += count;
+            return Some(Transmit::Control {
+                first_seq,
+                count: count as usize,
+            });
         }
         let pending = self.next_seq.saturating_sub(self.send_from);
         let window = self

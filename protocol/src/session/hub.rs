@@ -3,7 +3,8 @@
 use std::collections::VecDeque;
 
 use crate::frame::{
-    Ack, Body, Goodbye, Hello, Records, Resend, SUPPORTED_VERSIONS, Welcome, samples_from_wire,
+    Ack, Body, Control, ControlAck, DesiredFrame, DeviceSchema, Goodbye, Hello, Records, Resend,
+    SUPPORTED_VERSIONS, VERSION_DESIRED, Welcome, samples_from_wire,
 };
 use crate::ids::NodeId;
 use crate::value::Sample;
@@ -88,6 +89,11 @@ pub enum HubEvent {
     },
     /// The edge reported its backlog.
     Backlog(u64),
+    /// (Version 2) A new control record: store it durably, then call
+    /// [`HubSession::handle_control_stored`] with its sequence number.
+    Control(Control),
+    /// (Version 2) The edge described one of its devices.
+    Schema(DeviceSchema),
     /// The session closed.
     Closed(SessionError),
 }
@@ -106,6 +112,10 @@ pub struct HubSession {
     created_at: Millis,
     transmits: VecDeque<Body>,
     events: VecDeque<HubEvent>,
+    /// Highest control sequence number durably stored.
+    ctl_stored: u64,
+    /// Highest control sequence number handed to the store.
+    ctl_accepted: u64,
 }
 
 impl HubSession {
@@ -122,6 +132,49 @@ impl HubSession {
             created_at: now,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            ctl_stored: 0,
+            ctl_accepted: 0,
+        }
+    }
+
+    /// Sets the last control record the store holds for this node. Call before hello.
+    pub fn with_control_stored(mut self, seq: u64) -> Self {
+        self.ctl_stored = seq;
+        self.ctl_accepted = seq;
+        self
+    }
+
+    /// The negotiated protocol version, once hello arrived.
+    pub fn version(&self) -> Option<u32> {
+        match self.state {
+            HubState::Ready { version } => Some(version),
+            _ => None,
+        }
+    }
+
+    /// Whether desired values may be sent (ready, version 2 or later).
+    pub fn desired_enabled(&self) -> bool {
+        self.version().is_some_and(|v| v >= VERSION_DESIRED)
+    }
+
+    /// Queues a desired value for the edge. Returns false (queuing nothing) unless
+    /// [`desired_enabled`](Self::desired_enabled); the driver sends versions in order.
+    pub fn send_desired(&mut self, d: DesiredFrame) -> bool {
+        if !self.desired_enabled() {
+            return false;
+        }
+        self.transmits.push_back(Body::Desired(d));
+        true
+    }
+
+    /// The store durably holds control records up to `upto`.
+    pub fn handle_control_stored(&mut self, upto: u64) {
+        if upto > self.ctl_stored {
+            self.ctl_stored = upto;
+            self.ctl_accepted = self.ctl_accepted.max(upto);
+            if matches!(self.state, HubState::Ready { .. }) {
+                self.transmits.push_back(Body::ControlAck(ControlAck { upto }));
+            }
         }
     }
 
@@ -170,11 +223,64 @@ impl HubSession {
             Body::Goodbye(Goodbye { reason }) => {
                 self.close(SessionError::PeerClosed(reason), false)
             }
-            Body::Welcome(_) | Body::Ack(_) | Body::Resend(_) => self.close(
+            Body::Control(c) => self.on_control(c),
+            Body::Schema(schema) => {
+                self.require_desired("schema")?;
+                self.events.push_back(HubEvent::Schema(schema));
+                Ok(())
+            }
+            Body::Welcome(_)
+            | Body::Ack(_)
+            | Body::Resend(_)
+            | Body::Desired(_)
+            | Body::ControlAck(_) => self.close(
                 SessionError::Violation("edge sent a hub-only frame".into()),
                 true,
             ),
         }
+    }
+
+    fn require_desired(&mut self, what: &str) -> Result<(), SessionError> {
+        if self.desired_enabled() {
+            Ok(())
+        } else {
+            self.close(
+                SessionError::Violation(format!("{what} before hello or in version 1")),
+                true,
+            )
+        }
+    }
+
+    fn on_control(&mut self, c: Control) -> Result<(), SessionError> {
+        self.require_desired("control record")?;
+        if c.seq == 0 {
+            return self.close(SessionError::Violation("control sequence 0".into()), true);
+        }
+        if c.seq <= self.ctl_accepted {
+            // Already taken: re-ack so an edge that lost our ack makes progress.
+            self.transmits.push_back(Body::ControlAck(ControlAck {
+                upto: self.ctl_stored,
+            }));
+            return Ok(());
+        }
+        if c.seq != self.ctl_accepted + 1 {
+            return self.close(
+                SessionError::Violation(format!(
+                    "control record {} after {}",
+                    c.seq, self.ctl_accepted
+                )),
+                true,
+            );
+        }
+        if c.kind.is_none() {
+            return self.close(
+                SessionError::InvalidRecord(format!("control record {} has no body", c.seq)),
+                true,
+            );
+        }
+        self.ctl_accepted = c.seq;
+        self.events.push_back(HubEvent::Control(c));
+        Ok(())
     }
 
     fn on_hello(&mut self, h: Hello) -> Result<(), SessionError> {
@@ -204,6 +310,11 @@ impl HubSession {
             stored_seq: self.stored,
             hub_version: self.cfg.hub_version.clone(),
             node: self.node.as_str().to_owned(),
+            control_seq: if version >= VERSION_DESIRED {
+                self.ctl_stored
+            } else {
+                0
+            },
         }));
         // Records below the edge's oldest are gone for good: account for them as a gap.
         if h.oldest_seq > self.accepted + 1 {

@@ -223,6 +223,7 @@ impl World {
                         .collect(),
                     backlog: 0,
                 }),
+                Transmit::Control { .. } => panic!("the simulated edge has no control log"),
             };
             if self.connected {
                 self.to_hub
@@ -244,7 +245,10 @@ impl World {
                 }
                 EdgeEvent::Closed(_) => self.cut(),
                 EdgeEvent::Rebased { .. } | EdgeEvent::Gap { .. } => panic!("unexpected {ev:?}"),
-                EdgeEvent::Welcomed { .. } => {}
+                EdgeEvent::Welcomed { .. } | EdgeEvent::ControlAcked { .. } => {}
+                EdgeEvent::Desired(_) | EdgeEvent::ControlRebased { .. } => {
+                    panic!("unexpected {ev:?}")
+                }
             }
         }
         let epoch = self.epoch;
@@ -635,4 +639,153 @@ fn idle_edge_pings_then_times_out() {
         e.state(),
         EdgeState::Closed(SessionError::IdleTimeout(_))
     ));
+}
+
+fn control(seq: u64) -> crate::frame::Control {
+    crate::frame::Control {
+        seq,
+        kind: Some(crate::frame::ControlKind::Status(
+            crate::frame::DesiredStatus {
+                device: "d".into(),
+                property: "p".into(),
+                version: seq,
+                outcome: 1,
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+/// Runs hello/welcome between `e` and `h`; returns the hub's events.
+fn handshake(e: &mut EdgeSession, h: &mut HubSession) -> Vec<HubEvent> {
+    e.handle_connected(0);
+    while let Some(t) = e.poll_transmit() {
+        if let Transmit::Frame(b) = t {
+            h.handle_frame(b, 1).unwrap();
+        }
+    }
+    while let Some(b) = h.poll_transmit() {
+        e.handle_frame(b, 2).unwrap();
+    }
+    std::iter::from_fn(|| h.poll_event()).collect()
+}
+
+#[test]
+fn control_records_and_desired_values_flow_in_version_2() {
+    let node = NodeId::new("n").unwrap();
+    // Edge with control records 1..=3 pending; hub has stored none.
+    let mut e = EdgeSession::new(EdgeConfig::default(), 0, 1).with_control(0, 4);
+    let mut h = HubSession::new(HubConfig::default(), node.clone(), 0, 0);
+    handshake(&mut e, &mut h);
+    assert!(e.desired_enabled() && h.desired_enabled());
+    let _: Vec<_> = std::iter::from_fn(|| e.poll_event()).collect();
+    assert_eq!(
+        e.poll_transmit(),
+        Some(Transmit::Control {
+            first_seq: 1,
+            count: 3
+        })
+    );
+    for seq in 1..=3 {
+        h.handle_frame(Body::Control(control(seq)), 3).unwrap();
+    }
+    // A duplicate is not an event, a gap is a violation (the stream is ordered).
+    h.handle_frame(Body::Control(control(2)), 3).unwrap();
+    let evs: Vec<_> = std::iter::from_fn(|| h.poll_event()).collect();
+    assert_eq!(evs.len(), 3, "{evs:?}");
+    assert!(matches!(&evs[0], HubEvent::Control(c) if c.seq == 1));
+    h.handle_control_stored(2);
+    let acks: Vec<_> = std::iter::from_fn(|| h.poll_transmit()).collect();
+    assert!(acks.contains(&Body::ControlAck(crate::frame::ControlAck { upto: 2 })));
+    for b in acks {
+        e.handle_frame(b, 4).unwrap();
+    }
+    assert_eq!(e.poll_event(), Some(EdgeEvent::ControlAcked { upto: 2 }));
+    assert_eq!(e.control_backlog(), 1);
+    // The hub sends a desired value; the edge reports it.
+    let d = crate::frame::DesiredFrame {
+        device: "d".into(),
+        property: "p".into(),
+        version: 1,
+        ..Default::default()
+    };
+    assert!(h.send_desired(d.clone()));
+    e.handle_frame(h.poll_transmit().unwrap(), 5).unwrap();
+    assert_eq!(e.poll_event(), Some(EdgeEvent::Desired(d)));
+
+    // Reconnect: the hub stored 2, so record 3 is sent again, and only it.
+    e.handle_disconnected();
+    let mut h = HubSession::new(HubConfig::default(), node.clone(), 0, 0).with_control_stored(2);
+    handshake(&mut e, &mut h);
+    let _: Vec<_> = std::iter::from_fn(|| e.poll_event()).collect();
+    assert_eq!(
+        e.poll_transmit(),
+        Some(Transmit::Control {
+            first_seq: 3,
+            count: 1
+        })
+    );
+    // A gap in control records closes the hub session.
+    let mut h2 = HubSession::new(HubConfig::default(), node.clone(), 0, 0);
+    let mut e2 = EdgeSession::new(EdgeConfig::default(), 0, 1);
+    handshake(&mut e2, &mut h2);
+    assert!(h2.handle_frame(Body::Control(control(5)), 3).is_err());
+
+    // The edge lost its control log (next 1) but the hub stored 9: continue at 10.
+    let mut e = EdgeSession::new(EdgeConfig::default(), 0, 1);
+    let mut h = HubSession::new(HubConfig::default(), node, 0, 0).with_control_stored(9);
+    handshake(&mut e, &mut h);
+    let evs: Vec<_> = std::iter::from_fn(|| e.poll_event()).collect();
+    assert!(
+        evs.contains(&EdgeEvent::ControlRebased { next_seq: 10 }),
+        "{evs:?}"
+    );
+}
+
+#[test]
+fn a_version_1_peer_interoperates_without_desired_values() {
+    let node = NodeId::new("n").unwrap();
+    // An older edge speaks only version 1.
+    let mut h = HubSession::new(HubConfig::default(), node.clone(), 0, 0);
+    h.handle_frame(
+        Body::Hello(crate::frame::Hello {
+            versions: vec![1],
+            next_seq: 1,
+            ..Default::default()
+        }),
+        1,
+    )
+    .unwrap();
+    let welcome = h.poll_transmit();
+    assert!(
+        matches!(&welcome, Some(Body::Welcome(w)) if w.version == 1 && w.control_seq == 0),
+        "{welcome:?}"
+    );
+    assert!(!h.desired_enabled());
+    assert!(!h.send_desired(crate::frame::DesiredFrame::default()));
+    assert_eq!(h.poll_transmit(), None, "nothing queued for a version 1 edge");
+    assert!(h.handle_frame(Body::Control(control(1)), 2).is_err());
+
+    // An older hub answers version 1: the edge sends no control records.
+    let mut e = EdgeSession::new(EdgeConfig::default(), 0, 1).with_control(0, 3);
+    e.handle_connected(0);
+    let _ = e.poll_transmit();
+    e.handle_frame(
+        Body::Welcome(crate::frame::Welcome {
+            version: 1,
+            ..Default::default()
+        }),
+        1,
+    )
+    .unwrap();
+    assert!(!e.desired_enabled());
+    assert_eq!(e.poll_transmit(), None);
+    assert!(
+        e.handle_frame(
+            Body::Desired(crate::frame::DesiredFrame::default()),
+            2
+        )
+        .is_err(),
+        "a desired value in version 1 is a violation"
+    );
 }

@@ -647,3 +647,52 @@ async fn agent_writes_are_verified_and_reach_the_hub() -> anyhow::Result<()> {
     agent.shutdown().await;
     Ok(())
 }
+
+/// Invariant: the hub converges to what the PLC holds after any crash of the agent, whatever
+/// the moment. The sequence that once left the hub stale for good: a register goes A → B, the
+/// hub shows B, the agent is SIGKILLed within the twin's one-second write-behind (so the
+/// persisted twin may still say A), the PLC goes back to A, the agent restarts. The restarted
+/// agent must report A although its persisted twin says A too. 20 rounds, the kill moved
+/// across the write-behind second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_converges_to_the_plc_after_a_kill_at_any_moment() -> anyhow::Result<()> {
+    const A: u64 = 111;
+    const B: u64 = 222;
+    let mut r = rig(1).await?;
+    freeze(&r);
+    let node = format!("spiffe://{TD}/edge/gw-1");
+    let shows = |want: u64| {
+        move |api: Api| {
+            async move {
+                Ok(api
+                    .reported_u64("gw-1", "plc-1", "c0")
+                    .await?
+                    .filter(|v| *v == want))
+            }
+        }
+    };
+    r.sim.set_holding(1, 0, &[A as u16])?;
+    r.api
+        .wait_for(Duration::from_secs(20), shows(A))
+        .await
+        .map_err(|e| anyhow::anyhow!("initial A: {e}\n{}", logs(&r)))?;
+    for round in 0..20u64 {
+        r.sim.set_holding(1, 0, &[B as u16])?;
+        r.api
+            .wait_for(Duration::from_secs(10), shows(B))
+            .await
+            .map_err(|e| anyhow::anyhow!("round {round}: B: {e}\n{}", logs(&r)))?;
+        // Kill at a moment spread over the write-behind second (and a little beyond).
+        tokio::time::sleep(Duration::from_millis((round * 61) % 1100)).await;
+        if let Some(a) = r.agent.take() {
+            a.kill9().await?;
+        }
+        r.sim.set_holding(1, 0, &[A as u16])?;
+        r.agent = Some(start_agent(r.tmp.path(), &r.pki, &node, &r.tunnel, &devices(&r.sim, 1)).await?);
+        r.api
+            .wait_for(Duration::from_secs(10), shows(A))
+            .await
+            .map_err(|e| anyhow::anyhow!("round {round}: back to A: {e}\n{}", logs(&r)))?;
+    }
+    Ok(())
+}

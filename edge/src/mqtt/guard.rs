@@ -1,0 +1,779 @@
+//! The guard: the only door of the embedded broker.
+//!
+//! rumqttd 0.20 can be taken down by one client (see `docs/mqtt.md`): two CONNECTs with a
+//! client id holding `/`, `+`, `#` or `$`, or a CONNECT whose connection fails before its
+//! CONNACK followed by another with the same id, panic its listener task while it holds a
+//! mutex, and every later connection on that listener panics too (the broker stays up but
+//! accepts nobody until the process restarts). Its router also keeps a log per subscription
+//! filter and a cache entry per published topic forever. So apps never talk to rumqttd
+//! directly: they talk to this guard, which
+//!
+//! - accepts at most `max_connections` clients at once (plus handshakes in progress, bounded the
+//!   same way), and drops a connection that sends no CONNECT within `connect_timeout`;
+//! - reads every packet a client sends (fixed header, remaining length at most
+//!   `max_packet_bytes`), checks it is a well-formed MQTT 3.1.1 packet a client may send, and
+//!   forwards it unchanged; anything else closes that connection only;
+//! - answers an MQTT 5 (or 3.1) CONNECT with CONNACK "unacceptable protocol version";
+//! - checks the username and password if the config sets them;
+//! - rewrites the CONNECT it forwards: a fresh internal client id per connection (so rumqttd
+//!   never sees an id twice and never sees an invalid one), a clean session, rumqttd's secret
+//!   credentials, and keep-alive 0 replaced by 65535 s (rumqttd refuses 0); a client id that is
+//!   connected already is taken over here (the older connection is closed), as MQTT requires;
+//! - counts distinct topics published to and filters subscribed to (`max_topics`) and closes a
+//!   connection that would exceed the budget; refuses shared subscriptions (`$share/...`).
+//!
+//! Broker-to-client bytes are copied unchanged. The agent's own client (recognised by a
+//! per-process secret credential) is exempt from the connection and topic limits: its topics
+//! are bounded by the configured devices.
+//!
+//! Invariant: rumqttd's listener sees only connections from this guard, each carrying one
+//! CONNECT that passed [`parse_connect`], with a client id it has never seen.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics;
+
+/// Packet types (high nibble of the first byte).
+const CONNECT: u8 = 1;
+const CONNACK: u8 = 2;
+const PUBLISH: u8 = 3;
+const PUBACK: u8 = 4;
+const PUBREC: u8 = 5;
+const PUBREL: u8 = 6;
+const PUBCOMP: u8 = 7;
+const SUBSCRIBE: u8 = 8;
+const UNSUBSCRIBE: u8 = 10;
+const PINGREQ: u8 = 12;
+const DISCONNECT: u8 = 14;
+
+/// CONNACK return codes of MQTT 3.1.1.
+const RC_BAD_VERSION: u8 = 1;
+const RC_ID_REJECTED: u8 = 2;
+const RC_UNAVAILABLE: u8 = 3;
+const RC_BAD_LOGIN: u8 = 4;
+
+/// Longest topic or filter accepted, in bytes.
+const MAX_TOPIC_BYTES: usize = 1024;
+/// Longest client id accepted, in bytes (only the guard sees it).
+const MAX_CLIENT_ID_BYTES: usize = 256;
+
+/// Why a connection was closed by the guard.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GuardError {
+    /// The socket failed or closed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The client sent no CONNECT in time, or rumqttd no CONNACK.
+    #[error("timed out during the handshake")]
+    Timeout,
+    /// The client broke the protocol or the guard's rules.
+    #[error("{0}")]
+    Refused(String),
+    /// The client asked for a protocol version other than 3.1.1.
+    #[error("unsupported protocol level {0}")]
+    Version(u8),
+}
+
+fn refused(why: impl Into<String>) -> GuardError {
+    GuardError::Refused(why.into())
+}
+
+/// A CONNECT packet a client sent, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connect {
+    /// The client's id (may be empty).
+    pub client_id: String,
+    /// Keep-alive in seconds.
+    pub keep_alive: u16,
+    /// The will: topic, payload, QoS, retain.
+    pub will: Option<(String, Vec<u8>, u8, bool)>,
+    /// User name, if given.
+    pub username: Option<String>,
+    /// Password, if given.
+    pub password: Option<Vec<u8>>,
+}
+
+/// A cursor over a packet body that never reads past its end.
+struct Body<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Body<'a> {
+    fn u8(&mut self) -> Result<u8, GuardError> {
+        let (&b, rest) = self
+            .buf
+            .split_first()
+            .ok_or_else(|| refused("packet ends early"))?;
+        self.buf = rest;
+        Ok(b)
+    }
+
+    fn u16(&mut self) -> Result<u16, GuardError> {
+        Ok(u16::from_be_bytes([self.u8()?, self.u8()?]))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], GuardError> {
+        let len = usize::from(self.u16()?);
+        if self.buf.len() < len {
+            return Err(refused("packet ends early"));
+        }
+        let (b, rest) = self.buf.split_at(len);
+        self.buf = rest;
+        Ok(b)
+    }
+
+    fn string(&mut self) -> Result<&'a str, GuardError> {
+        let b = self.bytes()?;
+        let s = std::str::from_utf8(b).map_err(|_| refused("a string is not UTF-8"))?;
+        if s.contains('\0') {
+            return Err(refused("a string holds U+0000"));
+        }
+        Ok(s)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
+/// Splits a whole packet into its first byte and body (the remaining-length bytes skipped).
+fn split(packet: &[u8]) -> Result<(u8, &[u8]), GuardError> {
+    let (&first, rest) = packet
+        .split_first()
+        .ok_or_else(|| refused("empty packet"))?;
+    let mut i = 0;
+    while i < rest.len() && rest[i] & 0x80 != 0 {
+        i += 1;
+    }
+    let body = rest.get(i + 1..).ok_or_else(|| refused("packet ends early"))?;
+    Ok((first, body))
+}
+
+/// Parses and checks a CONNECT packet (whole, header included).
+pub fn parse_connect(packet: &[u8]) -> Result<Connect, GuardError> {
+    let (first, body) = split(packet)?;
+    if first != CONNECT << 4 {
+        return Err(refused("the first packet must be CONNECT"));
+    }
+    let mut b = Body { buf: body };
+    let name = b.bytes()?;
+    let level = b.u8()?;
+    match (name, level) {
+        (b"MQTT", 4) => {}
+        (b"MQTT", l) | (b"MQIsdp", l) => return Err(GuardError::Version(l)),
+        _ => return Err(refused("not an MQTT CONNECT")),
+    }
+    let flags = b.u8()?;
+    if flags & 0x01 != 0 {
+        return Err(refused("CONNECT reserved flag set"));
+    }
+    let will_flag = flags & 0x04 != 0;
+    let will_qos = (flags >> 3) & 0x03;
+    let will_retain = flags & 0x20 != 0;
+    let password_flag = flags & 0x40 != 0;
+    let username_flag = flags & 0x80 != 0;
+    if !will_flag && (will_qos != 0 || will_retain) {
+        return Err(refused("will QoS or retain without a will"));
+    }
+    if will_qos > 2 {
+        return Err(refused("will QoS 3"));
+    }
+    if password_flag && !username_flag {
+        return Err(refused("password without user name"));
+    }
+    let keep_alive = b.u16()?;
+    let client_id = b.string()?.to_owned();
+    if client_id.len() > MAX_CLIENT_ID_BYTES {
+        return Err(refused("client id too long"));
+    }
+    let will = if will_flag {
+        let topic = b.string()?.to_owned();
+        check_topic(&topic)?;
+        let payload = b.bytes()?.to_vec();
+        Some((topic, payload, will_qos, will_retain))
+    } else {
+        None
+    };
+    let username = if username_flag {
+        Some(b.string()?.to_owned())
+    } else {
+        None
+    };
+    let password = if password_flag {
+        Some(b.bytes()?.to_vec())
+    } else {
+        None
+    };
+    if !b.is_empty() {
+        return Err(refused("trailing bytes after CONNECT"));
+    }
+    Ok(Connect {
+        client_id,
+        keep_alive,
+        will,
+        username,
+        password,
+    })
+}
+
+/// Encodes `len` as an MQTT remaining length.
+fn put_len(out: &mut Vec<u8>, mut len: usize) {
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    // Lengths were read as u16 or are ours (short); saturate rather than panic.
+    let len = u16::try_from(b.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&b[..usize::from(len)]);
+}
+
+/// The CONNECT the guard sends to rumqttd for `c`: internal id, clean session, internal
+/// credentials, keep-alive 0 replaced by 65535.
+pub fn upstream_connect(c: &Connect, internal_id: &str, user: &str, password: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(64);
+    put_bytes(&mut body, b"MQTT");
+    body.push(4);
+    let mut flags = 0x02 | 0x80 | 0x40;
+    if let Some((_, _, qos, retain)) = &c.will {
+        flags |= 0x04 | (qos << 3);
+        if *retain {
+            flags |= 0x20;
+        }
+    }
+    body.push(flags);
+    let keep_alive = if c.keep_alive == 0 {
+        u16::MAX
+    } else {
+        c.keep_alive
+    };
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    put_bytes(&mut body, internal_id.as_bytes());
+    if let Some((topic, payload, _, _)) = &c.will {
+        put_bytes(&mut body, topic.as_bytes());
+        put_bytes(&mut body, payload);
+    }
+    put_bytes(&mut body, user.as_bytes());
+    put_bytes(&mut body, password.as_bytes());
+    let mut out = vec![CONNECT << 4];
+    put_len(&mut out, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A CONNACK with return code `code`.
+pub fn connack(code: u8) -> [u8; 4] {
+    [CONNACK << 4, 2, 0, code]
+}
+
+/// Checks a topic name to publish to: 1 to 1024 bytes, no wildcards.
+pub fn check_topic(t: &str) -> Result<(), GuardError> {
+    if t.is_empty() || t.len() > MAX_TOPIC_BYTES {
+        return Err(refused("topic must be 1 to 1024 bytes"));
+    }
+    if t.contains(['+', '#']) {
+        return Err(refused("topic holds a wildcard"));
+    }
+    Ok(())
+}
+
+/// Checks a subscription filter: 1 to 1024 bytes, `+` and `#` only as whole levels and `#`
+/// only last, no shared subscriptions.
+pub fn check_filter(f: &str) -> Result<(), GuardError> {
+    if f.is_empty() || f.len() > MAX_TOPIC_BYTES {
+        return Err(refused("filter must be 1 to 1024 bytes"));
+    }
+    if f.starts_with("$share/") {
+        return Err(refused("shared subscriptions are not supported"));
+    }
+    let levels: Vec<&str> = f.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        let last = i + 1 == levels.len();
+        match *level {
+            "#" if last => {}
+            "+" => {}
+            l if l.contains(['+', '#']) => {
+                return Err(refused("wildcard not alone in its level, or # not last"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What a client packet does that the guard must account for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// Forward it.
+    Forward,
+    /// Forward it; it uses these topics or filters (each counts against the budget).
+    Uses(Vec<String>),
+    /// Forward it, then stop reading (DISCONNECT).
+    Last,
+}
+
+/// Checks one packet a connected client sent (whole, header included).
+pub fn check_packet(packet: &[u8]) -> Result<Checked, GuardError> {
+    let (first, body) = split(packet)?;
+    let kind = first >> 4;
+    let flags = first & 0x0f;
+    let mut b = Body { buf: body };
+    match kind {
+        PUBLISH => {
+            let qos = (flags >> 1) & 0x03;
+            if qos == 3 {
+                return Err(refused("PUBLISH with QoS 3"));
+            }
+            if qos == 0 && flags & 0x08 != 0 {
+                return Err(refused("DUP set on a QoS 0 PUBLISH"));
+            }
+            let topic = b.string()?;
+            check_topic(topic)?;
+            if qos > 0 && b.u16()? == 0 {
+                return Err(refused("packet id 0"));
+            }
+            Ok(Checked::Uses(vec![topic.to_owned()]))
+        }
+        PUBACK | PUBREC | PUBCOMP | PUBREL => {
+            let want = if kind == PUBREL { 2 } else { 0 };
+            if flags != want || body.len() != 2 {
+                return Err(refused("malformed acknowledgement"));
+            }
+            Ok(Checked::Forward)
+        }
+        SUBSCRIBE | UNSUBSCRIBE => {
+            if flags != 2 {
+                return Err(refused("SUBSCRIBE/UNSUBSCRIBE flags must be 2"));
+            }
+            if b.u16()? == 0 {
+                return Err(refused("packet id 0"));
+            }
+            let mut filters = Vec::new();
+            while !b.is_empty() {
+                let f = b.string()?;
+                check_filter(f)?;
+                if kind == SUBSCRIBE && b.u8()? > 2 {
+                    return Err(refused("SUBSCRIBE with QoS above 2"));
+                }
+                filters.push(f.to_owned());
+            }
+            if filters.is_empty() {
+                return Err(refused("SUBSCRIBE/UNSUBSCRIBE without a filter"));
+            }
+            if kind == UNSUBSCRIBE {
+                return Ok(Checked::Forward);
+            }
+            Ok(Checked::Uses(filters))
+        }
+        PINGREQ if flags == 0 && body.is_empty() => Ok(Checked::Forward),
+        DISCONNECT if flags == 0 && body.is_empty() => Ok(Checked::Last),
+        CONNECT => Err(refused("a second CONNECT")),
+        _ => Err(refused(format!("packet type {kind} with flags {flags:#x}"))),
+    }
+}
+
+/// Reads one whole packet (header included) of at most `max` bytes of remaining length.
+/// `Ok(None)` at a clean end of stream before a packet starts.
+pub async fn read_packet<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Vec<u8>>, GuardError> {
+    let mut first = [0u8; 1];
+    if r.read(&mut first).await? == 0 {
+        return Ok(None);
+    }
+    let mut header = vec![first[0]];
+    let mut len: usize = 0;
+    let mut shift = 0;
+    loop {
+        let byte = r.read_u8().await?;
+        header.push(byte);
+        len |= usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if shift > 21 {
+            return Err(refused("remaining length longer than 4 bytes"));
+        }
+    }
+    if len > max {
+        return Err(refused(format!(
+            "packet of {len} bytes exceeds max_packet_bytes ({max})"
+        )));
+    }
+    let start = header.len();
+    header.resize(start + len, 0);
+    r.read_exact(&mut header[start..]).await?;
+    Ok(Some(header))
+}
+
+/// The guard's settings.
+#[derive(Debug, Clone)]
+pub struct GuardConfig {
+    /// rumqttd's internal listener.
+    pub upstream: SocketAddr,
+    /// rumqttd's secret credentials.
+    pub upstream_login: (String, String),
+    /// The agent's own secret credentials (exempt from limits).
+    pub agent_login: (String, String),
+    /// Credentials every other client must present, if any.
+    pub client_login: Option<(String, Vec<u8>)>,
+    /// Most client connections at once (the agent's not counted).
+    pub max_connections: usize,
+    /// Largest packet (remaining length), bytes.
+    pub max_packet_bytes: usize,
+    /// Time for the CONNECT to arrive and rumqttd's CONNACK to come back.
+    pub connect_timeout: Duration,
+    /// Most distinct topics and filters used by clients other than the agent.
+    pub max_topics: usize,
+}
+
+/// State shared by the guard's connections.
+struct Shared {
+    cfg: GuardConfig,
+    handshakes: Arc<Semaphore>,
+    sessions: Arc<Semaphore>,
+    topics: Mutex<HashSet<String>>,
+    /// Live connections by client id: (connection number, token that closes it).
+    live: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    /// Whether all of `names` fit the topic budget (counting them if so).
+    fn admit(&self, names: &[String]) -> bool {
+        let mut set = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
+        let new = names.iter().filter(|n| !set.contains(*n)).count();
+        if set.len() + new > self.cfg.max_topics {
+            return false;
+        }
+        for n in names {
+            if !set.contains(n) {
+                set.insert(n.clone());
+            }
+        }
+        true
+    }
+}
+
+/// Runs the guard on `listener` until `cancel`.
+pub async fn run(listener: TcpListener, cfg: GuardConfig, cancel: CancellationToken) {
+    let shared = Arc::new(Shared {
+        handshakes: Arc::new(Semaphore::new(cfg.max_connections)),
+        sessions: Arc::new(Semaphore::new(cfg.max_connections)),
+        topics: Mutex::new(HashSet::new()),
+        live: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        cfg,
+    });
+    loop {
+        tokio::select! {
+            // Shutdown; cancellation-safe.
+            () = cancel.cancelled() => return,
+            // A new TCP connection; `accept` is cancellation-safe.
+            r = listener.accept() => {
+                let (sock, peer) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off briefly instead of
+                        // spinning.
+                        tracing::warn!(error = %e, "mqtt guard: accept failed");
+                        metrics::refused("accept_error");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                    metrics::refused("too_many_handshakes");
+                    drop(sock);
+                    continue;
+                };
+                let shared = shared.clone();
+                let cancel = cancel.clone();
+                tokio::spawn(async move {
+                    let n = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                    match connection(sock, n, &shared, permit, &cancel).await {
+                        Ok(()) => tracing::debug!(%peer, conn = n, "mqtt guard: connection closed"),
+                        Err(e) => {
+                            tracing::debug!(%peer, conn = n, error = %e, "mqtt guard: connection closed");
+                            metrics::refused(match e {
+                                GuardError::Io(_) => "io",
+                                GuardError::Timeout => "timeout",
+                                GuardError::Refused(_) => "protocol",
+                                GuardError::Version(_) => "version",
+                            });
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves one client connection.
+async fn connection(
+    sock: TcpStream,
+    n: u64,
+    shared: &Shared,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+    cancel: &CancellationToken,
+) -> Result<(), GuardError> {
+    let cfg = &shared.cfg;
+    let _ = sock.set_nodelay(true);
+    let (client_r, mut client_w) = sock.into_split();
+    let mut client_r = BufReader::new(client_r);
+
+    let first = tokio::time::timeout(
+        cfg.connect_timeout,
+        read_packet(&mut client_r, cfg.max_packet_bytes),
+    )
+    .await
+    .map_err(|_| GuardError::Timeout)??
+    .ok_or_else(|| refused("closed before CONNECT"))?;
+    let connect = match parse_connect(&first) {
+        Ok(c) => c,
+        Err(e @ GuardError::Version(_)) => {
+            let _ = client_w.write_all(&connack(RC_BAD_VERSION)).await;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    let is_agent = connect.username.as_deref() == Some(cfg.agent_login.0.as_str())
+        && connect
+            .password
+            .as_deref()
+            .is_some_and(|p| same(p, cfg.agent_login.1.as_bytes()));
+    if !is_agent && let Some((user, pass)) = &cfg.client_login {
+        let ok = connect.username.as_deref() == Some(user.as_str())
+            && connect.password.as_deref().is_some_and(|p| same(p, pass));
+        if !ok {
+            let _ = client_w.write_all(&connack(RC_BAD_LOGIN)).await;
+            return Err(refused("bad user name or password"));
+        }
+    }
+    let _session = if is_agent {
+        None
+    } else {
+        match shared.sessions.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let _ = client_w.write_all(&connack(RC_UNAVAILABLE)).await;
+                return Err(refused("too many connections"));
+            }
+        }
+    };
+    if !is_agent
+        && let Some((topic, ..)) = &connect.will
+        && !shared.admit(std::slice::from_ref(topic))
+    {
+        let _ = client_w.write_all(&connack(RC_ID_REJECTED)).await;
+        return Err(refused("topic budget exhausted (will topic)"));
+    }
+    drop(handshake);
+
+    // rumqttd, with a fresh internal id.
+    let internal_id = format!("g{n}");
+    let (up_user, up_pass) = &cfg.upstream_login;
+    let up = tokio::time::timeout(cfg.connect_timeout, async {
+        let mut up = TcpStream::connect(cfg.upstream).await?;
+        let _ = up.set_nodelay(true);
+        up.write_all(&upstream_connect(&connect, &internal_id, up_user, up_pass))
+            .await?;
+        let ack = read_packet(&mut up, 16).await?;
+        Ok::<_, GuardError>((up, ack))
+    })
+    .await
+    .map_err(|_| GuardError::Timeout)?;
+    let (up, ack) = match up {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = client_w.write_all(&connack(RC_UNAVAILABLE)).await;
+            return Err(e);
+        }
+    };
+    let Some(ack) = ack else {
+        let _ = client_w.write_all(&connack(RC_UNAVAILABLE)).await;
+        return Err(refused("the broker closed the connection during CONNECT"));
+    };
+    client_w.write_all(&ack).await?;
+    if ack.get(3) != Some(&0) {
+        return Err(refused("the broker refused the CONNECT"));
+    }
+
+    // Take over an older connection with the same client id.
+    let takeover = CancellationToken::new();
+    if !connect.client_id.is_empty() {
+        let old = shared
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(connect.client_id.clone(), (n, takeover.clone()));
+        if let Some((_, old)) = old {
+            old.cancel();
+        }
+    }
+    metrics::connection(1);
+    let (mut up_r, mut up_w) = up.into_split();
+    let result = tokio::select! {
+        // Client to broker, packet by packet, checked. Not cancellation-safe (a packet may be
+        // half read), which is fine: every other arm ends the connection.
+        r = async {
+            loop {
+                let Some(packet) = read_packet(&mut client_r, cfg.max_packet_bytes).await? else {
+                    return Ok(());
+                };
+                match check_packet(&packet)? {
+                    Checked::Forward => {}
+                    Checked::Last => {
+                        up_w.write_all(&packet).await?;
+                        return Ok(());
+                    }
+                    Checked::Uses(names) => {
+                        if !is_agent && !shared.admit(&names) {
+                            return Err(refused("topic budget exhausted (max_topics)"));
+                        }
+                    }
+                }
+                up_w.write_all(&packet).await?;
+            }
+        } => r,
+        // Broker to client, bytes as they come.
+        r = tokio::io::copy(&mut up_r, &mut client_w) => r.map(|_| ()).map_err(GuardError::from),
+        // A newer connection with the same client id took over.
+        () = takeover.cancelled() => Err(refused("taken over by a newer connection with the same client id")),
+        // Shutdown.
+        () = cancel.cancelled() => Ok(()),
+    };
+    metrics::connection(-1);
+    if !connect.client_id.is_empty() {
+        let mut live = shared.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if live.get(&connect.client_id).is_some_and(|(m, _)| *m == n) {
+            live.remove(&connect.client_id);
+        }
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn connect_packet(level: u8, flags: u8, keep_alive: u16, id: &str, rest: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        put_bytes(&mut body, b"MQTT");
+        body.push(level);
+        body.push(flags);
+        body.extend_from_slice(&keep_alive.to_be_bytes());
+        put_bytes(&mut body, id.as_bytes());
+        body.extend_from_slice(rest);
+        let mut p = vec![0x10];
+        put_len(&mut p, body.len());
+        p.extend(body);
+        p
+    }
+
+    #[test]
+    fn connect_round_trips_through_the_rewrite() {
+        let mut rest = Vec::new();
+        put_bytes(&mut rest, b"will/t");
+        put_bytes(&mut rest, b"bye");
+        put_bytes(&mut rest, b"user");
+        put_bytes(&mut rest, b"pw");
+        let p = connect_packet(4, 0x80 | 0x40 | 0x04 | 0x08, 0, "a/b", &rest);
+        let c = parse_connect(&p).unwrap();
+        assert_eq!(c.client_id, "a/b");
+        assert_eq!(c.will, Some(("will/t".into(), b"bye".to_vec(), 1, false)));
+        assert_eq!(c.username.as_deref(), Some("user"));
+        let up = upstream_connect(&c, "g7", "u", "p");
+        let back = parse_connect(&up).unwrap();
+        assert_eq!(back.client_id, "g7");
+        assert_eq!(back.keep_alive, u16::MAX);
+        assert_eq!(back.will, c.will);
+        assert_eq!(back.username.as_deref(), Some("u"));
+        assert_eq!(back.password.as_deref(), Some(&b"p"[..]));
+    }
+
+    #[test]
+    fn bad_connects_are_refused() {
+        assert!(matches!(
+            parse_connect(&connect_packet(5, 2, 60, "x", &[0])),
+            Err(GuardError::Version(5))
+        ));
+        assert!(parse_connect(&connect_packet(4, 3, 60, "x", &[])).is_err()); // reserved bit
+        assert!(parse_connect(&connect_packet(4, 0x40, 60, "x", &[])).is_err()); // pw, no user
+        assert!(parse_connect(&connect_packet(4, 2, 60, "x", &[1])).is_err()); // trailing
+        assert!(parse_connect(&[0x10, 3, 0, 4, b'M']).is_err());
+        assert!(parse_connect(&[0x30, 0]).is_err());
+        assert!(parse_connect(&[]).is_err());
+    }
+
+    #[test]
+    fn packets_are_checked() {
+        let mut publish = vec![0x30, 5];
+        put_bytes(&mut publish, b"a/b");
+        assert_eq!(
+            check_packet(&publish).unwrap(),
+            Checked::Uses(vec!["a/b".into()])
+        );
+        let mut wild = vec![0x30, 5];
+        put_bytes(&mut wild, b"a/+");
+        assert!(check_packet(&wild).is_err());
+        assert!(check_packet(&[0x36, 0]).is_err()); // QoS 3
+        assert!(check_packet(&[0x40, 2, 0, 1]).is_ok());
+        assert!(check_packet(&[0x62, 2, 0, 1]).is_ok());
+        assert!(check_packet(&[0x60, 2, 0, 1]).is_err()); // PUBREL flags
+        assert_eq!(check_packet(&[0xc0, 0]).unwrap(), Checked::Forward);
+        assert_eq!(check_packet(&[0xe0, 0]).unwrap(), Checked::Last);
+        assert!(check_packet(&[0x20, 2, 0, 0]).is_err()); // CONNACK from a client
+        let mut sub = vec![0x82, 0, 0, 1];
+        put_bytes(&mut sub, b"$hw/events/device/+/twin/#");
+        sub.push(1);
+        sub[1] = (sub.len() - 2) as u8;
+        assert!(matches!(check_packet(&sub).unwrap(), Checked::Uses(_)));
+        for bad in ["a/#/b", "a+", "$share/g/a", ""] {
+            assert!(check_filter(bad).is_err(), "{bad}");
+        }
+        for good in ["#", "+/+", "a/+/c/#", "$hw/events/device/+/twin/update"] {
+            assert!(check_filter(good).is_ok(), "{good}");
+        }
+    }
+
+    #[tokio::test]
+    async fn read_packet_bounds_the_length() {
+        let mut ok: &[u8] = &[0xc0, 0];
+        assert_eq!(read_packet(&mut ok, 10).await.unwrap(), Some(vec![0xc0, 0]));
+        let mut big: &[u8] = &[0x30, 0xff, 0xff, 0xff, 0x7f];
+        assert!(read_packet(&mut big, 1 << 20).await.is_err());
+        let mut five: &[u8] = &[0x30, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert!(read_packet(&mut five, usize::MAX).await.is_err());
+        let mut empty: &[u8] = &[];
+        assert_eq!(read_packet(&mut empty, 10).await.unwrap(), None);
+    }
+}

@@ -1,0 +1,670 @@
+//! The agent's local MQTT bus: apps on the gateway see the twin and set desired values over
+//! MQTT, with KubeEdge's topics and payloads, whether or not the hub is reachable.
+//!
+//! Data flow: the twin's events ([`crate::local::TwinEvent`], from [`LocalTwin::subscribe`])
+//! become messages (telemetry, twin delta and document, device state, tunnel state); requests
+//! that apps publish (`twin/update`, `twin/get`) are answered from [`LocalTwin`], and accepted
+//! desired values go to [`LocalTwin::set_desired`]. Topics and payloads: [`kubeedge`] and
+//! `docs/mqtt.md`.
+//!
+//! The broker is either embedded (rumqttd behind our [`guard`], on its own thread: see
+//! [`broker`]) or external (Mosquitto or any MQTT 3.1.1 broker; TLS with rustls and ring). The
+//! agent's own client is rumqttc either way.
+//!
+//! Tasks (all end on `cancel`): the broker thread (embedded only); the client task, which
+//! drives rumqttc's event loop and hands incoming requests to a bounded queue; the bus task,
+//! which turns twin events into messages and answers requests. Nothing here can block the
+//! pipeline: twin events arrive on a broadcast channel (a lagging bus task loses events, counted),
+//! requests are dropped when the queue is full or above `max_requests_per_s`, and messages are
+//! queued with `try_publish` (dropped and counted when the client's queue is full).
+
+pub mod broker;
+pub mod guard;
+pub mod kubeedge;
+pub mod metrics;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use edgesync_protocol::desired::DesiredValue;
+use edgesync_protocol::{DeviceId, PropertyId, Sample};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Transport};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::Map;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{MqttConfig, MqttMode, MqttPassword, MqttTls};
+use crate::local::{LocalTwin, SetError, TwinEvent};
+use kubeedge::{DeviceState, Refusal, Request, Topics};
+
+/// Why the bus could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MqttError {
+    /// The embedded broker could not listen on its address.
+    #[error("mqtt: cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A thread or runtime could not be started.
+    #[error("mqtt: cannot start the broker thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The broker thread stopped before it was ready.
+    #[error("mqtt: the embedded broker stopped while starting")]
+    BrokerStopped,
+    /// The system's random number generator failed.
+    #[error("mqtt: no random numbers for the broker's secrets")]
+    Random,
+    /// A file named by the config could not be read.
+    #[error("mqtt: cannot read {path}: {source}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS settings do not work (a PEM file without a certificate, a bad key).
+    #[error("mqtt: TLS: {0}")]
+    Tls(String),
+    /// The external broker's address is not `host:port`.
+    #[error("mqtt: broker address {0:?} is not host:port")]
+    Address(String),
+}
+
+/// A running bus.
+#[derive(Debug)]
+pub struct Running {
+    /// The embedded broker's address (the actual port if the config asked for port 0); `None`
+    /// for an external broker or when off.
+    pub local_addr: Option<SocketAddr>,
+    /// The tasks; they end after `cancel`.
+    pub handles: Vec<JoinHandle<()>>,
+}
+
+/// Starts the bus as configured; see [`start`]. Returns its tasks (none when `mode = "off"`).
+pub async fn spawn(
+    cfg: MqttConfig,
+    twin: LocalTwin,
+    cancel: CancellationToken,
+) -> Result<Vec<JoinHandle<()>>, MqttError> {
+    Ok(start(cfg, twin, cancel).await?.handles)
+}
+
+/// Starts the bus: the embedded broker (bound before this returns, so a taken port is an error
+/// here) or the client of an external broker (which connects, and reconnects, in the
+/// background), and the bus task.
+pub async fn start(
+    cfg: MqttConfig,
+    twin: LocalTwin,
+    cancel: CancellationToken,
+) -> Result<Running, MqttError> {
+    metrics::describe();
+    let password = match &cfg.password {
+        None => None,
+        Some(MqttPassword::Inline(p)) => Some(p.clone()),
+        Some(MqttPassword::File(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|source| MqttError::File {
+                path: path.clone(),
+                source,
+            })?;
+            let text = text.strip_suffix('\n').unwrap_or(&text);
+            Some(text.strip_suffix('\r').unwrap_or(text).to_owned())
+        }
+    };
+    let client_id = cfg
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("edgesync-agent-{}", twin.node()));
+    let mut handles = Vec::new();
+    let (options, local_addr) = match &cfg.mode {
+        MqttMode::Off => {
+            tracing::info!("mqtt: off");
+            return Ok(Running {
+                local_addr: None,
+                handles,
+            });
+        }
+        MqttMode::Embedded(e) => {
+            let login = cfg
+                .username
+                .clone()
+                .map(|u| (u, password.clone().unwrap_or_default().into_bytes()));
+            let emb = broker::start(e, &cfg, login, cancel.clone()).await?;
+            handles.push(emb.handle);
+            let target = match emb.local_addr.ip() {
+                IpAddr::V4(ip) if ip.is_unspecified() => {
+                    SocketAddr::from((Ipv4Addr::LOCALHOST, emb.local_addr.port()))
+                }
+                IpAddr::V6(ip) if ip.is_unspecified() => {
+                    SocketAddr::from((Ipv6Addr::LOCALHOST, emb.local_addr.port()))
+                }
+                _ => emb.local_addr,
+            };
+            let mut o = MqttOptions::new(client_id, target.ip().to_string(), target.port());
+            o.set_credentials(emb.agent_login.0, emb.agent_login.1);
+            (o, Some(emb.local_addr))
+        }
+        MqttMode::External(x) => {
+            let (host, port) = x
+                .address
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                .ok_or_else(|| MqttError::Address(x.address.clone()))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let mut o = MqttOptions::new(client_id, host, port);
+            if let Some(u) = &cfg.username {
+                o.set_credentials(u.clone(), password.clone().unwrap_or_default());
+            }
+            if let Some(tls) = &x.tls {
+                o.set_transport(tls_transport(tls)?);
+            }
+            (o, None)
+        }
+    };
+    let mut options = options;
+    options
+        .set_keep_alive(Duration::from_secs(cfg.keepalive.as_millis().div_ceil(1000) as u64))
+        .set_clean_session(true)
+        .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
+        .set_request_channel_capacity(cfg.queue_capacity);
+    let (client, mut eventloop) = AsyncClient::new(options, cfg.queue_capacity);
+    eventloop
+        .network_options
+        .set_connection_timeout(cfg.connect_timeout.as_millis().div_ceil(1000) as u64);
+
+    let (in_tx, in_rx) = mpsc::channel(IN_QUEUE);
+    let events = twin.subscribe();
+    handles.push(tokio::spawn(client_task(
+        eventloop,
+        client.clone(),
+        in_tx,
+        cfg.connect_timeout,
+        cancel.clone(),
+    )));
+    let bus = Bus::new(twin, client, cfg.max_requests_per_s);
+    handles.push(tokio::spawn(bus.run(events, in_rx, cancel)));
+    Ok(Running {
+        local_addr,
+        handles,
+    })
+}
+
+/// Requests waiting for the bus task; more are dropped.
+const IN_QUEUE: usize = 256;
+/// Longest reconnect delay of the agent's client.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+fn tls_transport(tls: &MqttTls) -> Result<Transport, MqttError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| MqttError::File {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let ca = read(&tls.ca_file)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&ca) {
+        let cert = cert.map_err(|e| MqttError::Tls(format!("{}: {e}", tls.ca_file.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| MqttError::Tls(format!("{}: {e}", tls.ca_file.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(MqttError::Tls(format!(
+            "{} holds no certificate",
+            tls.ca_file.display()
+        )));
+    }
+    let builder =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| MqttError::Tls(e.to_string()))?
+            .with_root_certificates(roots);
+    let config = match &tls.client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let cert_pem = read(cert)?;
+            let chain = CertificateDer::pem_slice_iter(&cert_pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| MqttError::Tls(format!("{}: {e}", cert.display())))?;
+            let key_pem = read(key)?;
+            let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
+                .map_err(|e| MqttError::Tls(format!("{}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| MqttError::Tls(e.to_string()))?
+        }
+    };
+    Ok(Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
+    ))
+}
+
+/// An incoming request.
+struct Incoming {
+    topic: String,
+    payload: bytes::Bytes,
+}
+
+/// Drives rumqttc's event loop: (re)connects, subscribes after every CONNACK, hands
+/// publishes to the bus task (dropping them when its queue is full).
+async fn client_task(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    in_tx: mpsc::Sender<Incoming>,
+    first_backoff: Duration,
+    cancel: CancellationToken,
+) {
+    let mut backoff = first_backoff;
+    let mut failing = false;
+    loop {
+        let event = tokio::select! {
+            // Shutdown; dropping `poll` mid-way is fine, the connection is abandoned.
+            () = cancel.cancelled() => break,
+            // The next network event; `poll` is cancellation-safe for our use (rumqttc keeps
+            // its state in the event loop, a dropped poll only abandons the read in progress,
+            // and it is dropped only on shutdown).
+            e = eventloop.poll() => e,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if failing {
+                    tracing::info!("mqtt: client connected again");
+                } else {
+                    tracing::info!("mqtt: client connected");
+                }
+                failing = false;
+                backoff = first_backoff;
+                let subs = Topics::subscriptions()
+                    .into_iter()
+                    .map(|t| rumqttc::SubscribeFilter::new(t.to_owned(), QoS::AtMostOnce));
+                if let Err(e) = client.try_subscribe_many(subs) {
+                    tracing::warn!(error = %e, "mqtt: cannot queue the subscription");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let msg = Incoming {
+                    topic: p.topic,
+                    payload: p.payload,
+                };
+                if in_tx.try_send(msg).is_err() {
+                    metrics::dropped("in_queue_full", 1);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                metrics::client_error();
+                if !failing {
+                    // Logged once per outage, not on every retry.
+                    tracing::warn!(error = %e, "mqtt: client disconnected; retrying");
+                    failing = true;
+                }
+                tokio::select! {
+                    // Shutdown during the pause.
+                    () = cancel.cancelled() => break,
+                    // The pause before the next attempt (poll reconnects).
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+    let _ = client.try_disconnect();
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A token bucket: `rate` tokens per second, at most `rate` stored.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.rate);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The bus task's state.
+struct Bus {
+    twin: LocalTwin,
+    client: AsyncClient,
+    topics: Topics,
+    limiter: Bucket,
+    /// The last desired value seen per property (the `last` of a document).
+    desired: HashMap<DeviceId, HashMap<PropertyId, DesiredValue>>,
+    /// The last delta published per device.
+    deltas: HashMap<DeviceId, BTreeMap<String, String>>,
+    /// The last state published per device.
+    states: HashMap<DeviceId, DeviceState>,
+}
+
+impl Bus {
+    fn new(twin: LocalTwin, client: AsyncClient, max_requests_per_s: u32) -> Self {
+        let topics = Topics::new(twin.node().as_str());
+        let mut desired: HashMap<DeviceId, HashMap<PropertyId, DesiredValue>> = HashMap::new();
+        let mut deltas = HashMap::new();
+        for device in twin.devices() {
+            let Some(doc) = twin.document(&device) else {
+                continue;
+            };
+            for (p, t) in &doc.properties {
+                if let Some(d) = &t.desired {
+                    desired
+                        .entry(device.clone())
+                        .or_default()
+                        .insert(p.clone(), d.clone());
+                }
+            }
+            deltas.insert(device, kubeedge::delta_map(&doc.properties));
+        }
+        Self {
+            twin,
+            client,
+            topics,
+            limiter: Bucket::new(max_requests_per_s),
+            desired,
+            deltas,
+            states: HashMap::new(),
+        }
+    }
+
+    /// The bus loop: twin events out, requests in, until `cancel`.
+    async fn run(
+        mut self,
+        mut events: broadcast::Receiver<TwinEvent>,
+        mut requests: mpsc::Receiver<Incoming>,
+        cancel: CancellationToken,
+    ) {
+        // The tunnel's state as of now, for apps that start before the first change.
+        let connected = self.twin.uplink_connected();
+        self.publish(
+            self.topics.uplink(connected),
+            kubeedge::uplink(connected, now_ms()),
+            "uplink",
+        );
+        loop {
+            tokio::select! {
+                // Shutdown; cancellation-safe.
+                () = cancel.cancelled() => break,
+                // A twin event; `recv` is cancellation-safe.
+                ev = events.recv() => match ev {
+                    Ok(ev) => self.on_event(ev),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        metrics::dropped("lagged", n);
+                        tracing::warn!(missed = n, "mqtt: the bus fell behind the twin; events lost");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                // A request from an app; `recv` is cancellation-safe.
+                req = requests.recv() => match req {
+                    Some(req) => self.on_request(&req),
+                    None => break,
+                },
+            }
+        }
+    }
+
+    fn publish(&self, topic: String, payload: Vec<u8>, kind: &'static str) {
+        match self
+            .client
+            .try_publish(topic, QoS::AtMostOnce, false, payload)
+        {
+            Ok(()) => metrics::sent(kind),
+            Err(_) => metrics::dropped("out_queue_full", 1),
+        }
+    }
+
+    fn on_event(&mut self, ev: TwinEvent) {
+        match ev {
+            TwinEvent::Reported { device, samples } => self.on_reported(&device, &samples),
+            TwinEvent::Desired {
+                device,
+                property,
+                desired,
+            } => self.on_desired(&device, &property, desired),
+            TwinEvent::Applied { .. } => {}
+            TwinEvent::Uplink { connected } => self.publish(
+                self.topics.uplink(connected),
+                kubeedge::uplink(connected, now_ms()),
+                "uplink",
+            ),
+        }
+    }
+
+    fn on_reported(&mut self, device: &DeviceId, samples: &[Sample]) {
+        if samples.is_empty() {
+            return;
+        }
+        self.publish(
+            self.topics.telemetry(device.as_str()),
+            kubeedge::telemetry(samples),
+            "telemetry",
+        );
+        if let Some(state) = DeviceState::of_samples(samples)
+            && self.states.get(device) != Some(&state)
+        {
+            self.states.insert(device.clone(), state);
+            self.publish(
+                Topics::state_update(device.as_str()),
+                kubeedge::state(&kubeedge::new_event_id(), state, now_ms()),
+                "state",
+            );
+        }
+        // A reading can move a property into or out of the delta only if it has a desired
+        // value.
+        let touches_desired = self
+            .desired
+            .get(device)
+            .is_some_and(|d| samples.iter().any(|s| d.contains_key(&s.property)));
+        if touches_desired {
+            self.publish_delta(device, false);
+        }
+    }
+
+    /// Publishes the device's delta: always when `force` and it is not empty (after a desired
+    /// change, as KubeEdge does after an update), otherwise only when it changed.
+    fn publish_delta(&mut self, device: &DeviceId, force: bool) {
+        let (Some(spec), Some(doc)) = (self.twin.spec(device), self.twin.document(device)) else {
+            return;
+        };
+        let delta = kubeedge::delta_map(&doc.properties);
+        let changed = self.deltas.get(device) != Some(&delta);
+        if (force && !delta.is_empty()) || changed {
+            let twin = kubeedge::twin_map(spec, &doc.properties);
+            self.publish(
+                Topics::update_delta(device.as_str()),
+                kubeedge::delta(&kubeedge::new_event_id(), twin, &delta, now_ms()),
+                "delta",
+            );
+        }
+        self.deltas.insert(device.clone(), delta);
+    }
+
+    fn on_desired(&mut self, device: &DeviceId, property: &PropertyId, desired: DesiredValue) {
+        let Some(spec) = self.twin.spec(device).cloned() else {
+            return;
+        };
+        let Some(tag) = spec.tags.iter().find(|t| &t.property == property) else {
+            return;
+        };
+        let reported = self
+            .twin
+            .document(device)
+            .and_then(|d| d.properties.get(property).and_then(|p| p.reported.clone()));
+        let last = self
+            .desired
+            .get(device)
+            .and_then(|d| d.get(property))
+            .cloned();
+        let mut change = Map::new();
+        change.insert(
+            property.to_string(),
+            serde_json::json!({
+                "last": kubeedge::msg_twin(tag, reported.as_ref(), last.as_ref()),
+                "current": kubeedge::msg_twin(tag, reported.as_ref(), Some(&desired)),
+            }),
+        );
+        self.desired
+            .entry(device.clone())
+            .or_default()
+            .insert(property.clone(), desired);
+        self.publish(
+            Topics::update_document(device.as_str()),
+            kubeedge::document(&kubeedge::new_event_id(), change, now_ms()),
+            "document",
+        );
+        self.publish_delta(device, true);
+    }
+
+    fn on_request(&mut self, req: &Incoming) {
+        let Some(request) = Topics::request(&req.topic) else {
+            metrics::received("other");
+            return;
+        };
+        if !self.limiter.take(Instant::now()) {
+            metrics::dropped("rate_limited", 1);
+            return;
+        }
+        match request {
+            Request::Update(device) => {
+                metrics::received("update");
+                let payload = match self.update(device, &req.payload) {
+                    Ok(ok) => ok,
+                    Err(refusal) => self.refuse(device, "twin/update", &refusal),
+                };
+                self.publish(Topics::update_result(device), payload, "result");
+            }
+            Request::Get(device) => {
+                metrics::received("get");
+                let payload = match self.get(device, &req.payload) {
+                    Ok(ok) => ok,
+                    Err(refusal) => self.refuse(device, "twin/get", &refusal),
+                };
+                self.publish(Topics::get_result(device), payload, "result");
+            }
+        }
+    }
+
+    fn refuse(&self, device: &str, what: &'static str, refusal: &Refusal) -> Vec<u8> {
+        metrics::request_error(refusal.code);
+        tracing::debug!(
+            device,
+            request = what,
+            code = refusal.code,
+            reason = %refusal.reason(),
+            "mqtt: request refused"
+        );
+        kubeedge::error_result(refusal, now_ms())
+    }
+
+    fn device(&self, device: &str, event_id: &str) -> Result<DeviceId, Refusal> {
+        DeviceId::new(device)
+            .ok()
+            .filter(|d| self.twin.spec(d).is_some())
+            .ok_or_else(|| {
+                Refusal::whole(
+                    event_id,
+                    kubeedge::CODE_NOT_FOUND,
+                    format!("device {device:?} is not configured on node {}", self.twin.node()),
+                )
+            })
+    }
+
+    fn update(&self, device: &str, payload: &[u8]) -> Result<Vec<u8>, Refusal> {
+        let doc = kubeedge::parse_json(payload)?;
+        let event_id = kubeedge::parse_get(&doc);
+        let id = self.device(device, &event_id)?;
+        let Some(spec) = self.twin.spec(&id) else {
+            return Err(Refusal::whole(&event_id, kubeedge::CODE_NOT_FOUND, "unknown device"));
+        };
+        let update = kubeedge::parse_update(&doc, spec)?;
+        if !update.problems.is_empty() {
+            // Every problem at once: also those the twin would find in the values that did
+            // convert.
+            let mut problems = update.problems;
+            if let Err(more) = crate::values::from_json_map(spec, &update.values) {
+                problems.extend(more.into_iter().filter(|f| !f.field.is_empty()).map(|f| {
+                    kubeedge::Problem {
+                        property: f.field,
+                        message: f.message,
+                    }
+                }));
+            }
+            return Err(Refusal {
+                event_id,
+                code: kubeedge::CODE_BAD_REQUEST,
+                problems,
+            });
+        }
+        match self.twin.set_desired(&id, &update.values) {
+            Ok(()) => Ok(kubeedge::update_result(&event_id, &update.values, now_ms())),
+            Err(SetError::Invalid(fields)) => Err(Refusal {
+                event_id,
+                code: kubeedge::CODE_BAD_REQUEST,
+                problems: fields
+                    .into_iter()
+                    .map(|f| kubeedge::Problem {
+                        property: f.field,
+                        message: f.message,
+                    })
+                    .collect(),
+            }),
+            Err(SetError::UnknownDevice(d)) => Err(Refusal::whole(
+                &event_id,
+                kubeedge::CODE_NOT_FOUND,
+                format!("device {d:?} is not configured"),
+            )),
+            Err(e) => Err(Refusal::whole(
+                &event_id,
+                kubeedge::CODE_INTERNAL,
+                e.to_string(),
+            )),
+        }
+    }
+
+    fn get(&self, device: &str, payload: &[u8]) -> Result<Vec<u8>, Refusal> {
+        let doc = kubeedge::parse_json(payload)?;
+        let event_id = kubeedge::parse_get(&doc);
+        let id = self.device(device, &event_id)?;
+        let (Some(spec), Some(twin)) = (self.twin.spec(&id), self.twin.document(&id)) else {
+            return Err(Refusal::whole(&event_id, kubeedge::CODE_NOT_FOUND, "unknown device"));
+        };
+        let map = kubeedge::twin_map(spec, &twin.properties);
+        Ok(kubeedge::get_result(&event_id, map, now_ms()))
+    }
+}
