@@ -20,10 +20,8 @@ use super::diag::{Doc, Loc};
 use super::{ms, net, read_section};
 
 /// Default `listen` of the embedded broker: `127.0.0.1:1883` (loopback only).
-pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(
-    std::net::IpAddr::V4(Ipv4Addr::LOCALHOST),
-    1883,
-);
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 1883);
 /// Default `keepalive_ms`.
 pub const DEFAULT_KEEPALIVE_MS: i64 = 30_000;
 /// Default `connect_timeout_ms`.

@@ -108,7 +108,14 @@ pub(crate) async fn start(
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
-            broker_thread(listener, router, connections, guard_cfg, thread_cancel, ready_tx);
+            broker_thread(
+                listener,
+                router,
+                connections,
+                guard_cfg,
+                thread_cancel,
+                ready_tx,
+            );
             let _ = done_tx.send(());
         })
         .map_err(MqttError::Thread)?;

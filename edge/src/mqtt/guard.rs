@@ -155,7 +155,9 @@ fn split(packet: &[u8]) -> Result<(u8, &[u8]), GuardError> {
     while i < rest.len() && rest[i] & 0x80 != 0 {
         i += 1;
     }
-    let body = rest.get(i + 1..).ok_or_else(|| refused("packet ends early"))?;
+    let body = rest
+        .get(i + 1..)
+        .ok_or_else(|| refused("packet ends early"))?;
     Ok((first, body))
 }
 

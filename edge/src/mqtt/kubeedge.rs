@@ -162,7 +162,7 @@ pub fn expected_to_json(tag: &TagSpec, v: &Json) -> Result<Json, String> {
             )),
         },
         (_, Json::String(s)) => match serde_json::from_str::<Json>(s) {
-            Ok(n @ Json::Number(_)) => Ok(n),
+            Ok(n @ Json::Number(_)) if s.trim() == s => Ok(n),
             _ => Err(format!("{s:?} is not a number")),
         },
         _ => Ok(v.clone()),
@@ -271,7 +271,10 @@ pub fn parse_json(payload: &[u8]) -> Result<Json, Refusal> {
         Ok(other) => Err(Refusal::whole(
             "",
             CODE_BAD_REQUEST,
-            format!("the payload must be a JSON object, not {}", json_kind(&other)),
+            format!(
+                "the payload must be a JSON object, not {}",
+                json_kind(&other)
+            ),
         )),
         Err(e) => Err(Refusal::whole(
             "",
@@ -421,7 +424,10 @@ pub fn msg_twin(tag: &TagSpec, reported: Option<&Sample>, desired: Option<&Desir
 }
 
 /// The whole twin of a device as `{prop: MsgTwin}`.
-pub fn twin_map(spec: &DeviceSpec, props: &BTreeMap<edgesync_protocol::PropertyId, PropertyTwin>) -> Map<String, Json> {
+pub fn twin_map(
+    spec: &DeviceSpec,
+    props: &BTreeMap<edgesync_protocol::PropertyId, PropertyTwin>,
+) -> Map<String, Json> {
     let mut twin = Map::new();
     for tag in &spec.tags {
         let p = props.get(&tag.property);

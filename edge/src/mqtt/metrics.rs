@@ -24,7 +24,10 @@ pub fn describe() {
     metrics::describe_counter!(IN_TOTAL, "MQTT requests received by the agent, by kind");
     metrics::describe_counter!(OUT_TOTAL, "MQTT messages queued for publishing, by kind");
     metrics::describe_counter!(DROPPED_TOTAL, "MQTT messages dropped, by reason");
-    metrics::describe_counter!(ERRORS_TOTAL, "MQTT requests answered with an error, by code");
+    metrics::describe_counter!(
+        ERRORS_TOTAL,
+        "MQTT requests answered with an error, by code"
+    );
     metrics::describe_counter!(
         CLIENT_ERRORS_TOTAL,
         "Connection failures of the agent's MQTT client"

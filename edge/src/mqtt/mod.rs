@@ -174,7 +174,9 @@ pub async fn start(
     };
     let mut options = options;
     options
-        .set_keep_alive(Duration::from_secs(cfg.keepalive.as_millis().div_ceil(1000) as u64))
+        .set_keep_alive(Duration::from_secs(
+            cfg.keepalive.as_millis().div_ceil(1000) as u64,
+        ))
         .set_clean_session(true)
         .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
         .set_request_channel_capacity(cfg.queue_capacity);
@@ -226,11 +228,12 @@ fn tls_transport(tls: &MqttTls) -> Result<Transport, MqttError> {
             tls.ca_file.display()
         )));
     }
-    let builder =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| MqttError::Tls(e.to_string()))?
-            .with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| MqttError::Tls(e.to_string()))?
+    .with_root_certificates(roots);
     let config = match &tls.client_cert {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
@@ -600,7 +603,10 @@ impl Bus {
                 Refusal::whole(
                     event_id,
                     kubeedge::CODE_NOT_FOUND,
-                    format!("device {device:?} is not configured on node {}", self.twin.node()),
+                    format!(
+                        "device {device:?} is not configured on node {}",
+                        self.twin.node()
+                    ),
                 )
             })
     }
@@ -610,7 +616,11 @@ impl Bus {
         let event_id = kubeedge::parse_get(&doc);
         let id = self.device(device, &event_id)?;
         let Some(spec) = self.twin.spec(&id) else {
-            return Err(Refusal::whole(&event_id, kubeedge::CODE_NOT_FOUND, "unknown device"));
+            return Err(Refusal::whole(
+                &event_id,
+                kubeedge::CODE_NOT_FOUND,
+                "unknown device",
+            ));
         };
         let update = kubeedge::parse_update(&doc, spec)?;
         if !update.problems.is_empty() {
@@ -662,7 +672,11 @@ impl Bus {
         let event_id = kubeedge::parse_get(&doc);
         let id = self.device(device, &event_id)?;
         let (Some(spec), Some(twin)) = (self.twin.spec(&id), self.twin.document(&id)) else {
-            return Err(Refusal::whole(&event_id, kubeedge::CODE_NOT_FOUND, "unknown device"));
+            return Err(Refusal::whole(
+                &event_id,
+                kubeedge::CODE_NOT_FOUND,
+                "unknown device",
+            ));
         };
         let map = kubeedge::twin_map(spec, &twin.properties);
         Ok(kubeedge::get_result(&event_id, map, now_ms()))
