@@ -542,23 +542,22 @@ impl HubStore {
         let Some(n) = state.get(node) else {
             return vec![];
         };
-        let mut out: Vec<DesiredFrame> = n
-            .twins
-            .iter()
-            .flat_map(|(device, twin)| {
-                twin.desired
-                    .iter()
-                    .filter(|(_, d)| d.version > after)
-                    .map(move |(property, d)| DesiredFrame {
-                        device: device.as_str().to_owned(),
-                        property: property.as_str().to_owned(),
-                        value: Some(value_to_wire(&d.value)),
-                        version: d.version,
-                        origin: u32::from(d.origin == Origin::Edge),
-                        set_ms: d.set_ms,
-                    })
-            })
-            .collect();
+        let mut out: Vec<DesiredFrame> =
+            n.twins
+                .iter()
+                .flat_map(|(device, twin)| {
+                    twin.desired.iter().filter(|(_, d)| d.version > after).map(
+                        move |(property, d)| DesiredFrame {
+                            device: device.as_str().to_owned(),
+                            property: property.as_str().to_owned(),
+                            value: Some(value_to_wire(&d.value)),
+                            version: d.version,
+                            origin: u32::from(d.origin == Origin::Edge),
+                            set_ms: d.set_ms,
+                        },
+                    )
+                })
+                .collect();
         out.sort_by_key(|d| d.version);
         out
     }
@@ -680,7 +679,11 @@ impl HubStore {
             n.downlink_seq = n.downlink_seq.max(seq);
             let desired_changed = event.as_ref().is_some_and(|(k, _)| *k == "desired");
             if let Some((device, property, d)) = change {
-                n.twins.entry(device).or_default().desired.insert(property, d);
+                n.twins
+                    .entry(device)
+                    .or_default()
+                    .desired
+                    .insert(property, d);
             }
             desired_changed
         };
@@ -1327,7 +1330,11 @@ fn check_values(
         }
         ok.push((id, value));
     }
-    if errors.is_empty() { Ok(ok) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(ok)
+    } else {
+        Err(errors)
+    }
 }
 
 fn corrupt(key: &[u8], reason: impl Into<String>) -> StoreError {
@@ -1415,7 +1422,10 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
         let mut parts = key[1..].splitn(3, |b| *b == SEP);
         let (Some(node), Some(device), Some(property)) = (parts.next(), parts.next(), parts.next())
         else {
-            return Err(corrupt(&key, "desired key without node, device and property"));
+            return Err(corrupt(
+                &key,
+                "desired key without node, device and property",
+            ));
         };
         let node = parse_id(&key, node, NodeId::new)?;
         let device = parse_id(&key, device, DeviceId::new)?;

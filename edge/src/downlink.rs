@@ -331,7 +331,9 @@ impl Downlink {
             self.report(&key, old.version, Outcome::Superseded).await;
         }
         let property = self.property(&key);
-        self.twin.lock().set_desired(&device, len, i, desired.clone());
+        self.twin
+            .lock()
+            .set_desired(&device, len, i, desired.clone());
         if let Some(property) = property {
             self.twin.emit(TwinEvent::Desired {
                 device: device.clone(),
@@ -396,10 +398,7 @@ impl Downlink {
             p.in_flight = true;
             let (key, version, value) = (key.clone(), p.version, p.value.clone());
             self.attempts.spawn(async move {
-                let result = handle
-                    .write(&key.0, &property, value)
-                    .await
-                    .map(|_| ());
+                let result = handle.write(&key.0, &property, value).await.map(|_| ());
                 Attempt {
                     key,
                     version,

@@ -237,7 +237,10 @@ impl AgentStore {
         }
         let stored_next = db.get(META_NEXT)?.and_then(|v| be_u64(&v)).unwrap_or(1);
         next = next.max(stored_next);
-        let ctl_acked = db.get(META_CTL_ACKED)?.and_then(|v| be_u64(&v)).unwrap_or(0);
+        let ctl_acked = db
+            .get(META_CTL_ACKED)?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(0);
         let ctl_next = match db.scan_prefix(b"c").keys().next_back() {
             Some(k) => be_u64(&k?[1..]).map_or(ctl_acked + 1, |last| last + 1),
             None => ctl_acked + 1,
@@ -385,7 +388,8 @@ impl AgentStore {
         last_downlink: u64,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        self.db.insert(META_DOWNLINK, &last_downlink.to_be_bytes()[..])?;
+        self.db
+            .insert(META_DOWNLINK, &last_downlink.to_be_bytes()[..])?;
         self.flush(now_ms).await
     }
 

@@ -455,7 +455,10 @@ impl Uplink {
                     self.store.lock().await.ack_control(upto)?;
                 }
                 EdgeEvent::ControlRebased { next_seq } => {
-                    tracing::warn!(next_seq, "hub holds more control records than this agent: renumbering");
+                    tracing::warn!(
+                        next_seq,
+                        "hub holds more control records than this agent: renumbering"
+                    );
                     self.store.lock().await.rebase_control(next_seq)?;
                 }
                 EdgeEvent::Acked { upto } => {

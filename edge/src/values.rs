@@ -8,8 +8,8 @@
 use edgesync_protocol::{PropertyId, Value};
 
 use crate::local::writable;
-use crate::model::{DataType, DeviceSpec, Table, TagSpec};
 use crate::modbus::codec;
+use crate::model::{DataType, DeviceSpec, Table, TagSpec};
 
 /// A problem with one property's value, naming the property.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -209,13 +209,7 @@ mod tests {
                     Access::ReadWrite,
                     0.1,
                 ),
-                tag(
-                    "run",
-                    Table::Coil,
-                    DataType::Bool,
-                    Access::ReadWrite,
-                    1.0,
-                ),
+                tag("run", Table::Coil, DataType::Bool, Access::ReadWrite, 1.0),
                 tag(
                     "temp",
                     Table::InputRegister,

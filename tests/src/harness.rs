@@ -388,6 +388,26 @@ impl Api {
         Ok((status, v))
     }
 
+    /// PATCH `path` with a JSON body and the harness token; JSON body and status.
+    pub async fn patch(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let r = self
+            .client
+            .patch(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        Ok((status, v))
+    }
+
     /// GET `/metrics` text.
     pub async fn metrics(&self) -> anyhow::Result<String> {
         Ok(self

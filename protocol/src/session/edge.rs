@@ -421,13 +421,15 @@ impl EdgeSession {
                 // The hub knows control records we lost: continue after them.
                 self.ctl_acked = stored;
                 self.ctl_next = stored + 1;
-                self.events.push_back(EdgeEvent::ControlAcked { upto: stored });
+                self.events
+                    .push_back(EdgeEvent::ControlAcked { upto: stored });
                 self.events.push_back(EdgeEvent::ControlRebased {
                     next_seq: self.ctl_next,
                 });
             } else if stored > self.ctl_acked {
                 self.ctl_acked = stored;
-                self.events.push_back(EdgeEvent::ControlAcked { upto: stored });
+                self.events
+                    .push_back(EdgeEvent::ControlAcked { upto: stored });
             }
             self.ctl_send_from = self.ctl_acked + 1;
         }

@@ -173,7 +173,8 @@ impl HubSession {
             self.ctl_stored = upto;
             self.ctl_accepted = self.ctl_accepted.max(upto);
             if matches!(self.state, HubState::Ready { .. }) {
-                self.transmits.push_back(Body::ControlAck(ControlAck { upto }));
+                self.transmits
+                    .push_back(Body::ControlAck(ControlAck { upto }));
             }
         }
     }

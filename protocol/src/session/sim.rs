@@ -763,7 +763,11 @@ fn a_version_1_peer_interoperates_without_desired_values() {
     );
     assert!(!h.desired_enabled());
     assert!(!h.send_desired(crate::frame::DesiredFrame::default()));
-    assert_eq!(h.poll_transmit(), None, "nothing queued for a version 1 edge");
+    assert_eq!(
+        h.poll_transmit(),
+        None,
+        "nothing queued for a version 1 edge"
+    );
     assert!(h.handle_frame(Body::Control(control(1)), 2).is_err());
 
     // An older hub answers version 1: the edge sends no control records.
@@ -781,11 +785,8 @@ fn a_version_1_peer_interoperates_without_desired_values() {
     assert!(!e.desired_enabled());
     assert_eq!(e.poll_transmit(), None);
     assert!(
-        e.handle_frame(
-            Body::Desired(crate::frame::DesiredFrame::default()),
-            2
-        )
-        .is_err(),
+        e.handle_frame(Body::Desired(crate::frame::DesiredFrame::default()), 2)
+            .is_err(),
         "a desired value in version 1 is a violation"
     );
 }

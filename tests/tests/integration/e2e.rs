@@ -662,13 +662,11 @@ async fn hub_converges_to_the_plc_after_a_kill_at_any_moment() -> anyhow::Result
     freeze(&r);
     let node = format!("spiffe://{TD}/edge/gw-1");
     let shows = |want: u64| {
-        move |api: Api| {
-            async move {
-                Ok(api
-                    .reported_u64("gw-1", "plc-1", "c0")
-                    .await?
-                    .filter(|v| *v == want))
-            }
+        move |api: Api| async move {
+            Ok(api
+                .reported_u64("gw-1", "plc-1", "c0")
+                .await?
+                .filter(|v| *v == want))
         }
     };
     r.sim.set_holding(1, 0, &[A as u16])?;
@@ -688,7 +686,8 @@ async fn hub_converges_to_the_plc_after_a_kill_at_any_moment() -> anyhow::Result
             a.kill9().await?;
         }
         r.sim.set_holding(1, 0, &[A as u16])?;
-        r.agent = Some(start_agent(r.tmp.path(), &r.pki, &node, &r.tunnel, &devices(&r.sim, 1)).await?);
+        r.agent =
+            Some(start_agent(r.tmp.path(), &r.pki, &node, &r.tunnel, &devices(&r.sim, 1)).await?);
         r.api
             .wait_for(Duration::from_secs(10), shows(A))
             .await
