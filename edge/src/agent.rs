@@ -70,6 +70,9 @@ pub enum StartError {
     /// Reading or checking the SVID failed.
     #[error("identity: {0}")]
     Identity(String),
+    /// The local MQTT bus could not start.
+    #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttError),
     /// The store failed to open.
     #[error("store {path}: {source}")]
     Store {
@@ -201,6 +204,15 @@ impl Agent {
             source,
         })?;
         tasks.push(tokio::spawn(downlink.run()));
+        // The local MQTT bus serves the twin from now on, before any PLC or the hub answers.
+        tasks.extend(
+            crate::mqtt::spawn(
+                std::mem::take(&mut cfg.mqtt),
+                local.clone(),
+                cancel.child_token(),
+            )
+            .await?,
+        );
 
         let (appended_tx, appended_rx) = watch::channel(next);
         let (dropped_tx, dropped_rx) = watch::channel(None);

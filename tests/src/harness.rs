@@ -176,6 +176,10 @@ pub fn agent_toml(
         bundle.display().to_string()
     )?;
     writeln!(s, "[outbox]\ncommit_interval_ms = 10\n")?;
+    if !extra.contains("[mqtt]") {
+        // Tests run many agents at once: no broker on a fixed port unless a test asks.
+        writeln!(s, "[mqtt]\nmode = \"off\"\n")?;
+    }
     s.push_str(extra);
     s.push('\n');
     for d in devices {
