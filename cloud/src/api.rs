@@ -1,28 +1,68 @@
-//! The hub's HTTP API (axum): health, readiness, Prometheus metrics, and the read side of nodes,
-//! devices and twins.
+//! The hub's HTTP API (axum): health, readiness, Prometheus metrics, nodes, devices and twins,
+//! desired values, and the event stream.
 //!
-//! `/healthz`, `/readyz` and `/metrics` need no credentials; everything under `/api/v1` needs
-//! `Authorization: Bearer <token>` with a configured token (compared in constant time). Both
-//! roles may read. Errors are JSON `{"error": "..."}`: 400 for malformed ids (the message names
-//! the field), 401 with `WWW-Authenticate: Bearer` for missing or unknown tokens, 404 for unknown
-//! nodes and devices. Every response is counted by route pattern and status.
+//! `docs/api.md` describes every route with examples; this is the short version.
+//!
+//! - `/healthz`, `/readyz` and `/metrics` need no credentials.
+//! - Everything under `/api/v1` needs `Authorization: Bearer <token>` with a configured token
+//!   (compared in constant time): 401 with `WWW-Authenticate: Bearer` otherwise. Both roles may
+//!   read (`GET`, `HEAD`); any other method from a read-only token is refused with 403 before
+//!   the path or the body is looked at.
+//! - Reads: `GET /api/v1/nodes`, `/nodes/{node}`, `/nodes/{node}/devices`,
+//!   `/nodes/{node}/devices/{device}`, `/nodes/{node}/devices/{device}/twin`.
+//! - `PATCH /api/v1/nodes/{node}/devices/{device}/twin/desired` with `{prop: value, ...}` (admin):
+//!   checked against the device's schema, all or nothing; answers `{"versions": {prop: version}}`.
+//! - `GET /api/v1/events`: server-sent events, resumable with `Last-Event-ID` (or the
+//!   `last_event_id` query parameter).
+//!
+//! Errors are JSON `{"error": "..."}` (422 adds `"fields": {prop: message}`): 400 for malformed
+//! ids (the message names the field) and bodies, 401, 403, 404 for unknown routes, nodes and
+//! devices, 405, 413 above [`MAX_BODY_BYTES`], 415 for a body that is not declared JSON, 422
+//! for values the schema refuses, 503 when the store fails. Client input never causes a 5xx.
+//! Every response is counted by route pattern and status.
+//!
+//! # Event stream invariants
+//!
+//! - A subscriber resuming from an id gets the buffered events after it (preceded by `resync`
+//!   if some are gone, see [`crate::events`]), then live ones, with no gap and no duplicate: the
+//!   bus snapshots its buffer and subscribes under one lock, and live events with an id at or
+//!   below the last one sent are skipped anyway.
+//! - A subscriber never slows the hub and never holds more than the bus's buffer: publishing
+//!   never waits for readers, and a reader that falls more than the channel's capacity behind
+//!   gets a `resync` event (its id just below the next event's) and continues from there.
 
+use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{MatchedPath, Path, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{
+    DefaultBodyLimit, Extension, FromRequest, MatchedPath, Path, Query, Request, State,
+};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, patch};
 use axum::{Json, Router};
 use edgesync_protocol::{DeviceId, NodeId};
+use futures_util::Stream;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::{self, error::RecvError};
 
-use crate::store::HubStore;
+use crate::events::Event;
+use crate::store::{DesiredError, HubStore};
 use crate::telemetry::{self, AuthFailure};
+
+/// Largest request body accepted, in bytes (413 above).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Idle time after which the event stream sends a keep-alive comment.
+pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,18 +125,27 @@ impl fmt::Debug for ApiState {
 
 /// Builds the API router (state applied; serve it with `axum::serve`).
 pub fn router(state: ApiState) -> Router {
+    // The 405 fallback is set before the auth layer, so it is behind it: a stranger learns
+    // nothing about which methods a route has.
     let api = Router::new()
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/nodes/{node}", get(get_node))
         .route("/api/v1/nodes/{node}/devices", get(list_devices))
         .route("/api/v1/nodes/{node}/devices/{device}", get(get_device))
         .route("/api/v1/nodes/{node}/devices/{device}/twin", get(get_twin))
+        .route(
+            "/api/v1/nodes/{node}/devices/{device}/twin/desired",
+            patch(set_desired).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
+        .route("/api/v1/events", get(events))
+        .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+    let open = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .merge(api)
+        .method_not_allowed_fallback(method_not_allowed);
+    open.merge(api)
         .fallback(not_found)
         .layer(middleware::from_fn(count_requests))
         .with_state(state)
@@ -179,7 +228,14 @@ fn unauthorized(message: &str) -> Response {
     response
 }
 
-/// Lets through requests bearing a configured token; refuses the others with 401.
+/// Whether a method only reads.
+fn is_read(method: &Method) -> bool {
+    *method == Method::GET || *method == Method::HEAD
+}
+
+/// Lets through requests bearing a configured token; refuses the others with 401, and changes
+/// (any method but `GET` and `HEAD`) by a read-only token with 403, before the path or the body
+/// is parsed.
 async fn require_token(State(state): State<ApiState>, mut req: Request, next: Next) -> Response {
     let route = route_of(&req);
     let Some(presented) = bearer(&req) else {
@@ -190,6 +246,18 @@ async fn require_token(State(state): State<ApiState>, mut req: Request, next: Ne
         telemetry::auth_failure(AuthFailure::Invalid, &route);
         return unauthorized("invalid bearer token");
     };
+    if token.role != Role::Admin && !is_read(req.method()) {
+        tracing::info!(token = %token.name, method = %req.method(), %route, "read-only token refused");
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token {} is read-only: {} is not allowed",
+                token.name,
+                req.method()
+            ),
+        )
+        .into_response();
+    }
     let caller = Caller {
         name: token.name.clone(),
         role: token.role,
@@ -224,6 +292,13 @@ async fn render_metrics(State(state): State<ApiState>) -> Response {
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such route")
+}
+
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} not allowed on this route"),
+    )
 }
 
 fn path_error(e: PathRejection) -> ApiError {
@@ -315,26 +390,324 @@ fn find_twin(
     }
 }
 
+/// Whether a `Content-Type` value declares JSON: `application/json` or `application/*+json`,
+/// with any parameters.
+fn is_json_content_type(value: &HeaderValue) -> bool {
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json")
+            || (subtype.len() > 5
+                && subtype
+                    .get(subtype.len() - 5..)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("+json"))))
+}
+
+/// The body of `PATCH .../twin/desired`: checks the content type (415), reads at most
+/// [`MAX_BODY_BYTES`] (413) and parses a JSON object (400).
+async fn desired_body(
+    req: Request,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    match req.headers().get(header::CONTENT_TYPE) {
+        Some(ct) if is_json_content_type(ct) => {}
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "body: expected Content-Type: application/json",
+            ));
+        }
+        None => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "body: missing Content-Type: application/json",
+            ));
+        }
+    }
+    let bytes = Bytes::from_request(req, &()).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body: larger than {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("body: could not be read: {}", e.body_text()),
+            )
+        }
+    })?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("body: invalid JSON: {e}")))?;
+    match json {
+        serde_json::Value::Object(map) => Ok(map),
+        other => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "body: expected a JSON object of property values, got {}",
+                json_kind(&other)
+            ),
+        )),
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Renders a refused desired change: 404, 422 with `fields`, or 503.
+fn desired_error(e: DesiredError) -> Response {
+    match e {
+        DesiredError::UnknownNode(node) => node_not_found(&node).into_response(),
+        DesiredError::UnknownDevice { node, device } => {
+            device_not_found(&node, &device).into_response()
+        }
+        DesiredError::Invalid(errors) => {
+            let message = errors
+                .iter()
+                .map(|e| {
+                    if e.field.is_empty() {
+                        e.message.clone()
+                    } else {
+                        format!("{}: {}", e.field, e.message)
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            let fields: BTreeMap<&str, &str> = errors
+                .iter()
+                .filter(|e| !e.field.is_empty())
+                .map(|e| (e.field.as_str(), e.message.as_str()))
+                .collect();
+            let body = serde_json::json!({
+                "error": format!("invalid desired values: {message}"),
+                "fields": fields,
+            });
+            (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
+        }
+        DesiredError::Store(e) => {
+            tracing::error!(error = %e, "storing desired values failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store unavailable: desired values not changed",
+            )
+            .into_response()
+        }
+    }
+}
+
+/// `PATCH /api/v1/nodes/{node}/devices/{device}/twin/desired` (admin; the role was checked by
+/// [`require_token`]).
+async fn set_desired(
+    State(state): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    path: DevicePath,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let Path((node, device)) = path.map_err(path_error)?;
+    let (node, device) = (parse_node(node)?, parse_device(device)?);
+    // Always there behind `require_token`; refuse rather than guess if it is not.
+    let Some(Extension(caller)) = caller else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token",
+        ));
+    };
+    let values = desired_body(req).await?;
+    match state
+        .store
+        .set_desired(&node, &device, &values, &caller.name)
+        .await
+    {
+        Ok(set) => {
+            let versions: BTreeMap<String, u64> = set
+                .into_iter()
+                .map(|s| (s.property.as_str().to_owned(), s.version))
+                .collect();
+            Ok(Json(serde_json::json!({ "versions": versions })).into_response())
+        }
+        Err(e) => Ok(desired_error(e)),
+    }
+}
+
+/// The query of `GET /api/v1/events`.
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    /// Where to resume, for clients that cannot set `Last-Event-ID`.
+    last_event_id: Option<String>,
+}
+
+/// Parses a resumption id; empty means none (what `EventSource` sends after an event without
+/// an id).
+fn parse_last_event_id(source: &str, value: &str) -> Result<Option<u64>, ApiError> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{source}: expected an event id (a non-negative integer)"),
+        )
+    })
+}
+
+/// `GET /api/v1/events`: server-sent events, resumable (see the module docs).
+async fn events(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let last = match headers.get("last-event-id") {
+        Some(v) => {
+            let v = v.to_str().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "Last-Event-ID: expected an event id (a non-negative integer)",
+                )
+            })?;
+            parse_last_event_id("Last-Event-ID", v)?
+        }
+        None => {
+            let Query(q) =
+                query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+            match q.last_event_id {
+                Some(v) => parse_last_event_id("last_event_id", &v)?,
+                None => None,
+            }
+        }
+    };
+    let (backlog, rx) = state.store.events().subscribe(last);
+    let stream = event_stream(backlog, rx);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE).text("keep-alive"))
+        .into_response())
+}
+
+/// One subscriber's position in the event stream.
+struct Subscription {
+    /// Buffered events still to send (sent before any live one).
+    backlog: std::vec::IntoIter<Arc<Event>>,
+    /// Live events.
+    rx: broadcast::Receiver<Arc<Event>>,
+    /// An event received after a lag, sent right after the `resync` that announces the lag.
+    held: Option<Arc<Event>>,
+    /// The id of the last event sent.
+    last_sent: Option<u64>,
+}
+
+impl Subscription {
+    /// The next event to send; `None` when the bus is gone.
+    async fn next(&mut self) -> Option<Arc<Event>> {
+        if let Some(ev) = self.held.take().or_else(|| self.backlog.next()) {
+            return Some(self.sent(ev));
+        }
+        let mut missed = 0u64;
+        loop {
+            match self.rx.recv().await {
+                Ok(ev) if self.last_sent.is_some_and(|last| ev.id <= last) => continue,
+                Ok(ev) if missed > 0 => {
+                    // Announce the gap just below the first event after it, so a client that
+                    // reconnects with the resync's id resumes exactly there.
+                    let resync = Arc::new(Event {
+                        id: ev.id.saturating_sub(1),
+                        kind: "resync",
+                        data: serde_json::json!({
+                            "reason": "this client fell behind and missed events; re-read the state",
+                            "missed": missed,
+                            "last_event_id": self.last_sent,
+                        }),
+                    });
+                    self.held = Some(ev);
+                    return Some(self.sent(resync));
+                }
+                Ok(ev) => return Some(self.sent(ev)),
+                Err(RecvError::Lagged(n)) => {
+                    tracing::debug!(missed = n, "event subscriber lagged");
+                    missed = missed.saturating_add(n);
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    fn sent(&mut self, ev: Arc<Event>) -> Arc<Event> {
+        self.last_sent = Some(self.last_sent.map_or(ev.id, |last| last.max(ev.id)));
+        ev
+    }
+}
+
+fn to_sse(ev: &Event) -> SseEvent {
+    SseEvent::default()
+        .id(ev.id.to_string())
+        .event(ev.kind)
+        .data(ev.data.to_string())
+}
+
+/// The buffered events, then the live ones, as SSE events (see [`Subscription`]).
+fn event_stream(
+    backlog: Vec<Arc<Event>>,
+    rx: broadcast::Receiver<Arc<Event>>,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
+    let sub = Subscription {
+        backlog: backlog.into_iter(),
+        rx,
+        held: None,
+        last_sent: None,
+    };
+    futures_util::stream::unfold(sub, |mut sub| async move {
+        let ev = sub.next().await?;
+        Some((Ok(to_sse(&ev)), sub))
+    })
+}
+
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use axum::body::Body;
     use axum::http::Request as HttpRequest;
+    use edgesync_protocol::frame::{DeviceSchema, PropertySchema};
     use edgesync_protocol::{PropertyId, Quality, Sample, Timestamp, Value};
     use http_body_util::BodyExt;
     use serde_json::{Value as Json, json};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
     use tower::ServiceExt;
 
     use super::*;
-    use crate::store::ConnInfo;
+    use crate::store::{ConnInfo, FieldError, StoreError};
 
     const ADMIN: &str = "admin-secret-token";
     const READER: &str = "reader-secret-token";
+    const DESIRED: &str = "/api/v1/nodes/gw-1/devices/plc1/twin/desired";
 
     struct Fixture {
         _dir: tempfile::TempDir,
         app: Router,
+        store: Arc<HubStore>,
         metrics: PrometheusHandle,
+    }
+
+    fn prop(name: &str, kind: &str, writable: bool) -> PropertySchema {
+        PropertySchema {
+            property: name.into(),
+            kind: kind.into(),
+            writable,
+            unit: String::new(),
+            min: None,
+            max: None,
+        }
     }
 
     async fn fixture() -> Fixture {
@@ -377,6 +750,30 @@ mod tests {
             )
             .await
             .unwrap();
+        // What the agent says plc1 is: two read-only inputs and four writable settings.
+        let setpoint = PropertySchema {
+            unit: "°C".into(),
+            min: Some(0.0),
+            max: Some(100.0),
+            ..prop("sp", "float", true)
+        };
+        store
+            .store_schema(
+                &n,
+                &DeviceSchema {
+                    device: "plc1".into(),
+                    properties: vec![
+                        prop("temp", "float", false),
+                        prop("rpm", "int", false),
+                        setpoint,
+                        prop("mode", "string", true),
+                        prop("enabled", "bool", true),
+                        prop("count", "uint", true),
+                    ],
+                },
+            )
+            .await
+            .unwrap();
         store
             .node_connected(&NodeId::new("gw-2").unwrap(), ConnInfo::default(), 2_000)
             .unwrap();
@@ -394,27 +791,42 @@ mod tests {
             },
         ];
         let app = router(ApiState {
-            store,
+            store: store.clone(),
             tokens: Arc::new(tokens),
             metrics: metrics.clone(),
         });
         Fixture {
             _dir: dir,
             app,
+            store,
             metrics,
         }
     }
 
-    async fn call(app: &Router, uri: &str, token: Option<&str>) -> (StatusCode, Response) {
-        let mut req = HttpRequest::builder().uri(uri);
+    /// Sends a request; `body` is sent as JSON when given.
+    async fn send(
+        app: &Router,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> Response {
+        let mut req = HttpRequest::builder().method(method).uri(uri);
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let response = app
-            .clone()
-            .oneshot(req.body(Body::empty()).unwrap())
-            .await
-            .unwrap();
+        let body = match body {
+            Some(b) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                Body::from(b.to_owned())
+            }
+            None => Body::empty(),
+        };
+        app.clone().oneshot(req.body(body).unwrap()).await.unwrap()
+    }
+
+    async fn call(app: &Router, uri: &str, token: Option<&str>) -> (StatusCode, Response) {
+        let response = send(app, Method::GET, uri, token, None).await;
         (response.status(), response)
     }
 
@@ -428,17 +840,27 @@ mod tests {
             .to_vec()
     }
 
-    async fn get_json(app: &Router, uri: &str) -> (StatusCode, Json) {
-        let (status, response) = call(app, uri, Some(READER)).await;
+    async fn json_of(response: Response) -> (StatusCode, Json) {
+        let status = response.status();
         let ct = response.headers().get(header::CONTENT_TYPE).cloned();
         assert_eq!(
             ct.as_ref().and_then(|c| c.to_str().ok()),
-            Some("application/json")
+            Some("application/json"),
+            "{status}"
         );
         (
             status,
             serde_json::from_slice(&body(response).await).unwrap(),
         )
+    }
+
+    async fn get_json(app: &Router, uri: &str) -> (StatusCode, Json) {
+        let (_, response) = call(app, uri, Some(READER)).await;
+        json_of(response).await
+    }
+
+    async fn patch_json(app: &Router, uri: &str, body: &str) -> (StatusCode, Json) {
+        json_of(send(app, Method::PATCH, uri, Some(ADMIN), Some(body)).await).await
     }
 
     #[tokio::test]
@@ -490,6 +912,10 @@ mod tests {
         // Auth is checked before ids are parsed: no information leaks to strangers.
         let (status, _) = call(&f.app, "/api/v1/nodes/bad%20id", None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
+        // A path no route matches is 404 for anyone.
+        let (status, response) = call(&f.app, "/api/v1/nothing", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(json_of(response).await.1, json!({"error": "no such route"}));
         for token in [ADMIN, READER] {
             let (status, _) = call(&f.app, "/api/v1/nodes", Some(token)).await;
             assert_eq!(status, StatusCode::OK);
@@ -502,6 +928,403 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    /// Every API route, with every kind of credential.
+    #[tokio::test]
+    async fn every_route_checks_token_and_role() {
+        let f = fixture().await;
+        let reads = [
+            "/api/v1/nodes",
+            "/api/v1/nodes/gw-1",
+            "/api/v1/nodes/gw-1/devices",
+            "/api/v1/nodes/gw-1/devices/plc1",
+            "/api/v1/nodes/gw-1/devices/plc1/twin",
+            "/api/v1/events",
+        ];
+        let mut routes: Vec<(Method, &str, Option<&str>)> =
+            reads.iter().map(|uri| (Method::GET, *uri, None)).collect();
+        routes.extend(reads.iter().map(|uri| (Method::HEAD, *uri, None)));
+        routes.push((Method::PATCH, DESIRED, Some(r#"{"sp": 40}"#)));
+        for (method, uri, payload) in routes {
+            let is_change = method == Method::PATCH;
+            for token in [None, Some("wrong"), Some(READER), Some(ADMIN)] {
+                let response = send(&f.app, method.clone(), uri, token, payload).await;
+                let status = response.status();
+                let expected = match token {
+                    None | Some("wrong") => StatusCode::UNAUTHORIZED,
+                    Some(READER) if is_change => StatusCode::FORBIDDEN,
+                    _ => StatusCode::OK,
+                };
+                assert_eq!(status, expected, "{method} {uri} with {token:?}");
+                if status != StatusCode::OK {
+                    if method != Method::HEAD {
+                        let (_, json) = json_of(response).await;
+                        assert!(json["error"].is_string(), "{method} {uri}: {json}");
+                    }
+                } else if uri == "/api/v1/events" {
+                    assert_eq!(
+                        response.headers().get(header::CONTENT_TYPE).unwrap(),
+                        "text/event-stream"
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn read_only_changes_are_refused_before_anything_else() {
+        let f = fixture().await;
+        let large = format!(r#"{{"mode": "{}"}}"#, "x".repeat(MAX_BODY_BYTES));
+        for (uri, payload) in [
+            (DESIRED, r#"{"sp": 40}"#),
+            (DESIRED, "{not json"),
+            (DESIRED, large.as_str()),
+            // Unknown node and a malformed id: the reader learns nothing.
+            ("/api/v1/nodes/gw-9/devices/plc1/twin/desired", "{}"),
+            ("/api/v1/nodes/-bad/devices/plc1/twin/desired", "{}"),
+        ] {
+            let response = send(&f.app, Method::PATCH, uri, Some(READER), Some(payload)).await;
+            let (status, json) = json_of(response).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{uri}");
+            assert_eq!(
+                json["error"], "token grafana is read-only: PATCH is not allowed",
+                "{uri}"
+            );
+        }
+        // A wrong content type too.
+        let req = HttpRequest::builder()
+            .method(Method::PATCH)
+            .uri(DESIRED)
+            .header(header::AUTHORIZATION, format!("Bearer {READER}"))
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Body::from("sp=40"))
+            .unwrap();
+        let response = f.app.clone().oneshot(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        // Any method that changes, even where no route takes it.
+        for method in [Method::POST, Method::PUT, Method::DELETE] {
+            let response = send(&f.app, method.clone(), "/api/v1/nodes", Some(READER), None).await;
+            assert_eq!(response.status(), StatusCode::FORBIDDEN, "{method}");
+            let response = send(&f.app, method.clone(), "/api/v1/nodes", None, None).await;
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{method}");
+            // An admin learns that the route has no such method (JSON, like every error).
+            let response = send(&f.app, method.clone(), "/api/v1/nodes", Some(ADMIN), None).await;
+            let (status, json) = json_of(response).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method}");
+            assert_eq!(
+                json["error"],
+                format!("method {method} not allowed on this route")
+            );
+        }
+        // Nothing was changed.
+        let (_, twin) = get_json(&f.app, "/api/v1/nodes/gw-1/devices/plc1/twin").await;
+        assert_eq!(twin["desired"], json!({}));
+        let text = f.metrics.render();
+        assert!(
+            text.contains(&format!(
+                r#"edgesync_hub_http_requests_total{{route="{}",status="403"}}"#,
+                "/api/v1/nodes/{node}/devices/{device}/twin/desired"
+            )),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn patch_desired_sets_versions_and_the_twin_shows_them() {
+        let f = fixture().await;
+        let (status, json) = patch_json(
+            &f.app,
+            DESIRED,
+            r#"{"sp": 42.5, "mode": "auto", "enabled": true, "count": 7}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        let versions = json["versions"].as_object().unwrap();
+        let mut got: Vec<(&str, u64)> = versions
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_u64().unwrap()))
+            .collect();
+        got.sort_by_key(|(_, v)| *v);
+        let names: std::collections::BTreeSet<&str> = got.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            names,
+            ["count", "enabled", "mode", "sp"].into_iter().collect()
+        );
+        assert_eq!(
+            got.iter().map(|(_, v)| *v).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        // A second change of one property gets the node's next version.
+        let (status, json) = patch_json(&f.app, DESIRED, r#"{"sp": 50}"#).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json, json!({"versions": {"sp": 5}}));
+        // `application/*+json` with parameters is JSON too.
+        let req = HttpRequest::builder()
+            .method(Method::PATCH)
+            .uri(DESIRED)
+            .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+            .header(
+                header::CONTENT_TYPE,
+                "application/merge-patch+json; charset=utf-8",
+            )
+            .body(Body::from(r#"{"mode": "manual"}"#))
+            .unwrap();
+        let (status, json) = json_of(f.app.clone().oneshot(req).await.unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json, json!({"versions": {"mode": 6}}));
+
+        let (status, twin) = get_json(&f.app, "/api/v1/nodes/gw-1/devices/plc1/twin").await;
+        assert_eq!(status, StatusCode::OK);
+        let sp = &twin["desired"]["sp"];
+        assert_eq!(sp["value"], 50.0, "{twin}");
+        assert_eq!(sp["version"], 5);
+        assert_eq!(sp["origin"], "hub");
+        assert_eq!(sp["by"], "ops");
+        assert!(sp["set_ms"].as_u64().unwrap() > 1_700_000_000_000);
+        assert_eq!(sp["applied"], Json::Null);
+        assert_eq!(twin["desired"]["mode"]["value"], "manual");
+        assert_eq!(twin["desired"]["enabled"]["value"], true);
+        assert_eq!(twin["desired"]["count"]["value"], 7);
+        assert_eq!(
+            twin["delta"],
+            json!({"count": 7, "enabled": true, "mode": "manual", "sp": 50.0})
+        );
+    }
+
+    #[tokio::test]
+    async fn patch_desired_errors_are_4xx_naming_the_problem() {
+        let f = fixture().await;
+        // 404: unknown node or device.
+        for (uri, message) in [
+            (
+                "/api/v1/nodes/gw-9/devices/plc1/twin/desired",
+                "node gw-9 not found",
+            ),
+            (
+                "/api/v1/nodes/gw-1/devices/plc9/twin/desired",
+                "device plc9 not found on node gw-1",
+            ),
+        ] {
+            let (status, json) = patch_json(&f.app, uri, r#"{"sp": 40}"#).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{uri}");
+            assert_eq!(json, json!({"error": message}));
+        }
+        // 400: malformed ids.
+        for (uri, field) in [
+            ("/api/v1/nodes/-gw/devices/plc1/twin/desired", "node id"),
+            (
+                "/api/v1/nodes/gw-1/devices/pl%2Fc/twin/desired",
+                "device id",
+            ),
+        ] {
+            let (status, json) = patch_json(&f.app, uri, r#"{"sp": 40}"#).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+            assert!(json["error"].as_str().unwrap().starts_with(field), "{json}");
+        }
+        // 422: values the schema refuses, every problem at once, named by property.
+        for (payload, field, message) in [
+            (
+                r#"{"nope": 1}"#,
+                "nope",
+                r#"device plc1 has no property "nope""#,
+            ),
+            (
+                r#"{"sp": "hot"}"#,
+                "sp",
+                "expected a number value, got a string",
+            ),
+            (
+                r#"{"enabled": 1}"#,
+                "enabled",
+                "expected a boolean value, got 1",
+            ),
+            (
+                r#"{"count": -1}"#,
+                "count",
+                "expected a non-negative integer value, got -1",
+            ),
+            (r#"{"temp": 20.0}"#, "temp", "temp is read-only"),
+            (r#"{"sp": 150}"#, "sp", "150 is above the maximum 100"),
+            (r#"{"sp": -1}"#, "sp", "-1 is below the minimum 0"),
+            (
+                r#"{"mode": null}"#,
+                "mode",
+                "expected a string value, got null",
+            ),
+        ] {
+            let (status, json) = patch_json(&f.app, DESIRED, payload).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{payload}");
+            assert_eq!(json["fields"], json!({ field: message }), "{payload}");
+            assert_eq!(
+                json["error"],
+                format!("invalid desired values: {field}: {message}"),
+                "{payload}"
+            );
+        }
+        let (status, json) =
+            patch_json(&f.app, DESIRED, r#"{"sp": 40, "temp": 1.0, "nope": true}"#).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        let fields = json["fields"].as_object().unwrap();
+        assert_eq!(
+            fields.keys().collect::<Vec<_>>(),
+            vec!["nope", "temp"],
+            "{json}"
+        );
+        // An empty object changes nothing.
+        let (status, json) = patch_json(&f.app, DESIRED, "{}").await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            json,
+            json!({"error": "invalid desired values: no properties given", "fields": {}})
+        );
+        // 400: not JSON, or not an object.
+        for (payload, message) in [
+            (r#"{"sp": "#, "body: invalid JSON: "),
+            ("", "body: invalid JSON: "),
+            (
+                "[1, 2]",
+                "body: expected a JSON object of property values, got an array",
+            ),
+            (
+                "42",
+                "body: expected a JSON object of property values, got a number",
+            ),
+            (
+                "null",
+                "body: expected a JSON object of property values, got null",
+            ),
+        ] {
+            let (status, json) = patch_json(&f.app, DESIRED, payload).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{payload}");
+            assert!(
+                json["error"].as_str().unwrap().starts_with(message),
+                "{payload}: {json}"
+            );
+        }
+        // 413: too large (a valid object, one byte over the limit).
+        let pad = MAX_BODY_BYTES - r#"{"mode": ""}"#.len() + 1;
+        let large = format!(r#"{{"mode": "{}"}}"#, "x".repeat(pad));
+        assert_eq!(large.len(), MAX_BODY_BYTES + 1);
+        let (status, json) = patch_json(&f.app, DESIRED, &large).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(json, json!({"error": "body: larger than 65536 bytes"}));
+        // At the limit it is fine.
+        let fits = format!(r#"{{"mode": "{}"}}"#, "x".repeat(pad - 1));
+        let (status, _) = patch_json(&f.app, DESIRED, &fits).await;
+        assert_eq!(status, StatusCode::OK);
+        // 415: not declared JSON, or not declared at all.
+        for ct in [
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+            None,
+        ] {
+            let mut req = HttpRequest::builder()
+                .method(Method::PATCH)
+                .uri(DESIRED)
+                .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"));
+            if let Some(ct) = ct {
+                req = req.header(header::CONTENT_TYPE, ct);
+            }
+            let req = req.body(Body::from(r#"{"sp": 40}"#)).unwrap();
+            let (status, json) = json_of(f.app.clone().oneshot(req).await.unwrap()).await;
+            assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct:?}");
+            assert!(
+                json["error"].as_str().unwrap().contains("application/json"),
+                "{json}"
+            );
+        }
+        // GET on the desired route is not a thing.
+        let (status, _) = call(&f.app, DESIRED, Some(ADMIN)).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        // Only the one change at the limit got through.
+        let (_, twin) = get_json(&f.app, "/api/v1/nodes/gw-1/devices/plc1/twin").await;
+        assert_eq!(
+            twin["desired"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            vec!["mode"]
+        );
+        assert_eq!(twin["desired"]["mode"]["version"], 1);
+    }
+
+    #[tokio::test]
+    async fn a_device_without_schema_cannot_take_desired_values() {
+        let f = fixture().await;
+        // gw-2's agent reports values but never described the device (protocol version 1).
+        let n = NodeId::new("gw-2").unwrap();
+        let sample = Sample {
+            device: DeviceId::new("old").unwrap(),
+            property: PropertyId::new("sp").unwrap(),
+            value: Some(Value::Float(1.0)),
+            quality: Quality::Good,
+            ts: Timestamp(1_700_000_000_000),
+        };
+        f.store.commit_batch(&n, 1, &[sample]).await.unwrap();
+        let uri = "/api/v1/nodes/gw-2/devices/old/twin/desired";
+        let (status, json) = patch_json(&f.app, uri, r#"{"sp": 2.0}"#).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(json["fields"], json!({}));
+        assert!(
+            json["error"]
+                .as_str()
+                .unwrap()
+                .contains("node gw-2 has not described device old"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn desired_errors_map_to_statuses() {
+        let cases = [
+            (
+                DesiredError::Store(StoreError::Task("gone".into())),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                DesiredError::UnknownNode(NodeId::new("gw-9").unwrap()),
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                DesiredError::UnknownDevice {
+                    node: NodeId::new("gw-1").unwrap(),
+                    device: DeviceId::new("plc9").unwrap(),
+                },
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                DesiredError::Invalid(vec![FieldError {
+                    field: "sp".into(),
+                    message: "bad".into(),
+                }]),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+        ];
+        for (e, status) in cases {
+            assert_eq!(desired_error(e).status(), status);
+        }
+    }
+
+    #[test]
+    fn json_content_types() {
+        for (ct, ok) in [
+            ("application/json", true),
+            ("Application/JSON; charset=utf-8", true),
+            ("application/merge-patch+json", true),
+            ("application/+json", false),
+            ("application/jsonx", false),
+            ("text/json", false),
+            ("json", false),
+            ("", false),
+        ] {
+            assert_eq!(
+                is_json_content_type(&HeaderValue::from_static(ct)),
+                ok,
+                "{ct}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -619,5 +1442,556 @@ mod tests {
         assert!(find_token(&tokens, "").is_none());
         let shown = format!("{:?}", tokens[0]);
         assert!(shown.contains("redacted"));
+    }
+
+    // ---- Server-sent events ----
+
+    /// One SSE message as a client sees it (`None` fields were absent).
+    #[derive(Debug, Clone, PartialEq)]
+    struct Msg {
+        id: Option<u64>,
+        kind: Option<String>,
+        data: Option<Json>,
+        comment: Option<String>,
+    }
+
+    /// Reads SSE messages from text arriving in arbitrary pieces.
+    struct SseClient {
+        rx: mpsc::UnboundedReceiver<String>,
+        buf: String,
+    }
+
+    impl SseClient {
+        /// Reads the body of a response in a task of its own.
+        fn from_response(response: Response) -> SseClient {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let mut body = response.into_body();
+            tokio::spawn(async move {
+                while let Some(Ok(frame)) = body.frame().await {
+                    if let Ok(data) = frame.into_data()
+                        && tx.send(String::from_utf8(data.to_vec()).unwrap()).is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            SseClient {
+                rx,
+                buf: String::new(),
+            }
+        }
+
+        /// The next message, comments included.
+        async fn next_any(&mut self) -> Msg {
+            loop {
+                if let Some(end) = self.buf.find("\n\n") {
+                    let block: String = self.buf.drain(..end + 2).collect();
+                    return parse_block(&block);
+                }
+                let piece = tokio::time::timeout(Duration::from_secs(20), self.rx.recv())
+                    .await
+                    .expect("no SSE message within 20 s")
+                    .expect("the stream ended");
+                self.buf.push_str(&piece);
+            }
+        }
+
+        /// The next event (keep-alive comments skipped).
+        async fn next(&mut self) -> Msg {
+            loop {
+                let m = self.next_any().await;
+                if m.comment.is_none() {
+                    return m;
+                }
+            }
+        }
+
+        /// The next `n` events as `(id, kind)`.
+        async fn ids(&mut self, n: usize) -> Vec<(u64, String)> {
+            let mut out = vec![];
+            for _ in 0..n {
+                let m = self.next().await;
+                out.push((m.id.unwrap(), m.kind.unwrap()));
+            }
+            out
+        }
+
+        /// Nothing more arrives within `ms` (real time).
+        async fn quiet(&mut self, ms: u64) {
+            if let Some(end) = self.buf.find("\n\n") {
+                panic!("unexpected message: {:?}", &self.buf[..end]);
+            }
+            if let Ok(Some(piece)) =
+                tokio::time::timeout(Duration::from_millis(ms), self.rx.recv()).await
+            {
+                panic!("unexpected message: {piece:?}");
+            }
+        }
+    }
+
+    fn parse_block(block: &str) -> Msg {
+        let mut m = Msg {
+            id: None,
+            kind: None,
+            data: None,
+            comment: None,
+        };
+        for line in block.lines() {
+            if let Some(c) = line.strip_prefix(':') {
+                m.comment = Some(c.trim().to_owned());
+            } else if let Some((field, value)) = line.split_once(':') {
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match field {
+                    "id" => m.id = Some(value.parse().unwrap()),
+                    "event" => m.kind = Some(value.to_owned()),
+                    "data" => m.data = Some(serde_json::from_str(value).unwrap()),
+                    other => panic!("unexpected field {other:?} in {block:?}"),
+                }
+            }
+        }
+        m
+    }
+
+    /// `GET /api/v1/events` with extra headers.
+    async fn subscribe(f: &Fixture, uri: &str, headers: &[(&str, &str)]) -> Response {
+        let mut req = HttpRequest::builder()
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {READER}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let response = f
+            .app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers().get(header::CONTENT_TYPE).unwrap(),
+            "text/event-stream"
+        );
+        response
+    }
+
+    fn publish(f: &Fixture, kind: &'static str, i: u64) -> u64 {
+        f.store.events().publish(kind, json!({"i": i}))
+    }
+
+    #[tokio::test]
+    async fn events_a_client_sees_what_is_published_after_it_connected() {
+        let f = fixture().await;
+        let before = publish(&f, "node_connected", 0);
+        let mut client = SseClient::from_response(subscribe(&f, "/api/v1/events", &[]).await);
+        // A desired change through the API is an event...
+        let (status, _) = patch_json(&f.app, DESIRED, r#"{"sp": 40}"#).await;
+        assert_eq!(status, StatusCode::OK);
+        let m = client.next().await;
+        assert_eq!(m.kind.as_deref(), Some("desired"));
+        assert!(m.id.unwrap() > before);
+        let data = m.data.unwrap();
+        assert_eq!(data["node"], "gw-1");
+        assert_eq!(data["device"], "plc1");
+        assert_eq!(data["property"], "sp");
+        assert_eq!(data["desired"]["value"], 40.0);
+        assert_eq!(data["desired"]["version"], 1);
+        assert_eq!(data["desired"]["by"], "ops");
+        // ... and so is anything else published on the bus, in order.
+        let a = publish(&f, "node_disconnected", 1);
+        let b = publish(&f, "twin", 2);
+        let m = client.next().await;
+        assert_eq!(
+            m,
+            Msg {
+                id: Some(a),
+                kind: Some("node_disconnected".into()),
+                data: Some(json!({"i": 1})),
+                comment: None,
+            }
+        );
+        assert_eq!(client.ids(1).await, vec![(b, "twin".to_owned())]);
+        // What was published before it connected never comes.
+        client.quiet(100).await;
+    }
+
+    /// What each kind of event carries (the shapes `docs/api.md` shows).
+    #[tokio::test]
+    async fn events_carry_every_kind_of_change() {
+        use edgesync_protocol::frame::{Control, ControlKind, DesiredStatus};
+        let f = fixture().await;
+        let mut client = SseClient::from_response(subscribe(&f, "/api/v1/events", &[]).await);
+        let n3 = NodeId::new("gw-3").unwrap();
+        let info = ConnInfo {
+            remote_addr: "10.0.0.7:50000".into(),
+            agent_version: "0.2.0".into(),
+            ..ConnInfo::default()
+        };
+        f.store.node_connected(&n3, info, 5_000).unwrap();
+        let m = client.next().await;
+        assert_eq!(m.kind.as_deref(), Some("node_connected"));
+        assert_eq!(
+            m.data.unwrap(),
+            json!({"node": "gw-3", "remote_addr": "10.0.0.7:50000", "agent_version": "0.2.0", "ts_ms": 5000})
+        );
+        let sample = Sample {
+            device: DeviceId::new("plc7").unwrap(),
+            property: PropertyId::new("temp").unwrap(),
+            value: Some(Value::Float(19.0)),
+            quality: Quality::Good,
+            ts: Timestamp(1_700_000_001_000),
+        };
+        f.store.commit_batch(&n3, 1, &[sample]).await.unwrap();
+        let m = client.next().await;
+        assert_eq!(m.kind.as_deref(), Some("twin"));
+        assert_eq!(
+            m.data.unwrap(),
+            json!({"node": "gw-3", "device": "plc7", "reported": {
+                "temp": {"value": 19.0, "quality": "good", "ts": 1_700_000_001_000u64}
+            }})
+        );
+        let (status, _) = patch_json(&f.app, DESIRED, r#"{"sp": 40}"#).await;
+        assert_eq!(status, StatusCode::OK);
+        let m = client.next().await;
+        assert_eq!(m.kind.as_deref(), Some("desired"));
+        let data = m.data.unwrap();
+        let set_ms = data["desired"]["set_ms"].as_u64().unwrap();
+        assert_eq!(
+            data,
+            json!({"node": "gw-1", "device": "plc1", "property": "sp", "desired": {
+                "value": 40.0, "version": 1, "origin": "hub", "set_ms": set_ms, "by": "ops",
+                "applied": null,
+            }})
+        );
+        // The node reports that version 1 was refused, then (a resend) nothing more.
+        let status = |seq, outcome, detail: &str| Control {
+            seq,
+            kind: Some(ControlKind::Status(DesiredStatus {
+                device: "plc1".into(),
+                property: "sp".into(),
+                version: 1,
+                outcome,
+                exception_code: 0,
+                detail: detail.into(),
+                ts_ms: 1_700_000_002_000,
+            })),
+        };
+        let gw1 = NodeId::new("gw-1").unwrap();
+        f.store
+            .apply_control(&gw1, status(1, 4, "above the tag's limit"))
+            .await
+            .unwrap();
+        let m = client.next().await;
+        assert_eq!(m.kind.as_deref(), Some("applied"));
+        let applied = json!({"version": 1, "outcome": "refused", "detail": "above the tag's limit", "ts_ms": 1_700_000_002_000u64});
+        assert_eq!(
+            m.data.unwrap(),
+            json!({"node": "gw-1", "device": "plc1", "property": "sp", "applied": applied})
+        );
+        let (_, twin) = get_json(&f.app, "/api/v1/nodes/gw-1/devices/plc1/twin").await;
+        assert_eq!(twin["desired"]["sp"]["applied"], applied);
+        f.store.apply_control(&gw1, status(2, 1, "")).await.unwrap();
+        let m = client.next().await;
+        assert_eq!(
+            m.data.unwrap()["applied"],
+            json!({"version": 1, "outcome": "ok", "ts_ms": 1_700_000_002_000u64})
+        );
+        f.store.node_disconnected(&n3, 6_000).unwrap();
+        let m = client.next().await;
+        assert_eq!(m.kind.as_deref(), Some("node_disconnected"));
+        assert_eq!(m.data.unwrap(), json!({"node": "gw-3", "ts_ms": 6000}));
+        client.quiet(50).await;
+    }
+
+    #[tokio::test]
+    async fn events_resume_after_last_event_id_then_continue_live() {
+        let f = fixture().await;
+        let ids: Vec<u64> = (0..4).map(|i| publish(&f, "twin", i)).collect();
+        let last = ids[1].to_string();
+        let mut header_client = SseClient::from_response(
+            subscribe(&f, "/api/v1/events", &[("last-event-id", &last)]).await,
+        );
+        let query = format!("/api/v1/events?last_event_id={last}");
+        let mut query_client = SseClient::from_response(subscribe(&f, &query, &[]).await);
+        // The header wins over the query parameter.
+        let mut both_client = SseClient::from_response(
+            subscribe(
+                &f,
+                &format!("/api/v1/events?last_event_id={}", ids[0]),
+                &[("Last-Event-ID", &ids[2].to_string())],
+            )
+            .await,
+        );
+        let live = publish(&f, "desired", 9);
+        for client in [&mut header_client, &mut query_client] {
+            assert_eq!(
+                client.ids(3).await,
+                vec![
+                    (ids[2], "twin".to_owned()),
+                    (ids[3], "twin".to_owned()),
+                    (live, "desired".to_owned()),
+                ]
+            );
+            client.quiet(50).await;
+        }
+        assert_eq!(
+            both_client.ids(2).await,
+            vec![(ids[3], "twin".to_owned()), (live, "desired".to_owned())]
+        );
+        both_client.quiet(50).await;
+        // Resuming at the newest id: only live events. An empty header means no id.
+        for headers in [
+            vec![("last-event-id", live.to_string())],
+            vec![("last-event-id", String::new())],
+        ] {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let mut client =
+                SseClient::from_response(subscribe(&f, "/api/v1/events", &headers).await);
+            let next = publish(&f, "twin", 10);
+            assert_eq!(client.ids(1).await, vec![(next, "twin".to_owned())]);
+            client.quiet(50).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn events_resuming_from_an_unknown_past_gets_resync_first() {
+        let f = fixture().await;
+        let first = publish(&f, "twin", 0);
+        // An id from before this hub run (ids start at the start time in ms times 1000).
+        let mut client = SseClient::from_response(
+            subscribe(&f, "/api/v1/events", &[("Last-Event-ID", "12345")]).await,
+        );
+        let m = client.next().await;
+        assert_eq!(m.kind.as_deref(), Some("resync"));
+        assert_eq!(m.data.unwrap()["last_event_id"], 12345);
+        // Then the whole buffer (the fixture's own events first), in order, without a gap.
+        let mut previous = m.id.unwrap();
+        loop {
+            let id = client.next().await.id.unwrap();
+            assert_eq!(id, previous + 1);
+            previous = id;
+            if id == first {
+                break;
+            }
+        }
+        client.quiet(50).await;
+    }
+
+    #[tokio::test]
+    async fn events_bad_last_event_id_is_400() {
+        let f = fixture().await;
+        for (uri, header_value, message) in [
+            (
+                "/api/v1/events",
+                Some("abc"),
+                "Last-Event-ID: expected an event id (a non-negative integer)",
+            ),
+            (
+                "/api/v1/events",
+                Some("-1"),
+                "Last-Event-ID: expected an event id (a non-negative integer)",
+            ),
+            (
+                "/api/v1/events?last_event_id=1e3",
+                None,
+                "last_event_id: expected an event id (a non-negative integer)",
+            ),
+        ] {
+            let mut req = HttpRequest::builder()
+                .uri(uri)
+                .header(header::AUTHORIZATION, format!("Bearer {READER}"));
+            if let Some(v) = header_value {
+                req = req.header("last-event-id", v);
+            }
+            let response = f
+                .app
+                .clone()
+                .oneshot(req.body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            let (status, json) = json_of(response).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+            assert_eq!(json, json!({"error": message}));
+        }
+    }
+
+    #[tokio::test]
+    async fn events_a_lagging_client_gets_resync_and_continues() {
+        let f = fixture().await;
+        let response = subscribe(&f, "/api/v1/events", &[]).await;
+        // The client reads nothing while more events are published than the channel holds
+        // (tokio rounds its capacity up to a power of two); publishing never waits for it.
+        let burst = (f.store.events().capacity().next_power_of_two() + 100) as u64;
+        let ids: Vec<u64> = (0..burst).map(|i| publish(&f, "twin", i)).collect();
+        let mut client = SseClient::from_response(response);
+        let m = client.next().await;
+        assert_eq!(m.kind.as_deref(), Some("resync"), "{m:?}");
+        let data = m.data.unwrap();
+        let missed = data["missed"].as_u64().unwrap();
+        assert!(missed >= 100, "{data}");
+        assert_eq!(data["last_event_id"], Json::Null);
+        // It continues with the oldest event still in the channel, its id just above the
+        // resync's, and then every later one in order.
+        let resync_id = m.id.unwrap();
+        let next = client.next().await;
+        assert_eq!(next.id, Some(resync_id + 1));
+        assert_eq!(next.id, Some(ids[missed as usize]));
+        assert_eq!(next.data.unwrap()["i"], missed);
+        for expected in &ids[missed as usize + 1..missed as usize + 50] {
+            assert_eq!(client.next().await.id, Some(*expected));
+        }
+    }
+
+    #[tokio::test]
+    async fn subscription_resync_after_lag_keeps_the_last_sent_id() {
+        let bus = crate::events::EventBus::new(16, 1);
+        let (backlog, rx) = bus.subscribe(None);
+        let mut sub = Subscription {
+            backlog: backlog.into_iter(),
+            rx,
+            held: None,
+            last_sent: None,
+        };
+        let first = bus.publish("twin", json!({}));
+        assert_eq!(sub.next().await.unwrap().id, first);
+        let ids: Vec<u64> = (0..40).map(|_| bus.publish("twin", json!({}))).collect();
+        let resync = sub.next().await.unwrap();
+        assert_eq!(resync.kind, "resync");
+        assert_eq!(resync.data["last_event_id"], first);
+        assert_eq!(resync.data["missed"], 24);
+        assert_eq!(resync.id, ids[24] - 1);
+        let mut got = vec![];
+        for _ in 0..16 {
+            got.push(sub.next().await.unwrap().id);
+        }
+        assert_eq!(got, ids[24..]);
+        // A live event already sent (or older) is skipped.
+        sub.last_sent = Some(u64::MAX - 1);
+        bus.publish("twin", json!({}));
+        drop(bus);
+        assert!(sub.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn events_keep_alive_comments_when_idle() {
+        let f = fixture().await;
+        let response = subscribe(&f, "/api/v1/events", &[]).await;
+        tokio::time::pause();
+        let mut client = SseClient::from_response(response);
+        let start = tokio::time::Instant::now();
+        let m = client.next_any().await;
+        assert_eq!(m.comment.as_deref(), Some("keep-alive"), "{m:?}");
+        assert_eq!(m.id, None);
+        // (The keep-alive timer started a moment before the clock was paused.)
+        let idle = start.elapsed();
+        assert!(idle > SSE_KEEP_ALIVE - Duration::from_secs(1), "{idle:?}");
+        assert!(idle < SSE_KEEP_ALIVE + Duration::from_secs(1), "{idle:?}");
+        // Events still flow afterwards.
+        tokio::time::resume();
+        let id = publish(&f, "twin", 0);
+        assert_eq!(client.ids(1).await, vec![(id, "twin".to_owned())]);
+    }
+
+    /// Reads an HTTP/1.1 response over TCP: returns its head, and its chunked body as it
+    /// arrives.
+    async fn tcp_get(
+        addr: std::net::SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (String, SseClient) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: hub\r\nAccept: text/event-stream\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        let head_end = loop {
+            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed before the response head");
+            raw.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8(raw[..head_end].to_vec()).unwrap();
+        let mut rest = raw[head_end + 4..].to_vec();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            // Decodes `Transfer-Encoding: chunked`.
+            loop {
+                while let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+                    let size_line = String::from_utf8(rest[..i].to_vec()).unwrap();
+                    let size = usize::from_str_radix(size_line.trim(), 16).unwrap();
+                    if size == 0 {
+                        return;
+                    }
+                    if rest.len() < i + 2 + size + 2 {
+                        break;
+                    }
+                    let data = rest[i + 2..i + 2 + size].to_vec();
+                    rest.drain(..i + 2 + size + 2);
+                    if tx.send(String::from_utf8(data).unwrap()).is_err() {
+                        return;
+                    }
+                }
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => rest.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        (
+            head,
+            SseClient {
+                rx,
+                buf: String::new(),
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn events_over_tcp_resume_then_stream_live() {
+        let f = fixture().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = f.app.clone();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let ids: Vec<u64> = (0..3).map(|i| publish(&f, "twin", i)).collect();
+        let auth = format!("Bearer {ADMIN}");
+        let last = ids[0].to_string();
+        let (head, mut client) = tcp_get(
+            addr,
+            "/api/v1/events",
+            &[("Authorization", &auth), ("Last-Event-ID", &last)],
+        )
+        .await;
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.starts_with("http/1.1 200"), "{head}");
+        assert!(lower.contains("content-type: text/event-stream"), "{head}");
+        assert!(lower.contains("transfer-encoding: chunked"), "{head}");
+        assert_eq!(
+            client.ids(2).await,
+            vec![(ids[1], "twin".to_owned()), (ids[2], "twin".to_owned())]
+        );
+        // Live events arrive as they are published, over the same response.
+        let (status, _) = patch_json(&f.app, DESIRED, r#"{"mode": "auto"}"#).await;
+        assert_eq!(status, StatusCode::OK);
+        let m = client.next().await;
+        assert_eq!(m.kind.as_deref(), Some("desired"));
+        assert!(m.id.unwrap() > ids[2]);
+        assert_eq!(m.data.unwrap()["desired"]["value"], "auto");
+        let next = publish(&f, "node_disconnected", 3);
+        assert_eq!(
+            client.ids(1).await,
+            vec![(next, "node_disconnected".to_owned())]
+        );
+        // Without a token the stream is refused.
+        let (head, _) = tcp_get(addr, "/api/v1/events", &[]).await;
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+        server.abort();
     }
 }
