@@ -20,9 +20,13 @@
 //!   credentials, and keep-alive 0 replaced by 65535 s (rumqttd refuses 0); a client id that is
 //!   connected already is taken over here (the older connection is closed), as MQTT requires;
 //! - counts distinct topics published to and filters subscribed to (`max_topics`) and closes a
-//!   connection that would exceed the budget; refuses shared subscriptions (`$share/...`).
+//!   connection that would exceed the budget; refuses shared subscriptions (`$share/...`);
+//! - maps topics and filters that start with `$` (KubeEdge's `$hw/...`), which rumqttd 0.20
+//!   refuses to subscribe to (it disconnects the client) and never matches, to `_$...` on the
+//!   way in, and back on the way out (the PUBLISH packets rumqttd sends). Topics and filters a
+//!   client writes with the prefix `_$` are refused, so the mapping cannot be forged.
 //!
-//! Broker-to-client bytes are copied unchanged. The agent's own client (recognised by a
+//! Broker-to-client packets are forwarded unchanged except for that mapping. The agent's own client (recognised by a
 //! per-process secret credential) is exempt from the connection and topic limits: its topics
 //! are bounded by the configured devices.
 //!
@@ -272,7 +276,7 @@ pub fn upstream_connect(c: &Connect, internal_id: &str, user: &str, password: &s
     body.extend_from_slice(&keep_alive.to_be_bytes());
     put_bytes(&mut body, internal_id.as_bytes());
     if let Some((topic, payload, _, _)) = &c.will {
-        put_bytes(&mut body, topic.as_bytes());
+        put_bytes(&mut body, to_internal(topic).as_bytes());
         put_bytes(&mut body, payload);
     }
     put_bytes(&mut body, user.as_bytes());
@@ -296,6 +300,9 @@ pub fn check_topic(t: &str) -> Result<(), GuardError> {
     if t.contains(['+', '#']) {
         return Err(refused("topic holds a wildcard"));
     }
+    if t.starts_with(MAPPED) {
+        return Err(refused("topics starting with _$ are reserved"));
+    }
     Ok(())
 }
 
@@ -307,6 +314,9 @@ pub fn check_filter(f: &str) -> Result<(), GuardError> {
     }
     if f.starts_with("$share/") {
         return Err(refused("shared subscriptions are not supported"));
+    }
+    if f.starts_with(MAPPED) {
+        return Err(refused("filters starting with _$ are reserved"));
     }
     let levels: Vec<&str> = f.split('/').collect();
     for (i, level) in levels.iter().enumerate() {
@@ -321,6 +331,89 @@ pub fn check_filter(f: &str) -> Result<(), GuardError> {
         }
     }
     Ok(())
+}
+
+/// The prefix rumqttd sees instead of `$`.
+const MAPPED: &str = "_$";
+
+/// A client's topic or filter as rumqttd sees it: `$x` becomes `_$x`.
+pub fn to_internal(t: &str) -> std::borrow::Cow<'_, str> {
+    if t.starts_with('$') {
+        std::borrow::Cow::Owned(format!("_{t}"))
+    } else {
+        std::borrow::Cow::Borrowed(t)
+    }
+}
+
+/// A topic rumqttd sends, as the client knows it: `_$x` becomes `$x`.
+pub fn to_external(t: &str) -> &str {
+    if t.starts_with(MAPPED) { &t[1..] } else { t }
+}
+
+/// Encodes a packet from its first byte and body.
+fn encode(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(first);
+    put_len(&mut out, body.len());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Maps the topic or filters of a checked client packet for rumqttd (the packet unchanged when
+/// nothing needs mapping).
+pub fn map_client_packet(packet: Vec<u8>) -> Result<Vec<u8>, GuardError> {
+    let (first, body) = split(&packet)?;
+    let kind = first >> 4;
+    let mut b = Body { buf: body };
+    match kind {
+        PUBLISH => {
+            let topic = b.string()?;
+            if !topic.starts_with('$') {
+                return Ok(packet);
+            }
+            let mut out = Vec::with_capacity(body.len() + 1);
+            put_bytes(&mut out, to_internal(topic).as_bytes());
+            out.extend_from_slice(b.buf);
+            Ok(encode(first, &out))
+        }
+        SUBSCRIBE | UNSUBSCRIBE => {
+            let id = b.u16()?;
+            let mut out = id.to_be_bytes().to_vec();
+            let mut mapped = false;
+            while !b.is_empty() {
+                let f = b.string()?;
+                mapped |= f.starts_with('$');
+                put_bytes(&mut out, to_internal(f).as_bytes());
+                if kind == SUBSCRIBE {
+                    out.push(b.u8()?);
+                }
+            }
+            if mapped {
+                Ok(encode(first, &out))
+            } else {
+                Ok(packet)
+            }
+        }
+        _ => Ok(packet),
+    }
+}
+
+/// Maps the topic of a PUBLISH rumqttd sends back to the client's form (other packets
+/// unchanged).
+pub fn map_broker_packet(packet: Vec<u8>) -> Result<Vec<u8>, GuardError> {
+    let (first, body) = split(&packet)?;
+    if first >> 4 != PUBLISH {
+        return Ok(packet);
+    }
+    let mut b = Body { buf: body };
+    let topic = b.string()?;
+    if !topic.starts_with(MAPPED) {
+        return Ok(packet);
+    }
+    let mut out = Vec::with_capacity(body.len());
+    put_bytes(&mut out, to_external(topic).as_bytes());
+    out.extend_from_slice(b.buf);
+    Ok(encode(first, &out))
 }
 
 /// What a client packet does that the guard must account for.
@@ -661,11 +754,21 @@ async fn connection(
                         }
                     }
                 }
-                up_w.write_all(&packet).await?;
+                up_w.write_all(&map_client_packet(packet)?).await?;
             }
         } => r,
-        // Broker to client, bytes as they come.
-        r = tokio::io::copy(&mut up_r, &mut client_w) => r.map(|_| ()).map_err(GuardError::from),
+        // Broker to client, packet by packet (PUBLISH topics mapped back). Not
+        // cancellation-safe either; same reason.
+        r = async {
+            let mut up_r = BufReader::new(&mut up_r);
+            loop {
+                // rumqttd's packets are bounded by max_payload_size plus a header.
+                let Some(packet) = read_packet(&mut up_r, cfg.max_packet_bytes + 4096).await? else {
+                    return Ok(());
+                };
+                client_w.write_all(&map_broker_packet(packet)?).await?;
+            }
+        } => r,
         // A newer connection with the same client id took over.
         () = takeover.cancelled() => Err(refused("taken over by a newer connection with the same client id")),
         // Shutdown.
@@ -765,6 +868,40 @@ mod tests {
         for good in ["#", "+/+", "a/+/c/#", "$hw/events/device/+/twin/update"] {
             assert!(check_filter(good).is_ok(), "{good}");
         }
+    }
+
+    #[test]
+    fn dollar_topics_are_mapped_both_ways() {
+        let mut body = Vec::new();
+        put_bytes(&mut body, b"$hw/events/device/d/twin/get");
+        body.extend_from_slice(b"{}");
+        let publish = encode(0x30, &body);
+        let internal = map_client_packet(publish.clone()).unwrap();
+        let (_, ib) = split(&internal).unwrap();
+        assert_eq!(
+            Body { buf: ib }.string().unwrap(),
+            "_$hw/events/device/d/twin/get"
+        );
+        assert_eq!(map_broker_packet(internal).unwrap(), publish);
+        let mut sub = vec![0, 7];
+        put_bytes(&mut sub, b"$hw/events/device/+/twin/#");
+        sub.push(1);
+        put_bytes(&mut sub, b"plain/#");
+        sub.push(0);
+        let mapped = map_client_packet(encode(0x82, &sub)).unwrap();
+        let (_, mb) = split(&mapped).unwrap();
+        let mut b = Body { buf: mb };
+        assert_eq!(b.u16().unwrap(), 7);
+        assert_eq!(b.string().unwrap(), "_$hw/events/device/+/twin/#");
+        assert_eq!(b.u8().unwrap(), 1);
+        assert_eq!(b.string().unwrap(), "plain/#");
+        // Plain topics pass untouched; the reserved prefix cannot be written by a client.
+        let mut plain = Vec::new();
+        put_bytes(&mut plain, b"a/b");
+        let p = encode(0x30, &plain);
+        assert_eq!(map_client_packet(p.clone()).unwrap(), p);
+        assert!(check_topic("_$hw/x").is_err());
+        assert!(check_filter("_$hw/#").is_err());
     }
 
     #[tokio::test]

@@ -495,16 +495,23 @@ impl Bus {
             .get(device)
             .is_some_and(|d| samples.iter().any(|s| d.contains_key(&s.property)));
         if touches_desired {
-            self.publish_delta(device, false);
+            self.publish_delta(device, false, samples);
         }
     }
 
     /// Publishes the device's delta: always when `force` and it is not empty (after a desired
-    /// change, as KubeEdge does after an update), otherwise only when it changed.
-    fn publish_delta(&mut self, device: &DeviceId, force: bool) {
-        let (Some(spec), Some(doc)) = (self.twin.spec(device), self.twin.document(device)) else {
+    /// change, as KubeEdge does after an update), otherwise only when it changed. `latest` are
+    /// samples newer than (or as new as) the twin's, from the event being handled.
+    fn publish_delta(&mut self, device: &DeviceId, force: bool, latest: &[Sample]) {
+        let (Some(spec), Some(mut doc)) = (self.twin.spec(device), self.twin.document(device))
+        else {
             return;
         };
+        for s in latest {
+            if let Some(p) = doc.properties.get_mut(&s.property) {
+                p.reported = Some(s.clone());
+            }
+        }
         let delta = kubeedge::delta_map(&doc.properties);
         let changed = self.deltas.get(device) != Some(&delta);
         if (force && !delta.is_empty()) || changed {
@@ -551,7 +558,7 @@ impl Bus {
             kubeedge::document(&kubeedge::new_event_id(), change, now_ms()),
             "document",
         );
-        self.publish_delta(device, true);
+        self.publish_delta(device, true, &[]);
     }
 
     fn on_request(&mut self, req: &Incoming) {
