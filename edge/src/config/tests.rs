@@ -316,7 +316,7 @@ cert = "c.pem"
 key = "k.pem"
 bundle = "b.pem"
 extra = { nested = 1 }
-[mqtt]
+[mqtt_bridge]
 port = 1883
 [[devices]]
 id = "d"
@@ -350,7 +350,7 @@ deadband_percent = 2.0
             13,
             "[identity]: unknown field \"extra\" (expected one of: trust_domain, cert, key, bundle)",
         ),
-        (14, "top level: unknown field \"mqtt\""),
+        (14, "top level: unknown field \"mqtt_bridge\""),
         (
             20,
             "device \"d\": unknown field \"unitid\" (did you mean \"unit_id\"?)",
