@@ -34,6 +34,7 @@ APT_PACKAGES=(
     libc6-dev-arm64-cross  # aarch64 libc to link against (a Recommends of the line above)
     file                   # test.sh checks the cross-built agent is an aarch64 ELF
     procps                 # `kill`, used by the testkit harness to SIGTERM agent/hub processes
+    mosquitto              # edge/tests/mqtt.rs runs the agent's MQTT bus against a real Mosquitto (+ mosquitto_passwd)
 )
 
 install_apt_packages() {

@@ -482,3 +482,82 @@ fn check_client_id(id: &str) -> Result<(), &'static str> {
 fn usize_of(v: i64) -> usize {
     usize::try_from(v).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const BASE: &str = "[agent]\ndata_dir = \"d\"\n[hub]\naddress = \"h:1\"\n[identity]\ntrust_domain = \"example.org\"\ncert = \"c\"\nkey = \"k\"\nbundle = \"b\"\n";
+
+    fn parse(mqtt: &str) -> Result<MqttConfig, Vec<(Option<usize>, String)>> {
+        super::super::parse("agent.toml", &format!("{BASE}{mqtt}"), Path::new("/etc/e"))
+            .map(|c| c.mqtt)
+            .map_err(|e| e.iter().map(|e| (e.line, e.message.clone())).collect())
+    }
+
+    #[test]
+    fn absent_means_embedded_on_loopback() {
+        let c = parse("").unwrap();
+        assert_eq!(c, MqttConfig::default());
+        assert_eq!(c.mode, MqttMode::Embedded(EmbeddedBroker::default()));
+        assert_eq!(DEFAULT_LISTEN.to_string(), "127.0.0.1:1883");
+    }
+
+    #[test]
+    fn external_with_tls_and_password_file() {
+        let c = parse(
+            "[mqtt]\nmode = \"external\"\nbroker = \"mosquitto.local:8883\"\nusername = \"agent\"\npassword_file = \"pw\"\ntls_ca_file = \"ca.pem\"\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.mode,
+            MqttMode::External(ExternalBroker {
+                address: "mosquitto.local:8883".into(),
+                tls: Some(MqttTls {
+                    ca_file: "/etc/e/ca.pem".into(),
+                    client_cert: Some(("/etc/e/c.pem".into(), "/etc/e/k.pem".into())),
+                }),
+            })
+        );
+        assert_eq!(c.password, Some(MqttPassword::File("/etc/e/pw".into())));
+        assert_eq!(
+            format!("{:?}", MqttPassword::Inline("x".into())),
+            "Inline(<redacted>)"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let errs = parse(
+            "[mqtt]\nmode = \"external\"\nlisten = \"127.0.0.1:1\"\npassword = \"p\"\ntls_cert_file = \"c\"\nsegment_count = 0\nbogus = 1\n",
+        )
+        .unwrap_err();
+        let line = |n: usize| BASE.lines().count() + n;
+        let has = |l: usize, needle: &str| {
+            errs.iter()
+                .any(|(el, m)| *el == Some(line(l)) && m.contains(needle))
+        };
+        assert!(has(1, "missing required field \"broker\""), "{errs:#?}");
+        assert!(
+            has(3, "listen applies only to mode = \"embedded\""),
+            "{errs:#?}"
+        );
+        assert!(has(4, "needs a username"), "{errs:#?}");
+        assert!(has(5, "tls_cert_file needs tls_ca_file"), "{errs:#?}");
+        assert!(has(6, "segment_count applies only"), "{errs:#?}");
+        assert!(has(7, "bogus"), "{errs:#?}");
+        let errs = parse("[mqtt]\nmode = \"cloud\"\nlisten = \"nowhere\"\nclient_id = \"a/b\"\nkeepalive_ms = 10\n")
+            .unwrap_err();
+        for needle in ["is not one of", "client_id \"a/b\"", "keepalive_ms is 10"] {
+            assert!(
+                errs.iter().any(|(_, m)| m.contains(needle)),
+                "{needle}: {errs:#?}"
+            );
+        }
+        let errs = parse("[mqtt]\nlisten = \"nowhere\"\n").unwrap_err();
+        assert!(errs[0].1.contains("not an ip:port"), "{errs:#?}");
+        assert!(parse("[mqtt]\nmode = \"off\"\n").unwrap().mode == MqttMode::Off);
+    }
+}
