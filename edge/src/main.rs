@@ -84,8 +84,9 @@ fn main() -> ExitCode {
         Command::Run { config: path } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                        tracing_subscriber::EnvFilter::new("info,rumqttd=warn")
+                    }),
                 )
                 .init();
             let cfg = match config::load(&path) {
