@@ -53,6 +53,7 @@ use futures_util::Stream;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio_util::sync::CancellationToken;
 
 use crate::events::Event;
 use crate::store::{DesiredError, HubStore};
@@ -113,6 +114,9 @@ pub struct ApiState {
     pub tokens: Arc<Vec<ApiToken>>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Cancelled when the hub stops: open event streams end, so a graceful shutdown does not
+    /// wait for their clients to hang up.
+    pub shutdown: CancellationToken,
 }
 
 impl fmt::Debug for ApiState {
@@ -589,7 +593,7 @@ async fn events(
         }
     };
     let (backlog, rx) = state.store.events().subscribe(last);
-    let stream = event_stream(backlog, rx);
+    let stream = event_stream(backlog, rx, state.shutdown.clone());
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE).text("keep-alive"))
         .into_response())
@@ -656,9 +660,11 @@ fn to_sse(ev: &Event) -> SseEvent {
 }
 
 /// The buffered events, then the live ones, as SSE events (see [`Subscription`]).
+/// The stream ends when `shutdown` is cancelled.
 fn event_stream(
     backlog: Vec<Arc<Event>>,
     rx: broadcast::Receiver<Arc<Event>>,
+    shutdown: CancellationToken,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static {
     let sub = Subscription {
         backlog: backlog.into_iter(),
@@ -666,9 +672,16 @@ fn event_stream(
         held: None,
         last_sent: None,
     };
-    futures_util::stream::unfold(sub, |mut sub| async move {
-        let ev = sub.next().await?;
-        Some((Ok(to_sse(&ev)), sub))
+    futures_util::stream::unfold(sub, move |mut sub| {
+        let shutdown = shutdown.clone();
+        async move {
+            let ev = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return None,
+                ev = sub.next() => ev?,
+            };
+            Some((Ok(to_sse(&ev)), sub))
+        }
     })
 }
 
@@ -697,6 +710,7 @@ mod tests {
         app: Router,
         store: Arc<HubStore>,
         metrics: PrometheusHandle,
+        shutdown: CancellationToken,
     }
 
     fn prop(name: &str, kind: &str, writable: bool) -> PropertySchema {
@@ -790,16 +804,19 @@ mod tests {
                 role: Role::ReadOnly,
             },
         ];
+        let shutdown = CancellationToken::new();
         let app = router(ApiState {
             store: store.clone(),
             tokens: Arc::new(tokens),
             metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
         });
         Fixture {
             _dir: dir,
             app,
             store,
             metrics,
+            shutdown,
         }
     }
 
@@ -1775,6 +1792,50 @@ mod tests {
             }
         }
         client.quiet(50).await;
+    }
+
+    #[tokio::test]
+    async fn events_resuming_from_an_id_never_issued_gets_resync_first() {
+        let f = fixture().await;
+        let last = publish(&f, "twin", 0);
+        // An id above every issued one (a hub run whose clock was ahead, another hub).
+        let future = (last + 1_000).to_string();
+        let mut client = SseClient::from_response(
+            subscribe(&f, "/api/v1/events", &[("Last-Event-ID", &future)]).await,
+        );
+        let m = client.next().await;
+        assert_eq!(m.kind.as_deref(), Some("resync"));
+        assert_eq!(m.data.unwrap()["last_event_id"].to_string(), future);
+        let mut previous = m.id.unwrap();
+        loop {
+            let id = client.next().await.id.unwrap();
+            assert_eq!(id, previous + 1);
+            previous = id;
+            if id == last {
+                break;
+            }
+        }
+        // Then live events.
+        let next = publish(&f, "twin", 1);
+        assert_eq!(client.ids(1).await, vec![(next, "twin".to_owned())]);
+    }
+
+    #[tokio::test]
+    async fn events_streams_end_when_the_hub_shuts_down() {
+        let f = fixture().await;
+        let mut client = SseClient::from_response(subscribe(&f, "/api/v1/events", &[]).await);
+        let id = publish(&f, "twin", 0);
+        assert_eq!(client.ids(1).await, vec![(id, "twin".to_owned())]);
+        f.shutdown.cancel();
+        // The body ends (well before a keep-alive would be due).
+        let ended = tokio::time::timeout(Duration::from_secs(2), async {
+            while client.rx.recv().await.is_some() {}
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "the event stream is still open after shutdown"
+        );
     }
 
     #[tokio::test]

@@ -5,8 +5,9 @@
 //! larger than those of an earlier one as long as fewer than 1,000 events per millisecond
 //! were published. The last [`EventBus::capacity`] events are kept in memory; a subscriber
 //! resuming from an id still in the buffer gets everything after it, and one resuming from an
-//! id older than the buffer (or from an earlier run) is told so by a `resync` event before
-//! the buffered ones: it must re-read the state it cares about.
+//! id older than the buffer (or from an earlier run), or from an id never issued (a run whose
+//! clock was ahead, another hub), is told so by a `resync` event before the buffered ones: it
+//! must re-read the state it cares about.
 //!
 //! Kinds: `twin` (reported values of a device changed), `desired` (a desired value was set),
 //! `applied` (a desired version reached an outcome on the node), `node_connected`,
@@ -98,8 +99,12 @@ impl EventBus {
         };
         let oldest = r.buf.front().map_or(r.next_id, |e| e.id);
         let mut out = Vec::new();
+        // An id this bus never issued: from a run whose clock was ahead of this one's (the
+        // wall clock stepped back between runs) or from another hub. What the client missed
+        // is unknown: resync, then the whole buffer.
+        let from_future = last >= r.next_id;
         // Missed events: from an earlier run, or dropped from the buffer.
-        if last + 1 < oldest || last < r.first_id.saturating_sub(1) {
+        if from_future || last + 1 < oldest || last < r.first_id.saturating_sub(1) {
             out.push(Arc::new(Event {
                 id: oldest.saturating_sub(1),
                 kind: "resync",
@@ -109,7 +114,8 @@ impl EventBus {
                 }),
             }));
         }
-        out.extend(r.buf.iter().filter(|e| e.id > last).cloned());
+        let after = if from_future { 0 } else { last };
+        out.extend(r.buf.iter().filter(|e| e.id > after).cloned());
         (out, rx)
     }
 }
@@ -142,6 +148,28 @@ mod tests {
         let (_, mut rx) = bus.subscribe(None);
         let id = bus.publish("desired", serde_json::json!({}));
         assert_eq!(rx.try_recv().map(|e| e.id).ok(), Some(id));
+    }
+
+    #[test]
+    fn an_id_never_issued_gets_resync_and_the_whole_buffer() {
+        let bus = EventBus::new(10, 1_000);
+        let a = bus.publish("twin", serde_json::json!({}));
+        let b = bus.publish("twin", serde_json::json!({}));
+        // The last issued id is b: resuming from it is normal, from anything above is not.
+        let (got, _) = bus.subscribe(Some(b));
+        assert!(got.is_empty());
+        for future in [b + 1, b + 1_000_000, u64::MAX] {
+            let (got, _) = bus.subscribe(Some(future));
+            assert_eq!(got[0].kind, "resync", "{future}");
+            assert_eq!(got[0].data["last_event_id"], future);
+            assert_eq!(
+                got[1..].iter().map(|e| e.id).collect::<Vec<_>>(),
+                vec![a, b],
+                "{future}"
+            );
+            // The resync's id is just below the buffer, so resuming from it loses nothing.
+            assert_eq!(got[0].id, a - 1);
+        }
     }
 
     #[test]

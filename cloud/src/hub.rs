@@ -136,6 +136,7 @@ impl Hub {
             store: store.clone(),
             tokens: Arc::new(o.tokens.clone()),
             metrics: crate::telemetry::prometheus(),
+            shutdown: cancel.child_token(),
         };
         let app = api::router(state);
         let http_cancel = cancel.child_token();
