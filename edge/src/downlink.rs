@@ -571,3 +571,344 @@ impl Downlink {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use edgesync_protocol::NodeId;
+    use edgesync_protocol::frame::WireValue;
+    use tokio::sync::broadcast;
+
+    use super::*;
+    use crate::modbus::write::{WriteCommand, WriteOutcome};
+    use crate::model::test_support::{device, tag};
+    use crate::model::{Access, DataType, Table};
+    use crate::store::Fsync;
+    use crate::twin::Twin;
+
+    /// What the fake link answers to its n-th write (1-based).
+    type Script = Box<dyn Fn(usize) -> Result<WriteOutcome, WriteError> + Send>;
+
+    /// A downlink over a real store and twin, with a link that answers per a script.
+    struct Rig {
+        hub: mpsc::Sender<DesiredFrame>,
+        local: LocalTwin,
+        events: broadcast::Receiver<TwinEvent>,
+        writes: Arc<std::sync::Mutex<Vec<Value>>>,
+        store: Arc<Mutex<AgentStore>>,
+        last_downlink: watch::Receiver<u64>,
+        cancel: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn cfg(expiry_ms: u64) -> DownlinkConfig {
+        DownlinkConfig {
+            expiry: Duration::from_millis(expiry_ms),
+            retry_initial: Duration::from_millis(20),
+            retry_max: Duration::from_millis(40),
+        }
+    }
+
+    async fn rig(dir: &std::path::Path, cfg: DownlinkConfig, script: Script) -> Rig {
+        let spec = device(
+            "plc",
+            vec![
+                tag(
+                    "sp",
+                    Table::HoldingRegister,
+                    DataType::UInt16,
+                    Access::ReadWrite,
+                ),
+                tag("ro", Table::HoldingRegister, DataType::UInt16, Access::Read),
+            ],
+        );
+        let store = AgentStore::open(dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+        let last = store.last_downlink().unwrap();
+        let store = Arc::new(Mutex::new(store));
+        let twin = Arc::new(std::sync::Mutex::new(Twin::new(
+            std::slice::from_ref(&spec),
+            vec![],
+        )));
+        let (local_tx, local_rx) = mpsc::channel(16);
+        let specs = HashMap::from([(spec.id.clone(), Arc::new(spec.clone()))]);
+        let local = LocalTwin::new(NodeId::new("gw").unwrap(), twin, specs, local_tx);
+        let events = local.subscribe();
+        let (cmd_tx, mut cmd_rx) = mpsc::channel::<WriteCommand>(8);
+        let writes = Arc::new(std::sync::Mutex::new(vec![]));
+        let seen = writes.clone();
+        let n = AtomicUsize::new(0);
+        tokio::spawn(async move {
+            while let Some(cmd) = cmd_rx.recv().await {
+                seen.lock().unwrap().push(cmd.value.clone());
+                let _ = cmd.reply.send(script(n.fetch_add(1, Ordering::SeqCst) + 1));
+            }
+        });
+        let writers = HashMap::from([(spec.id.clone(), LinkHandle::new("x:1".into(), cmd_tx))]);
+        let (hub, from_hub) = mpsc::channel(16);
+        let (control_next, _) = watch::channel(0);
+        let (last_tx, last_downlink) = watch::channel(last);
+        let cancel = CancellationToken::new();
+        let downlink = Downlink::new(
+            cfg,
+            local.clone(),
+            store.clone(),
+            writers,
+            DownlinkChannels {
+                from_hub,
+                local: local_rx,
+                control_next,
+                last_downlink: last_tx,
+            },
+            cancel.clone(),
+        )
+        .await
+        .unwrap();
+        let task = tokio::spawn(downlink.run());
+        Rig {
+            hub,
+            local,
+            events,
+            writes,
+            store,
+            last_downlink,
+            cancel,
+            task,
+        }
+    }
+
+    impl Rig {
+        async fn send(&self, version: u64, value: u64) {
+            self.hub
+                .send(DesiredFrame {
+                    device: "plc".into(),
+                    property: "sp".into(),
+                    value: Some(WireValue::UInt(value)),
+                    version,
+                    origin: 0,
+                    set_ms: 1,
+                })
+                .await
+                .unwrap();
+        }
+
+        /// The next outcome reported for a property (version, outcome).
+        async fn outcome(&mut self) -> (String, u64, Outcome) {
+            loop {
+                let ev = tokio::time::timeout(Duration::from_secs(5), self.events.recv())
+                    .await
+                    .expect("no outcome within 5 s")
+                    .unwrap();
+                if let TwinEvent::Applied {
+                    property, applied, ..
+                } = ev
+                {
+                    return (property.to_string(), applied.version, applied.outcome);
+                }
+            }
+        }
+
+        /// The values written, as numbers (a value persisted as JSON and restored may come
+        /// back as another integer variant).
+        fn writes(&self) -> Vec<f64> {
+            self.writes
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        }
+
+        /// Every outcome in the control log, in order (what goes to the hub).
+        async fn control_outcomes(&self) -> Vec<(u64, Outcome)> {
+            let st = self.store.lock().await;
+            let next = st.control_next();
+            st.read_control(1, (next - 1) as usize)
+                .unwrap()
+                .into_iter()
+                .filter_map(|c| match c.kind {
+                    Some(ControlKind::Status(s)) => Some((
+                        s.version,
+                        Outcome::from_wire(s.outcome, s.exception_code, s.detail).unwrap(),
+                    )),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        async fn stop(self) {
+            self.cancel.cancel();
+            self.task.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn with_expiry_zero_one_timed_out_attempt_is_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = rig(dir.path(), cfg(0), Box::new(|_| Err(WriteError::Timeout))).await;
+        r.send(1, 7).await;
+        assert_eq!(r.outcome().await, ("sp".into(), 1, Outcome::Timeout));
+        // No retry follows.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(r.writes(), vec![7.0]);
+        assert_eq!(r.control_outcomes().await, vec![(1, Outcome::Timeout)]);
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_device_gets_the_write_when_it_answers_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let script: Script = Box::new(|n| match n {
+            1 => Err(WriteError::Timeout),
+            2 => Err(WriteError::Disconnected),
+            _ => Ok(WriteOutcome::Verified),
+        });
+        let mut r = rig(dir.path(), cfg(10_000), script).await;
+        r.send(1, 7).await;
+        // Pending is announced once, then the retry that gets through is final.
+        assert_eq!(r.outcome().await, ("sp".into(), 1, Outcome::Pending));
+        assert_eq!(r.outcome().await, ("sp".into(), 1, Outcome::Ok));
+        assert_eq!(r.writes(), vec![7.0; 3]);
+        assert_eq!(
+            r.control_outcomes().await,
+            vec![(1, Outcome::Pending), (1, Outcome::Ok)]
+        );
+        let doc = r.local.document(&DeviceId::new("plc").unwrap()).unwrap();
+        let sp = &doc.properties[&PropertyId::new("sp").unwrap()];
+        assert_eq!(sp.desired.as_ref().unwrap().version, 1);
+        assert_eq!(sp.applied.as_ref().unwrap().outcome, Outcome::Ok);
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_device_unreachable_past_the_bound_expires_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = rig(dir.path(), cfg(200), Box::new(|_| Err(WriteError::Timeout))).await;
+        let t0 = Instant::now();
+        r.send(1, 7).await;
+        assert_eq!(r.outcome().await, ("sp".into(), 1, Outcome::Pending));
+        assert_eq!(r.outcome().await, ("sp".into(), 1, Outcome::Expired));
+        assert!(t0.elapsed() >= Duration::from_millis(200));
+        let tries = r.writes().len();
+        assert!(tries >= 3, "retried with backoff: {tries} attempts");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(r.writes().len(), tries, "no attempt after expiry");
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_exception_is_final_at_once_and_a_misfit_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = rig(
+            dir.path(),
+            cfg(10_000),
+            Box::new(|_| Err(WriteError::Exception(2))),
+        )
+        .await;
+        r.send(1, 7).await;
+        assert_eq!(r.outcome().await, ("sp".into(), 1, Outcome::Exception(2)));
+        // 70000 does not fit a uint16: refused without touching the device.
+        r.send(2, 70_000).await;
+        let (p, v, o) = r.outcome().await;
+        assert_eq!((p.as_str(), v), ("sp", 2));
+        assert!(
+            matches!(o, Outcome::Refused(ref why) if why.contains("out of range")),
+            "{o:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(r.writes(), vec![7.0]);
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_newer_version_supersedes_a_pending_one_and_resends_are_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = cfg(10_000);
+        cfg.retry_initial = Duration::from_secs(5);
+        let script: Script = Box::new(|n| {
+            if n == 1 {
+                Err(WriteError::Timeout)
+            } else {
+                Ok(WriteOutcome::Verified)
+            }
+        });
+        let mut r = rig(dir.path(), cfg, script).await;
+        r.send(1, 7).await;
+        assert_eq!(r.outcome().await, ("sp".into(), 1, Outcome::Pending));
+        r.send(2, 8).await;
+        assert_eq!(r.outcome().await, ("sp".into(), 1, Outcome::Superseded));
+        assert_eq!(r.outcome().await, ("sp".into(), 2, Outcome::Ok));
+        // The hub resends versions after a reconnect: already taken over, ignored.
+        r.send(1, 7).await;
+        r.send(2, 8).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(r.writes(), vec![7.0, 8.0]);
+        assert_eq!(*r.last_downlink.borrow(), 2);
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_pending_value_is_written_after_a_restart_and_not_taken_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = rig(
+            dir.path(),
+            cfg(60_000),
+            Box::new(|_| Err(WriteError::Timeout)),
+        )
+        .await;
+        r.send(1, 7).await;
+        assert_eq!(r.outcome().await, ("sp".into(), 1, Outcome::Pending));
+        r.stop().await;
+        // The agent starts again; the device answers now.
+        let mut r = rig(
+            dir.path(),
+            cfg(60_000),
+            Box::new(|_| Ok(WriteOutcome::Verified)),
+        )
+        .await;
+        assert_eq!(*r.last_downlink.borrow(), 1, "the position survived");
+        assert_eq!(r.outcome().await, ("sp".into(), 1, Outcome::Ok));
+        // A resend of version 1 by the hub after the restart is not written again.
+        r.send(1, 7).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(r.writes(), vec![7.0]);
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_local_change_is_written_and_proposed_against_the_hub_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = rig(
+            dir.path(),
+            cfg(10_000),
+            Box::new(|_| Ok(WriteOutcome::Verified)),
+        )
+        .await;
+        r.send(3, 7).await;
+        assert_eq!(r.outcome().await, ("sp".into(), 3, Outcome::Ok));
+        let device = DeviceId::new("plc").unwrap();
+        let values = serde_json::json!({"sp": 9});
+        r.local
+            .set_desired(&device, values.as_object().unwrap())
+            .unwrap();
+        // Local changes carry version 0 until the hub accepts them.
+        assert_eq!(r.outcome().await, ("sp".into(), 0, Outcome::Ok));
+        assert_eq!(r.writes(), vec![7.0, 9.0]);
+        let st = r.store.lock().await;
+        let proposals: Vec<Proposal> = st
+            .read_control(1, (st.control_next() - 1) as usize)
+            .unwrap()
+            .into_iter()
+            .filter_map(|c| match c.kind {
+                Some(ControlKind::Proposal(p)) => Some(p),
+                _ => None,
+            })
+            .collect();
+        drop(st);
+        assert_eq!(proposals.len(), 1);
+        assert_eq!(proposals[0].base_version, 3);
+        assert_eq!(proposals[0].value, Some(WireValue::Int(9)));
+        r.stop().await;
+    }
+}

@@ -270,3 +270,49 @@ pub struct DeviceSpec {
     /// The tags.
     pub tags: Vec<TagSpec>,
 }
+
+/// Builders of tags and devices for unit tests across the crate.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod test_support {
+    use std::time::Duration;
+
+    use edgesync_protocol::{DeviceId, PropertyId};
+
+    use super::*;
+
+    /// A tag at address 0 (change fields as needed): byte order ABCD, scale 1, offset 0,
+    /// polled every 100 ms, default report policy.
+    pub(crate) fn tag(name: &str, table: Table, data_type: DataType, access: Access) -> TagSpec {
+        TagSpec {
+            property: PropertyId::new(name).unwrap(),
+            table,
+            address: 0,
+            data_type,
+            bit: None,
+            byte_order: ByteOrder::Abcd,
+            scale: 1.0,
+            offset: 0.0,
+            unit: None,
+            access,
+            poll_interval: Duration::from_millis(100),
+            report: ReportPolicy::default(),
+        }
+    }
+
+    /// A TCP device (unit 1, 1 s timeout, Modbus's read limits, no gap bridging).
+    pub(crate) fn device(id: &str, tags: Vec<TagSpec>) -> DeviceSpec {
+        DeviceSpec {
+            id: DeviceId::new(id).unwrap(),
+            link: LinkSpec::Tcp {
+                endpoint: "x:1".into(),
+            },
+            unit_id: 1,
+            timeout: Duration::from_secs(1),
+            max_registers_per_read: 125,
+            max_bits_per_read: 2000,
+            max_gap: 0,
+            tags,
+        }
+    }
+}

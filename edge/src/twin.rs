@@ -260,31 +260,9 @@ mod tests {
     use crate::model::*;
 
     fn spec(policy: ReportPolicy) -> DeviceSpec {
-        DeviceSpec {
-            id: DeviceId::new("d").unwrap(),
-            link: LinkSpec::Tcp {
-                endpoint: "x:1".into(),
-            },
-            unit_id: 1,
-            timeout: Duration::from_secs(1),
-            max_registers_per_read: 125,
-            max_bits_per_read: 2000,
-            max_gap: 0,
-            tags: vec![TagSpec {
-                property: PropertyId::new("t").unwrap(),
-                table: Table::HoldingRegister,
-                address: 0,
-                data_type: DataType::Float32,
-                bit: None,
-                byte_order: ByteOrder::Abcd,
-                scale: 1.0,
-                offset: 0.0,
-                unit: None,
-                access: Access::Read,
-                poll_interval: Duration::from_millis(100),
-                report: policy,
-            }],
-        }
+        let mut t = test_support::tag("t", Table::HoldingRegister, DataType::Float32, Access::Read);
+        t.report = policy;
+        test_support::device("d", vec![t])
     }
 
     fn reading(ts: u64, v: Option<f64>, q: Quality) -> DeviceReading {

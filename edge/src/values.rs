@@ -165,67 +165,35 @@ pub fn from_json_map(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use edgesync_protocol::DeviceId;
     use serde_json::json;
 
     use super::*;
-    use crate::model::{Access, ByteOrder, LinkSpec, ReportPolicy};
+    use crate::model::Access;
+    use crate::model::test_support::{device, tag};
 
-    fn tag(name: &str, table: Table, t: DataType, access: Access, scale: f64) -> TagSpec {
-        TagSpec {
-            property: PropertyId::new(name).unwrap(),
-            table,
-            address: 0,
-            data_type: t,
-            bit: None,
-            byte_order: ByteOrder::Abcd,
-            scale,
-            offset: 0.0,
-            unit: None,
-            access,
-            poll_interval: Duration::from_millis(100),
-            report: ReportPolicy::default(),
-        }
+    fn scaled(mut t: TagSpec, scale: f64) -> TagSpec {
+        t.scale = scale;
+        t
     }
 
     fn spec() -> DeviceSpec {
-        DeviceSpec {
-            id: DeviceId::new("plc").unwrap(),
-            link: LinkSpec::Tcp {
-                endpoint: "x:1".into(),
-            },
-            unit_id: 1,
-            timeout: Duration::from_secs(1),
-            max_registers_per_read: 125,
-            max_bits_per_read: 2000,
-            max_gap: 0,
-            tags: vec![
-                tag(
-                    "setpoint",
-                    Table::HoldingRegister,
-                    DataType::UInt16,
-                    Access::ReadWrite,
+        device(
+            "plc",
+            vec![
+                scaled(
+                    tag(
+                        "setpoint",
+                        Table::HoldingRegister,
+                        DataType::UInt16,
+                        Access::ReadWrite,
+                    ),
                     0.1,
                 ),
-                tag("run", Table::Coil, DataType::Bool, Access::ReadWrite, 1.0),
-                tag(
-                    "temp",
-                    Table::InputRegister,
-                    DataType::Int16,
-                    Access::Read,
-                    1.0,
-                ),
-                tag(
-                    "ro",
-                    Table::HoldingRegister,
-                    DataType::Int16,
-                    Access::Read,
-                    1.0,
-                ),
+                tag("run", Table::Coil, DataType::Bool, Access::ReadWrite),
+                tag("temp", Table::InputRegister, DataType::Int16, Access::Read),
+                tag("ro", Table::HoldingRegister, DataType::Int16, Access::Read),
             ],
-        }
+        )
     }
 
     fn map(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
