@@ -238,6 +238,30 @@ pub fn hub_toml(
     Ok(p)
 }
 
+/// Starts the `edgesync-hub` binary with its SVID (`spiffe://<td>/hub`) minted from `pki`, its
+/// config (`hub.toml`), store (`hubdata/`) and log (`hub.log`) in `dir`, the tunnel on `listen`
+/// and the HTTP API on `http` (port 0 allowed). Returns the process and the addresses it
+/// actually listens on: `(hub, tunnel, http)`.
+pub async fn start_hub(
+    dir: &Path,
+    pki: &Pki,
+    listen: &str,
+    http: &str,
+) -> anyhow::Result<(Proc, String, String)> {
+    let td = pki.ca.trust_domain().to_owned();
+    let (cert, key) = pki.svid(&format!("spiffe://{td}/hub"), "hub")?;
+    let cfg = hub_toml(dir, listen, http, &td, &cert, &key, &pki.bundle, None)?;
+    let hub = Proc::spawn(
+        &bin("edgesync-hub")?,
+        &["run", "--config", &cfg.display().to_string()],
+        &dir.join("hub.log"),
+        Some("edgesync-hub listening"),
+    )
+    .await?;
+    let (tunnel, http) = hub_addrs(hub.ready_line.as_deref().unwrap_or_default())?;
+    Ok((hub, tunnel, http))
+}
+
 /// A child process, killed by PID when dropped.
 pub struct Proc {
     child: Child,

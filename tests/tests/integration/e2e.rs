@@ -47,25 +47,6 @@ fn freeze(r: &Rig) {
     }
 }
 
-async fn start_hub(
-    tmp: &Path,
-    pki: &Pki,
-    listen: &str,
-    http: &str,
-) -> anyhow::Result<(Proc, String, String)> {
-    let (cert, key) = pki.svid(&format!("spiffe://{TD}/hub"), "hub")?;
-    let cfg = harness::hub_toml(tmp, listen, http, TD, &cert, &key, &pki.bundle, None)?;
-    let hub = Proc::spawn(
-        &harness::bin("edgesync-hub")?,
-        &["run", "--config", &cfg.display().to_string()],
-        &tmp.join("hub.log"),
-        Some("edgesync-hub listening"),
-    )
-    .await?;
-    let (t, h) = harness::hub_addrs(hub.ready_line.as_deref().unwrap_or_default())?;
-    Ok((hub, t, h))
-}
-
 fn devices(sim: &SimHandle, counters: u16) -> Vec<SimDevice> {
     [1u8, 2]
         .iter()
@@ -114,7 +95,8 @@ async fn rig(counters: u16) -> anyhow::Result<Rig> {
     let tmp = TempDir::new("e2e")?;
     let pki = Pki::new(&tmp.path().join("pki"), TD)?;
     let (sim, scripts) = start_sim(counters).await?;
-    let (hub, tunnel, http) = start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
+    let (hub, tunnel, http) =
+        harness::start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
     let agent = start_agent(
         tmp.path(),
         &pki,
@@ -302,7 +284,7 @@ async fn hub_restart_agent_resumes_by_itself() -> anyhow::Result<()> {
         h.kill9().await?;
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let (hub, _, _) = start_hub(r.tmp.path(), &r.pki, &r.tunnel, &r.http).await?;
+    let (hub, _, _) = harness::start_hub(r.tmp.path(), &r.pki, &r.tunnel, &r.http).await?;
     r.hub = Some(hub);
     let before = r
         .api
@@ -344,7 +326,8 @@ async fn foreign_and_non_edge_identities_are_refused() -> anyhow::Result<()> {
     let tmp = TempDir::new("refuse")?;
     let pki = Pki::new(&tmp.path().join("pki"), TD)?;
     let (sim, _scripts) = start_sim(1).await?;
-    let (_hub, tunnel, http) = start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
+    let (_hub, tunnel, http) =
+        harness::start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
     let api = Api::new(&http);
     let devs = devices(&sim, 1);
 
@@ -579,7 +562,8 @@ async fn agent_writes_are_verified_and_reach_the_hub() -> anyhow::Result<()> {
     let tmp = TempDir::new("write")?;
     let pki = Pki::new(&tmp.path().join("pki"), TD)?;
     let sim = SimHandle::start("127.0.0.1:0".parse()?, SimConfig::with_units([1])).await?;
-    let (hub, tunnel, http) = start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
+    let (hub, tunnel, http) =
+        harness::start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
     let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/gw-w"), "agent")?;
     let extra = String::new();
     let dev = SimDevice {

@@ -1,6 +1,9 @@
 //! End-to-end tests: real `edgesync-agent` and `edgesync-hub` processes on loopback, a PLC
-//! simulator, a throwaway SPIFFE trust domain.
+//! simulator (or pymodbus), a throwaway SPIFFE trust domain, a local app over MQTT.
 
 mod e2e;
+mod events;
+mod local;
 mod modbus;
+mod support;
 mod twin;

@@ -13,29 +13,6 @@ use serde_json::json;
 const TD: &str = "example.org";
 const TWIN: &str = "/api/v1/nodes/gw-1/devices/plc-1/twin";
 
-async fn start_hub(tmp: &Path, pki: &Pki) -> anyhow::Result<(Proc, String, String)> {
-    let (cert, key) = pki.svid(&format!("spiffe://{TD}/hub"), "hub")?;
-    let cfg = harness::hub_toml(
-        tmp,
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        TD,
-        &cert,
-        &key,
-        &pki.bundle,
-        None,
-    )?;
-    let hub = Proc::spawn(
-        &harness::bin("edgesync-hub")?,
-        &["run", "--config", &cfg.display().to_string()],
-        &tmp.join("hub.log"),
-        Some("edgesync-hub listening"),
-    )
-    .await?;
-    let (t, h) = harness::hub_addrs(hub.ready_line.as_deref().unwrap_or_default())?;
-    Ok((hub, t, h))
-}
-
 /// An agent with one device: `sp` (holding 10, uint16, read_write), `ro` (holding 11,
 /// read only), `bad` (holding 20, read_write; the simulator answers exception 2 there).
 async fn start_agent(tmp: &Path, pki: &Pki, tunnel: &str, plc: &str) -> anyhow::Result<Proc> {
@@ -119,7 +96,8 @@ async fn desired_values_reach_the_plc_and_outcomes_reach_the_hub() -> anyhow::Re
             code: 2,
         },
     )?;
-    let (hub, tunnel, http) = start_hub(tmp.path(), &pki).await?;
+    let (hub, tunnel, http) =
+        harness::start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
     let plc = sim.local_addr().to_string();
     let mut agent = Some(start_agent(tmp.path(), &pki, &tunnel, &plc).await?);
     let api = Api::new(&http);
