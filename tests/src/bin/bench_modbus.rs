@@ -19,6 +19,15 @@
 //!   units (the "period jitter"), and, as a second view, the lateness of each start against
 //!   the unit's own best-fitting 100 ms grid (`start[k] - k * period`, minus its minimum);
 //! - records the hub stored during the window (proof the uplink ran).
+//!
+//! Options for the agent's local MQTT bus (issue 6): `--mqtt embedded` turns the embedded
+//! broker on (a free loopback port) and connects a subscriber (rumqttc, QoS 0, in this
+//! process) to `edgesync/{node}/+`, which counts the telemetry messages and properties it
+//! receives during the window; `--mqtt both` measures every run twice, first with
+//! `mode = "off"`, then with the broker on, so that the cost of MQTT shows in the same
+//! conditions. `--layout uint16` makes every register tag a uint16, and `--change-all`
+//! rewrites every register of every unit twice per poll interval (one bulk write per unit),
+//! so every poll reads a change in every register tag.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -35,6 +44,10 @@ use edgesync_testkit::sim::{Arrival, BankSizes, Script, SimConfig, SimHandle, Ta
 use hdrhistogram::Histogram;
 use tokio::time::Instant;
 
+#[path = "bench_common/mod.rs"]
+mod bench_common;
+use bench_common::{Subscriber, free_port};
+
 const TD: &str = "bench.example";
 const NODE: &str = "gw-bench";
 /// Largest read the planner may issue (Modbus limit, the agent's default).
@@ -46,6 +59,24 @@ enum FsyncArg {
     EveryCommit,
     /// never fsync explicitly.
     Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MqttArg {
+    /// `[mqtt] mode = "off"`.
+    Off,
+    /// The embedded broker on a free loopback port, and a subscriber to the telemetry.
+    Embedded,
+    /// Each run twice: off, then embedded.
+    Both,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LayoutArg {
+    /// A cycle of uint16, int16, int32, float32 and float64 in several byte orders.
+    Mixed,
+    /// Every register tag a uint16.
+    Uint16,
 }
 
 /// Modbus polling benchmark: 10,000 tags on 20 units every 100 ms, agent as a real process.
@@ -98,6 +129,23 @@ struct Args {
     /// spaces.
     #[arg(long)]
     wrap: Option<String>,
+    /// The agent's local MQTT bus: off, the embedded broker with a telemetry subscriber, or
+    /// both (each run measured off, then on).
+    #[arg(long, value_enum, default_value = "off")]
+    mqtt: MqttArg,
+    /// Types of the register tags.
+    #[arg(long, value_enum, default_value = "mixed")]
+    layout: LayoutArg,
+    /// Rewrite every register of every unit twice per poll interval (needs `--layout
+    /// uint16`), so that every tag changes every cycle.
+    #[arg(long)]
+    change_all: bool,
+    /// CPU target (% of one core) for the verdict line.
+    #[arg(long, default_value_t = 10.0)]
+    cpu_target_pct: f64,
+    /// Peak RSS target (MB) for the verdict line.
+    #[arg(long, default_value_t = 32.0)]
+    rss_target_mb: f64,
 }
 
 /// One tag of the generated layout (the same on every unit).
@@ -121,7 +169,7 @@ impl TagDef {
 /// The per-unit layout: register tags packed over `registers` holding registers (a cycle of
 /// mixed types; a multi-register tag never straddles a 125-register boundary, so an ideal
 /// planner needs `ceil(registers / 125)` reads), then bools in coils up to `per_unit` tags.
-fn layout(registers: u16, per_unit: u32) -> Vec<TagDef> {
+fn layout(registers: u16, per_unit: u32, kind: LayoutArg) -> Vec<TagDef> {
     use ByteOrder::{Abcd, Badc, Cdab, Dcba};
     use DataType::{Float32, Float64, Int16, Int32, UInt16};
     let pattern: [(DataType, ByteOrder, &'static str); 18] = [
@@ -151,7 +199,7 @@ fn layout(registers: u16, per_unit: u32) -> Vec<TagDef> {
         let (mut dt, mut order, mut order_name) = pattern[i % pattern.len()];
         i += 1;
         let boundary = (addr / MAX_READ + 1) * MAX_READ;
-        if addr + dt.width() > boundary.min(registers) {
+        if kind == LayoutArg::Uint16 || addr + dt.width() > boundary.min(registers) {
             (dt, order, order_name) = (UInt16, Abcd, "ABCD");
         }
         tags.push(TagDef {
@@ -210,6 +258,7 @@ fn agent_toml(
     pki: &Pki,
     endpoints: &[SocketAddr],
     tags: &[TagDef],
+    mqtt_port: Option<u16>,
 ) -> anyhow::Result<PathBuf> {
     let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/{NODE}"), "agent")?;
     let fsync = match args.agent_fsync {
@@ -235,6 +284,13 @@ fn agent_toml(
         pki.bundle.display().to_string()
     )?;
     writeln!(s, "[outbox]\ncommit_interval_ms = 20\nfsync = {fsync:?}\n")?;
+    match mqtt_port {
+        Some(p) => writeln!(
+            s,
+            "[mqtt]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{p}\"\n"
+        )?,
+        None => writeln!(s, "[mqtt]\nmode = \"off\"\n")?,
+    }
     for u in 1..=args.units {
         let endpoint = endpoints[usize::from(u - 1) % endpoints.len()];
         writeln!(
@@ -317,9 +373,12 @@ struct RunResult {
     lateness: Histogram<u64>,
     span: Histogram<u64>,
     stored_per_s: f64,
+    /// Telemetry messages and properties the MQTT subscriber received per second.
+    mqtt_msgs_per_s: f64,
+    mqtt_props_per_s: f64,
 }
 
-async fn run_once(args: &Args, run: usize) -> anyhow::Result<RunResult> {
+async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResult> {
     let tmp = TempDir::new("bench-modbus")?;
     let dir = match &args.keep_dir {
         Some(d) => {
@@ -330,7 +389,7 @@ async fn run_once(args: &Args, run: usize) -> anyhow::Result<RunResult> {
         None => tmp.path().to_path_buf(),
     };
     let per_unit = args.tags / u32::from(args.units);
-    let tags = layout(args.registers, per_unit);
+    let tags = layout(args.registers, per_unit, args.layout);
     let coils = tags.iter().filter(|t| t.table == TagTable::Coil).count();
     let period = Duration::from_millis(args.poll_ms);
 
@@ -369,10 +428,15 @@ async fn run_once(args: &Args, run: usize) -> anyhow::Result<RunResult> {
                 }
             }
         }
+        let scripted = if args.change_all {
+            0
+        } else {
+            usize::from(args.changing_per_unit)
+        };
         for t in tags
             .iter()
             .filter(|t| t.data_type == DataType::UInt16)
-            .take(usize::from(args.changing_per_unit))
+            .take(scripted)
         {
             sim.add_script(
                 u,
@@ -388,7 +452,16 @@ async fn run_once(args: &Args, run: usize) -> anyhow::Result<RunResult> {
     let hub = harness::embedded_hub(&pki, &dir).await?;
     let api = Api::new(&hub.http_addr.to_string());
     let endpoints: Vec<SocketAddr> = sims.iter().map(SimHandle::local_addr).collect();
-    let config = agent_toml(args, &dir, hub.tunnel_addr, &pki, &endpoints, &tags)?;
+    let mqtt_port = if mqtt { Some(free_port()?) } else { None };
+    let config = agent_toml(
+        args,
+        &dir,
+        hub.tunnel_addr,
+        &pki,
+        &endpoints,
+        &tags,
+        mqtt_port,
+    )?;
     let agent_bin = match &args.agent_bin {
         Some(p) => p.clone(),
         None => harness::bin("edgesync-agent")?,
@@ -431,9 +504,51 @@ async fn run_once(args: &Args, run: usize) -> anyhow::Result<RunResult> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    let subscriber = match mqtt_port {
+        Some(port) => Some(
+            Subscriber::connect(
+                port,
+                &format!("edgesync/{NODE}/+"),
+                false,
+                Duration::from_secs(30),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    // Every register of every unit rewritten twice per period (a counter per unit).
+    let changer = args.change_all.then(|| {
+        let sims = sims.clone();
+        let (units, registers) = (args.units, args.registers);
+        tokio::spawn(async move {
+            let mut iv = tokio::time::interval(period / 2);
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n: u16 = 1000;
+            let mut words = vec![0u16; usize::from(registers)];
+            loop {
+                iv.tick().await;
+                n = n.wrapping_add(1);
+                for u in 1..=units {
+                    for (i, w) in words.iter_mut().enumerate() {
+                        *w = n.wrapping_add(i as u16);
+                    }
+                    let _ = sims[usize::from(u - 1) % sims.len()].set_holding(u, 0, &words);
+                }
+            }
+        })
+    });
     tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
 
     // Measurement window.
+    let counted = |s: &Option<Subscriber>| {
+        s.as_ref().map_or((0, 0), |s| {
+            (
+                s.messages.load(std::sync::atomic::Ordering::Relaxed),
+                s.properties.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+    };
+    let (mq_m0, mq_p0) = counted(&subscriber);
     let node = NodeId::new(NODE)?;
     let seq0 = hub.store.stored_seq(&node)?;
     for sim in &sims {
@@ -444,6 +559,7 @@ async fn run_once(args: &Args, run: usize) -> anyhow::Result<RunResult> {
     let w0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.window_secs)).await;
     let c1 = harness::proc_cpu_seconds(pid)?;
+    let (mq_m1, mq_p1) = counted(&subscriber);
     let elapsed = w0.elapsed().as_secs_f64();
     let hwm_mib = harness::proc_status_mib(pid, "VmHWM:")?;
     let rss_mib = harness::proc_status_mib(pid, "VmRSS:")?;
@@ -460,6 +576,12 @@ async fn run_once(args: &Args, run: usize) -> anyhow::Result<RunResult> {
     }
     let cpu_pct = (c1 - c0) / elapsed * 100.0;
 
+    if let Some(c) = changer {
+        c.abort();
+    }
+    if let Some(s) = subscriber {
+        s.close().await;
+    }
     let _ = agent.terminate().await;
     hub.shutdown().await;
     for sim in &sims {
@@ -557,11 +679,36 @@ async fn run_once(args: &Args, run: usize) -> anyhow::Result<RunResult> {
         lateness,
         span,
         stored_per_s: (seq1 - seq0) as f64 / elapsed,
+        mqtt_msgs_per_s: (mq_m1 - mq_m0) as f64 / elapsed,
+        mqtt_props_per_s: (mq_p1 - mq_p0) as f64 / elapsed,
     })
 }
 
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
+}
+
+fn print_row(label: &str, mode: &str, r: &RunResult) {
+    println!(
+        "{:>4} {:>5} {:>9.2} {:>8} {:>9.1} {:>7} {:>8.2} {:>8.1} {:>9.1} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.0} {:>9.0} {:>9.0}",
+        label,
+        mode,
+        r.requests_per_cycle,
+        r.expected_requests,
+        r.cycles_per_unit,
+        r.missed,
+        r.cpu_pct,
+        r.hwm_mib,
+        r.rss_mib,
+        ms(r.jitter.value_at_quantile(0.5)),
+        ms(r.jitter.value_at_quantile(0.99)),
+        ms(r.jitter.max()),
+        ms(r.lateness.value_at_quantile(0.99)),
+        ms(r.span.value_at_quantile(0.99)),
+        r.stored_per_s,
+        r.mqtt_msgs_per_s,
+        r.mqtt_props_per_s,
+    );
 }
 
 fn main() -> anyhow::Result<()> {
@@ -571,13 +718,22 @@ fn main() -> anyhow::Result<()> {
         "--units and --endpoints must be at least 1"
     );
     ensure!(args.runs >= 1, "--runs must be at least 1");
+    ensure!(
+        !args.change_all || args.layout == LayoutArg::Uint16,
+        "--change-all needs --layout uint16"
+    );
+    let modes: &[bool] = match args.mqtt {
+        MqttArg::Off => &[false],
+        MqttArg::Embedded => &[true],
+        MqttArg::Both => &[false, true],
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
         let per_unit = args.tags / u32::from(args.units);
-        let tags = layout(args.registers, per_unit);
+        let tags = layout(args.registers, per_unit, args.layout);
         let mut kinds: Vec<(String, usize)> = Vec::new();
         for t in &tags {
             let k = if t.table == TagTable::Coil {
@@ -590,75 +746,77 @@ fn main() -> anyhow::Result<()> {
                 None => kinds.push((k, 1)),
             }
         }
+        let changing = if args.change_all {
+            "every register tag changing every cycle".to_string()
+        } else {
+            format!("{} changing tags/unit", args.changing_per_unit)
+        };
         println!(
-            "modbus polling: {} units x {} tags = {} tags every {} ms over {} endpoint(s), {} changing tags/unit, agent = edgesync-agent process",
+            "modbus polling: {} units x {} tags = {} tags every {} ms over {} endpoint(s), {changing}, agent = edgesync-agent process, mqtt {:?}",
             args.units,
             tags.len(),
             tags.len() * usize::from(args.units),
             args.poll_ms,
             args.endpoints,
-            args.changing_per_unit
+            args.mqtt,
         );
         let kinds: Vec<String> = kinds.iter().map(|(k, c)| format!("{k} {c}")).collect();
         println!("tags per unit: {}", kinds.join(", "));
         println!("window {} s after a {} s warm-up; jitter = |cycle start interval - period|", args.window_secs, args.warmup_secs);
         println!(
-            "{:>4} {:>9} {:>8} {:>9} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "run", "req/cyc", "(ideal)", "cycles/u", "missed", "cpu %", "hwm MiB", "rss MiB",
-            "jit p50", "jit p99", "jit max", "late p99", "span p99", "stored/s"
+            "{:>4} {:>5} {:>9} {:>8} {:>9} {:>7} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "run", "mqtt", "req/cyc", "(ideal)", "cycles/u", "missed", "cpu %", "hwm MiB", "rss MiB",
+            "jit p50", "jit p99", "jit max", "late p99", "span p99", "stored/s", "mq msg/s", "mq prop/s"
         );
-        let mut results = Vec::new();
+        let mode_name = |m: bool| if m { "on" } else { "off" };
+        let mut results: Vec<(bool, RunResult)> = Vec::new();
         for run in 1..=args.runs {
-            let r = run_once(&args, run).await?;
-            println!(
-                "{:>4} {:>9.2} {:>8} {:>9.1} {:>7} {:>8.2} {:>8.1} {:>9.1} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.0}",
-                run,
-                r.requests_per_cycle,
-                r.expected_requests,
-                r.cycles_per_unit,
-                r.missed,
-                r.cpu_pct,
-                r.hwm_mib,
-                r.rss_mib,
-                ms(r.jitter.value_at_quantile(0.5)),
-                ms(r.jitter.value_at_quantile(0.99)),
-                ms(r.jitter.max()),
-                ms(r.lateness.value_at_quantile(0.99)),
-                ms(r.span.value_at_quantile(0.99)),
-                r.stored_per_s,
-            );
-            let _ = r.expected_cycles;
-            results.push(r);
+            for &mqtt in modes {
+                let r = run_once(&args, run, mqtt).await?;
+                print_row(&run.to_string(), mode_name(mqtt), &r);
+                let _ = r.expected_cycles;
+                results.push((mqtt, r));
+            }
         }
-        let med = |f: &dyn Fn(&RunResult) -> f64| median(results.iter().map(f).collect());
-        let cpu = med(&|r| r.cpu_pct);
-        let hwm = med(&|r| r.hwm_mib);
-        let p99 = med(&|r| ms(r.jitter.value_at_quantile(0.99)));
-        println!(
-            "{:>4} {:>9.2} {:>8} {:>9.1} {:>7} {:>8.2} {:>8.1} {:>9.1} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.0}",
-            "med",
-            med(&|r| r.requests_per_cycle),
-            "",
-            med(&|r| r.cycles_per_unit),
-            med(&|r| r.missed as f64),
-            cpu,
-            hwm,
-            med(&|r| r.rss_mib),
-            med(&|r| ms(r.jitter.value_at_quantile(0.5))),
-            p99,
-            med(&|r| ms(r.jitter.max())),
-            med(&|r| ms(r.lateness.value_at_quantile(0.99))),
-            med(&|r| ms(r.span.value_at_quantile(0.99))),
-            med(&|r| r.stored_per_s),
-        );
-        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
-        println!(
-            "targets: cpu < 10% of one core: {} ({cpu:.2}%); peak RSS < 32 MB: {} ({:.1} MB); jitter p99 < 5 ms: {} ({p99:.3} ms)",
-            verdict(cpu < 10.0),
-            verdict(hwm * 1.048_576 < 32.0),
-            hwm * 1.048_576,
-            verdict(p99 < 5.0),
-        );
+        for &mqtt in modes {
+            let of_mode: Vec<&RunResult> =
+                results.iter().filter(|(m, _)| *m == mqtt).map(|(_, r)| r).collect();
+            let med = |f: &dyn Fn(&RunResult) -> f64| median(of_mode.iter().map(|r| f(r)).collect());
+            let cpu = med(&|r| r.cpu_pct);
+            let hwm = med(&|r| r.hwm_mib);
+            let p99 = med(&|r| ms(r.jitter.value_at_quantile(0.99)));
+            println!(
+                "{:>4} {:>5} {:>9.2} {:>8} {:>9.1} {:>7} {:>8.2} {:>8.1} {:>9.1} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.0} {:>9.0} {:>9.0}",
+                "med",
+                mode_name(mqtt),
+                med(&|r| r.requests_per_cycle),
+                "",
+                med(&|r| r.cycles_per_unit),
+                med(&|r| r.missed as f64),
+                cpu,
+                hwm,
+                med(&|r| r.rss_mib),
+                med(&|r| ms(r.jitter.value_at_quantile(0.5))),
+                p99,
+                med(&|r| ms(r.jitter.max())),
+                med(&|r| ms(r.lateness.value_at_quantile(0.99))),
+                med(&|r| ms(r.span.value_at_quantile(0.99))),
+                med(&|r| r.stored_per_s),
+                med(&|r| r.mqtt_msgs_per_s),
+                med(&|r| r.mqtt_props_per_s),
+            );
+            let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+            println!(
+                "targets (mqtt {}): cpu < {}% of one core: {} ({cpu:.2}%); peak RSS < {} MB: {} ({:.1} MB); jitter p99 < 5 ms: {} ({p99:.3} ms)",
+                mode_name(mqtt),
+                args.cpu_target_pct,
+                verdict(cpu < args.cpu_target_pct),
+                args.rss_target_mb,
+                verdict(hwm * 1.048_576 < args.rss_target_mb),
+                hwm * 1.048_576,
+                verdict(p99 < 5.0),
+            );
+        }
         Ok::<_, anyhow::Error>(())
     })
 }
