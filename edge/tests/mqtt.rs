@@ -20,7 +20,7 @@ use edgesync_edge::model::{
 };
 use edgesync_edge::mqtt;
 use edgesync_edge::twin::Twin;
-use edgesync_protocol::desired::{DesiredValue, Origin};
+use edgesync_protocol::desired::{Applied, DesiredValue, Origin, Outcome};
 use edgesync_protocol::{
     BadReason, DeviceId, NodeId, PropertyId, Quality, Sample, Timestamp, Value,
 };
@@ -434,6 +434,24 @@ async fn event_flows(f: &Fixture, addr: SocketAddr, login: Option<(&str, &str)>)
         .await;
     assert_eq!(delta["delta"], json!({"setpoint": "60"}));
     assert_eq!(delta["twin"]["setpoint"]["expected"]["value"], "60");
+
+    // What became of it, on the applied topic, with the value it concerns.
+    f.twin.emit(TwinEvent::Applied {
+        device: boiler.clone(),
+        property: PropertyId::new("setpoint").unwrap(),
+        applied: Applied {
+            version: 7,
+            outcome: Outcome::Exception(2),
+            ts_ms: 43,
+        },
+    });
+    let a = app.next_on("edgesync/line-1/boiler/applied").await;
+    assert_eq!(
+        a,
+        json!({"event_id": a["event_id"], "timestamp": a["timestamp"], "property": "setpoint",
+               "version": 7, "outcome": "exception", "detail": 2, "ts_ms": 43,
+               "value": 60, "origin": "hub"})
+    );
 
     // The reading catches up: the delta empties and is published once.
     f.twin.emit(TwinEvent::Reported {

@@ -55,6 +55,7 @@ pub(crate) async fn start(
     cfg: &EmbeddedBroker,
     common: &MqttConfig,
     client_login: Option<(String, Vec<u8>)>,
+    reserved: Vec<String>,
     cancel: CancellationToken,
 ) -> Result<Embedded, MqttError> {
     let listener = std::net::TcpListener::bind(cfg.listen).map_err(|source| MqttError::Listen {
@@ -100,6 +101,7 @@ pub(crate) async fn start(
         max_packet_bytes: common.max_packet_bytes,
         connect_timeout: common.connect_timeout,
         max_topics: cfg.max_topics,
+        reserved,
     };
 
     let (ready_tx, ready_rx) = oneshot::channel::<Result<(), MqttError>>();

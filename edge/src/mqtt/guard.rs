@@ -21,6 +21,12 @@
 //!   connected already is taken over here (the older connection is closed), as MQTT requires;
 //! - counts distinct topics published to and filters subscribed to (`max_topics`) and closes a
 //!   connection that would exceed the budget; refuses shared subscriptions (`$share/...`);
+//! - refuses publishes to the agent's own topics (`reserved`: results, documents, deltas,
+//!   device and tunnel state, telemetry, outcomes) from any client but the agent: such a
+//!   PUBLISH closes the connection (MQTT 3.1.1 has no negative acknowledgement; closing is one
+//!   of the two answers the spec allows, and the app notices), and a will on such a topic is
+//!   refused at CONNECT with return code 5 "not authorized". So no local process can spoof
+//!   the agent to the other apps;
 //! - maps topics and filters that start with `$` (KubeEdge's `$hw/...`), which rumqttd 0.20
 //!   refuses to subscribe to (it disconnects the client) and never matches, to `_$...` on the
 //!   way in, and back on the way out (the PUBLISH packets rumqttd sends). Topics and filters a
@@ -64,6 +70,7 @@ const RC_BAD_VERSION: u8 = 1;
 const RC_ID_REJECTED: u8 = 2;
 const RC_UNAVAILABLE: u8 = 3;
 const RC_BAD_LOGIN: u8 = 4;
+const RC_NOT_AUTHORIZED: u8 = 5;
 
 /// Longest topic or filter accepted, in bytes.
 const MAX_TOPIC_BYTES: usize = 1024;
@@ -86,6 +93,9 @@ pub enum GuardError {
     /// The client asked for a protocol version other than 3.1.1.
     #[error("unsupported protocol level {0}")]
     Version(u8),
+    /// The client published to (or set a will on) a topic only the agent may publish to.
+    #[error("publish to the agent's topic {0:?} refused")]
+    Reserved(String),
 }
 
 fn refused(why: impl Into<String>) -> GuardError {
@@ -333,6 +343,31 @@ pub fn check_filter(f: &str) -> Result<(), GuardError> {
     Ok(())
 }
 
+/// Whether `topic` matches the subscription filter `filter` (MQTT 3.1.1 rules: `+` matches
+/// one level, `#` the rest, the parent level included; a filter starting with a wildcard does
+/// not match a topic starting with `$`).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether `topic` is one of the `reserved` filters' topics.
+pub fn is_reserved(reserved: &[String], topic: &str) -> bool {
+    reserved.iter().any(|f| topic_matches(f, topic))
+}
+
 /// The prefix rumqttd sees instead of `$`.
 const MAPPED: &str = "_$";
 
@@ -421,7 +456,10 @@ pub fn map_broker_packet(packet: Vec<u8>) -> Result<Vec<u8>, GuardError> {
 pub enum Checked {
     /// Forward it.
     Forward,
-    /// Forward it; it uses these topics or filters (each counts against the budget).
+    /// A PUBLISH to this topic: forward it if the client may publish there (the topic counts
+    /// against the budget).
+    Publish(String),
+    /// Forward it; it uses these filters (each counts against the budget).
     Uses(Vec<String>),
     /// Forward it, then stop reading (DISCONNECT).
     Last,
@@ -447,7 +485,7 @@ pub fn check_packet(packet: &[u8]) -> Result<Checked, GuardError> {
             if qos > 0 && b.u16()? == 0 {
                 return Err(refused("packet id 0"));
             }
-            Ok(Checked::Uses(vec![topic.to_owned()]))
+            Ok(Checked::Publish(topic.to_owned()))
         }
         PUBACK | PUBREC | PUBCOMP | PUBREL => {
             let want = if kind == PUBREL { 2 } else { 0 };
@@ -542,6 +580,8 @@ pub struct GuardConfig {
     pub connect_timeout: Duration,
     /// Most distinct topics and filters used by clients other than the agent.
     pub max_topics: usize,
+    /// Filters of the topics only the agent may publish to.
+    pub reserved: Vec<String>,
 }
 
 /// State shared by the guard's connections.
@@ -610,6 +650,11 @@ pub async fn run(listener: TcpListener, cfg: GuardConfig, cancel: CancellationTo
                     let n = shared.next_id.fetch_add(1, Ordering::Relaxed);
                     match connection(sock, n, &shared, permit, &cancel).await {
                         Ok(()) => tracing::debug!(%peer, conn = n, "mqtt guard: connection closed"),
+                        Err(e @ GuardError::Reserved(_)) => {
+                            // Worth an operator's attention: an app tried to speak for the agent.
+                            tracing::warn!(%peer, conn = n, error = %e, "mqtt guard: connection closed");
+                            metrics::refused("reserved_topic");
+                        }
                         Err(e) => {
                             tracing::debug!(%peer, conn = n, error = %e, "mqtt guard: connection closed");
                             metrics::refused(match e {
@@ -617,6 +662,7 @@ pub async fn run(listener: TcpListener, cfg: GuardConfig, cancel: CancellationTo
                                 GuardError::Timeout => "timeout",
                                 GuardError::Refused(_) => "protocol",
                                 GuardError::Version(_) => "version",
+                                GuardError::Reserved(_) => "reserved_topic",
                             });
                         }
                     }
@@ -684,6 +730,13 @@ async fn connection(
     };
     if !is_agent
         && let Some((topic, ..)) = &connect.will
+        && is_reserved(&cfg.reserved, topic)
+    {
+        let _ = client_w.write_all(&connack(RC_NOT_AUTHORIZED)).await;
+        return Err(GuardError::Reserved(topic.clone()));
+    }
+    if !is_agent
+        && let Some((topic, ..)) = &connect.will
         && !shared.admit(std::slice::from_ref(topic))
     {
         let _ = client_w.write_all(&connack(RC_ID_REJECTED)).await;
@@ -747,6 +800,14 @@ async fn connection(
                     Checked::Last => {
                         up_w.write_all(&packet).await?;
                         return Ok(());
+                    }
+                    Checked::Publish(topic) => {
+                        if !is_agent && is_reserved(&cfg.reserved, &topic) {
+                            return Err(GuardError::Reserved(topic));
+                        }
+                        if !is_agent && !shared.admit(std::slice::from_ref(&topic)) {
+                            return Err(refused("topic budget exhausted (max_topics)"));
+                        }
                     }
                     Checked::Uses(names) => {
                         if !is_agent && !shared.admit(&names) {
@@ -845,7 +906,7 @@ mod tests {
         put_bytes(&mut publish, b"a/b");
         assert_eq!(
             check_packet(&publish).unwrap(),
-            Checked::Uses(vec!["a/b".into()])
+            Checked::Publish("a/b".into())
         );
         let mut wild = vec![0x30, 5];
         put_bytes(&mut wild, b"a/+");
@@ -902,6 +963,209 @@ mod tests {
         assert_eq!(map_client_packet(p.clone()).unwrap(), p);
         assert!(check_topic("_$hw/x").is_err());
         assert!(check_filter("_$hw/#").is_err());
+    }
+
+    #[test]
+    fn topics_match_filters() {
+        for (filter, topic) in [
+            ("a/b", "a/b"),
+            ("a/+", "a/b"),
+            ("a/#", "a/b/c"),
+            ("a/#", "a"),
+            ("#", "a/b"),
+            ("+/+", "a/b"),
+            (
+                "$hw/events/device/+/twin/update/result",
+                "$hw/events/device/d/twin/update/result",
+            ),
+            ("edgesync/#", "edgesync/gw-1/plc-1"),
+            ("a//c", "a//c"),
+        ] {
+            assert!(topic_matches(filter, topic), "{filter} ~ {topic}");
+        }
+        for (filter, topic) in [
+            ("a/b", "a/b/c"),
+            ("a/+", "a/b/c"),
+            ("a/+", "a"),
+            ("#", "$hw/x"),
+            ("+/x", "$hw/x"),
+            (
+                "$hw/events/device/+/twin/update/result",
+                "$hw/events/device/d/twin/update",
+            ),
+            ("edgesync/#", "edgesyncx/a"),
+        ] {
+            assert!(!topic_matches(filter, topic), "{filter} !~ {topic}");
+        }
+        let reserved = vec!["edgesync/#".to_owned(), "$hw/events/connected/+".to_owned()];
+        assert!(is_reserved(&reserved, "edgesync/gw-1/plc-1/applied"));
+        assert!(is_reserved(&reserved, "$hw/events/connected/gw-1"));
+        assert!(!is_reserved(&reserved, "$hw/events/device/d/twin/update"));
+    }
+
+    /// A guard in front of a fake upstream that accepts every CONNECT and records what it
+    /// receives after it.
+    async fn guard_with_fake_upstream(
+        reserved: Vec<String>,
+    ) -> (
+        SocketAddr,
+        tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+        CancellationToken,
+    ) {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = upstream.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    if read_packet(&mut s, 1 << 16).await.ok().flatten().is_none() {
+                        return;
+                    }
+                    let _ = s.write_all(&connack(0)).await;
+                    while let Ok(Some(p)) = read_packet(&mut s, 1 << 16).await {
+                        let _ = tx.send(p);
+                    }
+                });
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let cfg = GuardConfig {
+            upstream: up_addr,
+            upstream_login: ("up".into(), "up-secret".into()),
+            agent_login: ("agent".into(), "agent-secret".into()),
+            client_login: None,
+            max_connections: 8,
+            max_packet_bytes: 4096,
+            connect_timeout: Duration::from_secs(2),
+            max_topics: 64,
+            reserved,
+        };
+        tokio::spawn(run(listener, cfg, cancel.clone()));
+        (addr, rx, cancel)
+    }
+
+    fn publish_packet(topic: &str, payload: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        put_bytes(&mut body, topic.as_bytes());
+        body.extend_from_slice(payload);
+        encode(0x30, &body)
+    }
+
+    fn login(user: &str, pass: &str) -> Vec<u8> {
+        let mut rest = Vec::new();
+        put_bytes(&mut rest, user.as_bytes());
+        put_bytes(&mut rest, pass.as_bytes());
+        rest
+    }
+
+    /// Reads until the guard closes the connection (or 2 s pass); whether it closed.
+    async fn closed(s: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn only_the_agent_may_publish_to_reserved_topics() {
+        let reserved = vec![
+            "$hw/events/device/+/twin/update/result".to_owned(),
+            "edgesync/#".to_owned(),
+        ];
+        let (addr, mut upstream, cancel) = guard_with_fake_upstream(reserved).await;
+
+        // An app publishing to its own topic and to a request topic: forwarded.
+        let mut app = TcpStream::connect(addr).await.unwrap();
+        app.write_all(&connect_packet(4, 0x02, 60, "app", &[]))
+            .await
+            .unwrap();
+        let mut ack = [0u8; 4];
+        app.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack, connack(0));
+        app.write_all(&publish_packet("plant/notes", b"1"))
+            .await
+            .unwrap();
+        app.write_all(&publish_packet("$hw/events/device/d/twin/update", b"{}"))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), upstream.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, publish_packet("plant/notes", b"1"));
+        let got = tokio::time::timeout(Duration::from_secs(2), upstream.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got,
+            publish_packet("_$hw/events/device/d/twin/update", b"{}")
+        );
+
+        // The same app spoofing a result and telemetry: closed, nothing forwarded.
+        for topic in ["$hw/events/device/d/twin/update/result", "edgesync/n/d"] {
+            let mut spoofer = TcpStream::connect(addr).await.unwrap();
+            spoofer
+                .write_all(&connect_packet(4, 0x02, 60, "spoofer", &[]))
+                .await
+                .unwrap();
+            spoofer.read_exact(&mut ack).await.unwrap();
+            assert_eq!(ack, connack(0));
+            spoofer
+                .write_all(&publish_packet(topic, b"{}"))
+                .await
+                .unwrap();
+            assert!(
+                closed(&mut spoofer).await,
+                "{topic}: the spoofer stays connected"
+            );
+        }
+        // A will on a reserved topic: CONNACK 5.
+        let mut will = Vec::new();
+        put_bytes(&mut will, b"edgesync/n/d");
+        put_bytes(&mut will, b"{}");
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&connect_packet(4, 0x02 | 0x04, 60, "will", &will))
+            .await
+            .unwrap();
+        s.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack, connack(RC_NOT_AUTHORIZED));
+
+        // The agent (its secret credentials) may publish there.
+        let mut agent = TcpStream::connect(addr).await.unwrap();
+        agent
+            .write_all(&connect_packet(
+                4,
+                0x02 | 0x80 | 0x40,
+                60,
+                "agent",
+                &login("agent", "agent-secret"),
+            ))
+            .await
+            .unwrap();
+        agent.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack, connack(0));
+        agent
+            .write_all(&publish_packet("edgesync/n/d", b"{}"))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), upstream.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, publish_packet("edgesync/n/d", b"{}"));
+        assert!(
+            upstream.try_recv().is_err(),
+            "a spoofed message reached the broker"
+        );
+        cancel.cancel();
     }
 
     #[tokio::test]

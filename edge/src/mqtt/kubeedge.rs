@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use edgesync_protocol::desired::DesiredValue;
+use edgesync_protocol::desired::{Applied, DesiredValue};
 use edgesync_protocol::{BadReason, Quality, Sample, Value};
 use serde::Serialize;
 use serde_json::{Map, Value as Json, json};
@@ -63,6 +63,22 @@ impl Topics {
         [
             "$hw/events/device/+/twin/update",
             "$hw/events/device/+/twin/get",
+        ]
+    }
+
+    /// Filters of every topic only the agent publishes to: the answers, documents and deltas
+    /// of every device, device and tunnel state, and the whole `edgesync/` namespace
+    /// (telemetry, outcomes). The embedded broker refuses these topics to apps.
+    pub fn agent_owned() -> [&'static str; 8] {
+        [
+            "$hw/events/device/+/twin/update/result",
+            "$hw/events/device/+/twin/update/document",
+            "$hw/events/device/+/twin/update/delta",
+            "$hw/events/device/+/twin/get/result",
+            "$hw/events/device/+/state/update",
+            "$hw/events/connected/+",
+            "$hw/events/disconnected/+",
+            "edgesync/#",
         ]
     }
 
@@ -118,6 +134,11 @@ impl Topics {
     /// `edgesync/{node}/{device}`.
     pub fn telemetry(&self, device: &str) -> String {
         format!("edgesync/{}/{device}", self.node)
+    }
+
+    /// `edgesync/{node}/{device}/applied`.
+    pub fn applied(&self, device: &str) -> String {
+        format!("edgesync/{}/{device}/applied", self.node)
     }
 }
 
@@ -423,7 +444,8 @@ pub fn msg_twin(tag: &TagSpec, reported: Option<&Sample>, desired: Option<&Desir
     Json::Object(m)
 }
 
-/// The whole twin of a device as `{prop: MsgTwin}`.
+/// The whole twin of a device as `{prop: MsgTwin}`, each with, as an edgesync extension,
+/// `applied` (what became of the last desired version) when there is one.
 pub fn twin_map(
     spec: &DeviceSpec,
     props: &BTreeMap<edgesync_protocol::PropertyId, PropertyTwin>,
@@ -431,14 +453,19 @@ pub fn twin_map(
     let mut twin = Map::new();
     for tag in &spec.tags {
         let p = props.get(&tag.property);
-        twin.insert(
-            tag.property.to_string(),
-            msg_twin(
-                tag,
-                p.and_then(|p| p.reported.as_ref()),
-                p.and_then(|p| p.desired.as_ref()),
-            ),
+        let mut m = msg_twin(
+            tag,
+            p.and_then(|p| p.reported.as_ref()),
+            p.and_then(|p| p.desired.as_ref()),
         );
+        // An edgesync extension (KubeEdge readers ignore it): what became of the last desired
+        // version, shaped like the hub API's `applied`.
+        if let (Some(a), Json::Object(m)) = (p.and_then(|p| p.applied.as_ref()), &mut m)
+            && let Ok(v) = serde_json::to_value(a)
+        {
+            m.insert("applied".into(), v);
+        }
+        twin.insert(tag.property.to_string(), m);
     }
     twin
 }
@@ -567,6 +594,33 @@ pub fn telemetry(samples: &[Sample]) -> Vec<u8> {
             s.property.to_string(),
             json!({"value": s.value, "quality": s.quality.to_string(), "ts": s.ts.as_millis()}),
         );
+    }
+    to_vec(&Json::Object(m))
+}
+
+/// What became of a desired version, on `edgesync/{node}/{device}/applied`: `{"event_id",
+/// "timestamp", "property", "version", "outcome", "detail"?, "ts_ms", "value"?, "origin"?}`.
+/// `version`, `outcome`, `detail` and `ts_ms` are shaped like the hub API's `applied` (`detail`:
+/// the Modbus exception code, or the reason of a refusal); `value` (typed JSON, as in
+/// telemetry) and `origin` (`hub` or `edge`) are those of the desired value the outcome is
+/// about, when the agent still knows it.
+pub fn applied(
+    event_id: &str,
+    property: &str,
+    applied: &Applied,
+    desired: Option<&DesiredValue>,
+    now_ms: u64,
+) -> Vec<u8> {
+    let mut m = Map::new();
+    m.insert("event_id".into(), json!(event_id));
+    m.insert("timestamp".into(), json!(now_ms));
+    m.insert("property".into(), json!(property));
+    if let Ok(Json::Object(a)) = serde_json::to_value(applied) {
+        m.extend(a);
+    }
+    if let Some(d) = desired {
+        m.insert("value".into(), json!(d.value));
+        m.insert("origin".into(), json!(d.origin));
     }
     to_vec(&Json::Object(m))
 }

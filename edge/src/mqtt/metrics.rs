@@ -4,7 +4,7 @@
 /// `get`, `other`).
 pub const IN_TOTAL: &str = "edgesync_mqtt_messages_in_total";
 /// Counter of messages the agent queued for publishing, label `kind` (`telemetry`, `result`,
-/// `delta`, `document`, `state`, `uplink`).
+/// `delta`, `document`, `state`, `uplink`, `applied`).
 pub const OUT_TOTAL: &str = "edgesync_mqtt_messages_out_total";
 /// Counter of messages dropped, label `reason` (`in_queue_full`: the bus task was behind;
 /// `rate_limited`: above `max_requests_per_s`; `out_queue_full`: the client's send queue was

@@ -28,7 +28,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use edgesync_protocol::desired::DesiredValue;
+use edgesync_protocol::desired::{Applied, DesiredValue};
 use edgesync_protocol::{DeviceId, PropertyId, Sample};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, Transport};
 use rustls::pki_types::pem::PemObject;
@@ -140,7 +140,11 @@ pub async fn start(
                 .username
                 .clone()
                 .map(|u| (u, password.clone().unwrap_or_default().into_bytes()));
-            let emb = broker::start(e, &cfg, login, cancel.clone()).await?;
+            let reserved = Topics::agent_owned()
+                .iter()
+                .map(|t| (*t).to_owned())
+                .collect();
+            let emb = broker::start(e, &cfg, login, reserved, cancel.clone()).await?;
             handles.push(emb.handle);
             let target = match emb.local_addr.ip() {
                 IpAddr::V4(ip) if ip.is_unspecified() => {
@@ -460,7 +464,11 @@ impl Bus {
                 property,
                 desired,
             } => self.on_desired(&device, &property, desired),
-            TwinEvent::Applied { .. } => {}
+            TwinEvent::Applied {
+                device,
+                property,
+                applied,
+            } => self.on_applied(&device, &property, &applied),
             TwinEvent::Uplink { connected } => self.publish(
                 self.topics.uplink(connected),
                 kubeedge::uplink(connected, now_ms()),
@@ -559,6 +567,28 @@ impl Bus {
             "document",
         );
         self.publish_delta(device, true, &[]);
+    }
+
+    /// Publishes what became of a desired version. The value it concerns is the last desired
+    /// value this task saw for the property, if its version matches: events arrive in the
+    /// order they happened, so a newer value that superseded this one is not seen yet.
+    fn on_applied(&mut self, device: &DeviceId, property: &PropertyId, applied: &Applied) {
+        let desired = self
+            .desired
+            .get(device)
+            .and_then(|d| d.get(property))
+            .filter(|d| d.version == applied.version);
+        self.publish(
+            self.topics.applied(device.as_str()),
+            kubeedge::applied(
+                &kubeedge::new_event_id(),
+                property.as_str(),
+                applied,
+                desired,
+                now_ms(),
+            ),
+            "applied",
+        );
     }
 
     fn on_request(&mut self, req: &Incoming) {

@@ -160,11 +160,17 @@ async fn app_story(bus: &Bus, sim: &SimHandle, started: Instant) -> anyhow::Resu
         .await
         .context("the write's outcome on the applied topic")?;
     assert_eq!(applied["outcome"], "ok", "{applied}");
-    assert_eq!(applied["value"], "555", "{applied}");
+    assert_eq!(applied["value"], 555, "{applied}");
+    assert_eq!(
+        applied["version"], 0,
+        "a local value the hub has not numbered: {applied}"
+    );
+    assert!(applied["ts_ms"].as_u64().is_some(), "{applied}");
     let t = app
         .twin_until(WAIT, |t| t["sp"]["actual"]["value"] == "555")
         .await?;
     assert_eq!(t["twin"]["sp"]["expected"]["value"], "555", "{t}");
+    assert_eq!(t["twin"]["sp"]["applied"]["outcome"], "ok", "{t}");
 
     // Someone changes the register at the panel: the desired value differs again, a delta says
     // so.
@@ -260,6 +266,45 @@ async fn app_story(bus: &Bus, sim: &SimHandle, started: Instant) -> anyhow::Resu
     let r = app.set_sp("set-2", "700").await?;
     assert!(r.get("code").is_none(), "{r}");
     register_becomes(sim, SP, 700, WAIT).await?;
+
+    // Another app cannot speak for the agent (the embedded broker's guard, or the broker's
+    // ACL): its messages on the agent's topics reach nobody.
+    let spoofer = App::connect(bus.addr, "spoofer", bus.login(), WAIT).await?;
+    spoofer
+        .publish(
+            TELEMETRY,
+            r#"{"level":{"value":9999,"quality":"good","ts":1}}"#,
+        )
+        .await?;
+    spoofer
+        .publish(
+            UPDATE_RESULT,
+            r#"{"event_id":"spoofed","timestamp":1,"twin":{}}"#,
+        )
+        .await?;
+    drop(spoofer);
+    sim.set_holding(1, LEVEL, &[44])?;
+    app.wait_for(TELEMETRY, WAIT, |j| j["level"]["value"] == 44)
+        .await
+        .context("telemetry after the spoofing attempt")?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spoofed_telemetry = app
+        .collect(TELEMETRY, Duration::from_millis(200))
+        .await
+        .into_iter()
+        .filter(|j| j["level"]["value"] == 9999)
+        .count();
+    let spoofed_results = app
+        .collect(UPDATE_RESULT, Duration::ZERO)
+        .await
+        .into_iter()
+        .filter(|j| j["event_id"] == "spoofed")
+        .count();
+    assert_eq!(
+        (spoofed_telemetry, spoofed_results),
+        (0, 0),
+        "spoofed messages were delivered"
+    );
     Ok(())
 }
 
@@ -270,12 +315,27 @@ async fn local_app_over_the_embedded_broker_without_a_hub() -> anyhow::Result<()
     local_app_without_a_hub(tmp.path(), &bus).await
 }
 
+/// The ACL `docs/mqtt.md` recommends for an external broker: apps read everything and write
+/// only requests, so they cannot speak for the agent.
+const MOSQUITTO_ACL: &str = "\
+user agent
+topic readwrite $hw/events/#
+topic readwrite edgesync/#
+
+user app
+topic read $hw/events/#
+topic read edgesync/#
+topic write $hw/events/device/+/twin/update
+topic write $hw/events/device/+/twin/get
+";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_app_over_mosquitto_without_a_hub() -> anyhow::Result<()> {
     let tmp = TempDir::new("local-mosq")?;
     let m = Mosquitto::start(
         &tmp.path().join("mosquitto"),
         &[("agent", "agent-pw"), ("app", "app-pw")],
+        Some(MOSQUITTO_ACL),
     )
     .await?;
     let bus = m.bus(("agent", "agent-pw"), ("app", "app-pw"));

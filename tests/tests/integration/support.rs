@@ -461,8 +461,13 @@ pub struct Mosquitto {
 }
 
 impl Mosquitto {
-    /// Starts Mosquitto with a password file for `users` (in `dir`), waiting until it listens.
-    pub async fn start(dir: &Path, users: &[(&str, &str)]) -> anyhow::Result<Mosquitto> {
+    /// Starts Mosquitto with a password file for `users` and the ACL file `acl` (in `dir`),
+    /// waiting until it listens.
+    pub async fn start(
+        dir: &Path,
+        users: &[(&str, &str)],
+        acl: Option<&str>,
+    ) -> anyhow::Result<Mosquitto> {
         std::fs::create_dir_all(dir)?;
         let passwd = dir.join("passwd");
         for (i, (u, p)) in users.iter().enumerate() {
@@ -477,13 +482,16 @@ impl Mosquitto {
         }
         let port = free_tcp_port()?;
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\nlog_dest stderr\n",
-                passwd.display()
-            ),
-        )?;
+        let mut text = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\nlog_dest stderr\n",
+            passwd.display()
+        );
+        if let Some(acl) = acl {
+            let file = dir.join("acl");
+            std::fs::write(&file, acl)?;
+            writeln!(text, "acl_file {}", file.display())?;
+        }
+        std::fs::write(&conf, text)?;
         let proc = Proc::spawn(
             &which("mosquitto")?,
             &["-c", &conf.display().to_string()],

@@ -298,3 +298,108 @@ fn event_ids_look_like_uuids() {
     assert!(parts[2].starts_with('4'));
     assert_ne!(id, new_event_id());
 }
+
+#[test]
+fn applied_payloads_carry_the_outcome_and_the_value() {
+    use edgesync_protocol::desired::{Applied, Outcome};
+    let desired = DesiredValue {
+        value: Value::Int(55),
+        version: 7,
+        origin: Origin::Hub,
+        set_ms: 5,
+    };
+    let ok = Applied {
+        version: 7,
+        outcome: Outcome::Ok,
+        ts_ms: 11,
+    };
+    let v: Json =
+        serde_json::from_slice(&applied("a1", "setpoint", &ok, Some(&desired), 12)).unwrap();
+    assert_eq!(
+        v,
+        json!({"event_id": "a1", "timestamp": 12, "property": "setpoint", "version": 7,
+               "outcome": "ok", "ts_ms": 11, "value": 55, "origin": "hub"})
+    );
+    let exception = Applied {
+        version: 0,
+        outcome: Outcome::Exception(2),
+        ts_ms: 11,
+    };
+    let v: Json = serde_json::from_slice(&applied("a2", "setpoint", &exception, None, 12)).unwrap();
+    assert_eq!(
+        v,
+        json!({"event_id": "a2", "timestamp": 12, "property": "setpoint", "version": 0,
+               "outcome": "exception", "detail": 2, "ts_ms": 11})
+    );
+    let refused = Applied {
+        version: 3,
+        outcome: Outcome::Refused("above the tag's range".into()),
+        ts_ms: 11,
+    };
+    let v: Json = serde_json::from_slice(&applied("a3", "pump", &refused, None, 12)).unwrap();
+    assert_eq!(v["outcome"], "refused");
+    assert_eq!(v["detail"], "above the tag's range");
+    let topics = Topics::new("line-1");
+    assert_eq!(topics.applied("boiler"), "edgesync/line-1/boiler/applied");
+}
+
+#[test]
+fn the_twin_shows_what_became_of_the_last_desired_version() {
+    use edgesync_protocol::desired::{Applied, Outcome};
+    let s = spec();
+    let mut props = BTreeMap::new();
+    props.insert(
+        PropertyId::new("setpoint").unwrap(),
+        PropertyTwin {
+            reported: Some(sample("setpoint", Some(Value::Int(50)), Quality::Good)),
+            desired: Some(DesiredValue {
+                value: Value::Int(55),
+                version: 3,
+                origin: Origin::Edge,
+                set_ms: 5,
+            }),
+            applied: Some(Applied {
+                version: 3,
+                outcome: Outcome::Expired,
+                ts_ms: 9,
+            }),
+            writable: true,
+        },
+    );
+    let twin = twin_map(&s, &props);
+    assert_eq!(
+        twin["setpoint"]["applied"],
+        json!({"version": 3, "outcome": "expired", "ts_ms": 9})
+    );
+    assert_eq!(twin["setpoint"]["expected"]["value"], "55");
+    assert!(twin["pump"].get("applied").is_none());
+}
+
+#[test]
+fn agent_owned_topics_cover_every_topic_the_agent_publishes() {
+    use crate::mqtt::guard::{is_reserved, topic_matches};
+    let reserved: Vec<String> = Topics::agent_owned()
+        .iter()
+        .map(|t| (*t).to_owned())
+        .collect();
+    let t = Topics::new("line-1");
+    for topic in [
+        Topics::update_result("boiler"),
+        Topics::update_document("boiler"),
+        Topics::update_delta("boiler"),
+        Topics::get_result("boiler"),
+        Topics::state_update("boiler"),
+        t.uplink(true),
+        t.uplink(false),
+        t.telemetry("boiler"),
+        t.applied("boiler"),
+    ] {
+        assert!(is_reserved(&reserved, &topic), "{topic}");
+    }
+    // The request topics stay open to apps.
+    for filter in Topics::subscriptions() {
+        let topic = filter.replace('+', "boiler");
+        assert!(!is_reserved(&reserved, &topic), "{topic}");
+        assert!(topic_matches(filter, &topic));
+    }
+}
