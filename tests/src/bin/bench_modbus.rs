@@ -146,6 +146,10 @@ struct Args {
     /// Peak RSS target (MB) for the verdict line.
     #[arg(long, default_value_t = 32.0)]
     rss_target_mb: f64,
+    /// Extra lines for the agent's `[mqtt]` table when the broker is on (e.g.
+    /// "segment_bytes = 65536"; `;` separates lines).
+    #[arg(long, default_value = "")]
+    mqtt_config: String,
 }
 
 /// One tag of the generated layout (the same on every unit).
@@ -287,7 +291,8 @@ fn agent_toml(
     match mqtt_port {
         Some(p) => writeln!(
             s,
-            "[mqtt]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{p}\"\n"
+            "[mqtt]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{p}\"\n{}\n",
+            args.mqtt_config.replace(';', "\n")
         )?,
         None => writeln!(s, "[mqtt]\nmode = \"off\"\n")?,
     }

@@ -106,6 +106,10 @@ struct Args {
     /// profile (e.g. a copy, so that a rebuild by someone else cannot change it mid-run).
     #[arg(long)]
     agent_bin: Option<PathBuf>,
+    /// Extra lines for the agent's `[mqtt]` table when the broker is on (e.g.
+    /// "segment_bytes = 65536"; `;` separates lines).
+    #[arg(long, default_value = "")]
+    mqtt_config: String,
 }
 
 /// What one setup needs.
@@ -198,7 +202,8 @@ fn agent_toml(
     match mqtt_port {
         Some(p) => writeln!(
             s,
-            "[mqtt]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{p}\"\n"
+            "[mqtt]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{p}\"\n{}\n",
+            args.mqtt_config.replace(';', "\n")
         )?,
         None => writeln!(s, "[mqtt]\nmode = \"off\"\n")?,
     }
