@@ -209,14 +209,8 @@ pub struct DesiredSet {
     pub version: u64,
 }
 
-/// A problem with one property of a desired change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FieldError {
-    /// The property as given.
-    pub field: String,
-    /// What is wrong.
-    pub message: String,
-}
+pub use edgesync_protocol::desired::FieldError;
+use edgesync_protocol::desired::json_kind;
 
 /// Why a desired change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -1263,10 +1257,7 @@ fn check_values(
     let mut ok = vec![];
     let mut errors = vec![];
     if values.is_empty() {
-        errors.push(FieldError {
-            field: String::new(),
-            message: "no properties given".into(),
-        });
+        errors.push(FieldError::empty_change());
     }
     for (name, json) in values {
         let mut err = |message: String| {
@@ -1304,11 +1295,9 @@ fn check_values(
                     },
                     match other {
                         J::Null => "null".to_owned(),
-                        J::Bool(_) => "a boolean".to_owned(),
                         J::Number(n) => format!("{n}"),
-                        J::String(_) => "a string".to_owned(),
-                        J::Array(_) => "an array".to_owned(),
-                        J::Object(_) => "an object".to_owned(),
+                        J::Array(_) | J::Object(_) => format!("an {}", json_kind(other)),
+                        _ => format!("a {}", json_kind(other)),
                     }
                 ));
                 continue;

@@ -11,15 +11,8 @@ use crate::local::writable;
 use crate::modbus::codec;
 use crate::model::{DataType, DeviceSpec, Table, TagSpec};
 
-/// A problem with one property's value, naming the property.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct FieldError {
-    /// The property (as given).
-    pub field: String,
-    /// What is wrong.
-    pub message: String,
-}
+pub use edgesync_protocol::desired::FieldError;
+use edgesync_protocol::desired::json_kind;
 
 /// Why a value may not be written to a tag (the reason an outcome `refused` carries).
 pub fn check(tag: &TagSpec, value: &Value) -> Result<(), String> {
@@ -94,18 +87,10 @@ pub fn schema(spec: &DeviceSpec) -> edgesync_protocol::frame::DeviceSchema {
 /// The typed value of a JSON value for a tag (before [`check`]).
 pub fn from_json(tag: &TagSpec, v: &serde_json::Value) -> Result<Value, String> {
     use serde_json::Value as J;
-    let kind = |v: &J| match v {
-        J::Null => "null",
-        J::Bool(_) => "boolean",
-        J::Number(_) => "number",
-        J::String(_) => "string",
-        J::Array(_) => "array",
-        J::Object(_) => "object",
-    };
     let wrong = || {
         format!(
             "a {} cannot be written to a {} tag",
-            kind(v),
+            json_kind(v),
             codec::type_name(&tag.data_type)
         )
     };
@@ -137,10 +122,7 @@ pub fn from_json_map(
     let mut ok = vec![];
     let mut errors = vec![];
     if values.is_empty() {
-        errors.push(FieldError {
-            field: String::new(),
-            message: "no properties given".into(),
-        });
+        errors.push(FieldError::empty_change());
     }
     for (name, json) in values {
         let err = |message: String| FieldError {

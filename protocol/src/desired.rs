@@ -22,6 +22,42 @@ use serde::{Deserialize, Serialize};
 
 use crate::value::Value;
 
+/// A problem with one property of a desired change, naming the property (as given). Both
+/// ends check changes (the hub against the schema the agent sent, the agent against its tags)
+/// and answer with a list of these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// The property as given (empty for a problem with the whole change).
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl FieldError {
+    /// The error of a change that names no property.
+    pub fn empty_change() -> Self {
+        FieldError {
+            field: String::new(),
+            message: "no properties given".into(),
+        }
+    }
+}
+
+/// How a JSON value's kind is named in error messages: `null`, `boolean`, `number`, `string`,
+/// `array`, `object`.
+pub fn json_kind(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value as J;
+    match v {
+        J::Null => "null",
+        J::Bool(_) => "boolean",
+        J::Number(_) => "number",
+        J::String(_) => "string",
+        J::Array(_) => "array",
+        J::Object(_) => "object",
+    }
+}
+
 /// Who set a desired value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
