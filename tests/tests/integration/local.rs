@@ -527,6 +527,29 @@ async fn a_restarted_agent_serves_the_restored_twin_before_the_plc_or_the_hub_an
             0,
             "a restarted agent does not write an applied value again"
         );
+
+        // A value set while the PLC does not answer is pending, and written when it answers.
+        sim.set_fault(1, Fault::NoAnswer)?;
+        let r = app.set_sp("while-down", "777").await?;
+        assert!(r.get("code").is_none(), "{r}");
+        let p = app
+            .wait_for(APPLIED, WAIT, |j| j["value"] == 777)
+            .await
+            .context("an outcome for 777")?;
+        assert_eq!(p["outcome"], "pending", "{p}");
+        assert_eq!(sim.holding(1, SP, 1)?, vec![555]);
+        sim.set_fault(1, Fault::None)?;
+        register_becomes(&sim, SP, 777, WAIT).await?;
+        let ok = app
+            .wait_for(APPLIED, WAIT, |j| {
+                j["value"] == 777 && j["outcome"] != "pending"
+            })
+            .await?;
+        assert_eq!(ok["outcome"], "ok", "{ok}");
+        app.twin_until(WAIT, |t| {
+            t["sp"]["actual"]["value"] == "777" && t["sp"]["applied"]["outcome"] == "ok"
+        })
+        .await?;
         Ok(())
     }
     .await;
@@ -653,9 +676,11 @@ async fn a_local_change_with_the_hub_reachable_becomes_the_hubs_desired_value() 
     with_log(r, &[&agent, &hub])
 }
 
-/// An operator sets a value while the tunnel is cut (after the agent's base), then the local
-/// app sets another one on the gateway; when the tunnel returns, the operator's value wins:
-/// it comes down again, the PLC ends at it, and the local app sees it.
+/// A local change made while the tunnel is cut, with no newer operator value, is accepted
+/// when the tunnel returns. Then: an operator sets a value while the tunnel is cut (after the
+/// agent's base), and the local app sets another one on the gateway; when the tunnel returns,
+/// the operator's value wins: it comes down again, the PLC ends at it, and the local app sees
+/// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_value_set_during_a_partition_wins_over_a_later_local_change()
 -> anyhow::Result<()> {
@@ -691,7 +716,8 @@ async fn an_operator_value_set_during_a_partition_wins_over_a_later_local_change
         })
         .await?;
 
-        // The tunnel is cut; the local app is told.
+        // The tunnel is cut; the local app is told; a local change made now, with no newer
+        // operator value, is accepted by the hub when the tunnel returns.
         app.clear();
         relay.set_open(false);
         app.wait_for(
@@ -701,6 +727,37 @@ async fn an_operator_value_set_during_a_partition_wins_over_a_later_local_change
         )
         .await
         .context("the app learns the tunnel is down")?;
+        let r = app.set_sp("offline-0", "444").await?;
+        assert!(r.get("code").is_none(), "{r}");
+        register_becomes(&sim, SP, 444, WAIT).await?;
+        relay.set_open(true);
+        app.wait_for("$hw/events/connected/gw-1", Duration::from_secs(15), |_| {
+            true
+        })
+        .await
+        .context("the app learns the tunnel is up")?;
+        let twin = hub_desired(&api, Duration::from_secs(15), |d| {
+            d["value"] == 444 && d["applied"]["outcome"] == "ok"
+        })
+        .await
+        .context("the hub accepts the offline local change")?;
+        assert_eq!(twin["desired"]["sp"]["origin"], "edge", "{twin}");
+        assert!(
+            twin["desired"]["sp"]["version"].as_u64().unwrap_or(0) > v0,
+            "{twin}"
+        );
+        assert_eq!(sim.holding(1, SP, 1)?, vec![444]);
+
+        // The tunnel is cut again.
+        app.clear();
+        relay.set_open(false);
+        app.wait_for(
+            "$hw/events/disconnected/gw-1",
+            Duration::from_secs(15),
+            |_| true,
+        )
+        .await
+        .context("the app learns the tunnel is down again")?;
 
         // The operator sets 999 (newer than the agent's base) and it cannot be delivered.
         let v1 = patch_sp(&api, 999).await?;

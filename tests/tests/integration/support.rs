@@ -80,6 +80,8 @@ pub struct Bus {
 impl Bus {
     /// The agent's embedded broker on a free loopback port, no credentials.
     pub fn embedded() -> anyhow::Result<Bus> {
+        // Build the binaries first, so the port is taken moments after it is chosen.
+        harness::bin("edgesync-agent")?;
         let port = free_tcp_port()?;
         Ok(Bus {
             toml: format!(
