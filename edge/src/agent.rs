@@ -409,7 +409,7 @@ impl Pipeline {
         let first_seq = st.next_seq();
         let n = records.len();
         let shared = Arc::new(records);
-        match st.append((*shared).clone(), &twin, wall_clock().0).await {
+        match st.append(shared.clone(), &twin, wall_clock().0).await {
             Ok(a) => {
                 drop(st);
                 metrics::counter!("edgesync_outbox_records_accepted_total").increment(n as u64);

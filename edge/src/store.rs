@@ -91,6 +91,9 @@ fn desired_key(device: &DeviceId) -> Vec<u8> {
     k
 }
 
+/// A run of records inside one outbox group: the group's samples and the range of them.
+pub type SampleRun = (Arc<Vec<Sample>>, std::ops::Range<usize>);
+
 /// The desired state of one property, as persisted (see [`AgentStore::save_desired`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PersistedDesired {
@@ -450,10 +453,11 @@ impl AgentStore {
     /// durable per the fsync policy. `now_ms` is used only for the fsync interval.
     pub async fn append(
         &mut self,
-        records: Vec<Sample>,
+        records: impl Into<Arc<Vec<Sample>>>,
         twin: &[(DeviceId, Vec<Sample>)],
         now_ms: u64,
     ) -> Result<Appended, StoreError> {
+        let records: Arc<Vec<Sample>> = records.into();
         let mut batch = sled::Batch::default();
         for (device, samples) in twin {
             batch.insert(twin_key(device), encode_samples(samples));
@@ -474,7 +478,7 @@ impl AgentStore {
             self.total_bytes += bytes;
             let cached = if self.cached_bytes + bytes <= self.cache_budget {
                 self.cached_bytes += bytes;
-                Some(Arc::new(records))
+                Some(records)
             } else {
                 None
             };
@@ -543,8 +547,17 @@ impl AgentStore {
 
     /// Records `first .. first+count`, in order.
     pub fn read(&mut self, first: u64, count: usize) -> Result<Vec<Sample>, StoreError> {
+        Ok(self
+            .read_runs(first, count)?
+            .iter()
+            .flat_map(|(g, r)| g[r.clone()].iter().cloned())
+            .collect())
+    }
+
+    /// Records `first .. first+count` as runs of the groups holding them (shared, not
+    /// copied): for each group, the range of its samples that falls inside.
+    pub fn read_runs(&mut self, first: u64, count: usize) -> Result<Vec<SampleRun>, StoreError> {
         let end = first + count as u64;
-        let mut out = Vec::with_capacity(count);
         let start_key = self
             .groups
             .range(..=first)
@@ -552,22 +565,25 @@ impl AgentStore {
             .map(|(k, _)| *k)
             .unwrap_or(first);
         let keys: Vec<u64> = self.groups.range(start_key..end).map(|(k, _)| *k).collect();
+        let mut runs = Vec::with_capacity(keys.len());
+        let mut total = 0;
         for gfirst in keys {
             let samples = self.group_samples(gfirst)?;
-            for (i, s) in samples.iter().enumerate() {
-                let seq = gfirst + i as u64;
-                if seq >= first && seq < end {
-                    out.push(s.clone());
-                }
+            let gend = gfirst + samples.len() as u64;
+            let (a, b) = (first.max(gfirst), end.min(gend));
+            if a < b {
+                let r = (a - gfirst) as usize..(b - gfirst) as usize;
+                total += r.len();
+                runs.push((samples, r));
             }
         }
-        if out.len() != count {
+        if total != count {
             return Err(StoreError::Missing {
                 from: first,
                 to: end,
             });
         }
-        Ok(out)
+        Ok(runs)
     }
 
     fn group_samples(&mut self, first: u64) -> Result<Arc<Vec<Sample>>, StoreError> {
@@ -667,14 +683,14 @@ mod tests {
             let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
             let a = st
                 .append(
-                    (1..=10).map(s).collect(),
+                    (1..=10).map(s).collect::<Vec<_>>(),
                     &[(DeviceId::new("d").unwrap(), vec![s(9), s(10)])],
                     0,
                 )
                 .await
                 .unwrap();
             assert_eq!(a.next_seq, 11);
-            st.append((11..=15).map(s).collect(), &[], 0).await.unwrap();
+            st.append((11..=15).map(s).collect::<Vec<_>>(), &[], 0).await.unwrap();
             assert_eq!(st.read(9, 4).unwrap(), (9..=12).map(s).collect::<Vec<_>>());
             st.ack(12).unwrap();
             assert_eq!(st.backlog(), 3);
@@ -715,7 +731,7 @@ mod tests {
         let mut dropped = vec![];
         for g in 0..20u64 {
             let a = st
-                .append((g * 10 + 1..=g * 10 + 10).map(s).collect(), &[], 0)
+                .append((g * 10 + 1..=g * 10 + 10).map(s).collect::<Vec<_>>(), &[], 0)
                 .await
                 .unwrap();
             if let Some(d) = a.dropped {
@@ -739,7 +755,7 @@ mod tests {
     async fn rebase_moves_numbering_forward() {
         let dir = tmp();
         let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::Never).unwrap();
-        st.append((1..=3).map(s).collect(), &[], 0).await.unwrap();
+        st.append((1..=3).map(s).collect::<Vec<_>>(), &[], 0).await.unwrap();
         st.rebase(100).unwrap();
         assert_eq!((st.acked(), st.next_seq(), st.backlog()), (99, 100, 0));
         let a = st.append(vec![s(1)], &[], 0).await.unwrap();

@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use edgesync_protocol::frame::{
-    self, Body, DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, FrameError, Goodbye, Records,
-    WireSample,
+    self, Body, DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, FrameError, Goodbye,
 };
 use edgesync_protocol::session::{EdgeConfig, EdgeEvent, EdgeSession, Transmit};
 use edgesync_protocol::spiffe_id::SpiffeId;
@@ -304,7 +303,7 @@ impl Uplink {
             out.clear();
             while let Some(t) = session.poll_transmit() {
                 let frame = match t {
-                    Transmit::Frame(body) => Frame { body: Some(body) },
+                    Transmit::Frame(body) => Some(Frame { body: Some(body) }),
                     Transmit::Control { first_seq, count } => {
                         let recs = self.store.lock().await.read_control(first_seq, count)?;
                         for rec in recs {
@@ -319,19 +318,23 @@ impl Uplink {
                         continue;
                     }
                     Transmit::Records { first_seq, count } => {
-                        let samples = self.store.lock().await.read(first_seq, count)?;
+                        // Encoded straight from the outbox's cached groups (no copies).
+                        let runs = self.store.lock().await.read_runs(first_seq, count)?;
                         metrics::counter!("edgesync_uplink_records_sent_total")
                             .increment(count as u64);
-                        Frame {
-                            body: Some(Body::Records(Records {
-                                first_seq,
-                                samples: samples.iter().map(WireSample::from).collect(),
-                                backlog: session.backlog(),
-                            })),
-                        }
+                        frame::encode_records(
+                            first_seq,
+                            runs.iter().flat_map(|(g, r)| g[r.clone()].iter()),
+                            session.backlog(),
+                            DEFAULT_MAX_FRAME_LEN,
+                            &mut out,
+                        )?;
+                        None
                     }
                 };
-                frame::encode_frame(&frame, DEFAULT_MAX_FRAME_LEN, &mut out)?;
+                if let Some(frame) = frame {
+                    frame::encode_frame(&frame, DEFAULT_MAX_FRAME_LEN, &mut out)?;
+                }
                 if out.len() >= 256 * 1024 {
                     send.write_all(&out)
                         .await

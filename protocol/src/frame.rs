@@ -493,11 +493,176 @@ pub fn samples_from_wire(wire: Vec<WireSample>) -> Result<Vec<Sample>, FrameErro
 }
 
 /// Encodes samples compactly (the unit of outbox and hub log entries).
+///
+/// The bytes are those of a [`SampleBatch`] of [`WireSample`]s, written straight from the
+/// samples (no intermediate strings: this runs for every outbox commit).
 pub fn encode_samples(samples: &[Sample]) -> Vec<u8> {
-    SampleBatch {
-        samples: samples.iter().map(WireSample::from).collect(),
+    let len: usize = samples.iter().map(|s| wire::nested_len(1, s)).sum();
+    let mut out = Vec::with_capacity(len);
+    for s in samples {
+        wire::nested(1, s, &mut out);
     }
-    .encode_to_vec()
+    out
+}
+
+/// Appends a length-prefixed [`Body::Records`] frame of `samples` to `out`, byte for byte what
+/// [`encode_frame`] writes for `Records { first_seq, samples: samples.map(WireSample::from),
+/// backlog }`, without building the [`WireSample`]s (the uplink's hot path).
+///
+/// Fails (appending nothing) when the encoded frame would exceed `max_frame_len`.
+pub fn encode_records<'a, I>(
+    first_seq: u64,
+    samples: I,
+    backlog: u64,
+    max_frame_len: usize,
+    out: &mut BytesMut,
+) -> Result<(), FrameError>
+where
+    I: Iterator<Item = &'a Sample> + Clone,
+{
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    let varint_field = |tag: u32, v: u64| {
+        if v == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(v)
+        }
+    };
+    let records_len = varint_field(1, first_seq)
+        + samples
+            .clone()
+            .map(|s| wire::nested_len(2, s))
+            .sum::<usize>()
+        + varint_field(3, backlog);
+    let len = key_len(3) + encoded_len_varint(records_len as u64) + records_len;
+    if len > max_frame_len || u32::try_from(len).is_err() {
+        return Err(FrameError::TooLarge {
+            len,
+            max: max_frame_len,
+        });
+    }
+    out.reserve(LEN_PREFIX + len);
+    out.put_u32(len as u32);
+    encode_key(3, WireType::LengthDelimited, out);
+    encode_varint(records_len as u64, out);
+    if first_seq != 0 {
+        encode_key(1, WireType::Varint, out);
+        encode_varint(first_seq, out);
+    }
+    for s in samples {
+        wire::nested(2, s, out);
+    }
+    if backlog != 0 {
+        encode_key(3, WireType::Varint, out);
+        encode_varint(backlog, out);
+    }
+    Ok(())
+}
+
+/// [`WireSample`]'s encoding written from a borrowed [`Sample`] (same bytes as prost's).
+mod wire {
+    use bytes::BufMut;
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+
+    use super::{BadReason, Quality, Sample, Value};
+
+    fn quality(q: Quality) -> (u32, u32) {
+        match q {
+            Quality::Good => (0, 0),
+            Quality::Bad(BadReason::Timeout) => (1, 0),
+            Quality::Bad(BadReason::Exception(c)) => (2, u32::from(c)),
+            Quality::Bad(BadReason::Disconnected) => (3, 0),
+            Quality::Bad(BadReason::DecodeError) => (4, 0),
+            Quality::Bad(BadReason::BadResponse) => (5, 0),
+        }
+    }
+
+    fn zigzag(i: i64) -> u64 {
+        ((i << 1) ^ (i >> 63)) as u64
+    }
+
+    fn str_len(tag: u32, s: &str) -> usize {
+        key_len(tag) + encoded_len_varint(s.len() as u64) + s.len()
+    }
+
+    fn varint_len(tag: u32, v: u64) -> usize {
+        if v == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(v)
+        }
+    }
+
+    /// Length of the sample's fields (the message body).
+    fn body_len(s: &Sample) -> usize {
+        let (q, code) = quality(s.quality);
+        let value = match &s.value {
+            None => 0,
+            // Oneof members are written even when they hold the default value.
+            Some(Value::Bool(_)) => key_len(3) + 1,
+            Some(Value::Int(i)) => key_len(4) + encoded_len_varint(zigzag(*i)),
+            Some(Value::UInt(u)) => key_len(5) + encoded_len_varint(*u),
+            Some(Value::Float(_)) => key_len(6) + 8,
+            Some(Value::Str(v)) => str_len(7, v),
+        };
+        str_len(1, s.device.as_str())
+            + str_len(2, s.property.as_str())
+            + value
+            + varint_len(8, u64::from(q))
+            + varint_len(9, u64::from(code))
+            + varint_len(10, s.ts.0)
+    }
+
+    /// Length of the sample as field `tag` of its container.
+    pub(super) fn nested_len(tag: u32, s: &Sample) -> usize {
+        let body = body_len(s);
+        key_len(tag) + encoded_len_varint(body as u64) + body
+    }
+
+    fn put_str(tag: u32, v: &str, out: &mut impl BufMut) {
+        encode_key(tag, WireType::LengthDelimited, out);
+        encode_varint(v.len() as u64, out);
+        out.put_slice(v.as_bytes());
+    }
+
+    fn put_varint(tag: u32, v: u64, out: &mut impl BufMut) {
+        if v != 0 {
+            encode_key(tag, WireType::Varint, out);
+            encode_varint(v, out);
+        }
+    }
+
+    /// Writes the sample as field `tag` of its container.
+    pub(super) fn nested(tag: u32, s: &Sample, out: &mut impl BufMut) {
+        encode_key(tag, WireType::LengthDelimited, out);
+        encode_varint(body_len(s) as u64, out);
+        put_str(1, s.device.as_str(), out);
+        put_str(2, s.property.as_str(), out);
+        match &s.value {
+            None => {}
+            Some(Value::Bool(b)) => {
+                encode_key(3, WireType::Varint, out);
+                encode_varint(u64::from(*b), out);
+            }
+            Some(Value::Int(i)) => {
+                encode_key(4, WireType::Varint, out);
+                encode_varint(zigzag(*i), out);
+            }
+            Some(Value::UInt(u)) => {
+                encode_key(5, WireType::Varint, out);
+                encode_varint(*u, out);
+            }
+            Some(Value::Float(f)) => {
+                encode_key(6, WireType::SixtyFourBit, out);
+                out.put_f64_le(*f);
+            }
+            Some(Value::Str(v)) => put_str(7, v, out),
+        }
+        let (q, code) = quality(s.quality);
+        put_varint(8, u64::from(q), out);
+        put_varint(9, u64::from(code), out);
+        put_varint(10, s.ts.0, out);
+    }
 }
 
 /// Decodes what [`encode_samples`] wrote, validating every sample.
@@ -730,7 +895,69 @@ mod tests {
         assert!(w.into_sample().is_err());
     }
 
+    fn arb_sample() -> impl proptest::strategy::Strategy<Value = Sample> {
+        use proptest::prelude::*;
+        let value = prop_oneof![
+            Just(None),
+            any::<bool>().prop_map(|b| Some(Value::Bool(b))),
+            any::<i64>().prop_map(|i| Some(Value::Int(i))),
+            any::<u64>().prop_map(|u| Some(Value::UInt(u))),
+            any::<f64>().prop_map(|f| Some(Value::Float(f))),
+            "[a-zé ]{0,20}".prop_map(|s| Some(Value::Str(s))),
+        ];
+        let quality = prop_oneof![
+            Just(Quality::Good),
+            Just(Quality::Bad(BadReason::Timeout)),
+            any::<u8>().prop_map(|c| Quality::Bad(BadReason::Exception(c))),
+            Just(Quality::Bad(BadReason::Disconnected)),
+            Just(Quality::Bad(BadReason::DecodeError)),
+            Just(Quality::Bad(BadReason::BadResponse)),
+        ];
+        (
+            "[a-z][a-z0-9-]{0,30}",
+            "[a-z][a-z0-9_.]{0,30}",
+            value,
+            quality,
+            any::<u64>(),
+        )
+            .prop_map(|(d, p, value, quality, ts)| Sample {
+                device: DeviceId::new(d).unwrap(),
+                property: PropertyId::new(p).unwrap(),
+                value,
+                quality,
+                ts: Timestamp(ts),
+            })
+    }
+
     proptest::proptest! {
+        /// The hand-written encoders write exactly what prost writes for the same records.
+        #[test]
+        fn borrowed_encoders_match_prost(
+            samples in proptest::collection::vec(arb_sample(), 0..20),
+            first_seq in proptest::prop_oneof![proptest::strategy::Just(0u64), proptest::num::u64::ANY],
+            backlog in proptest::prop_oneof![proptest::strategy::Just(0u64), proptest::num::u64::ANY],
+        ) {
+            let wire: Vec<WireSample> = samples.iter().map(WireSample::from).collect();
+            let batch = SampleBatch { samples: wire.clone() }.encode_to_vec();
+            proptest::prop_assert_eq!(encode_samples(&samples), batch);
+            let frame = Frame {
+                body: Some(Body::Records(Records { first_seq, samples: wire, backlog })),
+            };
+            let mut want = BytesMut::new();
+            encode_frame(&frame, usize::MAX >> 1, &mut want).unwrap();
+            let mut got = BytesMut::new();
+            encode_records(first_seq, samples.iter(), backlog, usize::MAX >> 1, &mut got).unwrap();
+            proptest::prop_assert_eq!(&got[..], &want[..]);
+            // The size limit is the same too.
+            let mut none = BytesMut::new();
+            let limit = want.len() - LEN_PREFIX - 1;
+            proptest::prop_assert!(encode_records(first_seq, samples.iter(), backlog, limit, &mut none).is_err());
+            proptest::prop_assert!(none.is_empty());
+            // And it decodes back to the same samples (compared as bytes: NaN != NaN).
+            let enc = encode_samples(&samples);
+            proptest::prop_assert_eq!(encode_samples(&decode_samples(&enc).unwrap()), enc);
+        }
+
         #[test]
         fn decoder_never_panics(chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..64), 0..16)) {
             let mut d = FrameDecoder::new(256);

@@ -587,15 +587,38 @@ pub fn uplink(connected: bool, now_ms: u64) -> Vec<u8> {
 
 /// Telemetry on `edgesync/{node}/{device}`: `{prop: {"value", "quality", "ts"}}` for the
 /// samples of one cycle (`value` is `null` for a property never read).
+///
+/// Written straight from the samples, in tag order, without building a JSON tree first: this
+/// runs for every device on every poll cycle.
 pub fn telemetry(samples: &[Sample]) -> Vec<u8> {
-    let mut m = Map::new();
-    for s in samples {
-        m.insert(
-            s.property.to_string(),
-            json!({"value": s.value, "quality": s.quality.to_string(), "ts": s.ts.as_millis()}),
-        );
+    /// `{prop: entry, ...}`.
+    struct Cycle<'a>(&'a [Sample]);
+    /// `{"value", "quality", "ts"}`.
+    struct Entry<'a>(&'a Sample);
+    impl Serialize for Cycle<'_> {
+        fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            let mut m = ser.serialize_map(Some(self.0.len()))?;
+            for s in self.0 {
+                m.serialize_entry(s.property.as_str(), &Entry(s))?;
+            }
+            m.end()
+        }
     }
-    to_vec(&Json::Object(m))
+    impl Serialize for Entry<'_> {
+        fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeStruct;
+            let mut m = ser.serialize_struct("Entry", 3)?;
+            m.serialize_field("value", &self.0.value)?;
+            m.serialize_field("quality", &self.0.quality)?;
+            m.serialize_field("ts", &self.0.ts.as_millis())?;
+            m.end()
+        }
+    }
+    let mut out = Vec::with_capacity(16 + samples.len() * 48);
+    // Cannot fail: the keys are strings and the writer is a Vec.
+    let _ = serde_json::to_writer(&mut out, &Cycle(samples));
+    out
 }
 
 /// What became of a desired version, on `edgesync/{node}/{device}/applied`: `{"event_id",
