@@ -176,6 +176,8 @@ pub struct App {
     task: tokio::task::JoinHandle<()>,
     /// What was taken or skipped, for failure messages.
     history: Vec<String>,
+    /// Connection errors the client's event loop saw (the broker closed the connection...).
+    errors: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 enum Incoming {
@@ -232,6 +234,8 @@ impl App {
             Err(e) => bail!("{e}"),
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen_errors = errors.clone();
         let task = tokio::spawn(async move {
             loop {
                 match ev.poll().await {
@@ -244,7 +248,10 @@ impl App {
                     Ok(_) => {}
                     // The broker went away; rumqttc reconnects on the next poll (without the
                     // subscriptions: a test reconnects with a new App when it needs them).
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(_) => {
+                        seen_errors.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
             }
         });
@@ -254,7 +261,20 @@ impl App {
             pending: VecDeque::new(),
             task,
             history: Vec::new(),
+            errors,
         })
+    }
+
+    /// Waits (up to `within`) until the broker closed this client's connection; whether it did.
+    pub async fn wait_closed(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.errors.load(Ordering::SeqCst) == 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 
     /// Subscribes to `filter` and waits for the SUBACK.
