@@ -420,6 +420,8 @@ struct DesiredRun {
     write: Histogram<u64>,
     applied: Histogram<u64>,
     response: Histogram<u64>,
+    slow_writes: usize,
+    slow_both: usize,
     cpu_pct: f64,
 }
 
@@ -446,6 +448,7 @@ async fn run_desired(args: &Args, run: usize) -> anyhow::Result<DesiredRun> {
     // Give the stream a moment to be registered before the first change.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (mut write, mut applied, mut response) = (hist()?, hist()?, hist()?);
+    let (mut slow_writes, mut slow_both) = (0, 0);
     let c0 = harness::proc_cpu_seconds(env.pid)?;
     let w0 = Instant::now();
     for k in 0..args.samples {
@@ -502,6 +505,12 @@ async fn run_desired(args: &Args, run: usize) -> anyhow::Result<DesiredRun> {
             sim.holding(u, 0, 1)?.first() == Some(&want),
             "{device} register 0 does not hold {want}"
         );
+        if t_write - t0 > Duration::from_millis(10) {
+            slow_writes += 1;
+            if t_resp - t0 > Duration::from_millis(10) {
+                slow_both += 1;
+            }
+        }
         write.saturating_record(us(t_write - t0));
         applied.saturating_record(us(t_ok - t0));
         response.saturating_record(us(t_resp - t0));
@@ -516,6 +525,8 @@ async fn run_desired(args: &Args, run: usize) -> anyhow::Result<DesiredRun> {
         write,
         applied,
         response,
+        slow_writes,
+        slow_both,
         cpu_pct,
     })
 }
@@ -526,7 +537,7 @@ async fn part_desired(args: &Args) -> anyhow::Result<()> {
         args.units, args.registers, args.poll_ms, args.samples
     );
     println!(
-        "{:>4} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>11} {:>10} {:>10}",
+        "{:>4} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "run",
         "write p50",
         "write p90",
@@ -536,6 +547,9 @@ async fn part_desired(args: &Args) -> anyhow::Result<()> {
         "applied p99",
         "applied max",
         "PATCH p50",
+        "PATCH p99",
+        "w>10ms",
+        "both>10ms",
         "agent cpu%"
     );
     let mut rows = Vec::new();
@@ -550,6 +564,9 @@ async fn part_desired(args: &Args) -> anyhow::Result<()> {
             ms(r.applied.value_at_quantile(0.99)),
             ms(r.applied.max()),
             ms(r.response.value_at_quantile(0.5)),
+            ms(r.response.value_at_quantile(0.99)),
+            r.slow_writes as f64,
+            r.slow_both as f64,
             r.cpu_pct,
         ];
         print_row(&run.to_string(), &row);
@@ -557,7 +574,7 @@ async fn part_desired(args: &Args) -> anyhow::Result<()> {
     }
     print_row("med", &medians(&rows));
     println!(
-        "(ms; write = PATCH sent -> the agent's write request arrives at the simulator; applied = PATCH sent -> `applied` event with outcome ok received on GET /api/v1/events; PATCH = PATCH sent -> 200 received)"
+        "(ms; write = PATCH sent -> the agent's write request arrives at the simulator; applied = PATCH sent -> `applied` event with outcome ok received on GET /api/v1/events; PATCH = PATCH sent -> 200 received; w>10ms = samples whose write took over 10 ms, both>10ms = those of them whose PATCH answer also took over 10 ms)"
     );
     Ok(())
 }
