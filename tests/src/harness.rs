@@ -8,6 +8,7 @@
 //! - [`Api`] reads the hub's HTTP API.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::OnceLock;
@@ -292,7 +293,7 @@ impl Proc {
         if ready.is_some() {
             cmd.stdout(Stdio::piped());
         } else {
-            cmd.stdout(Stdio::from(logf));
+            cmd.stdout(Stdio::from(logf.try_clone()?));
         }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
@@ -304,8 +305,11 @@ impl Proc {
         if let Some(prefix) = ready {
             let out = child.stdout.take().context("no stdout")?;
             let mut lines = BufReader::new(out).lines();
+            // Stdout goes to the log too (the hub logs there), line by line.
+            let mut out_log = logf.try_clone()?;
             let line = tokio::time::timeout(Duration::from_secs(30), async {
                 while let Some(l) = lines.next_line().await? {
+                    let _ = writeln!(out_log, "{l}");
                     if l.starts_with(prefix) {
                         return Ok::<_, std::io::Error>(Some(l));
                     }
@@ -324,8 +328,12 @@ impl Proc {
                     );
                 }
             }
-            // Keep draining stdout so the child never blocks on a full pipe.
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            // Keep draining stdout into the log so the child never blocks on a full pipe.
+            tokio::spawn(async move {
+                while let Ok(Some(l)) = lines.next_line().await {
+                    let _ = writeln!(out_log, "{l}");
+                }
+            });
         }
         Ok(Proc {
             child,
