@@ -837,3 +837,93 @@ async fn an_operator_value_set_during_a_partition_wins_over_a_later_local_change
     .await;
     with_log(r, &[&agent, &hub])
 }
+
+/// A local value still pending (the PLC does not answer) is accepted by the hub; an operator's
+/// newer value then supersedes it on the gateway at once: the local app sees the pending
+/// value superseded, and when the PLC answers only the operator's value is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_value_supersedes_a_local_value_still_pending() -> anyhow::Result<()> {
+    let tmp = TempDir::new("local-cas-c")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let sim = plc().await?;
+    let (hub, tunnel, http) =
+        harness::start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
+    let bus = Bus::embedded()?;
+    let agent = support::start_agent(
+        tmp.path(),
+        &pki,
+        &tunnel,
+        &sim.local_addr().to_string(),
+        &bus.toml,
+    )
+    .await?;
+    let api = Api::new(&http);
+    let r = async {
+        api.wait_for(Duration::from_secs(20), |api| async move {
+            api.reported_u64(NODE, DEVICE, "sp").await
+        })
+        .await
+        .context("the hub sees sp")?;
+        let mut app = app(&bus, "app").await?;
+
+        // The PLC stops answering; a local value waits.
+        sim.set_fault(1, Fault::NoAnswer)?;
+        let r = app.set_sp("local-pending", "123").await?;
+        assert!(r.get("code").is_none(), "{r}");
+        let p = app
+            .wait_for(APPLIED, WAIT, |j| j["value"] == 123)
+            .await
+            .context("the local value's first outcome")?;
+        assert_eq!(p["outcome"], "pending", "{p}");
+        hub_desired(&api, WAIT, |d| d["value"] == 123 && d["origin"] == "edge")
+            .await
+            .context("the hub accepts the local value")?;
+
+        // The operator sets 456: the pending local value is superseded at once.
+        let v = patch_sp(&api, 456).await?;
+        let s = app
+            .wait_for(APPLIED, WAIT, |j| {
+                j["value"] == 123 && j["outcome"] != "pending"
+            })
+            .await
+            .context("the local value's final outcome")?;
+        assert_eq!(s["outcome"], "superseded", "{s}");
+        app.wait_for(DOCUMENT, WAIT, |j| {
+            j["twin"]["sp"]["current"]["expected"]["value"] == "456"
+        })
+        .await?;
+        assert_eq!(sim.holding(1, SP, 1)?, vec![100]);
+
+        // The PLC answers again: only 456 is written.
+        sim.set_fault(1, Fault::None)?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = sim.holding(1, SP, 1)?[0];
+            assert_ne!(got, 123, "the superseded local value reached the PLC");
+            if got == 456 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("the PLC holds {got}, not 456");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let a = app
+            .wait_for(APPLIED, WAIT, |j| {
+                j["version"] == v && j["outcome"] != "pending"
+            })
+            .await?;
+        assert_eq!(a["outcome"], "ok", "{a}");
+        assert_eq!(a["value"], 456, "{a}");
+        hub_desired(&api, WAIT, |d| {
+            d["version"] == v && d["value"] == 456 && d["applied"]["outcome"] == "ok"
+        })
+        .await
+        .context("the hub shows the operator's value applied")?;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(sim.holding(1, SP, 1)?, vec![456], "nothing flips back");
+        Ok(())
+    }
+    .await;
+    with_log(r, &[&agent, &hub])
+}
