@@ -690,7 +690,9 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(a.next_seq, 11);
-            st.append((11..=15).map(s).collect::<Vec<_>>(), &[], 0).await.unwrap();
+            st.append((11..=15).map(s).collect::<Vec<_>>(), &[], 0)
+                .await
+                .unwrap();
             assert_eq!(st.read(9, 4).unwrap(), (9..=12).map(s).collect::<Vec<_>>());
             st.ack(12).unwrap();
             assert_eq!(st.backlog(), 3);
@@ -731,7 +733,11 @@ mod tests {
         let mut dropped = vec![];
         for g in 0..20u64 {
             let a = st
-                .append((g * 10 + 1..=g * 10 + 10).map(s).collect::<Vec<_>>(), &[], 0)
+                .append(
+                    (g * 10 + 1..=g * 10 + 10).map(s).collect::<Vec<_>>(),
+                    &[],
+                    0,
+                )
                 .await
                 .unwrap();
             if let Some(d) = a.dropped {
@@ -755,7 +761,9 @@ mod tests {
     async fn rebase_moves_numbering_forward() {
         let dir = tmp();
         let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::Never).unwrap();
-        st.append((1..=3).map(s).collect::<Vec<_>>(), &[], 0).await.unwrap();
+        st.append((1..=3).map(s).collect::<Vec<_>>(), &[], 0)
+            .await
+            .unwrap();
         st.rebase(100).unwrap();
         assert_eq!((st.acked(), st.next_seq(), st.backlog()), (99, 100, 0));
         let a = st.append(vec![s(1)], &[], 0).await.unwrap();

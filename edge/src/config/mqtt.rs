@@ -39,8 +39,11 @@ pub const DEFAULT_MAX_CONNECTIONS: i64 = 32;
 pub const DEFAULT_MAX_TOPICS: i64 = 1024;
 /// Default `max_inflight` of the embedded broker.
 pub const DEFAULT_MAX_INFLIGHT: i64 = 32;
-/// Default `segment_bytes` of the embedded broker: 16 KiB.
-pub const DEFAULT_SEGMENT_BYTES: i64 = 16 * 1024;
+/// Default `segment_bytes` of the embedded broker: 256 KiB. A subscription filter's log must
+/// hold at least one poll cycle of telemetry (about 65 bytes per property), or rumqttd drops
+/// the oldest messages of a subscriber that is a few ms behind; 256 KiB holds a cycle of about
+/// 4,000 properties.
+pub const DEFAULT_SEGMENT_BYTES: i64 = 256 * 1024;
 /// Default `segment_count` of the embedded broker.
 pub const DEFAULT_SEGMENT_COUNT: i64 = 2;
 

@@ -561,6 +561,18 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
     Ok(Some(header))
 }
 
+/// Asks the kernel to acknowledge what arrives on `sock` at once (Linux `TCP_QUICKACK`; a
+/// no-op elsewhere). Best effort: a failure only costs latency.
+fn quick_ack(sock: &tokio::net::tcp::OwnedReadHalf) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let tcp: &TcpStream = sock.as_ref();
+        let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = sock;
+}
+
 /// The guard's settings.
 #[derive(Debug, Clone)]
 pub struct GuardConfig {
@@ -827,6 +839,11 @@ async fn connection(
                 let Some(packet) = read_packet(&mut up_r, cfg.max_packet_bytes + 4096).await? else {
                     return Ok(());
                 };
+                // rumqttd leaves Nagle's algorithm on for the sockets it accepts, so when it
+                // sends packets back to back (a poll cycle's telemetry) the second waits for
+                // our ACK, which the kernel delays up to 40 ms. Acknowledge at once instead
+                // (quick-ack mode does not stick, so it is set again after every packet).
+                quick_ack(up_r.get_ref());
                 client_w.write_all(&map_broker_packet(packet)?).await?;
             }
         } => r,
