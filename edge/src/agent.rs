@@ -61,6 +61,9 @@ pub struct Agent {
     writers: HashMap<DeviceId, LinkHandle>,
     /// The twin as local consumers see it.
     pub local: LocalTwin,
+    /// Where the embedded MQTT broker listens (the real port when port 0 was configured);
+    /// `None` with an external broker or MQTT off.
+    pub mqtt_addr: Option<std::net::SocketAddr>,
 }
 
 /// Why the agent could not start.
@@ -205,14 +208,14 @@ impl Agent {
         })?;
         tasks.push(tokio::spawn(downlink.run()));
         // The local MQTT bus serves the twin from now on, before any PLC or the hub answers.
-        tasks.extend(
-            crate::mqtt::spawn(
-                std::mem::take(&mut cfg.mqtt),
-                local.clone(),
-                cancel.child_token(),
-            )
-            .await?,
-        );
+        let mqtt = crate::mqtt::start(
+            std::mem::take(&mut cfg.mqtt),
+            local.clone(),
+            cancel.child_token(),
+        )
+        .await?;
+        let mqtt_addr = mqtt.local_addr;
+        tasks.extend(mqtt.handles);
 
         let (appended_tx, appended_rx) = watch::channel(next);
         let (dropped_tx, dropped_rx) = watch::channel(None);
@@ -273,6 +276,7 @@ impl Agent {
             store,
             writers,
             local,
+            mqtt_addr,
         })
     }
 

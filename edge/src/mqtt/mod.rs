@@ -92,15 +92,6 @@ pub struct Running {
     pub handles: Vec<JoinHandle<()>>,
 }
 
-/// Starts the bus as configured; see [`start`]. Returns its tasks (none when `mode = "off"`).
-pub async fn spawn(
-    cfg: MqttConfig,
-    twin: LocalTwin,
-    cancel: CancellationToken,
-) -> Result<Vec<JoinHandle<()>>, MqttError> {
-    Ok(start(cfg, twin, cancel).await?.handles)
-}
-
 /// Starts the bus: the embedded broker (bound before this returns, so a taken port is an error
 /// here) or the client of an external broker (which connects, and reconnects, in the
 /// background), and the bus task.

@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
     let hub = harness::embedded_hub(&pki, dir).await?;
 
     let mut toml = format!(
-        "[agent]\ndata_dir = {:?}\n\n[hub]\naddress = \"{}\"\n\n[identity]\ntrust_domain = {TD:?}\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\n[outbox]\ncommit_interval_ms = 20\n",
+        "[agent]\ndata_dir = {:?}\n\n[hub]\naddress = \"{}\"\n\n[identity]\ntrust_domain = {TD:?}\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\n[outbox]\ncommit_interval_ms = 20\n\n[mqtt]\nlisten = \"127.0.0.1:0\"\n",
         dir.join("agent").display().to_string(),
         hub.tunnel_addr,
         agent_cert.display().to_string(),
@@ -79,6 +79,13 @@ async fn main() -> anyhow::Result<()> {
         hub.http_addr
     );
     println!("  agent          spiffe://{TD}/edge/{}", agent.node);
+    if let Some(addr) = agent.mqtt_addr {
+        println!(
+            "  local MQTT     mqtt://{addr}  (try: mosquitto_sub -h {} -p {} -t 'edgesync/#' -v)",
+            addr.ip(),
+            addr.port()
+        );
+    }
     println!("live values as the hub sees them (Ctrl-C to stop):\n");
     let api = Api::new(&hub.http_addr.to_string());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
