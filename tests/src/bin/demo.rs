@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
     println!("  agent          spiffe://{TD}/edge/{}", agent.node);
     if let Some(addr) = agent.mqtt_addr {
         println!(
-            "  local MQTT     mqtt://{addr}  (try: mosquitto_sub -h {} -p {} -t 'edgesync/#' -v)",
+            "  local MQTT     mqtt://{addr}  (watch it with mosquitto-clients: mosquitto_sub -h {} -p {} -t 'edgesync/#' -v)",
             addr.ip(),
             addr.port()
         );
