@@ -1,67 +1,35 @@
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
 use edgesync_protocol::desired::Origin;
 use edgesync_protocol::{DeviceId, PropertyId, Timestamp};
 use serde_json::json;
 
 use super::*;
-use crate::model::{Access, ByteOrder, LinkSpec, ReportPolicy, Table};
-
-fn tag(name: &str, table: Table, t: DataType, access: Access, scale: f64) -> TagSpec {
-    TagSpec {
-        property: PropertyId::new(name).unwrap(),
-        table,
-        address: 0,
-        data_type: t,
-        bit: None,
-        byte_order: ByteOrder::Abcd,
-        scale,
-        offset: 0.0,
-        unit: None,
-        access,
-        poll_interval: Duration::from_millis(100),
-        report: ReportPolicy::default(),
-    }
-}
+use crate::model::test_support::{device, tag};
+use crate::model::{Access, Table};
 
 fn spec() -> DeviceSpec {
-    DeviceSpec {
-        id: DeviceId::new("boiler").unwrap(),
-        link: LinkSpec::Tcp {
-            endpoint: "x:1".into(),
-        },
-        unit_id: 1,
-        timeout: Duration::from_secs(1),
-        max_registers_per_read: 125,
-        max_bits_per_read: 2000,
-        max_gap: 0,
-        tags: vec![
+    let mut temp = tag("temp", Table::InputRegister, DataType::Int16, Access::Read);
+    temp.scale = 0.1;
+    device(
+        "boiler",
+        vec![
             tag(
                 "setpoint",
                 Table::HoldingRegister,
                 DataType::Int16,
                 Access::ReadWrite,
-                1.0,
             ),
-            tag("pump", Table::Coil, DataType::Bool, Access::ReadWrite, 1.0),
-            tag(
-                "temp",
-                Table::InputRegister,
-                DataType::Int16,
-                Access::Read,
-                0.1,
-            ),
+            tag("pump", Table::Coil, DataType::Bool, Access::ReadWrite),
+            temp,
             tag(
                 "label",
                 Table::HoldingRegister,
                 DataType::String { len: 4 },
                 Access::ReadWrite,
-                1.0,
             ),
         ],
-    }
+    )
 }
 
 fn sample(p: &str, v: Option<Value>, q: Quality) -> Sample {
