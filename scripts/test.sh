@@ -78,7 +78,8 @@ fail() { printf '\ntest.sh: error: %s\n' "$*" >&2; exit 1; }
 # 1. Setup: everything installed here; nothing assumed beyond Debian + rustup/cargo.
 #    One script per kind of dependency; what the tests need from this shell (a venv's path, a
 #    broker started for the tests) is exported right after the script that installs it.
-#    mosquitto (MQTT tests) slots in here the same way when those tests arrive.
+#    Mosquitto (edge/tests/mqtt.rs and the integration tests start their own brokers) comes
+#    with the Debian packages.
 # ---------------------------------------------------------------------------------------------
 begin_step setup "install system packages, Rust components and the Python venv"
 # System packages (apt), rustfmt + clippy, the aarch64 target.
