@@ -147,6 +147,34 @@ pub struct SimDevice {
     pub poll_ms: u64,
 }
 
+/// The `[identity]` section of an agent config (with a blank line after it).
+pub fn identity_toml(td: &str, cert: &Path, key: &Path, bundle: &Path) -> String {
+    format!(
+        "[identity]\ntrust_domain = {td:?}\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\n",
+        cert.display().to_string(),
+        key.display().to_string(),
+        bundle.display().to_string()
+    )
+}
+
+/// The SVID of `spiffe://{td}/edge/{node}` in `dir/agent.pem` and `dir/agent.key.pem`, minted
+/// on the first call and kept, so a restarted agent presents the same files.
+pub fn node_svid(
+    pki: &Pki,
+    dir: &Path,
+    td: &str,
+    node: &str,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let cert = dir.join("agent.pem");
+    let key = dir.join("agent.key.pem");
+    if !cert.exists() {
+        let (c, k) = pki.svid(&format!("spiffe://{td}/edge/{node}"), "agent")?;
+        std::fs::rename(&c, &cert)?;
+        std::fs::rename(&k, &key)?;
+    }
+    Ok((cert, key))
+}
+
 /// Writes an agent config into `dir/agent.toml`.
 #[allow(clippy::too_many_arguments)] // a flat call reads best in tests; callers name each path
 pub fn agent_toml(
@@ -169,13 +197,7 @@ pub fn agent_toml(
         s,
         "[hub]\naddress = {hub:?}\nbackoff_initial_ms = 100\nbackoff_max_ms = 1000\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n"
     )?;
-    writeln!(
-        s,
-        "[identity]\ntrust_domain = {td:?}\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
-        cert.display().to_string(),
-        key.display().to_string(),
-        bundle.display().to_string()
-    )?;
+    s.push_str(&identity_toml(td, cert, key, bundle));
     writeln!(s, "[outbox]\ncommit_interval_ms = 10\n")?;
     if !extra.contains("[mqtt]") {
         // Tests run many agents at once: no broker on a fixed port unless a test asks.

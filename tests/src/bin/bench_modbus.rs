@@ -280,13 +280,7 @@ fn agent_toml(
         "[hub]\naddress = {:?}\nbackoff_initial_ms = 100\nbackoff_max_ms = 1000\n",
         hub.to_string()
     )?;
-    writeln!(
-        s,
-        "[identity]\ntrust_domain = {TD:?}\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
-        cert.display().to_string(),
-        key.display().to_string(),
-        pki.bundle.display().to_string()
-    )?;
+    s.push_str(&harness::identity_toml(TD, &cert, &key, &pki.bundle));
     writeln!(s, "[outbox]\ncommit_interval_ms = 20\nfsync = {fsync:?}\n")?;
     match mqtt_port {
         Some(p) => writeln!(

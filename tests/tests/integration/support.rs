@@ -113,13 +113,7 @@ pub async fn start_agent(
 ) -> anyhow::Result<Proc> {
     let dir = dir.join(NODE);
     std::fs::create_dir_all(&dir)?;
-    let cert = dir.join("agent.pem");
-    let key = dir.join("agent.key.pem");
-    if !cert.exists() {
-        let (c, k) = pki.svid(&format!("spiffe://{TD}/edge/{NODE}"), "agent")?;
-        std::fs::rename(&c, &cert)?;
-        std::fs::rename(&k, &key)?;
-    }
+    let (cert, key) = harness::node_svid(pki, &dir, TD, NODE)?;
     let mut s = String::new();
     writeln!(
         s,
@@ -130,13 +124,7 @@ pub async fn start_agent(
         s,
         "[hub]\naddress = {hub:?}\nbackoff_initial_ms = 100\nbackoff_max_ms = 500\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n"
     )?;
-    writeln!(
-        s,
-        "[identity]\ntrust_domain = {TD:?}\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
-        cert.display().to_string(),
-        key.display().to_string(),
-        pki.bundle.display().to_string()
-    )?;
+    s.push_str(&harness::identity_toml(TD, &cert, &key, &pki.bundle));
     writeln!(s, "[outbox]\ncommit_interval_ms = 10\n\n{mqtt}\n")?;
     writeln!(
         s,

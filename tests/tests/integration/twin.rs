@@ -18,13 +18,7 @@ const TWIN: &str = "/api/v1/nodes/gw-1/devices/plc-1/twin";
 async fn start_agent(tmp: &Path, pki: &Pki, tunnel: &str, plc: &str) -> anyhow::Result<Proc> {
     let dir = tmp.join("gw-1");
     std::fs::create_dir_all(&dir)?;
-    let cert = dir.join("agent.pem");
-    let key = dir.join("agent.key.pem");
-    if !cert.exists() {
-        let (c, k) = pki.svid(&format!("spiffe://{TD}/edge/gw-1"), "agent")?;
-        std::fs::rename(&c, &cert)?;
-        std::fs::rename(&k, &key)?;
-    }
+    let (cert, key) = harness::node_svid(pki, &dir, TD, "gw-1")?;
     let mut s = String::new();
     writeln!(
         s,
@@ -35,13 +29,7 @@ async fn start_agent(tmp: &Path, pki: &Pki, tunnel: &str, plc: &str) -> anyhow::
         s,
         "[hub]\naddress = {tunnel:?}\nbackoff_initial_ms = 100\nbackoff_max_ms = 1000\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n"
     )?;
-    writeln!(
-        s,
-        "[identity]\ntrust_domain = {TD:?}\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
-        cert.display().to_string(),
-        key.display().to_string(),
-        pki.bundle.display().to_string()
-    )?;
+    s.push_str(&harness::identity_toml(TD, &cert, &key, &pki.bundle));
     writeln!(
         s,
         "[outbox]\ncommit_interval_ms = 10\n\n[mqtt]\nmode = \"off\"\n"
