@@ -52,21 +52,24 @@ pub const DEFAULT_SEGMENT_COUNT: i64 = 2;
 pub struct MqttConfig {
     /// Which broker, if any.
     pub mode: MqttMode,
-    /// The MQTT client id of the agent's own client; `None` means `edgesync-agent-<node>`.
+    /// External broker: the MQTT client id of the agent's client; `None` means
+    /// `edgesync-agent-<node>`. (Embedded, the agent is connected in-process.)
     pub client_id: Option<String>,
     /// The user name: sent by the agent to an external broker; required from every client by
     /// the embedded broker.
     pub username: Option<String>,
     /// The password that goes with `username`.
     pub password: Option<MqttPassword>,
-    /// MQTT keep-alive of the agent's client (whole seconds on the wire, rounded up).
+    /// External broker: MQTT keep-alive of the agent's client (whole seconds on the wire,
+    /// rounded up).
     pub keepalive: Duration,
     /// Time allowed for a connection to be set up (TCP, TLS and CONNECT/CONNACK); also the
     /// first reconnect delay of the agent's client.
     pub connect_timeout: Duration,
     /// Largest MQTT packet accepted or sent, in bytes.
     pub max_packet_bytes: usize,
-    /// Messages the agent's client may have queued for sending; more are dropped and counted.
+    /// Messages the agent may have queued for sending (to the external broker, or to the
+    /// embedded broker's router); more are dropped and counted.
     pub queue_capacity: usize,
     /// Requests (`twin/update`, `twin/get`) handled per second; more are dropped and counted.
     pub max_requests_per_s: u32,

@@ -1,5 +1,7 @@
 //! The embedded broker: rumqttd's router and one MQTT 3.1.1 listener on a private loopback port,
-//! behind the [guard](super::guard) on the configured address.
+//! behind the [guard](super::guard) on the configured address. The agent itself is not a
+//! network client of its own broker: it talks to the router in-process, through a rumqttd
+//! local link (no socket, no MQTT encoding, no trip through the guard; see [`AgentLink`]).
 //!
 //! Everything runs on one thread of its own ("mqtt-broker", a current-thread tokio runtime),
 //! so a busy or hostile client costs that thread, not the agent's pipeline. rumqttd's router
@@ -34,10 +36,23 @@ use crate::config::{EmbeddedBroker, MqttConfig};
 pub(crate) struct Embedded {
     /// Where the guard listens (the actual port when `listen` asked for port 0).
     pub local_addr: SocketAddr,
-    /// The credentials the agent's own client presents to the guard.
-    pub agent_login: (String, String),
+    /// The agent's own in-process connection to the router.
+    pub link: AgentLink,
     /// Ends when the broker thread has stopped (after `cancel`).
     pub handle: JoinHandle<()>,
+}
+
+/// The client id of the agent's in-process connection.
+const AGENT_CLIENT_ID: &str = "edgesync-agent";
+
+/// The agent's in-process connection to rumqttd's router: messages go in as `Bytes` (no
+/// encoding, no copy), requests of apps come out as notifications. Topics are as rumqttd sees
+/// them (`$x` mapped to `_$x`, like the guard does for apps).
+pub(crate) struct AgentLink {
+    /// Publishes and subscriptions into the router.
+    pub tx: rumqttd::local::LinkTx,
+    /// What the router forwards to the agent (apps' requests).
+    pub rx: rumqttd::local::LinkRx,
 }
 
 /// A random secret of 32 hex digits from the ring provider's system RNG.
@@ -73,7 +88,6 @@ pub(crate) async fn start(
         source,
     })?;
     let upstream_login = ("edgesync-guard".to_owned(), secret()?);
-    let agent_login = ("edgesync-agent".to_owned(), secret()?);
 
     let router = rumqttd::RouterConfig {
         max_connections: 2 * (cfg.max_connections + 1) + 8,
@@ -95,7 +109,6 @@ pub(crate) async fn start(
     let guard_cfg = GuardConfig {
         upstream: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         upstream_login,
-        agent_login: agent_login.clone(),
         client_login,
         max_connections: cfg.max_connections,
         max_packet_bytes: common.max_packet_bytes,
@@ -104,7 +117,7 @@ pub(crate) async fn start(
         reserved,
     };
 
-    let (ready_tx, ready_rx) = oneshot::channel::<Result<(), MqttError>>();
+    let (ready_tx, ready_rx) = oneshot::channel::<Result<AgentLink, MqttError>>();
     let (done_tx, done_rx) = oneshot::channel::<()>();
     let thread_cancel = cancel.clone();
     std::thread::Builder::new()
@@ -121,18 +134,18 @@ pub(crate) async fn start(
             let _ = done_tx.send(());
         })
         .map_err(MqttError::Thread)?;
-    match ready_rx.await {
-        Ok(Ok(())) => {}
+    let link = match ready_rx.await {
+        Ok(Ok(link)) => link,
         Ok(Err(e)) => return Err(e),
         Err(_) => return Err(MqttError::BrokerStopped),
-    }
+    };
     tracing::info!(listen = %local_addr, "mqtt: embedded broker listening");
     let handle = tokio::spawn(async move {
         let _ = done_rx.await;
     });
     Ok(Embedded {
         local_addr,
-        agent_login,
+        link,
         handle,
     })
 }
@@ -145,7 +158,7 @@ fn broker_thread(
     connections: rumqttd::ConnectionSettings,
     mut guard_cfg: GuardConfig,
     cancel: CancellationToken,
-    ready: oneshot::Sender<Result<(), MqttError>>,
+    ready: oneshot::Sender<Result<AgentLink, MqttError>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -169,6 +182,17 @@ fn broker_thread(
             }
         };
         let router_tx = rumqttd::Router::new(0, router).spawn();
+        // The agent's own connection. `build` waits (briefly, on this thread) for the router's
+        // answer. Its client id cannot collide with the guard's, which are `g<n>`.
+        let link = match rumqttd::local::LinkBuilder::new(AGENT_CLIENT_ID, router_tx.clone())
+            .build()
+        {
+            Ok((tx, rx, _connack)) => AgentLink { tx, rx },
+            Err(e) => {
+                let _ = ready.send(Err(MqttError::Link(e.to_string())));
+                return;
+            }
+        };
         // rumqttd binds its listener itself, from an address: find a free loopback port, then
         // check it bound (the first poll of `start` binds; a port taken in between is an
         // error there, and another port is tried).
@@ -214,7 +238,7 @@ fn broker_thread(
             }
         };
         guard_cfg.upstream = addr;
-        let _ = ready.send(Ok(()));
+        let _ = ready.send(Ok(link));
         tokio::select! {
             // The guard, until shutdown (it watches `cancel` itself).
             () = guard::run(listener, guard_cfg, cancel.clone()) => {}

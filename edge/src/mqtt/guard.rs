@@ -22,8 +22,8 @@
 //! - counts distinct topics published to and filters subscribed to (`max_topics`) and closes a
 //!   connection that would exceed the budget; refuses shared subscriptions (`$share/...`);
 //! - refuses publishes to the agent's own topics (`reserved`: results, documents, deltas,
-//!   device and tunnel state, telemetry, outcomes) from any client but the agent: such a
-//!   PUBLISH closes the connection (MQTT 3.1.1 has no negative acknowledgement; closing is one
+//!   device and tunnel state, telemetry, outcomes) from every client (the agent publishes
+//!   in-process, not through the guard, see [`broker`](super::broker)): such a PUBLISH closes the connection (MQTT 3.1.1 has no negative acknowledgement; closing is one
 //!   of the two answers the spec allows, and the app notices), and a will on such a topic is
 //!   refused at CONNECT with return code 5 "not authorized". So no local process can spoof
 //!   the agent to the other apps;
@@ -32,9 +32,8 @@
 //!   way in, and back on the way out (the PUBLISH packets rumqttd sends). Topics and filters a
 //!   client writes with the prefix `_$` are refused, so the mapping cannot be forged.
 //!
-//! Broker-to-client packets are forwarded unchanged except for that mapping. The agent's own client (recognised by a
-//! per-process secret credential) is exempt from the connection and topic limits: its topics
-//! are bounded by the configured devices.
+//! Broker-to-client packets are forwarded unchanged except for that mapping. No client is exempt
+//! from these rules: the agent itself is not a client of the guard.
 //!
 //! Invariant: rumqttd's listener sees only connections from this guard, each carrying one
 //! CONNECT that passed [`parse_connect`], with a client id it has never seen.
@@ -561,6 +560,22 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
     Ok(Some(header))
 }
 
+/// Most bytes of broker-to-client packets gathered into one write (also the size of the read
+/// buffer on rumqttd's side of a connection).
+const COALESCE_BYTES: usize = 16 * 1024;
+
+/// Whether `buf` starts with a whole packet (fixed header, remaining length and body).
+fn holds_packet(buf: &[u8]) -> bool {
+    let mut len: usize = 0;
+    for (i, byte) in buf.iter().enumerate().skip(1).take(4) {
+        len |= usize::from(byte & 0x7f) << (7 * (i - 1));
+        if byte & 0x80 == 0 {
+            return buf.len() >= i + 1 + len;
+        }
+    }
+    false
+}
+
 /// Asks the kernel to acknowledge what arrives on `sock` at once (Linux `TCP_QUICKACK`; a
 /// no-op elsewhere). Best effort: a failure only costs latency.
 fn quick_ack(sock: &tokio::net::tcp::OwnedReadHalf) {
@@ -580,17 +595,15 @@ pub struct GuardConfig {
     pub upstream: SocketAddr,
     /// rumqttd's secret credentials.
     pub upstream_login: (String, String),
-    /// The agent's own secret credentials (exempt from limits).
-    pub agent_login: (String, String),
     /// Credentials every other client must present, if any.
     pub client_login: Option<(String, Vec<u8>)>,
-    /// Most client connections at once (the agent's not counted).
+    /// Most client connections at once.
     pub max_connections: usize,
     /// Largest packet (remaining length), bytes.
     pub max_packet_bytes: usize,
     /// Time for the CONNECT to arrive and rumqttd's CONNACK to come back.
     pub connect_timeout: Duration,
-    /// Most distinct topics and filters used by clients other than the agent.
+    /// Most distinct topics and filters used by clients.
     pub max_topics: usize,
     /// Filters of the topics only the agent may publish to.
     pub reserved: Vec<String>,
@@ -716,12 +729,7 @@ async fn connection(
         }
         Err(e) => return Err(e),
     };
-    let is_agent = connect.username.as_deref() == Some(cfg.agent_login.0.as_str())
-        && connect
-            .password
-            .as_deref()
-            .is_some_and(|p| same(p, cfg.agent_login.1.as_bytes()));
-    if !is_agent && let Some((user, pass)) = &cfg.client_login {
+    if let Some((user, pass)) = &cfg.client_login {
         let ok = connect.username.as_deref() == Some(user.as_str())
             && connect.password.as_deref().is_some_and(|p| same(p, pass));
         if !ok {
@@ -729,26 +737,17 @@ async fn connection(
             return Err(refused("bad user name or password"));
         }
     }
-    let _session = if is_agent {
-        None
-    } else {
-        match shared.sessions.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) => {
-                let _ = client_w.write_all(&connack(RC_UNAVAILABLE)).await;
-                return Err(refused("too many connections"));
-            }
-        }
+    let Ok(_session) = shared.sessions.clone().try_acquire_owned() else {
+        let _ = client_w.write_all(&connack(RC_UNAVAILABLE)).await;
+        return Err(refused("too many connections"));
     };
-    if !is_agent
-        && let Some((topic, ..)) = &connect.will
+    if let Some((topic, ..)) = &connect.will
         && is_reserved(&cfg.reserved, topic)
     {
         let _ = client_w.write_all(&connack(RC_NOT_AUTHORIZED)).await;
         return Err(GuardError::Reserved(topic.clone()));
     }
-    if !is_agent
-        && let Some((topic, ..)) = &connect.will
+    if let Some((topic, ..)) = &connect.will
         && !shared.admit(std::slice::from_ref(topic))
     {
         let _ = client_w.write_all(&connack(RC_ID_REJECTED)).await;
@@ -814,15 +813,15 @@ async fn connection(
                         return Ok(());
                     }
                     Checked::Publish(topic) => {
-                        if !is_agent && is_reserved(&cfg.reserved, &topic) {
+                        if is_reserved(&cfg.reserved, &topic) {
                             return Err(GuardError::Reserved(topic));
                         }
-                        if !is_agent && !shared.admit(std::slice::from_ref(&topic)) {
+                        if !shared.admit(std::slice::from_ref(&topic)) {
                             return Err(refused("topic budget exhausted (max_topics)"));
                         }
                     }
                     Checked::Uses(names) => {
-                        if !is_agent && !shared.admit(&names) {
+                        if !shared.admit(&names) {
                             return Err(refused("topic budget exhausted (max_topics)"));
                         }
                     }
@@ -833,7 +832,8 @@ async fn connection(
         // Broker to client, packet by packet (PUBLISH topics mapped back). Not
         // cancellation-safe either; same reason.
         r = async {
-            let mut up_r = BufReader::new(&mut up_r);
+            let mut up_r = BufReader::with_capacity(COALESCE_BYTES, &mut up_r);
+            let mut out = Vec::new();
             loop {
                 // rumqttd's packets are bounded by max_payload_size plus a header.
                 let Some(packet) = read_packet(&mut up_r, cfg.max_packet_bytes + 4096).await? else {
@@ -844,7 +844,15 @@ async fn connection(
                 // our ACK, which the kernel delays up to 40 ms. Acknowledge at once instead
                 // (quick-ack mode does not stick, so it is set again after every packet).
                 quick_ack(up_r.get_ref());
-                client_w.write_all(&map_broker_packet(packet)?).await?;
+                out.extend_from_slice(&map_broker_packet(packet)?);
+                // rumqttd writes a round of packets at once (a poll cycle's telemetry): when
+                // the next one is already here in full, send them together (one write, one
+                // wake-up of the client). Never wait for a packet that is still arriving.
+                if out.len() < COALESCE_BYTES && holds_packet(up_r.buffer()) {
+                    continue;
+                }
+                client_w.write_all(&out).await?;
+                out.clear();
             }
         } => r,
         // A newer connection with the same client id took over.
@@ -1052,7 +1060,6 @@ mod tests {
         let cfg = GuardConfig {
             upstream: up_addr,
             upstream_login: ("up".into(), "up-secret".into()),
-            agent_login: ("agent".into(), "agent-secret".into()),
             client_login: None,
             max_connections: 8,
             max_packet_bytes: 4096,
@@ -1069,13 +1076,6 @@ mod tests {
         put_bytes(&mut body, topic.as_bytes());
         body.extend_from_slice(payload);
         encode(0x30, &body)
-    }
-
-    fn login(user: &str, pass: &str) -> Vec<u8> {
-        let mut rest = Vec::new();
-        put_bytes(&mut rest, user.as_bytes());
-        put_bytes(&mut rest, pass.as_bytes());
-        rest
     }
 
     /// Reads until the guard closes the connection (or 2 s pass); whether it closed.
@@ -1155,34 +1155,29 @@ mod tests {
         s.read_exact(&mut ack).await.unwrap();
         assert_eq!(ack, connack(RC_NOT_AUTHORIZED));
 
-        // The agent (its secret credentials) may publish there.
-        let mut agent = TcpStream::connect(addr).await.unwrap();
-        agent
-            .write_all(&connect_packet(
-                4,
-                0x02 | 0x80 | 0x40,
-                60,
-                "agent",
-                &login("agent", "agent-secret"),
-            ))
-            .await
-            .unwrap();
-        agent.read_exact(&mut ack).await.unwrap();
-        assert_eq!(ack, connack(0));
-        agent
-            .write_all(&publish_packet("edgesync/n/d", b"{}"))
-            .await
-            .unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(2), upstream.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, publish_packet("edgesync/n/d", b"{}"));
         assert!(
             upstream.try_recv().is_err(),
             "a spoofed message reached the broker"
         );
         cancel.cancel();
+    }
+
+    #[test]
+    fn holds_packet_needs_the_whole_packet() {
+        assert!(!holds_packet(&[]));
+        assert!(!holds_packet(&[0x30]));
+        assert!(holds_packet(&[0xc0, 0]));
+        assert!(!holds_packet(&[0x30, 3, 0, 1]));
+        assert!(holds_packet(&[0x30, 3, 0, 1, b'a']));
+        assert!(holds_packet(&[0x30, 3, 0, 1, b'a', 0x30]));
+        // Two-byte remaining length: 128 bytes of body.
+        let mut p = vec![0x30, 0x80, 0x01];
+        p.resize(3 + 127, 0);
+        assert!(!holds_packet(&p));
+        p.push(0);
+        assert!(holds_packet(&p));
+        // A length field that never ends.
+        assert!(!holds_packet(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]));
     }
 
     #[tokio::test]

@@ -8,15 +8,17 @@
 //! `docs/mqtt.md`.
 //!
 //! The broker is either embedded (rumqttd behind our [`guard`], on its own thread: see
-//! [`broker`]) or external (Mosquitto or any MQTT 3.1.1 broker; TLS with rustls and ring). The
-//! agent's own client is rumqttc either way.
+//! [`broker`]) or external (Mosquitto or any MQTT 3.1.1 broker; TLS with rustls and ring). With
+//! the embedded broker the agent is connected to rumqttd's router in-process (a local link);
+//! with an external one its client is rumqttc.
 //!
-//! Tasks (all end on `cancel`): the broker thread (embedded only); the client task, which
-//! drives rumqttc's event loop and hands incoming requests to a bounded queue; the bus task,
-//! which turns twin events into messages and answers requests. Nothing here can block the
-//! pipeline: twin events arrive on a broadcast channel (a lagging bus task loses events, counted),
-//! requests are dropped when the queue is full or above `max_requests_per_s`, and messages are
-//! queued with `try_publish` (dropped and counted when the client's queue is full).
+//! Tasks (all end on `cancel`): the broker thread (embedded only); the link task (embedded) or
+//! the client task (external, drives rumqttc's event loop), which hands incoming requests to a
+//! bounded queue; the bus task, which turns twin events into messages and answers requests.
+//! Nothing here can block the pipeline: twin events arrive on a broadcast channel (a lagging bus
+//! task loses events, counted), requests are dropped when the queue is full or above
+//! `max_requests_per_s`, and messages are queued without waiting (dropped and counted when
+//! `queue_capacity` messages are waiting already).
 
 pub mod broker;
 pub mod guard;
@@ -24,7 +26,7 @@ pub mod kubeedge;
 pub mod metrics;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -80,6 +82,9 @@ pub enum MqttError {
     /// The external broker's address is not `host:port`.
     #[error("mqtt: broker address {0:?} is not host:port")]
     Address(String),
+    /// The agent's in-process connection to the embedded broker's router failed.
+    #[error("mqtt: cannot connect the agent to the embedded broker's router: {0}")]
+    Link(String),
 }
 
 /// A running bus.
@@ -118,7 +123,9 @@ pub async fn start(
         .clone()
         .unwrap_or_else(|| format!("edgesync-agent-{}", twin.node()));
     let mut handles = Vec::new();
-    let (options, local_addr) = match &cfg.mode {
+    let (in_tx, in_rx) = mpsc::channel(IN_QUEUE);
+    let events = twin.subscribe();
+    let (outlet, local_addr) = match &cfg.mode {
         MqttMode::Off => {
             tracing::info!("mqtt: off");
             return Ok(Running {
@@ -137,18 +144,18 @@ pub async fn start(
                 .collect();
             let emb = broker::start(e, &cfg, login, reserved, cancel.clone()).await?;
             handles.push(emb.handle);
-            let target = match emb.local_addr.ip() {
-                IpAddr::V4(ip) if ip.is_unspecified() => {
-                    SocketAddr::from((Ipv4Addr::LOCALHOST, emb.local_addr.port()))
-                }
-                IpAddr::V6(ip) if ip.is_unspecified() => {
-                    SocketAddr::from((Ipv6Addr::LOCALHOST, emb.local_addr.port()))
-                }
-                _ => emb.local_addr,
+            let broker::AgentLink { mut tx, rx } = emb.link;
+            for filter in Topics::subscriptions() {
+                tx.try_subscribe(guard::to_internal(filter).into_owned())
+                    .map_err(|e| MqttError::Link(e.to_string()))?;
+            }
+            handles.push(tokio::spawn(link_task(rx, in_tx, cancel.clone())));
+            tracing::info!("mqtt: client connected (in-process)");
+            let outlet = Outlet::Local {
+                tx,
+                capacity: cfg.queue_capacity,
             };
-            let mut o = MqttOptions::new(client_id, target.ip().to_string(), target.port());
-            o.set_credentials(emb.agent_login.0, emb.agent_login.1);
-            (o, Some(emb.local_addr))
+            (outlet, Some(emb.local_addr))
         }
         MqttMode::External(x) => {
             let (host, port) = x
@@ -164,35 +171,31 @@ pub async fn start(
             if let Some(tls) = &x.tls {
                 o.set_transport(tls_transport(tls)?);
             }
-            (o, None)
+            o.set_keep_alive(Duration::from_secs(
+                cfg.keepalive.as_millis().div_ceil(1000) as u64,
+            ))
+            .set_clean_session(true)
+            .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
+            .set_request_channel_capacity(cfg.queue_capacity);
+            let (client, mut eventloop) = AsyncClient::new(o, cfg.queue_capacity);
+            eventloop
+                .network_options
+                .set_connection_timeout(cfg.connect_timeout.as_millis().div_ceil(1000) as u64);
+            // A poll cycle publishes one message per device back to back: with Nagle's
+            // algorithm each one after the first would wait for the broker's delayed ACK (40 ms
+            // on Linux).
+            eventloop.network_options.set_tcp_nodelay(true);
+            handles.push(tokio::spawn(client_task(
+                eventloop,
+                client.clone(),
+                in_tx,
+                cfg.connect_timeout,
+                cancel.clone(),
+            )));
+            (Outlet::Client(client), None)
         }
     };
-    let mut options = options;
-    options
-        .set_keep_alive(Duration::from_secs(
-            cfg.keepalive.as_millis().div_ceil(1000) as u64,
-        ))
-        .set_clean_session(true)
-        .set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes)
-        .set_request_channel_capacity(cfg.queue_capacity);
-    let (client, mut eventloop) = AsyncClient::new(options, cfg.queue_capacity);
-    eventloop
-        .network_options
-        .set_connection_timeout(cfg.connect_timeout.as_millis().div_ceil(1000) as u64);
-    // A poll cycle publishes one message per device back to back: with Nagle's algorithm each
-    // one after the first would wait for the broker's delayed ACK (40 ms on Linux).
-    eventloop.network_options.set_tcp_nodelay(true);
-
-    let (in_tx, in_rx) = mpsc::channel(IN_QUEUE);
-    let events = twin.subscribe();
-    handles.push(tokio::spawn(client_task(
-        eventloop,
-        client.clone(),
-        in_tx,
-        cfg.connect_timeout,
-        cancel.clone(),
-    )));
-    let bus = Bus::new(twin, client, cfg.max_requests_per_s);
+    let bus = Bus::new(twin, outlet, cfg.max_requests_per_s);
     handles.push(tokio::spawn(bus.run(events, in_rx, cancel)));
     Ok(Running {
         local_addr,
@@ -250,6 +253,91 @@ fn tls_transport(tls: &MqttTls) -> Result<Transport, MqttError> {
     Ok(Transport::tls_with_config(
         rumqttc::TlsConfiguration::Rustls(Arc::new(config)),
     ))
+}
+
+/// Where the bus's messages go.
+enum Outlet {
+    /// rumqttc, connected to an external broker.
+    Client(AsyncClient),
+    /// The embedded broker's router, in-process; at most `capacity` messages wait for it.
+    Local {
+        tx: rumqttd::local::LinkTx,
+        capacity: usize,
+    },
+}
+
+impl Outlet {
+    /// Queues a QoS 0 message; `false` when it was dropped (the queue is full, or the router
+    /// is gone).
+    fn publish(&mut self, topic: String, payload: Vec<u8>) -> bool {
+        match self {
+            Outlet::Client(c) => c
+                .try_publish(topic, QoS::AtMostOnce, false, payload)
+                .is_ok(),
+            Outlet::Local { tx, capacity } => {
+                // The link's queue is unbounded: bound it here, like rumqttc's request queue.
+                if tx.buffer().len() >= *capacity {
+                    return false;
+                }
+                let topic = match guard::to_internal(&topic) {
+                    std::borrow::Cow::Borrowed(_) => topic,
+                    std::borrow::Cow::Owned(t) => t,
+                };
+                match tx.try_publish(topic, payload) {
+                    Ok(_) => true,
+                    // The message is queued; the router's own event queue was full, and the
+                    // router takes the message with the next one.
+                    Err(rumqttd::local::LinkError::TrySend(flume::TrySendError::Full(_))) => true,
+                    Err(_) => false,
+                }
+            }
+        }
+    }
+}
+
+/// Reads what the router forwards to the agent's in-process connection (apps' requests) and
+/// hands it to the bus task, like [`client_task`] does for an external broker.
+async fn link_task(
+    mut rx: rumqttd::local::LinkRx,
+    in_tx: mpsc::Sender<Incoming>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let notification = tokio::select! {
+            // Shutdown.
+            () = cancel.cancelled() => break,
+            // `next` is cancellation-safe: it takes the router's notifications only after its
+            // wake-up arrived.
+            n = rx.next() => n,
+        };
+        match notification {
+            Ok(Some(rumqttd::Notification::Forward(f))) => {
+                let Ok(topic) = std::str::from_utf8(&f.publish.topic) else {
+                    continue;
+                };
+                let msg = Incoming {
+                    topic: guard::to_external(topic).to_owned(),
+                    payload: f.publish.payload,
+                };
+                if in_tx.try_send(msg).is_err() {
+                    metrics::dropped("in_queue_full", 1);
+                }
+            }
+            // The router paused this connection because its queue was full; now drained.
+            Ok(Some(rumqttd::Notification::Unschedule)) => {
+                if rx.wake().await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // The router is gone (it never stops on its own while the process lives).
+                metrics::client_error();
+                tracing::error!(error = %e, "mqtt: the embedded broker's router closed the agent's link");
+                break;
+            }
+        }
+    }
 }
 
 /// An incoming request.
@@ -363,7 +451,7 @@ impl Bucket {
 /// The bus task's state.
 struct Bus {
     twin: LocalTwin,
-    client: AsyncClient,
+    outlet: Outlet,
     topics: Topics,
     limiter: Bucket,
     /// The last desired value seen per property (the `last` of a document).
@@ -375,7 +463,7 @@ struct Bus {
 }
 
 impl Bus {
-    fn new(twin: LocalTwin, client: AsyncClient, max_requests_per_s: u32) -> Self {
+    fn new(twin: LocalTwin, outlet: Outlet, max_requests_per_s: u32) -> Self {
         let topics = Topics::new(twin.node().as_str());
         let mut desired: HashMap<DeviceId, HashMap<PropertyId, DesiredValue>> = HashMap::new();
         let mut deltas = HashMap::new();
@@ -395,7 +483,7 @@ impl Bus {
         }
         Self {
             twin,
-            client,
+            outlet,
             topics,
             limiter: Bucket::new(max_requests_per_s),
             desired,
@@ -440,13 +528,11 @@ impl Bus {
         }
     }
 
-    fn publish(&self, topic: String, payload: Vec<u8>, kind: &'static str) {
-        match self
-            .client
-            .try_publish(topic, QoS::AtMostOnce, false, payload)
-        {
-            Ok(()) => metrics::sent(kind),
-            Err(_) => metrics::dropped("out_queue_full", 1),
+    fn publish(&mut self, topic: String, payload: Vec<u8>, kind: &'static str) {
+        if self.outlet.publish(topic, payload) {
+            metrics::sent(kind);
+        } else {
+            metrics::dropped("out_queue_full", 1);
         }
     }
 
