@@ -35,6 +35,7 @@ APT_PACKAGES=(
     file                   # test.sh checks the cross-built agent is an aarch64 ELF
     procps                 # `kill`, used by the testkit harness to SIGTERM agent/hub processes
     mosquitto              # edge/tests/mqtt.rs runs the agent's MQTT bus against a real Mosquitto (+ mosquitto_passwd)
+    strace                 # tests/tests/integration/durability.rs checks every ack follows an fsync of the store
 )
 
 install_apt_packages() {

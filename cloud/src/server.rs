@@ -435,7 +435,10 @@ async fn drive(
             },
             // A commit finished (mpsc::recv is cancel-safe).
             d = done_rx.recv() => match d {
-                Some(Ok(upto)) => session.handle_stored(upto),
+                Some(Ok(upto)) => {
+                    tracing::trace!(target: crate::store::DURABILITY_TARGET, "acknowledged upto={upto} node={node}");
+                    session.handle_stored(upto);
+                }
                 Some(Err(e)) => {
                     metrics::counter!("edgesync_hub_commit_errors_total").increment(1);
                     session.handle_store_failed(e);

@@ -31,7 +31,9 @@
 //!   inside a gap marker (records the edge lost and reported); duplicates are skipped, batches
 //!   that would leave a hole are refused.
 //! - [`HubStore::stored_seq`] and [`CommitOutcome::stored_seq`] only report what has been
-//!   flushed to disk (fsync), so an agent told "stored up to N" may drop its records up to N.
+//!   flushed to disk: sled's flush, then `fdatasync` of its log and `fsync` of new blob files
+//!   ([`edgesync_protocol::durable`]), so an agent told "stored up to N" may drop its records up
+//!   to N, even if the power fails next.
 //! - The in-memory twin and node status follow commit order. Twin reads may show a value a few
 //!   milliseconds before its flush completes (it is already written, not yet fsynced).
 //! - A node's twin holds at most [`MAX_PROPERTIES_PER_NODE`] properties, so a peer cannot grow
@@ -43,6 +45,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use edgesync_protocol::desired::{Applied as AppliedOutcome, Origin, Outcome};
+use edgesync_protocol::durable::DirSync;
 use edgesync_protocol::frame::{
     Control, ControlKind, DesiredFrame, DeviceSchema, FrameError, PropertySchema, decode_samples,
     encode_samples, value_from_wire, value_to_wire,
@@ -52,6 +55,10 @@ use serde::Serialize;
 use serde::ser::SerializeStruct;
 
 use crate::telemetry;
+
+/// Trace events that mark records written (not yet durable) and acknowledged, for checking the
+/// order of writes, syncs and acks from outside (`RUST_LOG=edgesync::durability=trace`).
+pub const DURABILITY_TARGET: &str = "edgesync::durability";
 
 /// Most properties (over all devices) the twin of one node may hold.
 pub const MAX_PROPERTIES_PER_NODE: usize = 100_000;
@@ -328,6 +335,8 @@ struct Inner {
     flushed: AtomicU64,
     /// Flushes run one at a time; commits waiting here share the next flush (group commit).
     flush_lock: tokio::sync::Mutex<()>,
+    /// Syncs the files sled wrote (its own flush does not reach the disk for a power cut).
+    dir_sync: Mutex<DirSync>,
     /// Flushes performed (for tests and metrics).
     flushes: AtomicU64,
     /// The event stream.
@@ -357,6 +366,7 @@ impl HubStore {
         };
         let tree = db.open_tree(TREE)?;
         let state = load(&tree)?;
+        let dir_sync = DirSync::open(dir).map_err(|e| StoreError::Sled(e.into()))?;
         Ok(HubStore {
             inner: Arc::new(Inner {
                 db,
@@ -366,6 +376,7 @@ impl HubStore {
                 written: AtomicU64::new(0),
                 flushed: AtomicU64::new(0),
                 flush_lock: tokio::sync::Mutex::new(()),
+                dir_sync: Mutex::new(dir_sync),
                 flushes: AtomicU64::new(0),
                 events: crate::events::EventBus::new(
                     crate::events::DEFAULT_CAPACITY,
@@ -834,13 +845,24 @@ impl HubStore {
 
     /// Flushes (caller holds `flush_lock`), then records that tickets up to `upto` are durable.
     async fn flush_locked(&self, upto: u64) -> Result<(), StoreError> {
-        let db = self.inner.db.clone();
+        let inner = self.inner.clone();
         // A blocking thread, not sled's flush_async: sled 0.34 runs flush_async on its own small
         // IO pool, which deadlocks when flushers fill the pool while a batch waits for the
         // flush's read lock (the log write the flush waits for is queued on that same pool).
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        // sled's flush ends with sync_file_range; the fdatasync that makes it survive a power
+        // cut follows (see `edgesync_protocol::durable`).
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            inner.db.flush()?;
+            inner
+                .dir_sync
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .sync()
+                .map_err(|e| StoreError::Sled(e.into()))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
         self.inner.flushes.fetch_add(1, Ordering::Relaxed);
         self.inner.flushed.fetch_max(upto, Ordering::AcqRel);
         Ok(())
@@ -937,6 +959,9 @@ impl Inner {
             );
         }
         self.tree.apply_batch(batch)?;
+        // Before the ticket is taken: any flush that covers this batch starts after this line
+        // (the durability test checks acks against it with strace).
+        tracing::trace!(target: DURABILITY_TARGET, "written upto={last_seq} node={node}");
         let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
 
         let mut per_device: BTreeMap<&DeviceId, serde_json::Map<String, serde_json::Value>> =
@@ -1007,6 +1032,7 @@ impl Inner {
         batch.insert(gap_key(node, expected), &to.to_be_bytes());
         batch.insert(meta_key(node, FIELD_SEQ), &to.to_be_bytes());
         self.tree.apply_batch(batch)?;
+        tracing::trace!(target: DURABILITY_TARGET, "written upto={to} node={node}");
         let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
         self.write().entry(node.clone()).or_default().applied_seq = to;
         Ok(Applied {

@@ -306,6 +306,10 @@ impl Agent {
     }
 }
 
+/// Trace events that mark outbox groups before they are written and once they are committed,
+/// for checking writes, syncs and sends from outside (`RUST_LOG=edgesync::durability=trace`).
+const DURABILITY_TARGET: &str = "edgesync::durability";
+
 /// How often the twin is written behind to sled (at most).
 const TWIN_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -412,10 +416,18 @@ impl Pipeline {
         }
         let first_seq = st.next_seq();
         let n = records.len();
+        let last_seq = (first_seq + n as u64).saturating_sub(1);
         let shared = Arc::new(records);
+        if n > 0 {
+            tracing::trace!(target: DURABILITY_TARGET, "appending upto={last_seq} from={first_seq}");
+        }
         match st.append(shared.clone(), &twin, wall_clock().0).await {
             Ok(a) => {
                 drop(st);
+                if n > 0 {
+                    // Durable per the fsync policy; only now may the uplink send them.
+                    tracing::trace!(target: DURABILITY_TARGET, "committed upto={last_seq} from={first_seq}");
+                }
                 metrics::counter!("edgesync_outbox_records_accepted_total").increment(n as u64);
                 if let Some(d) = a.dropped {
                     metrics::counter!("edgesync_outbox_records_dropped_total")

@@ -13,6 +13,8 @@
 //!   reconnect, duplicates ignored.
 //! - [`spiffe_id`]: the SPIFFE ID conventions (`spiffe://<td>/edge/<node>`, `spiffe://<td>/hub`).
 //! - `tls` (feature `tls`): rustls configs that present and verify X.509-SVIDs.
+//! - `durable` (feature `durable`): the one module with I/O, shared by both ends' stores: makes
+//!   what sled wrote survive a power cut (`fdatasync`/`fsync`, which sled itself omits).
 //!
 //! Drivers (in `edgesync-edge` and `edgesync-cloud`) own the sockets and the clock: they feed
 //! bytes and `now` in with `handle_*` calls and act on what `poll_*` calls return.
@@ -22,6 +24,8 @@
 #[cfg(feature = "config")]
 pub mod config_diag;
 pub mod desired;
+#[cfg(feature = "durable")]
+pub mod durable;
 pub mod frame;
 pub mod ids;
 pub mod session;

@@ -271,14 +271,26 @@ pub async fn start_hub(
     listen: &str,
     http: &str,
 ) -> anyhow::Result<(Proc, String, String)> {
+    start_hub_env(dir, pki, listen, http, &[]).await
+}
+
+/// [`start_hub`] with extra environment variables for the hub (e.g. `RUST_LOG`).
+pub async fn start_hub_env(
+    dir: &Path,
+    pki: &Pki,
+    listen: &str,
+    http: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Proc, String, String)> {
     let td = pki.ca.trust_domain().to_owned();
     let (cert, key) = pki.svid(&format!("spiffe://{td}/hub"), "hub")?;
     let cfg = hub_toml(dir, listen, http, &td, &cert, &key, &pki.bundle, None)?;
-    let hub = Proc::spawn(
+    let hub = Proc::spawn_env(
         &bin("edgesync-hub")?,
         &["run", "--config", &cfg.display().to_string()],
         &dir.join("hub.log"),
         Some("edgesync-hub listening"),
+        env,
     )
     .await?;
     let (tunnel, http) = hub_addrs(hub.ready_line.as_deref().unwrap_or_default())?;
@@ -303,6 +315,18 @@ impl Proc {
         log: &Path,
         ready: Option<&str>,
     ) -> anyhow::Result<Proc> {
+        Self::spawn_env(program, args, log, ready, &[]).await
+    }
+
+    /// [`Proc::spawn`] with extra environment variables (`RUST_LOG` among them overrides the
+    /// default `info`).
+    pub async fn spawn_env(
+        program: &Path,
+        args: &[&str],
+        log: &Path,
+        ready: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Proc> {
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -320,6 +344,7 @@ impl Proc {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .spawn()
             .with_context(|| format!("spawn {}", program.display()))?;

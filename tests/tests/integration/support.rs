@@ -111,6 +111,18 @@ pub async fn start_agent(
     plc: &str,
     mqtt: &str,
 ) -> anyhow::Result<Proc> {
+    start_agent_env(dir, pki, hub, plc, mqtt, &[]).await
+}
+
+/// [`start_agent`] with extra environment variables for the agent (e.g. `RUST_LOG`).
+pub async fn start_agent_env(
+    dir: &Path,
+    pki: &Pki,
+    hub: &str,
+    plc: &str,
+    mqtt: &str,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
     let dir = dir.join(NODE);
     std::fs::create_dir_all(&dir)?;
     let (cert, key) = harness::node_svid(pki, &dir, TD, NODE)?;
@@ -142,11 +154,12 @@ pub async fn start_agent(
     }
     let path = dir.join("agent.toml");
     std::fs::write(&path, s)?;
-    Proc::spawn(
+    Proc::spawn_env(
         &harness::bin("edgesync-agent")?,
         &["run", "--config", &path.display().to_string()],
         &dir.join("agent.log"),
         None,
+        env,
     )
     .await
 }
@@ -458,7 +471,7 @@ pub fn which(name: &str) -> anyhow::Result<PathBuf> {
         }
     }
     bail!(
-        "{name} not found: install the Debian package mosquitto (scripts/setup-debian.sh installs it)"
+        "{name} not found: install its Debian package (scripts/setup-debian.sh installs mosquitto and strace)"
     )
 }
 
