@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::mpsc;
 
 use edgesync_protocol::frame::{FrameError, decode_samples, encode_samples};
 use edgesync_protocol::{DeviceId, PropertyId, Sample};
@@ -146,6 +147,93 @@ fn open_with_retry(config: &sled::Config) -> Result<sled::Db, sled::Error> {
     }
 }
 
+/// A flush request: answered with the outcome of a flush that started after it was sent.
+type FlushRequest = tokio::sync::oneshot::Sender<Result<(), sled::Error>>;
+
+/// Flushes sled on our own thread ("store-sync"), on request.
+///
+/// Instead of sled's `flush_async`, which queues the flush itself as a job on sled's IO thread
+/// pool: here a request is a channel send to one thread, which calls the synchronous
+/// `Db::flush` (sled still queues the write of the sealed buffer on its pool). Requests that
+/// arrive while a flush runs are answered together by the next flush, which starts after all
+/// of them were sent, so every write made before a request is durable when its answer comes.
+///
+/// Measured (10 units x 100 registers all changing, ~10 flushes/s): no CPU change. The flush
+/// job was ~1 of 3.5 pool jobs per commit (commits seal buffers too), and the pool's cost is
+/// that every job wakes all idle pool threads (`notify_all` in sled's queue), which this does
+/// not change. What it gives: a flush no longer waits in sled's job queue, and durability
+/// work has a thread of its own.
+///
+/// The thread ends when the flusher is dropped (the channel closes); the drop waits for it.
+struct Flusher {
+    tx: Option<mpsc::Sender<FlushRequest>>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Flusher {
+    fn start(db: sled::Db) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("store-sync".into())
+            .spawn(move || serve_flushes(&db, &rx))?;
+        Ok(Flusher {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Flushes everything written before this call (and fsyncs, as `Db::flush` does).
+    async fn flush(&self) -> Result<(), StoreError> {
+        // As sled's `flush_async` reports a job its pool dropped.
+        let gone = || {
+            StoreError::Sled(sled::Error::ReportableBug(
+                "the store's flusher thread ended".into(),
+            ))
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.tx
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(reply)
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())??;
+        Ok(())
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            // A panic of the thread was already reported to the waiting callers as an error.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The flusher thread: one `Db::flush` for all requests queued when it starts; returns the
+/// number of flushes once every sender is gone.
+fn serve_flushes(db: &sled::Db, rx: &mpsc::Receiver<FlushRequest>) -> u64 {
+    let mut flushes = 0;
+    let mut waiting = Vec::new();
+    while let Ok(first) = rx.recv() {
+        waiting.push(first);
+        waiting.extend(rx.try_iter());
+        let res = db.flush().map(drop);
+        flushes += 1;
+        // A flush retires sled's current IO buffer (segment-sized) through an epoch-deferred
+        // drop, kept in this thread's local bag until 64 are queued: ~6 s of flushes, +2 MiB
+        // peak RSS in the benchmark. Hand them to the global queue now (crossbeam's
+        // `Guard::flush`, no disk I/O).
+        sled::pin().flush();
+        for reply in waiting.drain(..) {
+            // The caller may have stopped waiting (its future was dropped).
+            let _ = reply.send(res.clone());
+        }
+    }
+    flushes
+}
+
 fn be_u64(v: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(v.try_into().ok()?))
 }
@@ -170,6 +258,7 @@ pub struct Appended {
 /// The outbox and twin of one agent.
 pub struct AgentStore {
     db: sled::Db,
+    flusher: Flusher,
     fsync: Fsync,
     last_fsync_ms: u64,
     max_bytes: u64,
@@ -213,6 +302,7 @@ impl AgentStore {
                 _ => None,
             });
         let db = open_with_retry(&config)?;
+        let flusher = Flusher::start(db.clone()).map_err(sled::Error::Io)?;
         let acked = db.get(META_ACKED)?.and_then(|v| be_u64(&v)).unwrap_or(0);
         let mut groups = BTreeMap::new();
         let mut total_bytes = 0;
@@ -251,6 +341,7 @@ impl AgentStore {
         .max(ctl_acked + 1);
         Ok(AgentStore {
             db,
+            flusher,
             fsync,
             last_fsync_ms: 0,
             max_bytes,
@@ -501,12 +592,12 @@ impl AgentStore {
     async fn flush(&mut self, now_ms: u64) -> Result<(), StoreError> {
         match self.fsync {
             Fsync::EveryCommit => {
-                self.db.flush_async().await?;
+                self.flusher.flush().await?;
             }
             Fsync::IntervalMs(ms) => {
                 if now_ms.saturating_sub(self.last_fsync_ms) >= ms {
                     self.last_fsync_ms = now_ms;
-                    self.db.flush_async().await?;
+                    self.flusher.flush().await?;
                 }
             }
             Fsync::Never => {}
@@ -643,8 +734,7 @@ impl AgentStore {
 
     /// Flushes everything to disk (at shutdown).
     pub async fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+        self.flusher.flush().await
     }
 }
 
@@ -768,6 +858,97 @@ mod tests {
         assert_eq!((st.acked(), st.next_seq(), st.backlog()), (99, 100, 0));
         let a = st.append(vec![s(1)], &[], 0).await.unwrap();
         assert_eq!(a.next_seq, 101);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Copies a store's files as they are on disk now, as a power loss would leave them.
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &to.join(e.file_name()));
+            } else {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn flushed_commit_is_on_disk_before_the_store_closes() {
+        let dir = tmp();
+        let copy = tmp();
+        let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+        st.append((1..=10).map(s).collect::<Vec<_>>(), &[], 0)
+            .await
+            .unwrap();
+        // The store is still open: only what the flusher wrote is in the files (a commit
+        // without a flush stays in sled's in-memory write buffer).
+        copy_dir(&dir, &copy);
+        let mut crashed = AgentStore::open(&copy, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+        assert_eq!(crashed.next_seq(), 11);
+        assert_eq!(
+            crashed.read(1, 10).unwrap(),
+            (1..=10).map(s).collect::<Vec<_>>()
+        );
+        drop((st, crashed));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&copy);
+    }
+
+    #[test]
+    fn flusher_answers_queued_requests_with_one_flush() {
+        let dir = tmp();
+        let db = sled::Config::new().path(&dir).open().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let answers: Vec<_> = (0..16)
+            .map(|_| {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                tx.send(reply).unwrap();
+                answer
+            })
+            .collect();
+        drop(tx);
+        // Everything was queued before the flusher looked: one flush answers all, and the
+        // loop ends once the channel is closed and drained.
+        assert_eq!(serve_flushes(&db, &rx), 1);
+        for mut a in answers {
+            assert_eq!(a.try_recv().unwrap(), Ok(()));
+        }
+        drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_flushes_are_all_answered_and_the_thread_ends_on_close() {
+        let dir = tmp();
+        let st = Arc::new(AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap());
+        let tasks: Vec<_> = (0..64u64)
+            .map(|i| {
+                let st = st.clone();
+                tokio::spawn(async move {
+                    st.db.insert(i.to_be_bytes(), &b"x"[..]).unwrap();
+                    st.sync().await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let mut st = Arc::into_inner(st).unwrap();
+        // Closing the channel ends the thread (dropping the store also joins it).
+        drop(st.flusher.tx.take());
+        let thread = st.flusher.thread.take().unwrap();
+        let flushes = tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+        assert!((1..=64).contains(&flushes), "{flushes} flushes");
+        // Without its thread the store reports an error instead of hanging.
+        assert!(matches!(
+            st.sync().await,
+            Err(StoreError::Sled(sled::Error::ReportableBug(_)))
+        ));
+        drop(st);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
