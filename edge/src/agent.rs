@@ -421,7 +421,7 @@ impl Pipeline {
         if n > 0 {
             tracing::trace!(target: DURABILITY_TARGET, "appending upto={last_seq} from={first_seq}");
         }
-        match st.append(shared.clone(), &twin, wall_clock().0).await {
+        match st.append(shared.clone(), &twin).await {
             Ok(a) => {
                 drop(st);
                 if n > 0 {

@@ -501,12 +501,7 @@ impl Downlink {
     }
 
     async fn append(&mut self, kind: ControlKind) {
-        let r = self
-            .store
-            .lock()
-            .await
-            .append_control(kind, wall_clock().0)
-            .await;
+        let r = self.store.lock().await.append_control(kind).await;
         match r {
             Ok(next) => {
                 let _ = self.control_next.send(next);
@@ -523,12 +518,7 @@ impl Downlink {
         if let Some(d) = device {
             self.persist(d, Some(version)).await;
         } else {
-            let r = self
-                .store
-                .lock()
-                .await
-                .save_desired_marker(version, wall_clock().0)
-                .await;
+            let r = self.store.lock().await.save_desired_marker(version).await;
             if let Err(e) = r {
                 tracing::error!(error = %e, "cannot persist the downlink position");
             }
@@ -563,7 +553,7 @@ impl Downlink {
             .store
             .lock()
             .await
-            .save_desired(device, &entries, last_downlink, wall_clock().0)
+            .save_desired(device, &entries, last_downlink)
             .await;
         if let Err(e) = r {
             metrics::counter!("edgesync_desired_store_errors_total").increment(1);

@@ -22,7 +22,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
+use edgesync_protocol::durable::DirSync;
 use edgesync_protocol::frame::{FrameError, decode_samples, encode_samples};
 use edgesync_protocol::{DeviceId, PropertyId, Sample};
 
@@ -62,12 +64,15 @@ pub enum StoreError {
 /// When the outbox fsyncs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fsync {
-    /// After every group commit: nothing accepted is lost on power loss (more flash wear).
+    /// After every group commit: nothing accepted is lost to a crash of the process or the OS,
+    /// or a power cut (more flash wear).
     EveryCommit,
-    /// At most this often: a power loss loses at most this window (a process crash loses
-    /// nothing: sled's log is written on every commit).
+    /// Every commit is written to the OS (a process crash loses nothing); fsync at most this
+    /// often, and this long after an unsynced commit at the latest: an OS crash or a power cut
+    /// loses at most this window.
     IntervalMs(u64),
-    /// Never explicitly: the OS and sled's own background flush decide.
+    /// Never explicitly: commits stay in sled's buffers, which sled writes back and fsyncs in
+    /// the background about every second; any crash loses about that second.
     Never,
 }
 
@@ -167,22 +172,26 @@ type FlushRequest = tokio::sync::oneshot::Sender<Result<(), sled::Error>>;
 /// The thread ends when the flusher is dropped (the channel closes); the drop waits for it.
 struct Flusher {
     tx: Option<mpsc::Sender<FlushRequest>>,
-    thread: Option<std::thread::JoinHandle<u64>>,
+    thread: Option<std::thread::JoinHandle<FlushStats>>,
 }
 
 impl Flusher {
-    fn start(db: sled::Db) -> std::io::Result<Self> {
+    /// `interval`: `None` makes every flush durable at once; `Some(d)` syncs at most every `d`
+    /// (and `d` after an unsynced flush at the latest).
+    fn start(db: sled::Db, dir: &Path, interval: Option<Duration>) -> std::io::Result<Self> {
+        let mut sync = DirSync::open(dir)?;
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("store-sync".into())
-            .spawn(move || serve_flushes(&db, &rx))?;
+            .spawn(move || serve_flushes(&db, &mut sync, &rx, interval))?;
         Ok(Flusher {
             tx: Some(tx),
             thread: Some(thread),
         })
     }
 
-    /// Flushes everything written before this call (and fsyncs, as `Db::flush` does).
+    /// Flushes everything written before this call and makes it durable (sled's flush, then
+    /// `fdatasync`/`fsync` of its files: [`DirSync`]).
     async fn flush(&self) -> Result<(), StoreError> {
         // As sled's `flush_async` reports a job its pool dropped.
         let gone = || {
@@ -211,16 +220,67 @@ impl Drop for Flusher {
     }
 }
 
-/// The flusher thread: one `Db::flush` for all requests queued when it starts; returns the
-/// number of flushes once every sender is gone.
-fn serve_flushes(db: &sled::Db, rx: &mpsc::Receiver<FlushRequest>) -> u64 {
-    let mut flushes = 0;
+/// The flusher thread: one `Db::flush` for all requests queued when it starts, made durable
+/// by [`DirSync::sync`] at once (`interval` `None`) or at most every `interval`, timed with the
+/// monotonic clock (a wall-clock step cannot stop it); an unsynced flush is synced `interval`
+/// after the previous sync even if no request follows, and when the channel closes. Returns
+/// what it did once every sender is gone.
+fn serve_flushes(
+    db: &sled::Db,
+    sync: &mut DirSync,
+    rx: &mpsc::Receiver<FlushRequest>,
+    interval: Option<Duration>,
+) -> FlushStats {
+    let mut stats = FlushStats::default();
     let mut waiting = Vec::new();
-    while let Ok(first) = rx.recv() {
+    let mut last_sync = Instant::now();
+    let mut unsynced = false;
+    let mut sync_now = |last_sync: &mut Instant| {
+        *last_sync = Instant::now();
+        sync.sync().map(drop).map_err(sled::Error::Io)
+    };
+    loop {
+        let first = match interval {
+            Some(every) if unsynced => {
+                match rx.recv_timeout((last_sync + every).saturating_duration_since(Instant::now()))
+                {
+                    Ok(r) => r,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        stats.timed_syncs += 1;
+                        if let Err(e) = sync_now(&mut last_sync) {
+                            tracing::error!(error = %e, "outbox: periodic fsync failed");
+                        }
+                        unsynced = false;
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        stats.syncs += 1;
+                        let _ = sync_now(&mut last_sync);
+                        break;
+                    }
+                }
+            }
+            _ => match rx.recv() {
+                Ok(r) => r,
+                Err(_) => break,
+            },
+        };
         waiting.push(first);
         waiting.extend(rx.try_iter());
-        let res = db.flush().map(drop);
-        flushes += 1;
+        // sled's flush ends with sync_file_range (no drive cache flush, no file metadata), so
+        // it survives a crash of the process but not a power cut; the syncs after it do.
+        let mut res = db.flush().map(drop);
+        if res.is_ok() {
+            match interval {
+                Some(every) if last_sync.elapsed() < every => unsynced = true,
+                _ => {
+                    stats.syncs += 1;
+                    res = sync_now(&mut last_sync);
+                    unsynced = false;
+                }
+            }
+        }
+        stats.flushes += 1;
         // A flush retires sled's current IO buffer (segment-sized) through an epoch-deferred
         // drop, kept in this thread's local bag until 64 are queued: ~6 s of flushes, +2 MiB
         // peak RSS in the benchmark. Hand them to the global queue now (crossbeam's
@@ -231,7 +291,18 @@ fn serve_flushes(db: &sled::Db, rx: &mpsc::Receiver<FlushRequest>) -> u64 {
             let _ = reply.send(res.clone());
         }
     }
-    flushes
+    stats
+}
+
+/// What the flusher thread did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct FlushStats {
+    /// `Db::flush` calls.
+    flushes: u64,
+    /// Syncs made by a flush or at the end.
+    syncs: u64,
+    /// Syncs made by the interval timer, with no request.
+    timed_syncs: u64,
 }
 
 fn be_u64(v: &[u8]) -> Option<u64> {
@@ -260,7 +331,6 @@ pub struct AgentStore {
     db: sled::Db,
     flusher: Flusher,
     fsync: Fsync,
-    last_fsync_ms: u64,
     max_bytes: u64,
     cache_budget: u64,
     cached_bytes: u64,
@@ -302,7 +372,11 @@ impl AgentStore {
                 _ => None,
             });
         let db = open_with_retry(&config)?;
-        let flusher = Flusher::start(db.clone()).map_err(sled::Error::Io)?;
+        let interval = match fsync {
+            Fsync::IntervalMs(ms) => Some(Duration::from_millis(ms)),
+            _ => None,
+        };
+        let flusher = Flusher::start(db.clone(), dir, interval).map_err(sled::Error::Io)?;
         let acked = db.get(META_ACKED)?.and_then(|v| be_u64(&v)).unwrap_or(0);
         let mut groups = BTreeMap::new();
         let mut total_bytes = 0;
@@ -343,7 +417,6 @@ impl AgentStore {
             db,
             flusher,
             fsync,
-            last_fsync_ms: 0,
             max_bytes,
             cache_budget: (cache_bytes / 2).max(1 << 20),
             cached_bytes: 0,
@@ -371,7 +444,6 @@ impl AgentStore {
     pub async fn append_control(
         &mut self,
         kind: edgesync_protocol::frame::ControlKind,
-        now_ms: u64,
     ) -> Result<u64, StoreError> {
         use prost::Message;
         let seq = self.ctl_next;
@@ -380,7 +452,7 @@ impl AgentStore {
             kind: Some(kind),
         };
         self.db.insert(control_key(seq), rec.encode_to_vec())?;
-        self.flush(now_ms).await?;
+        self.flush().await?;
         self.ctl_next = seq + 1;
         Ok(self.ctl_next)
     }
@@ -460,7 +532,6 @@ impl AgentStore {
         device: &DeviceId,
         entries: &[PersistedDesired],
         last_downlink: Option<u64>,
-        now_ms: u64,
     ) -> Result<(), StoreError> {
         let json = serde_json::to_vec(entries).map_err(|e| StoreError::CorruptDesired {
             key: device.to_string(),
@@ -472,19 +543,15 @@ impl AgentStore {
             batch.insert(META_DOWNLINK, &v.to_be_bytes()[..]);
         }
         self.db.apply_batch(batch)?;
-        self.flush(now_ms).await
+        self.flush().await
     }
 
     /// Persists only the downlink position (a version taken over that concerns no configured
     /// property).
-    pub async fn save_desired_marker(
-        &mut self,
-        last_downlink: u64,
-        now_ms: u64,
-    ) -> Result<(), StoreError> {
+    pub async fn save_desired_marker(&mut self, last_downlink: u64) -> Result<(), StoreError> {
         self.db
             .insert(META_DOWNLINK, &last_downlink.to_be_bytes()[..])?;
-        self.flush(now_ms).await
+        self.flush().await
     }
 
     /// Every persisted desired state, per device.
@@ -541,12 +608,11 @@ impl AgentStore {
 
     /// Appends `records` to the outbox as one group and writes `twin` (for each listed device,
     /// the latest samples of all its properties) behind, in one atomic commit; returns once
-    /// durable per the fsync policy. `now_ms` is used only for the fsync interval.
+    /// durable per the fsync policy.
     pub async fn append(
         &mut self,
         records: impl Into<Arc<Vec<Sample>>>,
         twin: &[(DeviceId, Vec<Sample>)],
-        now_ms: u64,
     ) -> Result<Appended, StoreError> {
         let records: Arc<Vec<Sample>> = records.into();
         let mut batch = sled::Batch::default();
@@ -563,7 +629,7 @@ impl AgentStore {
             batch.insert(META_NEXT, &(first + count).to_be_bytes()[..]);
         }
         self.db.apply_batch(batch)?;
-        self.flush(now_ms).await?;
+        self.flush().await?;
         if count > 0 {
             self.next = first + count;
             self.total_bytes += bytes;
@@ -589,20 +655,12 @@ impl AgentStore {
         })
     }
 
-    async fn flush(&mut self, now_ms: u64) -> Result<(), StoreError> {
+    async fn flush(&mut self) -> Result<(), StoreError> {
         match self.fsync {
-            Fsync::EveryCommit => {
-                self.flusher.flush().await?;
-            }
-            Fsync::IntervalMs(ms) => {
-                if now_ms.saturating_sub(self.last_fsync_ms) >= ms {
-                    self.last_fsync_ms = now_ms;
-                    self.flusher.flush().await?;
-                }
-            }
-            Fsync::Never => {}
+            // Written to the OS now; durable now, or within the interval (the flusher's timer).
+            Fsync::EveryCommit | Fsync::IntervalMs(_) => self.flusher.flush().await,
+            Fsync::Never => Ok(()),
         }
-        Ok(())
     }
 
     fn enforce_budget(&mut self) -> Result<Option<(u64, u64)>, StoreError> {
@@ -775,12 +833,11 @@ mod tests {
                 .append(
                     (1..=10).map(s).collect::<Vec<_>>(),
                     &[(DeviceId::new("d").unwrap(), vec![s(9), s(10)])],
-                    0,
                 )
                 .await
                 .unwrap();
             assert_eq!(a.next_seq, 11);
-            st.append((11..=15).map(s).collect::<Vec<_>>(), &[], 0)
+            st.append((11..=15).map(s).collect::<Vec<_>>(), &[])
                 .await
                 .unwrap();
             assert_eq!(st.read(9, 4).unwrap(), (9..=12).map(s).collect::<Vec<_>>());
@@ -808,7 +865,7 @@ mod tests {
         let big: Vec<Sample> = (1..=20_000).map(s).collect();
         {
             let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
-            st.append(big.clone(), &[], 0).await.unwrap();
+            st.append(big.clone(), &[]).await.unwrap();
         }
         let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
         assert_eq!(st.next_seq(), 20_001);
@@ -823,11 +880,7 @@ mod tests {
         let mut dropped = vec![];
         for g in 0..20u64 {
             let a = st
-                .append(
-                    (g * 10 + 1..=g * 10 + 10).map(s).collect::<Vec<_>>(),
-                    &[],
-                    0,
-                )
+                .append((g * 10 + 1..=g * 10 + 10).map(s).collect::<Vec<_>>(), &[])
                 .await
                 .unwrap();
             if let Some(d) = a.dropped {
@@ -851,12 +904,12 @@ mod tests {
     async fn rebase_moves_numbering_forward() {
         let dir = tmp();
         let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::Never).unwrap();
-        st.append((1..=3).map(s).collect::<Vec<_>>(), &[], 0)
+        st.append((1..=3).map(s).collect::<Vec<_>>(), &[])
             .await
             .unwrap();
         st.rebase(100).unwrap();
         assert_eq!((st.acked(), st.next_seq(), st.backlog()), (99, 100, 0));
-        let a = st.append(vec![s(1)], &[], 0).await.unwrap();
+        let a = st.append(vec![s(1)], &[]).await.unwrap();
         assert_eq!(a.next_seq, 101);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -879,7 +932,7 @@ mod tests {
         let dir = tmp();
         let copy = tmp();
         let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
-        st.append((1..=10).map(s).collect::<Vec<_>>(), &[], 0)
+        st.append((1..=10).map(s).collect::<Vec<_>>(), &[])
             .await
             .unwrap();
         // The store is still open: only what the flusher wrote is in the files (a commit
@@ -911,11 +964,52 @@ mod tests {
         drop(tx);
         // Everything was queued before the flusher looked: one flush answers all, and the
         // loop ends once the channel is closed and drained.
-        assert_eq!(serve_flushes(&db, &rx), 1);
+        let mut sync = DirSync::open(&dir).unwrap();
+        assert_eq!(
+            serve_flushes(&db, &mut sync, &rx, None),
+            FlushStats {
+                flushes: 1,
+                syncs: 1,
+                timed_syncs: 0
+            }
+        );
         for mut a in answers {
             assert_eq!(a.try_recv().unwrap(), Ok(()));
         }
         drop(db);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `fsync = "interval"`: a commit is answered after sled's flush without waiting for the
+    /// sync, and the sync follows on the flusher's (monotonic) timer although no request comes.
+    #[test]
+    fn interval_flusher_syncs_on_its_timer() {
+        let dir = tmp();
+        let db = sled::Config::new().path(&dir).open().unwrap();
+        let mut sync = DirSync::open(&dir).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            serve_flushes(&db, &mut sync, &rx, Some(Duration::from_millis(100)))
+        });
+        let (reply, mut answer) = tokio::sync::oneshot::channel();
+        tx.send(reply).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while answer.try_recv().is_err() {
+            assert!(Instant::now() < deadline, "no answer");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Three intervals without a request: the timer syncs once.
+        std::thread::sleep(Duration::from_millis(300));
+        drop(tx);
+        let stats = thread.join().unwrap();
+        assert_eq!(
+            stats,
+            FlushStats {
+                flushes: 1,
+                syncs: 0,
+                timed_syncs: 1
+            }
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -939,7 +1033,7 @@ mod tests {
         // Closing the channel ends the thread (dropping the store also joins it).
         drop(st.flusher.tx.take());
         let thread = st.flusher.thread.take().unwrap();
-        let flushes = tokio::task::spawn_blocking(move || thread.join().unwrap())
+        let flushes = tokio::task::spawn_blocking(move || thread.join().unwrap().flushes)
             .await
             .unwrap();
         assert!((1..=64).contains(&flushes), "{flushes} flushes");
@@ -970,7 +1064,7 @@ mod tests {
                             let recs: Vec<Sample> = (next..next + n).map(s).collect();
                             for (i, r) in recs.iter().enumerate() { model.push_back((next + i as u64, r.clone())); }
                             next += n;
-                            st.append(recs, &[], 0).await.unwrap();
+                            st.append(recs, &[]).await.unwrap();
                         }
                         2 => {
                             let upto = (st.acked() + n).min(next - 1);

@@ -160,8 +160,12 @@ impl Twin {
                     policy.every_sample
                         || old.quality != ts.quality
                         || moved(policy, old.value.as_ref(), value)
+                        // A heartbeat is due after `max_interval`, or at once when the wall
+                        // clock stepped back past the last report (else it would stay silent
+                        // until the clock caught up again).
                         || policy.max_interval.is_some_and(|mi| {
-                            reading.ts.0.saturating_sub(old.ts.0) >= mi.as_millis() as u64
+                            reading.ts.0 < old.ts.0
+                                || reading.ts.0 - old.ts.0 >= mi.as_millis() as u64
                         })
                 }
             };
@@ -306,6 +310,19 @@ mod tests {
         // Heartbeat: unchanged for max_interval.
         assert_eq!(
             values(t.observe(&sp, &reading(1200, Some(10.6), g))),
+            vec![Some(10.6)]
+        );
+        // The wall clock steps back an hour: the heartbeat does not wait for it to catch up.
+        let back = 3_600_000_000;
+        let mut t = Twin::new(&[], vec![]);
+        let _ = t.observe(&sp, &reading(back + 1200, Some(10.6), g));
+        assert_eq!(
+            values(t.observe(&sp, &reading(1300, Some(10.6), g))),
+            vec![Some(10.6)]
+        );
+        assert!(t.observe(&sp, &reading(1400, Some(10.6), g)).is_empty());
+        assert_eq!(
+            values(t.observe(&sp, &reading(2300, Some(10.6), g))),
             vec![Some(10.6)]
         );
     }

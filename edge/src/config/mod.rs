@@ -122,13 +122,15 @@ pub struct IdentityFiles {
 /// When the outbox forces its writes to stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FsyncPolicy {
-    /// fsync after every group commit: an accepted record survives power loss (the default).
+    /// fsync after every group commit: an accepted record survives a crash of the process or
+    /// the OS and a power cut (the default).
     #[default]
     EveryCommit,
-    /// fsync at most this often: up to this much accepted data may be lost on power loss
-    /// (not on a process crash); less flash wear.
+    /// Every commit written to the OS, fsync at most this often: an OS crash or a power cut may
+    /// lose up to this much accepted data (a process crash nothing); less flash wear.
     Interval(Duration),
-    /// Never fsync explicitly; the OS writes back when it likes (typically within 30 s).
+    /// Never fsync from the commit path; sled writes back and fsyncs its log in the background
+    /// about every second, so any crash may lose about the last second.
     Never,
 }
 

@@ -230,8 +230,7 @@ async fn throughput(
     while appended < args.records {
         let n = args.group.min(args.records - appended);
         let first = st.next_seq();
-        st.append(ids.records(first, n), &[], wall_clock().0)
-            .await?;
+        st.append(ids.records(first, n), &[]).await?;
         appended += n;
     }
     let append_rate = args.records as f64 / t0.elapsed().as_secs_f64();
@@ -339,7 +338,7 @@ async fn latency(
         let first = st.next_seq();
         let recs = ids.records(first, per_group);
         let c0 = Instant::now();
-        let a = st.append(recs, &[], wall_clock().0).await?;
+        let a = st.append(recs, &[]).await?;
         drop(st);
         let committed = Instant::now();
         commit.saturating_record((committed - c0).as_micros() as u64);
