@@ -278,7 +278,11 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     if state.store.is_ready() {
         "ok".into_response()
     } else {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store not ready").into_response()
+        let why = state.store.write_error().map_or_else(
+            || "store not ready".to_owned(),
+            |e| format!("store cannot write: {e}"),
+        );
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why).into_response()
     }
 }
 

@@ -337,6 +337,9 @@ struct Inner {
     flush_lock: tokio::sync::Mutex<()>,
     /// Syncs the files sled wrote (its own flush does not reach the disk for a power cut).
     dir_sync: Mutex<DirSync>,
+    /// Why the store cannot write, since a write or flush failed (sled keeps an I/O error, such
+    /// as a full disk, until the store is reopened); `None` while writes work.
+    write_error: Mutex<Option<String>>,
     /// Flushes performed (for tests and metrics).
     flushes: AtomicU64,
     /// The event stream.
@@ -377,6 +380,7 @@ impl HubStore {
                 flushed: AtomicU64::new(0),
                 flush_lock: tokio::sync::Mutex::new(()),
                 dir_sync: Mutex::new(dir_sync),
+                write_error: Mutex::new(None),
                 flushes: AtomicU64::new(0),
                 events: crate::events::EventBus::new(
                     crate::events::DEFAULT_CAPACITY,
@@ -701,9 +705,46 @@ impl HubStore {
         Ok(c.seq)
     }
 
-    /// Whether the store answers reads (a cheap read through sled's page cache).
+    /// Whether the store can serve: its last write or flush did not fail, and it answers reads
+    /// (a cheap read through sled's page cache).
     pub fn is_ready(&self) -> bool {
-        self.inner.tree.get([META]).is_ok()
+        self.write_error().is_none() && self.inner.tree.get([META]).is_ok()
+    }
+
+    /// Why the store cannot write (a disk full, an I/O error), if its last write or flush
+    /// failed. sled keeps such an error until the store is reopened, so this stays set until
+    /// the hub restarts.
+    pub fn write_error(&self) -> Option<String> {
+        self.inner
+            .write_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records the outcome of a write for [`HubStore::is_ready`]: a sled or I/O failure makes
+    /// the store unready (logged once); with `durable`, a success (a flush) after one makes it
+    /// ready again.
+    fn note_write<T>(&self, r: Result<T, StoreError>, durable: bool) -> Result<T, StoreError> {
+        let mut slot = self
+            .inner
+            .write_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &r {
+            Err(e @ (StoreError::Sled(_) | StoreError::Task(_))) => {
+                if slot.is_none() {
+                    tracing::error!(error = %e, "hub store cannot write; not ready until restarted");
+                }
+                *slot = Some(e.to_string());
+            }
+            Ok(_) if durable && slot.is_some() => {
+                tracing::info!("hub store writes again");
+                *slot = None;
+            }
+            _ => {}
+        }
+        r
     }
 
     /// The last uplink sequence number durably stored for `node` (0 = none).
@@ -759,10 +800,13 @@ impl HubStore {
         }
         let inner = Arc::clone(&self.inner);
         let (owned_node, owned) = (node.clone(), records.to_vec());
-        let applied =
+        let applied = self.note_write(
             tokio::task::spawn_blocking(move || inner.apply(&owned_node, first_seq, &owned))
                 .await
-                .map_err(|e| StoreError::Task(e.to_string()))??;
+                .map_err(|e| StoreError::Task(e.to_string()))
+                .and_then(|r| r),
+            false,
+        )?;
         let stored_seq = self.make_durable(node, &applied).await?;
         Ok(CommitOutcome {
             stored_seq,
@@ -788,9 +832,13 @@ impl HubStore {
     async fn commit_gap_inner(&self, node: &NodeId, from: u64, to: u64) -> Result<u64, StoreError> {
         let inner = Arc::clone(&self.inner);
         let owned_node = node.clone();
-        let applied = tokio::task::spawn_blocking(move || inner.apply_gap(&owned_node, from, to))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let applied = self.note_write(
+            tokio::task::spawn_blocking(move || inner.apply_gap(&owned_node, from, to))
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))
+                .and_then(|r| r),
+            false,
+        )?;
         self.make_durable(node, &applied).await
     }
 
@@ -845,6 +893,11 @@ impl HubStore {
 
     /// Flushes (caller holds `flush_lock`), then records that tickets up to `upto` are durable.
     async fn flush_locked(&self, upto: u64) -> Result<(), StoreError> {
+        let r = self.flush_locked_inner(upto).await;
+        self.note_write(r, true)
+    }
+
+    async fn flush_locked_inner(&self, upto: u64) -> Result<(), StoreError> {
         let inner = self.inner.clone();
         // A blocking thread, not sled's flush_async: sled 0.34 runs flush_async on its own small
         // IO pool, which deadlocks when flushers fill the pool while a batch waits for the
