@@ -225,7 +225,7 @@ impl Agent {
             specs,
             local: local.clone(),
             store: store.clone(),
-            commit_interval: Duration::from_millis(cfg.outbox.commit_interval_ms.max(1)),
+            commit_interval: Duration::from_millis(cfg.outbox.commit_interval_ms),
             refuse_when_full: cfg.outbox.on_full == OutboxFullPolicy::RefuseNew,
             max_bytes: cfg.outbox.max_bytes,
             appended: appended_tx,
@@ -310,6 +310,9 @@ impl Agent {
 /// for checking writes, syncs and sends from outside (`RUST_LOG=edgesync::durability=trace`).
 const DURABILITY_TARGET: &str = "edgesync::durability";
 
+/// Most records in one outbox group (a commit starts once this many are pending).
+const MAX_GROUP_RECORDS: usize = 4096;
+
 /// How often the twin is written behind to sled (at most).
 const TWIN_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -350,22 +353,22 @@ impl Pipeline {
                         return;
                     }
                     Some(reading) => {
-                        if let Some(spec) = self.specs.get(&reading.device) {
-                            let changes = self.local.lock().observe(spec, &reading);
-                            if !changes.is_empty() {
-                                dirty.insert(reading.device.clone());
-                                // Local consumers get the change now; the hub after the commit.
-                                pending.extend(changes.iter().cloned());
-                                self.local.emit(TwinEvent::Reported {
-                                    device: reading.device.clone(),
-                                    samples: Arc::new(changes),
-                                });
+                        self.observe(&reading, &mut pending, &mut dirty);
+                        // Readings that queued up meanwhile (during the previous commit) join
+                        // this group: group commit without waiting.
+                        while pending.len() < MAX_GROUP_RECORDS {
+                            let Ok(more) = self.rx.try_recv() else { break };
+                            self.observe(&more, &mut pending, &mut dirty);
+                        }
+                        if self.commit_interval.is_zero() {
+                            // Commit now: nothing is in flight (commits run in this task).
+                            !pending.is_empty()
+                        } else {
+                            if !pending.is_empty() && deadline.is_none() {
+                                deadline = Some(tokio::time::Instant::now() + self.commit_interval);
                             }
+                            pending.len() >= MAX_GROUP_RECORDS
                         }
-                        if !pending.is_empty() && deadline.is_none() {
-                            deadline = Some(tokio::time::Instant::now() + self.commit_interval);
-                        }
-                        pending.len() >= 4096
                     }
                 },
                 // The group-commit window closed.
@@ -381,6 +384,29 @@ impl Pipeline {
                 }
                 self.commit(&mut pending, &mut dirty, flush_twin).await;
             }
+        }
+    }
+
+    /// Applies one device's reading to the twin; its changes go to local consumers at once and
+    /// into `pending` for the next commit.
+    fn observe(
+        &self,
+        reading: &DeviceReading,
+        pending: &mut Vec<Sample>,
+        dirty: &mut HashSet<DeviceId>,
+    ) {
+        let Some(spec) = self.specs.get(&reading.device) else {
+            return;
+        };
+        let changes = self.local.lock().observe(spec, reading);
+        if !changes.is_empty() {
+            dirty.insert(reading.device.clone());
+            // Local consumers get the change now; the hub after the commit.
+            pending.extend(changes.iter().cloned());
+            self.local.emit(TwinEvent::Reported {
+                device: reading.device.clone(),
+                samples: Arc::new(changes),
+            });
         }
     }
 

@@ -198,7 +198,7 @@ pub fn agent_toml(
         "[hub]\naddress = {hub:?}\nbackoff_initial_ms = 100\nbackoff_max_ms = 1000\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n"
     )?;
     s.push_str(&identity_toml(td, cert, key, bundle));
-    writeln!(s, "[outbox]\ncommit_interval_ms = 10\n")?;
+    // The outbox with its defaults (commit at once, fsync every commit).
     if !extra.contains("[mqtt]") {
         // Tests run many agents at once: no broker on a fixed port unless a test asks.
         writeln!(s, "[mqtt]\nmode = \"off\"\n")?;

@@ -120,10 +120,10 @@ async fn start_agent(
             poll_ms: args.poll_ms,
         })
         .collect();
-    // `extra` lands in the [outbox] table that agent_toml writes last before the devices.
+    // `extra` is appended after the other tables, before the devices.
     let extra = match args.agent_fsync {
-        FsyncArg::EveryCommit => "fsync = \"every_commit\"",
-        FsyncArg::Never => "fsync = \"never\"",
+        FsyncArg::EveryCommit => "[outbox]\nfsync = \"every_commit\"\n",
+        FsyncArg::Never => "[outbox]\nfsync = \"never\"\n",
     };
     let path = harness::agent_toml(
         dir,

@@ -114,6 +114,9 @@ struct Args {
     /// Agent outbox fsync policy.
     #[arg(long, value_enum, default_value = "every-commit")]
     agent_fsync: FsyncArg,
+    /// The agent's `commit_interval_ms` (group commit window); the agent's default if not given.
+    #[arg(long)]
+    commit_interval_ms: Option<u64>,
     /// Keep the agent's config and log here instead of a temporary directory (for profiling).
     #[arg(long)]
     keep_dir: Option<PathBuf>,
@@ -281,7 +284,11 @@ fn agent_toml(
         hub.to_string()
     )?;
     s.push_str(&harness::identity_toml(TD, &cert, &key, &pki.bundle));
-    writeln!(s, "[outbox]\ncommit_interval_ms = 20\nfsync = {fsync:?}\n")?;
+    writeln!(s, "[outbox]\nfsync = {fsync:?}")?;
+    if let Some(ms) = args.commit_interval_ms {
+        writeln!(s, "commit_interval_ms = {ms}")?;
+    }
+    writeln!(s)?;
     match mqtt_port {
         Some(p) => writeln!(
             s,

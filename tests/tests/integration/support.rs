@@ -137,7 +137,7 @@ pub async fn start_agent_env(
         "[hub]\naddress = {hub:?}\nbackoff_initial_ms = 100\nbackoff_max_ms = 500\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n"
     )?;
     s.push_str(&harness::identity_toml(TD, &cert, &key, &pki.bundle));
-    writeln!(s, "[outbox]\ncommit_interval_ms = 10\n\n{mqtt}\n")?;
+    writeln!(s, "{mqtt}\n")?;
     writeln!(
         s,
         "[[devices]]\nid = {DEVICE:?}\nprotocol = \"tcp\"\nendpoint = {plc:?}\nunit_id = 1\npoll_interval_ms = 50\ntimeout_ms = 300\n"
