@@ -47,9 +47,12 @@ fn parse(text: &str, store: &Path) -> anyhow::Result<Trace> {
     // Unfinished sync calls per PID: their start time.
     let mut open: BTreeMap<String, f64> = BTreeMap::new();
     for line in text.lines() {
-        // strace leaves the PID column out while it follows a single thread.
+        // strace leaves the PID column out while it follows a single thread, and pads it with
+        // spaces to a common width (`123  1700000000.1 ...`).
         let (pid, line) = match line.split_once(' ') {
-            Some((p, rest)) if !p.contains('.') && p.parse::<u32>().is_ok() => (p, rest),
+            Some((p, rest)) if !p.contains('.') && p.parse::<u32>().is_ok() => {
+                (p, rest.trim_start())
+            }
             _ => ("", line),
         };
         let Some((ts, rest)) = line.split_once(' ') else {
@@ -305,6 +308,10 @@ fn the_parser_pairs_unfinished_syncs_and_finds_markers() {
 ";
     let t = parse(ok, store).unwrap();
     assert_eq!(check(&t, "written", "acknowledged").unwrap(), 1);
+    // PIDs of different widths are padded.
+    let padded = ok.replace("10 100.", "10  100.");
+    let t = parse(&padded, store).unwrap();
+    assert_eq!((t.syncs.len(), t.markers.len()), (1, 2));
     // Without the PID column (strace following one thread).
     let single: String = ok
         .lines()
