@@ -36,6 +36,10 @@
 //!   to N, even if the power fails next.
 //! - The in-memory twin and node status follow commit order. Twin reads may show a value a few
 //!   milliseconds before its flush completes (it is already written, not yet fsynced).
+//! - Desired versions and control records are decided from what is written to sled, under the
+//!   commit lock, so two concurrent changes never get the same version. A desired value is
+//!   shown (and sent to the node) only once it is durable, and never replaced in memory by an
+//!   older version that finished its flush later.
 //! - A node's twin holds at most [`MAX_PROPERTIES_PER_NODE`] properties, so a peer cannot grow
 //!   the hub's memory without bound.
 
@@ -500,7 +504,9 @@ impl HubStore {
             .commit_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let mut seq = self.read().get(node).map_or(0, |n| n.downlink_seq);
+        // What is written (maybe not yet flushed) decides, not the published state: a
+        // concurrent commit may have written and not yet published.
+        let mut seq = self.written_u64(node, FIELD_DOWNLINK)?;
         let mut batch = sled::Batch::default();
         let mut set = vec![];
         let mut entries = vec![];
@@ -536,7 +542,7 @@ impl HubStore {
                     "desired",
                     serde_json::json!({"node": node, "device": device, "property": property, "desired": d}),
                 );
-                twin.desired.insert(property, d);
+                publish_desired(&mut twin.desired, property, d);
             }
         }
         self.inner.desired_notify.send_modify(|v| *v += 1);
@@ -582,10 +588,10 @@ impl HubStore {
             .commit_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let (stored, mut seq) = self
-            .read()
-            .get(node)
-            .map_or((0, 0), |n| (n.control_seq, n.downlink_seq));
+        // What is written decides (see set_desired): a commit of this node that wrote and has
+        // not yet published must not be read as the current state.
+        let stored = self.written_u64(node, FIELD_CONTROL)?;
+        let mut seq = self.written_u64(node, FIELD_DOWNLINK)?;
         if c.seq <= stored {
             return Ok(stored);
         }
@@ -601,12 +607,7 @@ impl HubStore {
                     PropertyId::new(st.property.clone()),
                     Outcome::from_wire(st.outcome, st.exception_code, st.detail.clone()),
                 ) {
-                    let current = self
-                        .read()
-                        .get(node)
-                        .and_then(|n| n.twins.get(&device))
-                        .and_then(|t| t.desired.get(&property))
-                        .cloned();
+                    let current = self.written_desired(node, &device, &property)?;
                     // The outcome of the current version, or of a local change (version 0)
                     // that the hub accepted as the current version.
                     if let Some(mut d) = current.filter(|d| {
@@ -633,12 +634,7 @@ impl HubStore {
                     PropertyId::new(p.property.clone()),
                     p.value.clone().map(value_from_wire),
                 ) {
-                    let current = self
-                        .read()
-                        .get(node)
-                        .and_then(|n| n.twins.get(&device))
-                        .and_then(|t| t.desired.get(&property))
-                        .cloned();
+                    let current = self.written_desired(node, &device, &property)?;
                     // The hub's own value wins when an operator set it after the base.
                     let hub_newer = current
                         .as_ref()
@@ -688,11 +684,7 @@ impl HubStore {
             n.downlink_seq = n.downlink_seq.max(seq);
             let desired_changed = event.as_ref().is_some_and(|(k, _)| *k == "desired");
             if let Some((device, property, d)) = change {
-                n.twins
-                    .entry(device)
-                    .or_default()
-                    .desired
-                    .insert(property, d);
+                publish_desired(&mut n.twins.entry(device).or_default().desired, property, d);
             }
             desired_changed
         };
@@ -1242,6 +1234,30 @@ impl HubStore {
         self.inner.write()
     }
 
+    /// A node's counter as written to sled (maybe not yet flushed; 0 if never written). Read
+    /// under the commit lock, it is the value the next commit must build on.
+    fn written_u64(&self, node: &NodeId, field: &[u8]) -> Result<u64, StoreError> {
+        let key = meta_key(node, field);
+        match self.tree().get(&key)? {
+            Some(v) => be_u64(&key, &v),
+            None => Ok(0),
+        }
+    }
+
+    /// A property's desired value as written to sled (maybe not yet flushed).
+    fn written_desired(
+        &self,
+        node: &NodeId,
+        device: &DeviceId,
+        property: &PropertyId,
+    ) -> Result<Option<Desired>, StoreError> {
+        let key = desired_key(node, device, property);
+        self.tree()
+            .get(&key)?
+            .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt(&key, e.to_string())))
+            .transpose()
+    }
+
     fn tree(&self) -> &sled::Tree {
         &self.inner.tree
     }
@@ -1311,6 +1327,17 @@ fn schema_key(node: &NodeId, device: &DeviceId) -> Vec<u8> {
     k.push(SEP);
     k.extend_from_slice(device.as_str().as_bytes());
     k
+}
+
+/// Publishes a durable desired value in memory unless a newer version already is: commits
+/// publish after their flush, so a later commit of the same property may publish first.
+fn publish_desired(desired: &mut BTreeMap<PropertyId, Desired>, property: PropertyId, d: Desired) {
+    match desired.get(&property) {
+        Some(cur) if cur.version > d.version => {}
+        _ => {
+            desired.insert(property, d);
+        }
+    }
 }
 
 fn desired_json(d: &Desired) -> Result<Vec<u8>, StoreError> {
@@ -1893,6 +1920,112 @@ mod tests {
         assert_eq!(json["node"], "gw-1");
         assert_eq!(json["last_seen_ms"], 3_000);
         assert_eq!(json["uplink_seq"], 0);
+    }
+
+    /// An operator's changes and a node's control records (proposals and outcomes) commit
+    /// concurrently for the same property: every change gets its own version, and what memory
+    /// shows at the end is what is on disk. Commits publish after their flush, so a decision
+    /// taken from the published state (not the written one) gave two changes one version, or
+    /// let an outcome's late publish bring back an older value that the node never received.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_desired_changes_and_control_records_never_share_a_version() {
+        use edgesync_protocol::frame::{DesiredStatus, Proposal};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(&dir));
+        let n = node("gw-1");
+        store
+            .store_schema(
+                &n,
+                &DeviceSchema {
+                    device: "plc1".into(),
+                    properties: vec![PropertySchema {
+                        property: "sp".into(),
+                        kind: "int".into(),
+                        writable: true,
+                        unit: String::new(),
+                        min: None,
+                        max: None,
+                    }],
+                },
+            )
+            .await
+            .unwrap();
+        const OPS: u64 = 60;
+        let operator = {
+            let (store, n) = (store.clone(), n.clone());
+            tokio::spawn(async move {
+                let mut versions = vec![];
+                for i in 0..OPS {
+                    let mut values = serde_json::Map::new();
+                    values.insert("sp".into(), serde_json::json!(1000 + i));
+                    let set = store
+                        .set_desired(&n, &dev("plc1"), &values, "ops")
+                        .await
+                        .unwrap();
+                    versions.push(set[0].version);
+                }
+                versions
+            })
+        };
+        let agent = {
+            let (store, n) = (store.clone(), n.clone());
+            tokio::spawn(async move {
+                for seq in 1..=2 * OPS {
+                    let kind = if seq % 2 == 1 {
+                        ControlKind::Proposal(Proposal {
+                            device: "plc1".into(),
+                            property: "sp".into(),
+                            value: Some(value_to_wire(&Value::Int(i64::try_from(seq).unwrap()))),
+                            base_version: 0,
+                            set_ms: 1,
+                        })
+                    } else {
+                        // "pending" for the local change (version 0).
+                        ControlKind::Status(DesiredStatus {
+                            device: "plc1".into(),
+                            property: "sp".into(),
+                            version: 0,
+                            outcome: 0,
+                            exception_code: 0,
+                            detail: String::new(),
+                            ts_ms: 2,
+                        })
+                    };
+                    store
+                        .apply_control(
+                            &n,
+                            Control {
+                                seq,
+                                kind: Some(kind),
+                            },
+                        )
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        let mut versions = operator.await.unwrap();
+        agent.await.unwrap();
+        // Every proposal takes a version too (accepted or rejected).
+        let total = OPS + OPS;
+        let downlink = store.read().get(&n).map(|s| s.downlink_seq).unwrap();
+        assert_eq!(downlink, total, "two changes got the same version");
+        versions.dedup();
+        assert_eq!(versions.len(), usize::try_from(OPS).unwrap());
+        let shown = store.twin(&n, &dev("plc1")).unwrap().desired[&prop("sp")].clone();
+        assert_eq!(
+            shown.version, total,
+            "memory shows an older version: {shown:?}"
+        );
+        let sent = store.desired_after(&n, 0);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].version, total);
+        drop(store);
+        let reopened = open(&dir);
+        assert_eq!(
+            reopened.twin(&n, &dev("plc1")).unwrap().desired[&prop("sp")],
+            shown
+        );
     }
 
     #[tokio::test]
