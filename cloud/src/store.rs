@@ -1252,10 +1252,20 @@ impl HubStore {
         property: &PropertyId,
     ) -> Result<Option<Desired>, StoreError> {
         let key = desired_key(node, device, property);
-        self.tree()
-            .get(&key)?
-            .map(|v| serde_json::from_slice(&v).map_err(|e| corrupt(&key, e.to_string())))
-            .transpose()
+        let Some(bytes) = self.tree().get(&key)? else {
+            return Ok(None);
+        };
+        let mut d: Desired =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(&key, e.to_string()))?;
+        if let Some(p) = self
+            .read()
+            .get(node)
+            .and_then(|n| n.schema.get(device))
+            .and_then(|s| s.get(property))
+        {
+            d.value = typed(&p.kind, d.value);
+        }
+        Ok(Some(d))
     }
 
     fn tree(&self) -> &sled::Tree {
@@ -1327,6 +1337,18 @@ fn schema_key(node: &NodeId, device: &DeviceId) -> Vec<u8> {
     k.push(SEP);
     k.extend_from_slice(device.as_str().as_bytes());
     k
+}
+
+/// A desired value read back from JSON, as the type the schema declares: JSON does not say
+/// whether `42` was signed, so an unsigned property would otherwise come back as `Int` and
+/// differ from the `UInt` the agent reports (a delta that never clears).
+fn typed(kind: &str, v: Value) -> Value {
+    match (kind, v) {
+        ("uint", Value::Int(i)) if i >= 0 => Value::UInt(i.unsigned_abs()),
+        ("float", Value::Int(i)) => Value::Float(i as f64),
+        ("float", Value::UInt(u)) => Value::Float(u as f64),
+        (_, v) => v,
+    }
 }
 
 /// Publishes a durable desired value in memory unless a newer version already is: commits
@@ -1552,7 +1574,12 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
             props.insert(id, p);
         }
         let n = state.entry(node).or_default();
-        n.twins.entry(device.clone()).or_default();
+        let twin = n.twins.entry(device.clone()).or_default();
+        for (property, d) in twin.desired.iter_mut() {
+            if let Some(p) = props.get(property) {
+                d.value = typed(&p.kind, d.value.clone());
+            }
+        }
         n.schema.insert(device, props);
     }
     Ok(state)
@@ -2026,6 +2053,82 @@ mod tests {
             reopened.twin(&n, &dev("plc1")).unwrap().desired[&prop("sp")],
             shown
         );
+    }
+
+    /// JSON does not keep an integer's signedness: a desired value of an unsigned property that
+    /// went through the disk (an outcome's rewrite, a restart) is still the `UInt` the agent
+    /// reports, so the delta clears.
+    #[tokio::test]
+    async fn unsigned_desired_values_keep_their_type_through_the_disk() {
+        use edgesync_protocol::frame::DesiredStatus;
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let n = node("gw-1");
+        let schema = |property: &str, kind: &str| PropertySchema {
+            property: property.into(),
+            kind: kind.into(),
+            writable: true,
+            unit: String::new(),
+            min: None,
+            max: None,
+        };
+        store
+            .store_schema(
+                &n,
+                &DeviceSchema {
+                    device: "plc1".into(),
+                    properties: vec![schema("sp", "uint"), schema("f", "float")],
+                },
+            )
+            .await
+            .unwrap();
+        let values = serde_json::json!({"sp": 4321, "f": 7});
+        store
+            .set_desired(&n, &dev("plc1"), values.as_object().unwrap(), "ops")
+            .await
+            .unwrap();
+        let reported = [
+            Sample {
+                value: Some(Value::UInt(4321)),
+                ..sample("plc1", "sp", 0, 1)
+            },
+            Sample {
+                value: Some(Value::Float(7.0)),
+                ..sample("plc1", "f", 0, 1)
+            },
+        ];
+        store.commit_batch(&n, 1, &reported).await.unwrap();
+        for (seq, (property, version)) in [("f", 1), ("sp", 2)].into_iter().enumerate() {
+            let status = ControlKind::Status(DesiredStatus {
+                device: "plc1".into(),
+                property: property.into(),
+                version,
+                outcome: 1,
+                exception_code: 0,
+                detail: String::new(),
+                ts_ms: 3,
+            });
+            let seq = u64::try_from(seq).unwrap() + 1;
+            store
+                .apply_control(
+                    &n,
+                    Control {
+                        seq,
+                        kind: Some(status),
+                    },
+                )
+                .await
+                .unwrap();
+        }
+        let twin = store.twin(&n, &dev("plc1")).unwrap();
+        assert_eq!(twin.desired[&prop("sp")].value, Value::UInt(4321));
+        assert!(twin.desired[&prop("sp")].applied.is_some(), "{twin:?}");
+        assert!(twin.delta().is_empty(), "{twin:?}");
+        drop(store);
+        let twin = open(&dir).twin(&n, &dev("plc1")).unwrap();
+        assert_eq!(twin.desired[&prop("sp")].value, Value::UInt(4321));
+        assert_eq!(twin.desired[&prop("f")].value, Value::Float(7.0));
+        assert!(twin.delta().is_empty(), "{twin:?}");
     }
 
     #[tokio::test]
