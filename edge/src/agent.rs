@@ -132,7 +132,8 @@ impl Agent {
                 source,
             })?,
         );
-        let next = store.next_seq();
+        let next = store.sendable_next();
+        let resync_hint = store.resync_pending();
         let last_downlink = store.last_downlink().map_err(|source| StartError::Store {
             path: store_dir.display().to_string(),
             source,
@@ -220,6 +221,16 @@ impl Agent {
         let (appended_tx, appended_rx) = watch::channel(next);
         let (dropped_tx, dropped_rx) = watch::channel(None);
         let (committed, _) = broadcast::channel(256);
+        let (status_tx, status) = watch::channel(UplinkStatus::default());
+        let state_only: HashSet<(DeviceId, PropertyId)> = specs
+            .values()
+            .flat_map(|d| {
+                d.tags
+                    .iter()
+                    .filter(|t| t.report.state_only)
+                    .map(|t| (d.id.clone(), t.property.clone()))
+            })
+            .collect();
         let pipeline = Pipeline {
             rx,
             specs,
@@ -231,11 +242,14 @@ impl Agent {
             appended: appended_tx,
             dropped: dropped_tx,
             committed: committed.clone(),
+            uplink: status.clone(),
+            state_only,
+            held_back: false,
+            resync_hint,
             cancel: cancel.child_token(),
         };
         tasks.push(tokio::spawn(pipeline.run()));
 
-        let (status_tx, status) = watch::channel(UplinkStatus::default());
         let ucfg = UplinkConfig {
             hub_address: cfg.hub.address.clone(),
             hub_id,
@@ -325,9 +339,20 @@ struct Pipeline {
     commit_interval: Duration,
     refuse_when_full: bool,
     max_bytes: u64,
+    /// What the uplink may send up to (the outbox's `sendable_next`).
     appended: watch::Sender<u64>,
+    /// The last loss the hub must be told of (history dropped, or a refused run handled).
     dropped: watch::Sender<Option<(u64, u64)>>,
     committed: broadcast::Sender<Committed>,
+    /// Whether the hub is reachable (state-only values are held back while it is not).
+    uplink: watch::Receiver<UplinkStatus>,
+    /// Properties whose tags are `state_only`.
+    state_only: HashSet<(DeviceId, PropertyId)>,
+    /// Some state-only value was held back in this offline period (the store's resync flag
+    /// is set).
+    held_back: bool,
+    /// The store's resync flag after the last commit (a resync may be due on the next wake).
+    resync_hint: bool,
     cancel: CancellationToken,
 }
 
@@ -337,6 +362,7 @@ impl Pipeline {
         let mut dirty: HashSet<DeviceId> = HashSet::new();
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut twin_flushed = tokio::time::Instant::now();
+        let mut online = self.uplink.borrow_and_update().connected;
         loop {
             let commit_now = tokio::select! {
                 // Shutdown: commit what is pending, then stop.
@@ -375,6 +401,21 @@ impl Pipeline {
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => true,
                 // The twin's write-behind is due (only while some device's twin is dirty).
                 _ = tokio::time::sleep_until(twin_flushed + TWIN_FLUSH_INTERVAL), if !dirty.is_empty() => true,
+                // The hub became reachable or unreachable: a resync may be due (cancel-safe).
+                r = self.uplink.changed() => {
+                    if r.is_err() {
+                        // The uplink ended (shutdown): nothing to watch any more.
+                        self.cancel.cancelled().await;
+                        self.commit(&mut pending, &mut dirty, true).await;
+                        return;
+                    }
+                    // Acks change the status too: only a change of reachability, or room
+                    // freed while a resync waits, is worth a commit.
+                    let now = self.uplink.borrow_and_update().connected;
+                    let flipped = now != online;
+                    online = now;
+                    flipped || (now && self.resync_hint)
+                }
             };
             if commit_now {
                 deadline = None;
@@ -430,15 +471,64 @@ impl Pipeline {
         } else {
             vec![]
         };
-        if pending.is_empty() && twin.is_empty() {
-            return;
+        let online = self.uplink.borrow().connected;
+        if online {
+            self.held_back = false;
         }
         let mut records = std::mem::take(pending);
+        let mut resync = None;
+        if !online && !self.state_only.is_empty() {
+            // Offline: only the latest value of a state-only property matters; it is in the
+            // twin and goes out with the resync once the hub is reachable.
+            let before = records.len();
+            records.retain(|s| {
+                !self
+                    .state_only
+                    .contains(&(s.device.clone(), s.property.clone()))
+            });
+            let held = before - records.len();
+            if held > 0 {
+                metrics::counter!("edgesync_outbox_coalesced_records_total").increment(held as u64);
+                if !self.held_back {
+                    self.held_back = true;
+                    resync = Some(true);
+                }
+            }
+        }
         let mut st = self.store.lock().await;
-        if self.refuse_when_full && st.outbox_bytes() >= self.max_bytes {
-            metrics::counter!("edgesync_outbox_refused_records_total")
-                .increment(records.len() as u64);
+        let mut refused = 0;
+        if self.refuse_when_full && !records.is_empty() && st.outbox_bytes() >= self.max_bytes {
+            refused = records.len() as u64;
+            metrics::counter!("edgesync_outbox_refused_records_total").increment(refused);
+            if st.lost_pending() == 0 {
+                tracing::warn!(
+                    records = refused,
+                    "outbox full: refusing new records (reported to the hub as a gap)"
+                );
+            }
             records.clear();
+        }
+        // After a loss: once the hub is reachable and the outbox has room, the latest state of
+        // every property goes out again, so the hub's twin converges.
+        if refused == 0 && online && st.resync_pending() && st.outbox_bytes() <= self.max_bytes / 2
+        {
+            let twin = self.local.lock();
+            let snapshot: Vec<Sample> = self
+                .specs
+                .keys()
+                .flat_map(|d| twin.device_samples(d))
+                .collect();
+            drop(twin);
+            tracing::info!(
+                properties = snapshot.len(),
+                "resending the latest state of every property after a loss"
+            );
+            metrics::counter!("edgesync_outbox_resyncs_total").increment(1);
+            records.extend(snapshot);
+            resync = Some(false);
+        }
+        if records.is_empty() && twin.is_empty() && refused == 0 && resync.is_none() {
+            return;
         }
         let first_seq = st.next_seq();
         let n = records.len();
@@ -447,7 +537,7 @@ impl Pipeline {
         if n > 0 {
             tracing::trace!(target: DURABILITY_TARGET, "appending upto={last_seq} from={first_seq}");
         }
-        match st.append(shared.clone(), &twin).await {
+        match st.append_with(shared.clone(), &twin, refused, resync).await {
             Ok(a) => {
                 drop(st);
                 if n > 0 {
@@ -459,9 +549,15 @@ impl Pipeline {
                     metrics::counter!("edgesync_outbox_records_dropped_total")
                         .increment(d.1 - d.0 + 1);
                     tracing::warn!(from = d.0, to = d.1, "outbox full: oldest history dropped");
-                    let _ = self.dropped.send(Some(d));
                 }
-                let _ = self.appended.send(a.next_seq);
+                if let Some(lost) = match (a.dropped, a.skipped) {
+                    (Some(d), Some(s)) => Some((d.0.min(s.0), d.1.max(s.1))),
+                    (d, s) => d.or(s),
+                } {
+                    let _ = self.dropped.send(Some(lost));
+                }
+                let _ = self.appended.send(a.sendable_next);
+                self.resync_hint = a.resync;
                 if n > 0 {
                     let _ = self.committed.send(Committed {
                         first_seq,

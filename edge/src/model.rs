@@ -120,6 +120,9 @@ pub struct ReportPolicy {
     pub max_interval: Option<Duration>,
     /// Report every sample, changed or not.
     pub every_sample: bool,
+    /// Only the latest value matters (a state, not a history): while the hub is unreachable,
+    /// changes are not queued one by one; the latest value is sent when it is reachable again.
+    pub state_only: bool,
 }
 
 /// One tag: a property of a device mapped onto Modbus registers or bits.

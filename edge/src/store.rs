@@ -3,7 +3,11 @@
 //! One sled tree, keys prefixed by kind:
 //! - `o` + first sequence number (u64 BE) → one *group* of records (compact protobuf), written
 //!   in one commit; record `i` of a group has sequence `first + i`;
-//! - `m` + name → metadata (`acked`, `next`), u64 BE;
+//! - `g` + first sequence number (u64 BE) → the last sequence number (u64 BE) of a run of
+//!   records *lost*: refused while the outbox was full (`on_full = "refuse_new"`). They hold
+//!   their place in the numbering; once everything before them is acknowledged they count as
+//!   handled and the next hello tells the hub (a gap);
+//! - `m` + name → metadata (`acked`, `next`, `resync`), u64 BE;
 //! - `t` + device → the latest reported sample of every property of that device (one entry
 //!   per device: sled's memory grows with the number of keys, ~2 KB each, so 10,000
 //!   per-property keys would cost the agent ~20 MB).
@@ -12,8 +16,12 @@
 //! - a record counts as accepted once its group is committed (and flushed, per the fsync
 //!   policy); accepted records are deleted only after the hub acknowledged them, or dropped
 //!   oldest-first when the outbox exceeds its byte budget (which the uplink reports as a gap);
-//! - sequence numbers are dense: groups cover `acked+1 .. next` without holes (except dropped
-//!   history below the oldest group);
+//! - sequence numbers are dense: groups and lost runs cover `acked+1 .. next` without holes
+//!   (dropped history lies below `acked`);
+//! - records are only ever sent below the first lost run ([`AgentStore::sendable_next`]);
+//! - after any loss (history dropped, records refused, state-only values held back while
+//!   offline) the `resync` flag is set in the same batch, and stays set until a group carrying
+//!   the latest state of every property is committed ([`AgentStore::append_with`]);
 //! - the twin in sled is written behind, at most every second, in the same atomic batch as an
 //!   outbox group; after a crash it may lag the outbox by that second, which only means the
 //!   first poll after a restart reports those properties again.
@@ -78,6 +86,8 @@ pub enum Fsync {
 
 const META_ACKED: &[u8] = b"macked";
 const META_NEXT: &[u8] = b"mnext";
+/// Set (any value) while the latest state of every property must be sent again.
+const META_RESYNC: &[u8] = b"mresync";
 /// Highest control record the hub acknowledged.
 const META_CTL_ACKED: &[u8] = b"mcacked";
 /// Highest desired version taken over from the hub.
@@ -119,6 +129,13 @@ pub struct PersistedDesired {
 fn group_key(first: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = b'o';
+    k[1..].copy_from_slice(&first.to_be_bytes());
+    k
+}
+
+fn lost_key(first: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'g';
     k[1..].copy_from_slice(&first.to_be_bytes());
     k
 }
@@ -312,6 +329,8 @@ fn be_u64(v: &[u8]) -> Option<u64> {
 #[derive(Debug, Clone)]
 struct Group {
     count: u64,
+    /// A run of lost records (a `g` entry): no samples.
+    lost: bool,
     bytes: u64,
     /// Decoded records, kept while the cache budget allows.
     cached: Option<Arc<Vec<Sample>>>,
@@ -324,6 +343,13 @@ pub struct Appended {
     pub next_seq: u64,
     /// History dropped to respect the byte budget (`from..=to`), if any.
     pub dropped: Option<(u64, u64)>,
+    /// What the uplink may send up to (exclusive): [`AgentStore::sendable_next`].
+    pub sendable_next: u64,
+    /// A lost run that became the oldest entry and now counts as handled (`from..=to`): the
+    /// hub must be told (as for `dropped`).
+    pub skipped: Option<(u64, u64)>,
+    /// The resync flag after this commit.
+    pub resync: bool,
 }
 
 /// The outbox and twin of one agent.
@@ -340,6 +366,7 @@ pub struct AgentStore {
     next: u64,
     ctl_acked: u64,
     ctl_next: u64,
+    resync: bool,
 }
 
 impl std::fmt::Debug for AgentStore {
@@ -397,11 +424,32 @@ impl AgentStore {
                 first,
                 Group {
                     count,
+                    lost: false,
                     bytes: v.len() as u64,
                     cached: None,
                 },
             );
         }
+        for kv in db.scan_prefix(b"g") {
+            let (k, v) = kv?;
+            let (Some(first), Some(last)) = (be_u64(&k[1..]), be_u64(&v)) else {
+                continue;
+            };
+            if first <= acked || last < first {
+                continue;
+            }
+            next = next.max(last + 1);
+            groups.insert(
+                first,
+                Group {
+                    count: last - first + 1,
+                    lost: true,
+                    bytes: 0,
+                    cached: None,
+                },
+            );
+        }
+        let resync = db.get(META_RESYNC)?.is_some();
         let stored_next = db.get(META_NEXT)?.and_then(|v| be_u64(&v)).unwrap_or(1);
         next = next.max(stored_next);
         let ctl_acked = db
@@ -413,7 +461,7 @@ impl AgentStore {
             None => ctl_acked + 1,
         }
         .max(ctl_acked + 1);
-        Ok(AgentStore {
+        let mut store = AgentStore {
             db,
             flusher,
             fsync,
@@ -426,7 +474,34 @@ impl AgentStore {
             next,
             ctl_acked,
             ctl_next,
-        })
+            resync,
+        };
+        // A lost run left at the start (acknowledged before a crash): handled; the next hello
+        // tells the hub.
+        store.skip_lost()?;
+        Ok(store)
+    }
+
+    /// Whether the latest state of every property must be sent again (after a loss).
+    pub fn resync_pending(&self) -> bool {
+        self.resync
+    }
+
+    /// The uplink may send records below this (the first lost run, or `next`).
+    pub fn sendable_next(&self) -> u64 {
+        self.groups
+            .iter()
+            .find(|(_, g)| g.lost)
+            .map_or(self.next, |(first, _)| *first)
+    }
+
+    /// Records refused and not yet counted as handled.
+    pub fn lost_pending(&self) -> u64 {
+        self.groups
+            .values()
+            .filter(|g| g.lost)
+            .map(|g| g.count)
+            .sum()
     }
 
     /// Highest control record the hub acknowledged.
@@ -614,10 +689,30 @@ impl AgentStore {
         records: impl Into<Arc<Vec<Sample>>>,
         twin: &[(DeviceId, Vec<Sample>)],
     ) -> Result<Appended, StoreError> {
+        self.append_with(records, twin, 0, None).await
+    }
+
+    /// [`append`](Self::append), and also: numbers `refused` records that were not kept
+    /// (refused by a full outbox) as a lost run after `records`, and sets (`Some(true)`) or
+    /// clears (`Some(false)`) the resync flag, all in the same atomic commit. Refusing sets
+    /// the flag.
+    pub async fn append_with(
+        &mut self,
+        records: impl Into<Arc<Vec<Sample>>>,
+        twin: &[(DeviceId, Vec<Sample>)],
+        refused: u64,
+        resync: Option<bool>,
+    ) -> Result<Appended, StoreError> {
         let records: Arc<Vec<Sample>> = records.into();
+        let resync = if refused > 0 { Some(true) } else { resync };
         let mut batch = sled::Batch::default();
         for (device, samples) in twin {
             batch.insert(twin_key(device), encode_samples(samples));
+        }
+        match resync {
+            Some(true) if !self.resync => batch.insert(META_RESYNC, &[1u8][..]),
+            Some(false) if self.resync => batch.remove(META_RESYNC),
+            _ => {}
         }
         let first = self.next;
         let count = records.len() as u64;
@@ -626,12 +721,31 @@ impl AgentStore {
             let enc = encode_samples(&records);
             bytes = enc.len() as u64;
             batch.insert(&group_key(first)[..], enc);
-            batch.insert(META_NEXT, &(first + count).to_be_bytes()[..]);
+        }
+        // A lost run right after the previous one (nothing kept between) extends it.
+        let lost_first = first + count;
+        let extend = self
+            .groups
+            .iter()
+            .next_back()
+            .filter(|(f, g)| count == 0 && g.lost && **f + g.count == lost_first)
+            .map(|(f, _)| *f);
+        if refused > 0 {
+            let run_first = extend.unwrap_or(lost_first);
+            batch.insert(
+                &lost_key(run_first)[..],
+                &(lost_first + refused - 1).to_be_bytes()[..],
+            );
+        }
+        if count + refused > 0 {
+            batch.insert(META_NEXT, &(first + count + refused).to_be_bytes()[..]);
         }
         self.db.apply_batch(batch)?;
         self.flush().await?;
+        if let Some(r) = resync {
+            self.resync = r;
+        }
         if count > 0 {
-            self.next = first + count;
             self.total_bytes += bytes;
             let cached = if self.cached_bytes + bytes <= self.cache_budget {
                 self.cached_bytes += bytes;
@@ -643,15 +757,38 @@ impl AgentStore {
                 first,
                 Group {
                     count,
+                    lost: false,
                     bytes,
                     cached,
                 },
             );
         }
+        if refused > 0 {
+            match extend.and_then(|f| self.groups.get_mut(&f)) {
+                Some(g) => g.count += refused,
+                None => {
+                    self.groups.insert(
+                        lost_first,
+                        Group {
+                            count: refused,
+                            lost: true,
+                            bytes: 0,
+                            cached: None,
+                        },
+                    );
+                }
+            }
+        }
+        self.next = first + count + refused;
         let dropped = self.enforce_budget()?;
+        // Everything before a new lost run may have been acknowledged already.
+        let skipped = self.skip_lost()?;
         Ok(Appended {
             next_seq: self.next,
             dropped,
+            sendable_next: self.sendable_next(),
+            skipped,
+            resync: self.resync,
         })
     }
 
@@ -669,6 +806,12 @@ impl AgentStore {
             let Some((&first, _)) = self.groups.iter().next() else {
                 break;
             };
+            if !self.resync {
+                // Before the removals: sled recovers a prefix of its writes, so a drop that
+                // survives a crash finds the flag set too.
+                self.db.insert(META_RESYNC, &[1u8][..])?;
+                self.resync = true;
+            }
             let g = self.remove_group(first)?;
             let last = first + g.count - 1;
             dropped = Some((dropped.map_or(first, |d| d.0), last));
@@ -682,11 +825,15 @@ impl AgentStore {
     }
 
     fn remove_group(&mut self, first: u64) -> Result<Group, StoreError> {
-        self.db.remove(group_key(first))?;
         let g = self.groups.remove(&first).ok_or(StoreError::Missing {
             from: first,
             to: first,
         })?;
+        if g.lost {
+            self.db.remove(lost_key(first))?;
+        } else {
+            self.db.remove(group_key(first))?;
+        }
         self.total_bytes -= g.bytes;
         if g.cached.is_some() {
             self.cached_bytes -= g.bytes;
@@ -753,12 +900,13 @@ impl AgentStore {
         Ok(Arc::new(samples))
     }
 
-    /// The hub stored everything up to `upto`: delete it.
-    pub fn ack(&mut self, upto: u64) -> Result<(), StoreError> {
+    /// The hub stored everything up to `upto`: delete it. A lost run that is now the oldest
+    /// entry counts as handled too (the hub must be told, by the next hello): returns it.
+    pub fn ack(&mut self, upto: u64) -> Result<Option<(u64, u64)>, StoreError> {
         if upto <= self.acked {
-            return Ok(());
+            return Ok(None);
         }
-        let upto = upto.min(self.next - 1);
+        let upto = upto.min(self.sendable_next() - 1);
         let done: Vec<u64> = self
             .groups
             .iter()
@@ -770,7 +918,24 @@ impl AgentStore {
         }
         self.acked = upto;
         self.db.insert(META_ACKED, &upto.to_be_bytes()[..])?;
-        Ok(())
+        self.skip_lost()
+    }
+
+    /// Counts lost runs at the start of the outbox as handled (moves `acked` past them).
+    /// Returns the range skipped, if any.
+    pub fn skip_lost(&mut self) -> Result<Option<(u64, u64)>, StoreError> {
+        let mut skipped: Option<(u64, u64)> = None;
+        while let Some((&first, g)) = self.groups.iter().next() {
+            if !g.lost || first > self.acked + 1 {
+                break;
+            }
+            let last = first + g.count - 1;
+            self.remove_group(first)?;
+            self.acked = self.acked.max(last);
+            self.db.insert(META_ACKED, &self.acked.to_be_bytes()[..])?;
+            skipped = Some((skipped.map_or(first, |s| s.0), last));
+        }
+        Ok(skipped)
     }
 
     /// The hub holds more than this outbox ever had (the outbox was lost): continue numbering
@@ -897,6 +1062,114 @@ mod tests {
             (oldest..oldest + n as u64).map(s).collect::<Vec<_>>()
         );
         assert_eq!(oldest + n as u64, 201);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Records refused by a full outbox keep their place in the numbering as a lost run: the
+    /// uplink never sends past it, and once everything before it is acknowledged it counts as
+    /// handled (returned once, for the hub to be told). Runs merge; all of it survives a
+    /// restart, and so does the resync flag.
+    #[tokio::test]
+    async fn refused_records_become_a_lost_run_that_is_handled_after_what_precedes_it() {
+        let dir = tmp();
+        {
+            let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+            st.append((1..=10).map(s).collect::<Vec<_>>(), &[])
+                .await
+                .unwrap();
+            assert!(!st.resync_pending());
+            let a = st.append_with(vec![], &[], 5, None).await.unwrap();
+            assert_eq!((a.next_seq, a.sendable_next, a.skipped), (16, 11, None));
+            assert!(a.resync, "a refusal asks for a resync");
+            // A second refusal right after extends the run.
+            let a = st.append_with(vec![], &[], 3, None).await.unwrap();
+            assert_eq!((a.next_seq, a.sendable_next), (19, 11));
+            assert_eq!(st.lost_pending(), 8);
+            // Then records are kept again: they wait behind the run.
+            let a = st
+                .append((19..=20).map(s).collect::<Vec<_>>(), &[])
+                .await
+                .unwrap();
+            assert_eq!((a.next_seq, a.sendable_next), (21, 11));
+            assert!(st.read(10, 2).is_err(), "the lost run holds no records");
+            assert_eq!(st.ack(5).unwrap(), None);
+        }
+        let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+        assert_eq!((st.acked(), st.next_seq(), st.sendable_next()), (5, 21, 11));
+        assert!(st.resync_pending());
+        assert_eq!(st.ack(10).unwrap(), Some((11, 18)));
+        assert_eq!((st.acked(), st.sendable_next(), st.backlog()), (18, 21, 2));
+        assert_eq!(
+            st.read(19, 2).unwrap(),
+            (19..=20).map(s).collect::<Vec<_>>()
+        );
+        assert_eq!(st.ack(20).unwrap(), None);
+        // The resync clears the flag, durably.
+        let a = st
+            .append_with(vec![s(21)], &[], 0, Some(false))
+            .await
+            .unwrap();
+        assert!(!a.resync);
+        drop(st);
+        let st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+        assert!(!st.resync_pending());
+        assert_eq!((st.acked(), st.next_seq()), (20, 22));
+        drop(st);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A run refused after everything before it was acknowledged is handled at once; one left
+    /// at the start by a crash is handled when the store opens.
+    #[tokio::test]
+    async fn a_lost_run_at_the_start_is_handled_at_once_and_on_open() {
+        let dir = tmp();
+        {
+            let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+            st.append((1..=4).map(s).collect::<Vec<_>>(), &[])
+                .await
+                .unwrap();
+            st.ack(4).unwrap();
+            let a = st.append_with(vec![], &[], 6, None).await.unwrap();
+            assert_eq!(a.skipped, Some((5, 10)));
+            assert_eq!((st.acked(), a.sendable_next, a.next_seq), (10, 11, 11));
+            // Simulate a crash between the refusal and its handling: write the run back.
+            st.db
+                .insert(lost_key(11), &15u64.to_be_bytes()[..])
+                .unwrap();
+            st.db.insert(META_NEXT, &16u64.to_be_bytes()[..]).unwrap();
+            st.sync().await.unwrap();
+        }
+        let st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+        assert_eq!(
+            (st.acked(), st.next_seq(), st.sendable_next()),
+            (15, 16, 16)
+        );
+        drop(st);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Dropping history sets the resync flag (the dropped records may hold the only copy of
+    /// some property's latest value the hub has not seen).
+    #[tokio::test]
+    async fn dropping_history_asks_for_a_resync() {
+        let dir = tmp();
+        let mut st = AgentStore::open(&dir, 1 << 20, 400, Fsync::EveryCommit).unwrap();
+        let mut resync = false;
+        for g in 0..20u64 {
+            let a = st
+                .append((g * 10 + 1..=g * 10 + 10).map(s).collect::<Vec<_>>(), &[])
+                .await
+                .unwrap();
+            if a.dropped.is_some() {
+                resync = true;
+                assert!(a.resync);
+            }
+        }
+        assert!(resync, "nothing was dropped");
+        drop(st);
+        let st = AgentStore::open(&dir, 1 << 20, 400, Fsync::EveryCommit).unwrap();
+        assert!(st.resync_pending());
+        drop(st);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -95,8 +95,9 @@ pub enum UplinkError {
     /// The outbox failed.
     #[error("outbox: {0}")]
     Store(#[from] crate::store::StoreError),
-    /// The outbox dropped history; reconnecting tells the hub.
-    #[error("outbox dropped records {0}..={1} (full)")]
+    /// The outbox lost records (history dropped, or new records refused, when full);
+    /// reconnecting tells the hub (the hello's `oldest_seq`).
+    #[error("outbox lost records {0}..={1} (full); reconnecting to report the gap")]
     Dropped(u64, u64),
 }
 
@@ -186,7 +187,7 @@ impl Uplink {
     pub async fn run(mut self) {
         let (acked, next) = {
             let st = self.store.lock().await;
-            (st.acked(), st.next_seq())
+            (st.acked(), st.sendable_next())
         };
         let scfg = EdgeConfig {
             agent_version: self.cfg.agent_version.clone(),
@@ -290,6 +291,13 @@ impl Uplink {
         if let Some(d) = &mut self.downlink {
             session.set_last_downlink(*d.last_downlink.borrow_and_update());
             session.handle_control_appended(*d.control_next.borrow_and_update());
+        }
+        {
+            // Losses while we were away (history dropped offline) count as handled: the hello
+            // tells the hub where the outbox starts now.
+            let st = self.store.lock().await;
+            session.handle_lost(st.acked());
+            session.handle_appended(st.sendable_next());
         }
         session.handle_connected(self.now());
         let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
@@ -399,6 +407,7 @@ impl Uplink {
                     if d != last_dropped {
                         last_dropped = d;
                         if let Some((from, to)) = d {
+                            session.handle_lost(to);
                             return Err(UplinkError::Dropped(from, to));
                         }
                     }
@@ -466,7 +475,11 @@ impl Uplink {
                 }
                 EdgeEvent::Acked { upto } => {
                     let mut st = self.store.lock().await;
-                    st.ack(upto)?;
+                    if let Some((from, to)) = st.ack(upto)? {
+                        // Refused records are next: handled; the next hello reports them.
+                        session.handle_lost(to);
+                        return Err(UplinkError::Dropped(from, to));
+                    }
                     metrics::gauge!("edgesync_outbox_backlog_records").set(st.backlog() as f64);
                     metrics::gauge!("edgesync_outbox_bytes").set(st.outbox_bytes() as f64);
                     drop(st);

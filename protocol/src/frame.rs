@@ -238,9 +238,10 @@ pub struct Hello {
     /// Records waiting in the edge's outbox.
     #[prost(uint64, tag = "7")]
     pub backlog: u64,
-    /// The lowest sequence number still in the edge's outbox (records below it that the hub
-    /// has not stored are lost: dropped from a full outbox, or acknowledged by an earlier hub
-    /// whose store was rolled back). 0 = the outbox is empty.
+    /// The lowest sequence number the edge can still send: records below it that the hub has
+    /// not stored are lost (dropped or refused by a full outbox, or acknowledged by an earlier
+    /// hub whose store was rolled back), and the hub records them as a gap. With an empty
+    /// outbox it is the next sequence number; agents before 0.2 sent 0 then (no gap).
     #[prost(uint64, tag = "8")]
     pub oldest_seq: u64,
 }

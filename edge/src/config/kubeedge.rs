@@ -1830,6 +1830,7 @@ fn raw_tag(file: &mut YamlFile, ctx: &PropCtx<'_>, p: &RawProperty) -> Option<Ra
         deadband_pct: None,
         max_interval_ms: report.ok().flatten(),
         report: None,
+        state_only: None,
     })
 }
 

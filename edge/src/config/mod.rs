@@ -373,6 +373,8 @@ struct RawTag {
     max_interval_ms: Option<i64>,
     /// `on_change` (default) or `every_sample`.
     report: Option<String>,
+    /// Only the latest value matters: coalesced while the hub is unreachable.
+    state_only: Option<bool>,
 }
 
 /// An integer or a string, for fields that accept both (such as a Modbus address).
@@ -1514,6 +1516,7 @@ fn check_tag(doc: &mut Doc<'_>, loc: &Loc, raw: RawTag, dev: &DeviceDefaults) ->
             deadband_pct,
             max_interval,
             every_sample,
+            state_only: raw.state_only.unwrap_or(false),
         },
     })
 }

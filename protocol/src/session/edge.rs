@@ -263,11 +263,9 @@ impl EdgeSession {
         self.connected_at = now;
         self.last_progress = now;
         self.ping_outstanding = false;
-        let oldest_seq = if self.backlog() > 0 {
-            self.acked + 1
-        } else {
-            0
-        };
+        // Always the first record we can send, even with nothing to send: the hub learns of
+        // records lost below it (a full outbox, or a hub store rolled back behind our acks).
+        let oldest_seq = self.acked + 1;
         self.transmits.push_back(Transmit::Frame(Body::Hello(Hello {
             versions: SUPPORTED_VERSIONS.to_vec(),
             agent_version: self.cfg.agent_version.clone(),
@@ -287,6 +285,17 @@ impl EdgeSession {
         self.send_from = self.acked + 1;
         self.ctl_send_from = self.ctl_acked + 1;
         self.ping_outstanding = false;
+    }
+
+    /// The outbox no longer holds records up to `upto` (dropped or refused when it was full):
+    /// they count as handled and are never sent. The hub learns of them from the next hello
+    /// (its `oldest_seq`), so the driver reconnects after calling this.
+    pub fn handle_lost(&mut self, upto: u64) {
+        if upto > self.acked {
+            self.acked = upto;
+        }
+        self.next_seq = self.next_seq.max(self.acked + 1);
+        self.send_from = self.send_from.max(self.acked + 1);
     }
 
     /// The outbox accepted records: it will number the next one `next_seq`.

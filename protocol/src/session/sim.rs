@@ -588,6 +588,84 @@ fn edge_resumes_from_hub_position_and_rebases() {
     );
 }
 
+/// Passes everything `e` wants sent to `h` as frames; records are made from `sample`.
+fn edge_to_hub(e: &mut EdgeSession, h: &mut HubSession, now: Millis) {
+    while let Some(t) = e.poll_transmit() {
+        let body = match t {
+            Transmit::Frame(b) => b,
+            Transmit::Records { first_seq, count } => Body::Records(Records {
+                first_seq,
+                samples: (first_seq..first_seq + count as u64)
+                    .map(|s| WireSample::from(&sample(s)))
+                    .collect(),
+                backlog: 0,
+            }),
+            Transmit::Control { .. } => continue,
+        };
+        h.handle_frame(body, now).unwrap();
+    }
+}
+
+fn hub_to_edge(h: &mut HubSession, e: &mut EdgeSession, now: Millis) {
+    while let Some(b) = h.poll_transmit() {
+        e.handle_frame(b, now).unwrap();
+    }
+}
+
+#[test]
+fn records_lost_at_the_end_of_the_outbox_become_a_gap_and_sending_goes_on() {
+    // The hub stored 3; 4..=9 were refused by a full outbox and nothing else is pending.
+    let node = NodeId::new("n").unwrap();
+    let mut h = HubSession::new(HubConfig::default(), node, 3, 0);
+    let mut e = EdgeSession::new(EdgeConfig::default(), 3, 10);
+    e.handle_lost(9);
+    assert_eq!(e.backlog(), 0);
+    e.handle_connected(0);
+    edge_to_hub(&mut e, &mut h, 1);
+    let evs: Vec<_> = std::iter::from_fn(|| h.poll_event()).collect();
+    assert!(evs.contains(&HubEvent::Gap { from: 4, to: 9 }), "{evs:?}");
+    hub_to_edge(&mut h, &mut e, 2);
+    // New records after the gap are stored, never asked for again.
+    e.handle_appended(12);
+    edge_to_hub(&mut e, &mut h, 3);
+    let evs: Vec<_> = std::iter::from_fn(|| h.poll_event()).collect();
+    assert!(
+        evs.iter().any(
+            |ev| matches!(ev, HubEvent::Store { first_seq: 10, samples } if samples.len() == 2)
+        ),
+        "{evs:?}"
+    );
+    assert!(h.poll_transmit().is_none(), "no resend asked");
+}
+
+#[test]
+fn a_hub_rolled_back_behind_the_edges_acks_records_a_gap_instead_of_asking_forever() {
+    // The edge had 1..=20 acknowledged and holds nothing; the hub came back from a snapshot
+    // that stored only 1..=12.
+    let node = NodeId::new("n").unwrap();
+    let mut h = HubSession::new(HubConfig::default(), node, 12, 0);
+    let mut e = EdgeSession::new(EdgeConfig::default(), 20, 21);
+    e.handle_connected(0);
+    edge_to_hub(&mut e, &mut h, 1);
+    let evs: Vec<_> = std::iter::from_fn(|| h.poll_event()).collect();
+    assert!(evs.contains(&HubEvent::Gap { from: 13, to: 20 }), "{evs:?}");
+    hub_to_edge(&mut h, &mut e, 2);
+    let evs: Vec<_> = std::iter::from_fn(|| e.poll_event()).collect();
+    assert!(
+        evs.contains(&EdgeEvent::Gap { from: 13, to: 20 }),
+        "the edge reports it too: {evs:?}"
+    );
+    e.handle_appended(22);
+    edge_to_hub(&mut e, &mut h, 3);
+    let evs: Vec<_> = std::iter::from_fn(|| h.poll_event()).collect();
+    assert!(
+        evs.iter()
+            .any(|ev| matches!(ev, HubEvent::Store { first_seq: 21, .. })),
+        "{evs:?}"
+    );
+    assert!(h.poll_transmit().is_none(), "no resend asked");
+}
+
 #[test]
 fn hub_accounts_for_records_the_edge_dropped() {
     // The hub stored 3; the edge's outbox now starts at 10 (4..=9 were dropped when full).
