@@ -8,8 +8,9 @@
 //!   (compared in constant time): 401 with `WWW-Authenticate: Bearer` otherwise. Both roles may
 //!   read (`GET`, `HEAD`); any other method from a read-only token is refused with 403 before
 //!   the path or the body is looked at.
-//! - Reads: `GET /api/v1/nodes`, `/nodes/{node}`, `/nodes/{node}/devices`,
-//!   `/nodes/{node}/devices/{device}`, `/nodes/{node}/devices/{device}/twin`.
+//! - Reads: `GET /api/v1/nodes`, `/nodes/{node}`, `/nodes/{node}/gaps` (records lost at the
+//!   edge), `/nodes/{node}/devices`, `/nodes/{node}/devices/{device}`,
+//!   `/nodes/{node}/devices/{device}/twin`.
 //! - `PATCH /api/v1/nodes/{node}/devices/{device}/twin/desired` with `{prop: value, ...}` (admin):
 //!   checked against the device's schema, all or nothing; answers `{"versions": {prop: version}}`.
 //! - `GET /api/v1/events`: server-sent events, resumable with `Last-Event-ID` (or the
@@ -56,7 +57,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Event;
-use crate::store::{DesiredError, HubStore};
+use crate::store::{DesiredError, HubStore, StoreError};
 use crate::telemetry::{self, AuthFailure};
 
 /// Largest request body accepted, in bytes (413 above).
@@ -134,6 +135,7 @@ pub fn router(state: ApiState) -> Router {
     let api = Router::new()
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/nodes/{node}", get(get_node))
+        .route("/api/v1/nodes/{node}/gaps", get(get_gaps))
         .route("/api/v1/nodes/{node}/devices", get(list_devices))
         .route("/api/v1/nodes/{node}/devices/{device}", get(get_device))
         .route("/api/v1/nodes/{node}/devices/{device}/twin", get(get_twin))
@@ -347,6 +349,68 @@ async fn get_node(State(state): State<ApiState>, path: NodePath) -> Result<Respo
         .node(&node)
         .ok_or_else(|| node_not_found(&node))?;
     Ok(Json(status).into_response())
+}
+
+/// One gap of the gaps resource: records `from..=to` were lost at the edge.
+#[derive(Serialize)]
+struct GapView {
+    from: u64,
+    to: u64,
+    records: u64,
+}
+
+/// The gaps resource of a node.
+#[derive(Serialize)]
+struct GapsView {
+    node: NodeId,
+    /// The sum of `records` over `gaps`.
+    lost_records: u64,
+    gaps: Vec<GapView>,
+}
+
+/// `GET /api/v1/nodes/{node}/gaps`: the node's gaps in sequence order (read from sled on a
+/// blocking thread; the node status's `lost_records` comes from memory).
+async fn get_gaps(State(state): State<ApiState>, path: NodePath) -> Result<Response, ApiError> {
+    let Path(node) = path.map_err(path_error)?;
+    let node = parse_node(node)?;
+    if state.store.node(&node).is_none() {
+        return Err(node_not_found(&node));
+    }
+    let (store, owned) = (state.store.clone(), node.clone());
+    let gaps = tokio::task::spawn_blocking(move || store.gaps(&owned))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))
+        .and_then(|r| r);
+    gaps_response(node, gaps)
+}
+
+/// Renders the gaps of `node` as read from the store, or 503 if the read failed.
+fn gaps_response(
+    node: NodeId,
+    gaps: Result<Vec<(u64, u64)>, StoreError>,
+) -> Result<Response, ApiError> {
+    let gaps = gaps.map_err(|e| {
+        tracing::error!(%node, error = %e, "reading gaps failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store unavailable: gaps not read",
+        )
+    })?;
+    let gaps: Vec<GapView> = gaps
+        .into_iter()
+        .map(|(from, to)| GapView {
+            from,
+            to,
+            records: to.saturating_sub(from).saturating_add(1),
+        })
+        .collect();
+    let lost_records = gaps.iter().fold(0u64, |n, g| n.saturating_add(g.records));
+    Ok(Json(GapsView {
+        node,
+        lost_records,
+        gaps,
+    })
+    .into_response())
 }
 
 async fn list_devices(State(state): State<ApiState>, path: NodePath) -> Result<Response, ApiError> {
@@ -703,7 +767,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::store::{ConnInfo, FieldError, StoreError};
+    use crate::store::{ConnInfo, FieldError};
 
     const ADMIN: &str = "admin-secret-token";
     const READER: &str = "reader-secret-token";
@@ -958,6 +1022,7 @@ mod tests {
         let reads = [
             "/api/v1/nodes",
             "/api/v1/nodes/gw-1",
+            "/api/v1/nodes/gw-1/gaps",
             "/api/v1/nodes/gw-1/devices",
             "/api/v1/nodes/gw-1/devices/plc1",
             "/api/v1/nodes/gw-1/devices/plc1/twin",
@@ -1328,6 +1393,15 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_failed_gaps_read_is_503() {
+        let node = NodeId::new("gw-1").unwrap();
+        let response = gaps_response(node, Err(StoreError::Task("gone".into()))).into_response();
+        let (status, json) = json_of(response).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json, json!({"error": "store unavailable: gaps not read"}));
+    }
+
     #[test]
     fn json_content_types() {
         for (ct, ok) in [
@@ -1369,6 +1443,7 @@ mod tests {
                 "agent_version": "0.1.0",
                 "boot_id": "boot-a",
                 "uplink_seq": 2,
+                "lost_records": 0,
                 "backlog": 0,
                 "config_version": 3,
                 "devices": 1,
@@ -1377,6 +1452,113 @@ mod tests {
         let (status, json) = get_json(&f.app, "/api/v1/nodes/gw-9").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(json["error"], "node gw-9 not found");
+    }
+
+    /// Records lost at the edge: the gaps route, `lost_records` in the node status and the
+    /// per-node metric, each counting a resent gap once.
+    #[tokio::test]
+    async fn gaps_are_served_per_node_and_counted_once() {
+        let f = fixture().await;
+        // A node of its own: the metric is process-wide and other tests store gaps too.
+        let n = NodeId::new("gw-lossy").unwrap();
+        f.store
+            .node_connected(&n, ConnInfo::default(), 3_000)
+            .unwrap();
+        let uri = "/api/v1/nodes/gw-lossy/gaps";
+        let (status, json) = get_json(&f.app, uri).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            json,
+            json!({"node": "gw-lossy", "lost_records": 0, "gaps": []})
+        );
+        let sample = |seq: u64| Sample {
+            device: DeviceId::new("plc1").unwrap(),
+            property: PropertyId::new("temp").unwrap(),
+            value: Some(Value::Float(1.0)),
+            quality: Quality::Good,
+            ts: Timestamp(seq),
+        };
+        f.store.commit_batch(&n, 1, &[sample(1)]).await.unwrap();
+        assert_eq!(f.store.commit_gap(&n, 2, 6).await.unwrap().new_records, 5);
+        // Resent after a reconnect: nothing new.
+        assert_eq!(f.store.commit_gap(&n, 2, 6).await.unwrap().new_records, 0);
+        f.store.commit_batch(&n, 7, &[sample(7)]).await.unwrap();
+        // Overlapping what is stored: only 8..=9 is new.
+        assert_eq!(f.store.commit_gap(&n, 5, 9).await.unwrap().new_records, 2);
+        let (status, json) = get_json(&f.app, uri).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            json,
+            json!({
+                "node": "gw-lossy",
+                "lost_records": 7,
+                "gaps": [
+                    {"from": 2, "to": 6, "records": 5},
+                    {"from": 8, "to": 9, "records": 2},
+                ],
+            })
+        );
+        // The node status counts them too, from memory.
+        let (_, json) = get_json(&f.app, "/api/v1/nodes/gw-lossy").await;
+        assert_eq!(json["lost_records"], 7, "{json}");
+        assert_eq!(json["uplink_seq"], 9, "{json}");
+        let (_, json) = get_json(&f.app, "/api/v1/nodes").await;
+        let lost: Vec<(&str, u64)> = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["node"].as_str().unwrap(),
+                    n["lost_records"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(lost, vec![("gw-1", 0), ("gw-2", 0), ("gw-lossy", 7)]);
+        // Another node's gaps are its own.
+        let (_, json) = get_json(&f.app, "/api/v1/nodes/gw-1/gaps").await;
+        assert_eq!(json, json!({"node": "gw-1", "lost_records": 0, "gaps": []}));
+        // 404 and 400 like the other node routes.
+        let (status, json) = get_json(&f.app, "/api/v1/nodes/gw-9/gaps").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(json, json!({"error": "node gw-9 not found"}));
+        let (status, json) = get_json(&f.app, "/api/v1/nodes/-gw/gaps").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            json["error"].as_str().unwrap().starts_with("node id"),
+            "{json}"
+        );
+        // Credentials: read by both roles, changed by nobody.
+        for (method, token, expected) in [
+            (Method::GET, None, StatusCode::UNAUTHORIZED),
+            (Method::GET, Some("wrong"), StatusCode::UNAUTHORIZED),
+            (Method::GET, Some(READER), StatusCode::OK),
+            (Method::GET, Some(ADMIN), StatusCode::OK),
+            (Method::HEAD, Some(READER), StatusCode::OK),
+            (Method::DELETE, Some(READER), StatusCode::FORBIDDEN),
+            (Method::DELETE, Some(ADMIN), StatusCode::METHOD_NOT_ALLOWED),
+        ] {
+            let response = send(&f.app, method.clone(), uri, token, None).await;
+            assert_eq!(response.status(), expected, "{method} {token:?}");
+        }
+        // The metric counts each lost record once, labelled by node.
+        let (status, response) = call(&f.app, "/metrics", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = String::from_utf8(body(response).await).unwrap();
+        assert!(
+            text.contains("edgesync_hub_gap_records_total{node=\"gw-lossy\"} 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP edgesync_hub_gap_records_total "),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"edgesync_hub_http_requests_total{route="/api/v1/nodes/{node}/gaps",status="200"}"#
+            ),
+            "{text}"
+        );
     }
 
     #[tokio::test]

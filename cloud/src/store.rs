@@ -3,8 +3,8 @@
 //!
 //! One [`HubStore`] is shared (`Arc<HubStore>`) by every connection task and by the HTTP API.
 //! Connection tasks call [`HubStore::commit_batch`] with each uplink batch and acknowledge it to
-//! the agent only after it returns; the API reads twins and node status from memory and never
-//! touches the disk.
+//! the agent only after it returns; the API reads twins and node status (with the number of
+//! records lost in gaps) from memory, and only the list of a node's gaps from sled.
 //!
 //! # Layout (one sled tree, `hub`)
 //!
@@ -36,6 +36,10 @@
 //!   to N, even if the power fails next.
 //! - The in-memory twin and node status follow commit order. Twin reads may show a value a few
 //!   milliseconds before its flush completes (it is already written, not yet fsynced).
+//! - A node's `lost_records` is the sum of `to - from + 1` over its gap markers written to sled:
+//!   updated with `applied_seq` under the commit lock, in the step that writes the marker, and
+//!   rebuilt from the markers on open. A gap resent or overlapping what is stored adds only its
+//!   new records, so no lost record is counted twice.
 //! - Desired versions and control records are decided from what is written to sled, under the
 //!   commit lock, so two concurrent changes never get the same version. A desired value is
 //!   shown (and sent to the node) only once it is durable, and never replaced in memory by an
@@ -144,6 +148,16 @@ pub struct CommitOutcome {
     pub duplicates: usize,
 }
 
+/// What [`HubStore::commit_gap`] did with a gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GapOutcome {
+    /// The node's last sequence number durably stored (flushed) after this commit.
+    pub stored_seq: u64,
+    /// How many records of the range were new and are now recorded as lost (0 for a gap
+    /// already stored, such as one resent after a reconnect).
+    pub new_records: u64,
+}
+
 /// What a connection reports about its node when the session is established.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ConnInfo {
@@ -175,6 +189,8 @@ pub struct NodeStatus {
     pub boot_id: Option<String>,
     /// The last uplink sequence number durably stored.
     pub uplink_seq: u64,
+    /// Records lost at the edge, summed over the node's gaps.
+    pub lost_records: u64,
     /// Records waiting in the node's outbox, as last reported by the agent.
     pub backlog: u64,
     /// The config version the node last reported.
@@ -290,6 +306,8 @@ struct NodeState {
     durable_seq: u64,
     /// Last seq written to sled (maybe not yet flushed); >= durable_seq.
     applied_seq: u64,
+    /// Records in the gap markers written to sled (maybe not yet flushed), like applied_seq.
+    lost_records: u64,
     connected: bool,
     last_seen_ms: Option<u64>,
     remote_addr: Option<String>,
@@ -315,6 +333,8 @@ struct Applied {
     target_seq: u64,
     accepted: usize,
     duplicates: usize,
+    /// Records newly recorded as lost (gap commits only).
+    lost: u64,
 }
 
 /// The hub's durable state (see the module docs for layout and invariants).
@@ -809,19 +829,31 @@ impl HubStore {
 
     /// Records that the node's records `from..=to` are lost for good (the edge dropped them):
     /// stores a gap marker and advances the node's sequence number to `to`, atomically, then
-    /// flushes. Returns the node's durable sequence number.
+    /// flushes. Returns the node's durable sequence number and how many records were newly
+    /// recorded as lost; those are counted in `edgesync_hub_gap_records_total{node}`.
     ///
-    /// The part of the range already stored is skipped; a range starting after the next
-    /// expected sequence number is refused with [`StoreError::Gap`].
-    pub async fn commit_gap(&self, node: &NodeId, from: u64, to: u64) -> Result<u64, StoreError> {
+    /// The part of the range already stored is skipped (a resent gap adds nothing); a range
+    /// starting after the next expected sequence number is refused with [`StoreError::Gap`].
+    pub async fn commit_gap(
+        &self,
+        node: &NodeId,
+        from: u64,
+        to: u64,
+    ) -> Result<GapOutcome, StoreError> {
         let result = self.commit_gap_inner(node, from, to).await;
-        if let Err(e) = &result {
-            telemetry::commit_failed(node, e);
+        match &result {
+            Ok(out) => telemetry::gap_committed(node, from, to, out.new_records),
+            Err(e) => telemetry::commit_failed(node, e),
         }
         result
     }
 
-    async fn commit_gap_inner(&self, node: &NodeId, from: u64, to: u64) -> Result<u64, StoreError> {
+    async fn commit_gap_inner(
+        &self,
+        node: &NodeId,
+        from: u64,
+        to: u64,
+    ) -> Result<GapOutcome, StoreError> {
         let inner = Arc::clone(&self.inner);
         let owned_node = node.clone();
         let applied = self.note_write(
@@ -831,7 +863,11 @@ impl HubStore {
                 .and_then(|r| r),
             false,
         )?;
-        self.make_durable(node, &applied).await
+        let stored_seq = self.make_durable(node, &applied).await?;
+        Ok(GapOutcome {
+            stored_seq,
+            new_records: applied.lost,
+        })
     }
 
     /// Flushes the commit (unless already durable) and marks the node's seq durable.
@@ -957,6 +993,7 @@ impl Inner {
                 target_seq: applied_seq,
                 accepted: 0,
                 duplicates: len,
+                lost: 0,
             });
         }
         // first_seq <= expected <= last_seq, so skip < len.
@@ -1045,6 +1082,7 @@ impl Inner {
             target_seq: last_seq,
             accepted: new.len(),
             duplicates: skip,
+            lost: 0,
         })
     }
 
@@ -1066,25 +1104,35 @@ impl Inner {
             });
         }
         if to <= applied_seq {
+            // Already recorded (a resent gap): nothing new is lost.
             return Ok(Applied {
                 ticket: self.written.load(Ordering::Acquire),
                 target_seq: applied_seq,
                 accepted: 0,
                 duplicates: 0,
+                lost: 0,
             });
         }
+        // The marker covers expected..=to: the records of the range not stored yet.
+        let lost = to - applied_seq;
         let mut batch = sled::Batch::default();
         batch.insert(gap_key(node, expected), &to.to_be_bytes());
         batch.insert(meta_key(node, FIELD_SEQ), &to.to_be_bytes());
         self.tree.apply_batch(batch)?;
         tracing::trace!(target: DURABILITY_TARGET, "written upto={to} node={node}");
         let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
-        self.write().entry(node.clone()).or_default().applied_seq = to;
+        {
+            let mut state = self.write();
+            let n = state.entry(node.clone()).or_default();
+            n.applied_seq = to;
+            n.lost_records = n.lost_records.saturating_add(lost);
+        }
         Ok(Applied {
             ticket,
             target_seq: to,
             accepted: 0,
             duplicates: 0,
+            lost,
         })
     }
 
@@ -1130,6 +1178,10 @@ impl HubStore {
     }
 
     /// The gaps recorded for `node` (ranges of lost records, inclusive), in order.
+    ///
+    /// Reads sled (one prefix scan), not memory: run it off the async runtime's threads when
+    /// a node may have many gaps. Shows gaps as written, maybe a few milliseconds before their
+    /// flush completes, like [`HubStore::node`]'s `lost_records`.
     pub fn gaps(&self, node: &NodeId) -> Result<Vec<(u64, u64)>, StoreError> {
         let mut prefix = vec![GAP];
         prefix.extend_from_slice(&node_prefix(node));
@@ -1282,6 +1334,7 @@ fn status(node: &NodeId, n: &NodeState) -> NodeStatus {
         agent_version: n.agent_version.clone(),
         boot_id: n.boot_id.clone(),
         uplink_seq: n.durable_seq,
+        lost_records: n.lost_records,
         backlog: n.backlog,
         config_version: n.config_version,
         devices: n.twins.len(),
@@ -1508,6 +1561,21 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
             // A field written by a newer hub: keep going.
             _ => {}
         }
+    }
+    for entry in tree.scan_prefix([GAP]) {
+        let (key, value) = entry?;
+        let mut parts = key[1..].splitn(2, |b| *b == SEP);
+        let (Some(node), Some(first)) = (parts.next(), parts.next()) else {
+            return Err(corrupt(&key, "gap key without a node"));
+        };
+        let node = parse_id(&key, node, NodeId::new)?;
+        let from = be_u64(&key, first)?;
+        let to = be_u64(&key, &value)?;
+        if from == 0 || to < from {
+            return Err(corrupt(&key, format!("gap {from}..={to} is empty")));
+        }
+        let n = state.entry(node).or_default();
+        n.lost_records = n.lost_records.saturating_add(to - from + 1);
     }
     for entry in tree.scan_prefix([TWIN]) {
         let (key, value) = entry?;
@@ -1926,6 +1994,7 @@ mod tests {
                     agent_version: Some("0.1.0".into()),
                     boot_id: Some("boot-a".into()),
                     uplink_seq: 0,
+                    lost_records: 0,
                     backlog: 42,
                     config_version: 3,
                     devices: 0,
@@ -2219,11 +2288,29 @@ mod tests {
                 .await
                 .unwrap();
             // Records 3..=9 were lost at the edge.
-            assert_eq!(store.commit_gap(&n, 3, 9).await.unwrap(), 9);
+            assert_eq!(
+                store.commit_gap(&n, 3, 9).await.unwrap(),
+                GapOutcome {
+                    stored_seq: 9,
+                    new_records: 7
+                }
+            );
             // Overlapping report: only 10..=12 is new.
-            assert_eq!(store.commit_gap(&n, 8, 12).await.unwrap(), 12);
+            assert_eq!(
+                store.commit_gap(&n, 8, 12).await.unwrap(),
+                GapOutcome {
+                    stored_seq: 12,
+                    new_records: 3
+                }
+            );
             // Entirely old: nothing changes.
-            assert_eq!(store.commit_gap(&n, 1, 5).await.unwrap(), 12);
+            assert_eq!(
+                store.commit_gap(&n, 1, 5).await.unwrap(),
+                GapOutcome {
+                    stored_seq: 12,
+                    new_records: 0
+                }
+            );
             let err = store.commit_gap(&n, 14, 20).await.unwrap_err();
             assert!(
                 matches!(
@@ -2246,9 +2333,57 @@ mod tests {
         let store = open(&dir);
         assert_eq!(store.stored_seq(&n).unwrap(), 13);
         assert_eq!(store.gaps(&n).unwrap(), vec![(3, 9), (10, 12)]);
+        assert_eq!(store.node(&n).unwrap().lost_records, 10);
         let seqs: Vec<u64> = store.records(&n, 1).unwrap().iter().map(|r| r.0).collect();
         assert_eq!(seqs, vec![1, 2, 13]);
         assert_eq!(store.records(&n, 5).unwrap().len(), 1);
+    }
+
+    /// A gap resent after a reconnect (or overlapping one stored) counts only its new records,
+    /// in memory and after a reopen; other nodes are not affected.
+    #[tokio::test]
+    async fn lost_records_count_each_record_once_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (n, other) = (node("gw-1"), node("gw-10"));
+        let lost = |store: &HubStore, n: &NodeId| store.node(n).unwrap().lost_records;
+        {
+            let store = open(&dir);
+            store
+                .commit_batch(&n, 1, &[sample("d", "p", 1, 1)])
+                .await
+                .unwrap();
+            assert_eq!(lost(&store, &n), 0);
+            assert_eq!(store.commit_gap(&n, 2, 6).await.unwrap().new_records, 5);
+            assert_eq!(lost(&store, &n), 5);
+            // The same gap again (the agent did not get the ack): nothing new.
+            assert_eq!(store.commit_gap(&n, 2, 6).await.unwrap().new_records, 0);
+            assert_eq!(lost(&store, &n), 5);
+            // Overlapping: 7..=8 are new.
+            assert_eq!(store.commit_gap(&n, 4, 8).await.unwrap().new_records, 2);
+            assert_eq!(lost(&store, &n), 7);
+            // A refused gap (after a hole) counts nothing.
+            assert!(store.commit_gap(&n, 20, 30).await.is_err());
+            assert!(store.commit_gap(&n, 9, 8).await.is_err());
+            assert_eq!(lost(&store, &n), 7);
+            store
+                .commit_batch(&n, 9, &[sample("d", "p", 9, 9)])
+                .await
+                .unwrap();
+            assert_eq!(store.commit_gap(&n, 10, 10).await.unwrap().new_records, 1);
+            assert_eq!(lost(&store, &n), 8);
+            assert_eq!(store.commit_gap(&other, 1, 3).await.unwrap().new_records, 3);
+            assert_eq!(lost(&store, &other), 3);
+            assert_eq!(store.node(&n).unwrap().uplink_seq, 10);
+        }
+        let store = open(&dir);
+        assert_eq!(store.gaps(&n).unwrap(), vec![(2, 6), (7, 8), (10, 10)]);
+        assert_eq!(lost(&store, &n), 8);
+        assert_eq!(lost(&store, &other), 3);
+        // Resent after the reopen: still counted once.
+        assert_eq!(store.commit_gap(&n, 2, 10).await.unwrap().new_records, 0);
+        assert_eq!(lost(&store, &n), 8);
+        let json = serde_json::to_value(store.node(&n).unwrap()).unwrap();
+        assert_eq!(json["lost_records"], 8);
     }
 
     #[tokio::test]
@@ -2313,6 +2448,8 @@ mod tests {
             assert_eq!(store.stored_seq(&n).unwrap(), m.seq);
             assert_eq!(store.records(&n, 1).unwrap(), m.history);
             assert_eq!(store.gaps(&n).unwrap(), m.gaps);
+            let lost: u64 = m.gaps.iter().map(|(from, to)| to - from + 1).sum();
+            assert_eq!(store.node(&n).map_or(0, |s| s.lost_records), lost);
             assert_eq!(
                 store.devices(&n),
                 m.twins.keys().cloned().collect::<Vec<_>>()
@@ -2393,11 +2530,15 @@ mod tests {
                                 if expected == m.seq + 1 && got == from);
                             prop_assert!(gap);
                         } else {
+                            let mut new_records = 0;
                             if to > m.seq {
+                                new_records = to - m.seq;
                                 m.gaps.push((m.seq + 1, to));
                                 m.seq = to;
                             }
-                            prop_assert_eq!(result.unwrap(), m.seq);
+                            let out = result.unwrap();
+                            prop_assert_eq!(out.stored_seq, m.seq);
+                            prop_assert_eq!(out.new_records, new_records);
                         }
                     }
                 }
