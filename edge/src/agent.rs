@@ -115,16 +115,17 @@ impl Agent {
             FsyncPolicy::Never => Fsync::Never,
         };
         let store_dir = cfg.data_dir.join("agent.sled");
-        let store = AgentStore::open(
-            &store_dir,
-            cfg.sled_cache_bytes,
-            cfg.outbox.max_bytes,
-            fsync,
-        )
-        .map_err(|source| StartError::Store {
-            path: store_dir.display().to_string(),
-            source,
-        })?;
+        // With refuse_new the pipeline refuses at the budget and the store never drops what
+        // it accepted (a group may overshoot the budget by its own size).
+        let store_budget = match cfg.outbox.on_full {
+            OutboxFullPolicy::DropOldest => cfg.outbox.max_bytes,
+            OutboxFullPolicy::RefuseNew => u64::MAX,
+        };
+        let store = AgentStore::open(&store_dir, cfg.sled_cache_bytes, store_budget, fsync)
+            .map_err(|source| StartError::Store {
+                path: store_dir.display().to_string(),
+                source,
+            })?;
         let twin = Twin::new(
             &cfg.devices,
             store.load_twin().map_err(|source| StartError::Store {
@@ -244,8 +245,8 @@ impl Agent {
             committed: committed.clone(),
             uplink: status.clone(),
             state_only,
-            held_back: false,
-            resync_hint,
+            stale: HashSet::new(),
+            stale_all: resync_hint,
             cancel: cancel.child_token(),
         };
         tasks.push(tokio::spawn(pipeline.run()));
@@ -348,11 +349,12 @@ struct Pipeline {
     uplink: watch::Receiver<UplinkStatus>,
     /// Properties whose tags are `state_only`.
     state_only: HashSet<(DeviceId, PropertyId)>,
-    /// Some state-only value was held back in this offline period (the store's resync flag
-    /// is set).
-    held_back: bool,
-    /// The store's resync flag after the last commit (a resync may be due on the next wake).
-    resync_hint: bool,
+    /// Properties whose latest value the hub may not have (held back while offline, refused,
+    /// or dropped while still the latest): sent again once it is reachable and there is room.
+    stale: HashSet<(DeviceId, PropertyId)>,
+    /// Send every property's latest value again (a resync was owed when the agent stopped:
+    /// which properties is not persisted).
+    stale_all: bool,
     cancel: CancellationToken,
 }
 
@@ -414,7 +416,7 @@ impl Pipeline {
                     let now = self.uplink.borrow_and_update().connected;
                     let flipped = now != online;
                     online = now;
-                    flipped || (now && self.resync_hint)
+                    flipped || (now && (self.stale_all || !self.stale.is_empty()))
                 }
             };
             if commit_now {
@@ -472,27 +474,25 @@ impl Pipeline {
             vec![]
         };
         let online = self.uplink.borrow().connected;
-        if online {
-            self.held_back = false;
-        }
         let mut records = std::mem::take(pending);
-        let mut resync = None;
         if !online && !self.state_only.is_empty() {
             // Offline: only the latest value of a state-only property matters; it is in the
             // twin and goes out with the resync once the hub is reachable.
             let before = records.len();
+            let state_only = &self.state_only;
+            let stale = &mut self.stale;
             records.retain(|s| {
-                !self
-                    .state_only
-                    .contains(&(s.device.clone(), s.property.clone()))
+                let key = (s.device.clone(), s.property.clone());
+                if state_only.contains(&key) {
+                    stale.insert(key);
+                    false
+                } else {
+                    true
+                }
             });
             let held = before - records.len();
             if held > 0 {
                 metrics::counter!("edgesync_outbox_coalesced_records_total").increment(held as u64);
-                if !self.held_back {
-                    self.held_back = true;
-                    resync = Some(true);
-                }
             }
         }
         let mut st = self.store.lock().await;
@@ -506,26 +506,47 @@ impl Pipeline {
                     "outbox full: refusing new records (reported to the hub as a gap)"
                 );
             }
-            records.clear();
+            for s in records.drain(..) {
+                self.stale.insert((s.device, s.property));
+            }
         }
-        // After a loss: once the hub is reachable and the outbox has room, the latest state of
-        // every property goes out again, so the hub's twin converges.
-        if refused == 0 && online && st.resync_pending() && st.outbox_bytes() <= self.max_bytes / 2
-        {
+        let mut resync = None;
+        let owed = self.stale_all || !self.stale.is_empty();
+        if owed && refused == 0 && online && st.outbox_bytes() <= self.max_bytes / 2 {
+            // After a loss, once the hub is reachable and the outbox has room: the latest value
+            // of every property whose latest value the hub may not have (all of them after a
+            // restart, which forgets which), unless this group carries a newer one anyway.
+            let newer: HashSet<(&DeviceId, &PropertyId)> =
+                records.iter().map(|s| (&s.device, &s.property)).collect();
             let twin = self.local.lock();
             let snapshot: Vec<Sample> = self
                 .specs
                 .keys()
                 .flat_map(|d| twin.device_samples(d))
+                .filter(|s| {
+                    (self.stale_all || self.stale.contains(&(s.device.clone(), s.property.clone())))
+                        && !newer.contains(&(&s.device, &s.property))
+                })
                 .collect();
             drop(twin);
+            drop(newer);
             tracing::info!(
                 properties = snapshot.len(),
-                "resending the latest state of every property after a loss"
+                "after a loss: sending the latest value of the properties concerned again"
             );
             metrics::counter!("edgesync_outbox_resyncs_total").increment(1);
             records.extend(snapshot);
+            self.stale.clear();
+            self.stale_all = false;
             resync = Some(false);
+        } else if owed {
+            // Records accepted now carry the latest value of their property.
+            for s in &records {
+                self.stale.remove(&(s.device.clone(), s.property.clone()));
+            }
+            if (self.stale_all || !self.stale.is_empty()) && !st.resync_pending() {
+                resync = Some(true);
+            }
         }
         if records.is_empty() && twin.is_empty() && refused == 0 && resync.is_none() {
             return;
@@ -557,7 +578,21 @@ impl Pipeline {
                     let _ = self.dropped.send(Some(lost));
                 }
                 let _ = self.appended.send(a.sendable_next);
-                self.resync_hint = a.resync;
+                if !a.dropped_latest.is_empty() {
+                    // A dropped sample that is still its property's latest value: the hub may
+                    // never have had it.
+                    let twin = self.local.lock();
+                    for (device, property, ts) in a.dropped_latest {
+                        let latest = twin
+                            .device_samples(&device)
+                            .into_iter()
+                            .find(|s| s.property == property)
+                            .map(|s| s.ts);
+                        if latest.is_none_or(|t| t <= ts) {
+                            self.stale.insert((device, property));
+                        }
+                    }
+                }
                 if n > 0 {
                     let _ = self.committed.send(Committed {
                         first_seq,

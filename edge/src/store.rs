@@ -350,6 +350,9 @@ pub struct Appended {
     pub skipped: Option<(u64, u64)>,
     /// The resync flag after this commit.
     pub resync: bool,
+    /// For each property with samples in the dropped history: the newest dropped sample's
+    /// timestamp (if it is still the property's latest value, the hub may never have had it).
+    pub dropped_latest: Vec<(DeviceId, PropertyId, edgesync_protocol::Timestamp)>,
 }
 
 /// The outbox and twin of one agent.
@@ -780,7 +783,7 @@ impl AgentStore {
             }
         }
         self.next = first + count + refused;
-        let dropped = self.enforce_budget()?;
+        let (dropped, dropped_latest) = self.enforce_budget()?;
         // Everything before a new lost run may have been acknowledged already.
         let skipped = self.skip_lost()?;
         Ok(Appended {
@@ -789,6 +792,7 @@ impl AgentStore {
             sendable_next: self.sendable_next(),
             skipped,
             resync: self.resync,
+            dropped_latest,
         })
     }
 
@@ -800,8 +804,21 @@ impl AgentStore {
         }
     }
 
-    fn enforce_budget(&mut self) -> Result<Option<(u64, u64)>, StoreError> {
+    /// Drops the oldest history until the outbox fits its budget. Returns the range dropped
+    /// and, per property in it, the newest dropped sample's timestamp.
+    #[allow(clippy::type_complexity)] // a pair of plain results, named in the docs above
+    fn enforce_budget(
+        &mut self,
+    ) -> Result<
+        (
+            Option<(u64, u64)>,
+            Vec<(DeviceId, PropertyId, edgesync_protocol::Timestamp)>,
+        ),
+        StoreError,
+    > {
         let mut dropped: Option<(u64, u64)> = None;
+        let mut latest: HashMap<(DeviceId, PropertyId), edgesync_protocol::Timestamp> =
+            HashMap::new();
         while self.total_bytes > self.max_bytes && self.groups.len() > 1 {
             let Some((&first, _)) = self.groups.iter().next() else {
                 break;
@@ -812,6 +829,14 @@ impl AgentStore {
                 self.db.insert(META_RESYNC, &[1u8][..])?;
                 self.resync = true;
             }
+            if self.groups.get(&first).is_some_and(|g| !g.lost) {
+                for s in self.group_samples(first)?.iter() {
+                    let ts = latest
+                        .entry((s.device.clone(), s.property.clone()))
+                        .or_insert(s.ts);
+                    *ts = (*ts).max(s.ts);
+                }
+            }
             let g = self.remove_group(first)?;
             let last = first + g.count - 1;
             dropped = Some((dropped.map_or(first, |d| d.0), last));
@@ -821,7 +846,8 @@ impl AgentStore {
                 self.db.insert(META_ACKED, &last.to_be_bytes()[..])?;
             }
         }
-        Ok(dropped)
+        let latest = latest.into_iter().map(|((d, p), ts)| (d, p, ts)).collect();
+        Ok((dropped, latest))
     }
 
     fn remove_group(&mut self, first: u64) -> Result<Group, StoreError> {

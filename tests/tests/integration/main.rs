@@ -6,5 +6,6 @@ mod e2e;
 mod events;
 mod local;
 mod modbus;
+mod outbox;
 mod support;
 mod twin;

@@ -1,0 +1,396 @@
+//! A full outbox and an unreachable hub, with real processes: every record lost to the byte
+//! budget becomes a gap the hub stores, the hub's twin converges on the PLC, and state-only tags
+//! are coalesced while the hub is away.
+//!
+//! Each test starts the agent while its hub address is dead, lets the PLC's values change, then
+//! starts the hub on that address. At the end both processes stop and the test audits the
+//! hub's store: records and gaps together cover `1..=stored` exactly once, per property the
+//! values only go up (nothing duplicated or replayed), the gaps hold exactly the records the
+//! agent counted as lost, and every record it accepted and kept is there.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use edgesync_cloud::store::HubStore;
+use edgesync_protocol::{NodeId, Value};
+use edgesync_testkit::harness::{self, Api, Pki, Proc, TempDir};
+use edgesync_testkit::sim::{Script, ScriptId, SimConfig, SimHandle, Table};
+
+use crate::support::{dead_hub, free_tcp_port};
+
+const TD: &str = "example.org";
+const NODE: &str = "gw-1";
+const DEVICE: &str = "plc-1";
+
+struct Rig {
+    tmp: TempDir,
+    pki: Pki,
+    sim: SimHandle,
+    scripts: Vec<ScriptId>,
+    agent: Option<Proc>,
+    hub: Option<Proc>,
+    /// The hub's tunnel address (dead until the hub starts).
+    tunnel: String,
+    /// The agent's Prometheus endpoint.
+    metrics: String,
+}
+
+impl Rig {
+    /// A PLC whose holding registers `0..counters` count up every 50 ms, and an agent polling
+    /// them every 50 ms as tags `c<i>` (`state_only` for the indexes in `state_only`), with a
+    /// hub address where nothing listens yet.
+    async fn start(
+        tag: &str,
+        counters: u16,
+        state_only: &[u16],
+        outbox: &str,
+    ) -> anyhow::Result<Rig> {
+        let tmp = TempDir::new(tag)?;
+        let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+        let sim = SimHandle::start("127.0.0.1:0".parse()?, SimConfig::with_units([1])).await?;
+        let mut scripts = vec![];
+        for i in 0..counters {
+            scripts.push(sim.add_script(
+                1,
+                Table::HoldingRegisters,
+                i,
+                Script::Counter { step: 1 },
+                Duration::from_millis(50),
+            )?);
+        }
+        let tunnel = dead_hub()?;
+        let metrics = format!("127.0.0.1:{}", free_tcp_port()?);
+        let dir = tmp.path().join(NODE);
+        std::fs::create_dir_all(&dir)?;
+        let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/{NODE}"), "agent")?;
+        let mut s = String::new();
+        writeln!(
+            s,
+            "[agent]\ndata_dir = {:?}\n",
+            dir.join("data").display().to_string()
+        )?;
+        writeln!(
+            s,
+            "[hub]\naddress = {tunnel:?}\nbackoff_initial_ms = 100\nbackoff_max_ms = 500\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n"
+        )?;
+        s.push_str(&harness::identity_toml(TD, &cert, &key, &pki.bundle));
+        writeln!(s, "[mqtt]\nmode = \"off\"\n")?;
+        writeln!(s, "[metrics]\nlisten = {metrics:?}\n")?;
+        writeln!(s, "[outbox]\n{outbox}\n")?;
+        writeln!(
+            s,
+            "[[devices]]\nid = {DEVICE:?}\nprotocol = \"tcp\"\nendpoint = {:?}\nunit_id = 1\npoll_interval_ms = 50\ntimeout_ms = 500\n",
+            sim.local_addr().to_string()
+        )?;
+        for i in 0..counters {
+            writeln!(
+                s,
+                "[[devices.tags]]\nname = \"c{i}\"\ntable = \"holding_register\"\naddress = {i}\ntype = \"uint16\"\nstate_only = {}\n",
+                state_only.contains(&i)
+            )?;
+        }
+        let cfg = dir.join("agent.toml");
+        std::fs::write(&cfg, s)?;
+        let agent = Proc::spawn(
+            &harness::bin("edgesync-agent")?,
+            &["run", "--config", &cfg.display().to_string()],
+            &dir.join("agent.log"),
+            None,
+        )
+        .await?;
+        Ok(Rig {
+            tmp,
+            pki,
+            sim,
+            scripts,
+            agent: Some(agent),
+            hub: None,
+            tunnel,
+            metrics,
+        })
+    }
+
+    /// A counter of the agent (summed over labels; 0 if absent).
+    async fn agent_counter(&self, name: &str) -> anyhow::Result<u64> {
+        let text = reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum::<f64>() as u64)
+    }
+
+    /// Waits until the agent's counter `name` exceeds `min`.
+    async fn wait_counter(&self, name: &str, min: u64, within: Duration) -> anyhow::Result<u64> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let v = self.agent_counter(name).await.unwrap_or(0);
+            if v > min {
+                return Ok(v);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("{name} stayed at {v} for {within:?}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn start_hub(&mut self) -> anyhow::Result<Api> {
+        let (hub, _, http) =
+            harness::start_hub(self.tmp.path(), &self.pki, &self.tunnel, "127.0.0.1:0").await?;
+        self.hub = Some(hub);
+        Ok(Api::new(&http))
+    }
+
+    fn freeze(&self) {
+        for id in &self.scripts {
+            self.sim.remove_script(*id);
+        }
+    }
+
+    fn logs(&self) -> String {
+        let a = self
+            .agent
+            .as_ref()
+            .map(|p| p.log_text())
+            .unwrap_or_default();
+        let h = self.hub.as_ref().map(|p| p.log_text()).unwrap_or_default();
+        format!("--- agent log ---\n{a}\n--- hub log ---\n{h}")
+    }
+
+    /// Waits until the hub's twin of every counter equals what the PLC holds.
+    async fn converged(&self, api: &Api, counters: u16, within: Duration) -> anyhow::Result<()> {
+        let sim = self.sim.clone();
+        api.wait_for(within, move |api| {
+            let sim = sim.clone();
+            async move {
+                let want = sim.holding(1, 0, counters as usize)?;
+                for (i, w) in want.iter().enumerate() {
+                    let got = api.reported_u64(NODE, DEVICE, &format!("c{i}")).await?;
+                    if got != Some(u64::from(*w)) {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(()))
+            }
+        })
+        .await
+        .with_context(|| self.logs())
+    }
+
+    /// Stops both processes (SIGTERM, exit 0) and opens the hub's store.
+    async fn stop_and_open_store(&mut self) -> anyhow::Result<HubStore> {
+        if let Some(a) = self.agent.take() {
+            ensure!(a.terminate().await?, "agent exits 0 on SIGTERM");
+        }
+        if let Some(h) = self.hub.take() {
+            ensure!(h.terminate().await?, "hub exits 0 on SIGTERM");
+        }
+        Ok(HubStore::open(
+            &self.tmp.path().join("hubdata").join("hub.sled"),
+            1 << 20,
+        )?)
+    }
+}
+
+/// What the hub's store holds for the node, checked: records and gaps cover `1..=stored` with
+/// no hole and no overlap, and per property the counter values only go up.
+struct Audit {
+    /// (seq, property, value) of every stored record.
+    records: Vec<(u64, String, u64)>,
+    lost: u64,
+    gaps: Vec<(u64, u64)>,
+}
+
+fn audit(store: &HubStore) -> anyhow::Result<Audit> {
+    let node = NodeId::new(NODE)?;
+    let stored = store.stored_seq(&node)?;
+    let gaps = store.gaps(&node)?;
+    let mut records = vec![];
+    for (seq, s) in store.records(&node, 1)? {
+        let v = match s.value {
+            Some(Value::UInt(u)) => u,
+            Some(Value::Int(i)) => u64::try_from(i)?,
+            other => bail!("record {seq}: unexpected value {other:?}"),
+        };
+        records.push((seq, s.property.to_string(), v));
+    }
+    // Every sequence number 1..=stored exactly once, as a record or inside a gap.
+    let mut covered: Vec<(u64, u64)> = records.iter().map(|(s, _, _)| (*s, *s)).collect();
+    covered.extend(gaps.iter().copied());
+    covered.sort_unstable();
+    let mut next = 1;
+    for (from, to) in &covered {
+        ensure!(
+            *from == next,
+            "sequence {next} is {} (records and gaps: {covered:?})",
+            if *from > next {
+                "missing"
+            } else {
+                "stored twice"
+            }
+        );
+        next = to + 1;
+    }
+    ensure!(
+        next == stored + 1,
+        "records and gaps end at {}, the hub stored up to {stored}",
+        next - 1
+    );
+    let mut last: BTreeMap<&str, u64> = BTreeMap::new();
+    for (seq, p, v) in &records {
+        if let Some(prev) = last.get(p.as_str()) {
+            ensure!(
+                v > prev,
+                "record {seq}: {p} went from {prev} to {v} (duplicated or replayed)"
+            );
+        }
+        last.insert(p, *v);
+    }
+    let lost = gaps.iter().map(|(f, t)| t - f + 1).sum();
+    Ok(Audit {
+        records,
+        lost,
+        gaps,
+    })
+}
+
+const COUNTERS: u16 = 40;
+
+async fn full_outbox(policy: &str, lost_metric: &str) -> anyhow::Result<()> {
+    // 40 counters changing every 50 ms: ~800 records/s fill the smallest outbox in seconds.
+    let outbox = format!("max_bytes = 65536\non_full = {policy:?}");
+    let mut r = Rig::start(&format!("outbox-{policy}"), COUNTERS, &[], &outbox).await?;
+    // Losses accumulate while the hub is away.
+    r.wait_counter(lost_metric, 500, Duration::from_secs(30))
+        .await?;
+    if policy == "refuse_new" {
+        // The PLC stops while the outbox is still full: its final values are refused, so
+        // only the resync after the gap can bring them to the hub.
+        r.freeze();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let api = r.start_hub().await?;
+    api.wait_for(Duration::from_secs(20), |api| async move {
+        let (_, n) = api.get(&format!("/api/v1/nodes/{NODE}")).await?;
+        Ok((n["connected"] == true).then_some(()))
+    })
+    .await
+    .with_context(|| r.logs())?;
+    if policy == "drop_oldest" {
+        // Values keep flowing for a while after the hub returns, then the PLC stops.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        r.freeze();
+    }
+    r.converged(&api, COUNTERS, Duration::from_secs(30)).await?;
+    let accepted = r
+        .agent_counter("edgesync_outbox_records_accepted_total")
+        .await?;
+    let lost = r.agent_counter(lost_metric).await?;
+    let logs = r.logs();
+    let store = r.stop_and_open_store().await?;
+    let a = audit(&store).with_context(|| logs.clone())?;
+    let numbered = a.records.len() as u64 + a.lost;
+    if policy == "refuse_new" {
+        // Refused records were never sent: the gaps are exactly them, and every accepted
+        // record was stored.
+        ensure!(
+            a.lost == lost,
+            "the hub holds gaps of {} records ({:?}), the agent refused {lost}\n{logs}",
+            a.lost,
+            a.gaps
+        );
+        ensure!(
+            a.records.len() as u64 == accepted,
+            "the hub stored {} records, the agent accepted {accepted}",
+            a.records.len()
+        );
+    } else {
+        // Every accepted record has a sequence number, stored or in a gap; a group dropped
+        // while in flight may have reached the hub, so the gaps hold at most what was dropped.
+        ensure!(
+            numbered == accepted,
+            "the hub accounts for {numbered} records ({} stored, {} in gaps), the agent accepted {accepted}",
+            a.records.len(),
+            a.lost
+        );
+        ensure!(
+            a.lost > 0 && a.lost <= lost,
+            "the hub holds gaps of {} records ({:?}), the agent dropped {lost}\n{logs}",
+            a.lost,
+            a.gaps
+        );
+    }
+    ensure!(
+        a.records.len() > 1000,
+        "a meaningful history ({})",
+        a.records.len()
+    );
+    Ok(())
+}
+
+/// `on_full = "refuse_new"`: refused records are numbered, stored as gaps by the hub, and the
+/// properties whose latest values were refused are sent again, so the twin converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_records_become_gaps_at_the_hub_and_the_twin_converges() -> anyhow::Result<()> {
+    full_outbox("refuse_new", "edgesync_outbox_refused_records_total").await
+}
+
+/// `on_full = "drop_oldest"`: dropped history becomes a gap at the hub; the rest arrives once,
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_history_becomes_a_gap_at_the_hub_and_the_twin_converges() -> anyhow::Result<()> {
+    full_outbox("drop_oldest", "edgesync_outbox_records_dropped_total").await
+}
+
+/// While the hub is away, a `state_only` tag keeps only its latest value (sent once it
+/// returns); a history tag keeps every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_only_tags_are_coalesced_while_the_hub_is_away() -> anyhow::Result<()> {
+    // c0 is state only, c1 keeps its history.
+    let mut r = Rig::start("outbox-state", 2, &[0], "").await?;
+    r.wait_counter(
+        "edgesync_outbox_coalesced_records_total",
+        30,
+        Duration::from_secs(30),
+    )
+    .await?;
+    r.freeze();
+    // Let the last values be polled and committed before the hub appears.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let api = r.start_hub().await?;
+    r.converged(&api, 2, Duration::from_secs(30)).await?;
+    let history_changes = r
+        .agent_counter("edgesync_outbox_records_accepted_total")
+        .await?;
+    let logs = r.logs();
+    let store = r.stop_and_open_store().await?;
+    let a = audit(&store).with_context(|| logs.clone())?;
+    ensure!(a.gaps.is_empty(), "nothing was lost: {:?}", a.gaps);
+    let state: Vec<_> = a.records.iter().filter(|(_, p, _)| p == "c0").collect();
+    let history: Vec<_> = a.records.iter().filter(|(_, p, _)| p == "c1").collect();
+    ensure!(
+        state.len() == 1,
+        "the state-only tag sent {} records: {state:?}\n{logs}",
+        state.len()
+    );
+    ensure!(
+        history.len() > 30,
+        "the history tag kept every change ({} records)",
+        history.len()
+    );
+    ensure!(
+        a.records.len() as u64 == history_changes,
+        "the hub stored {} records, the agent accepted {history_changes}",
+        a.records.len()
+    );
+    Ok(())
+}
