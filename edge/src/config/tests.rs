@@ -922,3 +922,25 @@ fn large_files_parse_in_blocks_with_the_same_lines() {
         "{probs:?}"
     );
 }
+
+#[test]
+fn state_only_is_a_per_tag_flag() {
+    assert!(
+        single_tag("address = \"40001\"\ntype = \"int16\"\nstate_only = true")
+            .report
+            .state_only
+    );
+    assert!(
+        !single_tag("address = \"40001\"\ntype = \"int16\"")
+            .report
+            .state_only
+    );
+    let text = one_tag("address = \"40001\"\ntype = \"int16\"\nstate_only = \"yes\"");
+    let found = problems(&text);
+    assert!(
+        found
+            .iter()
+            .any(|(l, m)| *l == Some(line_of(&text, "state_only")) && m.contains("state_only")),
+        "{found:#?}"
+    );
+}
