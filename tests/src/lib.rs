@@ -8,3 +8,4 @@
 pub mod harness;
 pub mod pki;
 pub mod sim;
+pub mod udp_proxy;

@@ -4,6 +4,7 @@
 mod durability;
 mod e2e;
 mod events;
+mod faults;
 mod local;
 mod modbus;
 mod outbox;
