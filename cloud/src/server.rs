@@ -321,7 +321,45 @@ async fn drive(
                         tracing::error!(%node, error = %e, "cannot record connect");
                     }
                     let _ = ctx.store.node_seen(node, wall_ms(), h.backlog);
+                    match ctx.store.note_store_id(node, &h.store_id) {
+                        Ok(Some(old)) => {
+                            metrics::counter!("edgesync_hub_node_store_changes_total").increment(1);
+                            tracing::warn!(%node, old = %old, new = %h.store_id, "the node's outbox is a different store (its data directory was lost or replaced)");
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(%node, error = %e, "cannot record the node's store id")
+                        }
+                    }
+                    // A node that took over versions this store never handed out: the store
+                    // went back in time. Versions from now on must be above the node's.
+                    match ctx
+                        .store
+                        .ensure_downlink_above(node, h.last_downlink_seq)
+                        .await
+                    {
+                        Ok(true) => {
+                            metrics::counter!("edgesync_hub_store_behind_node_total", "what" => "desired").increment(1);
+                            tracing::warn!(%node, node_version = h.last_downlink_seq, "the node took over desired versions this store does not know (store restored from an older state?): numbering continues after them");
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(%node, error = %e, "cannot move the desired version counter")
+                        }
+                    }
                     desired_sent = Some(h.last_downlink_seq);
+                }
+                HubEvent::ControlGap { from, to } => {
+                    metrics::counter!("edgesync_hub_store_behind_node_total", "what" => "control")
+                        .increment(1);
+                    tracing::warn!(%node, from, to, "control records the node had acknowledged are missing here (store restored from an older state?): continuing after them");
+                    match ctx.store.skip_control(node, to).await {
+                        Ok(seq) => session.handle_control_stored(seq),
+                        Err(e) => {
+                            metrics::counter!("edgesync_hub_commit_errors_total").increment(1);
+                            session.handle_store_failed(e.to_string());
+                        }
+                    }
                 }
                 HubEvent::Control(c) => match ctx.store.apply_control(node, c).await {
                     Ok(seq) => session.handle_control_stored(seq),

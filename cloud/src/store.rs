@@ -19,6 +19,7 @@
 //! | `0x04 <node> 0x00 <device> 0x00 <property>` | the desired value and its outcome (JSON) |
 //! | `0x05 <node> 0x00 <device>` | the device's schema as the agent sent it (protobuf) |
 //! | `0x01 <node> 0x00 "dlseq"` / `"ctlseq"` | last desired version assigned / control record stored |
+//! | `0x01 <node> 0x00 "store"` | the id of the node's outbox (UTF-8), as its last hello said |
 //!
 //! Ids never hold `0x00` and always start with a letter or digit, so the key spaces never
 //! overlap and a node's records sort by sequence number.
@@ -83,6 +84,7 @@ const FIELD_CONTROL: &[u8] = b"ctlseq";
 const FIELD_SEQ: &[u8] = b"seq";
 const FIELD_AGENT: &[u8] = b"agent";
 const FIELD_SEEN: &[u8] = b"seen";
+const FIELD_STORE: &[u8] = b"store";
 
 /// What can go wrong in the hub store.
 #[derive(Debug, thiserror::Error)]
@@ -715,6 +717,71 @@ impl HubStore {
             self.inner.desired_notify.send_modify(|v| *v += 1);
         }
         Ok(c.seq)
+    }
+
+    /// The node's control log continues after `upto`: the records up to it are lost for good
+    /// (this store is behind what the node had acknowledged, e.g. restored from a snapshot).
+    /// Durable when this returns. Returns the node's stored control sequence number.
+    pub async fn skip_control(&self, node: &NodeId, upto: u64) -> Result<u64, StoreError> {
+        let guard = self
+            .inner
+            .commit_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let stored = self.written_u64(node, FIELD_CONTROL)?;
+        if upto <= stored {
+            return Ok(stored);
+        }
+        self.tree()
+            .insert(meta_key(node, FIELD_CONTROL), &upto.to_be_bytes())?;
+        drop(guard);
+        let ticket = self.inner.written.fetch_add(1, Ordering::AcqRel) + 1;
+        self.flush_through(ticket).await?;
+        let mut state = self.write();
+        let n = state.entry(node.clone()).or_default();
+        n.control_seq = n.control_seq.max(upto);
+        Ok(n.control_seq)
+    }
+
+    /// Makes the node's next desired version higher than `seen`, a version the node already
+    /// took over: this store is behind it (restored from a snapshot), and versions it would
+    /// hand out again would be ignored by the node as already taken. Durable when this
+    /// returns; `true` if the counter moved.
+    pub async fn ensure_downlink_above(
+        &self,
+        node: &NodeId,
+        seen: u64,
+    ) -> Result<bool, StoreError> {
+        let guard = self
+            .inner
+            .commit_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if seen <= self.written_u64(node, FIELD_DOWNLINK)? {
+            return Ok(false);
+        }
+        self.tree()
+            .insert(meta_key(node, FIELD_DOWNLINK), &seen.to_be_bytes())?;
+        drop(guard);
+        let ticket = self.inner.written.fetch_add(1, Ordering::AcqRel) + 1;
+        self.flush_through(ticket).await?;
+        let mut state = self.write();
+        let n = state.entry(node.clone()).or_default();
+        n.downlink_seq = n.downlink_seq.max(seen);
+        Ok(true)
+    }
+
+    /// Records the id of the node's outbox; returns the previous one if it was different
+    /// (the node's data directory was lost or replaced). Durable at the next flush.
+    pub fn note_store_id(&self, node: &NodeId, id: &str) -> Result<Option<String>, StoreError> {
+        if id.is_empty() {
+            return Ok(None);
+        }
+        let key = meta_key(node, FIELD_STORE);
+        let old = self.tree().insert(&key, id.as_bytes())?;
+        Ok(old
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .filter(|o| o != id))
     }
 
     /// Whether the store can serve: its last write or flush did not fail, and it answers reads

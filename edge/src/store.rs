@@ -88,6 +88,8 @@ const META_ACKED: &[u8] = b"macked";
 const META_NEXT: &[u8] = b"mnext";
 /// Set (any value) while the latest state of every property must be sent again.
 const META_RESYNC: &[u8] = b"mresync";
+/// Random id of this store, created with it (hex).
+const META_STORE_ID: &[u8] = b"mstoreid";
 /// Highest control record the hub acknowledged.
 const META_CTL_ACKED: &[u8] = b"mcacked";
 /// Highest desired version taken over from the hub.
@@ -370,6 +372,7 @@ pub struct AgentStore {
     ctl_acked: u64,
     ctl_next: u64,
     resync: bool,
+    store_id: String,
 }
 
 impl std::fmt::Debug for AgentStore {
@@ -453,6 +456,14 @@ impl AgentStore {
             );
         }
         let resync = db.get(META_RESYNC)?.is_some();
+        let store_id = match db.get(META_STORE_ID)? {
+            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            None => {
+                let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+                db.insert(META_STORE_ID, id.as_bytes())?;
+                id
+            }
+        };
         let stored_next = db.get(META_NEXT)?.and_then(|v| be_u64(&v)).unwrap_or(1);
         next = next.max(stored_next);
         let ctl_acked = db
@@ -478,11 +489,18 @@ impl AgentStore {
             ctl_acked,
             ctl_next,
             resync,
+            store_id,
         };
         // A lost run left at the start (acknowledged before a crash): handled; the next hello
         // tells the hub.
         store.skip_lost()?;
         Ok(store)
+    }
+
+    /// The random id this store got when it was created (sent in the hello, so the hub can
+    /// tell a lost or replaced data directory from a restarted agent).
+    pub fn store_id(&self) -> &str {
+        &self.store_id
     }
 
     /// Whether the latest state of every property must be sent again (after a loss).
@@ -579,19 +597,29 @@ impl AgentStore {
         Ok(())
     }
 
-    /// The hub holds control records this store lost: continue numbering at `next_seq`.
-    pub fn rebase_control(&mut self, next_seq: u64) -> Result<(), StoreError> {
-        if next_seq > self.ctl_next {
-            let mut batch = sled::Batch::default();
-            for seq in self.ctl_acked + 1..self.ctl_next {
-                batch.remove(&control_key(seq)[..]);
-            }
-            batch.insert(META_CTL_ACKED, &(next_seq - 1).to_be_bytes()[..]);
-            self.db.apply_batch(batch)?;
-            self.ctl_next = next_seq;
-            self.ctl_acked = next_seq - 1;
+    /// The hub holds control records this store does not know (it was lost, or restored from
+    /// an older backup): the records still here are numbered again from `next_seq` on and
+    /// sent (outcomes and local proposals the hub may not have). Returns how many.
+    pub fn rebase_control(&mut self, next_seq: u64) -> Result<u64, StoreError> {
+        use prost::Message;
+        if next_seq <= self.ctl_next {
+            return Ok(0);
         }
-        Ok(())
+        let pending = self.ctl_next - self.ctl_acked - 1;
+        let records = self.read_control(self.ctl_acked + 1, pending as usize)?;
+        let mut batch = sled::Batch::default();
+        for seq in self.ctl_acked + 1..self.ctl_next {
+            batch.remove(&control_key(seq)[..]);
+        }
+        for (i, mut rec) in records.into_iter().enumerate() {
+            rec.seq = next_seq + i as u64;
+            batch.insert(&control_key(rec.seq)[..], rec.encode_to_vec());
+        }
+        batch.insert(META_CTL_ACKED, &(next_seq - 1).to_be_bytes()[..]);
+        self.db.apply_batch(batch)?;
+        self.ctl_next = next_seq + pending;
+        self.ctl_acked = next_seq - 1;
+        Ok(pending)
     }
 
     /// The highest desired version taken over from the hub (0 = none).
@@ -964,21 +992,53 @@ impl AgentStore {
         Ok(skipped)
     }
 
-    /// The hub holds more than this outbox ever had (the outbox was lost): continue numbering
-    /// at `next_seq`.
-    pub fn rebase(&mut self, next_seq: u64) -> Result<(), StoreError> {
-        if next_seq > self.next {
-            let keys: Vec<u64> = self.groups.keys().copied().collect();
-            for k in keys {
-                self.remove_group(k)?;
-            }
-            self.next = next_seq;
-            self.acked = next_seq - 1;
-            self.db.insert(META_NEXT, &next_seq.to_be_bytes()[..])?;
-            self.db
-                .insert(META_ACKED, &(next_seq - 1).to_be_bytes()[..])?;
+    /// The hub holds more than this outbox ever had (the outbox was lost, or restored from an
+    /// older backup): the records still here, which the hub may not have, are numbered again
+    /// from `next_seq` on (in order, in one atomic batch) and sent. Returns how many.
+    ///
+    /// Which of them the hub already has cannot be known (its records with those numbers
+    /// are another history), so this may duplicate some; it never drops a record.
+    pub fn rebase(&mut self, next_seq: u64) -> Result<u64, StoreError> {
+        if next_seq <= self.next {
+            return Ok(0);
         }
-        Ok(())
+        let shift = next_seq - (self.acked + 1);
+        let old = std::mem::take(&mut self.groups);
+        let mut removes = sled::Batch::default();
+        let mut inserts = vec![];
+        let mut groups = BTreeMap::new();
+        for (first, g) in old {
+            let to = first + shift;
+            if g.lost {
+                removes.remove(&lost_key(first)[..]);
+                inserts.push((
+                    lost_key(to).to_vec(),
+                    (to + g.count - 1).to_be_bytes().to_vec(),
+                ));
+            } else {
+                let v = self.db.get(group_key(first))?.ok_or(StoreError::Missing {
+                    from: first,
+                    to: first + g.count,
+                })?;
+                removes.remove(&group_key(first)[..]);
+                inserts.push((group_key(to).to_vec(), v.to_vec()));
+            }
+            groups.insert(to, g);
+        }
+        // Removes first, then inserts: a new key may be an old one (a later op on a key wins).
+        let mut batch = removes;
+        for (k, v) in inserts {
+            batch.insert(k, v);
+        }
+        let backlog = self.next - self.acked - 1;
+        let next = self.next + shift;
+        batch.insert(META_NEXT, &next.to_be_bytes()[..]);
+        batch.insert(META_ACKED, &(next_seq - 1).to_be_bytes()[..]);
+        self.db.apply_batch(batch)?;
+        self.groups = groups;
+        self.next = next;
+        self.acked = next_seq - 1;
+        Ok(backlog)
     }
 
     /// Flushes everything to disk (at shutdown).
@@ -1206,11 +1266,64 @@ mod tests {
         st.append((1..=3).map(s).collect::<Vec<_>>(), &[])
             .await
             .unwrap();
-        st.rebase(100).unwrap();
-        assert_eq!((st.acked(), st.next_seq(), st.backlog()), (99, 100, 0));
-        let a = st.append(vec![s(1)], &[]).await.unwrap();
-        assert_eq!(a.next_seq, 101);
+        st.ack(1).unwrap();
+        // Records 2 and 3 are still here: they move to 100 and 101, nothing is dropped.
+        assert_eq!(st.rebase(100).unwrap(), 2);
+        assert_eq!((st.acked(), st.next_seq(), st.backlog()), (99, 102, 2));
+        assert_eq!(st.read(100, 2).unwrap(), vec![s(2), s(3)]);
+        let a = st.append(vec![s(4)], &[]).await.unwrap();
+        assert_eq!(a.next_seq, 103);
+        // A small shift, where new keys are old ones: still in order, still all there.
+        st.rebase(104).unwrap();
+        assert_eq!(st.read(104, 3).unwrap(), vec![s(2), s(3), s(4)]);
+        drop(st);
+        let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::Never).unwrap();
+        assert_eq!((st.acked(), st.next_seq()), (103, 107));
+        assert_eq!(st.read(104, 3).unwrap(), vec![s(2), s(3), s(4)]);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn control_rebase_renumbers_pending_records_and_the_store_keeps_its_id() {
+        use edgesync_protocol::frame::{ControlKind, DesiredStatus};
+        let dir = tmp();
+        let status = |version| {
+            ControlKind::Status(DesiredStatus {
+                device: "d".into(),
+                property: "p".into(),
+                version,
+                outcome: 1,
+                exception_code: 0,
+                detail: String::new(),
+                ts_ms: 1,
+            })
+        };
+        let id = {
+            let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+            for v in 1..=3 {
+                st.append_control(status(v)).await.unwrap();
+            }
+            st.ack_control(1).unwrap();
+            assert_eq!(st.rebase_control(50).unwrap(), 2);
+            assert_eq!((st.control_acked(), st.control_next()), (49, 52));
+            let recs = st.read_control(50, 2).unwrap();
+            assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![50, 51]);
+            assert_eq!(recs[0].kind, Some(status(2)));
+            assert_eq!(recs[1].kind, Some(status(3)));
+            assert_eq!(st.store_id().len(), 32);
+            st.sync().await.unwrap();
+            st.store_id().to_owned()
+        };
+        let st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+        assert_eq!((st.control_acked(), st.control_next()), (49, 52));
+        assert_eq!(st.store_id(), id, "the id stays with the store");
+        drop(st);
+        let _ = std::fs::remove_dir_all(&dir);
+        let other = tmp();
+        let st = AgentStore::open(&other, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+        assert_ne!(st.store_id(), id, "a new store gets a new id");
+        drop(st);
+        let _ = std::fs::remove_dir_all(&other);
     }
 
     /// Copies a store's files as they are on disk now, as a power loss would leave them.

@@ -185,9 +185,9 @@ impl Uplink {
 
     /// Runs the reconnect loop.
     pub async fn run(mut self) {
-        let (acked, next) = {
+        let (acked, next, store_id) = {
             let st = self.store.lock().await;
-            (st.acked(), st.sendable_next())
+            (st.acked(), st.sendable_next(), st.store_id().to_owned())
         };
         let scfg = EdgeConfig {
             agent_version: self.cfg.agent_version.clone(),
@@ -195,6 +195,7 @@ impl Uplink {
             keepalive_ms: self.cfg.keepalive.as_millis() as u64,
             idle_timeout_ms: self.cfg.idle_timeout.as_millis() as u64,
             max_batch_records: self.cfg.batch_max_records,
+            store_id,
             ..EdgeConfig::default()
         };
         let (ctl_acked, ctl_next) = {
@@ -471,7 +472,19 @@ impl Uplink {
                         next_seq,
                         "hub holds more control records than this agent: renumbering"
                     );
-                    self.store.lock().await.rebase_control(next_seq)?;
+                    let mut st = self.store.lock().await;
+                    let n = st.rebase_control(next_seq)?;
+                    session.handle_control_appended(st.control_next());
+                    drop(st);
+                    if n > 0 {
+                        metrics::counter!("edgesync_uplink_rebases_total", "log" => "control")
+                            .increment(1);
+                        tracing::warn!(
+                            records = n,
+                            next_seq,
+                            "control records the hub may not have are sent again, renumbered"
+                        );
+                    }
                 }
                 EdgeEvent::Acked { upto } => {
                     let mut st = self.store.lock().await;
@@ -490,7 +503,18 @@ impl Uplink {
                         next_seq,
                         "hub holds more records than the outbox: renumbering"
                     );
-                    self.store.lock().await.rebase(next_seq)?;
+                    let mut st = self.store.lock().await;
+                    let n = st.rebase(next_seq)?;
+                    metrics::counter!("edgesync_uplink_rebases_total", "log" => "records")
+                        .increment(1);
+                    if n > 0 {
+                        tracing::warn!(
+                            records = n,
+                            next_seq,
+                            "records the hub may not have are sent again, renumbered (some may be duplicates)"
+                        );
+                    }
+                    session.handle_appended(st.sendable_next());
                 }
                 EdgeEvent::Gap { from, to } => {
                     metrics::counter!("edgesync_uplink_gaps_total").increment(1);

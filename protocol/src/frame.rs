@@ -244,6 +244,15 @@ pub struct Hello {
     /// outbox it is the next sequence number; agents before 0.2 sent 0 then (no gap).
     #[prost(uint64, tag = "8")]
     pub oldest_seq: u64,
+    /// Random id of the edge's outbox, created with it: a new id means the agent's data
+    /// directory was lost or replaced (empty from agents before 0.2).
+    #[prost(string, tag = "9")]
+    pub store_id: String,
+    /// (Version 2) The lowest control sequence number the edge can still send: control
+    /// records below it that the hub has not stored are lost (its store was rolled back
+    /// behind the edge's acknowledgements). 0 from agents before 0.2.
+    #[prost(uint64, tag = "10")]
+    pub control_oldest_seq: u64,
 }
 
 /// The hub's answer to [`Hello`].

@@ -30,6 +30,8 @@ pub struct EdgeConfig {
     pub last_downlink_seq: u64,
     /// Config version running (reported in hello).
     pub config_version: u64,
+    /// The outbox's id (reported in hello).
+    pub store_id: String,
 }
 
 impl Default for EdgeConfig {
@@ -37,6 +39,7 @@ impl Default for EdgeConfig {
         EdgeConfig {
             agent_version: String::new(),
             boot_id: String::new(),
+            store_id: String::new(),
             keepalive_ms: 2_000,
             idle_timeout_ms: 10_000,
             resend_timeout_ms: 5_000,
@@ -103,8 +106,9 @@ pub enum EdgeEvent {
         /// Highest acknowledged sequence number.
         upto: u64,
     },
-    /// The hub has stored records the outbox no longer knows (the outbox was lost): the outbox
-    /// must number its next record `next_seq`.
+    /// The hub has stored records the outbox no longer knows (the outbox was lost or restored
+    /// from an older backup): the outbox must number the records it holds from `next_seq` on
+    /// (they are not acknowledged) and tell the session with `handle_appended`.
     Rebased {
         /// The next sequence number to assign.
         next_seq: u64,
@@ -275,6 +279,8 @@ impl EdgeSession {
             config_version: self.cfg.config_version,
             backlog: self.backlog(),
             oldest_seq,
+            store_id: self.cfg.store_id.clone(),
+            control_oldest_seq: self.ctl_acked + 1,
         })));
     }
 
@@ -408,9 +414,10 @@ impl EdgeSession {
         });
         if stored >= self.next_seq {
             // The hub knows more than our outbox: ours was lost. Continue after the hub.
+            // Not an ack: the hub's records up to `stored` are another history than what
+            // the outbox holds under those numbers, which must be renumbered, not deleted.
             self.acked = stored;
             self.next_seq = stored + 1;
-            self.events.push_back(EdgeEvent::Acked { upto: stored });
             self.events.push_back(EdgeEvent::Rebased {
                 next_seq: self.next_seq,
             });
@@ -427,11 +434,10 @@ impl EdgeSession {
         if w.version >= VERSION_DESIRED {
             let stored = w.control_seq;
             if stored >= self.ctl_next {
-                // The hub knows control records we lost: continue after them.
+                // The hub knows control records we do not: ours are renumbered after them
+                // (not acknowledged: see `Rebased`).
                 self.ctl_acked = stored;
                 self.ctl_next = stored + 1;
-                self.events
-                    .push_back(EdgeEvent::ControlAcked { upto: stored });
                 self.events.push_back(EdgeEvent::ControlRebased {
                     next_seq: self.ctl_next,
                 });

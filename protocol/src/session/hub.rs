@@ -58,6 +58,8 @@ pub struct PeerHello {
     pub config_version: u64,
     /// Last downlink sequence the agent applied.
     pub last_downlink_seq: u64,
+    /// The agent's outbox id (empty from older agents).
+    pub store_id: String,
 }
 
 /// What happened, for the driver to act on.
@@ -94,6 +96,15 @@ pub enum HubEvent {
     Control(Control),
     /// (Version 2) The edge described one of its devices.
     Schema(DeviceSchema),
+    /// (Version 2) Control records `from..=to` are lost for good (the hub's store is behind
+    /// the edge's acknowledgements): store that the node's control log continues after `to`,
+    /// then call [`HubSession::handle_control_stored`] with `to`.
+    ControlGap {
+        /// First lost.
+        from: u64,
+        /// Last lost.
+        to: u64,
+    },
     /// The session closed.
     Closed(SessionError),
 }
@@ -305,6 +316,7 @@ impl HubSession {
             backlog: h.backlog,
             config_version: h.config_version,
             last_downlink_seq: h.last_downlink_seq,
+            store_id: h.store_id.clone(),
         }));
         self.transmits.push_back(Body::Welcome(Welcome {
             version,
@@ -317,6 +329,12 @@ impl HubSession {
                 0
             },
         }));
+        // Control records below the edge's oldest are gone too: continue after them.
+        if version >= VERSION_DESIRED && h.control_oldest_seq > self.ctl_accepted + 1 {
+            let (from, to) = (self.ctl_accepted + 1, h.control_oldest_seq - 1);
+            self.ctl_accepted = to;
+            self.events.push_back(HubEvent::ControlGap { from, to });
+        }
         // Records below the edge's oldest are gone for good: account for them as a gap.
         if h.oldest_seq > self.accepted + 1 {
             let (from, to) = (self.accepted + 1, h.oldest_seq - 1);

@@ -667,6 +667,75 @@ fn a_hub_rolled_back_behind_the_edges_acks_records_a_gap_instead_of_asking_forev
 }
 
 #[test]
+fn a_hub_behind_the_edges_control_acks_continues_after_them() {
+    // The hub's store holds control records up to 2; the edge had 1..=7 acknowledged.
+    let node = NodeId::new("n").unwrap();
+    let mut h = HubSession::new(HubConfig::default(), node, 0, 0).with_control_stored(2);
+    let hello = crate::frame::Hello {
+        versions: vec![2],
+        control_oldest_seq: 8,
+        ..Default::default()
+    };
+    h.handle_frame(Body::Hello(hello), 1).unwrap();
+    let evs: Vec<_> = std::iter::from_fn(|| h.poll_event()).collect();
+    assert!(
+        evs.contains(&HubEvent::ControlGap { from: 3, to: 7 }),
+        "{evs:?}"
+    );
+    h.handle_control_stored(7);
+    // The next control record is accepted, not a violation.
+    let c = crate::frame::Control {
+        seq: 8,
+        kind: Some(crate::frame::ControlKind::Status(Default::default())),
+    };
+    h.handle_frame(Body::Control(c), 2).unwrap();
+    let evs: Vec<_> = std::iter::from_fn(|| h.poll_event()).collect();
+    assert!(
+        evs.iter()
+            .any(|ev| matches!(ev, HubEvent::Control(c) if c.seq == 8)),
+        "{evs:?}"
+    );
+}
+
+#[test]
+fn an_edge_behind_the_hub_renumbers_instead_of_acknowledging() {
+    // The outbox holds 3..=5 (acked 2); the hub has stored 40 of another history.
+    let mut e = EdgeSession::new(EdgeConfig::default(), 2, 6).with_control(4, 6);
+    e.handle_connected(0);
+    let _ = e.poll_transmit();
+    let w = crate::frame::Welcome {
+        version: 2,
+        stored_seq: 40,
+        control_seq: 9,
+        ..Default::default()
+    };
+    e.handle_frame(Body::Welcome(w), 1).unwrap();
+    let evs: Vec<_> = std::iter::from_fn(|| e.poll_event()).collect();
+    assert!(
+        !evs.iter()
+            .any(|ev| matches!(ev, EdgeEvent::Acked { .. } | EdgeEvent::ControlAcked { .. })),
+        "nothing of ours is acknowledged: {evs:?}"
+    );
+    assert!(
+        evs.contains(&EdgeEvent::Rebased { next_seq: 41 }),
+        "{evs:?}"
+    );
+    assert!(
+        evs.contains(&EdgeEvent::ControlRebased { next_seq: 10 }),
+        "{evs:?}"
+    );
+    // The outbox renumbered its three records to 41..=43: they are sent.
+    e.handle_appended(44);
+    assert_eq!(
+        e.poll_transmit(),
+        Some(Transmit::Records {
+            first_seq: 41,
+            count: 3
+        })
+    );
+}
+
+#[test]
 fn hub_accounts_for_records_the_edge_dropped() {
     // The hub stored 3; the edge's outbox now starts at 10 (4..=9 were dropped when full).
     let node = NodeId::new("n").unwrap();
