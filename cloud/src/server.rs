@@ -332,19 +332,23 @@ async fn drive(
                         }
                     }
                     // A node that took over versions this store never handed out: the store
-                    // went back in time. Versions from now on must be above the node's.
+                    // went back in time (see reconcile_downlink).
                     match ctx
                         .store
-                        .ensure_downlink_above(node, h.last_downlink_seq)
+                        .reconcile_downlink(node, h.last_downlink_seq)
                         .await
                     {
-                        Ok(true) => {
-                            metrics::counter!("edgesync_hub_store_behind_node_total", "what" => "desired").increment(1);
-                            tracing::warn!(%node, node_version = h.last_downlink_seq, "the node took over desired versions this store does not know (store restored from an older state?): numbering continues after them");
+                        Ok((moved, resent)) => {
+                            if moved {
+                                metrics::counter!("edgesync_hub_store_behind_node_total", "what" => "desired").increment(1);
+                                tracing::warn!(%node, node_version = h.last_downlink_seq, "the node took over desired versions this store does not know (store restored from an older state?): numbering continues after them");
+                            }
+                            if resent > 0 {
+                                tracing::info!(%node, values = resent, "desired values the node has not reported on are sent again under new versions");
+                            }
                         }
-                        Ok(false) => {}
                         Err(e) => {
-                            tracing::error!(%node, error = %e, "cannot move the desired version counter")
+                            tracing::error!(%node, error = %e, "cannot reconcile desired versions")
                         }
                     }
                     desired_sent = Some(h.last_downlink_seq);

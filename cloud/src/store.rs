@@ -743,32 +743,87 @@ impl HubStore {
         Ok(n.control_seq)
     }
 
-    /// Makes the node's next desired version higher than `seen`, a version the node already
-    /// took over: this store is behind it (restored from a snapshot), and versions it would
-    /// hand out again would be ignored by the node as already taken. Durable when this
-    /// returns; `true` if the counter moved.
-    pub async fn ensure_downlink_above(
+    /// Reconciles the desired versions with what the node says it took over (`seen`, from its
+    /// hello), durably:
+    /// - the next version is made higher than `seen`: a store restored from an older snapshot
+    ///   would otherwise hand out versions the node already used and ignores;
+    /// - an operator's value with a version up to `seen` that the node has not reported on
+    ///   (no outcome at all) gets a new version above it and is sent again: it may have been
+    ///   numbered by such a store before the node said hello, colliding with a version the
+    ///   node used for something else. Without a rollback this only re-sends a value the node
+    ///   took over just before the connection broke (the node supersedes its own copy).
+    ///
+    /// Returns whether the counter moved and how many values were re-sent.
+    pub async fn reconcile_downlink(
         &self,
         node: &NodeId,
         seen: u64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<(bool, usize), StoreError> {
         let guard = self
             .inner
             .commit_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if seen <= self.written_u64(node, FIELD_DOWNLINK)? {
-            return Ok(false);
+        let written = self.written_u64(node, FIELD_DOWNLINK)?;
+        let mut seq = written.max(seen);
+        let moved = seen > written;
+        let unreported: Vec<(DeviceId, PropertyId)> = self
+            .read()
+            .get(node)
+            .map(|n| {
+                n.twins
+                    .iter()
+                    .flat_map(|(device, t)| {
+                        t.desired
+                            .iter()
+                            .filter(|(_, d)| {
+                                d.origin == Origin::Hub && d.applied.is_none() && d.version <= seen
+                            })
+                            .map(move |(property, _)| (device.clone(), property.clone()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut batch = sled::Batch::default();
+        let mut changed = vec![];
+        for (device, property) in unreported {
+            // What is written decides (see set_desired).
+            let Some(mut d) = self.written_desired(node, &device, &property)? else {
+                continue;
+            };
+            if d.origin != Origin::Hub || d.applied.is_some() || d.version > seen {
+                continue;
+            }
+            seq += 1;
+            d.version = seq;
+            batch.insert(desired_key(node, &device, &property), desired_json(&d)?);
+            changed.push((device, property, d));
         }
-        self.tree()
-            .insert(meta_key(node, FIELD_DOWNLINK), &seen.to_be_bytes())?;
+        if !moved && changed.is_empty() {
+            return Ok((false, 0));
+        }
+        batch.insert(meta_key(node, FIELD_DOWNLINK), &seq.to_be_bytes());
+        self.tree().apply_batch(batch)?;
         drop(guard);
         let ticket = self.inner.written.fetch_add(1, Ordering::AcqRel) + 1;
         self.flush_through(ticket).await?;
-        let mut state = self.write();
-        let n = state.entry(node.clone()).or_default();
-        n.downlink_seq = n.downlink_seq.max(seen);
-        Ok(true)
+        let resent = changed.len();
+        {
+            let mut state = self.write();
+            let n = state.entry(node.clone()).or_default();
+            n.downlink_seq = n.downlink_seq.max(seq);
+            for (device, property, d) in changed {
+                self.inner.events.publish(
+                    "desired",
+                    serde_json::json!({"node": node, "device": device, "property": property, "desired": d}),
+                );
+                publish_desired(&mut n.twins.entry(device).or_default().desired, property, d);
+            }
+        }
+        if resent > 0 {
+            self.inner.desired_notify.send_modify(|v| *v += 1);
+        }
+        Ok((moved, resent))
     }
 
     /// Records the id of the node's outbox; returns the previous one if it was different
@@ -2265,6 +2320,57 @@ mod tests {
         assert_eq!(twin.desired[&prop("sp")].value, Value::UInt(4321));
         assert_eq!(twin.desired[&prop("f")].value, Value::Float(7.0));
         assert!(twin.delta().is_empty(), "{twin:?}");
+    }
+
+    /// A node that took over versions this store never handed out (the store was restored from
+    /// an older snapshot): the counter moves above them, and an operator's value numbered
+    /// meanwhile, which the node has not reported on, gets a new version.
+    #[tokio::test]
+    async fn a_store_behind_the_node_renumbers_unreported_values_above_the_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let n = node("gw-1");
+        store
+            .store_schema(
+                &n,
+                &DeviceSchema {
+                    device: "plc1".into(),
+                    properties: vec![PropertySchema {
+                        property: "sp".into(),
+                        kind: "int".into(),
+                        writable: true,
+                        unit: String::new(),
+                        min: None,
+                        max: None,
+                    }],
+                },
+            )
+            .await
+            .unwrap();
+        let values = serde_json::json!({"sp": 5});
+        let set = store
+            .set_desired(&n, &dev("plc1"), values.as_object().unwrap(), "ops")
+            .await
+            .unwrap();
+        assert_eq!(set[0].version, 1);
+        // The node says it took over up to version 4.
+        assert_eq!(store.reconcile_downlink(&n, 4).await.unwrap(), (true, 1));
+        let d = store.twin(&n, &dev("plc1")).unwrap().desired[&prop("sp")].clone();
+        assert_eq!((d.version, &d.value), (5, &Value::Int(5)));
+        assert_eq!(store.desired_after(&n, 4).len(), 1, "sent again");
+        // Nothing to do when the node is not ahead and has nothing unreported.
+        assert_eq!(store.reconcile_downlink(&n, 3).await.unwrap(), (false, 0));
+        let set = store
+            .set_desired(&n, &dev("plc1"), values.as_object().unwrap(), "ops")
+            .await
+            .unwrap();
+        assert_eq!(set[0].version, 6);
+        drop(store);
+        let reopened = open(&dir);
+        assert_eq!(
+            reopened.twin(&n, &dev("plc1")).unwrap().desired[&prop("sp")].version,
+            6
+        );
     }
 
     #[tokio::test]

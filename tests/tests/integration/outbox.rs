@@ -1,6 +1,7 @@
-//! A full outbox and an unreachable hub, with real processes: every record lost to the byte
-//! budget becomes a gap the hub stores, the hub's twin converges on the PLC, and state-only tags
-//! are coalesced while the hub is away.
+//! A full outbox, an unreachable hub and stores that go back in time, with real processes:
+//! every record lost to the byte budget becomes a gap the hub stores, the hub's twin converges
+//! on the PLC, state-only tags are coalesced while the hub is away, and a hub restored from a
+//! snapshot or an agent restored from a backup neither loses new records nor loops.
 //!
 //! Each test starts the agent while its hub address is dead, lets the PLC's values change, then
 //! starts the hub on that address. At the end both processes stop and the test audits the
@@ -10,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
@@ -22,6 +24,8 @@ use crate::support::{dead_hub, free_tcp_port};
 
 const TD: &str = "example.org";
 const NODE: &str = "gw-1";
+/// Holding register of the writable tag `sp`.
+const SP: u16 = 100;
 const DEVICE: &str = "plc-1";
 
 struct Rig {
@@ -91,6 +95,11 @@ impl Rig {
                 state_only.contains(&i)
             )?;
         }
+        // A set point the PLC does not change, for desired values.
+        writeln!(
+            s,
+            "[[devices.tags]]\nname = \"sp\"\ntable = \"holding_register\"\naddress = {SP}\ntype = \"uint16\"\naccess = \"read_write\"\n"
+        )?;
         let cfg = dir.join("agent.toml");
         std::fs::write(&cfg, s)?;
         let agent = Proc::spawn(
@@ -143,6 +152,72 @@ impl Rig {
         }
     }
 
+    /// Starts the agent again on the same config and data directory.
+    async fn restart_agent(&mut self) -> anyhow::Result<()> {
+        let dir = self.tmp.path().join(NODE);
+        self.agent = Some(
+            Proc::spawn(
+                &harness::bin("edgesync-agent")?,
+                &[
+                    "run",
+                    "--config",
+                    &dir.join("agent.toml").display().to_string(),
+                ],
+                &dir.join("agent.log"),
+                None,
+            )
+            .await?,
+        );
+        Ok(())
+    }
+
+    async fn stop_agent(&mut self) -> anyhow::Result<()> {
+        if let Some(a) = self.agent.take() {
+            ensure!(a.terminate().await?, "agent exits 0 on SIGTERM");
+        }
+        Ok(())
+    }
+
+    async fn stop_hub(&mut self) -> anyhow::Result<()> {
+        if let Some(h) = self.hub.take() {
+            ensure!(h.terminate().await?, "hub exits 0 on SIGTERM");
+        }
+        Ok(())
+    }
+
+    /// Sets `sp` through the hub and waits until the PLC holds it and the hub shows it
+    /// applied.
+    async fn set_sp(&self, api: &Api, value: u16) -> anyhow::Result<()> {
+        let path = format!("/api/v1/nodes/{NODE}/devices/{DEVICE}/twin");
+        let (status, v) = api
+            .patch(
+                &format!("{path}/desired"),
+                &serde_json::json!({ "sp": value }),
+            )
+            .await?;
+        ensure!(status == 200, "PATCH answered {status}: {v}");
+        let version = v["versions"]["sp"].as_u64().context("the new version")?;
+        let sim = self.sim.clone();
+        let path2 = path.clone();
+        api.wait_for(Duration::from_secs(20), move |api| {
+            let (sim, path) = (sim.clone(), path2.clone());
+            async move {
+                let (_, t) = api.get(&path).await?;
+                let d = &t["desired"]["sp"];
+                // The hub may give the value a newer version when the node says hello (a
+                // value it numbered while it could not know the node's versions).
+                let done = d["version"].as_u64().is_some_and(|v| v >= version)
+                    && d["value"] == value
+                    && d["applied"]["version"] == d["version"]
+                    && d["applied"]["outcome"] == "ok"
+                    && sim.holding(1, SP, 1)?[0] == value;
+                Ok(done.then_some(()))
+            }
+        })
+        .await
+        .with_context(|| format!("sp = {value} applied\n{}", self.logs()))
+    }
+
     async fn start_hub(&mut self) -> anyhow::Result<Api> {
         let (hub, _, http) =
             harness::start_hub(self.tmp.path(), &self.pki, &self.tunnel, "127.0.0.1:0").await?;
@@ -164,6 +239,16 @@ impl Rig {
             .unwrap_or_default();
         let h = self.hub.as_ref().map(|p| p.log_text()).unwrap_or_default();
         format!("--- agent log ---\n{a}\n--- hub log ---\n{h}")
+    }
+
+    /// Waits until the hub shows values of the first counter.
+    async fn converged_soon(&self, api: &Api) -> anyhow::Result<()> {
+        api.wait_for(Duration::from_secs(20), |api| async move {
+            api.reported_u64(NODE, DEVICE, "c0").await
+        })
+        .await
+        .map(drop)
+        .with_context(|| self.logs())
     }
 
     /// Waits until the hub's twin of every counter equals what the PLC holds.
@@ -245,8 +330,9 @@ fn audit(store: &HubStore) -> anyhow::Result<Audit> {
         "records and gaps end at {}, the hub stored up to {stored}",
         next - 1
     );
+    // The counters only go up; `sp` holds still and is reported again after a restart.
     let mut last: BTreeMap<&str, u64> = BTreeMap::new();
-    for (seq, p, v) in &records {
+    for (seq, p, v) in records.iter().filter(|(_, p, _)| p.starts_with('c')) {
         if let Some(prev) = last.get(p.as_str()) {
             ensure!(
                 v > prev,
@@ -392,5 +478,117 @@ async fn state_only_tags_are_coalesced_while_the_hub_is_away() -> anyhow::Result
         "the hub stored {} records, the agent accepted {history_changes}",
         a.records.len()
     );
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The hub's store is restored from an older snapshot while the agent runs on: the records it
+/// lost become a gap (no request for records the agent no longer has), the control log and the
+/// desired versions continue after what the agent had (a desired value set after the restore
+/// reaches the PLC, its outcome reaches the hub), and new records keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_restored_from_a_snapshot_records_a_gap_and_keeps_syncing_both_ways()
+-> anyhow::Result<()> {
+    let mut r = Rig::start("rollback-hub", 8, &[], "").await?;
+    let api = r.start_hub().await?;
+    r.converged_soon(&api).await?;
+    r.set_sp(&api, 11).await?;
+    // Snapshot of the hub's store, taken while it is stopped.
+    r.stop_hub().await?;
+    let data = r.tmp.path().join("hubdata");
+    let snapshot = r.tmp.path().join("hubdata-snapshot");
+    copy_dir(&data, &snapshot)?;
+    // The hub lives on: more records, another desired value (and its outcome).
+    let api = r.start_hub().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    r.set_sp(&api, 12).await?;
+    r.stop_hub().await?;
+    // Restored from the snapshot.
+    std::fs::remove_dir_all(&data)?;
+    copy_dir(&snapshot, &data)?;
+    let api = r.start_hub().await?;
+    // Desired values go on: a new version must be above what the agent took over.
+    r.set_sp(&api, 13).await?;
+    r.freeze();
+    r.converged(&api, 8, Duration::from_secs(30)).await?;
+    let (_, gaps) = api.get(&format!("/api/v1/nodes/{NODE}/gaps")).await?;
+    let logs = r.logs();
+    let store = r.stop_and_open_store().await?;
+    let a = audit(&store).with_context(|| logs.clone())?;
+    ensure!(
+        a.lost > 0,
+        "the records the snapshot lacks are a gap: {gaps}\n{logs}"
+    );
+    ensure!(
+        gaps["lost_records"] == a.lost,
+        "the API shows the gap: {gaps}"
+    );
+    Ok(())
+}
+
+/// The agent's data directory is restored from an older backup while the hub has moved on:
+/// the records the agent commits before it reaches the hub are renumbered after the hub's
+/// history and stored, none is taken for "already stored", nothing loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restored_from_a_backup_loses_none_of_its_new_records() -> anyhow::Result<()> {
+    let mut r = Rig::start("rollback-agent", 8, &[], "").await?;
+    let api = r.start_hub().await?;
+    r.converged_soon(&api).await?;
+    r.stop_agent().await?;
+    let data = r.tmp.path().join(NODE).join("data");
+    let backup = r.tmp.path().join("agent-backup");
+    copy_dir(&data, &backup)?;
+    // The agent lives on, and the hub stores a few seconds more of its history.
+    r.restart_agent().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    r.stop_agent().await?;
+    let (_, node) = api.get(&format!("/api/v1/nodes/{NODE}")).await?;
+    let hub_seq = node["uplink_seq"].as_u64().context("uplink_seq")?;
+    // Restored from the backup, the agent first runs without the hub: what it commits then
+    // carries numbers the hub already holds (another history).
+    r.stop_hub().await?;
+    std::fs::remove_dir_all(&data)?;
+    copy_dir(&backup, &data)?;
+    r.restart_agent().await?;
+    let offline = r
+        .wait_counter(
+            "edgesync_outbox_records_accepted_total",
+            100,
+            Duration::from_secs(20),
+        )
+        .await?;
+    let api = r.start_hub().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    r.freeze();
+    r.converged(&api, 8, Duration::from_secs(30)).await?;
+    let accepted = r
+        .agent_counter("edgesync_outbox_records_accepted_total")
+        .await?;
+    let logs = r.logs();
+    let store = r.stop_and_open_store().await?;
+    let a = audit(&store).with_context(|| logs.clone())?;
+    let after: u64 = a
+        .records
+        .iter()
+        .filter(|(seq, _, _)| *seq > hub_seq)
+        .count() as u64;
+    ensure!(
+        after == accepted,
+        "the restored agent accepted {accepted} records ({offline} before it reached the hub); the hub stored {after} after its {hub_seq}\n{logs}"
+    );
+    ensure!(a.gaps.is_empty(), "nothing was lost: {:?}", a.gaps);
     Ok(())
 }
