@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use edgesync_cloud::api::{ApiToken, Role};
@@ -56,7 +55,7 @@ fn options(cfg: &HubConfig) -> HubOptions {
                 },
             })
             .collect(),
-        idle_timeout: Duration::from_secs(10),
+        idle_timeout: cfg.idle_timeout,
         max_connections: cfg.max_nodes.map_or(10_000, |n| n as usize),
     }
 }

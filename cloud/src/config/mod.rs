@@ -38,6 +38,8 @@ pub const DEFAULT_SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 /// Default HTTP API listen address.
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+/// Default tunnel idle timeout, in milliseconds.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 10_000;
 /// Shortest API token accepted, in characters.
 pub const MIN_TOKEN_LEN: usize = 16;
 
@@ -56,6 +58,9 @@ pub struct HubConfig {
     pub sled_cache_bytes: u64,
     /// `[hub] max_nodes`: most agents connected at once, if limited.
     pub max_nodes: Option<u32>,
+    /// `[hub] idle_timeout_ms`: a tunnel silent this long is closed (QUIC uses the shorter of
+    /// the hub's and the agent's), so a half-open path is noticed.
+    pub idle_timeout: std::time::Duration,
     /// `[identity]`: the hub's X.509-SVID files and SPIFFE names.
     pub identity: HubIdentity,
     /// `[[api.tokens]]`: the bearer tokens the HTTP API accepts (at least one).
@@ -125,6 +130,8 @@ struct RawHub {
     sled_cache_bytes: Option<i64>,
     /// Most agents connected at once (default: no limit).
     max_nodes: Option<i64>,
+    /// Tunnel idle timeout in milliseconds (default 10000).
+    idle_timeout_ms: Option<i64>,
 }
 
 /// `[identity]`.
@@ -246,6 +253,7 @@ fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> Hu
         data_dir: PathBuf::new(),
         sled_cache_bytes: DEFAULT_SLED_CACHE_BYTES,
         max_nodes: None,
+        idle_timeout: std::time::Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS),
         identity: HubIdentity {
             trust_domain: String::new(),
             hub_id: String::new(),
@@ -279,6 +287,16 @@ fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> Hu
             1..=i64::MAX,
         ))
         .unwrap_or(DEFAULT_SLED_CACHE_BYTES);
+        config.idle_timeout = std::time::Duration::from_millis(
+            u64::try_from(doc.int_in(
+                &loc,
+                "idle_timeout_ms",
+                raw.idle_timeout_ms,
+                DEFAULT_IDLE_TIMEOUT_MS as i64,
+                1_000..=600_000,
+            ))
+            .unwrap_or(DEFAULT_IDLE_TIMEOUT_MS),
+        );
         if raw.max_nodes.is_some() {
             let n = doc.int_in(&loc, "max_nodes", raw.max_nodes, 1, 1..=i64::from(u32::MAX));
             config.max_nodes = u32::try_from(n).ok();

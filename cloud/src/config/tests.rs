@@ -80,6 +80,7 @@ fn defaults_apply() {
     assert_eq!(cfg.http_listen, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(cfg.sled_cache_bytes, DEFAULT_SLED_CACHE_BYTES);
     assert_eq!(cfg.max_nodes, None);
+    assert_eq!(cfg.idle_timeout, std::time::Duration::from_secs(10));
     assert_eq!(cfg.identity.hub_id, "spiffe://example.org/hub");
     assert_eq!(cfg.data_dir, Path::new("/etc/edgesync/data"));
 }
@@ -272,4 +273,15 @@ fn identity_and_listen_checks() {
         "data_dir",
         "[hub]: data_dir: invalid type: integer `5`, expected a string",
     );
+}
+
+#[test]
+fn idle_timeout_is_checked() {
+    let with = |v: &str| BASE.replacen("[hub]\n", &format!("[hub]\nidle_timeout_ms = {v}\n"), 1);
+    assert_eq!(
+        parse_text(&with("3000")).unwrap().idle_timeout,
+        std::time::Duration::from_secs(3)
+    );
+    let text = with("10");
+    assert_problem(&text, "idle_timeout_ms", "idle_timeout_ms");
 }
