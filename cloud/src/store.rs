@@ -1810,6 +1810,31 @@ mod tests {
         }
     }
 
+    /// Describes device `plc1` of `n` with writable int properties.
+    async fn writable_int(store: &HubStore, n: &NodeId, properties: &[&str]) {
+        store
+            .store_schema(
+                n,
+                &DeviceSchema {
+                    device: "plc1".into(),
+                    properties: properties.iter().map(|p| writable(p, "int")).collect(),
+                },
+            )
+            .await
+            .unwrap();
+    }
+
+    fn writable(property: &str, kind: &str) -> PropertySchema {
+        PropertySchema {
+            property: property.into(),
+            kind: kind.into(),
+            writable: true,
+            unit: String::new(),
+            min: None,
+            max: None,
+        }
+    }
+
     fn open(dir: &tempfile::TempDir) -> HubStore {
         HubStore::open(dir.path(), CACHE).unwrap()
     }
@@ -2151,23 +2176,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(open(&dir));
         let n = node("gw-1");
-        store
-            .store_schema(
-                &n,
-                &DeviceSchema {
-                    device: "plc1".into(),
-                    properties: vec![PropertySchema {
-                        property: "sp".into(),
-                        kind: "int".into(),
-                        writable: true,
-                        unit: String::new(),
-                        min: None,
-                        max: None,
-                    }],
-                },
-            )
-            .await
-            .unwrap();
+        writable_int(&store, &n, &["sp"]).await;
         const OPS: u64 = 60;
         let operator = {
             let (store, n) = (store.clone(), n.clone());
@@ -2255,20 +2264,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         let n = node("gw-1");
-        let schema = |property: &str, kind: &str| PropertySchema {
-            property: property.into(),
-            kind: kind.into(),
-            writable: true,
-            unit: String::new(),
-            min: None,
-            max: None,
-        };
         store
             .store_schema(
                 &n,
                 &DeviceSchema {
                     device: "plc1".into(),
-                    properties: vec![schema("sp", "uint"), schema("f", "float")],
+                    properties: vec![writable("sp", "uint"), writable("f", "float")],
                 },
             )
             .await
@@ -2330,23 +2331,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         let n = node("gw-1");
-        store
-            .store_schema(
-                &n,
-                &DeviceSchema {
-                    device: "plc1".into(),
-                    properties: vec![PropertySchema {
-                        property: "sp".into(),
-                        kind: "int".into(),
-                        writable: true,
-                        unit: String::new(),
-                        min: None,
-                        max: None,
-                    }],
-                },
-            )
-            .await
-            .unwrap();
+        writable_int(&store, &n, &["sp"]).await;
         let values = serde_json::json!({"sp": 5});
         let set = store
             .set_desired(&n, &dev("plc1"), values.as_object().unwrap(), "ops")
