@@ -46,7 +46,7 @@ use tokio::time::Instant;
 
 #[path = "bench_common/mod.rs"]
 mod bench_common;
-use bench_common::{Subscriber, free_port};
+use bench_common::{Subscriber, change_all, free_port};
 
 const TD: &str = "bench.example";
 const NODE: &str = "gw-bench";
@@ -523,26 +523,9 @@ async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResu
         None => None,
     };
     // Every register of every unit rewritten twice per period (a counter per unit).
-    let changer = args.change_all.then(|| {
-        let sims = sims.clone();
-        let (units, registers) = (args.units, args.registers);
-        tokio::spawn(async move {
-            let mut iv = tokio::time::interval(period / 2);
-            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut n: u16 = 1000;
-            let mut words = vec![0u16; usize::from(registers)];
-            loop {
-                iv.tick().await;
-                n = n.wrapping_add(1);
-                for u in 1..=units {
-                    for (i, w) in words.iter_mut().enumerate() {
-                        *w = n.wrapping_add(i as u16);
-                    }
-                    let _ = sims[usize::from(u - 1) % sims.len()].set_holding(u, 0, &words);
-                }
-            }
-        })
-    });
+    let changer = args
+        .change_all
+        .then(|| change_all(sims.clone(), args.units, args.registers, period));
     tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
 
     // Measurement window.

@@ -1,18 +1,28 @@
-//! `edgesync-bench-tunnel`: throughput and hop latency of the QUIC tunnel on loopback.
+//! `edgesync-bench-tunnel`: throughput and latency of the QUIC tunnel on loopback.
 //!
 //! A hub ([`Hub::start`]) and the agent's uplink ([`Uplink`]) run in this one process, so
 //! `Instant`s of both ends compare. The agent's outbox ([`AgentStore`]) is driven directly
 //! (no Modbus), so the numbers are those of outbox → QUIC → hub store → ack.
 //!
-//! 1. **Throughput**: N records are appended to a fresh outbox in groups, then an uplink is
-//!    started and timed until the hub has acknowledged the last sequence number as durably
-//!    stored (`status.acked == last`, cross-checked with `hub.store.stored_seq`).
-//! 2. **Hop latency**: records are appended at a steady rate (a group every 10 ms) while the
-//!    uplink runs; for every group, the time from "group committed to the outbox" (when the
-//!    agent would broadcast `Committed`) to "the hub's durable `stored_seq` covers the group"
-//!    (polled every 100 µs from a dedicated thread) goes into a histogram.
+//! 1. **Throughput** (`--part throughput`): N records are appended to a fresh outbox in
+//!    groups, then an uplink is started and timed until the hub has acknowledged the last
+//!    sequence number as durably stored (`status.acked == last`, cross-checked with
+//!    `hub.store.stored_seq`).
+//! 2. **Hop latency** (`--part hop`): records are appended at a steady rate (a group every
+//!    10 ms) while the uplink runs; for every group, the time from "group committed to the
+//!    outbox" (when the agent would broadcast `Committed`) to "the hub's durable `stored_seq`
+//!    covers the group" (polled every 100 µs from a dedicated thread) goes into a histogram.
+//! 3. **Record latency** (`--part record`): single records arrive at a steady rate (default
+//!    1,000/s, one every millisecond) at a committer that group-commits like the agent's
+//!    pipeline (commit at once; records that queued during a commit form the next group). Per
+//!    record: from the moment it was handed to the committer ("accepted") to the moment the
+//!    hub's session learned that a commit covering it returned durable (the hub's
+//!    `edgesync::durability` trace "acknowledged upto=N", captured in this process by a
+//!    tracing layer, so no polling), split into the agent's part (accepted → outbox commit
+//!    returned) and the hop (outbox commit returned → hub stored). The disk's own
+//!    `fdatasync` latency is probed before each run, for context.
 //!
-//! Both phases run `--runs` times per agent fsync policy; the median run is reported.
+//! Each phase runs `--runs` times per agent fsync policy; the median run is reported.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -23,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
 use edgesync_cloud::hub::Hub;
-use edgesync_cloud::store::HubStore;
+use edgesync_cloud::store::{DURABILITY_TARGET, HubStore};
 use edgesync_edge::agent::wall_clock;
 use edgesync_edge::store::{AgentStore, Fsync};
 use edgesync_edge::uplink::{Uplink, UplinkConfig, UplinkStatus};
@@ -31,8 +41,11 @@ use edgesync_protocol::spiffe_id;
 use edgesync_protocol::{DeviceId, NodeId, PropertyId, Quality, Sample, Value};
 use edgesync_testkit::harness::{self, Pki, TempDir, median};
 use hdrhistogram::Histogram;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _, filter};
 
 const TD: &str = "bench.example";
 
@@ -46,9 +59,27 @@ enum FsyncArg {
     Both,
 }
 
-/// Tunnel throughput and hop-latency benchmark (loopback, hub embedded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Part {
+    /// Durable-ack throughput of a full outbox.
+    Throughput,
+    /// Groups every 10 ms: outbox commit -> hub durable `stored_seq` (polled).
+    Hop,
+    /// Single records at `--record-rate`: accepted -> hub stored (hub's ack trace).
+    Record,
+}
+
+/// Tunnel throughput and latency benchmark (loopback, hub embedded).
 #[derive(Debug, Parser)]
 struct Args {
+    /// What to measure (comma-separated; default all three).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "throughput,hop,record"
+    )]
+    part: Vec<Part>,
     /// Records per throughput run.
     #[arg(long, default_value_t = 300_000)]
     records: u64,
@@ -64,6 +95,12 @@ struct Args {
     /// Seconds of the latency run.
     #[arg(long, default_value_t = 5)]
     latency_secs: u64,
+    /// Records per second in the record-latency run (one record at a time, evenly spaced).
+    #[arg(long, default_value_t = 1000)]
+    record_rate: u64,
+    /// Seconds of the record-latency run.
+    #[arg(long, default_value_t = 10)]
+    record_secs: u64,
     /// Runs per configuration (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -366,6 +403,198 @@ async fn latency(
     })
 }
 
+/// When the embedded hub's sessions acknowledged: the hub logs the trace event
+/// "acknowledged upto=N node=X" (target [`DURABILITY_TARGET`]) as soon as a commit covering
+/// `N` has returned durable, just before it queues the ack. This layer notes `(N, Instant)`
+/// for every such event while `on` is set.
+#[derive(Clone, Default)]
+struct HubAcks {
+    on: Arc<AtomicBool>,
+    seen: Arc<std::sync::Mutex<Vec<(u64, Instant)>>>,
+}
+
+impl HubAcks {
+    /// Starts recording (dropping what was recorded before).
+    fn start(&self) -> anyhow::Result<()> {
+        self.seen.lock().map_err(|_| anyhow!("poisoned"))?.clear();
+        self.on.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Stops recording and returns what was recorded, in order.
+    fn take(&self) -> anyhow::Result<Vec<(u64, Instant)>> {
+        self.on.store(false, Ordering::Release);
+        Ok(std::mem::take(
+            &mut *self.seen.lock().map_err(|_| anyhow!("poisoned"))?,
+        ))
+    }
+
+    /// The `upto` of an "acknowledged upto=N ..." message.
+    fn upto(event: &tracing::Event<'_>) -> Option<u64> {
+        struct Upto(Option<u64>);
+        impl tracing::field::Visit for Upto {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" {
+                    let m = format!("{v:?}");
+                    self.0 = m
+                        .strip_prefix("acknowledged upto=")
+                        .and_then(|r| r.split(' ').next())
+                        .and_then(|n| n.parse().ok());
+                }
+            }
+        }
+        let mut u = Upto(None);
+        event.record(&mut u);
+        u.0
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for HubAcks {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let now = Instant::now();
+        if !self.on.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(upto) = Self::upto(event)
+            && let Ok(mut seen) = self.seen.lock()
+        {
+            seen.push((upto, now));
+        }
+    }
+}
+
+/// The disk's own fsync latency where the stores live, measured just before a run: 200 times
+/// `write` of 512 bytes + `fdatasync` on a scratch file; `(p50, p99)` in ms.
+fn fdatasync_probe(dir: &Path) -> anyhow::Result<(f64, f64)> {
+    use std::io::Write as _;
+    let path = dir.join("fdatasync-probe");
+    let mut f = std::fs::File::create(&path)?;
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for _ in 0..200 {
+        f.write_all(&[0x55; 512])?;
+        let t = Instant::now();
+        f.sync_data()?;
+        h.saturating_record(t.elapsed().as_micros() as u64);
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok((ms(h.value_at_quantile(0.5)), ms(h.value_at_quantile(0.99))))
+}
+
+struct RecordLatency {
+    /// Accepted -> hub stored.
+    total: Histogram<u64>,
+    /// Accepted -> outbox commit returned.
+    agent: Histogram<u64>,
+    /// Outbox commit returned -> hub stored.
+    hop: Histogram<u64>,
+    records: u64,
+    groups: usize,
+    achieved_rate: f64,
+    /// The disk's fdatasync p50 / p99 (ms) just before the run.
+    disk: (f64, f64),
+}
+
+/// Single records at `--record-rate`, group-committed as the agent's pipeline does; per record,
+/// accepted -> outbox commit returned -> hub stored (see the module docs).
+async fn record_latency(
+    rig: &Rig,
+    ids: &Ids,
+    args: &Args,
+    fsync: Fsync,
+    run: usize,
+    acks: &HubAcks,
+) -> anyhow::Result<RecordLatency> {
+    let disk = fdatasync_probe(&rig.dir)?;
+    let st = open_store(&rig.dir.join(format!("rec-{run}")), fsync)?;
+    let mut edge = start_uplink(rig, &format!("rec-{run}"), st, args.batch)?;
+    edge.wait_connected().await?;
+    acks.start()?;
+    let base = edge.store.lock().await.next_seq();
+    let n = args.record_rate * args.record_secs;
+    // The source: one record every 1/rate s on a thread of its own (absolute deadlines, so
+    // sleep overshoot does not lower the rate), handed over with its acceptance instant.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
+    let period_ns = 1_000_000_000 / args.record_rate;
+    let source = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        for k in 0..n {
+            let due = t0 + Duration::from_nanos(k * period_ns);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if tx.send(Instant::now()).is_err() {
+                return;
+            }
+        }
+    });
+    // The committer: commit at once; what queued meanwhile is the next group.
+    let t0 = Instant::now();
+    let mut accepted: Vec<Instant> = Vec::with_capacity(n as usize);
+    let mut committed: Vec<(u64, Instant)> = vec![];
+    while let Some(at) = rx.recv().await {
+        accepted.push(at);
+        let mut count = 1;
+        while let Ok(at) = rx.try_recv() {
+            accepted.push(at);
+            count += 1;
+        }
+        let mut st = edge.store.lock().await;
+        let first = st.next_seq();
+        let a = st.append(ids.records(first, count), &[]).await?;
+        drop(st);
+        committed.push((a.next_seq - 1, Instant::now()));
+        let _ = edge.appended.send(a.next_seq);
+    }
+    let achieved_rate = accepted.len() as f64 / t0.elapsed().as_secs_f64();
+    source
+        .join()
+        .map_err(|_| anyhow!("source thread panicked"))?;
+    let last = base + accepted.len() as u64 - 1;
+    let acked = tokio::time::timeout(
+        Duration::from_secs(30),
+        edge.status.wait_for(|s| s.acked >= last),
+    )
+    .await
+    .map(|r| r.is_ok());
+    ensure!(
+        acked == Ok(true),
+        "the hub did not acknowledge {last} within 30 s"
+    );
+    let stored = acks.take()?;
+    edge.stop().await;
+
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut agent = total.clone();
+    let mut hop = total.clone();
+    let (mut c, mut h) = (0, 0);
+    for (k, at) in accepted.iter().enumerate() {
+        let seq = base + k as u64;
+        while committed.get(c).is_some_and(|&(upto, _)| upto < seq) {
+            c += 1;
+        }
+        while stored.get(h).is_some_and(|&(upto, _)| upto < seq) {
+            h += 1;
+        }
+        let (Some(&(_, done)), Some(&(_, safe))) = (committed.get(c), stored.get(h)) else {
+            bail!("record {seq}: no outbox commit or hub acknowledgement covers it");
+        };
+        agent.saturating_record((done - *at).as_micros() as u64);
+        hop.saturating_record(safe.saturating_duration_since(done).as_micros() as u64);
+        total.saturating_record((safe - *at).as_micros() as u64);
+    }
+    Ok(RecordLatency {
+        total,
+        agent,
+        hop,
+        records: accepted.len() as u64,
+        groups: committed.len(),
+        achieved_rate,
+        disk,
+    })
+}
+
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
@@ -378,12 +607,25 @@ fn fsync_name(f: Fsync) -> &'static str {
     }
 }
 
-async fn bench(args: &Args, ids: &Ids, fsync: Fsync) -> anyhow::Result<()> {
+async fn bench(args: &Args, ids: &Ids, fsync: Fsync, acks: &HubAcks) -> anyhow::Result<()> {
     println!();
     println!(
         "== agent outbox fsync = {}, hub store fsync = every commit (hub default, not configurable) ==",
         fsync_name(fsync)
     );
+    if args.part.contains(&Part::Throughput) {
+        bench_throughput(args, ids, fsync).await?;
+    }
+    if args.part.contains(&Part::Hop) {
+        bench_hop(args, ids, fsync).await?;
+    }
+    if args.part.contains(&Part::Record) {
+        bench_record(args, ids, fsync, acks).await?;
+    }
+    Ok(())
+}
+
+async fn bench_throughput(args: &Args, ids: &Ids, fsync: Fsync) -> anyhow::Result<()> {
     println!();
     println!(
         "throughput: {} records, outbox groups of {}, uplink frames of <= {} records, durable acks",
@@ -420,7 +662,10 @@ async fn bench(args: &Args, ids: &Ids, fsync: Fsync) -> anyhow::Result<()> {
         r,
         if r >= 100_000.0 { "met" } else { "MISSED" }
     );
+    Ok(())
+}
 
+async fn bench_hop(args: &Args, ids: &Ids, fsync: Fsync) -> anyhow::Result<()> {
     println!();
     println!(
         "hop latency: {} records/s offered ({} per group every 10 ms) for {} s; outbox commit -> hub durable stored_seq",
@@ -469,17 +714,112 @@ async fn bench(args: &Args, ids: &Ids, fsync: Fsync) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn bench_record(args: &Args, ids: &Ids, fsync: Fsync, acks: &HubAcks) -> anyhow::Result<()> {
+    println!();
+    println!(
+        "record latency: {} single records/s for {} s, group commit without a window; accepted -> outbox commit returned (agent) -> hub commit returned durable (hub's ack trace)",
+        args.record_rate, args.record_secs
+    );
+    println!(
+        "{:>4}  {:>8}  {:>7}  {:>8}  {:>8}  {:>8}  {:>8}  {:>8}  {:>17}  {:>17}  {:>19}",
+        "run",
+        "records",
+        "groups",
+        "rec/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "agent p50/p99 ms",
+        "hop p50/p99 ms",
+        "disk fdatasync p50/p99"
+    );
+    let mut cols: [Vec<f64>; 10] = Default::default();
+    for run in 0..args.runs {
+        let rig = start_hub().await?;
+        let l = record_latency(&rig, ids, args, fsync, run, acks).await?;
+        rig.hub.shutdown().await;
+        let row = [
+            ms(l.total.value_at_quantile(0.5)),
+            ms(l.total.value_at_quantile(0.9)),
+            ms(l.total.value_at_quantile(0.99)),
+            ms(l.total.max()),
+            ms(l.agent.value_at_quantile(0.5)),
+            ms(l.agent.value_at_quantile(0.99)),
+            ms(l.hop.value_at_quantile(0.5)),
+            ms(l.hop.value_at_quantile(0.99)),
+            l.disk.0,
+            l.disk.1,
+        ];
+        println!(
+            "{:>4}  {:>8}  {:>7}  {:>8.0}  {:>8.2}  {:>8.2}  {:>8.2}  {:>8.2}  {:>8.2} / {:<6.2}  {:>8.2} / {:<6.2}  {:>10.2} / {:<6.2}",
+            run + 1,
+            l.records,
+            l.groups,
+            l.achieved_rate,
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6],
+            row[7],
+            row[8],
+            row[9]
+        );
+        for (c, v) in cols.iter_mut().zip(row) {
+            c.push(v);
+        }
+    }
+    let m = cols.map(median);
+    println!(
+        "{:>4}  {:>8}  {:>7}  {:>8}  {:>8.2}  {:>8.2}  {:>8.2}  {:>8.2}  {:>8.2} / {:<6.2}  {:>8.2} / {:<6.2}  {:>10.2} / {:<6.2}   (target p50 < 1.5 ms: {}, p99 < 3 ms: {})",
+        "med",
+        "",
+        "",
+        "",
+        m[0],
+        m[1],
+        m[2],
+        m[3],
+        m[4],
+        m[5],
+        m[6],
+        m[7],
+        m[8],
+        m[9],
+        if m[0] < 1.5 { "met" } else { "MISSED" },
+        if m[2] < 3.0 { "met" } else { "MISSED" }
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .init();
-    }
     ensure!(
         args.runs > 0 && args.group > 0 && args.records > 0 && args.batch > 0,
         "runs, group, records and batch must be > 0"
     );
+    ensure!(
+        (1..=1_000_000).contains(&args.record_rate) && args.record_secs > 0,
+        "record-rate must be 1..=1000000 and record-secs > 0"
+    );
+    // Logs only with RUST_LOG; the hub's acknowledgements are always seen by `acks`.
+    let acks = HubAcks::default();
+    let log = std::env::var_os("RUST_LOG")
+        .is_some()
+        .then(|| tracing_subscriber::fmt::layer().with_filter(EnvFilter::from_default_env()));
+    tracing_subscriber::registry()
+        .with(log)
+        .with(
+            // A static filter: every other callsite is disabled once, when registered, so the
+            // layer costs nothing on the hot paths (quinn's spans among them).
+            acks.clone().with_filter(
+                filter::Targets::new().with_target(DURABILITY_TARGET, tracing::Level::TRACE),
+            ),
+        )
+        .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -493,7 +833,7 @@ fn main() -> anyhow::Result<()> {
             FsyncArg::Both => vec![Fsync::EveryCommit, Fsync::Never],
         };
         for f in policies {
-            bench(&args, &ids, f).await?;
+            bench(&args, &ids, f, &acks).await?;
         }
         Ok(())
     })

@@ -1,6 +1,7 @@
-//! Pieces shared by the benchmarks that talk to the agent's local MQTT bus
-//! (`bench_twin.rs`, `bench_modbus.rs`): a free loopback port, an MQTT subscriber that
-//! timestamps every message as it comes off the socket, and a Prometheus text reader.
+//! Pieces shared by the benchmarks: a free loopback port, an MQTT subscriber that timestamps
+//! every message as it comes off the socket (`bench_twin.rs`, `bench_modbus.rs`), a
+//! Prometheus text reader, and a load that changes every holding register of the simulator
+//! (`bench_modbus.rs`, `bench_e2e.rs`).
 //!
 //! Included with `#[path]` by each benchmark (a directory without `main.rs` is not a binary
 //! target of its own); not every benchmark uses every item.
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use edgesync_testkit::sim::SimHandle;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
@@ -162,4 +164,31 @@ pub async fn agent_metrics(port: u16) -> anyhow::Result<String> {
         .text()
         .await
         .context("agent metrics body")
+}
+
+/// Rewrites registers `0..registers` of units `1..=units` twice per `period` with new values
+/// (one bulk write per unit; unit `u` lives on `sims[(u - 1) % sims.len()]`), so every poll of
+/// every register tag reads a change. Runs until the task is aborted.
+pub fn change_all(
+    sims: Vec<SimHandle>,
+    units: u8,
+    registers: u16,
+    period: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut iv = tokio::time::interval(period / 2);
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut n: u16 = 1000;
+        let mut words = vec![0u16; usize::from(registers)];
+        loop {
+            iv.tick().await;
+            n = n.wrapping_add(1);
+            for u in 1..=units {
+                for (i, w) in words.iter_mut().enumerate() {
+                    *w = n.wrapping_add(i as u16);
+                }
+                let _ = sims[usize::from(u - 1) % sims.len()].set_holding(u, 0, &words);
+            }
+        }
+    })
 }
