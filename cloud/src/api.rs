@@ -692,15 +692,15 @@ impl Subscription {
                 Ok(ev) if missed > 0 => {
                     // Announce the gap just below the first event after it, so a client that
                     // reconnects with the resync's id resumes exactly there.
-                    let resync = Arc::new(Event {
-                        id: ev.id.saturating_sub(1),
-                        kind: "resync",
-                        data: serde_json::json!({
+                    let resync = Arc::new(Event::new(
+                        ev.id.saturating_sub(1),
+                        "resync",
+                        &serde_json::json!({
                             "reason": "this client fell behind and missed events; re-read the state",
                             "missed": missed,
                             "last_event_id": self.last_sent,
                         }),
-                    });
+                    ));
                     self.held = Some(ev);
                     return Some(self.sent(resync));
                 }
@@ -724,7 +724,7 @@ fn to_sse(ev: &Event) -> SseEvent {
     SseEvent::default()
         .id(ev.id.to_string())
         .event(ev.kind)
-        .data(ev.data.to_string())
+        .data(&ev.data)
 }
 
 /// The buffered events, then the live ones, as SSE events (see [`Subscription`]).
@@ -2104,8 +2104,8 @@ mod tests {
         let ids: Vec<u64> = (0..40).map(|_| bus.publish("twin", json!({}))).collect();
         let resync = sub.next().await.unwrap();
         assert_eq!(resync.kind, "resync");
-        assert_eq!(resync.data["last_event_id"], first);
-        assert_eq!(resync.data["missed"], 24);
+        assert_eq!(resync.json()["last_event_id"], first);
+        assert_eq!(resync.json()["missed"], 24);
         assert_eq!(resync.id, ids[24] - 1);
         let mut got = vec![];
         for _ in 0..16 {

@@ -26,8 +26,25 @@ pub struct Event {
     pub id: u64,
     /// Its kind (the SSE `event:` field).
     pub kind: &'static str,
-    /// Its payload (the SSE `data:` field, JSON).
-    pub data: serde_json::Value,
+    /// Its payload (the SSE `data:` field), serialized JSON: serialized once when published,
+    /// however many subscribers send it, and kept compact in the buffer.
+    pub data: String,
+}
+
+impl Event {
+    /// An event with `data` serialized.
+    pub fn new(id: u64, kind: &'static str, data: &serde_json::Value) -> Event {
+        Event {
+            id,
+            kind,
+            data: data.to_string(),
+        }
+    }
+
+    /// The payload parsed back (`Null` if it is not JSON, which [`EventBus`] never stores).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).unwrap_or(serde_json::Value::Null)
+    }
 }
 
 /// Default number of events kept for resumption.
@@ -72,6 +89,11 @@ impl EventBus {
 
     /// Publishes an event; returns its id.
     pub fn publish(&self, kind: &'static str, data: serde_json::Value) -> u64 {
+        self.publish_serialized(kind, data.to_string())
+    }
+
+    /// Publishes an event whose payload is already serialized JSON; returns its id.
+    pub fn publish_serialized(&self, kind: &'static str, data: String) -> u64 {
         let mut r = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let id = r.next_id;
         r.next_id += 1;
@@ -105,14 +127,14 @@ impl EventBus {
         let from_future = last >= r.next_id;
         // Missed events: from an earlier run, or dropped from the buffer.
         if from_future || last + 1 < oldest || last < r.first_id.saturating_sub(1) {
-            out.push(Arc::new(Event {
-                id: oldest.saturating_sub(1),
-                kind: "resync",
-                data: serde_json::json!({
+            out.push(Arc::new(Event::new(
+                oldest.saturating_sub(1),
+                "resync",
+                &serde_json::json!({
                     "reason": "events after the given id are no longer available; re-read the state",
                     "last_event_id": last,
                 }),
-            }));
+            )));
         }
         let after = if from_future { 0 } else { last };
         out.extend(r.buf.iter().filter(|e| e.id > after).cloned());
@@ -161,7 +183,7 @@ mod tests {
         for future in [b + 1, b + 1_000_000, u64::MAX] {
             let (got, _) = bus.subscribe(Some(future));
             assert_eq!(got[0].kind, "resync", "{future}");
-            assert_eq!(got[0].data["last_event_id"], future);
+            assert_eq!(got[0].json()["last_event_id"], future);
             assert_eq!(
                 got[1..].iter().map(|e| e.id).collect::<Vec<_>>(),
                 vec![a, b],

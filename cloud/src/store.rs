@@ -14,7 +14,8 @@
 //! | `0x01 <node> 0x00 "seq"` | last uplink seq stored (u64 BE) |
 //! | `0x01 <node> 0x00 "agent"` | agent version (UTF-8) |
 //! | `0x01 <node> 0x00 "seen"` | last seen, ms since the epoch (u64 BE) |
-//! | `0x02 <node> 0x00 <device> 0x00 <property>` | [`encode_samples`] of the latest sample |
+//! | `0x02 <node> 0x00 <device> 0x00 <property>` | [`encode_samples`] of the latest sample, as of the twin checkpoint |
+//! | `0x01 <node> 0x00 "twinseq"` | the twin checkpoint: the `0x02` keys hold every value reported up to this seq (u64 BE) |
 //! | `0x03 <node> 0x00 <first seq: u64 BE>` | last seq (u64 BE) of a gap: records lost at the edge |
 //! | `0x04 <node> 0x00 <device> 0x00 <property>` | the desired value and its outcome (JSON) |
 //! | `0x05 <node> 0x00 <device>` | the device's schema as the agent sent it (protobuf) |
@@ -26,8 +27,14 @@
 //!
 //! # Invariants
 //!
-//! - A batch's new records, the node's new sequence number and the twin values they change are
-//!   written in one atomic sled batch: after a crash either all of it is there or none.
+//! - A batch's new records and the node's new sequence number are written in one atomic sled
+//!   batch: after a crash either all of it is there or none.
+//! - The twin is a view of the records: its keys are brought up to date (a checkpoint, in the
+//!   same atomic batch as a commit) at a node's first commit of a run, then at least every
+//!   [`TWIN_CHECKPOINT_INTERVAL`] or [`TWIN_CHECKPOINT_RECORDS`] records while it sends, and at
+//!   [`HubStore::flush`]. Open replays the records after the checkpoint into the twin, so the
+//!   twin after a crash equals the one before it, while a commit writes one key per batch
+//!   instead of one per changed property.
 //! - Every sequence number `1..=seq` of a node is stored exactly once, either as a record or
 //!   inside a gap marker (records the edge lost and reported); duplicates are skipped, batches
 //!   that would leave a hole are refused.
@@ -85,6 +92,14 @@ const FIELD_SEQ: &[u8] = b"seq";
 const FIELD_AGENT: &[u8] = b"agent";
 const FIELD_SEEN: &[u8] = b"seen";
 const FIELD_STORE: &[u8] = b"store";
+const FIELD_TWIN: &[u8] = b"twinseq";
+
+/// The persisted twin is brought up to date (a checkpoint) at least this often while a node
+/// sends records...
+const TWIN_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// ...or once this many records changed it since the last checkpoint, whichever comes first.
+/// Both bound how many records [`HubStore::open`] replays into the twin.
+const TWIN_CHECKPOINT_RECORDS: u64 = 20_000;
 
 /// What can go wrong in the hub store.
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +227,19 @@ pub struct Reported {
     pub ts: Timestamp,
 }
 
+impl Reported {
+    /// This value as the sample of `device`/`property` that reported it.
+    fn sample(&self, device: &DeviceId, property: &PropertyId) -> Sample {
+        Sample {
+            device: device.clone(),
+            property: property.clone(),
+            value: self.value.clone(),
+            quality: self.quality,
+            ts: self.ts,
+        }
+    }
+}
+
 /// A desired value of one property, its version and what became of it.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Desired {
@@ -301,6 +329,28 @@ impl Serialize for Twin {
     }
 }
 
+impl NodeState {
+    /// Sets a reported value in the twin (counting a new property).
+    fn report(&mut self, device: &DeviceId, property: &PropertyId, sample: &Sample) {
+        let reported = Reported {
+            value: sample.value.clone(),
+            quality: sample.quality,
+            ts: sample.ts,
+        };
+        let twin = match self.twins.get_mut(device) {
+            Some(t) => t,
+            None => self.twins.entry(device.clone()).or_default(),
+        };
+        match twin.reported.get_mut(property) {
+            Some(r) => *r = reported,
+            None => {
+                twin.reported.insert(property.clone(), reported);
+                self.properties += 1;
+            }
+        }
+    }
+}
+
 /// In-memory state of one node.
 #[derive(Debug, Default)]
 struct NodeState {
@@ -319,12 +369,59 @@ struct NodeState {
     config_version: u64,
     properties: usize,
     twins: BTreeMap<DeviceId, Twin>,
+    /// The persisted twin: its keys hold every reported value up to this seq; later records
+    /// are replayed from the log on open.
+    twin_seq: u64,
+    /// Whether `twin_seq` is on disk (a node's first commit in a run writes it).
+    twin_seq_written: bool,
+    /// Properties whose reported value changed after `twin_seq`.
+    dirty: std::collections::BTreeSet<(DeviceId, PropertyId)>,
+    /// Records committed after `twin_seq`.
+    dirty_records: u64,
+    /// When the last checkpoint was written (monotonic).
+    checkpointed_at: Option<std::time::Instant>,
     /// What the agent said its devices are (protocol version 2).
     schema: BTreeMap<DeviceId, BTreeMap<PropertyId, PropertySchema>>,
     /// Last desired version assigned.
     downlink_seq: u64,
     /// Last control record stored.
     control_seq: u64,
+}
+
+/// The payload of a `twin` event: `{"device", "node", "reported": {property: {"quality", "ts",
+/// "value"}}}`.
+#[derive(Serialize)]
+struct TwinEvent<'a> {
+    device: &'a DeviceId,
+    node: &'a NodeId,
+    reported: ReportedJson<'a>,
+}
+
+/// Changed properties of one device, as a JSON object.
+struct ReportedJson<'a>(&'a [(&'a PropertyId, &'a Sample)]);
+
+impl Serialize for ReportedJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        #[derive(Serialize)]
+        struct One<'a> {
+            quality: &'a Quality,
+            ts: &'a Timestamp,
+            value: &'a Option<Value>,
+        }
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (property, sample) in self.0 {
+            map.serialize_entry(
+                property.as_str(),
+                &One {
+                    quality: &sample.quality,
+                    ts: &sample.ts,
+                    value: &sample.value,
+                },
+            )?;
+        }
+        map.end()
+    }
 }
 
 /// What the synchronous part of a commit did.
@@ -1005,8 +1102,15 @@ impl HubStore {
         Ok(n.durable_seq)
     }
 
-    /// Makes everything written so far durable (for shutdown; commits flush on their own).
+    /// Makes everything written so far durable, with the twin checkpointed so that the next
+    /// open replays nothing (for shutdown; commits flush on their own).
     pub async fn flush(&self) -> Result<(), StoreError> {
+        let inner = Arc::clone(&self.inner);
+        let r = tokio::task::spawn_blocking(move || inner.checkpoint_all())
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))
+            .and_then(|r| r);
+        self.note_write(r, false)?;
         // Snapshot before flushing: every seq applied now is covered by the flush below.
         let applied: Vec<(NodeId, u64)> = self
             .inner
@@ -1129,7 +1233,8 @@ impl Inner {
         for s in new {
             latest.insert((&s.device, &s.property), s);
         }
-        let last_seen = {
+        let mut batch = sled::Batch::default();
+        let (last_seen, checkpoint) = {
             let state = self.read();
             let twins = state.get(node).map(|n| &n.twins);
             let added = latest
@@ -1146,21 +1251,47 @@ impl Inner {
                     limit: MAX_PROPERTIES_PER_NODE,
                 });
             }
-            state.get(node).and_then(|n| n.last_seen_ms)
+            let n = state.get(node);
+            let checkpoint = n.is_none_or(|n| {
+                !n.twin_seq_written
+                    || n.dirty_records + new.len() as u64 >= TWIN_CHECKPOINT_RECORDS
+                    || n.checkpointed_at
+                        .is_none_or(|t| t.elapsed() >= TWIN_CHECKPOINT_INTERVAL)
+            });
+            if checkpoint {
+                // The twin's keys brought up to `last_seq`, in the same atomic batch: the
+                // values changed since the last checkpoint and not by this commit...
+                if let Some(n) = n {
+                    for (device, property) in &n.dirty {
+                        if latest.contains_key(&(device, property)) {
+                            continue;
+                        }
+                        if let Some(r) = n.twins.get(device).and_then(|t| t.reported.get(property))
+                        {
+                            batch.insert(
+                                twin_key(node, device, property),
+                                encode_samples(&[r.sample(device, property)]),
+                            );
+                        }
+                    }
+                }
+                // ...and this commit's.
+                for ((device, property), sample) in &latest {
+                    batch.insert(
+                        twin_key(node, device, property),
+                        encode_samples(std::slice::from_ref(*sample)),
+                    );
+                }
+                batch.insert(meta_key(node, FIELD_TWIN), &last_seq.to_be_bytes());
+            }
+            (n.and_then(|n| n.last_seen_ms), checkpoint)
         };
 
-        let mut batch = sled::Batch::default();
         batch.insert(record_key(node, expected), encode_samples(new));
         batch.insert(meta_key(node, FIELD_SEQ), &last_seq.to_be_bytes());
         if let Some(seen) = last_seen {
             // node_seen only updates memory; persist it with the node's commits.
             batch.insert(meta_key(node, FIELD_SEEN), &seen.to_be_bytes());
-        }
-        for ((device, property), sample) in &latest {
-            batch.insert(
-                twin_key(node, device, property),
-                encode_samples(std::slice::from_ref(*sample)),
-            );
         }
         self.tree.apply_batch(batch)?;
         // Before the ticket is taken: any flush that covers this batch starts after this line
@@ -1168,36 +1299,50 @@ impl Inner {
         tracing::trace!(target: DURABILITY_TARGET, "written upto={last_seq} node={node}");
         let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
 
-        let mut per_device: BTreeMap<&DeviceId, serde_json::Map<String, serde_json::Value>> =
-            BTreeMap::new();
-        for ((device, property), sample) in &latest {
-            per_device.entry(*device).or_default().insert(
-                property.as_str().to_owned(),
-                serde_json::json!({"value": sample.value, "quality": sample.quality, "ts": sample.ts}),
-            );
-        }
-        for (device, reported) in per_device {
-            self.events.publish(
-                "twin",
-                serde_json::json!({"node": node, "device": device, "reported": reported}),
-            );
+        // One `twin` event per device, serialized straight from the samples (`latest` is
+        // ordered by device).
+        let changed: Vec<(&PropertyId, &Sample)> =
+            latest.iter().map(|((_, p), s)| (*p, *s)).collect();
+        let mut rest = &changed[..];
+        let mut devices = latest.keys().map(|(d, _)| *d).peekable();
+        while let Some(device) = devices.next() {
+            let mut len = 1;
+            while devices.next_if(|d| *d == device).is_some() {
+                len += 1;
+            }
+            let (reported, tail) = rest.split_at(len);
+            rest = tail;
+            let event = TwinEvent {
+                device,
+                node,
+                reported: ReportedJson(reported),
+            };
+            match serde_json::to_string(&event) {
+                Ok(data) => {
+                    self.events.publish_serialized("twin", data);
+                }
+                Err(e) => {
+                    tracing::error!(%node, %device, error = %e, "twin event not serializable")
+                }
+            }
         }
         let mut state = self.write();
         let n = state.entry(node.clone()).or_default();
         n.applied_seq = last_seq;
+        if checkpoint {
+            n.twin_seq = last_seq;
+            n.twin_seq_written = true;
+            n.dirty.clear();
+            n.dirty_records = 0;
+            n.checkpointed_at = Some(std::time::Instant::now());
+        } else {
+            n.dirty_records += new.len() as u64;
+        }
         for ((device, property), sample) in latest {
-            let twin = n.twins.entry(device.clone()).or_default();
-            let previous = twin.reported.insert(
-                property.clone(),
-                Reported {
-                    value: sample.value.clone(),
-                    quality: sample.quality,
-                    ts: sample.ts,
-                },
-            );
-            if previous.is_none() {
-                n.properties += 1;
+            if !checkpoint {
+                n.dirty.insert((device.clone(), property.clone()));
             }
+            n.report(device, property, sample);
         }
         Ok(Applied {
             ticket,
@@ -1206,6 +1351,47 @@ impl Inner {
             duplicates: skip,
             lost: 0,
         })
+    }
+
+    /// Writes a twin checkpoint for every node with values changed since its last one.
+    fn checkpoint_all(&self) -> Result<(), StoreError> {
+        let _commit = self
+            .commit_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut batch = sled::Batch::default();
+        let mut done = vec![];
+        for (node, n) in self.read().iter() {
+            if n.twin_seq >= n.applied_seq && n.dirty.is_empty() {
+                continue;
+            }
+            for (device, property) in &n.dirty {
+                if let Some(r) = n.twins.get(device).and_then(|t| t.reported.get(property)) {
+                    batch.insert(
+                        twin_key(node, device, property),
+                        encode_samples(&[r.sample(device, property)]),
+                    );
+                }
+            }
+            batch.insert(meta_key(node, FIELD_TWIN), &n.applied_seq.to_be_bytes());
+            done.push((node.clone(), n.applied_seq));
+        }
+        if done.is_empty() {
+            return Ok(());
+        }
+        self.tree.apply_batch(batch)?;
+        self.written.fetch_add(1, Ordering::AcqRel);
+        let mut state = self.write();
+        for (node, seq) in done {
+            if let Some(n) = state.get_mut(&node) {
+                n.twin_seq = seq;
+                n.twin_seq_written = true;
+                n.dirty.clear();
+                n.dirty_records = 0;
+                n.checkpointed_at = Some(std::time::Instant::now());
+            }
+        }
+        Ok(())
     }
 
     /// The synchronous part of a gap commit.
@@ -1270,32 +1456,10 @@ impl Inner {
 impl HubStore {
     /// Every stored record of `node` with sequence number `>= from_seq`, in order.
     pub fn records(&self, node: &NodeId, from_seq: u64) -> Result<Vec<(u64, Sample)>, StoreError> {
-        let prefix = node_prefix(node);
-        // The entry holding `from_seq` starts at or before it.
-        let begin = match self
-            .tree()
-            .range(prefix.clone()..=record_key(node, from_seq))
-            .next_back()
-        {
-            Some(entry) => entry?.0.to_vec(),
-            None => prefix.clone(),
-        };
         let mut out = Vec::new();
-        for entry in self.tree().range(begin..) {
-            let (key, value) = entry?;
-            let Some(seq_bytes) = key.strip_prefix(prefix.as_slice()) else {
-                break;
-            };
-            let first = <[u8; 8]>::try_from(seq_bytes)
-                .map(u64::from_be_bytes)
-                .map_err(|_| corrupt(&key, "record key without an 8-byte sequence number"))?;
-            let samples = decode_samples(&value).map_err(|e| corrupt_frame(&key, &e))?;
-            for (seq, sample) in (first..).zip(samples) {
-                if seq >= from_seq {
-                    out.push((seq, sample));
-                }
-            }
-        }
+        scan_records(self.tree(), node, from_seq, |seq, sample| {
+            out.push((seq, sample))
+        })?;
         Ok(out)
     }
 
@@ -1461,6 +1625,40 @@ fn status(node: &NodeId, n: &NodeState) -> NodeStatus {
         config_version: n.config_version,
         devices: n.twins.len(),
     }
+}
+
+/// Calls `f` with every stored record of `node` with sequence number `>= from_seq`, in order.
+fn scan_records(
+    tree: &sled::Tree,
+    node: &NodeId,
+    from_seq: u64,
+    mut f: impl FnMut(u64, Sample),
+) -> Result<(), StoreError> {
+    let prefix = node_prefix(node);
+    // The entry holding `from_seq` starts at or before it.
+    let begin = match tree
+        .range(prefix.clone()..=record_key(node, from_seq))
+        .next_back()
+    {
+        Some(entry) => entry?.0.to_vec(),
+        None => prefix.clone(),
+    };
+    for entry in tree.range(begin..) {
+        let (key, value) = entry?;
+        let Some(seq_bytes) = key.strip_prefix(prefix.as_slice()) else {
+            break;
+        };
+        let first = <[u8; 8]>::try_from(seq_bytes)
+            .map(u64::from_be_bytes)
+            .map_err(|_| corrupt(&key, "record key without an 8-byte sequence number"))?;
+        let samples = decode_samples(&value).map_err(|e| corrupt_frame(&key, &e))?;
+        for (seq, sample) in (first..).zip(samples) {
+            if seq >= from_seq {
+                f(seq, sample);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn node_prefix(node: &NodeId) -> Vec<u8> {
@@ -1672,6 +1870,10 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
                 n.durable_seq = seq;
                 n.applied_seq = seq;
             }
+            FIELD_TWIN => {
+                n.twin_seq = be_u64(&key, &value)?;
+                n.twin_seq_written = true;
+            }
             FIELD_AGENT => {
                 let v = std::str::from_utf8(&value)
                     .map_err(|_| corrupt(&key, "agent version is not utf-8"))?;
@@ -1711,18 +1913,27 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
             return Err(corrupt(&key, "twin entry does not hold exactly one sample"));
         };
         let n = state.entry(node).or_default();
-        let twin = n.twins.entry(sample.device).or_default();
-        let previous = twin.reported.insert(
-            sample.property,
-            Reported {
-                value: sample.value,
-                quality: sample.quality,
-                ts: sample.ts,
-            },
-        );
-        if previous.is_none() {
-            n.properties += 1;
+        let (device, property) = (sample.device.clone(), sample.property.clone());
+        n.report(&device, &property, &sample);
+    }
+    // The twin's keys hold the values up to its checkpoint; the records after it are replayed
+    // (a store written before checkpoints existed has no checkpoint: its twin keys were
+    // written with every commit).
+    for (node, n) in state.iter_mut() {
+        if !n.twin_seq_written {
+            n.twin_seq = n.applied_seq;
         }
+        if n.twin_seq >= n.applied_seq {
+            continue;
+        }
+        let mut replayed = 0u64;
+        scan_records(tree, node, n.twin_seq + 1, |_, sample| {
+            n.report(&sample.device, &sample.property, &sample);
+            n.dirty.insert((sample.device, sample.property));
+            replayed += 1;
+        })?;
+        n.dirty_records = replayed;
+        tracing::debug!(%node, replayed, from = n.twin_seq + 1, "twin replayed from the log");
     }
     for entry in tree.scan_prefix([DESIRED]) {
         let (key, value) = entry?;
@@ -1899,6 +2110,140 @@ mod tests {
         assert!(!status.connected);
         // Another node's records do not leak into this one's.
         assert_eq!(store.records(&node("gw-10"), 1).unwrap(), vec![]);
+    }
+
+    /// The reported value of `device`/`property` in the twin's keys on disk (the checkpoint).
+    fn persisted(store: &HubStore, n: &NodeId, device: &str, property: &str) -> Option<Value> {
+        let raw = store
+            .tree()
+            .get(twin_key(n, &dev(device), &prop(property)))
+            .unwrap()?;
+        decode_samples(&raw).unwrap().pop().unwrap().value
+    }
+
+    #[tokio::test]
+    async fn the_twin_is_checkpointed_and_replayed_from_the_records_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node("gw-1");
+        {
+            let store = open(&dir);
+            // The node's first commit writes the checkpoint...
+            store
+                .commit_batch(&n, 1, &[sample("plc1", "temp", 1, 1)])
+                .await
+                .unwrap();
+            assert_eq!(persisted(&store, &n, "plc1", "temp"), Some(Value::Int(1)));
+            // ...later ones within the interval only their records.
+            for seq in 2..=5 {
+                store
+                    .commit_batch(&n, seq, &[sample("plc1", "temp", seq as i64, seq)])
+                    .await
+                    .unwrap();
+            }
+            store
+                .commit_batch(&n, 6, &[sample("plc1", "new", 60, 6)])
+                .await
+                .unwrap();
+            assert_eq!(persisted(&store, &n, "plc1", "temp"), Some(Value::Int(1)));
+            assert_eq!(persisted(&store, &n, "plc1", "new"), None);
+            // Dropped without a flush: a crash after the commits returned.
+        }
+        let store = open(&dir);
+        let twin = store.twin(&n, &dev("plc1")).unwrap();
+        assert_eq!(twin.reported[&prop("temp")].value, Some(Value::Int(5)));
+        assert_eq!(twin.reported[&prop("temp")].ts, Timestamp(5));
+        assert_eq!(twin.reported[&prop("new")].value, Some(Value::Int(60)));
+        assert_eq!(store.node(&n).unwrap().uplink_seq, 6);
+        // The replayed values reach the disk with the next checkpoint (this run's first
+        // commit), together with the new ones; nothing is replayed after that.
+        store
+            .commit_batch(&n, 7, &[sample("plc2", "x", 7, 7)])
+            .await
+            .unwrap();
+        assert_eq!(persisted(&store, &n, "plc1", "temp"), Some(Value::Int(5)));
+        assert_eq!(persisted(&store, &n, "plc1", "new"), Some(Value::Int(60)));
+        assert_eq!(persisted(&store, &n, "plc2", "x"), Some(Value::Int(7)));
+        // Enough records force a checkpoint within the interval.
+        let many: Vec<Sample> = (0..TWIN_CHECKPOINT_RECORDS)
+            .map(|i| sample("plc1", "temp", 1000 + i as i64, 8 + i))
+            .collect();
+        store.commit_batch(&n, 8, &many).await.unwrap();
+        let last = Some(Value::Int(1000 + TWIN_CHECKPOINT_RECORDS as i64 - 1));
+        assert_eq!(persisted(&store, &n, "plc1", "temp"), last);
+        // A graceful flush checkpoints what changed since.
+        let next = 8 + TWIN_CHECKPOINT_RECORDS;
+        store
+            .commit_batch(&n, next, &[sample("plc2", "x", 8, next)])
+            .await
+            .unwrap();
+        assert_eq!(persisted(&store, &n, "plc2", "x"), Some(Value::Int(7)));
+        store.flush().await.unwrap();
+        assert_eq!(persisted(&store, &n, "plc2", "x"), Some(Value::Int(8)));
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(
+            store.twin(&n, &dev("plc1")).unwrap().reported[&prop("temp")].value,
+            last
+        );
+        assert_eq!(store.node(&n).unwrap().uplink_seq, next);
+    }
+
+    #[tokio::test]
+    async fn a_commit_publishes_one_twin_event_per_device_with_its_changed_properties() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let n = node("gw-1");
+        let (_, mut rx) = store.events().subscribe(None);
+        let batch = vec![
+            sample("plc2", "b", 1, 10),
+            sample("plc1", "a", 2, 11),
+            sample("plc2", "a", 3, 12),
+            Sample {
+                quality: Quality::Bad(BadReason::Timeout),
+                value: None,
+                ..sample("plc2", "b", 0, 13)
+            },
+        ];
+        store.commit_batch(&n, 1, &batch).await.unwrap();
+        let mut got = vec![];
+        while let Ok(ev) = rx.try_recv() {
+            assert_eq!(ev.kind, "twin");
+            got.push(ev.json());
+        }
+        assert_eq!(
+            got,
+            vec![
+                serde_json::json!({"node": "gw-1", "device": "plc1", "reported": {
+                    "a": {"value": 2, "quality": "good", "ts": 11}}}),
+                serde_json::json!({"node": "gw-1", "device": "plc2", "reported": {
+                    "a": {"value": 3, "quality": "good", "ts": 12},
+                    "b": {"value": null, "quality": Quality::Bad(BadReason::Timeout), "ts": 13}}}),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_without_a_twin_checkpoint_keeps_its_twin_keys() {
+        // Written before checkpoints existed: twin keys with every commit, no "twinseq".
+        let dir = tempfile::tempdir().unwrap();
+        let n = node("gw-1");
+        {
+            let store = open(&dir);
+            store
+                .commit_batch(&n, 1, &[sample("plc1", "temp", 1, 1)])
+                .await
+                .unwrap();
+            store.tree().remove(meta_key(&n, FIELD_TWIN)).unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = open(&dir);
+        let twin = store.twin(&n, &dev("plc1")).unwrap();
+        assert_eq!(twin.reported[&prop("temp")].value, Some(Value::Int(1)));
+        store
+            .commit_batch(&n, 2, &[sample("plc1", "temp", 2, 2)])
+            .await
+            .unwrap();
+        assert_eq!(persisted(&store, &n, "plc1", "temp"), Some(Value::Int(2)));
     }
 
     #[tokio::test]
