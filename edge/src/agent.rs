@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, FsyncPolicy, OutboxFullPolicy};
 use crate::downlink::{Downlink, DownlinkChannels, DownlinkConfig};
+use crate::health::Health;
+use crate::held::Held;
 use crate::local::{LocalTwin, TwinEvent};
 use crate::modbus::link::{Clock, DeviceReading, LinkOptions, spawn_link_writable};
 use crate::modbus::write::{LinkHandle, WriteError, WriteOutcome};
@@ -64,6 +66,11 @@ pub struct Agent {
     /// Where the embedded MQTT broker listens (the real port when port 0 was configured);
     /// `None` with an external broker or MQTT off.
     pub mqtt_addr: Option<std::net::SocketAddr>,
+    /// Readiness (what `/readyz` reports).
+    pub health: Health,
+    /// Cancelled when the agent must be restarted to reopen its store: the records it held
+    /// while the store could not write are in the spill file (see [`crate::held`]).
+    pub restart: CancellationToken,
 }
 
 /// Why the agent could not start.
@@ -76,6 +83,9 @@ pub enum StartError {
     /// The local MQTT bus could not start.
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttError),
+    /// Records held by the previous run could not be imported (the file stays).
+    #[error("held records: {0}")]
+    Held(String),
     /// The store failed to open.
     #[error("store {path}: {source}")]
     Store {
@@ -121,11 +131,25 @@ impl Agent {
             OutboxFullPolicy::DropOldest => cfg.outbox.max_bytes,
             OutboxFullPolicy::RefuseNew => u64::MAX,
         };
-        let store = AgentStore::open(&store_dir, cfg.sled_cache_bytes, store_budget, fsync)
+        let mut store = AgentStore::open(&store_dir, cfg.sled_cache_bytes, store_budget, fsync)
             .map_err(|source| StartError::Store {
                 path: store_dir.display().to_string(),
                 source,
             })?;
+        // Records held in memory by the previous run while the store could not write.
+        match crate::held::import(&mut store, &cfg.data_dir).await {
+            Ok(None) => {}
+            Ok(Some(i)) => tracing::warn!(
+                records = i.records,
+                already_stored = i.already_stored,
+                lost = i.lost,
+                "imported the records held while the outbox could not write"
+            ),
+            Err(e @ crate::held::ImportError::Corrupt { .. }) => {
+                tracing::error!(error = %e, "held records not imported")
+            }
+            Err(e) => return Err(StartError::Held(e.to_string())),
+        }
         let twin = Twin::new(
             &cfg.devices,
             store.load_twin().map_err(|source| StartError::Store {
@@ -232,8 +256,15 @@ impl Agent {
                     .map(|t| (d.id.clone(), t.property.clone()))
             })
             .collect();
+        let health = Health::new();
+        health.set_ready();
+        let restart = CancellationToken::new();
         let pipeline = Pipeline {
             rx,
+            held: None,
+            data_dir: cfg.data_dir.clone(),
+            health: health.clone(),
+            restart: restart.clone(),
             specs,
             local: local.clone(),
             store: store.clone(),
@@ -292,6 +323,8 @@ impl Agent {
             writers,
             local,
             mqtt_addr,
+            health,
+            restart,
         })
     }
 
@@ -315,6 +348,10 @@ impl Agent {
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
+        if self.health.unready().is_some() {
+            // The store cannot write: flushing it would wait for a write that never ends.
+            return;
+        }
         if let Err(e) = self.store.lock().await.sync().await {
             tracing::error!(error = %e, "final flush failed");
         }
@@ -334,6 +371,13 @@ const TWIN_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// The pipeline task: readings → twin → group commits.
 struct Pipeline {
     rx: mpsc::Receiver<DeviceReading>,
+    /// Records held in memory since a commit failed (the store cannot write until reopened).
+    held: Option<Held>,
+    /// Where the spill file of held records goes.
+    data_dir: std::path::PathBuf,
+    health: Health,
+    /// Cancelled once the held records are spilled: the process restarts to reopen the store.
+    restart: CancellationToken,
     specs: HashMap<DeviceId, Arc<DeviceSpec>>,
     local: LocalTwin,
     store: Arc<Mutex<AgentStore>>,
@@ -370,7 +414,22 @@ impl Pipeline {
                 // Shutdown: commit what is pending, then stop.
                 _ = self.cancel.cancelled() => {
                     self.commit(&mut pending, &mut dirty, true).await;
+                    if self.held.is_some() {
+                        // Saved for the next run if the disk takes them.
+                        self.spill().await;
+                    }
                     return;
+                }
+                // Records are held: is there room on the disk again?
+                _ = tokio::time::sleep(crate::held::PROBE_INTERVAL), if self.held.is_some() => {
+                    self.commit(&mut pending, &mut dirty, false).await;
+                    if self.spill().await {
+                        // Restart to reopen the store; take nothing more meanwhile.
+                        self.restart.cancel();
+                        self.cancel.cancelled().await;
+                        return;
+                    }
+                    false
                 }
                 // A poll cycle of one device (mpsc::recv is cancel-safe).
                 r = self.rx.recv() => match r {
@@ -461,6 +520,13 @@ impl Pipeline {
         dirty: &mut HashSet<DeviceId>,
         flush_twin: bool,
     ) {
+        if let Some(h) = self.held.as_mut() {
+            // The store cannot write: hold the records (the twin stays dirty).
+            h.extend(pending.drain(..));
+            metrics::gauge!("edgesync_outbox_held_records").set(h.records.len() as f64);
+            self.health.set_unready(held_reason(h));
+            return;
+        }
         let twin: Vec<(DeviceId, Vec<Sample>)> = if flush_twin {
             let twin = self.local.lock();
             dirty
@@ -601,11 +667,68 @@ impl Pipeline {
                 }
             }
             Err(e) => {
-                // Nothing was accepted: the records are lost to history, the twin keeps the
-                // latest state and will be re-reported on the next change or heartbeat.
+                // sled keeps a write error until the store is reopened: hold this group and
+                // what follows in memory, report not ready, and probe the disk.
+                drop(st);
                 metrics::counter!("edgesync_outbox_commit_errors_total").increment(1);
-                tracing::error!(error = %e, records = n, "outbox commit failed");
+                tracing::error!(
+                    error = %e,
+                    records = n,
+                    "outbox commit failed: holding records in memory until the store can write again"
+                );
+                for (d, _) in twin {
+                    dirty.insert(d);
+                }
+                let records = Arc::try_unwrap(shared).unwrap_or_else(|a| (*a).clone());
+                let h = Held::new(first_seq, &records, refused, e.to_string());
+                metrics::gauge!("edgesync_outbox_held_records").set(h.records.len() as f64);
+                self.health.set_unready(held_reason(&h));
+                self.held = Some(h);
             }
         }
     }
+
+    /// Writes the held records to the spill file; true once they are safely there.
+    async fn spill(&mut self) -> bool {
+        let Some(h) = self.held.as_ref() else {
+            return false;
+        };
+        let bytes = h.encode();
+        let dir = self.data_dir.clone();
+        let r = tokio::task::spawn_blocking(move || crate::held::spill_bytes(&dir, &bytes)).await;
+        match r {
+            Ok(Ok(path)) => {
+                tracing::warn!(
+                    records = h.records.len(),
+                    dropped = h.dropped,
+                    path = %path.display(),
+                    "held records saved; restarting to reopen the outbox store"
+                );
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, records = h.records.len(), "cannot save the held records yet (is the disk still full?)");
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "saving the held records panicked");
+                false
+            }
+        }
+    }
+}
+
+/// What `/readyz` says while records are held.
+fn held_reason(h: &Held) -> String {
+    format!(
+        "outbox store cannot write ({}); {} records held in memory{}, retrying every {} s",
+        h.error,
+        h.records.len(),
+        if h.dropped > 0 {
+            format!(", {} oldest dropped", h.dropped)
+        } else {
+            String::new()
+        },
+        crate::held::PROBE_INTERVAL.as_secs()
+    )
 }

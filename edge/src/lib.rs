@@ -11,6 +11,8 @@
 pub mod agent;
 pub mod config;
 pub mod downlink;
+pub mod health;
+pub mod held;
 pub mod local;
 pub mod modbus;
 pub mod model;

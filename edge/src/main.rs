@@ -173,14 +173,28 @@ fn probe(
 }
 
 async fn run(cfg: config::AgentConfig) -> ExitCode {
-    if let Some(addr) = cfg.metrics_listen
-        && let Err(e) = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-    {
-        eprintln!("metrics listener {addr}: {e}");
-        return ExitCode::FAILURE;
-    }
+    // The metrics/health listener is bound before anything else, so a port in use fails the
+    // start at once.
+    let endpoint = match cfg.metrics_listen {
+        Some(addr) => {
+            let handle =
+                match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+                    Ok(h) => h,
+                    Err(e) => {
+                        eprintln!("metrics recorder: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some((l, handle)),
+                Err(e) => {
+                    eprintln!("metrics listener {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => None,
+    };
     let agent = match Agent::start(cfg).await {
         Ok(a) => a,
         Err(e) => {
@@ -188,10 +202,49 @@ async fn run(cfg: config::AgentConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wait_for_signal().await;
+    let endpoint_stop = tokio_util::sync::CancellationToken::new();
+    if let Some((listener, handle)) = endpoint {
+        tokio::spawn(edgesync_edge::health::serve(
+            listener,
+            handle,
+            agent.health.clone(),
+            endpoint_stop.clone(),
+        ));
+    }
+    let restart = agent.restart.clone();
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        _ = restart.cancelled() => {
+            // The held records are in the spill file: a fresh run of this program reopens the
+            // store and imports them (same process id; files and locks are released).
+            tracing::warn!("restarting to reopen the outbox store");
+            endpoint_stop.cancel();
+            let err = reexec();
+            tracing::error!(error = %err, "cannot restart; exiting (the held records wait in the spill file)");
+            std::process::exit(1);
+        }
+    }
     tracing::info!("shutting down");
+    endpoint_stop.cancel();
+    let broken = agent.health.unready().is_some();
     agent.shutdown().await;
+    if broken {
+        // The store cannot write: closing it would wait forever for a stuck write.
+        std::process::exit(0);
+    }
     ExitCode::SUCCESS
+}
+
+/// Replaces this process with a fresh run of the same program and arguments; returns only on
+/// failure.
+fn reexec() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "edgesync-agent".into());
+    std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .exec()
 }
 
 async fn wait_for_signal() {
