@@ -5,6 +5,7 @@ mod durability;
 mod e2e;
 mod events;
 mod faults;
+mod hub_restart;
 mod local;
 mod modbus;
 mod outbox;

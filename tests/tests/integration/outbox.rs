@@ -9,18 +9,16 @@
 //! values never go back (nothing replayed), the gaps hold exactly the records the
 //! agent counted as lost, and every record it accepted and kept is there.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use edgesync_cloud::store::HubStore;
-use edgesync_protocol::{NodeId, Value};
 use edgesync_testkit::harness::{self, Api, Pki, Proc, TempDir};
 use edgesync_testkit::sim::{Script, ScriptId, SimConfig, SimHandle, Table};
 
-use crate::support::{dead_hub, free_tcp_port};
+use crate::support::{audit, dead_hub, free_tcp_port};
 
 const TD: &str = "example.org";
 const NODE: &str = "gw-1";
@@ -299,72 +297,6 @@ impl Rig {
             1 << 20,
         )?)
     }
-}
-
-/// What the hub's store holds for the node, checked: records and gaps cover `1..=stored` with
-/// no hole and no overlap, and per property the counter values only go up.
-struct Audit {
-    /// (seq, property, value) of every stored record.
-    records: Vec<(u64, String, u64)>,
-    lost: u64,
-    gaps: Vec<(u64, u64)>,
-}
-
-/// `restarts`: the agent was restarted, so a counter's value may repeat (see below).
-fn audit(store: &HubStore, restarts: bool) -> anyhow::Result<Audit> {
-    let node = NodeId::new(NODE)?;
-    let stored = store.stored_seq(&node)?;
-    let gaps = store.gaps(&node)?;
-    let mut records = vec![];
-    for (seq, s) in store.records(&node, 1)? {
-        let v = match s.value {
-            Some(Value::UInt(u)) => u,
-            Some(Value::Int(i)) => u64::try_from(i)?,
-            other => bail!("record {seq}: unexpected value {other:?}"),
-        };
-        records.push((seq, s.property.to_string(), v));
-    }
-    // Every sequence number 1..=stored exactly once, as a record or inside a gap.
-    let mut covered: Vec<(u64, u64)> = records.iter().map(|(s, _, _)| (*s, *s)).collect();
-    covered.extend(gaps.iter().copied());
-    covered.sort_unstable();
-    let mut next = 1;
-    for (from, to) in &covered {
-        ensure!(
-            *from == next,
-            "sequence {next} is {} (records and gaps: {covered:?})",
-            if *from > next {
-                "missing"
-            } else {
-                "stored twice"
-            }
-        );
-        next = to + 1;
-    }
-    ensure!(
-        next == stored + 1,
-        "records and gaps end at {}, the hub stored up to {stored}",
-        next - 1
-    );
-    // The counters never go back (an older record replayed, or sent again out of order). A
-    // value may repeat: the first reading after an agent restart is reported even when it
-    // did not change (so the hub converges whatever the agent's disk kept). `sp` holds still.
-    let mut last: BTreeMap<&str, u64> = BTreeMap::new();
-    for (seq, p, v) in records.iter().filter(|(_, p, _)| p.starts_with('c')) {
-        if let Some(prev) = last.get(p.as_str()) {
-            ensure!(
-                v > prev || (restarts && v == prev),
-                "record {seq}: {p} went from {prev} to {v} (duplicated or replayed)"
-            );
-        }
-        last.insert(p, *v);
-    }
-    let lost = gaps.iter().map(|(f, t)| t - f + 1).sum();
-    Ok(Audit {
-        records,
-        lost,
-        gaps,
-    })
 }
 
 const COUNTERS: u16 = 40;
