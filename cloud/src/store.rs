@@ -10,7 +10,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `<node> 0x00 <first seq: u64 BE>` | [`encode_samples`] of one batch: records `first..first+n` |
+//! | `<node> 0x00 <first seq: u64 BE>` | [`encode_samples`] of records `first..first+n` (a commit's records, in entries of about 64 KiB) |
 //! | `0x01 <node> 0x00 "seq"` | last uplink seq stored (u64 BE) |
 //! | `0x01 <node> 0x00 "agent"` | agent version (UTF-8) |
 //! | `0x01 <node> 0x00 "seen"` | last seen, ms since the epoch (u64 BE) |
@@ -93,6 +93,10 @@ const FIELD_AGENT: &[u8] = b"agent";
 const FIELD_SEEN: &[u8] = b"seen";
 const FIELD_STORE: &[u8] = b"store";
 const FIELD_TWIN: &[u8] = b"twinseq";
+
+/// Target size of one record entry: a commit's records are split into entries of about this
+/// many bytes.
+const RECORD_ENTRY_BYTES: usize = 64 * 1024;
 
 /// The persisted twin is brought up to date (a checkpoint) at least this often while a node
 /// sends records...
@@ -225,6 +229,10 @@ pub struct Reported {
     pub quality: Quality,
     /// When the agent read it.
     pub ts: Timestamp,
+    /// The node's sequence number with which this value was last set: newer than the twin
+    /// checkpoint means not in the twin's keys yet (0 when loaded from them).
+    #[serde(skip)]
+    seq: u64,
 }
 
 impl Reported {
@@ -330,12 +338,23 @@ impl Serialize for Twin {
 }
 
 impl NodeState {
+    /// The reported values changed after the twin checkpoint.
+    fn unsaved(&self) -> impl Iterator<Item = (&DeviceId, &PropertyId, &Reported)> {
+        self.twins.iter().flat_map(move |(d, t)| {
+            t.reported
+                .iter()
+                .filter(move |(_, r)| r.seq > self.twin_seq)
+                .map(move |(p, r)| (d, p, r))
+        })
+    }
+
     /// Sets a reported value in the twin (counting a new property).
-    fn report(&mut self, device: &DeviceId, property: &PropertyId, sample: &Sample) {
+    fn report(&mut self, device: &DeviceId, property: &PropertyId, sample: &Sample, seq: u64) {
         let reported = Reported {
             value: sample.value.clone(),
             quality: sample.quality,
             ts: sample.ts,
+            seq,
         };
         let twin = match self.twins.get_mut(device) {
             Some(t) => t,
@@ -374,8 +393,6 @@ struct NodeState {
     twin_seq: u64,
     /// Whether `twin_seq` is on disk (a node's first commit in a run writes it).
     twin_seq_written: bool,
-    /// Properties whose reported value changed after `twin_seq`.
-    dirty: std::collections::BTreeSet<(DeviceId, PropertyId)>,
     /// Records committed after `twin_seq`.
     dirty_records: u64,
     /// When the last checkpoint was written (monotonic).
@@ -1262,12 +1279,8 @@ impl Inner {
                 // The twin's keys brought up to `last_seq`, in the same atomic batch: the
                 // values changed since the last checkpoint and not by this commit...
                 if let Some(n) = n {
-                    for (device, property) in &n.dirty {
-                        if latest.contains_key(&(device, property)) {
-                            continue;
-                        }
-                        if let Some(r) = n.twins.get(device).and_then(|t| t.reported.get(property))
-                        {
+                    for (device, property, r) in n.unsaved() {
+                        if !latest.contains_key(&(device, property)) {
                             batch.insert(
                                 twin_key(node, device, property),
                                 encode_samples(&[r.sample(device, property)]),
@@ -1287,7 +1300,22 @@ impl Inner {
             (n.and_then(|n| n.last_seen_ms), checkpoint)
         };
 
-        batch.insert(record_key(node, expected), encode_samples(new));
+        // Entries below sled's blob threshold (a quarter of its 512 KiB segments): larger
+        // values go to a file of their own each, which every flush must fsync, with
+        // `blobs/`.
+        let encoded = encode_samples(new);
+        if encoded.len() <= RECORD_ENTRY_BYTES {
+            batch.insert(record_key(node, expected), encoded);
+        } else {
+            let parts = encoded.len().div_ceil(RECORD_ENTRY_BYTES);
+            let per = new.len().div_ceil(parts).max(1);
+            for (i, chunk) in new.chunks(per).enumerate() {
+                batch.insert(
+                    record_key(node, expected + (i * per) as u64),
+                    encode_samples(chunk),
+                );
+            }
+        }
         batch.insert(meta_key(node, FIELD_SEQ), &last_seq.to_be_bytes());
         if let Some(seen) = last_seen {
             // node_seen only updates memory; persist it with the node's commits.
@@ -1332,17 +1360,13 @@ impl Inner {
         if checkpoint {
             n.twin_seq = last_seq;
             n.twin_seq_written = true;
-            n.dirty.clear();
             n.dirty_records = 0;
             n.checkpointed_at = Some(std::time::Instant::now());
         } else {
             n.dirty_records += new.len() as u64;
         }
         for ((device, property), sample) in latest {
-            if !checkpoint {
-                n.dirty.insert((device.clone(), property.clone()));
-            }
-            n.report(device, property, sample);
+            n.report(device, property, sample, last_seq);
         }
         Ok(Applied {
             ticket,
@@ -1362,16 +1386,14 @@ impl Inner {
         let mut batch = sled::Batch::default();
         let mut done = vec![];
         for (node, n) in self.read().iter() {
-            if n.twin_seq >= n.applied_seq && n.dirty.is_empty() {
+            if n.twin_seq >= n.applied_seq {
                 continue;
             }
-            for (device, property) in &n.dirty {
-                if let Some(r) = n.twins.get(device).and_then(|t| t.reported.get(property)) {
-                    batch.insert(
-                        twin_key(node, device, property),
-                        encode_samples(&[r.sample(device, property)]),
-                    );
-                }
+            for (device, property, r) in n.unsaved() {
+                batch.insert(
+                    twin_key(node, device, property),
+                    encode_samples(&[r.sample(device, property)]),
+                );
             }
             batch.insert(meta_key(node, FIELD_TWIN), &n.applied_seq.to_be_bytes());
             done.push((node.clone(), n.applied_seq));
@@ -1386,7 +1408,6 @@ impl Inner {
             if let Some(n) = state.get_mut(&node) {
                 n.twin_seq = seq;
                 n.twin_seq_written = true;
-                n.dirty.clear();
                 n.dirty_records = 0;
                 n.checkpointed_at = Some(std::time::Instant::now());
             }
@@ -1914,7 +1935,7 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
         };
         let n = state.entry(node).or_default();
         let (device, property) = (sample.device.clone(), sample.property.clone());
-        n.report(&device, &property, &sample);
+        n.report(&device, &property, &sample, 0);
     }
     // The twin's keys hold the values up to its checkpoint; the records after it are replayed
     // (a store written before checkpoints existed has no checkpoint: its twin keys were
@@ -1927,9 +1948,8 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
             continue;
         }
         let mut replayed = 0u64;
-        scan_records(tree, node, n.twin_seq + 1, |_, sample| {
-            n.report(&sample.device, &sample.property, &sample);
-            n.dirty.insert((sample.device, sample.property));
+        scan_records(tree, node, n.twin_seq + 1, |seq, sample| {
+            n.report(&sample.device, &sample.property, &sample, seq);
             replayed += 1;
         })?;
         n.dirty_records = replayed;
@@ -2186,6 +2206,16 @@ mod tests {
             last
         );
         assert_eq!(store.node(&n).unwrap().uplink_seq, next);
+        // The large commit was split into several entries; reads see one sequence, also from
+        // the middle of an entry.
+        let entries = store.tree().scan_prefix(node_prefix(&n)).count();
+        assert!(entries > 10, "{entries} record entries");
+        let got = store.records(&n, 8).unwrap();
+        assert_eq!(got.len(), many.len() + 1);
+        assert!(got.iter().zip(&many).all(|((_, a), b)| a == b));
+        assert!(got.iter().zip(8..).all(|((seq, _), want)| *seq == want));
+        let mid = 8 + TWIN_CHECKPOINT_RECORDS / 2 + 7;
+        assert_eq!(store.records(&n, mid).unwrap()[0].0, mid);
     }
 
     #[tokio::test]
@@ -2726,6 +2756,7 @@ mod tests {
                 value: Some(Value::Float(21.5)),
                 quality: Quality::Good,
                 ts: Timestamp(5),
+                seq: 7,
             },
         );
         twin.reported.insert(
@@ -2734,6 +2765,7 @@ mod tests {
                 value: None,
                 quality: Quality::Bad(BadReason::Timeout),
                 ts: Timestamp(6),
+                seq: 8,
             },
         );
         twin.desired.insert(
