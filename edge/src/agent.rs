@@ -262,6 +262,7 @@ impl Agent {
         let pipeline = Pipeline {
             rx,
             held: None,
+            probe_at: None,
             data_dir: cfg.data_dir.clone(),
             health: health.clone(),
             restart: restart.clone(),
@@ -373,6 +374,8 @@ struct Pipeline {
     rx: mpsc::Receiver<DeviceReading>,
     /// Records held in memory since a commit failed (the store cannot write until reopened).
     held: Option<Held>,
+    /// When the disk is probed next (while records are held).
+    probe_at: Option<tokio::time::Instant>,
     /// Where the spill file of held records goes.
     data_dir: std::path::PathBuf,
     health: Health,
@@ -421,8 +424,9 @@ impl Pipeline {
                     return;
                 }
                 // Records are held: is there room on the disk again?
-                _ = tokio::time::sleep(crate::held::PROBE_INTERVAL), if self.held.is_some() => {
+                _ = async { match self.probe_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                     self.commit(&mut pending, &mut dirty, false).await;
+                    self.probe_at = Some(tokio::time::Instant::now() + crate::held::PROBE_INTERVAL);
                     if self.spill().await {
                         // Restart to reopen the store; take nothing more meanwhile.
                         self.restart.cancel();
@@ -626,6 +630,9 @@ impl Pipeline {
         }
         match st.append_with(shared.clone(), &twin, refused, resync).await {
             Ok(a) => {
+                // Also while the hub is away (the uplink sets them on acks).
+                metrics::gauge!("edgesync_outbox_backlog_records").set(st.backlog() as f64);
+                metrics::gauge!("edgesync_outbox_bytes").set(st.outbox_bytes() as f64);
                 drop(st);
                 if n > 0 {
                     // Durable per the fsync policy; only now may the uplink send them.
@@ -684,6 +691,7 @@ impl Pipeline {
                 metrics::gauge!("edgesync_outbox_held_records").set(h.records.len() as f64);
                 self.health.set_unready(held_reason(&h));
                 self.held = Some(h);
+                self.probe_at = Some(tokio::time::Instant::now() + crate::held::PROBE_INTERVAL);
             }
         }
     }

@@ -49,6 +49,20 @@ impl Rig {
         state_only: &[u16],
         outbox: &str,
     ) -> anyhow::Result<Rig> {
+        Self::start_on(tag, counters, state_only, outbox, None).await
+    }
+
+    /// [`Rig::start`]; with `tmpfs` (a size such as `"16m"`), the agent runs in a user and
+    /// mount namespace of its own (`unshare`, util-linux; no privileges needed) with its data
+    /// directory on a tmpfs of that size, which only it sees (and the test, through
+    /// `/proc/<pid>/root`) and which vanishes with it.
+    async fn start_on(
+        tag: &str,
+        counters: u16,
+        state_only: &[u16],
+        outbox: &str,
+        tmpfs: Option<&str>,
+    ) -> anyhow::Result<Rig> {
         let tmp = TempDir::new(tag)?;
         let pki = Pki::new(&tmp.path().join("pki"), TD)?;
         let sim = SimHandle::start("127.0.0.1:0".parse()?, SimConfig::with_units([1])).await?;
@@ -100,13 +114,44 @@ impl Rig {
         )?;
         let cfg = dir.join("agent.toml");
         std::fs::write(&cfg, s)?;
-        let agent = Proc::spawn(
-            &harness::bin("edgesync-agent")?,
-            &["run", "--config", &cfg.display().to_string()],
-            &dir.join("agent.log"),
-            None,
-        )
-        .await?;
+        let bin = harness::bin("edgesync-agent")?;
+        let (cfg, bin) = (cfg.display().to_string(), bin.display().to_string());
+        let agent = match tmpfs {
+            None => {
+                Proc::spawn(
+                    Path::new(&bin),
+                    &["run", "--config", &cfg],
+                    &dir.join("agent.log"),
+                    None,
+                )
+                .await?
+            }
+            Some(size) => {
+                let data = dir.join("data");
+                std::fs::create_dir_all(&data)?;
+                let unshare = crate::support::which("unshare")?;
+                Proc::spawn(
+                    &unshare,
+                    &[
+                        "--user",
+                        "--map-root-user",
+                        "--mount",
+                        "--",
+                        "sh",
+                        "-c",
+                        &format!("mount -t tmpfs -o size={size} tmpfs \"$0\" && exec \"$@\""),
+                        &data.display().to_string(),
+                        &bin,
+                        "run",
+                        "--config",
+                        &cfg,
+                    ],
+                    &dir.join("agent.log"),
+                    None,
+                )
+                .await?
+            }
+        };
         Ok(Rig {
             tmp,
             pki,
@@ -300,6 +345,145 @@ impl Rig {
 }
 
 const COUNTERS: u16 = 40;
+
+/// The agent's `/readyz`: status and body (`None` while nothing answers, e.g. restarting).
+async fn readyz(metrics: &str) -> Option<(u16, String)> {
+    let r = reqwest::get(format!("http://{metrics}/readyz"))
+        .await
+        .ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.text().await.ok()?))
+}
+
+/// Writes `path` until the filesystem is full.
+fn fill(path: &Path) -> anyhow::Result<u64> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).with_context(|| path.display().to_string())?;
+    let chunk = vec![0u8; 64 * 1024];
+    let mut n = 0;
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => n += chunk.len() as u64,
+            Err(e) if e.raw_os_error() == Some(28) => return Ok(n),
+            Err(e) => bail!("filling {}: {e}", path.display()),
+        }
+    }
+}
+
+/// A disk that really fills under the agent's outbox, while the hub is up and values flow:
+/// the agent reports not ready and holds its records in memory; once there is room again it
+/// restarts itself (same PID), and the hub ends up with every record, no gap, and the PLC's
+/// values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_under_the_agent_loses_no_record() -> anyhow::Result<()> {
+    let mut r = Rig::start_on("disk-full", 8, &[], "", Some("16m")).await?;
+    let api = r.start_hub().await?;
+    r.converged_soon(&api).await?;
+    let pid = r
+        .agent
+        .as_ref()
+        .and_then(|a| a.pid())
+        .context("agent pid")?;
+    // The tmpfs as the agent sees it.
+    let data = Path::new(&format!("/proc/{pid}/root"))
+        .join(r.tmp.path().join(NODE).join("data").strip_prefix("/")?);
+    ensure!(
+        data.join("agent.sled").exists(),
+        "no store under {}",
+        data.display()
+    );
+    let filler = data.join("filler");
+    fill(&filler)?;
+    let full_at = tokio::time::Instant::now();
+    // Not ready within seconds, with the reason; records are held meanwhile.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let reason = loop {
+        if let Some((503, body)) = readyz(&r.metrics).await {
+            break body;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz did not turn 503 on a full disk\n{}",
+            r.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(
+        reason.contains("outbox store cannot write") && reason.contains("held in memory"),
+        "{reason}"
+    );
+    let held = r
+        .wait_counter("edgesync_outbox_held_records", 50, Duration::from_secs(20))
+        .await?;
+    // Polling goes on: more records are held a moment later.
+    r.wait_counter(
+        "edgesync_outbox_held_records",
+        held,
+        Duration::from_secs(10),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        matches!(readyz(&r.metrics).await, Some((503, _))),
+        "still not ready while the disk is full"
+    );
+    std::fs::remove_file(&filler)?;
+    let full_for = full_at.elapsed();
+    // Ready again: the agent saved what it held and restarted itself.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((200, _)) = readyz(&r.metrics).await {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz did not turn 200 once the disk had room\n{}",
+            r.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        r.agent.as_ref().and_then(|a| a.pid()) == Some(pid),
+        "the agent restarted in place (same process)"
+    );
+    let logs = r.logs();
+    ensure!(
+        logs.contains("restarting to reopen the outbox store")
+            && logs.contains("imported the records held while the outbox could not write"),
+        "{logs}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    r.freeze();
+    r.converged(&api, 8, Duration::from_secs(30)).await?;
+    let logs = r.logs();
+    let store = r.stop_and_open_store().await?;
+    // The agent restarted once: its first reading after it may repeat a value.
+    let a = audit(&store, true).with_context(|| logs.clone())?;
+    ensure!(
+        a.lost == 0,
+        "gaps {:?} (nothing had to be dropped)\n{logs}",
+        a.gaps
+    );
+    // The records polled while the disk was full reached the hub: no counter has a hole in
+    // its history as long as the full period (only the restart's moment).
+    let node = edgesync_protocol::NodeId::new(NODE)?;
+    let mut last: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut worst = 0;
+    for (_, s) in store.records(&node, 1)? {
+        // The counters (`sp` holds still and is reported only when it changes).
+        if !s.property.as_str().starts_with('c') {
+            continue;
+        }
+        if let Some(prev) = last.insert(s.property.to_string(), s.ts.0) {
+            worst = worst.max(s.ts.0.saturating_sub(prev));
+        }
+    }
+    ensure!(
+        u128::from(worst) < full_for.as_millis() / 2 && worst < 3000,
+        "a counter has no record for {worst} ms; the disk was full for {full_for:?}\n{logs}"
+    );
+    Ok(())
+}
 
 async fn full_outbox(policy: &str, lost_metric: &str) -> anyhow::Result<()> {
     // 40 counters changing every 50 ms: ~800 records/s fill the smallest outbox in seconds.
