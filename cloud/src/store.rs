@@ -10,7 +10,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `<node> 0x00 <first seq: u64 BE>` | [`encode_samples`] of records `first..first+n` (a commit's records, in entries of about 64 KiB) |
+//! | `<node> 0x00 <first seq: u64 BE>` | [`encode_samples`] of one batch: records `first..first+n` |
 //! | `0x01 <node> 0x00 "seq"` | last uplink seq stored (u64 BE) |
 //! | `0x01 <node> 0x00 "agent"` | agent version (UTF-8) |
 //! | `0x01 <node> 0x00 "seen"` | last seen, ms since the epoch (u64 BE) |
@@ -94,9 +94,6 @@ const FIELD_SEEN: &[u8] = b"seen";
 const FIELD_STORE: &[u8] = b"store";
 const FIELD_TWIN: &[u8] = b"twinseq";
 
-/// Target size of one record entry: a commit's records are split into entries of about this
-/// many bytes.
-const RECORD_ENTRY_BYTES: usize = 64 * 1024;
 
 /// The persisted twin is brought up to date (a checkpoint) at least this often while a node
 /// sends records...
@@ -1300,22 +1297,7 @@ impl Inner {
             (n.and_then(|n| n.last_seen_ms), checkpoint)
         };
 
-        // Entries below sled's blob threshold (a quarter of its 512 KiB segments): larger
-        // values go to a file of their own each, which every flush must fsync, with
-        // `blobs/`.
-        let encoded = encode_samples(new);
-        if encoded.len() <= RECORD_ENTRY_BYTES {
-            batch.insert(record_key(node, expected), encoded);
-        } else {
-            let parts = encoded.len().div_ceil(RECORD_ENTRY_BYTES);
-            let per = new.len().div_ceil(parts).max(1);
-            for (i, chunk) in new.chunks(per).enumerate() {
-                batch.insert(
-                    record_key(node, expected + (i * per) as u64),
-                    encode_samples(chunk),
-                );
-            }
-        }
+        batch.insert(record_key(node, expected), encode_samples(new));
         batch.insert(meta_key(node, FIELD_SEQ), &last_seq.to_be_bytes());
         if let Some(seen) = last_seen {
             // node_seen only updates memory; persist it with the node's commits.
@@ -2206,10 +2188,7 @@ mod tests {
             last
         );
         assert_eq!(store.node(&n).unwrap().uplink_seq, next);
-        // The large commit was split into several entries; reads see one sequence, also from
-        // the middle of an entry.
-        let entries = store.tree().scan_prefix(node_prefix(&n)).count();
-        assert!(entries > 10, "{entries} record entries");
+        // Reads see one sequence, also from the middle of an entry.
         let got = store.records(&n, 8).unwrap();
         assert_eq!(got.len(), many.len() + 1);
         assert!(got.iter().zip(&many).all(|((_, a), b)| a == b));
