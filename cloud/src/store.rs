@@ -94,7 +94,6 @@ const FIELD_SEEN: &[u8] = b"seen";
 const FIELD_STORE: &[u8] = b"store";
 const FIELD_TWIN: &[u8] = b"twinseq";
 
-
 /// The persisted twin is brought up to date (a checkpoint) at least this often while a node
 /// sends records...
 const TWIN_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -335,14 +334,32 @@ impl Serialize for Twin {
 }
 
 impl NodeState {
-    /// The reported values changed after the twin checkpoint.
-    fn unsaved(&self) -> impl Iterator<Item = (&DeviceId, &PropertyId, &Reported)> {
-        self.twins.iter().flat_map(move |(d, t)| {
-            t.reported
-                .iter()
-                .filter(move |(_, r)| r.seq > self.twin_seq)
-                .map(move |(p, r)| (d, p, r))
-        })
+    /// Adds the twin keys of the reported values changed after the twin checkpoint to `batch`,
+    /// except those `skip` names.
+    fn write_unsaved(
+        &self,
+        node: &NodeId,
+        batch: &mut sled::Batch,
+        skip: impl Fn(&DeviceId, &PropertyId) -> bool,
+    ) {
+        for (device, twin) in &self.twins {
+            for (property, r) in &twin.reported {
+                if r.seq > self.twin_seq && !skip(device, property) {
+                    batch.insert(
+                        twin_key(node, device, property),
+                        encode_samples(&[r.sample(device, property)]),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Records that the twin's keys now hold every value up to `seq`.
+    fn checkpointed(&mut self, seq: u64) {
+        self.twin_seq = seq;
+        self.twin_seq_written = true;
+        self.dirty_records = 0;
+        self.checkpointed_at = Some(std::time::Instant::now());
     }
 
     /// Sets a reported value in the twin (counting a new property).
@@ -1276,14 +1293,7 @@ impl Inner {
                 // The twin's keys brought up to `last_seq`, in the same atomic batch: the
                 // values changed since the last checkpoint and not by this commit...
                 if let Some(n) = n {
-                    for (device, property, r) in n.unsaved() {
-                        if !latest.contains_key(&(device, property)) {
-                            batch.insert(
-                                twin_key(node, device, property),
-                                encode_samples(&[r.sample(device, property)]),
-                            );
-                        }
-                    }
+                    n.write_unsaved(node, &mut batch, |d, p| latest.contains_key(&(d, p)));
                 }
                 // ...and this commit's.
                 for ((device, property), sample) in &latest {
@@ -1340,10 +1350,7 @@ impl Inner {
         let n = state.entry(node.clone()).or_default();
         n.applied_seq = last_seq;
         if checkpoint {
-            n.twin_seq = last_seq;
-            n.twin_seq_written = true;
-            n.dirty_records = 0;
-            n.checkpointed_at = Some(std::time::Instant::now());
+            n.checkpointed(last_seq);
         } else {
             n.dirty_records += new.len() as u64;
         }
@@ -1371,12 +1378,7 @@ impl Inner {
             if n.twin_seq >= n.applied_seq {
                 continue;
             }
-            for (device, property, r) in n.unsaved() {
-                batch.insert(
-                    twin_key(node, device, property),
-                    encode_samples(&[r.sample(device, property)]),
-                );
-            }
+            n.write_unsaved(node, &mut batch, |_, _| false);
             batch.insert(meta_key(node, FIELD_TWIN), &n.applied_seq.to_be_bytes());
             done.push((node.clone(), n.applied_seq));
         }
@@ -1388,10 +1390,7 @@ impl Inner {
         let mut state = self.write();
         for (node, seq) in done {
             if let Some(n) = state.get_mut(&node) {
-                n.twin_seq = seq;
-                n.twin_seq_written = true;
-                n.dirty_records = 0;
-                n.checkpointed_at = Some(std::time::Instant::now());
+                n.checkpointed(seq);
             }
         }
         Ok(())
