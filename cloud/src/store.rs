@@ -354,6 +354,34 @@ impl NodeState {
         }
     }
 
+    /// [`NodeState::report`] for several properties of one device.
+    fn report_device<'a>(
+        &mut self,
+        device: &DeviceId,
+        props: impl IntoIterator<Item = (&'a PropertyId, &'a Sample)>,
+        seq: u64,
+    ) {
+        let twin = match self.twins.get_mut(device) {
+            Some(t) => t,
+            None => self.twins.entry(device.clone()).or_default(),
+        };
+        for (property, sample) in props {
+            let reported = Reported {
+                value: sample.value.clone(),
+                quality: sample.quality,
+                ts: sample.ts,
+                seq,
+            };
+            match twin.reported.get_mut(property) {
+                Some(r) => *r = reported,
+                None => {
+                    twin.reported.insert(property.clone(), reported);
+                    self.properties += 1;
+                }
+            }
+        }
+    }
+
     /// Records that the twin's keys now hold every value up to `seq`.
     fn checkpointed(&mut self, seq: u64) {
         self.twin_seq = seq;
@@ -364,23 +392,7 @@ impl NodeState {
 
     /// Sets a reported value in the twin (counting a new property).
     fn report(&mut self, device: &DeviceId, property: &PropertyId, sample: &Sample, seq: u64) {
-        let reported = Reported {
-            value: sample.value.clone(),
-            quality: sample.quality,
-            ts: sample.ts,
-            seq,
-        };
-        let twin = match self.twins.get_mut(device) {
-            Some(t) => t,
-            None => self.twins.entry(device.clone()).or_default(),
-        };
-        match twin.reported.get_mut(property) {
-            Some(r) => *r = reported,
-            None => {
-                twin.reported.insert(property.clone(), reported);
-                self.properties += 1;
-            }
-        }
+        self.report_device(device, std::iter::once((property, sample)), seq);
     }
 }
 
@@ -429,7 +441,7 @@ struct TwinEvent<'a> {
 }
 
 /// Changed properties of one device, as a JSON object.
-struct ReportedJson<'a>(&'a [(&'a PropertyId, &'a Sample)]);
+struct ReportedJson<'a>(&'a BTreeMap<&'a PropertyId, &'a Sample>);
 
 impl Serialize for ReportedJson<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -1259,23 +1271,26 @@ impl Inner {
             .min(len);
         let new = &records[skip..];
 
-        // Latest sample per (device, property) among the new records, in sequence order.
-        let mut latest: BTreeMap<(&DeviceId, &PropertyId), &Sample> = BTreeMap::new();
+        // Latest sample per device and property among the new records, in sequence order
+        // (by device first: a node has few devices, so ids are compared less often).
+        let mut latest: BTreeMap<&DeviceId, BTreeMap<&PropertyId, &Sample>> = BTreeMap::new();
         for s in new {
-            latest.insert((&s.device, &s.property), s);
+            latest.entry(&s.device).or_default().insert(&s.property, s);
         }
         let mut batch = sled::Batch::default();
         let (last_seen, checkpoint) = {
             let state = self.read();
             let twins = state.get(node).map(|n| &n.twins);
-            let added = latest
-                .keys()
-                .filter(|(d, p)| {
-                    twins
-                        .and_then(|t| t.get(*d))
-                        .is_none_or(|t| !t.reported.contains_key(*p))
+            let added: usize = latest
+                .iter()
+                .map(|(d, props)| match twins.and_then(|t| t.get(*d)) {
+                    None => props.len(),
+                    Some(t) => props
+                        .keys()
+                        .filter(|p| !t.reported.contains_key(**p))
+                        .count(),
                 })
-                .count();
+                .sum();
             if properties + added > MAX_PROPERTIES_PER_NODE {
                 return Err(StoreError::TwinFull {
                     node: node.clone(),
@@ -1293,14 +1308,18 @@ impl Inner {
                 // The twin's keys brought up to `last_seq`, in the same atomic batch: the
                 // values changed since the last checkpoint and not by this commit...
                 if let Some(n) = n {
-                    n.write_unsaved(node, &mut batch, |d, p| latest.contains_key(&(d, p)));
+                    n.write_unsaved(node, &mut batch, |d, p| {
+                        latest.get(d).is_some_and(|props| props.contains_key(p))
+                    });
                 }
                 // ...and this commit's.
-                for ((device, property), sample) in &latest {
-                    batch.insert(
-                        twin_key(node, device, property),
-                        encode_samples(std::slice::from_ref(*sample)),
-                    );
+                for (device, props) in &latest {
+                    for (property, sample) in props {
+                        batch.insert(
+                            twin_key(node, device, property),
+                            encode_samples(std::slice::from_ref(*sample)),
+                        );
+                    }
                 }
                 batch.insert(meta_key(node, FIELD_TWIN), &last_seq.to_be_bytes());
             }
@@ -1319,23 +1338,12 @@ impl Inner {
         tracing::trace!(target: DURABILITY_TARGET, "written upto={last_seq} node={node}");
         let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
 
-        // One `twin` event per device, serialized straight from the samples (`latest` is
-        // ordered by device).
-        let changed: Vec<(&PropertyId, &Sample)> =
-            latest.iter().map(|((_, p), s)| (*p, *s)).collect();
-        let mut rest = &changed[..];
-        let mut devices = latest.keys().map(|(d, _)| *d).peekable();
-        while let Some(device) = devices.next() {
-            let mut len = 1;
-            while devices.next_if(|d| *d == device).is_some() {
-                len += 1;
-            }
-            let (reported, tail) = rest.split_at(len);
-            rest = tail;
+        // One `twin` event per device, serialized straight from the samples.
+        for (device, props) in &latest {
             let event = TwinEvent {
                 device,
                 node,
-                reported: ReportedJson(reported),
+                reported: ReportedJson(props),
             };
             match serde_json::to_string(&event) {
                 Ok(data) => {
@@ -1354,8 +1362,8 @@ impl Inner {
         } else {
             n.dirty_records += new.len() as u64;
         }
-        for ((device, property), sample) in latest {
-            n.report(device, property, sample, last_seq);
+        for (device, props) in latest {
+            n.report_device(device, props, last_seq);
         }
         Ok(Applied {
             ticket,
