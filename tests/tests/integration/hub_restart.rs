@@ -17,7 +17,7 @@ use anyhow::{Context, bail, ensure};
 use edgesync_cloud::store::HubStore;
 use edgesync_protocol::{DeviceId, NodeId, Value};
 use edgesync_testkit::harness::{self, Api, Pki, Proc, SimDevice, TempDir};
-use edgesync_testkit::sim::{Script, ScriptId, SimConfig, SimHandle, Table};
+use edgesync_testkit::sim::{ScriptId, SimConfig, SimHandle};
 use tokio::time::Instant;
 
 use crate::support::{DEVICE, NODE, audit, free_tcp_port};
@@ -61,16 +61,7 @@ impl Rig {
         let tmp = TempDir::new("hub-restart")?;
         let pki = Pki::new(&tmp.path().join("pki"), TD)?;
         let sim = SimHandle::start("127.0.0.1:0".parse()?, SimConfig::with_units([1])).await?;
-        let mut scripts = vec![];
-        for i in 0..COUNTERS {
-            scripts.push(sim.add_script(
-                1,
-                Table::HoldingRegisters,
-                i,
-                Script::Counter { step: 1 },
-                Duration::from_millis(50),
-            )?);
-        }
+        let scripts = crate::support::start_counters(&sim, COUNTERS)?;
         let (hub, tunnel, http) =
             harness::start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
         let metrics = format!("127.0.0.1:{}", free_tcp_port()?);

@@ -16,9 +16,9 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use edgesync_cloud::store::HubStore;
 use edgesync_testkit::harness::{self, Api, Pki, Proc, TempDir};
-use edgesync_testkit::sim::{Script, ScriptId, SimConfig, SimHandle, Table};
+use edgesync_testkit::sim::{ScriptId, SimConfig, SimHandle};
 
-use crate::support::{audit, dead_hub, free_tcp_port};
+use crate::support::{audit, dead_hub, free_tcp_port, start_counters};
 
 const TD: &str = "example.org";
 const NODE: &str = "gw-1";
@@ -66,16 +66,7 @@ impl Rig {
         let tmp = TempDir::new(tag)?;
         let pki = Pki::new(&tmp.path().join("pki"), TD)?;
         let sim = SimHandle::start("127.0.0.1:0".parse()?, SimConfig::with_units([1])).await?;
-        let mut scripts = vec![];
-        for i in 0..counters {
-            scripts.push(sim.add_script(
-                1,
-                Table::HoldingRegisters,
-                i,
-                Script::Counter { step: 1 },
-                Duration::from_millis(50),
-            )?);
-        }
+        let scripts = start_counters(&sim, counters)?;
         let tunnel = dead_hub()?;
         let metrics = format!("127.0.0.1:{}", free_tcp_port()?);
         let dir = tmp.path().join(NODE);
@@ -276,16 +267,7 @@ impl Rig {
 
     /// Starts the counters again after [`Rig::freeze`], from where they stopped.
     fn resume(&mut self, counters: u16) -> anyhow::Result<()> {
-        self.scripts.clear();
-        for i in 0..counters {
-            self.scripts.push(self.sim.add_script(
-                1,
-                Table::HoldingRegisters,
-                i,
-                Script::Counter { step: 1 },
-                Duration::from_millis(50),
-            )?);
-        }
+        self.scripts = start_counters(&self.sim, counters)?;
         Ok(())
     }
 

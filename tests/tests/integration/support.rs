@@ -718,3 +718,22 @@ pub fn audit(store: &HubStore, restarts: bool) -> anyhow::Result<Audit> {
         gaps,
     })
 }
+
+/// Holding registers `0..n` of unit 1 count up by one every 50 ms.
+pub fn start_counters(
+    sim: &edgesync_testkit::sim::SimHandle,
+    n: u16,
+) -> anyhow::Result<Vec<edgesync_testkit::sim::ScriptId>> {
+    use edgesync_testkit::sim::{Script, Table};
+    (0..n)
+        .map(|i| {
+            Ok(sim.add_script(
+                1,
+                Table::HoldingRegisters,
+                i,
+                Script::Counter { step: 1 },
+                Duration::from_millis(50),
+            )?)
+        })
+        .collect()
+}
