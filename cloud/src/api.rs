@@ -19,8 +19,10 @@
 //! Errors are JSON `{"error": "..."}` (422 adds `"fields": {prop: message}`): 400 for malformed
 //! ids (the message names the field) and bodies, 401, 403, 404 for unknown routes, nodes and
 //! devices, 405, 413 above [`MAX_BODY_BYTES`], 415 for a body that is not declared JSON, 422
-//! for values the schema refuses, 503 when the store fails. Client input never causes a 5xx.
-//! Every response is counted by route pattern and status.
+//! for values the schema refuses, 503 when the store fails, 408 when a request takes longer
+//! than [`REQUEST_TIMEOUT`] (a body sent too slowly). Client input never causes a 5xx.
+//! Every response is counted by route pattern and status. The listener's own bounds
+//! (connections, request heads) are in [`crate::http`].
 //!
 //! # Event stream invariants
 //!
@@ -128,8 +130,13 @@ impl fmt::Debug for ApiState {
     }
 }
 
-/// Builds the API router (state applied; serve it with `axum::serve`).
+/// Builds the API router (state applied; serve it with [`crate::http::serve`]).
 pub fn router(state: ApiState) -> Router {
+    router_with_timeout(state, REQUEST_TIMEOUT)
+}
+
+/// [`router`] with another time limit per request than [`REQUEST_TIMEOUT`].
+pub fn router_with_timeout(state: ApiState, request_timeout: Duration) -> Router {
     // The 405 fallback is set before the auth layer, so it is behind it: a stranger learns
     // nothing about which methods a route has.
     let api = Router::new()
@@ -153,8 +160,29 @@ pub fn router(state: ApiState) -> Router {
         .method_not_allowed_fallback(method_not_allowed);
     open.merge(api)
         .fallback(not_found)
+        .layer(middleware::from_fn(move |req, next| {
+            bounded_time(req, next, request_timeout)
+        }))
         .layer(middleware::from_fn(count_requests))
         .with_state(state)
+}
+
+/// Time allowed to produce a response, request body included (a client that sends its body
+/// slowly gets `408`). An event stream's response starts at once and is not bounded.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn bounded_time(req: Request, next: Next, limit: Duration) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request took longer than {} ms (a body sent too slowly?)",
+                limit.as_millis()
+            ),
+        )
+        .into_response(),
+    }
 }
 
 /// An API error, rendered as `{"error": "..."}`.
@@ -2206,7 +2234,13 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = f.app.clone();
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(crate::http::serve(
+            listener,
+            app,
+            crate::http::HttpLimits::default(),
+            cancel.clone(),
+        ));
         let ids: Vec<u64> = (0..3).map(|i| publish(&f, "twin", i)).collect();
         let auth = format!("Bearer {ADMIN}");
         let last = ids[0].to_string();
@@ -2239,6 +2273,66 @@ mod tests {
         // Without a token the stream is refused.
         let (head, _) = tcp_get(addr, "/api/v1/events", &[]).await;
         assert!(head.starts_with("HTTP/1.1 401"), "{head}");
-        server.abort();
+        // Shutdown ends the open stream and the listener.
+        cancel.cancel();
+        f.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_body_sent_too_slowly_gets_408_and_the_value_is_not_set() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let f = fixture().await;
+        let app = router_with_timeout(
+            ApiState {
+                store: f.store.clone(),
+                tokens: Arc::new(vec![ApiToken {
+                    name: "ops".into(),
+                    token: ADMIN.into(),
+                    role: Role::Admin,
+                }]),
+                metrics: f.metrics.clone(),
+                shutdown: f.shutdown.clone(),
+            },
+            Duration::from_millis(500),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(crate::http::serve(
+            listener,
+            app,
+            crate::http::HttpLimits::default(),
+            cancel.clone(),
+        ));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let body = r#"{"mode": "auto"}"#;
+        let head = format!(
+            "PATCH {DESIRED} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // Half the body, then nothing.
+        s.write_all(&body.as_bytes()[..body.len() / 2])
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("too slowly"), "{text}");
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        // Nothing was set.
+        let (status, twin) = get_json(&f.app, "/api/v1/nodes/gw-1/devices/plc1/twin").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(twin["desired"]["mode"].is_null(), "{twin}");
+        cancel.cancel();
     }
 }

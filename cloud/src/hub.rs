@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState, ApiToken};
+use crate::http::HttpLimits;
 use crate::server::{self, TunnelConfig};
 use crate::store::HubStore;
 
@@ -44,6 +45,12 @@ pub struct HubOptions {
     pub idle_timeout: Duration,
     /// Most concurrent tunnel connections.
     pub max_connections: usize,
+    /// Bounds of the HTTP API's listener.
+    pub http_limits: HttpLimits,
+    /// Most tunnel handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// Time allowed for a tunnel handshake.
+    pub handshake_timeout: Duration,
 }
 
 /// Why the hub could not start.
@@ -113,6 +120,8 @@ impl Hub {
             trust_domain: td,
             idle_timeout: o.idle_timeout,
             max_connections: o.max_connections,
+            max_handshakes: o.max_handshakes,
+            handshake_timeout: o.handshake_timeout,
         };
         let endpoint = server::endpoint(o.listen, svid, &tcfg).map_err(HubError::Listen)?;
         let tunnel_addr = endpoint
@@ -139,16 +148,12 @@ impl Hub {
             shutdown: cancel.child_token(),
         };
         let app = api::router(state);
-        let http_cancel = cancel.child_token();
-        tasks.push(tokio::spawn(async move {
-            let shutdown = async move { http_cancel.cancelled().await };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "http server failed");
-            }
-        }));
+        tasks.push(tokio::spawn(crate::http::serve(
+            listener,
+            app,
+            o.http_limits,
+            cancel.child_token(),
+        )));
         tracing::info!(%tunnel_addr, %http_addr, "hub started");
         Ok(Hub {
             store,

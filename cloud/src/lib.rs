@@ -10,6 +10,7 @@
 pub mod api;
 pub mod config;
 pub mod events;
+pub mod http;
 pub mod hub;
 pub mod server;
 pub mod store;

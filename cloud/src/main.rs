@@ -57,6 +57,9 @@ fn options(cfg: &HubConfig) -> HubOptions {
             .collect(),
         idle_timeout: cfg.idle_timeout,
         max_connections: cfg.max_nodes.map_or(10_000, |n| n as usize),
+        http_limits: cfg.http_limits,
+        max_handshakes: cfg.max_handshakes,
+        handshake_timeout: cfg.handshake_timeout,
     }
 }
 

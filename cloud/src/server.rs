@@ -8,6 +8,24 @@
 //!
 //! A newer connection of the same node supersedes the older one (an agent restarted after
 //! `kill -9` does not wait for the old connection to time out).
+//!
+//! # Bounds against hostile or broken peers
+//!
+//! - **Address validation:** every connection attempt first gets a stateless QUIC Retry; an
+//!   address that cannot receive (spoofed) never makes the hub keep state or start TLS.
+//! - **Handshakes:** at most [`TunnelConfig::max_handshakes`] at once, at most
+//!   [`MAX_HANDSHAKES_PER_IP`] from one IP address, each finished within
+//!   [`TunnelConfig::handshake_timeout`]; further attempts are refused (agents back off and
+//!   retry).
+//! - **Sessions:** a slot of [`TunnelConfig::max_connections`] is taken only after the peer's
+//!   certificate is verified; one node holds one slot however often it connects.
+//! - **Writes** to a peer that stops reading end the session after the idle timeout (a newer
+//!   connection of the node or shutdown ends them at once).
+//! - **Memory:** frames of at most `DEFAULT_MAX_FRAME_LEN` bytes and
+//!   `frame::MAX_FRAME_SAMPLES` records (counted before decoding); at most
+//!   [`MAX_QUEUED_SAMPLES`] decoded records waiting for their commit per connection; hello
+//!   strings of at most 256 bytes. quinn queues at most 1,024 connection attempts with 16 MiB
+//!   of their data.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,9 +54,26 @@ pub struct TunnelConfig {
     pub trust_domain: TrustDomain,
     /// Close a session after this much silence.
     pub idle_timeout: Duration,
-    /// Most connections handled at once (more are refused until some close).
+    /// Most authenticated sessions at once (a node's newer connection replaces its older one
+    /// and needs no extra slot; others are refused until some close).
     pub max_connections: usize,
+    /// Most TLS handshakes in progress at once (more are refused; agents retry later).
+    pub max_handshakes: usize,
+    /// A handshake not finished in this time is dropped.
+    pub handshake_timeout: Duration,
 }
+
+/// Default of [`TunnelConfig::max_handshakes`].
+pub const DEFAULT_MAX_HANDSHAKES: usize = 64;
+/// Default of [`TunnelConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most handshakes in progress from one IP address (so that one flooding host cannot take
+/// every handshake slot; gateways behind one NAT address still connect a few at a time).
+pub const MAX_HANDSHAKES_PER_IP: usize = 8;
+/// Most connection attempts queued in quinn before the accept loop sees them.
+const MAX_INCOMING: usize = 1024;
+/// Most bytes quinn buffers for all connection attempts not yet accepted.
+const INCOMING_BUFFER_TOTAL: u64 = 16 << 20;
 
 /// Builds the quinn endpoint listening on `listen`.
 pub fn endpoint(
@@ -57,6 +92,8 @@ pub fn endpoint(
     transport.max_concurrent_bidi_streams(1u8.into());
     transport.max_concurrent_uni_streams(0u8.into());
     sc.transport_config(Arc::new(transport));
+    sc.max_incoming(MAX_INCOMING);
+    sc.incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     quinn::Endpoint::server(sc, listen).map_err(|e| format!("bind {listen}: {e}"))
 }
 
@@ -66,7 +103,43 @@ struct Ctx {
     origin: Instant,
     live: Mutex<HashMap<NodeId, (u64, CancellationToken)>>,
     next_conn: std::sync::atomic::AtomicU64,
-    active: std::sync::atomic::AtomicUsize,
+    /// Handshakes in progress.
+    handshakes: Arc<tokio::sync::Semaphore>,
+    /// Handshakes in progress per source IP address.
+    per_ip: Mutex<HashMap<std::net::IpAddr, usize>>,
+}
+
+/// A handshake slot of one IP address, given back when dropped.
+struct IpSlot {
+    ctx: Arc<Ctx>,
+    ip: std::net::IpAddr,
+}
+
+impl IpSlot {
+    fn take(ctx: &Arc<Ctx>, ip: std::net::IpAddr) -> Option<IpSlot> {
+        let mut m = ctx.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            ctx: ctx.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.ctx.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Ctx {
@@ -89,40 +162,59 @@ pub async fn serve(
     cfg: TunnelConfig,
     cancel: CancellationToken,
 ) {
+    let cfg_max_handshakes = cfg.max_handshakes.max(1);
     let ctx = Arc::new(Ctx {
         store,
         cfg,
         origin: Instant::now(),
         live: Mutex::new(HashMap::new()),
         next_conn: 0.into(),
-        active: 0.into(),
+        handshakes: Arc::new(tokio::sync::Semaphore::new(cfg_max_handshakes)),
+        per_ip: Mutex::new(HashMap::new()),
     });
     loop {
         let incoming = tokio::select! {
             _ = cancel.cancelled() => break,
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
-        use std::sync::atomic::Ordering;
-        if ctx.active.load(Ordering::Relaxed) >= ctx.cfg.max_connections {
-            metrics::counter!("edgesync_hub_connections_refused_total", "reason" => "limit")
+        if !incoming.remote_address_validated() {
+            // Address validation first (a stateless QUIC Retry): a source address that cannot
+            // receive cannot make the hub keep any state or start a handshake.
+            metrics::counter!("edgesync_hub_quic_retries_total").increment(1);
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+            continue;
+        }
+        let Some(ip_slot) = IpSlot::take(&ctx, incoming.remote_address().ip()) else {
+            metrics::counter!("edgesync_hub_connections_refused_total", "reason" => "handshakes_per_ip")
                 .increment(1);
             incoming.refuse();
             continue;
-        }
+        };
+        let Ok(permit) = ctx.handshakes.clone().try_acquire_owned() else {
+            metrics::counter!("edgesync_hub_connections_refused_total", "reason" => "handshakes")
+                .increment(1);
+            incoming.refuse();
+            continue;
+        };
         let ctx = ctx.clone();
         let cancel = cancel.child_token();
         tokio::spawn(async move {
-            ctx.active.fetch_add(1, Ordering::Relaxed);
-            handle_connection(incoming, &ctx, cancel).await;
-            ctx.active.fetch_sub(1, Ordering::Relaxed);
+            handle_connection(incoming, (permit, ip_slot), &ctx, cancel).await;
         });
     }
     endpoint.close(0u32.into(), b"hub shutting down");
 }
 
-async fn handle_connection(incoming: quinn::Incoming, ctx: &Arc<Ctx>, cancel: CancellationToken) {
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    handshake: (tokio::sync::OwnedSemaphorePermit, IpSlot),
+    ctx: &Arc<Ctx>,
+    cancel: CancellationToken,
+) {
     let remote = incoming.remote_address();
-    let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+    let conn = match tokio::time::timeout(ctx.cfg.handshake_timeout, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             metrics::counter!("edgesync_hub_handshake_failures_total").increment(1);
@@ -135,6 +227,7 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: &Arc<Ctx>, cancel: Ca
             return;
         }
     };
+    drop(handshake);
     let node = match conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -150,18 +243,26 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: &Arc<Ctx>, cancel: Ca
             return;
         }
     };
-    // Supersede an older connection of the same node.
+    // A session slot, only now that the peer is authenticated. A newer connection of a node
+    // supersedes its older one (an agent restarted after `kill -9` does not wait for the old
+    // connection to time out), in the same slot.
     let conn_id = ctx
         .next_conn
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let token = cancel.child_token();
-    if let Some((_, old)) = ctx
-        .live
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(node.clone(), (conn_id, token.clone()))
     {
-        old.cancel();
+        let mut live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
+        if !live.contains_key(&node) && live.len() >= ctx.cfg.max_connections {
+            drop(live);
+            metrics::counter!("edgesync_hub_connections_refused_total", "reason" => "limit")
+                .increment(1);
+            tracing::warn!(%node, %remote, max = ctx.cfg.max_connections, "session refused: the hub has as many nodes connected as it allows (max_nodes)");
+            conn.close(2u32.into(), b"hub full");
+            return;
+        }
+        if let Some((_, old)) = live.insert(node.clone(), (conn_id, token.clone())) {
+            old.cancel();
+        }
     }
     metrics::gauge!("edgesync_hub_sessions").increment(1.0);
     let result = drive(&conn, ctx, &node, remote, &token).await;
@@ -185,10 +286,17 @@ async fn handle_connection(incoming: quinn::Incoming, ctx: &Arc<Ctx>, cancel: Ca
     conn.close(0u32.into(), b"bye");
 }
 
+/// Most records of one connection decoded and waiting for their commit (with the receive
+/// buffer and one frame being decoded, this bounds a session's memory): about four full frames,
+/// or 64 frames of the agent's default batch.
+pub const MAX_QUEUED_SAMPLES: usize = 4 * frame::MAX_FRAME_SAMPLES;
+
 enum Job {
     Store {
         first_seq: u64,
         samples: Vec<Sample>,
+        /// The records' share of [`MAX_QUEUED_SAMPLES`], returned once committed.
+        budget: Vec<tokio::sync::OwnedSemaphorePermit>,
     },
     Gap {
         from: u64,
@@ -207,7 +315,9 @@ async fn commit_one(store: &HubStore, node: &NodeId, job: Job) -> Result<u64, St
                 .map(|o| o.stored_seq)
                 .map_err(|e| e.to_string())
         }
-        Job::Store { first_seq, samples } => {
+        Job::Store {
+            first_seq, samples, ..
+        } => {
             let o = store
                 .commit_batch(node, first_seq, &samples)
                 .await
@@ -239,6 +349,7 @@ async fn committer(
             Job::Store {
                 first_seq,
                 mut samples,
+                mut budget,
             } => {
                 let mut next = first_seq + samples.len() as u64;
                 while let Ok(more) = jobs.try_recv() {
@@ -246,9 +357,11 @@ async fn committer(
                         Job::Store {
                             first_seq: f,
                             samples: s,
+                            budget: b,
                         } if f == next => {
                             next += s.len() as u64;
                             samples.extend(s);
+                            budget.extend(b);
                         }
                         other => {
                             held = Some(other);
@@ -256,7 +369,11 @@ async fn committer(
                         }
                     }
                 }
-                Job::Store { first_seq, samples }
+                Job::Store {
+                    first_seq,
+                    samples,
+                    budget,
+                }
             }
             gap => gap,
         };
@@ -299,6 +416,7 @@ async fn drive(
     let mut desired_sent: Option<u64> = None;
     let mut desired_rx = ctx.store.desired_changes();
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(64);
+    let queued = Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_SAMPLES));
     let (done_tx, mut done_rx) = mpsc::channel(64);
     let committer = tokio::spawn(committer(ctx.store.clone(), node.clone(), jobs_rx, done_tx));
     let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
@@ -379,10 +497,19 @@ async fn drive(
                     }
                 }
                 HubEvent::Store { first_seq, samples } => {
-                    // Bounded queue: when commits lag, we stop reading and QUIC flow control
-                    // pushes back on the agent.
+                    // Bounded queue (in records; a frame holds at most MAX_FRAME_SAMPLES): when
+                    // commits lag, we stop reading and QUIC flow control pushes back on the agent.
+                    let n = u32::try_from(samples.len().clamp(1, MAX_QUEUED_SAMPLES)).unwrap_or(1);
+                    let budget = match queued.clone().acquire_many_owned(n).await {
+                        Ok(p) => vec![p],
+                        Err(_) => vec![],
+                    };
                     if jobs_tx
-                        .send(Job::Store { first_seq, samples })
+                        .send(Job::Store {
+                            first_seq,
+                            samples,
+                            budget,
+                        })
                         .await
                         .is_err()
                     {
@@ -421,10 +548,23 @@ async fn drive(
                 tracing::error!(%node, error = %e, "cannot encode a frame");
             }
         }
-        if !out.is_empty()
-            && let Err(e) = send.write_all(&out).await
-        {
-            break Err(format!("write: {e}"));
+        if !out.is_empty() {
+            // A peer that stops reading fills QUIC's flow-control window and the write waits:
+            // bounded by the idle timeout, and by a newer connection of the node or shutdown.
+            tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                r = tokio::time::timeout(ctx.cfg.idle_timeout, send.write_all(&out)) => match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(format!("write: {e}")),
+                    Err(_) => {
+                        metrics::counter!("edgesync_hub_session_write_timeouts_total").increment(1);
+                        break Err(format!(
+                            "write: the node did not read for {} ms",
+                            ctx.cfg.idle_timeout.as_millis()
+                        ));
+                    }
+                },
+            }
         }
         if let Some(r) = closed {
             // Let the goodbye leave.

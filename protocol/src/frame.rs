@@ -31,6 +31,10 @@ pub const DEFAULT_MAX_FRAME_LEN: usize = 1 << 20;
 
 /// Length prefix size in bytes.
 pub const LEN_PREFIX: usize = 4;
+/// Most samples in one records frame. Checked before the frame is decoded, so that a frame of
+/// tiny samples cannot make the receiver allocate far more than the frame's bytes. The
+/// agent's `batch_max_records` cannot exceed it.
+pub const MAX_FRAME_SAMPLES: usize = 8_192;
 
 /// One frame of the tunnel.
 #[derive(Clone, PartialEq, Message)]
@@ -391,6 +395,14 @@ pub enum FrameError {
     /// The frame decoded but carries a message kind this build does not know.
     #[error("unknown message kind (a newer peer?)")]
     UnknownMessage,
+    /// A records frame carries more samples than the limit (counted before decoding).
+    #[error("records frame of {count} samples exceeds the limit of {max}")]
+    TooManySamples {
+        /// Samples counted (up to one past the limit).
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A sample in a frame is invalid.
     #[error("sample {index}: {reason}")]
     InvalidSample {
@@ -759,12 +771,94 @@ impl FrameDecoder {
         }
         self.buf.advance(LEN_PREFIX);
         let payload = self.buf.split_to(len);
+        let count = records_samples(&payload, MAX_FRAME_SAMPLES + 1);
+        if count > MAX_FRAME_SAMPLES {
+            return Err(FrameError::TooManySamples {
+                count,
+                max: MAX_FRAME_SAMPLES,
+            });
+        }
         let frame = Frame::decode(payload.freeze())?;
         match frame.body {
             Some(body) => Ok(Some(body)),
             None => Err(FrameError::UnknownMessage),
         }
     }
+}
+
+/// Reads a protobuf varint at `*at`, advancing it; `None` if truncated or too long.
+fn read_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *bytes.get(*at)?;
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Skips the value of a field of wire type `wire` at `*at`; `None` if malformed.
+fn skip_field(bytes: &[u8], at: &mut usize, wire: u64) -> Option<()> {
+    let n = match wire {
+        0 => {
+            read_varint(bytes, at)?;
+            0
+        }
+        1 => 8,
+        2 => usize::try_from(read_varint(bytes, at)?).ok()?,
+        5 => 4,
+        _ => return None,
+    };
+    *at = at.checked_add(n).filter(|&end| end <= bytes.len())?;
+    Some(())
+}
+
+/// How many samples the records frame in `frame` (an encoded [`Frame`]) holds, counting at most
+/// `stop_at`: a scan of the wire format that allocates nothing. 0 for other kinds of frames;
+/// malformed bytes count what was seen (the decoder reports them).
+fn records_samples(frame: &[u8], stop_at: usize) -> usize {
+    let mut count = 0;
+    let mut at = 0;
+    while at < frame.len() {
+        let Some(key) = read_varint(frame, &mut at) else {
+            return count;
+        };
+        let (field, wire) = (key >> 3, key & 7);
+        if field != 3 || wire != 2 {
+            if skip_field(frame, &mut at, wire).is_none() {
+                return count;
+            }
+            continue;
+        }
+        // A Records message (a repeated oneof field merges, so every occurrence counts).
+        let Some(len) = read_varint(frame, &mut at).and_then(|l| usize::try_from(l).ok()) else {
+            return count;
+        };
+        let Some(end) = at.checked_add(len).filter(|&e| e <= frame.len()) else {
+            return count;
+        };
+        let inner = &frame[at..end];
+        let mut i = 0;
+        while i < inner.len() {
+            let Some(key) = read_varint(inner, &mut i) else {
+                return count;
+            };
+            if key >> 3 == 2 {
+                count += 1;
+                if count >= stop_at {
+                    return count;
+                }
+            }
+            if skip_field(inner, &mut i, key & 7).is_none() {
+                return count;
+            }
+        }
+        at = end;
+    }
+    count
 }
 
 #[cfg(test)]
@@ -782,6 +876,76 @@ mod tests {
                 Quality::Good
             },
             ts: Timestamp(1_700_000_000_000 + i),
+        }
+    }
+
+    /// A length-prefixed Records frame of `n` empty samples (2 bytes each on the wire).
+    fn frame_of_empty_samples(n: usize) -> Vec<u8> {
+        let mut records = vec![0x08, 0x01]; // first_seq = 1
+        for _ in 0..n {
+            records.extend_from_slice(&[0x12, 0x00]);
+        }
+        let mut body = vec![0x1a];
+        let mut len = records.len() as u64;
+        while len >= 0x80 {
+            body.push((len as u8) | 0x80);
+            len >>= 7;
+        }
+        body.push(len as u8);
+        body.extend_from_slice(&records);
+        let mut out = (body.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[test]
+    fn a_records_frame_with_too_many_samples_is_refused_before_decoding() {
+        let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        d.push(&frame_of_empty_samples(MAX_FRAME_SAMPLES + 1));
+        assert_eq!(
+            d.next_frame(),
+            Err(FrameError::TooManySamples {
+                count: MAX_FRAME_SAMPLES + 1,
+                max: MAX_FRAME_SAMPLES
+            })
+        );
+        // 500,000 empty samples fit in a 1 MiB frame: refused as well, after counting one
+        // past the limit.
+        let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        d.push(&frame_of_empty_samples(500_000));
+        assert!(matches!(
+            d.next_frame(),
+            Err(FrameError::TooManySamples { count, .. }) if count == MAX_FRAME_SAMPLES + 1
+        ));
+        // At the limit, the frame decodes.
+        let mut d = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
+        d.push(&frame_of_empty_samples(MAX_FRAME_SAMPLES));
+        match d.next_frame() {
+            Ok(Some(Body::Records(r))) => assert_eq!(r.samples.len(), MAX_FRAME_SAMPLES),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_sample_count_before_decoding_matches_the_decoded_frame() {
+        for n in [0usize, 1, 2, 127, 128, 1000] {
+            let samples: Vec<Sample> = (0..n as u64).map(sample).collect();
+            let mut out = BytesMut::new();
+            encode_records(7, samples.iter(), 3, DEFAULT_MAX_FRAME_LEN, &mut out).unwrap();
+            assert_eq!(records_samples(&out[LEN_PREFIX..], usize::MAX), n);
+        }
+        // Other frame kinds count nothing; truncated bytes never panic.
+        let ping = frame_bytes(
+            &Frame {
+                body: Some(Body::Ping(Ping { nonce: 5 })),
+            },
+            1024,
+        )
+        .unwrap();
+        assert_eq!(records_samples(&ping[LEN_PREFIX..], usize::MAX), 0);
+        let full = frame_of_empty_samples(10);
+        for cut in 0..full.len() {
+            assert!(records_samples(&full[LEN_PREFIX.min(cut)..cut], usize::MAX) <= 10);
         }
     }
 

@@ -297,6 +297,53 @@ pub async fn start_hub_env(
     Ok((hub, tunnel, http))
 }
 
+/// [`start_hub`] with `extra` lines added to the `[hub]` section of its config, and run
+/// through `wrapper` (e.g. `["prlimit", "--nofile=256"]`; it must exec the hub, so that the
+/// returned process is the hub) when not empty.
+pub async fn start_hub_with(
+    dir: &Path,
+    pki: &Pki,
+    extra: &str,
+    wrapper: &[&str],
+) -> anyhow::Result<(Proc, String, String)> {
+    let td = pki.ca.trust_domain().to_owned();
+    let (cert, key) = pki.svid(&format!("spiffe://{td}/hub"), "hub")?;
+    let cfg = hub_toml(
+        dir,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &td,
+        &cert,
+        &key,
+        &pki.bundle,
+        None,
+    )?;
+    let text = std::fs::read_to_string(&cfg)?.replacen("[hub]\n", &format!("[hub]\n{extra}\n"), 1);
+    std::fs::write(&cfg, text)?;
+    let hub_bin = bin("edgesync-hub")?;
+    let cfg_arg = cfg.display().to_string();
+    let hub_bin_arg = hub_bin.display().to_string();
+    let mut args: Vec<&str> = wrapper.iter().skip(1).copied().collect();
+    let program = match wrapper.first() {
+        Some(w) => {
+            args.push(&hub_bin_arg);
+            PathBuf::from(w)
+        }
+        None => hub_bin.clone(),
+    };
+    args.extend(["run", "--config", &cfg_arg]);
+    let hub = Proc::spawn_env(
+        &program,
+        &args,
+        &dir.join("hub.log"),
+        Some("edgesync-hub listening"),
+        &[],
+    )
+    .await?;
+    let (tunnel, http) = hub_addrs(hub.ready_line.as_deref().unwrap_or_default())?;
+    Ok((hub, tunnel, http))
+}
+
 /// A child process, killed by PID when dropped.
 pub struct Proc {
     child: Child,
@@ -564,6 +611,9 @@ pub async fn embedded_hub(pki: &Pki, dir: &Path) -> anyhow::Result<edgesync_clou
         }],
         idle_timeout: Duration::from_secs(10),
         max_connections: 100,
+        http_limits: Default::default(),
+        max_handshakes: edgesync_cloud::server::DEFAULT_MAX_HANDSHAKES,
+        handshake_timeout: edgesync_cloud::server::DEFAULT_HANDSHAKE_TIMEOUT,
     })
     .await?)
 }

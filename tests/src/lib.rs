@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod harness;
+pub mod hostile;
 pub mod pki;
 pub mod sim;
 pub mod udp_proxy;

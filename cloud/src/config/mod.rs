@@ -56,6 +56,12 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
     /// `[hub] sled_cache_bytes`: sled's page cache size.
     pub sled_cache_bytes: u64,
+    /// `[hub] http_max_connections` and `http_head_timeout_ms`: bounds of the HTTP listener.
+    pub http_limits: crate::http::HttpLimits,
+    /// `[hub] max_handshakes`: most tunnel handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// `[hub] handshake_timeout_ms`: time allowed for a tunnel handshake.
+    pub handshake_timeout: std::time::Duration,
     /// `[hub] max_nodes`: most agents connected at once, if limited.
     pub max_nodes: Option<u32>,
     /// `[hub] idle_timeout_ms`: a tunnel silent this long is closed (QUIC uses the shorter of
@@ -128,8 +134,16 @@ struct RawHub {
     data_dir: Option<String>,
     /// sled page cache in bytes (default 64 MiB).
     sled_cache_bytes: Option<i64>,
+    /// Most HTTP connections open at once (default 256).
+    http_max_connections: Option<i64>,
+    /// Time for an HTTP request head to arrive, in milliseconds (default 10000).
+    http_head_timeout_ms: Option<i64>,
     /// Most agents connected at once (default: no limit).
     max_nodes: Option<i64>,
+    /// Most tunnel handshakes in progress at once (default 64).
+    max_handshakes: Option<i64>,
+    /// Time allowed for a tunnel handshake, in milliseconds (default 5000).
+    handshake_timeout_ms: Option<i64>,
     /// Tunnel idle timeout in milliseconds (default 10000).
     idle_timeout_ms: Option<i64>,
 }
@@ -252,7 +266,10 @@ fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> Hu
         http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
         data_dir: PathBuf::new(),
         sled_cache_bytes: DEFAULT_SLED_CACHE_BYTES,
+        http_limits: crate::http::HttpLimits::default(),
         max_nodes: None,
+        max_handshakes: crate::server::DEFAULT_MAX_HANDSHAKES,
+        handshake_timeout: crate::server::DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: std::time::Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS),
         identity: HubIdentity {
             trust_domain: String::new(),
@@ -296,6 +313,43 @@ fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> Hu
                 1_000..=600_000,
             ))
             .unwrap_or(DEFAULT_IDLE_TIMEOUT_MS),
+        );
+        let d = crate::http::HttpLimits::default();
+        config.http_limits.max_connections = usize::try_from(doc.int_in(
+            &loc,
+            "http_max_connections",
+            raw.http_max_connections,
+            d.max_connections as i64,
+            1..=1_000_000,
+        ))
+        .unwrap_or(d.max_connections);
+        config.http_limits.head_timeout = std::time::Duration::from_millis(
+            u64::try_from(doc.int_in(
+                &loc,
+                "http_head_timeout_ms",
+                raw.http_head_timeout_ms,
+                d.head_timeout.as_millis() as i64,
+                100..=600_000,
+            ))
+            .unwrap_or(d.head_timeout.as_millis() as u64),
+        );
+        config.max_handshakes = usize::try_from(doc.int_in(
+            &loc,
+            "max_handshakes",
+            raw.max_handshakes,
+            crate::server::DEFAULT_MAX_HANDSHAKES as i64,
+            1..=100_000,
+        ))
+        .unwrap_or(crate::server::DEFAULT_MAX_HANDSHAKES);
+        config.handshake_timeout = std::time::Duration::from_millis(
+            u64::try_from(doc.int_in(
+                &loc,
+                "handshake_timeout_ms",
+                raw.handshake_timeout_ms,
+                crate::server::DEFAULT_HANDSHAKE_TIMEOUT.as_millis() as i64,
+                100..=60_000,
+            ))
+            .unwrap_or(5_000),
         );
         if raw.max_nodes.is_some() {
             let n = doc.int_in(&loc, "max_nodes", raw.max_nodes, 1, 1..=i64::from(u32::MAX));

@@ -81,6 +81,14 @@ fn defaults_apply() {
     assert_eq!(cfg.sled_cache_bytes, DEFAULT_SLED_CACHE_BYTES);
     assert_eq!(cfg.max_nodes, None);
     assert_eq!(cfg.idle_timeout, std::time::Duration::from_secs(10));
+    assert_eq!(cfg.http_limits, crate::http::HttpLimits::default());
+    assert_eq!(cfg.http_limits.max_connections, 256);
+    assert_eq!(
+        cfg.http_limits.head_timeout,
+        std::time::Duration::from_secs(10)
+    );
+    assert_eq!(cfg.max_handshakes, 64);
+    assert_eq!(cfg.handshake_timeout, std::time::Duration::from_secs(5));
     assert_eq!(cfg.identity.hub_id, "spiffe://example.org/hub");
     assert_eq!(cfg.data_dir, Path::new("/etc/edgesync/data"));
 }
@@ -284,4 +292,32 @@ fn idle_timeout_is_checked() {
     );
     let text = with("10");
     assert_problem(&text, "idle_timeout_ms", "idle_timeout_ms");
+}
+
+#[test]
+fn connection_bounds_are_read_and_checked() {
+    let with = |extra: &str| BASE.replacen("[hub]\n", &format!("[hub]\n{extra}\n"), 1);
+    let cfg = parse_text(&with(
+        "http_max_connections = 32\nhttp_head_timeout_ms = 2500\nmax_handshakes = 8\nhandshake_timeout_ms = 1500",
+    ))
+    .unwrap();
+    assert_eq!(cfg.http_limits.max_connections, 32);
+    assert_eq!(
+        cfg.http_limits.head_timeout,
+        std::time::Duration::from_millis(2500)
+    );
+    assert_eq!(cfg.max_handshakes, 8);
+    assert_eq!(
+        cfg.handshake_timeout,
+        std::time::Duration::from_millis(1500)
+    );
+    for (field, bad) in [
+        ("http_max_connections", "0"),
+        ("http_head_timeout_ms", "5"),
+        ("max_handshakes", "0"),
+        ("handshake_timeout_ms", "600000"),
+    ] {
+        let text = with(&format!("{field} = {bad}"));
+        assert_problem(&text, field, field);
+    }
 }

@@ -759,7 +759,7 @@ fn check_outbox(doc: &mut Doc<'_>, root: &DeTable<'_>) -> OutboxConfig {
         "batch_max_records",
         raw.batch_max_records,
         512,
-        1..=65_536,
+        1..=edgesync_protocol::frame::MAX_FRAME_SAMPLES as i64,
     ))
     .unwrap_or(512);
     if let Some(s) = raw.on_full

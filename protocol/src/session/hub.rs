@@ -11,6 +11,11 @@ use crate::value::Sample;
 
 use super::{Millis, SessionError, negotiate};
 
+/// Longest string field of a hello (agent version, boot id, store id), in bytes.
+pub const MAX_HELLO_STRING: usize = 256;
+/// Most protocol versions a hello may list.
+pub const MAX_HELLO_VERSIONS: usize = 16;
+
 /// Settings of the hub session.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
@@ -298,6 +303,31 @@ impl HubSession {
     fn on_hello(&mut self, h: Hello) -> Result<(), SessionError> {
         if self.state != HubState::AwaitHello {
             return self.close(SessionError::Violation("second hello".into()), true);
+        }
+        // Its strings are stored and served by the hub: bounded.
+        for (field, text) in [
+            ("agent_version", &h.agent_version),
+            ("boot_id", &h.boot_id),
+            ("store_id", &h.store_id),
+        ] {
+            if text.len() > MAX_HELLO_STRING {
+                return self.close(
+                    SessionError::Violation(format!(
+                        "hello: {field} of {} bytes (at most {MAX_HELLO_STRING})",
+                        text.len()
+                    )),
+                    true,
+                );
+            }
+        }
+        if h.versions.len() > MAX_HELLO_VERSIONS {
+            return self.close(
+                SessionError::Violation(format!(
+                    "hello: {} protocol versions (at most {MAX_HELLO_VERSIONS})",
+                    h.versions.len()
+                )),
+                true,
+            );
         }
         let Some(version) = negotiate(SUPPORTED_VERSIONS, &h.versions) else {
             return self.close(

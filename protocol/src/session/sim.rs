@@ -527,6 +527,54 @@ fn hub_refuses_incompatible_versions_and_violations() {
 }
 
 #[test]
+fn hub_refuses_a_hello_with_oversized_strings_or_version_lists() {
+    let node = NodeId::new("n").unwrap();
+    let long = "x".repeat(super::hub::MAX_HELLO_STRING + 1);
+    let hellos = [
+        crate::frame::Hello {
+            versions: vec![1],
+            agent_version: long.clone(),
+            ..Default::default()
+        },
+        crate::frame::Hello {
+            versions: vec![1],
+            boot_id: long.clone(),
+            ..Default::default()
+        },
+        crate::frame::Hello {
+            versions: vec![1],
+            store_id: long,
+            ..Default::default()
+        },
+        crate::frame::Hello {
+            versions: vec![1; super::hub::MAX_HELLO_VERSIONS + 1],
+            ..Default::default()
+        },
+    ];
+    for hello in hellos {
+        let mut h = HubSession::new(HubConfig::default(), node.clone(), 0, 0);
+        assert!(matches!(
+            h.handle_frame(Body::Hello(hello), 1),
+            Err(SessionError::Violation(m)) if m.starts_with("hello: ")
+        ));
+        assert!(matches!(h.poll_transmit(), Some(Body::Goodbye(_))));
+        assert!(
+            h.poll_event()
+                .is_some_and(|e| matches!(e, HubEvent::Closed(_)))
+        );
+    }
+    // At the limit it is accepted.
+    let mut h = HubSession::new(HubConfig::default(), node, 0, 0);
+    let ok = crate::frame::Hello {
+        versions: vec![1],
+        agent_version: "v".repeat(super::hub::MAX_HELLO_STRING),
+        ..Default::default()
+    };
+    h.handle_frame(Body::Hello(ok), 1).unwrap();
+    assert!(matches!(h.poll_transmit(), Some(Body::Welcome(_))));
+}
+
+#[test]
 fn edge_resumes_from_hub_position_and_rebases() {
     // Edge restarted with records 5..=9 pending, the hub has stored 7: resume at 8.
     let mut e = EdgeSession::new(EdgeConfig::default(), 4, 10);

@@ -5,6 +5,7 @@ mod durability;
 mod e2e;
 mod events;
 mod faults;
+mod hostile;
 mod hub_restart;
 mod local;
 mod modbus;

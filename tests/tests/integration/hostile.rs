@@ -1,0 +1,411 @@
+//! Hostile and broken peers against a real `edgesync-hub` process: handshake floods, peers that
+//! never read, oversized hellos and frames, and HTTP clients that never finish a request. In
+//! each case a real agent (or a health probe) still gets through.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use edgesync_edge::uplink::{UplinkConfig, client_config};
+use edgesync_protocol::frame::{self, Body, Frame, Hello};
+use edgesync_testkit::harness::{self, Api, Pki, Proc, TempDir};
+use edgesync_testkit::hostile::{self, HubAnswer};
+use edgesync_testkit::sim::{SimConfig, SimHandle};
+use tokio::io::AsyncWriteExt;
+
+use crate::support::{self, TD};
+
+/// The uplink config of a peer with the edge identity `node` minted from `pki`.
+fn peer_config(pki: &Pki, tunnel: &str, node: &str) -> anyhow::Result<quinn::ClientConfig> {
+    let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/{node}"), node)?;
+    let ucfg = UplinkConfig {
+        hub_address: tunnel.to_owned(),
+        hub_id: edgesync_protocol::spiffe_id::parse_id(&format!("spiffe://{TD}/hub"))?,
+        cert,
+        key,
+        bundle: pki.bundle.clone(),
+        connect_timeout: Duration::from_secs(5),
+        keepalive: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(30),
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(1),
+        batch_max_records: 10,
+        agent_version: "hostile".into(),
+        boot_id: "x".into(),
+    };
+    Ok(client_config(&ucfg)?)
+}
+
+async fn metric(api: &Api, name: &str, label: &str) -> anyhow::Result<f64> {
+    let text = api.metrics().await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// A hub (with `extra` in `[hub]`), a simulator and a real agent (node gw-1) started after
+/// `before_agent` ran.
+struct Setup {
+    tmp: TempDir,
+    pki: Pki,
+    hub: Proc,
+    tunnel: String,
+    http: String,
+    api: Api,
+    sim: SimHandle,
+}
+
+async fn setup(extra: &str, wrapper: &[&str]) -> anyhow::Result<Setup> {
+    let tmp = TempDir::new("hostile")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let sim = SimHandle::start("127.0.0.1:0".parse()?, SimConfig::with_units([1])).await?;
+    let (hub, tunnel, http) = harness::start_hub_with(tmp.path(), &pki, extra, wrapper).await?;
+    let api = Api::new(&http);
+    Ok(Setup {
+        tmp,
+        pki,
+        hub,
+        tunnel,
+        http,
+        api,
+        sim,
+    })
+}
+
+impl Setup {
+    async fn start_agent(&self) -> anyhow::Result<Proc> {
+        let plc = self.sim.local_addr().to_string();
+        let bus = support::Bus::embedded()?;
+        support::start_agent(self.tmp.path(), &self.pki, &self.tunnel, &plc, &bus.toml).await
+    }
+
+    /// Waits until a new value written to the simulator reaches the hub through the agent.
+    async fn agent_delivers(&self, value: u16, within: Duration) -> anyhow::Result<()> {
+        self.sim.set_holding(1, support::LEVEL, &[value])?;
+        self.api
+            .wait_for(within, move |api| async move {
+                Ok(api
+                    .reported_u64("gw-1", "plc-1", "level")
+                    .await?
+                    .filter(|v| *v == u64::from(value)))
+            })
+            .await
+            .map(drop)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_flood_keeps_no_state_for_unvalidated_addresses_and_never_keeps_an_agent_out()
+-> anyhow::Result<()> {
+    let s = setup("max_handshakes = 16\nhandshake_timeout_ms = 2000", &[]).await?;
+    let hub_addr: SocketAddr = s.tunnel.parse()?;
+    let client = peer_config(&s.pki, &s.tunnel, "flood")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Arc<[AtomicUsize; 4]> = Arc::new(Default::default());
+    let idx = |a: HubAnswer| match a {
+        HubAnswer::Nothing => 0,
+        HubAnswer::Retry => 1,
+        HubAnswer::Handshake => 2,
+        HubAnswer::Refused => 3,
+    };
+    // Two floods: from 127.0.0.2, attempts that answer the Retry and then stall (validated
+    // addresses holding handshakes); from 127.0.0.3, attempts that never answer (as spoofed
+    // source addresses would). About 150 attempts per second each, 40 in flight at most.
+    let mut floods = Vec::new();
+    let unvalidated: Arc<[AtomicUsize; 4]> = Arc::new(Default::default());
+    for (ip, answer_retry, tally) in [
+        (Ipv4Addr::new(127, 0, 0, 2), true, counts.clone()),
+        (Ipv4Addr::new(127, 0, 0, 3), false, unvalidated.clone()),
+    ] {
+        let (stop, client) = (stop.clone(), client.clone());
+        floods.push(tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(40));
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                let (client, tally) = (client.clone(), tally.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    if let Ok(a) = hostile::stalled_handshake(
+                        hub_addr,
+                        IpAddr::V4(ip),
+                        client,
+                        answer_retry,
+                        Duration::from_millis(1500),
+                    )
+                    .await
+                    {
+                        tally[idx(a)].fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                tokio::time::sleep(Duration::from_millis(7)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A real agent (from 127.0.0.1) connects while both floods go on, and keeps delivering.
+    let agent = s.start_agent().await?;
+    let logs = || {
+        format!(
+            "--- agent ---\n{}\n--- hub ---\n{}",
+            agent.log_text(),
+            s.hub.log_text()
+        )
+    };
+    s.agent_delivers(7, Duration::from_secs(20))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+    s.agent_delivers(8, Duration::from_secs(10))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", logs()))?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for f in floods {
+        f.await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let get = |t: &[AtomicUsize; 4], a| t[idx(a)].load(Ordering::Relaxed);
+    // Unvalidated attempts only ever got a Retry: the hub started no handshake for them.
+    assert!(get(&unvalidated, HubAnswer::Retry) > 100, "{unvalidated:?}");
+    assert_eq!(
+        get(&unvalidated, HubAnswer::Handshake),
+        0,
+        "{unvalidated:?}"
+    );
+    // Validated ones from one address: a few handshakes, the rest refused.
+    assert!(get(&counts, HubAnswer::Handshake) > 0, "{counts:?}");
+    assert!(get(&counts, HubAnswer::Refused) > 50, "{counts:?}");
+    assert!(metric(&s.api, "edgesync_hub_quic_retries_total", "").await? > 200.0);
+    assert!(
+        metric(
+            &s.api,
+            "edgesync_hub_connections_refused_total",
+            "handshakes_per_ip"
+        )
+        .await?
+            > 50.0
+    );
+    // The hub's memory stayed small.
+    let rss = harness::proc_status_mib(s.hub.pid().unwrap_or(0), "VmHWM:")?;
+    assert!(rss < 150.0, "hub peak RSS {rss} MiB during the flood");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_from_many_addresses_are_bounded_in_total() -> anyhow::Result<()> {
+    let s = setup("max_handshakes = 16\nhandshake_timeout_ms = 3000", &[]).await?;
+    let hub_addr: SocketAddr = s.tunnel.parse()?;
+    let client = peer_config(&s.pki, &s.tunnel, "flood")?;
+    // 6 addresses x 6 stalled handshakes = 36 at once, more than 16.
+    let mut tasks = Vec::new();
+    for host in 10..16u8 {
+        for _ in 0..6 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(hostile::stalled_handshake(
+                hub_addr,
+                IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)),
+                client,
+                true,
+                Duration::from_millis(1500),
+            )));
+        }
+    }
+    let mut handshakes = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await?? {
+            HubAnswer::Handshake => handshakes += 1,
+            HubAnswer::Refused => refused += 1,
+            _ => {}
+        }
+    }
+    assert!(
+        handshakes <= 16,
+        "{handshakes} handshakes in progress at once"
+    );
+    assert!(handshakes >= 8, "only {handshakes} handshakes started");
+    assert!(refused >= 36 - 16, "{refused} refused");
+    assert!(
+        metric(
+            &s.api,
+            "edgesync_hub_connections_refused_total",
+            "reason=\"handshakes\""
+        )
+        .await?
+            >= 20.0
+    );
+    // Once they time out, a real agent gets in.
+    let agent = s.start_agent().await?;
+    s.agent_delivers(5, Duration::from_secs(20))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", agent.log_text(), s.hub.log_text()))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_that_never_read_cannot_hold_session_slots() -> anyhow::Result<()> {
+    let s = setup("max_nodes = 2\nidle_timeout_ms = 2000", &[]).await?;
+    let hub_addr: SocketAddr = s.tunnel.parse()?;
+    // Five connections with one node's certificate: they share one slot (each replaces the
+    // previous, although the hub's writes to it are blocked).
+    let rogue = peer_config(&s.pki, &s.tunnel, "rogue")?;
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        silent.push(hostile::silent_peer(hub_addr, rogue.clone()).await?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A second node fills the hub (max_nodes = 2).
+    let rogue2 = peer_config(&s.pki, &s.tunnel, "rogue2")?;
+    silent.push(hostile::silent_peer(hub_addr, rogue2).await?);
+    // The replaced connections were closed at once.
+    for p in &silent[..4] {
+        tokio::time::timeout(Duration::from_secs(5), p.conn.closed())
+            .await
+            .map_err(|_| anyhow::anyhow!("a replaced connection stayed open"))?;
+    }
+    // The real agent gets in once the silent sessions' writes time out (idle timeout, 2 s).
+    let agent = s.start_agent().await?;
+    s.agent_delivers(3, Duration::from_secs(20))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", agent.log_text(), s.hub.log_text()))?;
+    for p in &silent[4..] {
+        tokio::time::timeout(Duration::from_secs(10), p.conn.closed())
+            .await
+            .map_err(|_| anyhow::anyhow!("a silent peer kept its session"))?;
+    }
+    assert!(metric(&s.api, "edgesync_hub_session_write_timeouts_total", "").await? >= 2.0);
+    assert!(
+        s.hub
+            .log_text()
+            .contains("the node did not read for 2000 ms")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_hellos_and_frames_of_tiny_samples_are_refused_before_they_cost_memory()
+-> anyhow::Result<()> {
+    let s = setup("", &[]).await?;
+    let hub_addr: SocketAddr = s.tunnel.parse()?;
+    let client = peer_config(&s.pki, &s.tunnel, "rogue")?;
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let base_rss = harness::proc_status_mib(s.hub.pid().unwrap_or(0), "VmRSS:")?;
+    // A hello with a 512 KiB agent version.
+    let conn = ep.connect_with(client.clone(), hub_addr, "hub")?.await?;
+    let (mut send, _recv) = conn.open_bi().await?;
+    let hello = |agent_version: String| Frame {
+        body: Some(Body::Hello(Hello {
+            versions: frame::SUPPORTED_VERSIONS.to_vec(),
+            agent_version,
+            boot_id: "b".into(),
+            next_seq: 1,
+            oldest_seq: 1,
+            ..Default::default()
+        })),
+    };
+    send.write_all(&frame::frame_bytes(
+        &hello("v".repeat(512 << 10)),
+        frame::DEFAULT_MAX_FRAME_LEN,
+    )?)
+    .await?;
+    tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .map_err(|_| anyhow::anyhow!("the hub kept a connection with an oversized hello"))?;
+    let (_, nodes) = s.api.get("/api/v1/nodes").await?;
+    assert!(
+        nodes.to_string().len() < 10_000,
+        "{}",
+        nodes.to_string().len()
+    );
+    // Sixteen 1 MiB frames of empty samples (over 500,000 each), on a proper session.
+    for _ in 0..16 {
+        let conn = ep.connect_with(client.clone(), hub_addr, "hub")?.await?;
+        let (mut send, _recv) = conn.open_bi().await?;
+        send.write_all(&frame::frame_bytes(
+            &hello("rogue".into()),
+            frame::DEFAULT_MAX_FRAME_LEN,
+        )?)
+        .await?;
+        let mut records = vec![0x08, 0x01];
+        while records.len() + 2 < (1 << 20) - 16 {
+            records.extend_from_slice(&[0x12, 0x00]);
+        }
+        let mut body = vec![0x1a];
+        let mut len = records.len() as u64;
+        while len >= 0x80 {
+            body.push((len as u8) | 0x80);
+            len >>= 7;
+        }
+        body.push(len as u8);
+        body.extend_from_slice(&records);
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&body);
+        let _ = send.write_all(&bytes).await;
+        tokio::time::timeout(Duration::from_secs(5), conn.closed())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("the hub kept a connection after a frame of 500,000 samples")
+            })?;
+    }
+    assert!(metric(&s.api, "edgesync_hub_bad_frames_total", "").await? >= 16.0);
+    assert!(s.hub.log_text().contains("exceeds the limit of 8192"));
+    let peak = harness::proc_status_mib(s.hub.pid().unwrap_or(0), "VmHWM:")?;
+    assert!(
+        peak < base_rss + 40.0,
+        "hub peak RSS {peak} MiB, {base_rss} MiB before the frames"
+    );
+    // The hub still serves a real agent.
+    let agent = s.start_agent().await?;
+    s.agent_delivers(9, Duration::from_secs(20))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", agent.log_text(), s.hub.log_text()))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_probes_get_through_unfinished_http_requests_under_a_low_file_limit()
+-> anyhow::Result<()> {
+    let prlimit = support::which("prlimit")?;
+    let prlimit = prlimit.display().to_string();
+    let s = setup(
+        "http_max_connections = 64\nhttp_head_timeout_ms = 60000",
+        &[&prlimit, "--nofile=200:200", "--"],
+    )
+    .await?;
+    let http: SocketAddr = s.http.parse()?;
+    // 600 connections that send half a request head and stay: three times the hub's file limit.
+    let mut open = Vec::new();
+    for _ in 0..600 {
+        let mut c = tokio::net::TcpStream::connect(http).await?;
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await?;
+        open.push(c);
+    }
+    // Probes still answer, each time, although the head timeout (60 s) is far away.
+    for _ in 0..10 {
+        let (status, _) = tokio::time::timeout(Duration::from_secs(5), s.api.get("/healthz"))
+            .await
+            .map_err(|_| anyhow::anyhow!("/healthz did not answer\n{}", s.hub.log_text()))??;
+        assert_eq!(status, 200);
+        let mut c = tokio::net::TcpStream::connect(http).await?;
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await?;
+        open.push(c);
+    }
+    assert!(
+        metric(
+            &s.api,
+            "edgesync_hub_http_connections_closed_total",
+            "evicted_without_request"
+        )
+        .await?
+            >= 500.0
+    );
+    // Said once in the log, not once per connection.
+    let log = s.hub.log_text();
+    let warnings = log.matches("every connection slot is taken").count();
+    assert!((1..=3).contains(&warnings), "{warnings} warnings\n{log}");
+    Ok(())
+}
