@@ -205,6 +205,9 @@ pub async fn serve(
         });
     }
     endpoint.close(0u32.into(), b"hub shutting down");
+    // Let the close reach every peer before the process exits: an agent that misses it would
+    // wait for its idle timeout (10 s by default) before reconnecting to the restarted hub.
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
 async fn handle_connection(

@@ -110,6 +110,9 @@ fn load_identity(cfg: &UplinkConfig) -> Result<Arc<SvidStore>, UplinkError> {
     Ok(SvidStore::new(id, bundle)?)
 }
 
+/// The round-trip time assumed until one is measured (see [`client_config`]).
+pub const INITIAL_RTT: Duration = Duration::from_millis(100);
+
 /// Builds the quinn client config for `cfg` (reads the identity files).
 pub fn client_config(cfg: &UplinkConfig) -> Result<quinn::ClientConfig, UplinkError> {
     let svid = load_identity(cfg)?;
@@ -118,6 +121,12 @@ pub fn client_config(cfg: &UplinkConfig) -> Result<quinn::ClientConfig, UplinkEr
         .map_err(|e| UplinkError::Connect(e.to_string()))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(qc));
     let mut transport = quinn::TransportConfig::default();
+    // Before the first round trip is measured, lost handshake packets are sent again after
+    // three times this (RFC 9002 suggests 333 ms: 1 s, then 2 s, 4 s...). When a hub comes
+    // back, or is busy with a whole fleet reconnecting, Initials are lost; 100 ms (as browsers
+    // use) makes the next try come within 0.3 s. On a slow link this costs a few spare
+    // handshake packets, never a failed connection.
+    transport.initial_rtt(INITIAL_RTT);
     transport.keep_alive_interval(Some(cfg.keepalive));
     if let Ok(idle) = quinn::IdleTimeout::try_from(cfg.idle_timeout) {
         transport.max_idle_timeout(Some(idle));

@@ -5,6 +5,7 @@
 
 #![warn(missing_docs)]
 
+pub mod fleet;
 pub mod harness;
 pub mod hostile;
 pub mod pki;

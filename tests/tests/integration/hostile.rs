@@ -409,3 +409,73 @@ async fn health_probes_get_through_unfinished_http_requests_under_a_low_file_lim
     assert!((1..=3).contains(&warnings), "{warnings} warnings\n{log}");
     Ok(())
 }
+
+/// 200 simulated agents (the testkit's fleet, speaking the protocol) connected to a real hub;
+/// the hub restarts; every agent resumes within a bounded time, and none is dropped again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_resumes_after_a_hub_restart_without_flapping() -> anyhow::Result<()> {
+    use edgesync_testkit::fleet::{Fleet, FleetOptions};
+    let tmp = TempDir::new("fleet")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let (hub, tunnel, http) =
+        harness::start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
+    let opts = FleetOptions {
+        agents: 200,
+        ..Default::default()
+    };
+    let fleet = Fleet::start(&pki, TD, tunnel.parse()?, &opts)?;
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    while fleet.counters.connected.load(Ordering::Relaxed) < opts.agents {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "only {} of {} agents connected within 60 s\n{}",
+            fleet.counters.connected.load(Ordering::Relaxed),
+            opts.agents,
+            hub.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Restart the hub on the same addresses and store.
+    assert!(hub.terminate().await?, "the hub did not stop cleanly");
+    let stopped = std::time::Instant::now();
+    let (hub, _, _) = harness::start_hub(tmp.path(), &pki, &tunnel, &http).await?;
+    let restarted = std::time::Instant::now();
+    let all = loop {
+        if let Some(t) = fleet.all_established_by(stopped) {
+            break t;
+        }
+        anyhow::ensure!(
+            restarted.elapsed() < Duration::from_secs(60),
+            "{} of {} agents resumed within 60 s of the restart\n{}",
+            fleet.established_since(stopped),
+            opts.agents,
+            hub.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let resume = all.saturating_duration_since(restarted);
+    // Bounded: the agents' backoff after a ~0.1 s outage is at most a second or two, and
+    // 200 handshakes take the hub well under a second of CPU.
+    assert!(
+        resume < Duration::from_secs(20),
+        "all resumed {resume:?} after the restart"
+    );
+    // No flapping: nobody is dropped again, and all keep their sessions.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(
+        fleet.ended_since(all),
+        0,
+        "sessions ended again after the resume"
+    );
+    assert_eq!(
+        fleet.counters.connected.load(Ordering::Relaxed),
+        opts.agents
+    );
+    let api = Api::new(&http);
+    assert_eq!(
+        metric(&api, "edgesync_hub_sessions", "").await?,
+        opts.agents as f64
+    );
+    Ok(())
+}

@@ -1,0 +1,375 @@
+//! `edgesync-bench-fleet`: a fleet of simulated agents against the real `edgesync-hub` binary.
+//!
+//! `--part reconnect`: `--agents` simulated agents (the testkit's fleet: each with its own
+//! SVID, one record per second, the real agent's reconnect backoff) connect to a fresh hub; the
+//! hub is stopped (SIGTERM by PID) and started again on the same addresses and store. `connect
+//! s` is the time from the end of minting the identities (the agents start connecting while
+//! they are minted) until all are connected; `noticed` is how many sessions had ended when the
+//! old hub's process was gone (all of them, if its close reached every agent). Measured:
+//! the time from the new hub's ready line until every agent has a session again, the hub's CPU
+//! time over that interval (from its start), its peak RSS, the hub's RSS per connected node
+//! (RSS with every agent connected minus the RSS of the fresh hub, divided by the agents),
+//! refused handshakes, and the sessions that end again in the `--settle-secs` after the last
+//! agent resumed (flapping).
+//!
+//! `--part flood`: a fresh hub; for `--flood-secs`, attempts that answer the hub's Retry and
+//! then stall (holding a handshake until `handshake_timeout_ms`) from `--flood-hosts` source
+//! addresses (127.2.x.y), as fast as `--flood-concurrency` tasks allow, plus the same rate of
+//! attempts that never answer the Retry (spoofed sources). Midway, `--agents` simulated
+//! agents start from other addresses. Measured: attempts per second, the hub's CPU and peak RSS,
+//! its RSS per handshake in progress, and how long the agents took to get in.
+//!
+//! The hub binary is the one next to this binary (`cargo build --release` builds both).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use clap::{Parser, ValueEnum};
+use edgesync_edge::uplink::{UplinkConfig, client_config};
+use edgesync_testkit::fleet::{Fleet, FleetOptions};
+use edgesync_testkit::harness::{self, Api, Pki, TempDir, median};
+use edgesync_testkit::hostile::{self, HubAnswer};
+
+const TD: &str = "bench.example";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Part {
+    /// Reconnect of the fleet after a hub restart.
+    Reconnect,
+    /// A flood of stalled handshakes, with agents connecting during it.
+    Flood,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "A fleet of simulated agents against the real hub")]
+struct Args {
+    #[arg(long, value_enum, default_value = "reconnect")]
+    part: Part,
+    /// Simulated agents (reconnect), or agents connecting during the flood.
+    #[arg(long)]
+    agents: Option<usize>,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Watch for sessions ending again this long after the last agent resumed.
+    #[arg(long, default_value_t = 10)]
+    settle_secs: u64,
+    #[arg(long, default_value_t = 10)]
+    flood_secs: u64,
+    #[arg(long, default_value_t = 64)]
+    flood_hosts: u8,
+    #[arg(long, default_value_t = 256)]
+    flood_concurrency: usize,
+}
+
+async fn metric(api: &Api, name: &str, label: &str) -> f64 {
+    let Ok(text) = api.metrics().await else {
+        return f64::NAN;
+    };
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        + 0.0
+}
+
+struct ReconnectRun {
+    initial_s: f64,
+    ended_at_restart: usize,
+    resume_s: f64,
+    resume_p50_s: f64,
+    resume_p90_s: f64,
+    hub_cpu_s: f64,
+    hub_hwm_mib: f64,
+    per_node_kib: f64,
+    refused: f64,
+    failed_attempts: u64,
+    flapped: usize,
+}
+
+async fn reconnect_run(agents: usize, settle: Duration) -> anyhow::Result<ReconnectRun> {
+    let tmp = TempDir::new("bench-fleet")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let (hub, tunnel, http) =
+        harness::start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss0 = harness::proc_status_mib(hub.pid().unwrap_or(0), "VmRSS:")?;
+    let opts = FleetOptions {
+        agents,
+        ..Default::default()
+    };
+    let fleet = Fleet::start(&pki, TD, tunnel.parse()?, &opts)?;
+    let t0 = Instant::now();
+    while fleet.counters.connected.load(Ordering::Relaxed) < agents {
+        ensure!(
+            t0.elapsed() < Duration::from_secs(300),
+            "the fleet did not connect"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let initial_s = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss1 = harness::proc_status_mib(hub.pid().unwrap_or(0), "VmRSS:")?;
+    let failed_before = fleet.counters.failed_attempts.load(Ordering::Relaxed);
+    ensure!(hub.terminate().await?, "the hub did not stop cleanly");
+    let stopped = Instant::now();
+    let (hub, _, _) = harness::start_hub(tmp.path(), &pki, &tunnel, &http).await?;
+    let ready = Instant::now();
+    let ended_at_restart = fleet.ended_since(t0);
+    let pid = hub.pid().unwrap_or(0);
+    let all = loop {
+        if let Some(t) = fleet.all_established_by(stopped) {
+            break t;
+        }
+        ensure!(
+            ready.elapsed() < Duration::from_secs(300),
+            "{} of {agents} resumed",
+            fleet.established_since(stopped)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let hub_cpu_s = harness::proc_cpu_seconds(pid)?;
+    let resume_s = all.saturating_duration_since(ready).as_secs_f64();
+    let mut each: Vec<f64> = fleet
+        .first_established_since(stopped)
+        .iter()
+        .map(|t| t.saturating_duration_since(ready).as_secs_f64())
+        .collect();
+    each.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        each.get(((each.len() as f64 * p) as usize).min(each.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let (resume_p50_s, resume_p90_s) = (pct(0.5), pct(0.9));
+    tokio::time::sleep(settle).await;
+    let api = Api::new(&http);
+    Ok(ReconnectRun {
+        initial_s,
+        ended_at_restart,
+        resume_s,
+        resume_p50_s,
+        resume_p90_s,
+        hub_cpu_s,
+        hub_hwm_mib: harness::proc_status_mib(pid, "VmHWM:")?,
+        per_node_kib: (rss1 - rss0) * 1024.0 / agents as f64,
+        refused: metric(&api, "edgesync_hub_connections_refused_total", "").await,
+        failed_attempts: fleet.counters.failed_attempts.load(Ordering::Relaxed) - failed_before,
+        flapped: fleet.ended_since(all),
+    })
+}
+
+struct FloodRun {
+    attempts_per_s: f64,
+    hub_cpu_pct: f64,
+    hub_hwm_mib: f64,
+    per_handshake_kib: f64,
+    agents_in_s: f64,
+    handshakes_seen: u64,
+}
+
+async fn flood_run(
+    agents: usize,
+    secs: u64,
+    hosts: u8,
+    concurrency: usize,
+) -> anyhow::Result<FloodRun> {
+    let tmp = TempDir::new("bench-flood")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let (hub, tunnel, _http) =
+        harness::start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
+    let pid = hub.pid().unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss0 = harness::proc_status_mib(pid, "VmRSS:")?;
+    let hub_addr: SocketAddr = tunnel.parse()?;
+    let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/flood"), "flood")?;
+    let client = client_config(&UplinkConfig {
+        hub_address: tunnel.clone(),
+        hub_id: edgesync_protocol::spiffe_id::parse_id(&format!("spiffe://{TD}/hub"))?,
+        cert,
+        key,
+        bundle: pki.bundle.clone(),
+        connect_timeout: Duration::from_secs(5),
+        keepalive: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(30),
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(1),
+        batch_max_records: 1,
+        agent_version: "flood".into(),
+        boot_id: "flood".into(),
+    })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let handshakes = Arc::new(AtomicU64::new(0));
+    let cpu0 = harness::proc_cpu_seconds(pid)?;
+    let started = Instant::now();
+    let mut floods = Vec::new();
+    for answer_retry in [true, false] {
+        let (stop, attempts, handshakes, client) = (
+            stop.clone(),
+            attempts.clone(),
+            handshakes.clone(),
+            client.clone(),
+        );
+        floods.push(tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(concurrency / 2));
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                n = n.wrapping_add(1);
+                let host = (n % u32::from(hosts.max(1))) as u8;
+                let ip = Ipv4Addr::new(127, 2, u8::from(!answer_retry), host + 1);
+                let (client, attempts, handshakes) =
+                    (client.clone(), attempts.clone(), handshakes.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(HubAnswer::Handshake) = hostile::stalled_handshake(
+                        hub_addr,
+                        IpAddr::V4(ip),
+                        client,
+                        answer_retry,
+                        Duration::from_millis(1000),
+                    )
+                    .await
+                    {
+                        handshakes.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }));
+    }
+    // Halfway through, the agents start.
+    tokio::time::sleep(Duration::from_secs(secs / 2)).await;
+    let rss_flood = harness::proc_status_mib(pid, "VmRSS:")?;
+    let opts = FleetOptions {
+        agents,
+        ..Default::default()
+    };
+    let fleet = Fleet::start(&pki, TD, hub_addr, &opts)?;
+    let t_agents = Instant::now();
+    let mut agents_in_s = f64::NAN;
+    while started.elapsed() < Duration::from_secs(secs) || agents_in_s.is_nan() {
+        if agents_in_s.is_nan() && fleet.counters.connected.load(Ordering::Relaxed) >= agents {
+            agents_in_s = t_agents.elapsed().as_secs_f64();
+        }
+        if t_agents.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = harness::proc_cpu_seconds(pid)? - cpu0;
+    for f in floods {
+        let _ = f.await;
+    }
+    Ok(FloodRun {
+        attempts_per_s: attempts.load(Ordering::Relaxed) as f64 / wall,
+        hub_cpu_pct: cpu / wall * 100.0,
+        hub_hwm_mib: harness::proc_status_mib(pid, "VmHWM:")?,
+        per_handshake_kib: (rss_flood - rss0) * 1024.0
+            / edgesync_cloud::server::DEFAULT_MAX_HANDSHAKES as f64,
+        agents_in_s,
+        handshakes_seen: handshakes.load(Ordering::Relaxed),
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let load = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    match args.part {
+        Part::Reconnect => {
+            let agents = args.agents.unwrap_or(1000);
+            println!(
+                "edgesync-bench-fleet --part reconnect: {agents} simulated agents (one record/s each, the agent's backoff 200 ms doubling to 30 s, jittered), real hub binary (defaults: max_handshakes 64, 8 per IP), hub restarted by SIGTERM"
+            );
+            println!(
+                " run   load  connect s  noticed  resume p50  p90  all s  hub cpu s  hub HWM MiB  KiB/node  refused  failed  flapped"
+            );
+            let mut rows = Vec::new();
+            for run in 1..=args.runs {
+                let l = load();
+                let r = reconnect_run(agents, Duration::from_secs(args.settle_secs)).await?;
+                println!(
+                    "{run:>4} {l:>6} {:>10.3} {:>8} {:>11.3} {:>5.2} {:>6.2} {:>10.2} {:>12.1} {:>9.1} {:>8.0} {:>7} {:>8}",
+                    r.initial_s,
+                    r.ended_at_restart,
+                    r.resume_p50_s,
+                    r.resume_p90_s,
+                    r.resume_s,
+                    r.hub_cpu_s,
+                    r.hub_hwm_mib,
+                    r.per_node_kib,
+                    r.refused,
+                    r.failed_attempts,
+                    r.flapped
+                );
+                rows.push(r);
+            }
+            println!(
+                " med        {:>10.3}          {:>11.3} {:>5.2} {:>6.2} {:>10.2} {:>12.1} {:>9.1}",
+                median(rows.iter().map(|r| r.initial_s).collect()),
+                median(rows.iter().map(|r| r.resume_p50_s).collect()),
+                median(rows.iter().map(|r| r.resume_p90_s).collect()),
+                median(rows.iter().map(|r| r.resume_s).collect()),
+                median(rows.iter().map(|r| r.hub_cpu_s).collect()),
+                median(rows.iter().map(|r| r.hub_hwm_mib).collect()),
+                median(rows.iter().map(|r| r.per_node_kib).collect()),
+            );
+            let flapped: usize = rows.iter().map(|r| r.flapped).sum();
+            println!("sessions that ended again after the resume, all runs: {flapped}");
+        }
+        Part::Flood => {
+            let agents = args.agents.unwrap_or(20);
+            println!(
+                "edgesync-bench-fleet --part flood: {} s of stalled handshakes ({} tasks; half answer the Retry then stall, from {} addresses; half never answer), {agents} simulated agents start halfway",
+                args.flood_secs, args.flood_concurrency, args.flood_hosts
+            );
+            println!(
+                " run   load  attempts/s  hub cpu %  hub HWM MiB  KiB/handshake  handshakes  agents in s"
+            );
+            let mut rows = Vec::new();
+            for run in 1..=args.runs {
+                let l = load();
+                let r = flood_run(
+                    agents,
+                    args.flood_secs,
+                    args.flood_hosts,
+                    args.flood_concurrency,
+                )
+                .await?;
+                println!(
+                    "{run:>4} {l:>6} {:>11.0} {:>10.1} {:>12.1} {:>14.1} {:>11} {:>12.3}",
+                    r.attempts_per_s,
+                    r.hub_cpu_pct,
+                    r.hub_hwm_mib,
+                    r.per_handshake_kib,
+                    r.handshakes_seen,
+                    r.agents_in_s
+                );
+                rows.push(r);
+            }
+            println!(
+                " med        {:>11.0} {:>10.1} {:>12.1} {:>14.1} {:>11} {:>12.3}",
+                median(rows.iter().map(|r| r.attempts_per_s).collect()),
+                median(rows.iter().map(|r| r.hub_cpu_pct).collect()),
+                median(rows.iter().map(|r| r.hub_hwm_mib).collect()),
+                median(rows.iter().map(|r| r.per_handshake_kib).collect()),
+                "",
+                median(rows.iter().map(|r| r.agents_in_s).collect()),
+            );
+        }
+    }
+    Ok(())
+}
