@@ -16,7 +16,10 @@
 //! - **Handshakes:** at most [`TunnelConfig::max_handshakes`] at once, at most
 //!   [`MAX_HANDSHAKES_PER_IP`] from one IP address, each finished within
 //!   [`TunnelConfig::handshake_timeout`]; further attempts are refused (agents back off and
-//!   retry).
+//!   retry). Addresses from which a node authenticated during this run have a second pool of
+//!   `max_handshakes` of their own: a flood of stalled handshakes from many other addresses
+//!   fills the first pool but cannot keep known gateways out. (The set is kept in memory: after
+//!   a hub restart every address starts unknown.)
 //! - **Sessions:** a slot of [`TunnelConfig::max_connections`] is taken only after the peer's
 //!   certificate is verified; one node holds one slot however often it connects.
 //! - **Writes** to a peer that stops reading end the session after the idle timeout (a newer
@@ -107,7 +110,15 @@ struct Ctx {
     handshakes: Arc<tokio::sync::Semaphore>,
     /// Handshakes in progress per source IP address.
     per_ip: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Handshakes in progress from addresses that authenticated a node before (their own
+    /// pool of `max_handshakes`, so a flood from elsewhere cannot keep known gateways out).
+    known_handshakes: Arc<tokio::sync::Semaphore>,
+    /// Addresses from which a node authenticated during this run (at most [`MAX_KNOWN_IPS`]).
+    known_ips: Mutex<std::collections::HashSet<std::net::IpAddr>>,
 }
+
+/// Most addresses remembered as known (beyond, new ones are not added).
+const MAX_KNOWN_IPS: usize = 100_000;
 
 /// A handshake slot of one IP address, given back when dropped.
 struct IpSlot {
@@ -171,6 +182,8 @@ pub async fn serve(
         next_conn: 0.into(),
         handshakes: Arc::new(tokio::sync::Semaphore::new(cfg_max_handshakes)),
         per_ip: Mutex::new(HashMap::new()),
+        known_handshakes: Arc::new(tokio::sync::Semaphore::new(cfg_max_handshakes)),
+        known_ips: Mutex::new(std::collections::HashSet::new()),
     });
     loop {
         let incoming = tokio::select! {
@@ -192,7 +205,17 @@ pub async fn serve(
             incoming.refuse();
             continue;
         };
-        let Ok(permit) = ctx.handshakes.clone().try_acquire_owned() else {
+        let known = ctx
+            .known_ips
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&incoming.remote_address().ip());
+        let pool = if known {
+            &ctx.known_handshakes
+        } else {
+            &ctx.handshakes
+        };
+        let Ok(permit) = pool.clone().try_acquire_owned() else {
             metrics::counter!("edgesync_hub_connections_refused_total", "reason" => "handshakes")
                 .increment(1);
             incoming.refuse();
@@ -246,6 +269,12 @@ async fn handle_connection(
             return;
         }
     };
+    {
+        let mut known = ctx.known_ips.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() < MAX_KNOWN_IPS {
+            known.insert(remote.ip());
+        }
+    }
     // A session slot, only now that the peer is authenticated. A newer connection of a node
     // supersedes its older one (an agent restarted after `kill -9` does not wait for the old
     // connection to time out), in the same slot.

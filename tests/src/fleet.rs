@@ -7,7 +7,7 @@
 //! one record every `record_every` (which also keeps the session from going idle), answers
 //! pings, and reconnects with the real agent's jittered exponential backoff (`[d/2, d]`,
 //! doubling from `backoff_initial` to `backoff_max`) whenever the connection ends or an
-//! attempt fails. Agents are spread over source addresses 127.1.x.y, eight per address,
+//! attempt fails. Agents are spread over source addresses 127.<n>.x.y, eight per address,
 //! as a fleet's gateways are spread over hosts.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -38,6 +38,11 @@ pub struct FleetOptions {
     pub backoff_max: Duration,
     /// Time allowed for one connection attempt (the agent's default is 5 s).
     pub connect_timeout: Duration,
+    /// Node ids are `<prefix>-<i>`; the second octet of the agents' source addresses is
+    /// `source_octet` (127.<source_octet>.x.y), so that two fleets differ in both.
+    pub prefix: String,
+    /// See `prefix`.
+    pub source_octet: u8,
 }
 
 impl Default for FleetOptions {
@@ -48,6 +53,8 @@ impl Default for FleetOptions {
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            prefix: "fleet".into(),
+            source_octet: 1,
         }
     }
 }
@@ -79,6 +86,7 @@ pub struct Fleet {
     logs: Vec<Arc<Mutex<AgentLog>>>,
     cancel: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    kick: tokio::sync::watch::Sender<u64>,
 }
 
 impl Drop for Fleet {
@@ -101,11 +109,12 @@ impl Fleet {
     ) -> anyhow::Result<Fleet> {
         let counters = Arc::new(FleetCounters::default());
         let cancel = CancellationToken::new();
+        let (kick, kicked) = tokio::sync::watch::channel(0u64);
         let mut endpoints = Vec::new();
         let mut logs = Vec::new();
         let mut tasks = Vec::new();
         for i in 0..opts.agents {
-            let node = format!("fleet-{i}");
+            let node = format!("{}-{i}", opts.prefix);
             let (cert, key) = pki.svid(&format!("spiffe://{td}/edge/{node}"), &node)?;
             let ucfg = UplinkConfig {
                 hub_address: hub.to_string(),
@@ -124,7 +133,12 @@ impl Fleet {
             };
             let client = client_config(&ucfg)?;
             if i % 8 == 0 {
-                let ip = Ipv4Addr::new(127, 1, ((i / 8) / 250) as u8, ((i / 8) % 250 + 1) as u8);
+                let ip = Ipv4Addr::new(
+                    127,
+                    opts.source_octet,
+                    ((i / 8) / 250) as u8,
+                    ((i / 8) % 250 + 1) as u8,
+                );
                 let sock = std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
                 let ep = quinn::Endpoint::new(
                     quinn::EndpointConfig::default(),
@@ -149,6 +163,7 @@ impl Fleet {
                 counters: counters.clone(),
                 log,
                 cancel: cancel.clone(),
+                kick: kicked.clone(),
             };
             tasks.push(tokio::spawn(agent.run()));
         }
@@ -157,7 +172,14 @@ impl Fleet {
             logs,
             cancel,
             tasks,
+            kick,
         })
+    }
+
+    /// Every agent closes its session and connects again (as after a network outage on the
+    /// agents' side).
+    pub fn reconnect_all(&self) {
+        self.kick.send_modify(|g| *g += 1);
     }
 
     /// How many agents have established a session at or after `since`.
@@ -227,6 +249,7 @@ struct SimAgent {
     counters: Arc<FleetCounters>,
     log: Arc<Mutex<AgentLog>>,
     cancel: CancellationToken,
+    kick: tokio::sync::watch::Receiver<u64>,
 }
 
 impl SimAgent {
@@ -307,10 +330,16 @@ impl SimAgent {
         let mut tick = tokio::time::interval(self.opts.record_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut out = BytesMut::new();
+        let mut kick = self.kick.clone();
+        kick.borrow_and_update();
         let end = loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => {
                     conn.close(0u32.into(), b"fleet stopping");
+                    break Ok(());
+                }
+                _ = kick.changed() => {
+                    conn.close(0u32.into(), b"reconnecting");
                     break Ok(());
                 }
                 _ = tick.tick() => {

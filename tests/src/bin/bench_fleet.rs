@@ -12,12 +12,15 @@
 //! refused handshakes, and the sessions that end again in the `--settle-secs` after the last
 //! agent resumed (flapping).
 //!
-//! `--part flood`: a fresh hub; for `--flood-secs`, attempts that answer the hub's Retry and
-//! then stall (holding a handshake until `handshake_timeout_ms`) from `--flood-hosts` source
-//! addresses (127.2.x.y), as fast as `--flood-concurrency` tasks allow, plus the same rate of
-//! attempts that never answer the Retry (spoofed sources). Midway, `--agents` simulated
-//! agents start from other addresses. Measured: attempts per second, the hub's CPU and peak RSS,
-//! its RSS per handshake in progress, and how long the agents took to get in.
+//! `--part flood`: a fresh hub with `--agents` simulated agents connected; then, for
+//! `--flood-secs`, attempts that answer the hub's Retry and then stall (holding a handshake
+//! until `handshake_timeout_ms`) from `--flood-hosts` source addresses (127.2.0.x), as fast as
+//! `--flood-concurrency` tasks allow, plus the same rate of attempts that never answer the
+//! Retry (spoofed sources). Halfway, the connected agents drop their sessions and reconnect
+//! ("known", their addresses authenticated before), and as many new agents start from
+//! addresses the hub has not seen. Measured: attempts per second, the hub's CPU and peak RSS,
+//! its RSS per handshake in progress (RSS growth once the flood runs / `max_handshakes`), how
+//! long the known agents took to be back, and how many new ones got in before the flood ended.
 //!
 //! The hub binary is the one next to this binary (`cargo build --release` builds both).
 
@@ -166,8 +169,10 @@ struct FloodRun {
     hub_cpu_pct: f64,
     hub_hwm_mib: f64,
     per_handshake_kib: f64,
-    agents_in_s: f64,
     handshakes_seen: u64,
+    known_back_s: f64,
+    new_in: usize,
+    new_in_s: f64,
 }
 
 async fn flood_run(
@@ -181,9 +186,27 @@ async fn flood_run(
     let (hub, tunnel, _http) =
         harness::start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
     let pid = hub.pid().unwrap_or(0);
+    let hub_addr: SocketAddr = tunnel.parse()?;
+    // Known agents: connected before the flood.
+    let known = Fleet::start(
+        &pki,
+        TD,
+        hub_addr,
+        &FleetOptions {
+            agents,
+            ..Default::default()
+        },
+    )?;
+    let t = Instant::now();
+    while known.counters.connected.load(Ordering::Relaxed) < agents {
+        ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "the agents did not connect"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss0 = harness::proc_status_mib(pid, "VmRSS:")?;
-    let hub_addr: SocketAddr = tunnel.parse()?;
     let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/flood"), "flood")?;
     let client = client_config(&UplinkConfig {
         hub_address: tunnel.clone(),
@@ -243,25 +266,38 @@ async fn flood_run(
             }
         }));
     }
-    // Halfway through, the agents start.
+    // Halfway through: the known agents lose their sessions and reconnect, and as many new
+    // agents (addresses the hub has not seen) start.
     tokio::time::sleep(Duration::from_secs(secs / 2)).await;
     let rss_flood = harness::proc_status_mib(pid, "VmRSS:")?;
-    let opts = FleetOptions {
-        agents,
-        ..Default::default()
-    };
-    let fleet = Fleet::start(&pki, TD, hub_addr, &opts)?;
-    let t_agents = Instant::now();
-    let mut agents_in_s = f64::NAN;
-    while started.elapsed() < Duration::from_secs(secs) || agents_in_s.is_nan() {
-        if agents_in_s.is_nan() && fleet.counters.connected.load(Ordering::Relaxed) >= agents {
-            agents_in_s = t_agents.elapsed().as_secs_f64();
+    let kicked = Instant::now();
+    known.reconnect_all();
+    let fresh = Fleet::start(
+        &pki,
+        TD,
+        hub_addr,
+        &FleetOptions {
+            agents,
+            prefix: "new".into(),
+            source_octet: 3,
+            ..Default::default()
+        },
+    )?;
+    let fresh_started = Instant::now();
+    let mut known_back_s = f64::NAN;
+    let mut new_in_s = f64::NAN;
+    while started.elapsed() < Duration::from_secs(secs) {
+        if known_back_s.is_nan()
+            && let Some(t) = known.all_established_by(kicked + Duration::from_millis(1))
+        {
+            known_back_s = t.duration_since(kicked).as_secs_f64();
         }
-        if t_agents.elapsed() > Duration::from_secs(120) {
-            break;
+        if new_in_s.is_nan() && fresh.counters.connected.load(Ordering::Relaxed) >= agents {
+            new_in_s = fresh_started.elapsed().as_secs_f64();
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let new_in = fresh.counters.connected.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     let wall = started.elapsed().as_secs_f64();
     let cpu = harness::proc_cpu_seconds(pid)? - cpu0;
@@ -274,8 +310,10 @@ async fn flood_run(
         hub_hwm_mib: harness::proc_status_mib(pid, "VmHWM:")?,
         per_handshake_kib: (rss_flood - rss0) * 1024.0
             / edgesync_cloud::server::DEFAULT_MAX_HANDSHAKES as f64,
-        agents_in_s,
         handshakes_seen: handshakes.load(Ordering::Relaxed),
+        known_back_s,
+        new_in,
+        new_in_s,
     })
 }
 
@@ -333,11 +371,11 @@ async fn main() -> anyhow::Result<()> {
         Part::Flood => {
             let agents = args.agents.unwrap_or(20);
             println!(
-                "edgesync-bench-fleet --part flood: {} s of stalled handshakes ({} tasks; half answer the Retry then stall, from {} addresses; half never answer), {agents} simulated agents start halfway",
+                "edgesync-bench-fleet --part flood: {} s of stalled handshakes ({} tasks; half answer the Retry then stall, from {} addresses; half never answer); {agents} known agents (connected before) reconnect halfway, and {agents} new agents start then",
                 args.flood_secs, args.flood_concurrency, args.flood_hosts
             );
             println!(
-                " run   load  attempts/s  hub cpu %  hub HWM MiB  KiB/handshake  handshakes  agents in s"
+                " run   load  attempts/s  hub cpu %  hub HWM MiB  KiB/handshake  handshakes  known back s  new in  new all in s"
             );
             let mut rows = Vec::new();
             for run in 1..=args.runs {
@@ -350,24 +388,26 @@ async fn main() -> anyhow::Result<()> {
                 )
                 .await?;
                 println!(
-                    "{run:>4} {l:>6} {:>11.0} {:>10.1} {:>12.1} {:>14.1} {:>11} {:>12.3}",
+                    "{run:>4} {l:>6} {:>11.0} {:>10.1} {:>12.1} {:>14.1} {:>11} {:>13.3} {:>7} {:>13.3}",
                     r.attempts_per_s,
                     r.hub_cpu_pct,
                     r.hub_hwm_mib,
                     r.per_handshake_kib,
                     r.handshakes_seen,
-                    r.agents_in_s
+                    r.known_back_s,
+                    r.new_in,
+                    r.new_in_s
                 );
                 rows.push(r);
             }
             println!(
-                " med        {:>11.0} {:>10.1} {:>12.1} {:>14.1} {:>11} {:>12.3}",
+                " med        {:>11.0} {:>10.1} {:>12.1} {:>14.1} {:>11} {:>13.3}",
                 median(rows.iter().map(|r| r.attempts_per_s).collect()),
                 median(rows.iter().map(|r| r.hub_cpu_pct).collect()),
                 median(rows.iter().map(|r| r.hub_hwm_mib).collect()),
                 median(rows.iter().map(|r| r.per_handshake_kib).collect()),
                 "",
-                median(rows.iter().map(|r| r.agents_in_s).collect()),
+                median(rows.iter().map(|r| r.known_back_s).collect()),
             );
         }
     }

@@ -479,3 +479,65 @@ async fn a_fleet_resumes_after_a_hub_restart_without_flapping() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Stalled handshakes from many addresses fill the hub's handshake slots; a gateway whose address
+/// authenticated before still gets back in (it has a pool of its own), while the flood goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_gateway_gets_back_in_during_a_flood_from_many_addresses() -> anyhow::Result<()> {
+    let s = setup("max_handshakes = 16\nhandshake_timeout_ms = 3000", &[]).await?;
+    let hub_addr: SocketAddr = s.tunnel.parse()?;
+    let agent = s.start_agent().await?;
+    s.agent_delivers(11, Duration::from_secs(20))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", agent.log_text(), s.hub.log_text()))?;
+    // 12 addresses x up to 8 stalled handshakes each: far more than 16 slots, all the time.
+    let client = peer_config(&s.pki, &s.tunnel, "flood")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(96));
+            let mut n = 0u8;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                n = (n + 1) % 12;
+                let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 1, 20 + n));
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let _ = hostile::stalled_handshake(
+                        hub_addr,
+                        ip,
+                        client,
+                        true,
+                        Duration::from_millis(3500),
+                    )
+                    .await;
+                });
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The gateway restarts (kill -9) while the flood holds every general slot.
+    agent.kill9().await?;
+    let agent = s.start_agent().await?;
+    s.agent_delivers(12, Duration::from_secs(15))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", agent.log_text(), s.hub.log_text()))?;
+    let refused = metric(
+        &s.api,
+        "edgesync_hub_connections_refused_total",
+        "reason=\"handshakes\"",
+    )
+    .await?;
+    stop.store(true, Ordering::Relaxed);
+    flood.await?;
+    assert!(
+        refused > 50.0,
+        "the flood did not fill the slots ({refused} refused)"
+    );
+    Ok(())
+}
