@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use edgesync_edge::uplink::{UplinkConfig, client_config};
 use edgesync_protocol::frame::{
     self, Body, DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, Hello, Ping,
 };
@@ -115,23 +114,13 @@ impl Fleet {
         let mut tasks = Vec::new();
         for i in 0..opts.agents {
             let node = format!("{}-{i}", opts.prefix);
-            let (cert, key) = pki.svid(&format!("spiffe://{td}/edge/{node}"), &node)?;
-            let ucfg = UplinkConfig {
-                hub_address: hub.to_string(),
-                hub_id: edgesync_protocol::spiffe_id::parse_id(&format!("spiffe://{td}/hub"))?,
-                cert,
-                key,
-                bundle: pki.bundle.clone(),
-                connect_timeout: opts.connect_timeout,
-                keepalive: Duration::from_secs(2),
-                idle_timeout: Duration::from_secs(10),
-                backoff_initial: opts.backoff_initial,
-                backoff_max: opts.backoff_max,
-                batch_max_records: 1,
-                agent_version: "fleet".into(),
-                boot_id: format!("fleet-{i}"),
-            };
-            let client = client_config(&ucfg)?;
+            let client = crate::hostile::peer_client(
+                pki,
+                td,
+                &hub.to_string(),
+                &node,
+                opts.connect_timeout,
+            )?;
             if i % 8 == 0 {
                 let ip = Ipv4Addr::new(
                     127,

@@ -12,7 +12,57 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use edgesync_edge::uplink::{UplinkConfig, client_config};
 use edgesync_protocol::frame::{self, Body, Frame, Hello};
+
+use crate::harness::Pki;
+
+/// A QUIC client config with the edge identity `spiffe://<td>/edge/<node>` minted from `pki`
+/// (the agent's own `client_config`), for a hub at `tunnel` whose id is `spiffe://<td>/hub`.
+pub fn peer_client(
+    pki: &Pki,
+    td: &str,
+    tunnel: &str,
+    node: &str,
+    connect_timeout: Duration,
+) -> anyhow::Result<quinn::ClientConfig> {
+    let (cert, key) = pki.svid(&format!("spiffe://{td}/edge/{node}"), node)?;
+    Ok(client_config(&UplinkConfig {
+        hub_address: tunnel.to_owned(),
+        hub_id: edgesync_protocol::spiffe_id::parse_id(&format!("spiffe://{td}/hub"))?,
+        cert,
+        key,
+        bundle: pki.bundle.clone(),
+        connect_timeout,
+        keepalive: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(10),
+        backoff_initial: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(30),
+        batch_max_records: 1,
+        agent_version: node.to_owned(),
+        boot_id: node.to_owned(),
+    })?)
+}
+
+/// A length-prefixed records frame of empty samples (two bytes each on the wire), as many as
+/// fit in `max_len` bytes: the cheapest way to make a receiver decode many records.
+pub fn frame_of_empty_samples(max_len: usize) -> Vec<u8> {
+    let mut records = vec![0x08, 0x01]; // first_seq = 1
+    while records.len() + 2 + 16 <= max_len {
+        records.extend_from_slice(&[0x12, 0x00]);
+    }
+    let mut body = vec![0x1a];
+    let mut len = records.len() as u64;
+    while len >= 0x80 {
+        body.push((len as u8) | 0x80);
+        len >>= 7;
+    }
+    body.push(len as u8);
+    body.extend_from_slice(&records);
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
 
 /// What the hub answered to a [`stalled_handshake`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use clap::{Parser, ValueEnum};
-use edgesync_edge::uplink::{UplinkConfig, client_config};
 use edgesync_testkit::fleet::{Fleet, FleetOptions};
 use edgesync_testkit::harness::{self, Api, Pki, TempDir, median};
 use edgesync_testkit::hostile::{self, HubAnswer};
@@ -207,22 +206,7 @@ async fn flood_run(
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss0 = harness::proc_status_mib(pid, "VmRSS:")?;
-    let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/flood"), "flood")?;
-    let client = client_config(&UplinkConfig {
-        hub_address: tunnel.clone(),
-        hub_id: edgesync_protocol::spiffe_id::parse_id(&format!("spiffe://{TD}/hub"))?,
-        cert,
-        key,
-        bundle: pki.bundle.clone(),
-        connect_timeout: Duration::from_secs(5),
-        keepalive: Duration::from_secs(1),
-        idle_timeout: Duration::from_secs(30),
-        backoff_initial: Duration::from_millis(100),
-        backoff_max: Duration::from_secs(1),
-        batch_max_records: 1,
-        agent_version: "flood".into(),
-        boot_id: "flood".into(),
-    })?;
+    let client = hostile::peer_client(&pki, TD, &tunnel, "flood", Duration::from_secs(5))?;
     let stop = Arc::new(AtomicBool::new(false));
     let attempts = Arc::new(AtomicU64::new(0));
     let handshakes = Arc::new(AtomicU64::new(0));

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use edgesync_edge::uplink::{UplinkConfig, client_config};
 use edgesync_protocol::frame::{self, Body, Frame, Hello};
 use edgesync_testkit::harness::{self, Api, Pki, Proc, TempDir};
 use edgesync_testkit::hostile::{self, HubAnswer};
@@ -16,25 +15,9 @@ use tokio::io::AsyncWriteExt;
 
 use crate::support::{self, TD};
 
-/// The uplink config of a peer with the edge identity `node` minted from `pki`.
+/// The client config of a peer with the edge identity `node` minted from `pki`.
 fn peer_config(pki: &Pki, tunnel: &str, node: &str) -> anyhow::Result<quinn::ClientConfig> {
-    let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/{node}"), node)?;
-    let ucfg = UplinkConfig {
-        hub_address: tunnel.to_owned(),
-        hub_id: edgesync_protocol::spiffe_id::parse_id(&format!("spiffe://{TD}/hub"))?,
-        cert,
-        key,
-        bundle: pki.bundle.clone(),
-        connect_timeout: Duration::from_secs(5),
-        keepalive: Duration::from_secs(1),
-        idle_timeout: Duration::from_secs(30),
-        backoff_initial: Duration::from_millis(100),
-        backoff_max: Duration::from_secs(1),
-        batch_max_records: 10,
-        agent_version: "hostile".into(),
-        boot_id: "x".into(),
-    };
-    Ok(client_config(&ucfg)?)
+    hostile::peer_client(pki, TD, tunnel, node, Duration::from_secs(5))
 }
 
 async fn metric(api: &Api, name: &str, label: &str) -> anyhow::Result<f64> {
@@ -330,20 +313,7 @@ async fn oversized_hellos_and_frames_of_tiny_samples_are_refused_before_they_cos
             frame::DEFAULT_MAX_FRAME_LEN,
         )?)
         .await?;
-        let mut records = vec![0x08, 0x01];
-        while records.len() + 2 < (1 << 20) - 16 {
-            records.extend_from_slice(&[0x12, 0x00]);
-        }
-        let mut body = vec![0x1a];
-        let mut len = records.len() as u64;
-        while len >= 0x80 {
-            body.push((len as u8) | 0x80);
-            len >>= 7;
-        }
-        body.push(len as u8);
-        body.extend_from_slice(&records);
-        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
-        bytes.extend_from_slice(&body);
+        let bytes = hostile::frame_of_empty_samples(1 << 20);
         let _ = send.write_all(&bytes).await;
         tokio::time::timeout(Duration::from_secs(5), conn.closed())
             .await
