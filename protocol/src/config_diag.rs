@@ -170,10 +170,14 @@ fn is_devices_header(line: &str) -> bool {
     rest[..end].trim() == "devices" && (after.is_empty() || after.starts_with('#'))
 }
 
-/// Parses `text` split before every `[[devices]]` header and merges the parts; `None` when
-/// anything is unusual (a syntax error, a key defined in two parts, a `devices` key before the
-/// first header), so the caller parses the whole text instead.
-fn parse_in_chunks(text: &str) -> Option<DeTable<'_>> {
+/// Parses `text` split before every `[[devices]]` header and merges the parts, except the
+/// devices themselves: their trees are dropped as soon as each part is parsed (a file with
+/// 100,000 tags would otherwise hold a TOML table per tag, about 1 KiB each), and the byte
+/// ranges of the parts holding them are returned, to be parsed again one at a time
+/// ([`Doc::device_chunks`]). `None` when anything is unusual (a syntax error, a key defined in
+/// two parts, a `devices` key before the first header), so the caller parses the whole text
+/// instead.
+fn parse_in_chunks(text: &str) -> Option<(DeTable<'_>, Vec<(usize, usize)>)> {
     let mut starts = vec![0];
     let mut offset = 0;
     for line in text.split_inclusive('\n') {
@@ -187,6 +191,7 @@ fn parse_in_chunks(text: &str) -> Option<DeTable<'_>> {
     }
     starts.push(text.len());
     let mut root: Option<DeTable<'_>> = None;
+    let mut device_parts = Vec::new();
     for w in starts.windows(2) {
         let (from, to) = (w[0], w[1]);
         let (part, errors) = DeTable::parse_recoverable(&text[from..to]);
@@ -203,22 +208,12 @@ fn parse_in_chunks(text: &str) -> Option<DeTable<'_>> {
             }
             Some(root) => {
                 for (key, value) in part {
-                    if key.get_ref() == "devices" && !root.contains_key("devices") {
-                        // The first block: taken as it is (it carries the array-of-tables
-                        // marker the deserializer relies on).
-                        root.insert(key, value);
-                    } else if key.get_ref() == "devices" {
-                        let (DeValue::Array(more), Some(existing)) =
-                            (value.into_inner(), root.get_mut("devices"))
-                        else {
+                    if key.get_ref() == "devices" {
+                        // Read again, part by part, when the devices are checked.
+                        if !matches!(value.get_ref(), DeValue::Array(_)) {
                             return None;
-                        };
-                        let DeValue::Array(existing) = existing.get_mut() else {
-                            return None;
-                        };
-                        for item in more {
-                            existing.push(item);
                         }
+                        device_parts.push((from, to));
                     } else if root.contains_key(key.get_ref().as_ref()) {
                         return None;
                     } else {
@@ -228,7 +223,7 @@ fn parse_in_chunks(text: &str) -> Option<DeTable<'_>> {
             }
         }
     }
-    root
+    root.map(|r| (r, device_parts))
 }
 
 fn shift_table(table: DeTable<'_>, offset: usize) -> DeTable<'_> {
@@ -265,6 +260,9 @@ pub struct Doc<'t> {
     text: &'t str,
     line_starts: Vec<usize>,
     errors: Vec<ConfigError>,
+    /// With a large file parsed in parts: the byte ranges of the parts holding `[[devices]]`
+    /// (not kept in the root; see [`Doc::device_chunks`]).
+    device_parts: Option<Vec<(usize, usize)>>,
 }
 
 impl<'t> Doc<'t> {
@@ -282,7 +280,29 @@ impl<'t> Doc<'t> {
             text,
             line_starts,
             errors: Vec::new(),
+            device_parts: None,
         }
+    }
+
+    /// Where the `[[devices]]` tables are: `None` when they are in the root returned by
+    /// [`Doc::parse_root`]; otherwise one table per part of the file, each holding only a
+    /// `devices` array, parsed now (one part at a time, so that at most one part's tree is in
+    /// memory while its devices are checked).
+    pub fn device_chunks(&self) -> Option<impl Iterator<Item = DeTable<'t>> + use<'t>> {
+        let text = self.text;
+        let parts = self.device_parts.clone()?;
+        Some(parts.into_iter().filter_map(move |(from, to)| {
+            let (part, errors) = DeTable::parse_recoverable(&text[from..to]);
+            if !errors.is_empty() {
+                // It parsed when the file was first read.
+                return None;
+            }
+            let mut part = shift_table(part.into_inner(), from);
+            let devices = part.remove("devices")?;
+            let mut only = DeTable::new();
+            only.insert(Spanned::new(0..0, "devices".into()), devices);
+            Some(only)
+        }))
     }
 
     /// The 1-based line holding byte `offset`.
@@ -401,14 +421,17 @@ impl<'t> Doc<'t> {
 
     /// Parses the TOML syntax; reports every syntax error (and returns `None`) if there is any.
     ///
-    /// A large file is parsed one `[[devices]]` block at a time and the blocks are merged (the
-    /// TOML parser tokenizes its whole input first, which for a 10,000-tag file would cost an
-    /// agent ~15 MB of peak memory); any problem on that path falls back to parsing the whole
-    /// text, so errors are reported exactly as for a small file.
+    /// A large file is parsed one `[[devices]]` block at a time (the TOML parser tokenizes its
+    /// whole input first, which for a 10,000-tag file would cost an agent ~15 MB of peak
+    /// memory); the blocks' other keys are merged into the root, and the devices are left out
+    /// of it, to be read again block by block with [`Doc::device_chunks`] (their trees, about
+    /// 1 KiB per tag, are never all in memory). Any problem on that path falls back to parsing
+    /// the whole text, so errors are reported exactly as for a small file.
     pub fn parse_root(&mut self) -> Option<DeTable<'t>> {
         if self.text.len() >= CHUNKED_PARSE_MIN_BYTES
-            && let Some(root) = parse_in_chunks(self.text)
+            && let Some((root, device_parts)) = parse_in_chunks(self.text)
         {
+            self.device_parts = Some(device_parts);
             return Some(root);
         }
         let (root, errors) = DeTable::parse_recoverable(self.text);

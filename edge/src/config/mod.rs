@@ -881,12 +881,60 @@ fn check_devices(
     let mut seen: HashMap<String, Option<usize>> = HashMap::new();
     // Physical links by key: the first device on each, its line, and its link.
     let mut links: HashMap<String, (String, Option<usize>, LinkSpec)> = HashMap::new();
-    // No devices is valid: the hub may send them in a config bundle.
-    let items = doc.table_array(root, "devices", "[[devices]]");
-    for (i, (node, loc)) in items.into_iter().enumerate() {
+    // No devices is valid: the hub may send them in a config bundle. A large file's devices
+    // come part by part (see `Doc::device_chunks`), so that their trees are not all in memory
+    // at once.
+    let mut chunks = doc.device_chunks();
+    let mut i = 0usize;
+    let mut first = true;
+    loop {
+        let part;
+        let table: &DeTable<'_> = match chunks.as_mut() {
+            None if first => root,
+            None => break,
+            Some(it) => match it.next() {
+                Some(p) => {
+                    part = p;
+                    &part
+                }
+                None => break,
+            },
+        };
+        first = false;
+        let items = doc.table_array(table, "devices", "[[devices]]");
+        for (node, loc) in items {
+            i += 1;
+            check_device(
+                doc,
+                node,
+                loc,
+                i,
+                defaults,
+                &mut devices,
+                &mut seen,
+                &mut links,
+            );
+        }
+    }
+    devices
+}
+
+/// Checks device number `i` (1-based), adding it to `devices` when it has no error.
+#[allow(clippy::too_many_arguments)]
+fn check_device(
+    doc: &mut Doc<'_>,
+    node: &Node<'_>,
+    loc: Loc,
+    i: usize,
+    defaults: &DeviceDefaults,
+    devices: &mut Vec<DeviceSpec>,
+    seen: &mut HashMap<String, Option<usize>>,
+    links: &mut HashMap<String, (String, Option<usize>, LinkSpec)>,
+) {
+    {
         let component = match str_key(node, "id") {
             Some(id) => format!("device {id:?}"),
-            None => format!("device #{}", i + 1),
+            None => format!("device #{i}"),
         };
         let loc = loc.named(component.clone());
         let errors_before = doc.error_count();
@@ -986,7 +1034,7 @@ fn check_devices(
         let dev = apply_settings(doc, &loc, settings, defaults);
 
         let DeValue::Table(table) = node.get_ref() else {
-            continue;
+            return;
         };
         let errors_before_tags = doc.error_count();
         let tag_items = doc.table_array(table, "tags", &component);
@@ -1022,7 +1070,7 @@ fn check_devices(
         }
 
         if doc.error_count() > errors_before {
-            continue;
+            return;
         }
         if let (Some(id), Some(link)) = (id, link) {
             devices.push(DeviceSpec {
@@ -1037,7 +1085,6 @@ fn check_devices(
             });
         }
     }
-    devices
 }
 
 const PARITIES: &[(&str, Parity)] = &[

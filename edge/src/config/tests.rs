@@ -854,6 +854,42 @@ fn hub_identity_and_metrics_checks() {
     );
 }
 
+/// In a large file, sections after the devices (defaults, mqtt) still apply to every device,
+/// and a device id used in two blocks is reported on the second one's line.
+#[test]
+fn large_files_read_sections_that_follow_the_devices() {
+    let mut text = String::from(BASE);
+    for d in 0..40 {
+        text.push_str(&format!(
+            "\n[[devices]]\nid = \"plc-{d}\"\nprotocol = \"tcp\"\nendpoint = \"10.0.0.{d}:502\"\n"
+        ));
+        for t in 0..25 {
+            text.push_str(&format!(
+                "\n[[devices.tags]]\nname = \"t{t}\"\naddress = \"4{:05}\"\ntype = \"uint16\"\n",
+                t + 1
+            ));
+        }
+    }
+    text.push_str("\n[defaults]\npoll_interval_ms = 750\n");
+    assert!(text.len() > 64 * 1024);
+    let cfg = parse_text(&text).unwrap();
+    assert_eq!(cfg.devices.len(), 40);
+    assert!(cfg.devices.iter().all(|d| {
+        d.tags
+            .iter()
+            .all(|t| t.poll_interval == Duration::from_millis(750))
+    }));
+    let dup = text.replacen("id = \"plc-30\"", "id = \"plc-3\"", 1);
+    let probs = problems(&dup);
+    let line = line_of(&dup, "endpoint = \"10.0.0.30:502\"") - 2;
+    assert!(
+        probs
+            .iter()
+            .any(|(l, m)| *l == Some(line) && m.contains("\"plc-3\" is already used")),
+        "{probs:?}"
+    );
+}
+
 /// A large file (parsed block by block) reports the same problems on the same lines as a
 /// small one, and its devices come out complete and in order.
 #[test]
