@@ -854,14 +854,12 @@ fn hub_identity_and_metrics_checks() {
     );
 }
 
-/// In a large file, sections after the devices (defaults, mqtt) still apply to every device,
-/// and a device id used in two blocks is reported on the second one's line.
-#[test]
-fn large_files_read_sections_that_follow_the_devices() {
-    let mut text = String::from(BASE);
+/// Appends devices `plc-0`..`plc-39` (endpoint `10.0.0.<d>:502`), 25 `uint16` tags each: more
+/// than 64 KiB, so the file is parsed block by block.
+fn push_forty_devices(text: &mut String) {
     for d in 0..40 {
         text.push_str(&format!(
-            "\n[[devices]]\nid = \"plc-{d}\"\nprotocol = \"tcp\"\nendpoint = \"10.0.0.{d}:502\"\n"
+            "\n[[devices]] # device {d}\nid = \"plc-{d}\"\nprotocol = \"tcp\"\nendpoint = \"10.0.0.{d}:502\"\n"
         ));
         for t in 0..25 {
             text.push_str(&format!(
@@ -870,6 +868,14 @@ fn large_files_read_sections_that_follow_the_devices() {
             ));
         }
     }
+}
+
+/// In a large file, a section after the devices (`[defaults]`) still applies to every device,
+/// and a device id used in two blocks is reported on the second one's line.
+#[test]
+fn large_files_read_sections_that_follow_the_devices() {
+    let mut text = String::from(BASE);
+    push_forty_devices(&mut text);
     text.push_str("\n[defaults]\npoll_interval_ms = 750\n");
     assert!(text.len() > 64 * 1024);
     let cfg = parse_text(&text).unwrap();
@@ -896,17 +902,7 @@ fn large_files_read_sections_that_follow_the_devices() {
 fn large_files_parse_in_blocks_with_the_same_lines() {
     let mut text = String::from(BASE);
     text.push_str("[defaults]\npoll_interval_ms = 250\n");
-    for d in 0..40 {
-        text.push_str(&format!(
-            "\n[[devices]] # device {d}\nid = \"plc-{d}\"\nprotocol = \"tcp\"\nendpoint = \"10.0.0.{d}:502\"\n"
-        ));
-        for t in 0..25 {
-            text.push_str(&format!(
-                "\n[[devices.tags]]\nname = \"t{t}\"\naddress = \"4{:05}\"\ntype = \"uint16\"\n",
-                t + 1
-            ));
-        }
-    }
+    push_forty_devices(&mut text);
     assert!(
         text.len() > 64 * 1024,
         "the test must take the block-by-block path"
