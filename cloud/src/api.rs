@@ -9,7 +9,8 @@
 //!   read (`GET`, `HEAD`); any other method from a read-only token is refused with 403 before
 //!   the path or the body is looked at.
 //! - Reads: `GET /api/v1/nodes`, `/nodes/{node}`, `/nodes/{node}/gaps` (records lost at the
-//!   edge), `/nodes/{node}/devices`, `/nodes/{node}/devices/{device}`,
+//!   edge), `/nodes/{node}/records?from=&limit=` (the stored history, in pages),
+//!   `/nodes/{node}/devices`, `/nodes/{node}/devices/{device}`,
 //!   `/nodes/{node}/devices/{device}/twin`.
 //! - `PATCH /api/v1/nodes/{node}/devices/{device}/twin/desired` with `{prop: value, ...}` (admin):
 //!   checked against the device's schema, all or nothing; answers `{"versions": {prop: version}}`.
@@ -51,7 +52,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch};
 use axum::{Json, Router};
-use edgesync_protocol::{DeviceId, NodeId};
+use edgesync_protocol::{DeviceId, NodeId, PropertyId, Value};
 use futures_util::Stream;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
@@ -143,6 +144,7 @@ pub fn router_with_timeout(state: ApiState, request_timeout: Duration) -> Router
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/nodes/{node}", get(get_node))
         .route("/api/v1/nodes/{node}/gaps", get(get_gaps))
+        .route("/api/v1/nodes/{node}/records", get(get_records))
         .route("/api/v1/nodes/{node}/devices", get(list_devices))
         .route("/api/v1/nodes/{node}/devices/{device}", get(get_device))
         .route("/api/v1/nodes/{node}/devices/{device}/twin", get(get_twin))
@@ -437,6 +439,115 @@ fn gaps_response(
         node,
         lost_records,
         gaps,
+    })
+    .into_response())
+}
+
+/// Records per page of the records resource, by default and at most.
+pub const RECORDS_PAGE: usize = 1_000;
+/// Most records per page a client may ask for.
+pub const MAX_RECORDS_PAGE: usize = 10_000;
+
+/// The query of `GET /api/v1/nodes/{node}/records`.
+#[derive(Debug, Deserialize)]
+struct RecordsQuery {
+    from: Option<String>,
+    limit: Option<String>,
+}
+
+/// One stored record.
+#[derive(Serialize)]
+struct RecordView {
+    seq: u64,
+    device: DeviceId,
+    property: PropertyId,
+    value: Option<Value>,
+    quality: edgesync_protocol::Quality,
+    ts: edgesync_protocol::Timestamp,
+}
+
+/// A page of a node's stored records.
+#[derive(Serialize)]
+struct RecordsView {
+    node: NodeId,
+    /// The first seq that may still be stored (older ones were pruned by retention).
+    history_from: u64,
+    /// The node's last seq durably stored.
+    uplink_seq: u64,
+    records: Vec<RecordView>,
+    /// The `from` of the next page; `null` when this page ends with the last stored record.
+    next_from: Option<u64>,
+}
+
+/// `GET /api/v1/nodes/{node}/records?from=<seq>&limit=<n>`: stored records from `from`
+/// (default: the oldest kept) in sequence order, at most `limit` (default and cap in
+/// [`RECORDS_PAGE`] and [`MAX_RECORDS_PAGE`]); records lost at the edge or pruned by retention
+/// are absent.
+async fn get_records(
+    State(state): State<ApiState>,
+    path: NodePath,
+    query: Result<Query<RecordsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Path(node) = path.map_err(path_error)?;
+    let node = parse_node(node)?;
+    let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let number = |field: &str, v: Option<String>| -> Result<Option<u64>, ApiError> {
+        v.map(|v| {
+            v.trim().parse::<u64>().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("{field}: expected a non-negative integer, got {v:?}"),
+                )
+            })
+        })
+        .transpose()
+    };
+    let from = number("from", q.from)?;
+    let limit = match number("limit", q.limit)? {
+        None => RECORDS_PAGE,
+        Some(n) if (1..=MAX_RECORDS_PAGE as u64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("limit: expected 1 to {MAX_RECORDS_PAGE}, got {n}"),
+            ));
+        }
+    };
+    let status = state
+        .store
+        .node(&node)
+        .ok_or_else(|| node_not_found(&node))?;
+    let from = from.unwrap_or(status.history_from).max(status.history_from);
+    let (store, owned) = (state.store.clone(), node.clone());
+    let page = tokio::task::spawn_blocking(move || store.records_page(&owned, from, limit))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))
+        .and_then(|r| r)
+        .map_err(|e| {
+            tracing::error!(%node, error = %e, "reading records failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store unavailable: records not read",
+            )
+        })?;
+    let (records, next_from) = page;
+    let records = records
+        .into_iter()
+        .map(|(seq, s)| RecordView {
+            seq,
+            device: s.device,
+            property: s.property,
+            value: s.value,
+            quality: s.quality,
+            ts: s.ts,
+        })
+        .collect();
+    Ok(Json(RecordsView {
+        node,
+        history_from: status.history_from,
+        uplink_seq: status.uplink_seq,
+        records,
+        next_from,
     })
     .into_response())
 }
@@ -1475,11 +1586,59 @@ mod tests {
                 "backlog": 0,
                 "config_version": 3,
                 "devices": 1,
+                "history_bytes": f.store.node(&NodeId::new("gw-1").unwrap()).unwrap().history_bytes,
+                "history_from": 1,
             })
         );
+        assert!(json["history_bytes"].as_u64().unwrap() > 0);
         let (status, json) = get_json(&f.app, "/api/v1/nodes/gw-9").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(json["error"], "node gw-9 not found");
+    }
+
+    #[tokio::test]
+    async fn records_are_served_in_pages_and_bad_queries_are_400() {
+        let f = fixture().await;
+        let (status, json) = get_json(&f.app, "/api/v1/nodes/gw-1/records").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json["node"], "gw-1");
+        assert_eq!(json["history_from"], 1);
+        assert_eq!(json["uplink_seq"], 2);
+        assert_eq!(json["next_from"], serde_json::Value::Null);
+        let records = json["records"].as_array().unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0]["seq"], 1);
+        assert_eq!(records[0]["device"], "plc1");
+        assert_eq!(records[0]["property"], "temp");
+        assert_eq!(records[0]["value"], 21.5);
+        assert_eq!(records[0]["quality"], "good");
+        assert_eq!(records[1]["property"], "rpm");
+        assert_eq!(records[1]["value"], serde_json::Value::Null);
+        let (status, json) = get_json(&f.app, "/api/v1/nodes/gw-1/records?from=1&limit=1").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json["records"].as_array().unwrap().len(), 1);
+        assert_eq!(json["next_from"], 2);
+        let (_, json) = get_json(&f.app, "/api/v1/nodes/gw-1/records?from=2").await;
+        assert_eq!(json["records"][0]["seq"], 2);
+        for (query, message) in [
+            ("limit=0", "limit: expected 1 to 10000, got 0"),
+            ("limit=10001", "limit: expected 1 to 10000, got 10001"),
+            (
+                "from=-1",
+                "from: expected a non-negative integer, got \"-1\"",
+            ),
+            (
+                "from=abc",
+                "from: expected a non-negative integer, got \"abc\"",
+            ),
+        ] {
+            let (status, json) =
+                get_json(&f.app, &format!("/api/v1/nodes/gw-1/records?{query}")).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+            assert_eq!(json["error"], message, "{query}");
+        }
+        let (status, _) = get_json(&f.app, "/api/v1/nodes/gw-9/records").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
     }
 
     /// Records lost at the edge: the gaps route, `lost_records` in the node status and the

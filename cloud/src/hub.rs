@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiState, ApiToken};
 use crate::http::HttpLimits;
 use crate::server::{self, TunnelConfig};
-use crate::store::HubStore;
+use crate::store::{HubStore, Retention};
 
 /// Everything a hub needs to start.
 #[derive(Debug, Clone)]
@@ -51,6 +51,10 @@ pub struct HubOptions {
     pub max_handshakes: usize,
     /// Time allowed for a tunnel handshake.
     pub handshake_timeout: Duration,
+    /// Most records per second one node may store (`None`: no limit).
+    pub node_max_records_per_s: Option<std::num::NonZeroU32>,
+    /// How long records are kept and how much disk each node's may take.
+    pub retention: Retention,
 }
 
 /// Why the hub could not start.
@@ -112,9 +116,15 @@ impl Hub {
         let td = spiffe_id::trust_domain(&o.trust_domain)
             .map_err(|e| HubError::Identity(e.to_string()))?;
         let svid = load_svid(&o, &td)?;
-        let store = Arc::new(HubStore::open(
+        let store = Arc::new(HubStore::open_with(
             &o.data_dir.join("hub.sled"),
             o.sled_cache_bytes,
+            o.retention,
+            Arc::new(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64)
+            }),
         )?);
         let tcfg = TunnelConfig {
             trust_domain: td,
@@ -122,6 +132,7 @@ impl Hub {
             max_connections: o.max_connections,
             max_handshakes: o.max_handshakes,
             handshake_timeout: o.handshake_timeout,
+            node_max_records_per_s: o.node_max_records_per_s,
         };
         let endpoint = server::endpoint(o.listen, svid, &tcfg).map_err(HubError::Listen)?;
         let tunnel_addr = endpoint
@@ -141,6 +152,11 @@ impl Hub {
             tcfg,
             cancel.child_token(),
         )));
+        let retention_store = store.clone();
+        let retention_cancel = cancel.child_token();
+        tasks.push(tokio::spawn(async move {
+            retention_store.run_retention(retention_cancel).await;
+        }));
         let state = ApiState {
             store: store.clone(),
             tokens: Arc::new(o.tokens.clone()),

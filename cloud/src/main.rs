@@ -60,6 +60,8 @@ fn options(cfg: &HubConfig) -> HubOptions {
         http_limits: cfg.http_limits,
         max_handshakes: cfg.max_handshakes,
         handshake_timeout: cfg.handshake_timeout,
+        node_max_records_per_s: cfg.node_max_records_per_s,
+        retention: cfg.retention,
     }
 }
 

@@ -44,6 +44,8 @@ use edgesync_protocol::spiffe_id::TrustDomain;
 use edgesync_protocol::tls::{self, SvidStore};
 use edgesync_protocol::{NodeId, Sample};
 use rustls_pki_types::CertificateDer;
+use std::num::NonZeroU32;
+
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +66,60 @@ pub struct TunnelConfig {
     pub max_handshakes: usize,
     /// A handshake not finished in this time is dropped.
     pub handshake_timeout: Duration,
+    /// Most records per second one node may store (`None`: no limit). A node sending faster
+    /// is slowed down: its records wait in its outbox, none is dropped.
+    pub node_max_records_per_s: Option<NonZeroU32>,
+}
+
+/// Default of [`TunnelConfig::node_max_records_per_s`].
+pub const DEFAULT_NODE_MAX_RECORDS_PER_S: u32 = 50_000;
+
+/// The per-node rate quota: a token bucket per node id holding one second of records.
+struct NodeRate {
+    limiter: governor::RateLimiter<
+        NodeId,
+        governor::state::keyed::HashMapStateStore<NodeId>,
+        governor::clock::DefaultClock,
+    >,
+    clock: governor::clock::DefaultClock,
+    per_s: NonZeroU32,
+}
+
+impl NodeRate {
+    fn new(per_s: NonZeroU32) -> NodeRate {
+        NodeRate {
+            limiter: governor::RateLimiter::hashmap(governor::Quota::per_second(per_s)),
+            clock: governor::clock::DefaultClock::default(),
+            per_s,
+        }
+    }
+
+    /// Waits until `node` may store `n` records (`n` at most one second's worth).
+    async fn admit(&self, node: &NodeId, n: usize) {
+        use governor::clock::Clock;
+        let Some(n) = u32::try_from(n).ok().and_then(NonZeroU32::new) else {
+            return;
+        };
+        let n = n.min(self.per_s);
+        let mut warned = false;
+        loop {
+            match self.limiter.check_key_n(node, n) {
+                Ok(Ok(())) | Err(_) => return,
+                Ok(Err(not_until)) => {
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    if !warned {
+                        warned = true;
+                        tracing::debug!(%node, wait_ms = wait.as_millis() as u64, "node over its rate quota: its records wait at the edge");
+                    }
+                    metrics::counter!("edgesync_hub_rate_limited_seconds_total")
+                        .increment(wait.as_secs_f64().ceil() as u64);
+                    metrics::histogram!("edgesync_hub_rate_limit_wait_seconds")
+                        .record(wait.as_secs_f64());
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
 }
 
 /// Default of [`TunnelConfig::max_handshakes`].
@@ -115,6 +171,8 @@ struct Ctx {
     known_handshakes: Arc<tokio::sync::Semaphore>,
     /// Addresses from which a node authenticated during this run (at most [`MAX_KNOWN_IPS`]).
     known_ips: Mutex<std::collections::HashSet<std::net::IpAddr>>,
+    /// The per-node rate quota, shared by a node's successive connections.
+    rate: Option<Arc<NodeRate>>,
 }
 
 /// Most addresses remembered as known (beyond, new ones are not added).
@@ -174,6 +232,7 @@ pub async fn serve(
     cancel: CancellationToken,
 ) {
     let cfg_max_handshakes = cfg.max_handshakes.max(1);
+    let rate = cfg.node_max_records_per_s;
     let ctx = Arc::new(Ctx {
         store,
         cfg,
@@ -184,6 +243,7 @@ pub async fn serve(
         per_ip: Mutex::new(HashMap::new()),
         known_handshakes: Arc::new(tokio::sync::Semaphore::new(cfg_max_handshakes)),
         known_ips: Mutex::new(std::collections::HashSet::new()),
+        rate: rate.map(|r| Arc::new(NodeRate::new(r))),
     });
     loop {
         let incoming = tokio::select! {
@@ -362,9 +422,14 @@ async fn commit_one(store: &HubStore, node: &NodeId, job: Job) -> Result<u64, St
 
 /// Commits jobs in order, merging consecutive record batches that queued up meanwhile into one
 /// commit (group commit), and reports each commit's durable sequence number.
+///
+/// With a rate quota, a batch is committed in parts of at most one second's worth of records,
+/// each after the quota admits it, so that acknowledgements keep flowing at the allowed rate
+/// (the agent resends what stays unacknowledged for a while).
 async fn committer(
     store: Arc<HubStore>,
     node: NodeId,
+    rate: Option<Arc<NodeRate>>,
     mut jobs: mpsc::Receiver<Job>,
     done: mpsc::Sender<Result<u64, String>>,
 ) {
@@ -409,6 +474,32 @@ async fn committer(
             }
             gap => gap,
         };
+        if let (
+            Some(rate),
+            Job::Store {
+                first_seq, samples, ..
+            },
+        ) = (&rate, &job)
+        {
+            let part = rate.per_s.get() as usize;
+            for (i, chunk) in samples.chunks(part).enumerate() {
+                rate.admit(&node, chunk.len()).await;
+                let r = store
+                    .commit_batch(&node, first_seq + (i * part) as u64, chunk)
+                    .await
+                    .map(|o| o.stored_seq)
+                    .map_err(|e| e.to_string());
+                let failed = r.is_err();
+                if done.send(r).await.is_err() {
+                    return;
+                }
+                if failed {
+                    break;
+                }
+            }
+            // The job (and its share of the queue) is released here.
+            continue;
+        }
         if done
             .send(commit_one(&store, &node, job).await)
             .await
@@ -450,7 +541,13 @@ async fn drive(
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(64);
     let queued = Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_SAMPLES));
     let (done_tx, mut done_rx) = mpsc::channel(64);
-    let committer = tokio::spawn(committer(ctx.store.clone(), node.clone(), jobs_rx, done_tx));
+    let committer = tokio::spawn(committer(
+        ctx.store.clone(),
+        node.clone(),
+        ctx.rate.clone(),
+        jobs_rx,
+        done_tx,
+    ));
     let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME_LEN);
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = BytesMut::new();

@@ -21,6 +21,8 @@
 //! | `0x05 <node> 0x00 <device>` | the device's schema as the agent sent it (protobuf) |
 //! | `0x01 <node> 0x00 "dlseq"` / `"ctlseq"` | last desired version assigned / control record stored |
 //! | `0x01 <node> 0x00 "store"` | the id of the node's outbox (UTF-8), as its last hello said |
+//! | `0x01 <node> 0x00 "hbytes"` / `"floor"` | bytes of the node's record entries / first seq not pruned ([`retention`]) |
+//! | `0x06 <node> 0x00 <bucket start ms: u64 BE>` | first seq committed in that time bucket ([`retention`]) |
 //!
 //! Ids never hold `0x00` and always start with a letter or digit, so the key spaces never
 //! overlap and a node's records sort by sequence number.
@@ -36,7 +38,8 @@
 //!   twin after a crash equals the one before it, while a commit writes one key per batch
 //!   instead of one per changed property.
 //! - Every sequence number `1..=seq` of a node is stored exactly once, either as a record or
-//!   inside a gap marker (records the edge lost and reported); duplicates are skipped, batches
+//!   inside a gap marker (records the edge lost and reported), until history retention prunes
+//!   it (records below the node's `floor`, see [`retention`]); duplicates are skipped, batches
 //!   that would leave a hole are refused.
 //! - [`HubStore::stored_seq`] and [`CommitOutcome::stored_seq`] only report what has been
 //!   flushed to disk: sled's flush, then `fdatasync` of its log and `fsync` of new blob files
@@ -63,8 +66,8 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGua
 use edgesync_protocol::desired::{Applied as AppliedOutcome, Origin, Outcome};
 use edgesync_protocol::durable::DirSync;
 use edgesync_protocol::frame::{
-    Control, ControlKind, DesiredFrame, DeviceSchema, FrameError, PropertySchema, decode_samples,
-    encode_samples, value_from_wire, value_to_wire,
+    Control, ControlKind, DesiredFrame, DeviceSchema, FrameError, PropertySchema, count_samples,
+    decode_samples, encode_samples, value_from_wire, value_to_wire,
 };
 use edgesync_protocol::{DeviceId, NodeId, PropertyId, Quality, Sample, Timestamp, Value};
 use serde::Serialize;
@@ -85,6 +88,7 @@ const TWIN: u8 = 0x02;
 const GAP: u8 = 0x03;
 const DESIRED: u8 = 0x04;
 const SCHEMA: u8 = 0x05;
+const HISTORY: u8 = 0x06;
 const SEP: u8 = 0x00;
 const FIELD_DOWNLINK: &[u8] = b"dlseq";
 const FIELD_CONTROL: &[u8] = b"ctlseq";
@@ -93,6 +97,11 @@ const FIELD_AGENT: &[u8] = b"agent";
 const FIELD_SEEN: &[u8] = b"seen";
 const FIELD_STORE: &[u8] = b"store";
 const FIELD_TWIN: &[u8] = b"twinseq";
+const FIELD_BYTES: &[u8] = b"hbytes";
+const FIELD_FLOOR: &[u8] = b"floor";
+
+mod retention;
+pub use retention::{Pruned, Retention};
 
 /// The persisted twin is brought up to date (a checkpoint) at least this often while a node
 /// sends records...
@@ -165,6 +174,9 @@ pub struct CommitOutcome {
     pub duplicates: usize,
 }
 
+/// A page of stored records (`(seq, sample)` in order) and the seq of the next page, if any.
+pub type RecordsPage = (Vec<(u64, Sample)>, Option<u64>);
+
 /// What [`HubStore::commit_gap`] did with a gap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GapOutcome {
@@ -214,6 +226,11 @@ pub struct NodeStatus {
     pub config_version: u64,
     /// How many devices the node's twin holds.
     pub devices: usize,
+    /// Bytes the node's stored records take on disk (before sled's own overhead).
+    pub history_bytes: u64,
+    /// The first sequence number that may still be stored: records before it were pruned by
+    /// the history retention (1 when none was).
+    pub history_from: u64,
 }
 
 /// The latest reported state of one property.
@@ -429,6 +446,12 @@ struct NodeState {
     downlink_seq: u64,
     /// Last control record stored.
     control_seq: u64,
+    /// Bytes of the node's stored record entries.
+    history_bytes: u64,
+    /// Every record below this seq was pruned by retention (0: none was).
+    floor: u64,
+    /// The time bucket of the node's latest history index entry.
+    index_bucket: Option<u64>,
 }
 
 /// The payload of a `twin` event: `{"device", "node", "reported": {property: {"quality", "ts",
@@ -512,12 +535,48 @@ struct Inner {
     events: crate::events::EventBus,
     /// Woken when a desired value is set for a node (sessions wait on it).
     desired_notify: tokio::sync::watch::Sender<u64>,
+    /// How long records are kept, and how much disk each node's may take.
+    retention: Retention,
+    /// Woken when a commit takes a node over its disk quota.
+    over_quota: tokio::sync::Notify,
+    /// Wall clock, ms since the epoch (replaced in tests).
+    clock: ClockFn,
 }
+
+/// [`Clock`] with a `Debug` that says what it is.
+#[derive(Clone)]
+struct ClockFn(Clock);
+
+impl std::fmt::Debug for ClockFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
+impl std::ops::Deref for ClockFn {
+    type Target = Clock;
+    fn deref(&self) -> &Clock {
+        &self.0
+    }
+}
+
+/// The store's wall clock, ms since the epoch.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 impl HubStore {
     /// Opens (or creates) the store in `dir`, with a sled page cache of `cache_bytes`, and
-    /// loads node status and twins into memory.
+    /// loads node status and twins into memory. Keeps every record (no [`Retention`]).
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<HubStore, StoreError> {
+        HubStore::open_with(dir, cache_bytes, Retention::default(), Arc::new(wall_ms))
+    }
+
+    /// [`HubStore::open`] with a history retention and a wall clock.
+    pub fn open_with(
+        dir: &Path,
+        cache_bytes: u64,
+        retention: Retention,
+        clock: Clock,
+    ) -> Result<HubStore, StoreError> {
         let config = sled::Config::new().path(dir).cache_capacity(cache_bytes);
         // Wait up to 2 s for the file lock: a handle dropped a moment ago (sled's flusher thread
         // outlives it briefly) or a process that just exited may still hold it.
@@ -534,7 +593,8 @@ impl HubStore {
             }
         };
         let tree = db.open_tree(TREE)?;
-        let state = load(&tree)?;
+        let mut state = load(&tree)?;
+        index_unindexed(&tree, &mut state, &retention, clock())?;
         let dir_sync = DirSync::open(dir).map_err(|e| StoreError::Sled(e.into()))?;
         Ok(HubStore {
             inner: Arc::new(Inner {
@@ -548,13 +608,11 @@ impl HubStore {
                 dir_sync: Mutex::new(dir_sync),
                 write_error: Mutex::new(None),
                 flushes: AtomicU64::new(0),
-                events: crate::events::EventBus::new(
-                    crate::events::DEFAULT_CAPACITY,
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis() as u64),
-                ),
+                events: crate::events::EventBus::new(crate::events::DEFAULT_CAPACITY, clock()),
                 desired_notify: tokio::sync::watch::channel(0).0,
+                retention,
+                over_quota: tokio::sync::Notify::new(),
+                clock: ClockFn(clock),
             }),
         })
     }
@@ -1278,7 +1336,7 @@ impl Inner {
             latest.entry(&s.device).or_default().insert(&s.property, s);
         }
         let mut batch = sled::Batch::default();
-        let (last_seen, checkpoint) = {
+        let last_seen = {
             let state = self.read();
             let twins = state.get(node).map(|n| &n.twins);
             let added: usize = latest
@@ -1323,11 +1381,19 @@ impl Inner {
                 }
                 batch.insert(meta_key(node, FIELD_TWIN), &last_seq.to_be_bytes());
             }
-            (n.and_then(|n| n.last_seen_ms), checkpoint)
+            let (seen, bucket, bytes) = n.map_or((None, None, 0), |n| {
+                (n.last_seen_ms, n.index_bucket, n.history_bytes)
+            });
+            (seen, checkpoint, bucket, bytes)
         };
+        let (last_seen, checkpoint, index_bucket, history_bytes) = last_seen;
 
-        batch.insert(record_key(node, expected), encode_samples(new));
+        let entry = encode_samples(new);
+        let history_bytes = history_bytes.saturating_add(entry.len() as u64);
+        batch.insert(record_key(node, expected), entry);
         batch.insert(meta_key(node, FIELD_SEQ), &last_seq.to_be_bytes());
+        batch.insert(meta_key(node, FIELD_BYTES), &history_bytes.to_be_bytes());
+        let bucket = self.index_commit(node, index_bucket, expected, &mut batch);
         if let Some(seen) = last_seen {
             // node_seen only updates memory; persist it with the node's commits.
             batch.insert(meta_key(node, FIELD_SEEN), &seen.to_be_bytes());
@@ -1357,6 +1423,15 @@ impl Inner {
         let mut state = self.write();
         let n = state.entry(node.clone()).or_default();
         n.applied_seq = last_seq;
+        n.history_bytes = history_bytes;
+        n.index_bucket = Some(bucket);
+        if self
+            .retention
+            .node_max_bytes
+            .is_some_and(|q| history_bytes > q)
+        {
+            self.over_quota.notify_one();
+        }
         if checkpoint {
             n.checkpointed(last_seq);
         } else {
@@ -1436,6 +1511,8 @@ impl Inner {
         let mut batch = sled::Batch::default();
         batch.insert(gap_key(node, expected), &to.to_be_bytes());
         batch.insert(meta_key(node, FIELD_SEQ), &to.to_be_bytes());
+        let index_bucket = self.read().get(node).and_then(|n| n.index_bucket);
+        let bucket = self.index_commit(node, index_bucket, expected, &mut batch);
         self.tree.apply_batch(batch)?;
         tracing::trace!(target: DURABILITY_TARGET, "written upto={to} node={node}");
         let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
@@ -1444,6 +1521,7 @@ impl Inner {
             let n = state.entry(node.clone()).or_default();
             n.applied_seq = to;
             n.lost_records = n.lost_records.saturating_add(lost);
+            n.index_bucket = Some(bucket);
         }
         Ok(Applied {
             ticket,
@@ -1464,6 +1542,71 @@ impl Inner {
 }
 
 impl HubStore {
+    /// Prunes every node's history down to what the [`Retention`] allows; returns what was
+    /// removed. Runs on a blocking thread, in steps that let commits in between.
+    pub async fn prune_history(&self) -> Result<Pruned, StoreError> {
+        let inner = Arc::clone(&self.inner);
+        let r = tokio::task::spawn_blocking(move || {
+            let mut total = Pruned::default();
+            for node in inner.prune_candidates() {
+                let p = inner.prune_node(&node)?;
+                if p.batches > 0 {
+                    tracing::debug!(%node, records = p.records, bytes = p.bytes, "history pruned");
+                }
+                total.batches += p.batches;
+                total.records += p.records;
+                total.bytes += p.bytes;
+            }
+            Ok(total)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))
+        .and_then(|r| r);
+        let pruned = self.note_write(r, false)?;
+        telemetry::history_pruned(&pruned);
+        Ok(pruned)
+    }
+
+    /// Applies the [`Retention`] until `cancel`: at every sweep interval, and at once when a
+    /// commit takes a node over its quota. Returns at once when nothing is to be pruned.
+    pub async fn run_retention(&self, cancel: tokio_util::sync::CancellationToken) {
+        let r = self.inner.retention;
+        if r.max_age.is_none() && r.node_max_bytes.is_none() {
+            return;
+        }
+        loop {
+            if let Err(e) = self.prune_history().await {
+                tracing::error!(error = %e, "history retention failed");
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(r.sweep_interval()) => {}
+                _ = self.inner.over_quota.notified() => {}
+            }
+        }
+    }
+
+    /// Up to `limit` stored records of `node` from `from_seq` on, in order, and the seq to ask
+    /// for next (`None` when these are the last stored ones).
+    pub fn records_page(
+        &self,
+        node: &NodeId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<RecordsPage, StoreError> {
+        let mut out = Vec::new();
+        let mut next = None;
+        scan_records_until(self.tree(), node, from_seq, |seq, sample| {
+            if out.len() == limit {
+                next = Some(seq);
+                return false;
+            }
+            out.push((seq, sample));
+            true
+        })?;
+        Ok((out, next))
+    }
+
     /// Every stored record of `node` with sequence number `>= from_seq`, in order.
     pub fn records(&self, node: &NodeId, from_seq: u64) -> Result<Vec<(u64, Sample)>, StoreError> {
         let mut out = Vec::new();
@@ -1634,7 +1777,45 @@ fn status(node: &NodeId, n: &NodeState) -> NodeStatus {
         backlog: n.backlog,
         config_version: n.config_version,
         devices: n.twins.len(),
+        history_bytes: n.history_bytes,
+        history_from: n.floor.max(1),
     }
+}
+
+/// Gives the records of a store written before history retention existed (records but no
+/// index entry) an index entry for the current bucket, so their age counts from now, and
+/// counts their bytes.
+fn index_unindexed(
+    tree: &sled::Tree,
+    state: &mut BTreeMap<NodeId, NodeState>,
+    retention: &Retention,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let bucket = now_ms - now_ms % retention.bucket_ms();
+    let mut batch = sled::Batch::default();
+    let mut any = false;
+    for (node, n) in state.iter_mut() {
+        if n.index_bucket.is_some() || n.applied_seq == 0 {
+            continue;
+        }
+        let prefix = node_prefix(node);
+        let mut bytes = 0u64;
+        for entry in tree.scan_prefix(&prefix) {
+            bytes = bytes.saturating_add(entry?.1.len() as u64);
+        }
+        n.history_bytes = bytes;
+        n.index_bucket = Some(bucket);
+        batch.insert(meta_key(node, FIELD_BYTES), &bytes.to_be_bytes());
+        batch.insert(
+            retention::index_key(node, bucket),
+            &n.floor.max(1).to_be_bytes(),
+        );
+        any = true;
+    }
+    if any {
+        tree.apply_batch(batch)?;
+    }
+    Ok(())
 }
 
 /// Calls `f` with every stored record of `node` with sequence number `>= from_seq`, in order.
@@ -1643,6 +1824,19 @@ fn scan_records(
     node: &NodeId,
     from_seq: u64,
     mut f: impl FnMut(u64, Sample),
+) -> Result<(), StoreError> {
+    scan_records_until(tree, node, from_seq, |seq, sample| {
+        f(seq, sample);
+        true
+    })
+}
+
+/// Like [`scan_records`], stopping when `f` returns false.
+fn scan_records_until(
+    tree: &sled::Tree,
+    node: &NodeId,
+    from_seq: u64,
+    mut f: impl FnMut(u64, Sample) -> bool,
 ) -> Result<(), StoreError> {
     let prefix = node_prefix(node);
     // The entry holding `from_seq` starts at or before it.
@@ -1663,8 +1857,8 @@ fn scan_records(
             .map_err(|_| corrupt(&key, "record key without an 8-byte sequence number"))?;
         let samples = decode_samples(&value).map_err(|e| corrupt_frame(&key, &e))?;
         for (seq, sample) in (first..).zip(samples) {
-            if seq >= from_seq {
-                f(seq, sample);
+            if seq >= from_seq && !f(seq, sample) {
+                return Ok(());
             }
         }
     }
@@ -1891,6 +2085,8 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
             }
             FIELD_SEEN => n.last_seen_ms = Some(be_u64(&key, &value)?),
             FIELD_DOWNLINK => n.downlink_seq = be_u64(&key, &value)?,
+            FIELD_BYTES => n.history_bytes = be_u64(&key, &value)?,
+            FIELD_FLOOR => n.floor = be_u64(&key, &value)?,
             FIELD_CONTROL => n.control_seq = be_u64(&key, &value)?,
             // A field written by a newer hub: keep going.
             _ => {}
@@ -1910,6 +2106,17 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
         }
         let n = state.entry(node).or_default();
         n.lost_records = n.lost_records.saturating_add(to - from + 1);
+    }
+    for entry in tree.scan_prefix([HISTORY]) {
+        let (key, _) = entry?;
+        let mut parts = key[1..].splitn(2, |b| *b == SEP);
+        let (Some(node), Some(bucket)) = (parts.next(), parts.next()) else {
+            return Err(corrupt(&key, "history index key without a node"));
+        };
+        let node = parse_id(&key, node, NodeId::new)?;
+        let bucket = be_u64(&key, bucket)?;
+        let n = state.entry(node).or_default();
+        n.index_bucket = Some(n.index_bucket.map_or(bucket, |b| b.max(bucket)));
     }
     for entry in tree.scan_prefix([TWIN]) {
         let (key, value) = entry?;
@@ -2506,6 +2713,8 @@ mod tests {
                     backlog: 42,
                     config_version: 3,
                     devices: 0,
+                    history_bytes: 0,
+                    history_from: 1,
                 }
             );
             store.node_disconnected(&n, 3_000).unwrap();

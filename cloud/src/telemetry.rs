@@ -32,6 +32,10 @@ pub const DUPLICATE_RECORDS_TOTAL: &str = "edgesync_hub_duplicate_records_total"
 /// Uplink records lost at the edge (outbox overflow) and recorded as gaps, by `node`: only
 /// records not recorded before, so a resent gap is not counted twice.
 pub const GAP_RECORDS_TOTAL: &str = "edgesync_hub_gap_records_total";
+/// Stored records removed by the history retention (age or disk quota).
+pub const HISTORY_PRUNED_RECORDS_TOTAL: &str = "edgesync_hub_history_pruned_records_total";
+/// Bytes of stored records removed by the history retention.
+pub const HISTORY_PRUNED_BYTES_TOTAL: &str = "edgesync_hub_history_pruned_bytes_total";
 /// Time to commit one uplink batch durably (write and flush), in seconds.
 pub const COMMIT_DURATION_SECONDS: &str = "edgesync_hub_commit_duration_seconds";
 
@@ -98,6 +102,16 @@ fn describe() {
         GAP_RECORDS_TOTAL,
         Unit::Count,
         "Uplink records lost at the edge and recorded as gaps, by node (each record once)"
+    );
+    describe_counter!(
+        HISTORY_PRUNED_RECORDS_TOTAL,
+        Unit::Count,
+        "Stored records removed by the history retention (age or per-node disk quota)"
+    );
+    describe_counter!(
+        HISTORY_PRUNED_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes of stored records removed by the history retention"
     );
     describe_histogram!(
         COMMIT_DURATION_SECONDS,
@@ -171,4 +185,12 @@ pub(crate) fn commit_failed(node: &NodeId, error: &StoreError) {
     };
     tracing::warn!(node = %node, reason, error = %error, "uplink batch not stored");
     counter!(COMMIT_FAILURES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// Records and bytes removed by one retention sweep.
+pub fn history_pruned(p: &crate::store::Pruned) {
+    if p.records > 0 || p.bytes > 0 {
+        counter!(HISTORY_PRUNED_RECORDS_TOTAL).increment(p.records);
+        counter!(HISTORY_PRUNED_BYTES_TOTAL).increment(p.bytes);
+    }
 }

@@ -693,6 +693,22 @@ pub fn decode_samples(bytes: &[u8]) -> Result<Vec<Sample>, FrameError> {
     samples_from_wire(batch.samples)
 }
 
+/// How many samples an [`encode_samples`] batch holds, without decoding them (fails on bytes
+/// that are not a well-formed sequence of fields).
+pub fn count_samples(bytes: &[u8]) -> Result<usize, FrameError> {
+    let malformed = || FrameError::Malformed("truncated sample batch".into());
+    let mut count = 0;
+    let mut at = 0;
+    while at < bytes.len() {
+        let key = read_varint(bytes, &mut at).ok_or_else(malformed)?;
+        if key >> 3 == 1 && key & 7 == 2 {
+            count += 1;
+        }
+        skip_field(bytes, &mut at, key & 7).ok_or_else(malformed)?;
+    }
+    Ok(count)
+}
+
 /// Appends `frame`, length-prefixed, to `out`.
 ///
 /// Fails (appending nothing) when the encoded frame would exceed `max_frame_len`.
@@ -876,6 +892,19 @@ mod tests {
                 Quality::Good
             },
             ts: Timestamp(1_700_000_000_000 + i),
+        }
+    }
+
+    #[test]
+    fn count_samples_matches_decode() {
+        for n in [0u64, 1, 7, 300] {
+            let samples: Vec<Sample> = (0..n).map(sample).collect();
+            let bytes = encode_samples(&samples);
+            assert_eq!(count_samples(&bytes).unwrap(), n as usize);
+            assert_eq!(decode_samples(&bytes).unwrap().len(), n as usize);
+            if !bytes.is_empty() {
+                assert!(count_samples(&bytes[..bytes.len() - 1]).is_err());
+            }
         }
     }
 

@@ -614,6 +614,8 @@ pub async fn embedded_hub(pki: &Pki, dir: &Path) -> anyhow::Result<edgesync_clou
         http_limits: Default::default(),
         max_handshakes: edgesync_cloud::server::DEFAULT_MAX_HANDSHAKES,
         handshake_timeout: edgesync_cloud::server::DEFAULT_HANDSHAKE_TIMEOUT,
+        node_max_records_per_s: None,
+        retention: edgesync_cloud::store::Retention::default(),
     })
     .await?)
 }

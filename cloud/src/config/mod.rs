@@ -42,6 +42,10 @@ pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 10_000;
 /// Shortest API token accepted, in characters.
 pub const MIN_TOKEN_LEN: usize = 16;
+/// Default `[hub] history_max_age_s`: 7 days.
+pub const DEFAULT_HISTORY_MAX_AGE_S: u64 = 7 * 86_400;
+/// Default `[hub] node_history_max_bytes`: 1 GiB.
+pub const DEFAULT_NODE_HISTORY_MAX_BYTES: u64 = 1 << 30;
 
 /// The validated hub configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +71,12 @@ pub struct HubConfig {
     /// `[hub] idle_timeout_ms`: a tunnel silent this long is closed (QUIC uses the shorter of
     /// the hub's and the agent's), so a half-open path is noticed.
     pub idle_timeout: std::time::Duration,
+    /// `[hub] node_max_records_per_s`: most records per second one node may store (`None`
+    /// when set to 0: no limit).
+    pub node_max_records_per_s: Option<std::num::NonZeroU32>,
+    /// `[hub] history_max_age_s` and `node_history_max_bytes`: how long records are kept and
+    /// how much disk each node's may take (0: no limit).
+    pub retention: crate::store::Retention,
     /// `[identity]`: the hub's X.509-SVID files and SPIFFE names.
     pub identity: HubIdentity,
     /// `[[api.tokens]]`: the bearer tokens the HTTP API accepts (at least one).
@@ -146,6 +156,12 @@ struct RawHub {
     handshake_timeout_ms: Option<i64>,
     /// Tunnel idle timeout in milliseconds (default 10000).
     idle_timeout_ms: Option<i64>,
+    /// Most records per second one node may store; 0: no limit (default 50000).
+    node_max_records_per_s: Option<i64>,
+    /// Records older than this many seconds are pruned; 0: kept (default 7 days).
+    history_max_age_s: Option<i64>,
+    /// Most bytes of records stored per node; 0: no quota (default 1 GiB).
+    node_history_max_bytes: Option<i64>,
 }
 
 /// `[identity]`.
@@ -270,6 +286,13 @@ fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> Hu
         max_nodes: None,
         max_handshakes: crate::server::DEFAULT_MAX_HANDSHAKES,
         handshake_timeout: crate::server::DEFAULT_HANDSHAKE_TIMEOUT,
+        node_max_records_per_s: std::num::NonZeroU32::new(
+            crate::server::DEFAULT_NODE_MAX_RECORDS_PER_S,
+        ),
+        retention: crate::store::Retention {
+            max_age: Some(std::time::Duration::from_secs(DEFAULT_HISTORY_MAX_AGE_S)),
+            node_max_bytes: Some(DEFAULT_NODE_HISTORY_MAX_BYTES),
+        },
         idle_timeout: std::time::Duration::from_millis(DEFAULT_IDLE_TIMEOUT_MS),
         identity: HubIdentity {
             trust_domain: String::new(),
@@ -351,6 +374,34 @@ fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> Hu
             ))
             .unwrap_or(5_000),
         );
+        let rate = doc.int_in(
+            &loc,
+            "node_max_records_per_s",
+            raw.node_max_records_per_s,
+            i64::from(crate::server::DEFAULT_NODE_MAX_RECORDS_PER_S),
+            0..=i64::from(u32::MAX),
+        );
+        config.node_max_records_per_s =
+            u32::try_from(rate).ok().and_then(std::num::NonZeroU32::new);
+        let age = doc.int_in(
+            &loc,
+            "history_max_age_s",
+            raw.history_max_age_s,
+            DEFAULT_HISTORY_MAX_AGE_S as i64,
+            0..=100 * 365 * 86_400,
+        );
+        config.retention.max_age = u64::try_from(age)
+            .ok()
+            .filter(|a| *a > 0)
+            .map(std::time::Duration::from_secs);
+        let quota = doc.int_in(
+            &loc,
+            "node_history_max_bytes",
+            raw.node_history_max_bytes,
+            DEFAULT_NODE_HISTORY_MAX_BYTES as i64,
+            0..=i64::MAX,
+        );
+        config.retention.node_max_bytes = u64::try_from(quota).ok().filter(|q| *q > 0);
         if raw.max_nodes.is_some() {
             let n = doc.int_in(&loc, "max_nodes", raw.max_nodes, 1, 1..=i64::from(u32::MAX));
             config.max_nodes = u32::try_from(n).ok();

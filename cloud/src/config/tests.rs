@@ -89,6 +89,12 @@ fn defaults_apply() {
     );
     assert_eq!(cfg.max_handshakes, 64);
     assert_eq!(cfg.handshake_timeout, std::time::Duration::from_secs(5));
+    assert_eq!(cfg.node_max_records_per_s.map(|r| r.get()), Some(50_000));
+    assert_eq!(
+        cfg.retention.max_age,
+        Some(std::time::Duration::from_secs(7 * 86_400))
+    );
+    assert_eq!(cfg.retention.node_max_bytes, Some(1 << 30));
     assert_eq!(cfg.identity.hub_id, "spiffe://example.org/hub");
     assert_eq!(cfg.data_dir, Path::new("/etc/edgesync/data"));
 }
@@ -316,6 +322,36 @@ fn connection_bounds_are_read_and_checked() {
         ("http_head_timeout_ms", "5"),
         ("max_handshakes", "0"),
         ("handshake_timeout_ms", "600000"),
+    ] {
+        let text = with(&format!("{field} = {bad}"));
+        assert_problem(&text, field, field);
+    }
+}
+
+#[test]
+fn quotas_and_retention_are_read_and_zero_turns_them_off() {
+    let with = |extra: &str| BASE.replacen("[hub]\n", &format!("[hub]\n{extra}\n"), 1);
+    let cfg = parse_text(&with(
+        "node_max_records_per_s = 2000\nhistory_max_age_s = 3600\nnode_history_max_bytes = 1_000_000",
+    ))
+    .unwrap();
+    assert_eq!(cfg.node_max_records_per_s.map(|r| r.get()), Some(2000));
+    assert_eq!(
+        cfg.retention.max_age,
+        Some(std::time::Duration::from_secs(3600))
+    );
+    assert_eq!(cfg.retention.node_max_bytes, Some(1_000_000));
+    let off = parse_text(&with(
+        "node_max_records_per_s = 0\nhistory_max_age_s = 0\nnode_history_max_bytes = 0",
+    ))
+    .unwrap();
+    assert_eq!(off.node_max_records_per_s, None);
+    assert_eq!(off.retention, crate::store::Retention::default());
+    for (field, bad) in [
+        ("node_max_records_per_s", "-1"),
+        ("history_max_age_s", "-5"),
+        ("node_history_max_bytes", "-1"),
+        ("node_max_records_per_s", "\"fast\""),
     ] {
         let text = with(&format!("{field} = {bad}"));
         assert_problem(&text, field, field);
