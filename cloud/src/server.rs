@@ -72,7 +72,7 @@ pub struct TunnelConfig {
 }
 
 /// Default of [`TunnelConfig::node_max_records_per_s`].
-pub const DEFAULT_NODE_MAX_RECORDS_PER_S: u32 = 50_000;
+pub const DEFAULT_NODE_MAX_RECORDS_PER_S: u32 = 100_000;
 
 /// The per-node rate quota: a token bucket per node id holding one second of records.
 struct NodeRate {
@@ -455,7 +455,13 @@ async fn committer(
                             first_seq: f,
                             samples: s,
                             budget: b,
-                        } if f == next => {
+                        } if f == next
+                            // Under a rate quota, at most one second's worth per commit, so
+                            // that each one's share of the queue is given back as it is acked.
+                            && rate
+                                .as_ref()
+                                .is_none_or(|r| samples.len() + s.len() <= r.per_s.get() as usize) =>
+                        {
                             next += s.len() as u64;
                             samples.extend(s);
                             budget.extend(b);

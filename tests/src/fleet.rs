@@ -29,8 +29,13 @@ use crate::harness::Pki;
 pub struct FleetOptions {
     /// How many agents.
     pub agents: usize,
-    /// One record per agent this often.
+    /// Records per agent sent this often...
     pub record_every: Duration,
+    /// ...this many at a time (one frame)...
+    pub records_per_tick: usize,
+    /// ...while at most this many are sent and not acknowledged (a greedy node sends
+    /// `records_per_tick` every millisecond and is held back only by this window and the hub).
+    pub max_unacked: u64,
     /// First reconnect delay (the agent's default is 200 ms).
     pub backoff_initial: Duration,
     /// Largest reconnect delay (the agent's default is 30 s).
@@ -49,6 +54,8 @@ impl Default for FleetOptions {
         FleetOptions {
             agents: 1000,
             record_every: Duration::from_secs(1),
+            records_per_tick: 1,
+            max_unacked: u64::MAX,
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
@@ -308,6 +315,7 @@ impl SimAgent {
             anyhow::bail!("expected a welcome");
         };
         *seq = w.stored_seq;
+        let mut acked = w.stored_seq;
         self.counters.connected.fetch_add(1, Ordering::Relaxed);
         self.log
             .lock()
@@ -332,16 +340,25 @@ impl SimAgent {
                     break Ok(());
                 }
                 _ = tick.tick() => {
-                    *seq += 1;
-                    let s = Sample {
-                        device: device.clone(),
-                        property: property.clone(),
-                        value: Some(Value::Int(*seq as i64)),
-                        quality: Quality::Good,
-                        ts: edgesync_edge::agent::wall_clock(),
-                    };
+                    let room = self.opts.max_unacked.saturating_sub(seq.saturating_sub(acked));
+                    let n = (self.opts.records_per_tick as u64).min(room);
+                    if n == 0 {
+                        continue;
+                    }
+                    let first = *seq + 1;
+                    let ts = edgesync_edge::agent::wall_clock();
+                    let batch: Vec<Sample> = (first..first + n)
+                        .map(|i| Sample {
+                            device: device.clone(),
+                            property: property.clone(),
+                            value: Some(Value::Int(i as i64)),
+                            quality: Quality::Good,
+                            ts,
+                        })
+                        .collect();
+                    *seq += n;
                     out.clear();
-                    frame::encode_records(*seq, std::iter::once(&s), 0, DEFAULT_MAX_FRAME_LEN, &mut out)?;
+                    frame::encode_records(first, batch.iter(), 0, DEFAULT_MAX_FRAME_LEN, &mut out)?;
                     if let Err(e) = send.write_all(&out).await {
                         break Err(anyhow::anyhow!("write: {e}"));
                     }
@@ -353,6 +370,7 @@ impl SimAgent {
                         loop {
                             match decoder.next_frame() {
                                 Ok(Some(Body::Ack(a))) => {
+                                    acked = acked.max(a.stored_seq);
                                     self.counters.acked.store(a.stored_seq, Ordering::Relaxed);
                                 }
                                 Ok(Some(Body::Ping(p))) => {

@@ -156,7 +156,7 @@ struct RawHub {
     handshake_timeout_ms: Option<i64>,
     /// Tunnel idle timeout in milliseconds (default 10000).
     idle_timeout_ms: Option<i64>,
-    /// Most records per second one node may store; 0: no limit (default 50000).
+    /// Most records per second one node may store; 0: no limit (default 100000).
     node_max_records_per_s: Option<i64>,
     /// Records older than this many seconds are pruned; 0: kept (default 7 days).
     history_max_age_s: Option<i64>,

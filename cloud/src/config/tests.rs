@@ -89,7 +89,7 @@ fn defaults_apply() {
     );
     assert_eq!(cfg.max_handshakes, 64);
     assert_eq!(cfg.handshake_timeout, std::time::Duration::from_secs(5));
-    assert_eq!(cfg.node_max_records_per_s.map(|r| r.get()), Some(50_000));
+    assert_eq!(cfg.node_max_records_per_s.map(|r| r.get()), Some(100_000));
     assert_eq!(
         cfg.retention.max_age,
         Some(std::time::Duration::from_secs(7 * 86_400))

@@ -11,12 +11,11 @@
 //!
 //! # Rules
 //!
-//! - An index entry `(t, s)` says: the records from `s` on were committed at or after `t`, and
-//!   those before `s` before `t` (`s` is the first commit of the bucket); the records of the
-//!   latest entry were committed within its bucket. Pruning by age takes the latest entry with
-//!   `t <= now - max_age` and removes every record below its `s` (all of them once that entry
-//!   is the latest and its bucket ended before the cutoff): records are removed at most one
-//!   bucket late (the bucket is 1/100 of the age limit, between 1 s and 1 h).
+//! - An index entry `(t, s)` says: the records from `s` up to the next entry's seq were
+//!   committed within the bucket `t..t + bucket` (`s` is the bucket's first commit; a commit in
+//!   a later bucket writes the next entry). Pruning by age removes the records of every entry
+//!   whose bucket ended before `now - max_age`, and those entries: records are removed at most
+//!   one bucket late (the bucket is 1/100 of the age limit, between 1 s and 1 h).
 //! - Pruning by size removes the oldest batches until the node's history is at most 90 % of its
 //!   quota, so a node at its quota is pruned once per tenth of the quota, not once per commit.
 //! - Records after the twin checkpoint are never pruned: they rebuild the twin on open.
@@ -161,31 +160,29 @@ impl Inner {
         let limit = twin_seq.min(applied) + 1;
         let mut batch = sled::Batch::default();
 
-        // By age: records `s_k..s_k+1` of index entry k were committed in `t_k..t_k+1` (the
-        // last entry's within one bucket), so everything below the seq of the latest entry at
-        // or before the cutoff is older than it, and that entry's too once its bucket ended.
+        // By age: the records of index entry k (`s_k` up to the next entry's seq) were all
+        // committed within its bucket `t_k..t_k + bucket` (a commit in a later bucket writes
+        // the next entry), so they are older than the cutoff once that bucket ended before it.
         let mut age_floor = 0;
         let mut old_entries = vec![];
         if let Some(max_age) = self.retention.max_age {
             let cutoff = (self.clock)().saturating_sub(max_age.as_millis() as u64);
+            let bucket = self.retention.bucket_ms();
             let prefix = index_prefix(node);
-            let mut latest_old = None;
-            let mut is_last = true;
+            let mut all_old = false;
             for entry in self.tree.scan_prefix(&prefix) {
                 let (key, value) = entry?;
                 let t = be_u64(&key, &key[prefix.len()..])?;
-                if t > cutoff {
-                    is_last = false;
+                let s = be_u64(&key, &value)?;
+                if t.saturating_add(bucket) > cutoff {
+                    age_floor = s;
+                    all_old = false;
                     break;
                 }
-                age_floor = be_u64(&key, &value)?;
-                latest_old = Some(t);
+                all_old = true;
                 old_entries.push(key);
             }
-            if let Some(t) = latest_old
-                && is_last
-                && t.saturating_add(self.retention.bucket_ms()) <= cutoff
-            {
+            if all_old {
                 age_floor = applied + 1;
             }
         }
@@ -224,10 +221,10 @@ impl Inner {
         if removed.batches == 0 && new_floor == floor {
             return Ok(removed);
         }
-        // Index entries before the last one at or before the cutoff describe pruned records.
+        // The index entries of what is now pruned.
         if done_by_age && age_floor <= limit {
-            for key in old_entries.iter().take(old_entries.len().saturating_sub(1)) {
-                batch.remove(key.clone());
+            for key in old_entries {
+                batch.remove(key);
             }
         }
         batch.insert(meta_key(node, FIELD_BYTES), &remaining.to_be_bytes());
@@ -445,7 +442,7 @@ mod tests {
         assert!(store.records(&n, 1).unwrap().is_empty());
         assert_eq!(store.node(&n).unwrap().history_from, 1201);
         assert_eq!(store.node(&n).unwrap().history_bytes, 0);
-        assert_eq!(index(&store, &n).len(), 1);
+        assert!(index(&store, &n).is_empty());
         // Gaps are kept, and a gap commit is indexed too.
         store.commit_gap(&n, 1201, 1300).await.unwrap();
         assert_eq!(store.gaps(&n).unwrap(), vec![(1201, 1300)]);

@@ -511,3 +511,128 @@ async fn a_known_gateway_gets_back_in_during_a_flood_from_many_addresses() -> an
     );
     Ok(())
 }
+
+/// A node that sends as fast as the protocol lets it is held to its rate quota (its records
+/// wait at its end, none is lost), its history is kept within its disk quota, records past the
+/// age limit are pruned (the twin keeps the latest values), and a real agent's values still
+/// get through at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greedy_node_is_held_to_its_rate_and_disk_quotas_and_old_history_is_pruned()
+-> anyhow::Result<()> {
+    use edgesync_testkit::fleet::{Fleet, FleetOptions};
+    const RATE: u64 = 2_000;
+    const QUOTA: u64 = 60_000;
+    let s = setup(
+        &format!(
+            "node_max_records_per_s = {RATE}\nnode_history_max_bytes = {QUOTA}\nhistory_max_age_s = 4"
+        ),
+        &[],
+    )
+    .await?;
+    let agent = s.start_agent().await?;
+    s.agent_delivers(1, Duration::from_secs(20))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", agent.log_text(), s.hub.log_text()))?;
+    let first_gw1 = s.api.get("/api/v1/nodes/gw-1").await?.1["uplink_seq"]
+        .as_u64()
+        .unwrap_or(0);
+    let opts = FleetOptions {
+        agents: 1,
+        record_every: Duration::from_millis(1),
+        records_per_tick: 500,
+        max_unacked: 20_000,
+        prefix: "greedy".into(),
+        source_octet: 7,
+        ..Default::default()
+    };
+    let fleet = Fleet::start(&s.pki, TD, s.tunnel.parse()?, &opts)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while fleet.counters.acked.load(Ordering::Relaxed) == 0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the greedy node got nothing stored\n{}",
+            s.hub.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (t0, acked0) = (
+        std::time::Instant::now(),
+        fleet.counters.acked.load(Ordering::Relaxed),
+    );
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        eprintln!(
+            "DEBUG acked {} connected {} failed {}",
+            fleet.counters.acked.load(Ordering::Relaxed),
+            fleet.counters.connected.load(Ordering::Relaxed),
+            fleet.counters.failed_attempts.load(Ordering::Relaxed)
+        );
+    }
+    // The real agent's changes reach the hub while the greedy node pushes.
+    for value in 2..5u16 {
+        let started = std::time::Instant::now();
+        s.agent_delivers(value, Duration::from_secs(5))
+            .await
+            .map_err(|e| anyhow::anyhow!("during the flood: {e}\n{}", s.hub.log_text()))?;
+        tracing::info!(ms = started.elapsed().as_millis() as u64, "delivered");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(t0.elapsed())).await;
+    let (elapsed, acked1) = (
+        t0.elapsed().as_secs_f64(),
+        fleet.counters.acked.load(Ordering::Relaxed),
+    );
+    let stored = acked1 - acked0;
+    // At most the rate plus one second's burst (and one part being committed); well above zero.
+    let ceiling = (RATE as f64 * (elapsed + 1.0)) as u64 + RATE;
+    assert!(
+        stored <= ceiling,
+        "the greedy node stored {stored} records in {elapsed:.1} s (rate {RATE}/s)"
+    );
+    assert!(
+        stored as f64 >= RATE as f64 * elapsed * 0.5,
+        "the greedy node was starved: {stored} records in {elapsed:.1} s"
+    );
+    assert!(metric(&s.api, "edgesync_hub_rate_limited_seconds_total", "").await? > 0.0);
+    // Its history stays within the disk quota, oldest records pruned, the rest served in order.
+    let status = s
+        .api
+        .wait_for(Duration::from_secs(5), |api| async move {
+            let (_, n) = api.get("/api/v1/nodes/greedy-0").await?;
+            Ok((n["history_bytes"].as_u64().unwrap_or(u64::MAX) <= QUOTA).then_some(n))
+        })
+        .await?;
+    let from = status["history_from"].as_u64().unwrap_or(0);
+    assert!(from > 1, "{status}");
+    let (code, page) = s
+        .api
+        .get("/api/v1/nodes/greedy-0/records?from=1&limit=3")
+        .await?;
+    assert_eq!(code, 200);
+    let first = page["records"][0]["seq"].as_u64().unwrap_or(0);
+    assert!(
+        first >= from,
+        "first record {first}, history from {from}\n{status}\n{page}\n{}",
+        s.hub.log_text()
+    );
+    assert_eq!(page["records"][1]["seq"].as_u64(), Some(first + 1));
+    assert!(metric(&s.api, "edgesync_hub_history_pruned_records_total", "").await? > 0.0);
+    // Nothing was lost: the greedy node's records are all acknowledged in order, none as a gap.
+    let (_, gaps) = s.api.get("/api/v1/nodes/greedy-0/gaps").await?;
+    assert_eq!(gaps["lost_records"], 0);
+    drop(fleet);
+    // gw-1's first records are older than the 4 s age limit by now: pruned, twin intact.
+    let gw1 = s
+        .api
+        .wait_for(Duration::from_secs(10), |api| async move {
+            let (_, n) = api.get("/api/v1/nodes/gw-1").await?;
+            Ok((n["history_from"].as_u64().unwrap_or(0) > first_gw1).then_some(n))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("gw-1's old records were not pruned: {e}"))?;
+    let (_, page) = s.api.get("/api/v1/nodes/gw-1/records").await?;
+    let oldest = page["records"][0]["seq"].as_u64().unwrap_or(u64::MAX);
+    assert!(oldest > first_gw1, "{gw1}\n{page}");
+    assert_eq!(s.api.reported_u64("gw-1", "plc-1", "level").await?, Some(4));
+    Ok(())
+}
