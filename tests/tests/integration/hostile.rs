@@ -559,22 +559,11 @@ async fn a_greedy_node_is_held_to_its_rate_and_disk_quotas_and_old_history_is_pr
         std::time::Instant::now(),
         fleet.counters.acked.load(Ordering::Relaxed),
     );
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        eprintln!(
-            "DEBUG acked {} connected {} failed {}",
-            fleet.counters.acked.load(Ordering::Relaxed),
-            fleet.counters.connected.load(Ordering::Relaxed),
-            fleet.counters.failed_attempts.load(Ordering::Relaxed)
-        );
-    }
     // The real agent's changes reach the hub while the greedy node pushes.
     for value in 2..5u16 {
-        let started = std::time::Instant::now();
         s.agent_delivers(value, Duration::from_secs(5))
             .await
             .map_err(|e| anyhow::anyhow!("during the flood: {e}\n{}", s.hub.log_text()))?;
-        tracing::info!(ms = started.elapsed().as_millis() as u64, "delivered");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     tokio::time::sleep(Duration::from_secs(6).saturating_sub(t0.elapsed())).await;
@@ -612,8 +601,7 @@ async fn a_greedy_node_is_held_to_its_rate_and_disk_quotas_and_old_history_is_pr
     let first = page["records"][0]["seq"].as_u64().unwrap_or(0);
     assert!(
         first >= from,
-        "first record {first}, history from {from}\n{status}\n{page}\n{}",
-        s.hub.log_text()
+        "first record {first}, history from {from}\n{status}\n{page}"
     );
     assert_eq!(page["records"][1]["seq"].as_u64(), Some(first + 1));
     assert!(metric(&s.api, "edgesync_hub_history_pruned_records_total", "").await? > 0.0);
