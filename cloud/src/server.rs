@@ -111,8 +111,7 @@ impl NodeRate {
                         warned = true;
                         tracing::debug!(%node, wait_ms = wait.as_millis() as u64, "node over its rate quota: its records wait at the edge");
                     }
-                    metrics::counter!("edgesync_hub_rate_limited_seconds_total")
-                        .increment(wait.as_secs_f64().ceil() as u64);
+                    metrics::counter!("edgesync_hub_rate_limited_total").increment(1);
                     metrics::histogram!("edgesync_hub_rate_limit_wait_seconds")
                         .record(wait.as_secs_f64());
                     tokio::time::sleep(wait).await;

@@ -582,7 +582,7 @@ async fn a_greedy_node_is_held_to_its_rate_and_disk_quotas_and_old_history_is_pr
         stored as f64 >= RATE as f64 * elapsed * 0.5,
         "the greedy node was starved: {stored} records in {elapsed:.1} s"
     );
-    assert!(metric(&s.api, "edgesync_hub_rate_limited_seconds_total", "").await? > 0.0);
+    assert!(metric(&s.api, "edgesync_hub_rate_limited_total", "").await? > 0.0);
     // Its history stays within the disk quota, oldest records pruned, the rest served in order.
     let status = s
         .api
