@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use edgesync_protocol::close;
 use edgesync_protocol::frame::{
     self, Body, DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, FrameError,
 };
@@ -172,6 +173,16 @@ struct Ctx {
     known_ips: Mutex<std::collections::HashSet<std::net::IpAddr>>,
     /// The per-node rate quota, shared by a node's successive connections.
     rate: Option<Arc<NodeRate>>,
+    /// The reconnect spread announced when the hub stops (decided once, from the sessions
+    /// live at that moment).
+    stop_spread: std::sync::OnceLock<Duration>,
+}
+
+/// The retry hint given to a node refused because the hub is full.
+pub const HUB_FULL_RETRY_WITHIN: Duration = Duration::from_secs(10);
+
+fn stop_spread(ctx: &Ctx) -> Duration {
+    close::restart_spread(ctx.live.lock().unwrap_or_else(|p| p.into_inner()).len())
 }
 
 /// Most addresses remembered as known (beyond, new ones are not added).
@@ -243,6 +254,7 @@ pub async fn serve(
         known_handshakes: Arc::new(tokio::sync::Semaphore::new(cfg_max_handshakes)),
         known_ips: Mutex::new(std::collections::HashSet::new()),
         rate: rate.map(|r| Arc::new(NodeRate::new(r))),
+        stop_spread: std::sync::OnceLock::new(),
     });
     loop {
         let incoming = tokio::select! {
@@ -286,7 +298,11 @@ pub async fn serve(
             handle_connection(incoming, (permit, ip_slot), &ctx, cancel).await;
         });
     }
-    endpoint.close(0u32.into(), b"hub shutting down");
+    let spread = *ctx.stop_spread.get_or_init(|| stop_spread(&ctx));
+    endpoint.close(
+        close::CLOSE_HUB_STOPPING.into(),
+        &close::reason_with_hint("hub shutting down", spread),
+    );
     // Let the close reach every peer before the process exits: an agent that misses it would
     // wait for its idle timeout (10 s by default) before reconnecting to the restarted hub.
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -324,7 +340,7 @@ async fn handle_connection(
             // The verifier already refuses these; this is defence in depth.
             metrics::counter!("edgesync_hub_handshake_failures_total").increment(1);
             tracing::warn!(%remote, error = %e, "peer refused");
-            conn.close(1u32.into(), b"forbidden");
+            conn.close(close::CLOSE_FORBIDDEN.into(), b"forbidden");
             return;
         }
     };
@@ -348,7 +364,10 @@ async fn handle_connection(
             metrics::counter!("edgesync_hub_connections_refused_total", "reason" => "limit")
                 .increment(1);
             tracing::warn!(%node, %remote, max = ctx.cfg.max_connections, "session refused: the hub has as many nodes connected as it allows (max_nodes)");
-            conn.close(2u32.into(), b"hub full");
+            conn.close(
+                close::CLOSE_HUB_FULL.into(),
+                &close::reason_with_hint("hub full", HUB_FULL_RETRY_WITHIN),
+            );
             return;
         }
         if let Some((_, old)) = live.insert(node.clone(), (conn_id, token.clone())) {
@@ -374,7 +393,16 @@ async fn handle_connection(
             tracing::warn!(%node, %remote, error = %e, "session ended with an error");
         }
     }
-    conn.close(0u32.into(), b"bye");
+    if cancel.is_cancelled() {
+        // The hub stops: tell the agent when to come back (the whole fleet hears this at once).
+        let spread = *ctx.stop_spread.get_or_init(|| stop_spread(ctx));
+        conn.close(
+            close::CLOSE_HUB_STOPPING.into(),
+            &close::reason_with_hint("hub shutting down", spread),
+        );
+    } else {
+        conn.close(close::CLOSE_NORMAL.into(), b"bye");
+    }
 }
 
 /// Most records of one connection decoded and waiting for their commit (with the receive

@@ -145,6 +145,8 @@ pub struct Uplink {
     cancel: CancellationToken,
     origin: Instant,
     downlink: Option<DownlinkLink>,
+    /// The retry hint of the hub's last close, if it gave one ([`edgesync_protocol::close`]).
+    retry_hint: Option<Duration>,
 }
 
 /// How the uplink talks to the downlink (protocol version 2).
@@ -179,6 +181,7 @@ impl Uplink {
             cancel,
             origin: Instant::now(),
             downlink: None,
+            retry_hint: None,
         }
     }
 
@@ -213,6 +216,8 @@ impl Uplink {
         };
         let mut session = EdgeSession::new(scfg, acked, next).with_control(ctl_acked, ctl_next);
         let mut backoff = self.cfg.backoff_initial;
+        // The hub's last retry hint and until when it applies.
+        let mut hinted: Option<(Duration, Instant)> = None;
         let mut endpoint: Option<quinn::Endpoint> = None;
         loop {
             if self.cancel.is_cancelled() {
@@ -243,8 +248,31 @@ impl Uplink {
             if welcomed && started.elapsed() > Duration::from_secs(5) {
                 backoff = self.cfg.backoff_initial;
             }
-            let delay = jitter(backoff);
-            backoff = (backoff * 2).min(self.cfg.backoff_max);
+            // The hub closed with a hint (it restarts, or it is full): until the next session,
+            // every attempt waits a random moment within it instead of backing off (attempts
+            // while a restarting hub is down are refused or unanswered, and should not push
+            // the agent's return far behind the hub's), for at most `backoff_max`.
+            if let Some(within) = self.retry_hint.take() {
+                let within = within.min(self.cfg.backoff_max);
+                tracing::info!(
+                    within_ms = within.as_millis() as u64,
+                    "reconnecting at the moments the hub's hint allows"
+                );
+                hinted = Some((within, Instant::now() + self.cfg.backoff_max));
+            } else if welcomed {
+                hinted = None;
+            }
+            let delay = match hinted.filter(|(_, until)| Instant::now() < *until) {
+                Some((within, _)) => {
+                    backoff = self.cfg.backoff_initial;
+                    Duration::from_millis(fastrand::u64(0..=within.as_millis() as u64))
+                }
+                None => {
+                    let delay = jitter(backoff);
+                    backoff = (backoff * 2).min(self.cfg.backoff_max);
+                    delay
+                }
+            };
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
@@ -293,6 +321,22 @@ impl Uplink {
                 Ok(Ok(c)) => c,
             }
         };
+        let result = self.drive_conn(session, &conn).await;
+        self.retry_hint = match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                edgesync_protocol::close::retry_hint(&c.reason)
+            }
+            _ => None,
+        };
+        result
+    }
+
+    /// Runs the session on an established connection until it ends.
+    async fn drive_conn(
+        &mut self,
+        session: &mut EdgeSession,
+        conn: &quinn::Connection,
+    ) -> Result<(), UplinkError> {
         let (mut send, mut recv) = conn
             .open_bi()
             .await

@@ -21,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+pub mod close;
 #[cfg(feature = "config")]
 pub mod config_diag;
 pub mod desired;

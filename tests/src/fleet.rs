@@ -47,6 +47,11 @@ pub struct FleetOptions {
     pub prefix: String,
     /// See `prefix`.
     pub source_octet: u8,
+    /// Whether agents follow the retry hint a hub gives when it closes (as the agent does).
+    pub follow_hints: bool,
+    /// Distinct properties each agent reports (1: one property, `counter`; more: `p0`, `p1`,
+    /// ... in turn), for the hub's memory per property.
+    pub properties: usize,
 }
 
 impl Default for FleetOptions {
@@ -61,6 +66,8 @@ impl Default for FleetOptions {
             connect_timeout: Duration::from_secs(5),
             prefix: "fleet".into(),
             source_octet: 1,
+            follow_hints: true,
+            properties: 1,
         }
     }
 }
@@ -253,9 +260,15 @@ impl SimAgent {
         // Sequence number of the last record sent; the hub's welcome moves it to what it stored.
         let mut seq = 0u64;
         let mut delay = self.opts.backoff_initial;
+        let mut hinted: Option<(Duration, Instant)> = None;
         while !self.cancel.is_cancelled() {
-            match self.session(&mut seq).await {
-                Ok(true) => delay = self.opts.backoff_initial,
+            let mut hint = None;
+            let mut established = false;
+            match self.session(&mut seq, &mut hint).await {
+                Ok(true) => {
+                    delay = self.opts.backoff_initial;
+                    established = true;
+                }
                 Ok(false) => {}
                 Err(_) => {
                     self.counters
@@ -266,8 +279,26 @@ impl SimAgent {
             if self.cancel.is_cancelled() {
                 return;
             }
-            let ms = delay.as_millis() as u64;
-            let wait = Duration::from_millis(fastrand::u64(ms / 2..=ms.max(1)));
+            // As the agent does: after a hint, every attempt until the next session waits a
+            // random moment within it (for at most backoff_max), instead of backing off.
+            if let Some(within) = hint.filter(|_| self.opts.follow_hints) {
+                hinted = Some((
+                    within.min(self.opts.backoff_max),
+                    Instant::now() + self.opts.backoff_max,
+                ));
+            } else if established {
+                hinted = None;
+            }
+            let wait = match hinted.filter(|(_, until)| Instant::now() < *until) {
+                Some((within, _)) => {
+                    delay = self.opts.backoff_initial / 2;
+                    Duration::from_millis(fastrand::u64(0..=within.as_millis() as u64))
+                }
+                None => {
+                    let ms = delay.as_millis() as u64;
+                    Duration::from_millis(fastrand::u64(ms / 2..=ms.max(1)))
+                }
+            };
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
@@ -277,7 +308,7 @@ impl SimAgent {
     }
 
     /// One connection: `Ok(true)` if a session was established (and then ended).
-    async fn session(&self, seq: &mut u64) -> anyhow::Result<bool> {
+    async fn session(&self, seq: &mut u64, hint: &mut Option<Duration>) -> anyhow::Result<bool> {
         let connecting = self.ep.connect_with(self.client.clone(), self.hub, "hub")?;
         let conn = tokio::time::timeout(self.opts.connect_timeout, connecting)
             .await
@@ -324,6 +355,10 @@ impl SimAgent {
             .push(Instant::now());
         let device = DeviceId::new("plc-1")?;
         let property = PropertyId::new("counter")?;
+        // With `properties` > 1, record i is of property `p<i mod properties>`.
+        let properties: Vec<PropertyId> = (0..self.opts.properties.max(1))
+            .map(|i| PropertyId::new(format!("p{i}")))
+            .collect::<Result<_, _>>()?;
         let mut tick = tokio::time::interval(self.opts.record_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut out = BytesMut::new();
@@ -350,7 +385,11 @@ impl SimAgent {
                     let batch: Vec<Sample> = (first..first + n)
                         .map(|i| Sample {
                             device: device.clone(),
-                            property: property.clone(),
+                            property: if properties.len() > 1 {
+                                properties[(i % properties.len() as u64) as usize].clone()
+                            } else {
+                                property.clone()
+                            },
                             value: Some(Value::Int(i as i64)),
                             quality: Quality::Good,
                             ts,
@@ -403,6 +442,11 @@ impl SimAgent {
             }
         };
         self.counters.connected.fetch_sub(1, Ordering::Relaxed);
+        // Closing the stream's ends is not the hub's close: wait a moment for the latter.
+        let _ = tokio::time::timeout(Duration::from_millis(100), conn.closed()).await;
+        if let Some(quinn::ConnectionError::ApplicationClosed(c)) = conn.close_reason() {
+            *hint = edgesync_protocol::close::retry_hint(&c.reason);
+        }
         self.log
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -2,7 +2,9 @@
 //!
 //! `--part reconnect`: `--agents` simulated agents (the testkit's fleet: each with its own
 //! SVID, one record per second, the real agent's reconnect backoff) connect to a fresh hub; the
-//! hub is stopped (SIGTERM by PID) and started again on the same addresses and store. `connect
+//! hub is stopped (SIGTERM by PID) and started again on the same addresses and store; each run
+//! does this twice, once with the agents following the retry hint the stopping hub sends
+//! (`hint yes`, what the agent does) and once ignoring it (`hint no`: backoff only). `connect
 //! s` is the time from the end of minting the identities (the agents start connecting while
 //! they are minted) until all are connected; `noticed` is how many sessions had ended when the
 //! old hub's process was gone (all of them, if its close reached every agent). Measured:
@@ -43,6 +45,8 @@ enum Part {
     Reconnect,
     /// A flood of stalled handshakes, with agents connecting during it.
     Flood,
+    /// The hub's memory as one node's tag count grows.
+    Tags,
 }
 
 #[derive(Debug, Parser)]
@@ -64,6 +68,62 @@ struct Args {
     flood_hosts: u8,
     #[arg(long, default_value_t = 256)]
     flood_concurrency: usize,
+    /// Tag counts of `--part tags` (one node, one device, this many properties).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,30000,100000")]
+    tags: Vec<usize>,
+}
+
+struct TagsRun {
+    rss0_mib: f64,
+    rss_mib: f64,
+    hwm_mib: f64,
+    reported: u64,
+}
+
+/// A fresh hub; one simulated agent reports `tags` distinct properties of one device (each
+/// several times), then one record per millisecond goes on for 3 s; the hub's RSS and peak.
+async fn tags_run(tags: usize) -> anyhow::Result<TagsRun> {
+    let tmp = TempDir::new("bench-tags")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let (hub, tunnel, http) =
+        harness::start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
+    let pid = hub.pid().unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss0_mib = harness::proc_status_mib(pid, "VmRSS:")?;
+    let fleet = Fleet::start(
+        &pki,
+        TD,
+        tunnel.parse()?,
+        &FleetOptions {
+            agents: 1,
+            record_every: Duration::from_millis(1),
+            records_per_tick: 1000,
+            max_unacked: 20_000,
+            properties: tags,
+            prefix: "tags".into(),
+            ..Default::default()
+        },
+    )?;
+    let want = 3 * tags as u64;
+    let t = Instant::now();
+    while fleet.counters.acked.load(Ordering::Relaxed) < want {
+        ensure!(
+            t.elapsed() < Duration::from_secs(300),
+            "only {} records stored",
+            fleet.counters.acked.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(fleet);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let api = Api::new(&http);
+    let (_, dev) = api.get("/api/v1/nodes/tags-0/devices/plc-1").await?;
+    Ok(TagsRun {
+        rss0_mib,
+        rss_mib: harness::proc_status_mib(pid, "VmRSS:")?,
+        hwm_mib: harness::proc_status_mib(pid, "VmHWM:")?,
+        reported: dev["properties"].as_u64().unwrap_or(0),
+    })
 }
 
 async fn metric(api: &Api, name: &str, label: &str) -> f64 {
@@ -91,7 +151,11 @@ struct ReconnectRun {
     flapped: usize,
 }
 
-async fn reconnect_run(agents: usize, settle: Duration) -> anyhow::Result<ReconnectRun> {
+async fn reconnect_run(
+    agents: usize,
+    settle: Duration,
+    follow_hints: bool,
+) -> anyhow::Result<ReconnectRun> {
     let tmp = TempDir::new("bench-fleet")?;
     let pki = Pki::new(&tmp.path().join("pki"), TD)?;
     let (hub, tunnel, http) =
@@ -100,6 +164,7 @@ async fn reconnect_run(agents: usize, settle: Duration) -> anyhow::Result<Reconn
     let rss0 = harness::proc_status_mib(hub.pid().unwrap_or(0), "VmRSS:")?;
     let opts = FleetOptions {
         agents,
+        follow_hints,
         ..Default::default()
     };
     let fleet = Fleet::start(&pki, TD, tunnel.parse()?, &opts)?;
@@ -311,45 +376,80 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default()
     };
     match args.part {
+        Part::Tags => {
+            println!(
+                "edgesync-bench-fleet --part tags: a fresh real hub per tag count; one simulated agent reports every tag of one device three times (1,000 records per frame, 20,000 unacknowledged at most), then stops"
+            );
+            println!(
+                "   tags  reported  hub RSS idle MiB  hub RSS after MiB  hub HWM MiB  KiB/tag (HWM - idle)"
+            );
+            for &tags in &args.tags {
+                for _ in 0..args.runs {
+                    let r = tags_run(tags).await?;
+                    println!(
+                        "{tags:>7} {:>9} {:>17.1} {:>18.1} {:>12.1} {:>21.2}",
+                        r.reported,
+                        r.rss0_mib,
+                        r.rss_mib,
+                        r.hwm_mib,
+                        (r.hwm_mib - r.rss0_mib) * 1024.0 / tags as f64
+                    );
+                }
+            }
+        }
         Part::Reconnect => {
             let agents = args.agents.unwrap_or(1000);
             println!(
                 "edgesync-bench-fleet --part reconnect: {agents} simulated agents (one record/s each, the agent's backoff 200 ms doubling to 30 s, jittered), real hub binary (defaults: max_handshakes 64, 8 per IP), hub restarted by SIGTERM"
             );
             println!(
-                " run   load  connect s  noticed  resume p50  p90  all s  hub cpu s  hub HWM MiB  KiB/node  refused  failed  flapped"
+                " run  hint   load  connect s  noticed  resume p50  p90  all s  hub cpu s  hub HWM MiB  KiB/node  refused  failed  flapped"
             );
             let mut rows = Vec::new();
+            let mut unhinted = Vec::new();
             for run in 1..=args.runs {
-                let l = load();
-                let r = reconnect_run(agents, Duration::from_secs(args.settle_secs)).await?;
-                println!(
-                    "{run:>4} {l:>6} {:>10.3} {:>8} {:>11.3} {:>5.2} {:>6.2} {:>10.2} {:>12.1} {:>9.1} {:>8.0} {:>7} {:>8}",
-                    r.initial_s,
-                    r.ended_at_restart,
-                    r.resume_p50_s,
-                    r.resume_p90_s,
-                    r.resume_s,
-                    r.hub_cpu_s,
-                    r.hub_hwm_mib,
-                    r.per_node_kib,
-                    r.refused,
-                    r.failed_attempts,
-                    r.flapped
-                );
-                rows.push(r);
+                // With and without following the hub's retry hint, alternately, in one run.
+                for hints in [true, false] {
+                    let l = load();
+                    let r =
+                        reconnect_run(agents, Duration::from_secs(args.settle_secs), hints).await?;
+                    println!(
+                        "{run:>4} {:>5} {l:>6} {:>10.3} {:>8} {:>11.3} {:>5.2} {:>6.2} {:>10.2} {:>12.1} {:>9.1} {:>8.0} {:>7} {:>8}",
+                        if hints { "yes" } else { "no" },
+                        r.initial_s,
+                        r.ended_at_restart,
+                        r.resume_p50_s,
+                        r.resume_p90_s,
+                        r.resume_s,
+                        r.hub_cpu_s,
+                        r.hub_hwm_mib,
+                        r.per_node_kib,
+                        r.refused,
+                        r.failed_attempts,
+                        r.flapped
+                    );
+                    if hints {
+                        rows.push(r);
+                    } else {
+                        unhinted.push(r);
+                    }
+                }
             }
-            println!(
-                " med        {:>10.3}          {:>11.3} {:>5.2} {:>6.2} {:>10.2} {:>12.1} {:>9.1}",
-                median(rows.iter().map(|r| r.initial_s).collect()),
-                median(rows.iter().map(|r| r.resume_p50_s).collect()),
-                median(rows.iter().map(|r| r.resume_p90_s).collect()),
-                median(rows.iter().map(|r| r.resume_s).collect()),
-                median(rows.iter().map(|r| r.hub_cpu_s).collect()),
-                median(rows.iter().map(|r| r.hub_hwm_mib).collect()),
-                median(rows.iter().map(|r| r.per_node_kib).collect()),
-            );
-            let flapped: usize = rows.iter().map(|r| r.flapped).sum();
+            for (label, rows) in [("yes", &rows), ("no", &unhinted)] {
+                println!(
+                    " med {label:>5}        {:>10.3}          {:>11.3} {:>5.2} {:>6.2} {:>10.2} {:>12.1} {:>9.1} {:>8.0} {:>7}",
+                    median(rows.iter().map(|r| r.initial_s).collect()),
+                    median(rows.iter().map(|r| r.resume_p50_s).collect()),
+                    median(rows.iter().map(|r| r.resume_p90_s).collect()),
+                    median(rows.iter().map(|r| r.resume_s).collect()),
+                    median(rows.iter().map(|r| r.hub_cpu_s).collect()),
+                    median(rows.iter().map(|r| r.hub_hwm_mib).collect()),
+                    median(rows.iter().map(|r| r.per_node_kib).collect()),
+                    median(rows.iter().map(|r| r.refused).collect()),
+                    median(rows.iter().map(|r| r.failed_attempts as f64).collect()),
+                );
+            }
+            let flapped: usize = rows.iter().chain(&unhinted).map(|r| r.flapped).sum();
             println!("sessions that ended again after the resume, all runs: {flapped}");
         }
         Part::Flood => {

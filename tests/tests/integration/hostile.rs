@@ -624,3 +624,75 @@ async fn a_greedy_node_is_held_to_its_rate_and_disk_quotas_and_old_history_is_pr
     assert_eq!(s.api.reported_u64("gw-1", "plc-1", "level").await?, Some(4));
     Ok(())
 }
+
+/// A stopping hub tells its agents to come back at a random moment within a spread (a fleet
+/// told at once does not return at once), and a full hub tells a refused node when to retry;
+/// the real agent follows the hint and is back at once after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_and_full_hubs_give_a_retry_hint_that_the_agent_follows() -> anyhow::Result<()> {
+    use edgesync_protocol::close;
+    let s = setup("max_nodes = 1", &[]).await?;
+    let agent = s.start_agent().await?;
+    s.agent_delivers(1, Duration::from_secs(20))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", agent.log_text(), s.hub.log_text()))?;
+    // Full: another node is refused after its handshake, with a hint.
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let conn = ep
+        .connect_with(
+            peer_config(&s.pki, &s.tunnel, "gw-2")?,
+            s.tunnel.parse()?,
+            "hub",
+        )?
+        .await?;
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await? {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, close::CLOSE_HUB_FULL.into());
+            assert_eq!(
+                close::retry_hint(&c.reason),
+                Some(edgesync_cloud::server::HUB_FULL_RETRY_WITHIN)
+            );
+        }
+        other => anyhow::bail!("a full hub closed with {other}"),
+    }
+    // Stopping: the agent hears the hint (one session: the shortest spread) and follows it.
+    let Setup {
+        tmp,
+        pki,
+        hub,
+        tunnel,
+        sim,
+        ..
+    } = s;
+    assert!(hub.terminate().await?, "the hub did not stop cleanly");
+    let wait_log = |needle: &'static str| {
+        let agent = &agent;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !agent.log_text().contains(needle) {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "the agent never logged {needle:?}\n{}",
+                    agent.log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(())
+        }
+    };
+    wait_log("reconnecting at the moments the hub's hint allows").await?;
+    let log = agent.log_text();
+    assert!(log.contains("within_ms=200"), "{log}");
+    let (hub, _, http) = harness::start_hub(tmp.path(), &pki, &tunnel, "127.0.0.1:0").await?;
+    let api = Api::new(&http);
+    sim.set_holding(1, support::LEVEL, &[2])?;
+    api.wait_for(Duration::from_secs(10), |api| async move {
+        Ok(api
+            .reported_u64("gw-1", "plc-1", "level")
+            .await?
+            .filter(|v| *v == 2))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}\n{}", agent.log_text(), hub.log_text()))?;
+    Ok(())
+}
