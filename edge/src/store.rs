@@ -713,12 +713,12 @@ impl AgentStore {
     }
 
     /// Appends `records` to the outbox as one group and writes `twin` (for each listed device,
-    /// the latest samples of all its properties) behind, in one atomic commit; returns once
+    /// the latest samples of all its properties, as [`encode_samples`] encodes them) behind, in one atomic commit; returns once
     /// durable per the fsync policy.
     pub async fn append(
         &mut self,
         records: impl Into<Arc<Vec<Sample>>>,
-        twin: &[(DeviceId, Vec<Sample>)],
+        twin: &[(DeviceId, Vec<u8>)],
     ) -> Result<Appended, StoreError> {
         self.append_with(records, twin, 0, None).await
     }
@@ -730,15 +730,15 @@ impl AgentStore {
     pub async fn append_with(
         &mut self,
         records: impl Into<Arc<Vec<Sample>>>,
-        twin: &[(DeviceId, Vec<Sample>)],
+        twin: &[(DeviceId, Vec<u8>)],
         refused: u64,
         resync: Option<bool>,
     ) -> Result<Appended, StoreError> {
         let records: Arc<Vec<Sample>> = records.into();
         let resync = if refused > 0 { Some(true) } else { resync };
         let mut batch = sled::Batch::default();
-        for (device, samples) in twin {
-            batch.insert(twin_key(device), encode_samples(samples));
+        for (device, encoded) in twin {
+            batch.insert(twin_key(device), encoded.as_slice());
         }
         match resync {
             Some(true) if !self.resync => batch.insert(META_RESYNC, &[1u8][..]),
@@ -1083,7 +1083,7 @@ mod tests {
             let a = st
                 .append(
                     (1..=10).map(s).collect::<Vec<_>>(),
-                    &[(DeviceId::new("d").unwrap(), vec![s(9), s(10)])],
+                    &[(DeviceId::new("d").unwrap(), encode_samples(&[s(9), s(10)]))],
                 )
                 .await
                 .unwrap();

@@ -29,7 +29,9 @@ pub struct Twin {
 }
 
 /// One device's state in tag order: samples, which of them were restored from disk and not
-/// yet confirmed by a reading of this run, desired values and what became of them.
+/// yet confirmed by a reading of this run, desired values and what became of them. `desired`
+/// and `applied` stay empty until a tag of the device gets a desired value (most devices never
+/// do; 88 bytes per tag otherwise), and are then as long as the device's tags.
 #[derive(Debug, Default, Clone)]
 struct Slots {
     samples: Vec<Option<Sample>>,
@@ -43,8 +45,8 @@ impl Slots {
         Slots {
             samples: vec![None; len],
             restored: vec![false; len],
-            desired: vec![None; len],
-            applied: vec![None; len],
+            desired: Vec::new(),
+            applied: Vec::new(),
         }
     }
 
@@ -52,9 +54,17 @@ impl Slots {
         if self.samples.len() < len {
             self.samples.resize(len, None);
             self.restored.resize(len, false);
+        }
+    }
+
+    /// `desired` and `applied`, sized to the device's tags on first use.
+    fn downlink_slots(&mut self) -> (&mut Vec<Option<DesiredValue>>, &mut Vec<Option<Applied>>) {
+        let len = self.samples.len();
+        if self.desired.len() < len {
             self.desired.resize(len, None);
             self.applied.resize(len, None);
         }
+        (&mut self.desired, &mut self.applied)
     }
 }
 
@@ -218,7 +228,7 @@ impl Twin {
             .entry(device.clone())
             .or_insert_with(|| Slots::new(len));
         d.grow(len);
-        if let Some(slot) = d.desired.get_mut(index) {
+        if let Some(slot) = d.downlink_slots().0.get_mut(index) {
             *slot = Some(desired);
         }
     }
@@ -230,8 +240,16 @@ impl Twin {
             .entry(device.clone())
             .or_insert_with(|| Slots::new(len));
         d.grow(len);
-        if let Some(slot) = d.applied.get_mut(index) {
+        if let Some(slot) = d.downlink_slots().1.get_mut(index) {
             *slot = Some(applied);
+        }
+    }
+
+    /// [`Twin::device_samples`] encoded as the store persists them, without cloning them.
+    pub fn encoded_device_samples(&self, device: &DeviceId) -> Vec<u8> {
+        match self.devices.get(device) {
+            Some(v) => edgesync_protocol::frame::encode_samples_of(v.samples.iter().flatten()),
+            None => edgesync_protocol::frame::encode_samples(&[]),
         }
     }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use edgesync_protocol::DeviceId;
 use edgesync_protocol::frame::{
     self, Body, DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, FrameError, Goodbye,
 };
@@ -147,6 +148,8 @@ pub struct Uplink {
     downlink: Option<DownlinkLink>,
     /// The retry hint of the hub's last close, if it gave one ([`edgesync_protocol::close`]).
     retry_hint: Option<Duration>,
+    /// Devices whose schema is still to be sent on this connection.
+    schemas_due: std::collections::VecDeque<DeviceId>,
 }
 
 /// How the uplink talks to the downlink (protocol version 2).
@@ -182,6 +185,7 @@ impl Uplink {
             origin: Instant::now(),
             downlink: None,
             retry_hint: None,
+            schemas_due: std::collections::VecDeque::new(),
         }
     }
 
@@ -337,6 +341,7 @@ impl Uplink {
         session: &mut EdgeSession,
         conn: &quinn::Connection,
     ) -> Result<(), UplinkError> {
+        self.schemas_due.clear();
         let (mut send, mut recv) = conn
             .open_bi()
             .await
@@ -397,6 +402,23 @@ impl Uplink {
                 if let Some(frame) = frame {
                     frame::encode_frame(&frame, DEFAULT_MAX_FRAME_LEN, &mut out)?;
                 }
+                if out.len() >= 256 * 1024 {
+                    send.write_all(&out)
+                        .await
+                        .map_err(|e| UplinkError::Connection(e.to_string()))?;
+                    out.clear();
+                }
+            }
+            // Device schemas due since the welcome: one alive at a time (at 100,000 tags all
+            // of them at once would take about 17 MB).
+            while let Some(device) = self.schemas_due.pop_front() {
+                let Some(spec) = self.downlink.as_ref().and_then(|d| d.twin.spec(&device)) else {
+                    continue;
+                };
+                let schema = Frame {
+                    body: Some(Body::Schema(crate::values::schema(spec))),
+                };
+                frame::encode_frame(&schema, DEFAULT_MAX_FRAME_LEN, &mut out)?;
                 if out.len() >= 256 * 1024 {
                     send.write_all(&out)
                         .await
@@ -500,12 +522,9 @@ impl Uplink {
                     if let Some(d) = &self.downlink {
                         d.twin.emit(TwinEvent::Uplink { connected: true });
                         if session.desired_enabled() {
-                            // The hub checks desired values against what we run.
-                            for device in d.twin.devices() {
-                                if let Some(spec) = d.twin.spec(&device) {
-                                    session.queue_frame(Body::Schema(crate::values::schema(spec)));
-                                }
-                            }
+                            // The hub checks desired values against what we run: every
+                            // device's schema, built one at a time as it is sent.
+                            self.schemas_due = d.twin.devices().into();
                         }
                     }
                 }

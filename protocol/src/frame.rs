@@ -519,7 +519,16 @@ pub fn samples_from_wire(wire: Vec<WireSample>) -> Result<Vec<Sample>, FrameErro
 /// The bytes are those of a [`SampleBatch`] of [`WireSample`]s, written straight from the
 /// samples (no intermediate strings: this runs for every outbox commit).
 pub fn encode_samples(samples: &[Sample]) -> Vec<u8> {
-    let len: usize = samples.iter().map(|s| wire::nested_len(1, s)).sum();
+    encode_samples_of(samples.iter())
+}
+
+/// [`encode_samples`] of the samples `samples` yields (iterated twice: sized, then written), so
+/// that a caller holding them elsewhere need not clone them into a slice.
+pub fn encode_samples_of<'a, I>(samples: I) -> Vec<u8>
+where
+    I: Iterator<Item = &'a Sample> + Clone,
+{
+    let len: usize = samples.clone().map(|s| wire::nested_len(1, s)).sum();
     let mut out = Vec::with_capacity(len);
     for s in samples {
         wire::nested(1, s, &mut out);
