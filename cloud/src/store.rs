@@ -14,8 +14,9 @@
 //! | `0x01 <node> 0x00 "seq"` | last uplink seq stored (u64 BE) |
 //! | `0x01 <node> 0x00 "agent"` | agent version (UTF-8) |
 //! | `0x01 <node> 0x00 "seen"` | last seen, ms since the epoch (u64 BE) |
-//! | `0x02 <node> 0x00 <device> 0x00 <property>` | [`encode_samples`] of the latest sample, as of the twin checkpoint |
-//! | `0x01 <node> 0x00 "twinseq"` | the twin checkpoint: the `0x02` keys hold every value reported up to this seq (u64 BE) |
+//! | `0x07 <node> 0x00 <bucket: u16 BE>` | [`encode_samples`] of the latest sample of every property hashed to the bucket ([`twin_bucket`]), as of the twin checkpoint |
+//! | `0x02 <node> 0x00 <device> 0x00 <property>` | the latest sample of one property, as hubs before the buckets wrote them: read on open, then replaced by buckets |
+//! | `0x01 <node> 0x00 "twinseq"` | the twin checkpoint: the node's twin keys hold every value reported up to this seq (u64 BE) |
 //! | `0x03 <node> 0x00 <first seq: u64 BE>` | last seq (u64 BE) of a gap: records lost at the edge |
 //! | `0x04 <node> 0x00 <device> 0x00 <property>` | the desired value and its outcome (JSON) |
 //! | `0x05 <node> 0x00 <device>` | the device's schema as the agent sent it (protobuf) |
@@ -33,10 +34,15 @@
 //!   batch: after a crash either all of it is there or none.
 //! - The twin is a view of the records: its keys are brought up to date (a checkpoint, in the
 //!   same atomic batch as a commit) at a node's first commit of a run, then at least every
-//!   [`TWIN_CHECKPOINT_INTERVAL`] or [`TWIN_CHECKPOINT_RECORDS`] records while it sends, and at
+//!   [`TWIN_CHECKPOINT_INTERVAL`] or [`TWIN_CHECKPOINT_RECORDS`] records while it sends (both
+//!   longer for a twin of more than 10,000 properties, see [`checkpoint_due`]), and at
 //!   [`HubStore::flush`]. Open replays the records after the checkpoint into the twin, so the
 //!   twin after a crash equals the one before it, while a commit writes one key per batch
 //!   instead of one per changed property.
+//! - A node's persisted twin is at most [`TWIN_BUCKETS`] keys, each rewritten whole (from the
+//!   twin in memory) when one of its properties changed: sled spends kilobytes of memory per
+//!   key written, so one key per property cost the hub about 7 KiB per property (700 MB at
+//!   100,000 tags).
 //! - Every sequence number `1..=seq` of a node is stored exactly once, either as a record or
 //!   inside a gap marker (records the edge lost and reported), until history retention prunes
 //!   it (records below the node's `floor`, see [`retention`]); duplicates are skipped, batches
@@ -89,6 +95,10 @@ const GAP: u8 = 0x03;
 const DESIRED: u8 = 0x04;
 const SCHEMA: u8 = 0x05;
 const HISTORY: u8 = 0x06;
+const TWIN_BUCKET: u8 = 0x07;
+/// Keys of a node's persisted twin: each property's latest sample lives in bucket
+/// [`twin_bucket`] of its device and id.
+pub const TWIN_BUCKETS: u16 = 256;
 const SEP: u8 = 0x00;
 const FIELD_DOWNLINK: &[u8] = b"dlseq";
 const FIELD_CONTROL: &[u8] = b"ctlseq";
@@ -350,25 +360,72 @@ impl Serialize for Twin {
     }
 }
 
+/// The latest samples of a commit, by device and property.
+type Latest<'a> = BTreeMap<&'a DeviceId, BTreeMap<&'a PropertyId, &'a Sample>>;
+
 impl NodeState {
-    /// Adds the twin keys of the reported values changed after the twin checkpoint to `batch`,
-    /// except those `skip` names.
-    fn write_unsaved(
+    /// Adds to `batch` every twin bucket that holds a value changed after the checkpoint or one
+    /// of `latest` (every bucket with `all`), rewritten whole: the twin in memory with
+    /// `latest` over it.
+    fn write_buckets(
         &self,
         node: &NodeId,
         batch: &mut sled::Batch,
-        skip: impl Fn(&DeviceId, &PropertyId) -> bool,
+        latest: &Latest<'_>,
+        all: bool,
     ) {
-        for (device, twin) in &self.twins {
-            for (property, r) in &twin.reported {
-                if r.seq > self.twin_seq && !skip(device, property) {
-                    batch.insert(
-                        twin_key(node, device, property),
-                        encode_samples(&[r.sample(device, property)]),
-                    );
+        let mut dirty = vec![all; usize::from(TWIN_BUCKETS)];
+        if !all {
+            for (device, twin) in &self.twins {
+                for (property, r) in &twin.reported {
+                    if r.seq > self.twin_seq {
+                        dirty[usize::from(twin_bucket(device, property))] = true;
+                    }
+                }
+            }
+            for (device, props) in latest {
+                for property in props.keys() {
+                    dirty[usize::from(twin_bucket(device, property))] = true;
                 }
             }
         }
+        let mut buckets: BTreeMap<u16, Vec<Sample>> = BTreeMap::new();
+        for (device, twin) in &self.twins {
+            let newer = latest.get(device);
+            for (property, r) in &twin.reported {
+                let b = twin_bucket(device, property);
+                if dirty[usize::from(b)] && !newer.is_some_and(|m| m.contains_key(property)) {
+                    buckets
+                        .entry(b)
+                        .or_default()
+                        .push(r.sample(device, property));
+                }
+            }
+        }
+        for (device, props) in latest {
+            for (property, sample) in props {
+                buckets
+                    .entry(twin_bucket(device, property))
+                    .or_default()
+                    .push((*sample).clone());
+            }
+        }
+        for (b, samples) in buckets {
+            batch.insert(twin_bucket_key(node, b), encode_samples(&samples));
+        }
+    }
+
+    /// Whether a commit of `records` more records checkpoints the twin: the first one of a run,
+    /// or once [`TWIN_CHECKPOINT_RECORDS`] records or [`TWIN_CHECKPOINT_INTERVAL`] passed since
+    /// the last; for a twin of more than 10,000 properties, the interval grows by a second per
+    /// 10,000 and the records to twice the properties (a checkpoint rewrites buckets whole).
+    fn checkpoint_due(&self, records: u64) -> bool {
+        let props = self.properties as u64;
+        let interval =
+            TWIN_CHECKPOINT_INTERVAL * u32::try_from(props / 10_000).unwrap_or(u32::MAX).max(1);
+        !self.twin_seq_written
+            || self.dirty_records + records >= TWIN_CHECKPOINT_RECORDS.max(2 * props)
+            || self.checkpointed_at.is_none_or(|t| t.elapsed() >= interval)
     }
 
     /// [`NodeState::report`] for several properties of one device.
@@ -452,6 +509,8 @@ struct NodeState {
     floor: u64,
     /// The time bucket of the node's latest history index entry.
     index_bucket: Option<u64>,
+    /// Its twin was read from one key per property (an older hub's layout).
+    legacy_twin: bool,
 }
 
 /// The payload of a `twin` event: `{"device", "node", "reported": {property: {"quality", "ts",
@@ -595,6 +654,7 @@ impl HubStore {
         let tree = db.open_tree(TREE)?;
         let mut state = load(&tree)?;
         index_unindexed(&tree, &mut state, &retention, clock())?;
+        bucket_legacy_twins(&tree, &mut state)?;
         let dir_sync = DirSync::open(dir).map_err(|e| StoreError::Sled(e.into()))?;
         Ok(HubStore {
             inner: Arc::new(Inner {
@@ -1331,7 +1391,7 @@ impl Inner {
 
         // Latest sample per device and property among the new records, in sequence order
         // (by device first: a node has few devices, so ids are compared less often).
-        let mut latest: BTreeMap<&DeviceId, BTreeMap<&PropertyId, &Sample>> = BTreeMap::new();
+        let mut latest: Latest<'_> = BTreeMap::new();
         for s in new {
             latest.entry(&s.device).or_default().insert(&s.property, s);
         }
@@ -1356,28 +1416,13 @@ impl Inner {
                 });
             }
             let n = state.get(node);
-            let checkpoint = n.is_none_or(|n| {
-                !n.twin_seq_written
-                    || n.dirty_records + new.len() as u64 >= TWIN_CHECKPOINT_RECORDS
-                    || n.checkpointed_at
-                        .is_none_or(|t| t.elapsed() >= TWIN_CHECKPOINT_INTERVAL)
-            });
+            let checkpoint = n.is_none_or(|n| n.checkpoint_due(new.len() as u64));
             if checkpoint {
                 // The twin's keys brought up to `last_seq`, in the same atomic batch: the
-                // values changed since the last checkpoint and not by this commit...
-                if let Some(n) = n {
-                    n.write_unsaved(node, &mut batch, |d, p| {
-                        latest.get(d).is_some_and(|props| props.contains_key(p))
-                    });
-                }
-                // ...and this commit's.
-                for (device, props) in &latest {
-                    for (property, sample) in props {
-                        batch.insert(
-                            twin_key(node, device, property),
-                            encode_samples(std::slice::from_ref(*sample)),
-                        );
-                    }
+                // buckets of the values changed since the last checkpoint or by this commit.
+                match n {
+                    Some(n) => n.write_buckets(node, &mut batch, &latest, false),
+                    None => NodeState::default().write_buckets(node, &mut batch, &latest, false),
                 }
                 batch.insert(meta_key(node, FIELD_TWIN), &last_seq.to_be_bytes());
             }
@@ -1461,7 +1506,7 @@ impl Inner {
             if n.twin_seq >= n.applied_seq {
                 continue;
             }
-            n.write_unsaved(node, &mut batch, |_, _| false);
+            n.write_buckets(node, &mut batch, &BTreeMap::new(), false);
             batch.insert(meta_key(node, FIELD_TWIN), &n.applied_seq.to_be_bytes());
             done.push((node.clone(), n.applied_seq));
         }
@@ -1782,6 +1827,43 @@ fn status(node: &NodeId, n: &NodeState) -> NodeStatus {
     }
 }
 
+/// Rewrites the twin of every node read from one key per property (an older hub's layout) as
+/// buckets, checkpointed at the node's last seq (the twin in memory holds everything up to it),
+/// and removes the old keys, in one atomic batch.
+fn bucket_legacy_twins(
+    tree: &sled::Tree,
+    state: &mut BTreeMap<NodeId, NodeState>,
+) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut done = vec![];
+    for (node, n) in state.iter() {
+        if !n.legacy_twin {
+            continue;
+        }
+        n.write_buckets(node, &mut batch, &BTreeMap::new(), true);
+        let mut prefix = vec![TWIN];
+        prefix.extend_from_slice(&node_prefix(node));
+        for entry in tree.scan_prefix(&prefix) {
+            batch.remove(entry?.0);
+        }
+        batch.insert(meta_key(node, FIELD_TWIN), &n.applied_seq.to_be_bytes());
+        done.push(node.clone());
+    }
+    if done.is_empty() {
+        return Ok(());
+    }
+    tree.apply_batch(batch)?;
+    tree.flush()?;
+    for node in done {
+        if let Some(n) = state.get_mut(&node) {
+            n.legacy_twin = false;
+            let seq = n.applied_seq;
+            n.checkpointed(seq);
+        }
+    }
+    Ok(())
+}
+
 /// Gives the records of a store written before history retention existed (records but no
 /// index entry) an index entry for the current bucket, so their age counts from now, and
 /// counts their bytes.
@@ -1889,6 +1971,30 @@ fn meta_key(node: &NodeId, field: &[u8]) -> Vec<u8> {
 fn gap_key(node: &NodeId, first_seq: u64) -> Vec<u8> {
     let mut k = vec![GAP];
     k.extend_from_slice(&record_key(node, first_seq));
+    k
+}
+
+/// The bucket of a property's latest sample in the persisted twin: FNV-1a of the device and
+/// property ids, modulo [`TWIN_BUCKETS`] (stable across runs and builds).
+pub fn twin_bucket(device: &DeviceId, property: &PropertyId) -> u16 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in device
+        .as_str()
+        .bytes()
+        .chain(std::iter::once(0))
+        .chain(property.as_str().bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % u64::from(TWIN_BUCKETS)) as u16
+}
+
+fn twin_bucket_key(node: &NodeId, bucket: u16) -> Vec<u8> {
+    let mut k = vec![TWIN_BUCKET];
+    k.extend_from_slice(node.as_str().as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(&bucket.to_be_bytes());
     k
 }
 
@@ -2118,6 +2224,21 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
         let n = state.entry(node).or_default();
         n.index_bucket = Some(n.index_bucket.map_or(bucket, |b| b.max(bucket)));
     }
+    for entry in tree.scan_prefix([TWIN_BUCKET]) {
+        let (key, value) = entry?;
+        let mut parts = key[1..].splitn(2, |b| *b == SEP);
+        let Some(node) = parts.next() else {
+            return Err(corrupt(&key, "twin bucket key without a node"));
+        };
+        let node = parse_id(&key, node, NodeId::new)?;
+        let samples = decode_samples(&value).map_err(|e| corrupt_frame(&key, &e))?;
+        let n = state.entry(node).or_default();
+        for sample in samples {
+            let (device, property) = (sample.device.clone(), sample.property.clone());
+            n.report(&device, &property, &sample, 0);
+        }
+    }
+    // One key per property, as hubs before the buckets wrote them (replaced in `open`).
     for entry in tree.scan_prefix([TWIN]) {
         let (key, value) = entry?;
         let mut parts = key[1..].splitn(2, |b| *b == SEP);
@@ -2132,6 +2253,7 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
         let n = state.entry(node).or_default();
         let (device, property) = (sample.device.clone(), sample.property.clone());
         n.report(&device, &property, &sample, 0);
+        n.legacy_twin = true;
     }
     // The twin's keys hold the values up to its checkpoint; the records after it are replayed
     // (a store written before checkpoints existed has no checkpoint: its twin keys were
@@ -2330,11 +2452,101 @@ mod tests {
 
     /// The reported value of `device`/`property` in the twin's keys on disk (the checkpoint).
     fn persisted(store: &HubStore, n: &NodeId, device: &str, property: &str) -> Option<Value> {
+        let (d, p) = (dev(device), prop(property));
         let raw = store
             .tree()
-            .get(twin_key(n, &dev(device), &prop(property)))
+            .get(twin_bucket_key(n, twin_bucket(&d, &p)))
             .unwrap()?;
-        decode_samples(&raw).unwrap().pop().unwrap().value
+        decode_samples(&raw)
+            .unwrap()
+            .into_iter()
+            .find(|s| s.device == d && s.property == p)?
+            .value
+    }
+
+    #[tokio::test]
+    async fn a_large_twin_is_persisted_in_at_most_the_bucket_count_of_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node("gw-1");
+        let batch: Vec<Sample> = (0..5000)
+            .map(|i| sample("plc1", &format!("p{i}"), i, 100))
+            .collect();
+        {
+            let store = open(&dir);
+            store.commit_batch(&n, 1, &batch).await.unwrap();
+            store
+                .commit_batch(&n, 5001, &[sample("plc1", "p7", -7, 200)])
+                .await
+                .unwrap();
+            store.flush().await.unwrap();
+            let mut prefix = vec![TWIN_BUCKET];
+            prefix.extend_from_slice(&node_prefix(&n));
+            let keys = store.tree().scan_prefix(&prefix).count();
+            assert!(keys <= usize::from(TWIN_BUCKETS), "{keys} keys");
+            assert!(keys > 200, "{keys} keys: the hash spreads");
+            assert_eq!(persisted(&store, &n, "plc1", "p7"), Some(Value::Int(-7)));
+        }
+        let store = open(&dir);
+        let twin = store.twin(&n, &dev("plc1")).unwrap();
+        assert_eq!(twin.reported.len(), 5000);
+        assert_eq!(twin.reported[&prop("p7")].value, Some(Value::Int(-7)));
+        assert_eq!(twin.reported[&prop("p4999")].value, Some(Value::Int(4999)));
+    }
+
+    #[tokio::test]
+    async fn a_twin_kept_one_key_per_property_is_rewritten_as_buckets_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node("gw-1");
+        {
+            let store = open(&dir);
+            store
+                .commit_batch(
+                    &n,
+                    1,
+                    &[
+                        sample("plc1", "temp", 20, 100),
+                        sample("plc1", "rpm", 900, 100),
+                    ],
+                )
+                .await
+                .unwrap();
+            store.flush().await.unwrap();
+            store
+                .commit_batch(&n, 3, &[sample("plc1", "temp", 21, 200)])
+                .await
+                .unwrap();
+            // What an older hub left: one key per property up to seq 2, the record of seq 3
+            // after its checkpoint, no buckets.
+            let tree = store.tree();
+            for e in tree.scan_prefix([TWIN_BUCKET]) {
+                tree.remove(e.unwrap().0).unwrap();
+            }
+            for s in [
+                sample("plc1", "temp", 20, 100),
+                sample("plc1", "rpm", 900, 100),
+            ] {
+                tree.insert(
+                    twin_key(&n, &s.device, &s.property),
+                    encode_samples(std::slice::from_ref(&s)),
+                )
+                .unwrap();
+            }
+            tree.insert(meta_key(&n, FIELD_TWIN), &2u64.to_be_bytes())
+                .unwrap();
+            tree.flush().unwrap();
+        }
+        let store = open(&dir);
+        let twin = store.twin(&n, &dev("plc1")).unwrap();
+        assert_eq!(twin.reported[&prop("temp")].value, Some(Value::Int(21)));
+        assert_eq!(twin.reported[&prop("rpm")].value, Some(Value::Int(900)));
+        assert_eq!(store.tree().scan_prefix([TWIN]).count(), 0);
+        assert_eq!(persisted(&store, &n, "plc1", "temp"), Some(Value::Int(21)));
+        assert_eq!(persisted(&store, &n, "plc1", "rpm"), Some(Value::Int(900)));
+        drop(store);
+        // And again: nothing left to rewrite, the same twin.
+        let store = open(&dir);
+        let twin = store.twin(&n, &dev("plc1")).unwrap();
+        assert_eq!(twin.reported[&prop("temp")].value, Some(Value::Int(21)));
     }
 
     #[tokio::test]
