@@ -7,7 +7,8 @@
 //! one record every `record_every` (which also keeps the session from going idle), answers
 //! pings, and reconnects with the real agent's jittered exponential backoff (`[d/2, d]`,
 //! doubling from `backoff_initial` to `backoff_max`) whenever the connection ends or an
-//! attempt fails. Agents are spread over source addresses 127.<n>.x.y, eight per address,
+//! attempt fails; after a hub closed with a retry hint, at random moments within the hint
+//! instead, as the agent does (unless `follow_hints` is off). Agents are spread over source addresses 127.<n>.x.y, eight per address,
 //! as a fleet's gateways are spread over hosts.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
