@@ -3,7 +3,8 @@
 //! Every event gets an id from one counter that only grows, also across hub restarts: it
 //! starts at the wall-clock milliseconds of the start times 1,000, so ids of a later run are
 //! larger than those of an earlier one as long as fewer than 1,000 events per millisecond
-//! were published. The last [`EventBus::capacity`] events are kept in memory; a subscriber
+//! were published. The last [`EventBus::capacity`] events are kept in memory (at most
+//! [`MAX_BUFFERED_BYTES`] of payloads, older ones dropped first); a subscriber
 //! resuming from an id still in the buffer gets everything after it, and one resuming from an
 //! id older than the buffer (or from an earlier run), or from an id never issued (a run whose
 //! clock was ahead, another hub), is told so by a `resync` event before the buffered ones: it
@@ -49,6 +50,11 @@ impl Event {
 
 /// Default number of events kept for resumption.
 pub const DEFAULT_CAPACITY: usize = 10_000;
+/// Most bytes of event payloads kept for resumption (older events are dropped first).
+pub const MAX_BUFFERED_BYTES: usize = 32 << 20;
+/// Live events a subscriber may fall behind before it is told to resync (the live channel
+/// keeps the last this many events, whatever their size).
+pub const LIVE_CAPACITY: usize = 1024;
 
 /// The event stream (see the module docs).
 #[derive(Debug)]
@@ -64,18 +70,21 @@ struct Ring {
     /// The first id of this run.
     first_id: u64,
     buf: VecDeque<Arc<Event>>,
+    /// Bytes of the payloads in `buf`.
+    bytes: usize,
 }
 
 impl EventBus {
     /// A bus keeping the last `capacity` events, numbering from `start_ms * 1000`.
     pub fn new(capacity: usize, start_ms: u64) -> Self {
         let first = start_ms.saturating_mul(1000).max(1);
-        let (live, _) = broadcast::channel(capacity.max(16));
+        let (live, _) = broadcast::channel(capacity.clamp(16, LIVE_CAPACITY));
         EventBus {
             inner: Mutex::new(Ring {
                 next_id: first,
                 first_id: first,
                 buf: VecDeque::with_capacity(capacity.min(1024)),
+                bytes: 0,
             }),
             live,
             capacity: capacity.max(1),
@@ -98,10 +107,14 @@ impl EventBus {
         let id = r.next_id;
         r.next_id += 1;
         let ev = Arc::new(Event { id, kind, data });
-        if r.buf.len() == self.capacity {
-            r.buf.pop_front();
-        }
+        r.bytes += ev.data.len();
         r.buf.push_back(ev.clone());
+        // The last `capacity` events, within MAX_BUFFERED_BYTES (the newest is always kept).
+        while r.buf.len() > self.capacity || (r.bytes > MAX_BUFFERED_BYTES && r.buf.len() > 1) {
+            if let Some(old) = r.buf.pop_front() {
+                r.bytes -= old.data.len();
+            }
+        }
         // Sent under the lock, so live events follow the buffer's order.
         let _ = self.live.send(ev);
         id
@@ -170,6 +183,31 @@ mod tests {
         let (_, mut rx) = bus.subscribe(None);
         let id = bus.publish("desired", serde_json::json!({}));
         assert_eq!(rx.try_recv().map(|e| e.id).ok(), Some(id));
+    }
+
+    #[test]
+    fn the_buffer_is_bounded_in_bytes_and_live_subscribers_in_events() {
+        let bus = EventBus::new(10_000, 1);
+        let big = "x".repeat(1 << 20);
+        let ids: Vec<u64> = (0..100)
+            .map(|_| bus.publish_serialized("twin", big.clone()))
+            .collect();
+        let (got, _) = bus.subscribe(Some(ids[0] - 1));
+        // A resync, then only the newest events that fit.
+        assert_eq!(got[0].kind, "resync");
+        let kept: usize = got[1..].iter().map(|e| e.data.len()).sum();
+        assert!(kept <= MAX_BUFFERED_BYTES, "{kept}");
+        assert_eq!(got.last().map(|e| e.id), ids.last().copied());
+        assert_eq!(got.len() - 1, MAX_BUFFERED_BYTES / (1 << 20));
+        // A live subscriber that reads nothing lags after LIVE_CAPACITY events.
+        let (_, mut rx) = bus.subscribe(None);
+        for _ in 0..LIVE_CAPACITY + 5 {
+            bus.publish("desired", serde_json::json!({}));
+        }
+        assert!(matches!(
+            rx.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(_))
+        ));
     }
 
     #[test]

@@ -85,6 +85,10 @@ use crate::telemetry;
 /// order of writes, syncs and acks from outside (`RUST_LOG=edgesync::durability=trace`).
 pub const DURABILITY_TARGET: &str = "edgesync::durability";
 
+/// Most properties of one device in one `twin` event (a commit that changed more publishes
+/// several events for the device).
+pub const TWIN_EVENT_PROPERTIES: usize = 1_000;
+
 /// Most properties (over all devices) the twin of one node may hold.
 pub const MAX_PROPERTIES_PER_NODE: usize = 100_000;
 
@@ -1449,19 +1453,31 @@ impl Inner {
         tracing::trace!(target: DURABILITY_TARGET, "written upto={last_seq} node={node}");
         let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
 
-        // One `twin` event per device, serialized straight from the samples.
+        // One `twin` event per device (per TWIN_EVENT_PROPERTIES of its properties, so that no
+        // event is large), serialized straight from the samples.
         for (device, props) in &latest {
-            let event = TwinEvent {
-                device,
-                node,
-                reported: ReportedJson(props),
-            };
-            match serde_json::to_string(&event) {
-                Ok(data) => {
-                    self.events.publish_serialized("twin", data);
+            let mut rest = props.iter();
+            loop {
+                let chunk: BTreeMap<&PropertyId, &Sample> = rest
+                    .by_ref()
+                    .take(TWIN_EVENT_PROPERTIES)
+                    .map(|(p, s)| (*p, *s))
+                    .collect();
+                if chunk.is_empty() {
+                    break;
                 }
-                Err(e) => {
-                    tracing::error!(%node, %device, error = %e, "twin event not serializable")
+                let event = TwinEvent {
+                    device,
+                    node,
+                    reported: ReportedJson(&chunk),
+                };
+                match serde_json::to_string(&event) {
+                    Ok(data) => {
+                        self.events.publish_serialized("twin", data);
+                    }
+                    Err(e) => {
+                        tracing::error!(%node, %device, error = %e, "twin event not serializable")
+                    }
                 }
             }
         }
@@ -2491,6 +2507,27 @@ mod tests {
         assert_eq!(twin.reported.len(), 5000);
         assert_eq!(twin.reported[&prop("p7")].value, Some(Value::Int(-7)));
         assert_eq!(twin.reported[&prop("p4999")].value, Some(Value::Int(4999)));
+    }
+
+    #[tokio::test]
+    async fn a_commit_of_many_properties_publishes_twin_events_of_bounded_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let n = node("gw-1");
+        let (_, mut rx) = store.events().subscribe(None);
+        let batch: Vec<Sample> = (0..2500)
+            .map(|i| sample("plc1", &format!("p{i}"), i, 100))
+            .collect();
+        store.commit_batch(&n, 1, &batch).await.unwrap();
+        let mut sizes = vec![];
+        while let Ok(ev) = rx.try_recv() {
+            if ev.kind == "twin" {
+                let json = ev.json();
+                assert_eq!(json["device"], "plc1");
+                sizes.push(json["reported"].as_object().unwrap().len());
+            }
+        }
+        assert_eq!(sizes, vec![1000, 1000, 500]);
     }
 
     #[tokio::test]
