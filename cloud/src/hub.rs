@@ -113,6 +113,8 @@ impl Hub {
     /// Opens the store, binds both listeners and starts serving. Must be called within a
     /// tokio runtime.
     pub async fn start(o: HubOptions) -> Result<Hub, HubError> {
+        // The metrics recorder first: the tunnel registers metric handles when it starts.
+        let metrics = crate::telemetry::prometheus();
         let td = spiffe_id::trust_domain(&o.trust_domain)
             .map_err(|e| HubError::Identity(e.to_string()))?;
         let svid = load_svid(&o, &td)?;
@@ -160,7 +162,7 @@ impl Hub {
         let state = ApiState {
             store: store.clone(),
             tokens: Arc::new(o.tokens.clone()),
-            metrics: crate::telemetry::prometheus(),
+            metrics,
             shutdown: cancel.child_token(),
         };
         let app = api::router(state);

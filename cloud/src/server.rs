@@ -84,6 +84,11 @@ struct NodeRate {
     >,
     clock: governor::clock::DefaultClock,
     per_s: NonZeroU32,
+    /// `edgesync_hub_rate_limited_total`, registered once (the hub's recorder is installed
+    /// before the tunnel starts).
+    waits: metrics::Counter,
+    /// `edgesync_hub_rate_limit_wait_seconds`, registered once.
+    wait_seconds: metrics::Histogram,
 }
 
 impl NodeRate {
@@ -92,6 +97,8 @@ impl NodeRate {
             limiter: governor::RateLimiter::hashmap(governor::Quota::per_second(per_s)),
             clock: governor::clock::DefaultClock::default(),
             per_s,
+            waits: metrics::counter!("edgesync_hub_rate_limited_total"),
+            wait_seconds: metrics::histogram!("edgesync_hub_rate_limit_wait_seconds"),
         }
     }
 
@@ -102,19 +109,13 @@ impl NodeRate {
             return;
         };
         let n = n.min(self.per_s);
-        let mut warned = false;
         loop {
             match self.limiter.check_key_n(node, n) {
                 Ok(Ok(())) | Err(_) => return,
                 Ok(Err(not_until)) => {
                     let wait = not_until.wait_time_from(self.clock.now());
-                    if !warned {
-                        warned = true;
-                        tracing::debug!(%node, wait_ms = wait.as_millis() as u64, "node over its rate quota: its records wait at the edge");
-                    }
-                    metrics::counter!("edgesync_hub_rate_limited_total").increment(1);
-                    metrics::histogram!("edgesync_hub_rate_limit_wait_seconds")
-                        .record(wait.as_secs_f64());
+                    self.waits.increment(1);
+                    self.wait_seconds.record(wait.as_secs_f64());
                     tokio::time::sleep(wait).await;
                 }
             }
