@@ -1400,7 +1400,7 @@ impl Inner {
             latest.entry(&s.device).or_default().insert(&s.property, s);
         }
         let mut batch = sled::Batch::default();
-        let last_seen = {
+        let (last_seen, checkpoint, index_bucket, history_bytes) = {
             let state = self.read();
             let twins = state.get(node).map(|n| &n.twins);
             let added: usize = latest
@@ -1435,7 +1435,6 @@ impl Inner {
             });
             (seen, checkpoint, bucket, bytes)
         };
-        let (last_seen, checkpoint, index_bucket, history_bytes) = last_seen;
 
         let entry = encode_samples(new);
         let history_bytes = history_bytes.saturating_add(entry.len() as u64);

@@ -661,3 +661,21 @@ pub fn proc_status_mib(pid: u32, key: &str) -> anyhow::Result<f64> {
         .parse()?;
     Ok(kb / 1024.0)
 }
+
+/// `text` without ANSI escape sequences (`ESC [ ... letter`): process logs are coloured.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

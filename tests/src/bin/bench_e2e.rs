@@ -687,24 +687,6 @@ fn loadavg() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// `text` without ANSI colour sequences (`ESC [ ... m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// The agent's `uplink down` lines in `log` (already stripped of colour): how many, and each
 /// distinct error (digits replaced by `#`) with its count.
 fn uplink_failures(log: &str) -> (usize, Vec<(String, usize)>) {
@@ -1040,7 +1022,7 @@ async fn backlog_once(args: &Args) -> anyhow::Result<BacklogResult> {
     ) as u64;
     let (final_seq, lost) = hub_node(&api).await?.context("node gone")?;
     let (accepted_end, dropped) = agent_counts(metrics_port).await?;
-    let log = strip_ansi(&std::fs::read_to_string(&agent_log).unwrap_or_default());
+    let log = harness::strip_ansi(&std::fs::read_to_string(&agent_log).unwrap_or_default());
     let _ = agent.terminate().await;
     let _ = hub.terminate().await;
     sim.shutdown();

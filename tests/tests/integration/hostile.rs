@@ -20,24 +20,6 @@ fn peer_config(pki: &Pki, tunnel: &str, node: &str) -> anyhow::Result<quinn::Cli
     hostile::peer_client(pki, TD, tunnel, node, Duration::from_secs(5))
 }
 
-/// `text` without ANSI escape sequences (`ESC [ ... letter`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 async fn metric(api: &Api, name: &str, label: &str) -> anyhow::Result<f64> {
     let text = api.metrics().await?;
     Ok(text
@@ -701,7 +683,7 @@ async fn stopping_and_full_hubs_give_a_retry_hint_that_the_agent_follows() -> an
     };
     wait_log("reconnecting at the moments the hub's hint allows").await?;
     // The log is colored: drop the escape sequences before looking for the field.
-    let log = strip_ansi(&agent.log_text());
+    let log = harness::strip_ansi(&agent.log_text());
     assert!(log.contains("within_ms=200"), "{log}");
     let (hub, _, http) = harness::start_hub(tmp.path(), &pki, &tunnel, "127.0.0.1:0").await?;
     let api = Api::new(&http);
