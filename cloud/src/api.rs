@@ -863,7 +863,7 @@ fn to_sse(ev: &Event) -> SseEvent {
     SseEvent::default()
         .id(ev.id.to_string())
         .event(ev.kind)
-        .data(&ev.data)
+        .data(ev.data())
 }
 
 /// The buffered events, then the live ones, as SSE events (see [`Subscription`]).
@@ -943,6 +943,7 @@ mod tests {
                     agent_version: "0.1.0".into(),
                     boot_id: "boot-a".into(),
                     config_version: 3,
+                    svid_expires_ms: None,
                 },
                 1_000,
             )

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgesync_protocol::spiffe_id::{self, TrustDomain};
-use edgesync_protocol::tls::{Identity, SvidStore, TrustBundle};
+use edgesync_protocol::svid_files::{Accept, SvidFiles, Watcher};
+use edgesync_protocol::tls::{Identity, SvidStore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -84,29 +85,32 @@ pub struct Hub {
     tasks: Vec<JoinHandle<()>>,
 }
 
-fn load_svid(o: &HubOptions, td: &TrustDomain) -> Result<Arc<SvidStore>, HubError> {
-    let read = |p: &PathBuf| {
-        std::fs::read(p).map_err(|e| HubError::Identity(format!("{}: {e}", p.display())))
-    };
-    let id = Identity::from_pem(&read(&o.cert)?, &read(&o.key)?)
-        .map_err(|e| HubError::Identity(format!("{}: {e}", o.cert.display())))?;
+/// How often the hub reads its SVID files to pick up a rotation.
+pub const SVID_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Loads the hub's SVID (it must carry `hub_id`, in `td`) and returns the store that holds it
+/// and the watcher that keeps it current as the files rotate.
+fn load_svid(o: &HubOptions, td: &TrustDomain) -> Result<(Arc<SvidStore>, Watcher), HubError> {
     let want = spiffe_id::parse_id(&o.hub_id).map_err(|e| HubError::Identity(e.to_string()))?;
-    if id.id != want {
-        return Err(HubError::Identity(format!(
-            "the SVID in {} is {}, not the configured hub id {want}",
-            o.cert.display(),
-            id.id
-        )));
-    }
-    if !id.id.is_member_of(td) {
-        return Err(HubError::Identity(format!(
-            "hub id {} is not in trust domain {td}",
-            id.id
-        )));
-    }
-    let bundle = TrustBundle::from_pem(&read(&o.bundle)?)
-        .map_err(|e| HubError::Identity(format!("{}: {e}", o.bundle.display())))?;
-    SvidStore::new(id, bundle).map_err(|e| HubError::Identity(e.to_string()))
+    let td = td.clone();
+    let accept: Accept = Arc::new(move |id: &Identity| {
+        if id.id != want {
+            return Err(format!(
+                "the SVID is {}, not the configured hub id {want}",
+                id.id
+            ));
+        }
+        if !id.id.is_member_of(&td) {
+            return Err(format!("hub id {} is not in trust domain {td}", id.id));
+        }
+        Ok(())
+    });
+    let files = SvidFiles {
+        cert: o.cert.clone(),
+        key: o.key.clone(),
+        bundle: o.bundle.clone(),
+    };
+    Watcher::start(files, accept).map_err(|e| HubError::Identity(e.to_string()))
 }
 
 impl Hub {
@@ -117,7 +121,7 @@ impl Hub {
         let metrics = crate::telemetry::prometheus();
         let td = spiffe_id::trust_domain(&o.trust_domain)
             .map_err(|e| HubError::Identity(e.to_string()))?;
-        let svid = load_svid(&o, &td)?;
+        let (svid, svid_watcher) = load_svid(&o, &td)?;
         let store = Arc::new(HubStore::open_with(
             &o.data_dir.join("hub.sled"),
             o.sled_cache_bytes,
@@ -154,6 +158,10 @@ impl Hub {
             tcfg,
             cancel.child_token(),
         )));
+        // New handshakes present the rotated SVID and verify against the rotated bundle.
+        tasks.push(tokio::spawn(
+            svid_watcher.run(SVID_CHECK_INTERVAL, cancel.child_token().cancelled_owned()),
+        ));
         let retention_store = store.clone();
         let retention_cancel = cancel.child_token();
         tasks.push(tokio::spawn(async move {

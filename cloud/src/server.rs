@@ -330,12 +330,16 @@ async fn handle_connection(
         }
     };
     drop(handshake);
-    let node = match conn
+    let peer = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
         .ok_or_else(|| "no peer certificate".to_string())
-        .and_then(|certs| tls::peer_node(&certs, &ctx.cfg.trust_domain).map_err(|e| e.to_string()))
-    {
+        .and_then(|certs| {
+            let node = tls::peer_node(&certs, &ctx.cfg.trust_domain).map_err(|e| e.to_string())?;
+            let (_, not_after) = tls::cert_validity(&certs[0]).map_err(|e| e.to_string())?;
+            Ok((node, not_after))
+        });
+    let (node, peer_not_after) = match peer {
         Ok(n) => n,
         Err(e) => {
             // The verifier already refuses these; this is defence in depth.
@@ -375,8 +379,41 @@ async fn handle_connection(
             old.cancel();
         }
     }
+    // A TLS handshake authenticates once: a connection must not outlive the certificate it
+    // was authenticated with. At its `notAfter` the session ends and the agent is told to come
+    // back (with its rotated SVID) at once.
+    let session = token.child_token();
+    let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let expiry = tokio::spawn({
+        let session = session.clone();
+        let expired = expired.clone();
+        let left = Duration::from_millis(
+            peer_not_after
+                .saturating_mul(1000)
+                .saturating_add(1000)
+                .saturating_sub(wall_ms()),
+        );
+        async move {
+            tokio::select! {
+                () = session.cancelled() => {}
+                () = tokio::time::sleep(left) => {
+                    expired.store(true, std::sync::atomic::Ordering::Release);
+                    session.cancel();
+                }
+            }
+        }
+    });
     metrics::gauge!("edgesync_hub_sessions").increment(1.0);
-    let result = drive(&conn, ctx, &node, remote, &token).await;
+    let result = drive(
+        &conn,
+        ctx,
+        &node,
+        remote,
+        peer_not_after.saturating_mul(1000),
+        &session,
+    )
+    .await;
+    expiry.abort();
     metrics::gauge!("edgesync_hub_sessions").decrement(1.0);
     {
         let mut live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -400,6 +437,13 @@ async fn handle_connection(
         conn.close(
             close::CLOSE_HUB_STOPPING.into(),
             &close::reason_with_hint("hub shutting down", spread),
+        );
+    } else if expired.load(std::sync::atomic::Ordering::Acquire) {
+        metrics::counter!("edgesync_hub_sessions_expired_total").increment(1);
+        tracing::info!(%node, %remote, "session ended: the node's certificate expired; it may reconnect with its rotated SVID");
+        conn.close(
+            close::CLOSE_CERT_EXPIRED.into(),
+            &close::reason_with_hint("your certificate expired", close::CERT_EXPIRED_RETRY_WITHIN),
         );
     } else {
         conn.close(close::CLOSE_NORMAL.into(), b"bye");
@@ -439,7 +483,7 @@ async fn commit_one(store: &HubStore, node: &NodeId, job: Job) -> Result<u64, St
             first_seq, samples, ..
         } => {
             let o = store
-                .commit_batch(node, first_seq, &samples)
+                .commit_owned(node, first_seq, samples)
                 .await
                 .map_err(|e| e.to_string())?;
             // The store counts stored and duplicate records itself.
@@ -549,6 +593,7 @@ async fn drive(
     ctx: &Arc<Ctx>,
     node: &NodeId,
     remote: SocketAddr,
+    peer_expires_ms: u64,
     cancel: &CancellationToken,
 ) -> Result<(), String> {
     let (mut send, mut recv) = tokio::select! {
@@ -597,6 +642,7 @@ async fn drive(
                         agent_version: h.agent_version,
                         boot_id: h.boot_id,
                         config_version: h.config_version,
+                        svid_expires_ms: Some(peer_expires_ms),
                     };
                     if let Err(e) = ctx.store.node_connected(node, info, wall_ms()) {
                         tracing::error!(%node, error = %e, "cannot record connect");

@@ -79,6 +79,7 @@ use edgesync_protocol::{DeviceId, NodeId, PropertyId, Quality, Sample, Timestamp
 use serde::Serialize;
 use serde::ser::SerializeStruct;
 
+use crate::events::LazyPayload;
 use crate::telemetry;
 
 /// Trace events that mark records written (not yet durable) and acknowledged, for checking the
@@ -212,6 +213,9 @@ pub struct ConnInfo {
     pub boot_id: String,
     /// The config version the agent runs.
     pub config_version: u64,
+    /// When the certificate the node presented expires (its leaf's `notAfter`), ms since the
+    /// epoch.
+    pub svid_expires_ms: Option<u64>,
 }
 
 /// What the hub knows about a node (the API's node resource).
@@ -245,6 +249,9 @@ pub struct NodeStatus {
     /// The first sequence number that may still be stored: records before it were pruned by
     /// the history retention (1 when none was).
     pub history_from: u64,
+    /// When the certificate of the node's current or last connection since the hub started
+    /// expires, ms since the epoch (the hub closes a connection when it does).
+    pub svid_expires_ms: Option<u64>,
 }
 
 /// The latest reported state of one property.
@@ -488,6 +495,8 @@ struct NodeState {
     remote_addr: Option<String>,
     agent_version: Option<String>,
     boot_id: Option<String>,
+    /// When the certificate of the current or last connection expires (ms since the epoch).
+    svid_expires_ms: Option<u64>,
     backlog: u64,
     config_version: u64,
     properties: usize,
@@ -517,8 +526,16 @@ struct NodeState {
     legacy_twin: bool,
 }
 
-/// The payload of a `twin` event: `{"device", "node", "reported": {property: {"quality", "ts",
-/// "value"}}}`.
+/// The payload of a `twin` event, `{"device", "node", "reported": {property: {"quality", "ts",
+/// "value"}}}`, serialized only when a subscriber reads it (see [`LazyPayload`]).
+#[derive(Debug)]
+struct TwinPayload {
+    node: NodeId,
+    device: DeviceId,
+    /// The latest sample of each changed property, in property order.
+    samples: Vec<Sample>,
+}
+
 #[derive(Serialize)]
 struct TwinEvent<'a> {
     device: &'a DeviceId,
@@ -526,8 +543,9 @@ struct TwinEvent<'a> {
     reported: ReportedJson<'a>,
 }
 
-/// Changed properties of one device, as a JSON object.
-struct ReportedJson<'a>(&'a BTreeMap<&'a PropertyId, &'a Sample>);
+/// Changed properties of one device (one sample per property, in property order), as a JSON
+/// object.
+struct ReportedJson<'a>(&'a [Sample]);
 
 impl Serialize for ReportedJson<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -539,9 +557,9 @@ impl Serialize for ReportedJson<'_> {
             value: &'a Option<Value>,
         }
         let mut map = s.serialize_map(Some(self.0.len()))?;
-        for (property, sample) in self.0 {
+        for sample in self.0 {
             map.serialize_entry(
-                property.as_str(),
+                sample.property.as_str(),
                 &One {
                     quality: &sample.quality,
                     ts: &sample.ts,
@@ -550,6 +568,47 @@ impl Serialize for ReportedJson<'_> {
             )?;
         }
         map.end()
+    }
+}
+
+/// Longest JSON of a quality (`"bad: exception 0xff"`), of a number, bool or null value (an
+/// `f64` as `ryu` writes it: `-1.7976931348623157e308`), and of a `u64` timestamp.
+const QUALITY_JSON_MAX: usize = 21;
+const SCALAR_JSON_MAX: usize = 24;
+const TS_JSON_MAX: usize = 20;
+
+impl LazyPayload for TwinPayload {
+    fn render(&self) -> String {
+        let event = TwinEvent {
+            device: &self.device,
+            node: &self.node,
+            reported: ReportedJson(&self.samples),
+        };
+        serde_json::to_string(&event).unwrap_or_else(|e| {
+            // Not reachable with these types (map keys are strings, floats become null);
+            // still an event a client can read.
+            tracing::error!(node = %self.node, device = %self.device, error = %e, "twin event not serializable");
+            serde_json::json!({"device": self.device, "node": self.node, "error": e.to_string()})
+                .to_string()
+        })
+    }
+
+    fn max_len(&self) -> usize {
+        // `{"device":"…","node":"…","reported":{…}}`, then per property
+        // `"p":{"quality":…,"ts":…,"value":…},` (ids need no escaping: [A-Za-z0-9._-]).
+        let entries: usize = self
+            .samples
+            .iter()
+            .map(|s| {
+                let value = match &s.value {
+                    // Escaped, a character takes at most 6 bytes (`\u001f`).
+                    Some(Value::Str(v)) => 2 + 6 * v.len(),
+                    _ => SCALAR_JSON_MAX,
+                };
+                s.property.as_str().len() + 32 + QUALITY_JSON_MAX + TS_JSON_MAX + value
+            })
+            .sum();
+        self.device.as_str().len() + self.node.as_str().len() + 40 + entries
     }
 }
 
@@ -1168,6 +1227,16 @@ impl HubStore {
         first_seq: u64,
         records: &[Sample],
     ) -> Result<CommitOutcome, StoreError> {
+        self.commit_owned(node, first_seq, records.to_vec()).await
+    }
+
+    /// [`commit_batch`](Self::commit_batch) of records the caller hands over (no copy).
+    pub async fn commit_owned(
+        &self,
+        node: &NodeId,
+        first_seq: u64,
+        records: Vec<Sample>,
+    ) -> Result<CommitOutcome, StoreError> {
         let started = tokio::time::Instant::now();
         let result = self.commit_inner(node, first_seq, records).await;
         match &result {
@@ -1185,7 +1254,7 @@ impl HubStore {
         &self,
         node: &NodeId,
         first_seq: u64,
-        records: &[Sample],
+        records: Vec<Sample>,
     ) -> Result<CommitOutcome, StoreError> {
         if records.is_empty() {
             return Ok(CommitOutcome {
@@ -1195,14 +1264,44 @@ impl HubStore {
             });
         }
         let inner = Arc::clone(&self.inner);
-        let (owned_node, owned) = (node.clone(), records.to_vec());
-        let applied = self.note_write(
-            tokio::task::spawn_blocking(move || inner.apply(&owned_node, first_seq, &owned))
-                .await
-                .map_err(|e| StoreError::Task(e.to_string()))
-                .and_then(|r| r),
-            false,
-        )?;
+        let owned_node = node.clone();
+        let applied = if let Ok(leader) = self.inner.flush_lock.try_lock() {
+            // No flush in flight: write, then flush, in one trip to a blocking thread (one
+            // hand-off instead of two). Otherwise the write joins the next flush (below).
+            let joined = tokio::task::spawn_blocking(move || {
+                let applied = inner.apply(&owned_node, first_seq, &records);
+                let flushed = match &applied {
+                    Ok(a) if inner.flushed.load(Ordering::Acquire) < a.ticket => {
+                        // Every commit with a ticket up to `upto` finished its write already.
+                        let upto = inner.written.load(Ordering::Acquire);
+                        Some(inner.flush_and_sync().map(|()| upto))
+                    }
+                    _ => None,
+                };
+                (applied, flushed)
+            })
+            .await;
+            let (applied, flushed) = match joined {
+                Ok(r) => r,
+                Err(e) => return self.note_write(Err(StoreError::Task(e.to_string())), false),
+            };
+            let applied = self.note_write(applied, false)?;
+            if let Some(r) = flushed {
+                let upto = self.note_write(r, true)?;
+                self.inner.flushes.fetch_add(1, Ordering::Relaxed);
+                self.inner.flushed.fetch_max(upto, Ordering::AcqRel);
+            }
+            drop(leader);
+            applied
+        } else {
+            self.note_write(
+                tokio::task::spawn_blocking(move || inner.apply(&owned_node, first_seq, &records))
+                    .await
+                    .map_err(|e| StoreError::Task(e.to_string()))
+                    .and_then(|r| r),
+                false,
+            )?
+        };
         let stored_seq = self.make_durable(node, &applied).await?;
         Ok(CommitOutcome {
             stored_seq,
@@ -1323,18 +1422,9 @@ impl HubStore {
         // flush's read lock (the log write the flush waits for is queued on that same pool).
         // sled's flush ends with sync_file_range; the fdatasync that makes it survive a power
         // cut follows (see `edgesync_protocol::durable`).
-        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            inner.db.flush()?;
-            inner
-                .dir_sync
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .sync()
-                .map_err(|e| StoreError::Sled(e.into()))?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))??;
+        tokio::task::spawn_blocking(move || inner.flush_and_sync())
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
         self.inner.flushes.fetch_add(1, Ordering::Relaxed);
         self.inner.flushed.fetch_max(upto, Ordering::AcqRel);
         Ok(())
@@ -1349,6 +1439,18 @@ impl HubStore {
 impl Inner {
     /// The synchronous part of a commit: checks sequence numbers, writes one sled batch and
     /// updates memory.
+    /// sled's flush, then what makes it survive a power cut (blocking; see
+    /// `edgesync_protocol::durable`).
+    fn flush_and_sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        self.dir_sync
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .sync()
+            .map_err(|e| StoreError::Sled(e.into()))?;
+        Ok(())
+    }
+
     fn apply(
         &self,
         node: &NodeId,
@@ -1453,31 +1555,26 @@ impl Inner {
         let ticket = self.written.fetch_add(1, Ordering::AcqRel) + 1;
 
         // One `twin` event per device (per TWIN_EVENT_PROPERTIES of its properties, so that no
-        // event is large), serialized straight from the samples.
+        // event is large), serialized if and when a subscriber reads it.
         for (device, props) in &latest {
-            let mut rest = props.iter();
+            let mut rest = props.values();
             loop {
-                let chunk: BTreeMap<&PropertyId, &Sample> = rest
+                let samples: Vec<Sample> = rest
                     .by_ref()
                     .take(TWIN_EVENT_PROPERTIES)
-                    .map(|(p, s)| (*p, *s))
+                    .map(|s| (*s).clone())
                     .collect();
-                if chunk.is_empty() {
+                if samples.is_empty() {
                     break;
                 }
-                let event = TwinEvent {
-                    device,
-                    node,
-                    reported: ReportedJson(&chunk),
-                };
-                match serde_json::to_string(&event) {
-                    Ok(data) => {
-                        self.events.publish_serialized("twin", data);
-                    }
-                    Err(e) => {
-                        tracing::error!(%node, %device, error = %e, "twin event not serializable")
-                    }
-                }
+                self.events.publish_lazy(
+                    "twin",
+                    Arc::new(TwinPayload {
+                        node: node.clone(),
+                        device: (*device).clone(),
+                        samples,
+                    }),
+                );
             }
         }
         let mut state = self.write();
@@ -1720,6 +1817,7 @@ impl HubStore {
         n.agent_version = Some(info.agent_version);
         n.boot_id = Some(info.boot_id);
         n.config_version = info.config_version;
+        n.svid_expires_ms = info.svid_expires_ms;
         Ok(())
     }
 
@@ -1839,6 +1937,7 @@ fn status(node: &NodeId, n: &NodeState) -> NodeStatus {
         devices: n.twins.len(),
         history_bytes: n.history_bytes,
         history_from: n.floor.max(1),
+        svid_expires_ms: n.svid_expires_ms,
     }
 }
 
@@ -2529,6 +2628,60 @@ mod tests {
         assert_eq!(sizes, vec![1000, 1000, 500]);
     }
 
+    #[test]
+    fn a_twin_payload_renders_within_its_bound_whatever_the_values() {
+        use edgesync_protocol::BadReason;
+        let long_id = "p".repeat(edgesync_protocol::ids::MAX_ID_LEN);
+        let values = [
+            None,
+            Some(Value::Bool(false)),
+            Some(Value::Int(i64::MIN)),
+            Some(Value::UInt(u64::MAX)),
+            Some(Value::Float(-f64::MAX)),
+            Some(Value::Float(f64::MIN_POSITIVE)),
+            Some(Value::Float(-1.234_567_890_123_456_7e-300)),
+            Some(Value::Float(f64::NAN)),
+            Some(Value::Str(String::new())),
+            Some(Value::Str("\u{1}\u{1f}\"\\\n".repeat(50))),
+            Some(Value::Str("\u{20ac}x".into())),
+        ];
+        let qualities = [
+            Quality::Good,
+            Quality::Bad(BadReason::Exception(0xff)),
+            Quality::Bad(BadReason::DecodeError),
+            Quality::Bad(BadReason::Disconnected),
+        ];
+        let mut samples = vec![];
+        for (i, value) in values.iter().enumerate() {
+            for (j, quality) in qualities.iter().enumerate() {
+                samples.push(Sample {
+                    device: dev(&long_id),
+                    property: prop(&format!("{}{i}-{j}", &long_id[4..])),
+                    value: value.clone(),
+                    quality: *quality,
+                    ts: Timestamp(u64::MAX),
+                });
+            }
+        }
+        samples.sort_by(|a, b| a.property.cmp(&b.property));
+        for n in 1..=samples.len() {
+            let p = TwinPayload {
+                node: node(&long_id),
+                device: dev(&long_id),
+                samples: samples[..n].to_vec(),
+            };
+            let json = p.render();
+            assert!(
+                json.len() <= p.max_len(),
+                "{n}: {} > {}",
+                json.len(),
+                p.max_len()
+            );
+            let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(parsed["reported"].as_object().unwrap().len(), n);
+        }
+    }
+
     #[tokio::test]
     async fn a_twin_kept_one_key_per_property_is_rewritten_as_buckets_on_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -2941,6 +3094,7 @@ mod tests {
                         agent_version: "0.1.0".into(),
                         boot_id: "boot-a".into(),
                         config_version: 3,
+                        svid_expires_ms: Some(9_000_000),
                     },
                     1_000,
                 )
@@ -2963,6 +3117,7 @@ mod tests {
                     devices: 0,
                     history_bytes: 0,
                     history_from: 1,
+                    svid_expires_ms: Some(9_000_000),
                 }
             );
             store.node_disconnected(&n, 3_000).unwrap();

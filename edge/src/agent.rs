@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edgesync_protocol::spiffe_id::{self, SpiffeId};
+use edgesync_protocol::svid_files::{Accept, SvidFiles, Watcher};
 use edgesync_protocol::tls::Identity;
 use edgesync_protocol::{DeviceId, NodeId, PropertyId, Sample, Timestamp};
 use tokio::sync::{Mutex, broadcast, mpsc, watch};
@@ -96,23 +97,49 @@ pub enum StartError {
     },
 }
 
+/// How often the agent reads its SVID files to pick up a rotation.
+pub const SVID_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 impl Agent {
     /// Starts every component. Must be called within a tokio runtime.
     pub async fn start(mut cfg: AgentConfig) -> Result<Agent, StartError> {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| StartError::Identity(format!("{}: {e}", p.display())))
-        };
-        let identity = Identity::from_pem(&read(&cfg.identity.cert)?, &read(&cfg.identity.key)?)
-            .map_err(|e| StartError::Identity(format!("{}: {e}", cfg.identity.cert.display())))?;
         let td = spiffe_id::trust_domain(&cfg.identity.trust_domain)
             .map_err(|e| StartError::Identity(e.to_string()))?;
-        let node = spiffe_id::node_from_edge_id(&identity.id, &td)
+        // Our SVID, kept current as its files rotate; a rotated SVID must name the same node.
+        let cfg_node = cfg.node_id.clone();
+        let accept: Accept = {
+            let td = td.clone();
+            // The configured node, or else the node of the SVID loaded first.
+            let want = Arc::new(std::sync::OnceLock::new());
+            if let Some(n) = &cfg.node_id {
+                let _ = want.set(n.clone());
+            }
+            Arc::new(move |identity: &Identity| {
+                let node = spiffe_id::node_from_edge_id(&identity.id, &td)
+                    .map_err(|e| format!("our own SVID: {e}"))?;
+                let want = want.get_or_init(|| node.clone());
+                if *want != node {
+                    return Err(match &cfg_node {
+                        Some(_) => {
+                            format!("config node_id {want} does not match the SVID's node {node}")
+                        }
+                        None => format!(
+                            "the SVID's node {node} is not the node {want} this agent started as"
+                        ),
+                    });
+                }
+                Ok(())
+            })
+        };
+        let files = SvidFiles {
+            cert: cfg.identity.cert.clone(),
+            key: cfg.identity.key.clone(),
+            bundle: cfg.identity.bundle.clone(),
+        };
+        let (svid, svid_watcher) =
+            Watcher::start(files, accept).map_err(|e| StartError::Identity(e.to_string()))?;
+        let node = spiffe_id::node_from_edge_id(&svid.id(), &td)
             .map_err(|e| StartError::Identity(format!("our own SVID: {e}")))?;
-        if let Some(want) = cfg.node_id.as_ref().filter(|w| *w != &node) {
-            return Err(StartError::Identity(format!(
-                "config node_id {want} does not match the SVID's node {node}"
-            )));
-        }
         let hub_id: SpiffeId = match &cfg.hub.hub_id {
             Some(id) => spiffe_id::parse_id(id),
             None => spiffe_id::parse_id(&spiffe_id::hub_id(&td)),
@@ -286,9 +313,8 @@ impl Agent {
         let ucfg = UplinkConfig {
             hub_address: cfg.hub.address.clone(),
             hub_id,
-            cert: cfg.identity.cert.clone(),
-            key: cfg.identity.key.clone(),
-            bundle: cfg.identity.bundle.clone(),
+            svid,
+            svid_rotated: Some(svid_watcher.subscribe()),
             connect_timeout: cfg.hub.connect_timeout,
             keepalive: cfg.hub.keepalive,
             idle_timeout: cfg.hub.idle_timeout,
@@ -313,6 +339,9 @@ impl Agent {
             twin: local.clone(),
         });
         tasks.push(tokio::spawn(uplink.run()));
+        tasks.push(tokio::spawn(
+            svid_watcher.run(SVID_CHECK_INTERVAL, cancel.child_token().cancelled_owned()),
+        ));
         tracing::info!(node = %node, devices = device_count, "agent started");
         Ok(Agent {
             cancel,

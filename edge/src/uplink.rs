@@ -7,7 +7,7 @@
 //! In-flight records return to pending on every disconnect and are replayed.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,12 +33,12 @@ pub struct UplinkConfig {
     pub hub_address: String,
     /// The hub's SPIFFE ID (the only server id accepted).
     pub hub_id: SpiffeId,
-    /// Our SVID certificate chain (PEM).
-    pub cert: PathBuf,
-    /// Our SVID key (PEM, PKCS#8).
-    pub key: PathBuf,
-    /// Trust bundle (PEM).
-    pub bundle: PathBuf,
+    /// Our SVID and the trust bundle, kept current as they rotate (see
+    /// [`svid_files`](edgesync_protocol::svid_files)).
+    pub svid: Arc<SvidStore>,
+    /// Changes when the SVID rotates: the live connection, authenticated with the previous
+    /// certificate, is then replaced by one that presents the new one. `None`: never.
+    pub svid_rotated: Option<watch::Receiver<u64>>,
     /// Connection establishment timeout.
     pub connect_timeout: Duration,
     /// Keep-alive interval (QUIC and session pings).
@@ -100,24 +100,32 @@ pub enum UplinkError {
     /// reconnecting tells the hub (the hello's `oldest_seq`).
     #[error("outbox lost records {0}..={1} (full); reconnecting to report the gap")]
     Dropped(u64, u64),
+    /// Our SVID rotated: the connection is replaced by one that presents the new one.
+    #[error("our SVID rotated; reconnecting to present it")]
+    SvidRotated,
 }
 
-fn load_identity(cfg: &UplinkConfig) -> Result<Arc<SvidStore>, UplinkError> {
-    let read = |p: &PathBuf| {
+/// Reads an SVID and bundle from PEM files once (for tools and tests; the agent keeps its
+/// store current with a [`Watcher`](edgesync_protocol::svid_files::Watcher)).
+pub fn svid_from_files(
+    cert: &Path,
+    key: &Path,
+    bundle: &Path,
+) -> Result<Arc<SvidStore>, UplinkError> {
+    let read = |p: &Path| {
         std::fs::read(p).map_err(|e| UplinkError::Identity(format!("{}: {e}", p.display())))
     };
-    let id = Identity::from_pem(&read(&cfg.cert)?, &read(&cfg.key)?)?;
-    let bundle = TrustBundle::from_pem(&read(&cfg.bundle)?)?;
+    let id = Identity::from_pem(&read(cert)?, &read(key)?)?;
+    let bundle = TrustBundle::from_pem(&read(bundle)?)?;
     Ok(SvidStore::new(id, bundle)?)
 }
 
 /// The round-trip time assumed until one is measured (see [`client_config`]).
 pub const INITIAL_RTT: Duration = Duration::from_millis(100);
 
-/// Builds the quinn client config for `cfg` (reads the identity files).
+/// Builds the quinn client config for `cfg` (its handshakes present the store's current SVID).
 pub fn client_config(cfg: &UplinkConfig) -> Result<quinn::ClientConfig, UplinkError> {
-    let svid = load_identity(cfg)?;
-    let crypto = tls::client_config(svid, cfg.hub_id.clone())?;
+    let crypto = tls::client_config(cfg.svid.clone(), cfg.hub_id.clone())?;
     let qc = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
         .map_err(|e| UplinkError::Connect(e.to_string()))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(qc));
@@ -243,6 +251,13 @@ impl Uplink {
             }
             match &result {
                 Ok(()) => break,
+                Err(UplinkError::SvidRotated) => {
+                    tracing::info!(hub = %self.cfg.hub_address, "our SVID rotated: reconnecting at once to present it");
+                    metrics::counter!("edgesync_uplink_svid_reconnects_total").increment(1);
+                    // At once: the outbox resends what the hub had not acknowledged, and the
+                    // hub skips what it already stored.
+                    continue;
+                }
                 Err(e) => {
                     metrics::counter!("edgesync_uplink_disconnects_total").increment(1);
                     tracing::warn!(error = %e, hub = %self.cfg.hub_address, "uplink down");
@@ -342,6 +357,10 @@ impl Uplink {
         conn: &quinn::Connection,
     ) -> Result<(), UplinkError> {
         self.schemas_due.clear();
+        // This connection presents the SVID current now: only a later rotation replaces it.
+        if let Some(rx) = &mut self.cfg.svid_rotated {
+            rx.borrow_and_update();
+        }
         let (mut send, mut recv) = conn
             .open_bi()
             .await
@@ -499,6 +518,27 @@ impl Uplink {
                     if let Ok(next) = r {
                         session.handle_control_appended(next);
                     }
+                }
+                // Our SVID rotated (watch::changed is cancel-safe; never resolves without a
+                // watcher): this connection was authenticated with the previous certificate.
+                r = async {
+                    match &mut self.cfg.svid_rotated {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if r.is_err() {
+                        // The watcher stopped (shutdown): nothing to follow any more.
+                        self.cfg.svid_rotated = None;
+                        continue;
+                    }
+                    let bye = Frame { body: Some(Body::Goodbye(Goodbye { reason: "agent SVID rotated".into() })) };
+                    if let Ok(b) = frame::frame_bytes(&bye, DEFAULT_MAX_FRAME_LEN) {
+                        let _ = tokio::time::timeout(Duration::from_millis(200), send.write_all(&b)).await;
+                    }
+                    let _ = send.finish();
+                    conn.close(0u32.into(), b"svid rotated");
+                    return Err(UplinkError::SvidRotated);
                 }
                 // Session timers (keep-alive, idle, resend).
                 _ = tokio::time::sleep_until(deadline) => session.handle_timeout(self.now()),

@@ -16,6 +16,11 @@ pub const CLOSE_FORBIDDEN: u32 = 1;
 pub const CLOSE_HUB_FULL: u32 = 2;
 /// The hub is shutting down (usually to restart).
 pub const CLOSE_HUB_STOPPING: u32 = 3;
+/// The certificate the agent authenticated this connection with has expired: reconnect (with
+/// the rotated SVID).
+pub const CLOSE_CERT_EXPIRED: u32 = 4;
+/// The retry hint of a [`CLOSE_CERT_EXPIRED`] close.
+pub const CERT_EXPIRED_RETRY_WITHIN: Duration = Duration::from_secs(1);
 
 /// Longest spread a hint may ask for (a longer one is read as this).
 pub const MAX_RETRY_WITHIN: Duration = Duration::from_secs(300);

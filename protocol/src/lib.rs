@@ -31,6 +31,8 @@ pub mod frame;
 pub mod ids;
 pub mod session;
 pub mod spiffe_id;
+#[cfg(feature = "svid-files")]
+pub mod svid_files;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod value;

@@ -76,6 +76,21 @@ pub struct Identity {
     /// Leaf first, then intermediates.
     pub chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
+    /// The leaf's validity (`notBefore`, `notAfter`), in seconds since the Unix epoch.
+    validity: (u64, u64),
+}
+
+/// A certificate's validity (`notBefore`, `notAfter`) in seconds since the Unix epoch (times
+/// before 1970 count as 0).
+pub fn cert_validity(der: &CertificateDer<'_>) -> Result<(u64, u64), TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| TlsError::Svid(format!("leaf certificate: {e}")))?;
+    let v = cert.validity();
+    let secs = |t: i64| u64::try_from(t).unwrap_or(0);
+    Ok((
+        secs(v.not_before.timestamp()),
+        secs(v.not_after.timestamp()),
+    ))
 }
 
 impl Identity {
@@ -102,11 +117,29 @@ impl Identity {
             .collect();
         let svid = spiffe::X509Svid::parse_from_der(&chain_der, key.secret_der())
             .map_err(|e| TlsError::Svid(e.to_string()))?;
-        Ok(Identity {
+        let validity = cert_validity(&chain[0])?;
+        let identity = Identity {
             id: svid.spiffe_id().clone(),
             chain,
             key: Arc::new(key),
-        })
+            validity,
+        };
+        // A chain and key from different rotations (files caught mid-write) must never be
+        // presented: the handshake would fail for every peer.
+        match identity.certified_key(&provider())?.keys_match() {
+            Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(_) => {
+                return Err(TlsError::Svid(
+                    "the private key does not belong to the leaf certificate".into(),
+                ));
+            }
+        }
+        Ok(identity)
+    }
+
+    /// The leaf's validity (`notBefore`, `notAfter`), in seconds since the Unix epoch.
+    pub fn validity(&self) -> (u64, u64) {
+        self.validity
     }
 
     fn certified_key(&self, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, TlsError> {
@@ -202,6 +235,15 @@ impl SvidStore {
     /// Our current identity.
     pub fn identity(&self) -> Identity {
         self.material().identity
+    }
+
+    /// The validity of our current SVID's leaf (see [`Identity::validity`]).
+    pub fn validity(&self) -> (u64, u64) {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .identity
+            .validity
     }
 
     fn material(&self) -> Material {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use edgesync_edge::uplink::{UplinkConfig, client_config};
+use edgesync_edge::uplink::{UplinkConfig, client_config, svid_from_files};
 use edgesync_protocol::frame::{self, Body, Frame, Hello};
 
 use crate::harness::Pki;
@@ -30,9 +30,8 @@ pub fn peer_client(
     Ok(client_config(&UplinkConfig {
         hub_address: tunnel.to_owned(),
         hub_id: edgesync_protocol::spiffe_id::parse_id(&format!("spiffe://{td}/hub"))?,
-        cert,
-        key,
-        bundle: pki.bundle.clone(),
+        svid: svid_from_files(&cert, &key, &pki.bundle)?,
+        svid_rotated: None,
         connect_timeout,
         keepalive: Duration::from_secs(2),
         idle_timeout: Duration::from_secs(10),

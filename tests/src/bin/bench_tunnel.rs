@@ -36,7 +36,7 @@ use edgesync_cloud::hub::Hub;
 use edgesync_cloud::store::{DURABILITY_TARGET, HubStore};
 use edgesync_edge::agent::wall_clock;
 use edgesync_edge::store::{AgentStore, Fsync};
-use edgesync_edge::uplink::{Uplink, UplinkConfig, UplinkStatus};
+use edgesync_edge::uplink::{Uplink, UplinkConfig, UplinkStatus, svid_from_files};
 use edgesync_protocol::spiffe_id;
 use edgesync_protocol::{DeviceId, NodeId, PropertyId, Quality, Sample, Value};
 use edgesync_testkit::harness::{self, Pki, TempDir, median};
@@ -185,9 +185,8 @@ fn start_uplink(rig: &Rig, name: &str, store: AgentStore, batch: usize) -> anyho
     let cfg = UplinkConfig {
         hub_address: rig.hub.tunnel_addr.to_string(),
         hub_id: spiffe_id::parse_id(&format!("spiffe://{TD}/hub")).map_err(|e| anyhow!("{e}"))?,
-        cert,
-        key,
-        bundle: rig.pki.bundle.clone(),
+        svid: svid_from_files(&cert, &key, &rig.pki.bundle)?,
+        svid_rotated: None,
         connect_timeout: Duration::from_secs(5),
         keepalive: Duration::from_secs(1),
         idle_timeout: Duration::from_secs(10),

@@ -498,7 +498,7 @@ async fn metric_sum(api: &Api, name: &str) -> anyhow::Result<f64> {
 /// agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_from_a_peer_are_counted_and_harmless() -> anyhow::Result<()> {
-    use edgesync_edge::uplink::{UplinkConfig, client_config};
+    use edgesync_edge::uplink::{UplinkConfig, client_config, svid_from_files};
     let r = rig(1).await?;
     r.api
         .wait_for(Duration::from_secs(20), |api| async move {
@@ -510,9 +510,8 @@ async fn bad_frames_from_a_peer_are_counted_and_harmless() -> anyhow::Result<()>
     let ucfg = UplinkConfig {
         hub_address: r.tunnel.clone(),
         hub_id: edgesync_protocol::spiffe_id::parse_id(&format!("spiffe://{TD}/hub"))?,
-        cert,
-        key,
-        bundle: r.pki.bundle.clone(),
+        svid: svid_from_files(&cert, &key, &r.pki.bundle)?,
+        svid_rotated: None,
         connect_timeout: Duration::from_secs(5),
         keepalive: Duration::from_secs(1),
         idle_timeout: Duration::from_secs(5),

@@ -7,6 +7,7 @@ mod events;
 mod faults;
 mod hostile;
 mod hub_restart;
+mod identity;
 mod local;
 mod modbus;
 mod outbox;

@@ -1,0 +1,375 @@
+//! SVIDs that rotate (issue 9): the files watcher on its own, then real processes whose
+//! short-lived SVIDs rotate on disk while records flow, and a hub that ends a session whose
+//! certificate expires.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail, ensure};
+use edgesync_cloud::store::HubStore;
+use edgesync_protocol::NodeId;
+use edgesync_protocol::svid_files::{Accept, Checked, SvidFiles, Watcher};
+use edgesync_protocol::tls::Identity;
+use edgesync_testkit::harness::{self, Api, Pki, Proc, SimDevice, TempDir};
+use edgesync_testkit::pki::Svid;
+use tokio::time::Instant;
+
+use crate::support::{DEVICE, NODE, TD, audit, start_counters};
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The leaf's `notAfter` of a minted SVID, in seconds since the epoch.
+fn not_after(svid: &Svid) -> anyhow::Result<u64> {
+    let leaf = svid.leaf_der().context("no leaf")?;
+    Ok(edgesync_protocol::tls::cert_validity(leaf)?.1)
+}
+
+#[test]
+fn the_watcher_loads_consistent_rotations_only_and_keeps_the_last_good_svid() -> anyhow::Result<()>
+{
+    let tmp = TempDir::new("svid-watch")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let id = format!("spiffe://{TD}/edge/{NODE}");
+    let first = pki.ca.mint(&id, Duration::from_secs(3600))?;
+    let (cert, key) = first.write(tmp.path(), "svid")?;
+    let want = id.clone();
+    let accept: Accept = Arc::new(move |i: &Identity| {
+        if i.id.to_string() == want {
+            Ok(())
+        } else {
+            Err(format!("{} is not {want}", i.id))
+        }
+    });
+    let files = SvidFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        bundle: pki.bundle.clone(),
+    };
+    let (store, mut w) = Watcher::start(files, accept.clone())?;
+    let mut rotated = w.subscribe();
+    assert_eq!(store.validity().1, not_after(&first)?);
+    assert_eq!(w.check(), Checked::Unchanged);
+
+    // spiffe-helper style: the new chain lands before its key. Never loaded half-way.
+    let second = pki.ca.mint(&id, Duration::from_secs(7200))?;
+    std::fs::write(&cert, &second.cert_pem)?;
+    match w.check() {
+        Checked::Unusable(why) => ensure!(
+            why.contains("private key does not belong"),
+            "mismatch reported as: {why}"
+        ),
+        other => bail!("a chain with the previous key was {other:?}"),
+    }
+    assert_eq!(store.validity().1, not_after(&first)?, "the old SVID stays");
+    assert!(!rotated.has_changed()?);
+    std::fs::write(&key, &second.key_pem)?;
+    assert_eq!(w.check(), Checked::Rotated);
+    assert_eq!(store.validity().1, not_after(&second)?);
+    assert!(rotated.has_changed()?);
+    rotated.borrow_and_update();
+
+    // Another node's SVID: valid, but refused by the caller's rule, naming the file.
+    let other = pki.ca.mint(
+        &format!("spiffe://{TD}/edge/gw-2"),
+        Duration::from_secs(3600),
+    )?;
+    other.write(tmp.path(), "svid")?;
+    match w.check() {
+        Checked::Unusable(why) => ensure!(
+            why.contains("svid.pem") && why.contains("gw-2"),
+            "refusal: {why}"
+        ),
+        other => bail!("another node's SVID was {other:?}"),
+    }
+    // A missing file (mid-rename) and garbage: the last good SVID stays.
+    std::fs::remove_file(&key)?;
+    assert!(matches!(w.check(), Checked::Unusable(why) if why.contains("svid.key.pem")));
+    std::fs::write(&key, b"not a key")?;
+    assert!(matches!(w.check(), Checked::Unusable(_)));
+    assert_eq!(store.validity().1, not_after(&second)?);
+    assert_eq!(store.id().to_string(), id);
+    assert!(!rotated.has_changed()?);
+
+    // A bundle rotation alone (a new CA) is picked up too, with a consistent SVID.
+    let pki2 = Pki::new(&tmp.path().join("pki2"), TD)?;
+    let third = pki2.ca.mint(&id, Duration::from_secs(3600))?;
+    third.write(tmp.path(), "svid")?;
+    std::fs::copy(&pki2.bundle, &pki.bundle)?;
+    assert_eq!(w.check(), Checked::Rotated);
+    assert_eq!(store.validity().1, not_after(&third)?);
+
+    // The first load refuses what a rotation would refuse, naming the file.
+    let bad = SvidFiles {
+        cert: cert.clone(),
+        key: tmp.path().join("missing.key.pem"),
+        bundle: pki.bundle.clone(),
+    };
+    let e = Watcher::start(bad, accept)
+        .err()
+        .context("a missing key loads")?;
+    ensure!(e.to_string().contains("missing.key.pem"), "{e}");
+    Ok(())
+}
+
+/// A hub process whose SVID is `svid` (written as `hub.pem` / `hub.key.pem` in `dir`).
+async fn start_hub(
+    dir: &std::path::Path,
+    pki: &Pki,
+    svid: &Svid,
+) -> anyhow::Result<(Proc, Api, String)> {
+    let (cert, key) = svid.write(dir, "hub")?;
+    let cfg = harness::hub_toml(
+        dir,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        TD,
+        &cert,
+        &key,
+        &pki.bundle,
+        None,
+    )?;
+    let hub = Proc::spawn_env(
+        &harness::bin("edgesync-hub")?,
+        &["run", "--config", &cfg.display().to_string()],
+        &dir.join("hub.log"),
+        Some("edgesync-hub listening"),
+        &[],
+    )
+    .await?;
+    let (tunnel, http) = harness::hub_addrs(hub.ready_line.as_deref().unwrap_or_default())?;
+    Ok((hub, Api::new(&http), tunnel))
+}
+
+async fn start_agent(
+    dir: &std::path::Path,
+    pki: &Pki,
+    tunnel: &str,
+    plc: &str,
+) -> anyhow::Result<Proc> {
+    let cfg = harness::agent_toml(
+        dir,
+        tunnel,
+        TD,
+        &dir.join("agent.pem"),
+        &dir.join("agent.key.pem"),
+        &pki.bundle,
+        &[SimDevice {
+            id: DEVICE.into(),
+            endpoint: plc.to_owned(),
+            unit: 1,
+            counters: 4,
+            poll_ms: 50,
+        }],
+        "",
+    )?;
+    Proc::spawn(
+        &harness::bin("edgesync-agent")?,
+        &["run", "--config", &cfg.display().to_string()],
+        &dir.join("agent.log"),
+        None,
+    )
+    .await
+}
+
+/// The node's status from the hub's API.
+async fn node_status(api: &Api) -> anyhow::Result<Option<serde_json::Value>> {
+    let (status, n) = api.get(&format!("/api/v1/nodes/{NODE}")).await?;
+    Ok((status == 200).then_some(n))
+}
+
+/// Waits until the hub stored records beyond `seq` over a live session; returns the new seq.
+async fn flowing_past(api: &Api, seq: u64, within: Duration) -> anyhow::Result<u64> {
+    api.wait_for(within, move |api| async move {
+        Ok(node_status(&api).await?.and_then(|n| {
+            let s = n["uplink_seq"].as_u64()?;
+            (n["connected"] == true && s > seq).then_some(s)
+        }))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_lived_svids_rotated_on_disk_keep_both_ends_connected_past_their_expiry()
+-> anyhow::Result<()> {
+    // Built first (once per test process): the SVIDs below live for seconds.
+    harness::bin("edgesync-hub")?;
+    harness::bin("edgesync-agent")?;
+    let tmp = TempDir::new("svid-rotation")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let sim = edgesync_testkit::sim::SimHandle::start(
+        "127.0.0.1:0".parse()?,
+        edgesync_testkit::sim::SimConfig::with_units([1]),
+    )
+    .await?;
+    let scripts = start_counters(&sim, 4)?;
+    let hub_id = format!("spiffe://{TD}/hub");
+    let node_id = format!("spiffe://{TD}/edge/{NODE}");
+    // Both SVIDs expire 12 s from now; the CA's rotation replaces them after 4 s.
+    let life = Duration::from_secs(12);
+    let hub_old = pki.ca.mint(&hub_id, life)?;
+    let agent_old = pki.ca.mint(&node_id, life)?;
+    let expiry = not_after(&hub_old)?.max(not_after(&agent_old)?);
+    let (hub, api, tunnel) = start_hub(tmp.path(), &pki, &hub_old).await?;
+    let dir = tmp.path().join(NODE);
+    std::fs::create_dir_all(&dir)?;
+    agent_old.write(&dir, "agent")?;
+    let agent = start_agent(&dir, &pki, &tunnel, &sim.local_addr().to_string()).await?;
+    let logs = |agent: &Proc| {
+        format!(
+            "--- agent ---\n{}\n--- hub ---\n{}",
+            agent.log_text(),
+            std::fs::read_to_string(tmp.path().join("hub.log")).unwrap_or_default()
+        )
+    };
+    let seq = flowing_past(&api, 0, Duration::from_secs(30))
+        .await
+        .with_context(|| logs(&agent))?;
+    let first = node_status(&api).await?.context("node status")?;
+    ensure!(
+        first["svid_expires_ms"].as_u64() == Some(not_after(&agent_old)? * 1000),
+        "node status shows the agent's certificate expiry: {first}"
+    );
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Rotation, written the way spiffe-helper does: one file after the other.
+    let hub_new = pki.ca.mint(&hub_id, Duration::from_secs(3600))?;
+    let agent_new = pki.ca.mint(&node_id, Duration::from_secs(3600))?;
+    std::fs::write(tmp.path().join("hub.pem"), &hub_new.cert_pem)?;
+    std::fs::write(dir.join("agent.pem"), &agent_new.cert_pem)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(tmp.path().join("hub.key.pem"), &hub_new.key_pem)?;
+    std::fs::write(dir.join("agent.key.pem"), &agent_new.key_pem)?;
+
+    // The agent reconnects with its new SVID (the hub shows the new expiry) and values flow.
+    let want = not_after(&agent_new)? * 1000;
+    api.wait_for(Duration::from_secs(15), move |api| async move {
+        Ok(node_status(&api)
+            .await?
+            .filter(|n| n["connected"] == true && n["svid_expires_ms"].as_u64() == Some(want)))
+    })
+    .await
+    .with_context(|| format!("the agent presents its rotated SVID\n{}", logs(&agent)))?;
+
+    // Past the old certificates' expiry: still connected, values still flowing.
+    let wait = (expiry + 2).saturating_sub(unix_now());
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    let seq = flowing_past(&api, seq, Duration::from_secs(10))
+        .await
+        .with_context(|| format!("values flow past the old expiry\n{}", logs(&agent)))?;
+    // A fresh connection after the hub's first certificate expired: it presents the new one.
+    agent.kill9().await?;
+    let agent = start_agent(&dir, &pki, &tunnel, &sim.local_addr().to_string()).await?;
+    let seq = flowing_past(&api, seq, Duration::from_secs(15))
+        .await
+        .with_context(|| {
+            format!(
+                "a new agent process connects to the rotated hub\n{}",
+                logs(&agent)
+            )
+        })?;
+
+    // Nothing lost, nothing duplicated across the reconnects.
+    for s in &scripts {
+        sim.remove_script(*s);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let last = flowing_past(&api, seq, Duration::from_secs(10))
+        .await
+        .unwrap_or(seq);
+    let agent_log = agent.log_text();
+    ensure!(agent.terminate().await?, "agent exits 0\n{agent_log}");
+    let hub_log = std::fs::read_to_string(tmp.path().join("hub.log"))?;
+    ensure!(hub.terminate().await?, "hub exits 0\n{hub_log}");
+    ensure!(
+        hub_log.contains("SVID rotated"),
+        "the hub logs its rotation\n{hub_log}"
+    );
+    let store = HubStore::open(&tmp.path().join("hubdata").join("hub.sled"), 1 << 20)?;
+    let a = audit(&store, true).with_context(|| format!("{agent_log}\n{hub_log}"))?;
+    ensure!(a.gaps.is_empty(), "gaps {:?}", a.gaps);
+    ensure!(
+        store.stored_seq(&NodeId::new(NODE)?)? >= last,
+        "the hub kept what it acknowledged"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_ends_a_session_when_the_agents_certificate_expires() -> anyhow::Result<()> {
+    harness::bin("edgesync-hub")?;
+    harness::bin("edgesync-agent")?;
+    let tmp = TempDir::new("svid-expiry")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let sim = edgesync_testkit::sim::SimHandle::start(
+        "127.0.0.1:0".parse()?,
+        edgesync_testkit::sim::SimConfig::with_units([1]),
+    )
+    .await?;
+    let _scripts = start_counters(&sim, 4)?;
+    let hub_svid = pki
+        .ca
+        .mint(&format!("spiffe://{TD}/hub"), Duration::from_secs(3600))?;
+    let (hub, api, tunnel) = start_hub(tmp.path(), &pki, &hub_svid).await?;
+    let dir = tmp.path().join(NODE);
+    std::fs::create_dir_all(&dir)?;
+    // Never rotated.
+    let agent_svid = pki.ca.mint(
+        &format!("spiffe://{TD}/edge/{NODE}"),
+        Duration::from_secs(6),
+    )?;
+    agent_svid.write(&dir, "agent")?;
+    let expires = not_after(&agent_svid)?;
+    let agent = start_agent(&dir, &pki, &tunnel, &sim.local_addr().to_string()).await?;
+    let logs = |agent: &Proc| {
+        format!(
+            "--- agent ---\n{}\n--- hub ---\n{}",
+            agent.log_text(),
+            std::fs::read_to_string(tmp.path().join("hub.log")).unwrap_or_default()
+        )
+    };
+    flowing_past(&api, 0, Duration::from_secs(30))
+        .await
+        .with_context(|| logs(&agent))?;
+    ensure!(
+        unix_now() < expires,
+        "the session came up before the expiry"
+    );
+    // Within a few seconds of the expiry the session is gone and stays gone (the agent's
+    // attempts with its expired certificate are refused).
+    let deadline = Instant::now() + Duration::from_secs(expires.saturating_sub(unix_now()) + 5);
+    loop {
+        let n = node_status(&api).await?.context("node status")?;
+        if n["connected"] == false && unix_now() >= expires {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "still connected after the certificate expired: {n}\n{}",
+            logs(&agent)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let n = node_status(&api).await?.context("node status")?;
+    ensure!(
+        n["connected"] == false,
+        "reconnected with an expired certificate: {n}"
+    );
+    let hub_log = std::fs::read_to_string(tmp.path().join("hub.log"))?;
+    ensure!(
+        hub_log.contains("certificate expired"),
+        "the hub says why it ended the session\n{hub_log}"
+    );
+    let agent_log = harness::strip_ansi(&agent.log_text());
+    ensure!(
+        agent_log.contains("our SVID has expired and was not rotated"),
+        "the agent says its SVID expired\n{agent_log}"
+    );
+    drop(agent);
+    drop(hub);
+    Ok(())
+}
