@@ -9,6 +9,9 @@
 //!   form `spiffe://<td>/edge/<node>`, so a foreign trust domain or a non-edge path fails the
 //!   handshake. [`peer_node`] then takes the node id from the verified certificate.
 //!
+//! Both verifiers also apply the X.509-SVID rules for a leaf that webpki leaves out (key usage
+//! `digitalSignature`, no `keyCertSign` or `cRLSign`, not a CA).
+//!
 //! Both sides hold their SVID and bundle in [`SvidStore`]s, which a driver can update when the
 //! files rotate: new handshakes use the new material.
 
@@ -295,6 +298,34 @@ fn webpki_error(e: webpki::Error) -> rustls::Error {
 #[error("certificate rejected: {0}")]
 struct WebpkiError(String);
 
+/// The rules of the X.509-SVID specification for a leaf that webpki does not check: a key
+/// usage extension with `digitalSignature` and without `keyCertSign` or `cRLSign`, and not a CA.
+fn check_svid_leaf(end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    let refuse = |why: String| cert_error(WebpkiError(format!("not an X.509-SVID leaf: {why}")));
+    let (_, cert) = x509_parser::parse_x509_certificate(end_entity.as_ref())
+        .map_err(|e| refuse(e.to_string()))?;
+    match cert.key_usage() {
+        Ok(Some(ku)) => {
+            let k = ku.value;
+            if !k.digital_signature() {
+                return Err(refuse("its key usage lacks digitalSignature".into()));
+            }
+            if k.key_cert_sign() || k.crl_sign() {
+                return Err(refuse(
+                    "its key usage allows signing certificates or CRLs".into(),
+                ));
+            }
+        }
+        Ok(None) => return Err(refuse("it has no key usage extension".into())),
+        Err(e) => return Err(refuse(format!("key usage: {e}"))),
+    }
+    match cert.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => Err(refuse("it is a CA certificate".into())),
+        Ok(_) => Ok(()),
+        Err(e) => Err(refuse(format!("basic constraints: {e}"))),
+    }
+}
+
 fn verify_chain(
     algs: &WebPkiSupportedAlgorithms,
     bundle: &TrustBundle,
@@ -314,6 +345,7 @@ fn verify_chain(
         None,
     )
     .map_err(webpki_error)?;
+    check_svid_leaf(end_entity)?;
     spiffe::cert::spiffe_id_from_der(end_entity.as_ref()).map_err(cert_error)
 }
 

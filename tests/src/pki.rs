@@ -230,6 +230,27 @@ impl TestCa {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> anyhow::Result<Svid> {
+        self.mint_with_key_usages(
+            spiffe_id,
+            not_before,
+            not_after,
+            vec![KeyUsagePurpose::DigitalSignature],
+        )
+    }
+
+    /// [`mint_with_validity`](Self::mint_with_validity) with the leaf's key usages given (an
+    /// X.509-SVID leaf must have exactly `DigitalSignature` among the signing ones; tests mint
+    /// leaves that break the rule).
+    ///
+    /// # Errors
+    /// As [`mint_with_validity`](Self::mint_with_validity).
+    pub fn mint_with_key_usages(
+        &self,
+        spiffe_id: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+        key_usages: Vec<KeyUsagePurpose>,
+    ) -> anyhow::Result<Svid> {
         ensure!(!spiffe_id.is_empty(), "the SPIFFE ID is empty");
         let uri = Ia5String::try_from(spiffe_id)
             .with_context(|| format!("{spiffe_id:?} is not an ASCII URI"))?;
@@ -242,7 +263,7 @@ impl TestCa {
             .push(DnType::OrganizationName, "edgesync test");
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.key_usages = key_usages;
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,

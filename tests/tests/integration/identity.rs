@@ -373,3 +373,154 @@ async fn the_hub_ends_a_session_when_the_agents_certificate_expires() -> anyhow:
     drop(hub);
     Ok(())
 }
+
+/// Accepts any server certificate (the test's hostile agent does not care who the hub is).
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Runs a TLS handshake in memory; the first error either side reports.
+fn handshake(client: rustls::ClientConfig, server: rustls::ServerConfig) -> Result<(), String> {
+    let name =
+        rustls::pki_types::ServerName::try_from("edgesync-hub").map_err(|e| e.to_string())?;
+    let mut c = rustls::ClientConnection::new(Arc::new(client), name).map_err(|e| e.to_string())?;
+    let mut s = rustls::ServerConnection::new(Arc::new(server)).map_err(|e| e.to_string())?;
+    for _ in 0..16 {
+        let mut buf = vec![];
+        c.write_tls(&mut buf).map_err(|e| e.to_string())?;
+        if !buf.is_empty() {
+            s.read_tls(&mut &buf[..]).map_err(|e| e.to_string())?;
+            s.process_new_packets().map_err(|e| format!("hub: {e}"))?;
+        }
+        buf.clear();
+        s.write_tls(&mut buf).map_err(|e| e.to_string())?;
+        if !buf.is_empty() {
+            c.read_tls(&mut &buf[..]).map_err(|e| e.to_string())?;
+            c.process_new_packets().map_err(|e| format!("agent: {e}"))?;
+        }
+        if !c.is_handshaking() && !s.is_handshaking() && buf.is_empty() {
+            return Ok(());
+        }
+    }
+    Err("the handshake did not finish".into())
+}
+
+#[test]
+fn leaves_that_break_the_x509_svid_key_usage_rules_are_refused_by_both_ends() -> anyhow::Result<()>
+{
+    use edgesync_protocol::tls::{SvidStore, TrustBundle, client_config, server_config};
+    use rcgen::KeyUsagePurpose as Ku;
+    let tmp = TempDir::new("svid-ku")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let provider = edgesync_protocol::tls::provider();
+    let td = edgesync_protocol::spiffe_id::trust_domain(TD)?;
+    let hub_id = edgesync_protocol::spiffe_id::parse_id(&format!("spiffe://{TD}/hub"))?;
+    let bundle = || TrustBundle::from_pem(pki.ca.bundle_pem().as_bytes());
+    let store = |s: &Svid| -> anyhow::Result<Arc<SvidStore>> {
+        Ok(SvidStore::new(
+            Identity::from_pem(s.cert_pem.as_bytes(), s.key_pem.as_bytes())?,
+            bundle()?,
+        )?)
+    };
+    let now = SystemTime::now();
+    let (from, until) = (
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(3600),
+    );
+    let good_hub = pki
+        .ca
+        .mint(hub_id.to_string().as_str(), Duration::from_secs(3600))?;
+    let good_agent = pki.ca.mint(
+        &format!("spiffe://{TD}/edge/{NODE}"),
+        Duration::from_secs(3600),
+    )?;
+    let hub_cfg = || server_config(store(&good_hub)?, td.clone()).map_err(anyhow::Error::from);
+    // Both ends well-formed: the handshake completes.
+    handshake(
+        client_config(store(&good_agent)?, hub_id.clone())?,
+        hub_cfg()?,
+    )
+    .map_err(|e| anyhow::anyhow!("good SVIDs: {e}"))?;
+
+    for (what, usages) in [
+        ("no digitalSignature", vec![Ku::KeyEncipherment]),
+        ("keyCertSign", vec![Ku::DigitalSignature, Ku::KeyCertSign]),
+        ("cRLSign", vec![Ku::DigitalSignature, Ku::CrlSign]),
+        ("no key usage extension", vec![]),
+    ] {
+        // An agent presenting such a leaf (its own checks bypassed): the hub refuses it.
+        let bad = pki.ca.mint_with_key_usages(
+            &format!("spiffe://{TD}/edge/{NODE}"),
+            from,
+            until,
+            usages.clone(),
+        )?;
+        let agent = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(provider.clone())))
+            .with_client_auth_cert(bad.chain_der.clone(), bad.private_key_der())?;
+        let mut agent = agent;
+        agent.alpn_protocols = vec![edgesync_protocol::tls::ALPN.to_vec()];
+        let e = handshake(agent, hub_cfg()?)
+            .err()
+            .with_context(|| format!("the hub accepted an agent leaf with {what}"))?;
+        ensure!(
+            e.starts_with("hub:") && e.contains("not an X.509-SVID leaf"),
+            "{what}: {e}"
+        );
+        // A hub presenting such a leaf: the agent refuses it.
+        let bad_hub = pki
+            .ca
+            .mint_with_key_usages(&hub_id.to_string(), from, until, usages)?;
+        let mut hub = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(bad_hub.chain_der.clone(), bad_hub.private_key_der())?;
+        hub.alpn_protocols = vec![edgesync_protocol::tls::ALPN.to_vec()];
+        let e = handshake(client_config(store(&good_agent)?, hub_id.clone())?, hub)
+            .err()
+            .with_context(|| format!("the agent accepted a hub leaf with {what}"))?;
+        ensure!(
+            e.starts_with("agent:") && e.contains("not an X.509-SVID leaf"),
+            "{what}: {e}"
+        );
+        // Our own SVID files with such a leaf are refused at load.
+        ensure!(
+            Identity::from_pem(bad.cert_pem.as_bytes(), bad.key_pem.as_bytes()).is_err(),
+            "{what}: loaded as our own SVID"
+        );
+    }
+    Ok(())
+}
