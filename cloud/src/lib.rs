@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod config;
+pub mod devca;
 pub mod events;
 pub mod http;
 pub mod hub;

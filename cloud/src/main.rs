@@ -30,6 +30,23 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Create a throwaway trust-domain CA and SVIDs for the hub and some nodes, as PEM files,
+    /// for trying edgesync without SPIRE. NOT FOR PRODUCTION: the keys are written in the
+    /// clear, nothing rotates the SVIDs, nobody attests who gets one.
+    DevCa {
+        /// Directory to write into (created if missing; existing files are never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The trust domain, e.g. example.org.
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+        /// A node to issue an SVID for (`spiffe://<trust_domain>/edge/<node>`); repeat for more.
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+        /// How long the SVIDs are valid, in hours.
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=87_600))]
+        valid_hours: u64,
+    },
 }
 
 fn options(cfg: &HubConfig) -> HubOptions {
@@ -75,6 +92,31 @@ fn main() -> ExitCode {
             }
             Err(errors) => {
                 eprint!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::DevCa {
+            dir,
+            trust_domain,
+            nodes,
+            valid_hours,
+        } => match edgesync_cloud::devca::write_dev_pki(
+            &dir,
+            &trust_domain,
+            &nodes,
+            std::time::Duration::from_secs(valid_hours * 3600),
+        ) {
+            Ok(written) => {
+                eprintln!(
+                    "NOT FOR PRODUCTION: a throwaway CA for {trust_domain}; its SVIDs expire in {valid_hours} h and nothing rotates them"
+                );
+                for p in written {
+                    println!("{}", p.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dev-ca: {e:#}");
                 ExitCode::FAILURE
             }
         },

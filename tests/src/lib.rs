@@ -8,6 +8,10 @@
 pub mod fleet;
 pub mod harness;
 pub mod hostile;
-pub mod pki;
+/// SVID minting: the hub's development CA ([`edgesync_cloud::devca`]), under the names the tests
+/// use.
+pub mod pki {
+    pub use edgesync_cloud::devca::{DevCa as TestCa, Svid};
+}
 pub mod sim;
 pub mod udp_proxy;

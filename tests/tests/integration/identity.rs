@@ -146,7 +146,7 @@ async fn start_hub(
 
 async fn start_agent(
     dir: &std::path::Path,
-    pki: &Pki,
+    bundle: &std::path::Path,
     tunnel: &str,
     plc: &str,
 ) -> anyhow::Result<Proc> {
@@ -156,7 +156,7 @@ async fn start_agent(
         TD,
         &dir.join("agent.pem"),
         &dir.join("agent.key.pem"),
-        &pki.bundle,
+        bundle,
         &[SimDevice {
             id: DEVICE.into(),
             endpoint: plc.to_owned(),
@@ -217,7 +217,7 @@ async fn short_lived_svids_rotated_on_disk_keep_both_ends_connected_past_their_e
     let dir = tmp.path().join(NODE);
     std::fs::create_dir_all(&dir)?;
     agent_old.write(&dir, "agent")?;
-    let agent = start_agent(&dir, &pki, &tunnel, &sim.local_addr().to_string()).await?;
+    let agent = start_agent(&dir, &pki.bundle, &tunnel, &sim.local_addr().to_string()).await?;
     let logs = |agent: &Proc| {
         format!(
             "--- agent ---\n{}\n--- hub ---\n{}",
@@ -262,7 +262,7 @@ async fn short_lived_svids_rotated_on_disk_keep_both_ends_connected_past_their_e
         .with_context(|| format!("values flow past the old expiry\n{}", logs(&agent)))?;
     // A fresh connection after the hub's first certificate expired: it presents the new one.
     agent.kill9().await?;
-    let agent = start_agent(&dir, &pki, &tunnel, &sim.local_addr().to_string()).await?;
+    let agent = start_agent(&dir, &pki.bundle, &tunnel, &sim.local_addr().to_string()).await?;
     let seq = flowing_past(&api, seq, Duration::from_secs(15))
         .await
         .with_context(|| {
@@ -323,7 +323,7 @@ async fn the_hub_ends_a_session_when_the_agents_certificate_expires() -> anyhow:
     )?;
     agent_svid.write(&dir, "agent")?;
     let expires = not_after(&agent_svid)?;
-    let agent = start_agent(&dir, &pki, &tunnel, &sim.local_addr().to_string()).await?;
+    let agent = start_agent(&dir, &pki.bundle, &tunnel, &sim.local_addr().to_string()).await?;
     let logs = |agent: &Proc| {
         format!(
             "--- agent ---\n{}\n--- hub ---\n{}",
@@ -522,5 +522,100 @@ fn leaves_that_break_the_x509_svid_key_usage_rules_are_refused_by_both_ends() ->
             "{what}: loaded as our own SVID"
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_ca_files_let_a_hub_and_an_agent_connect_and_are_never_overwritten()
+-> anyhow::Result<()> {
+    let hub_bin = harness::bin("edgesync-hub")?;
+    let tmp = TempDir::new("dev-ca")?;
+    let pki_dir = tmp.path().join("pki");
+    let run = |args: &[&str]| {
+        std::process::Command::new(&hub_bin)
+            .arg("dev-ca")
+            .args(args)
+            .output()
+    };
+    let dir_arg = pki_dir.display().to_string();
+    let out = run(&["--dir", &dir_arg, "--trust-domain", TD, "--node", NODE])?;
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    ensure!(out.status.success(), "dev-ca failed: {stderr}");
+    ensure!(
+        stderr.contains("NOT FOR PRODUCTION"),
+        "the warning: {stderr}"
+    );
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    for f in [
+        "bundle.pem",
+        "hub.pem",
+        "hub.key.pem",
+        "gw-1.pem",
+        "gw-1.key.pem",
+    ] {
+        ensure!(pki_dir.join(f).is_file(), "{f} written");
+        ensure!(listed.contains(f), "{f} listed: {listed}");
+    }
+    // Never overwritten, and bad input named.
+    let before = std::fs::read(pki_dir.join("hub.key.pem"))?;
+    for (args, want) in [
+        (vec!["--node", "gw-9"], "bundle.pem: exists already"),
+        (vec!["--node", "bad/id"], "node \"bad/id\""),
+        (vec!["--node", "gw-2", "--node", "gw-2"], "given twice"),
+        (vec!["--node", "hub"], "taken"),
+    ] {
+        let mut a = vec!["--dir", dir_arg.as_str()];
+        a.extend(args);
+        let out = run(&a)?;
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        ensure!(!out.status.success() && err.contains(want), "{a:?}: {err}");
+    }
+    ensure!(
+        std::fs::read(pki_dir.join("hub.key.pem"))? == before,
+        "hub key untouched"
+    );
+
+    // A hub and an agent on those files connect.
+    let cfg = harness::hub_toml(
+        tmp.path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        TD,
+        &pki_dir.join("hub.pem"),
+        &pki_dir.join("hub.key.pem"),
+        &pki_dir.join("bundle.pem"),
+        None,
+    )?;
+    let hub = Proc::spawn_env(
+        &hub_bin,
+        &["run", "--config", &cfg.display().to_string()],
+        &tmp.path().join("hub.log"),
+        Some("edgesync-hub listening"),
+        &[],
+    )
+    .await?;
+    let (tunnel, http) = harness::hub_addrs(hub.ready_line.as_deref().unwrap_or_default())?;
+    let api = Api::new(&http);
+    let sim = edgesync_testkit::sim::SimHandle::start(
+        "127.0.0.1:0".parse()?,
+        edgesync_testkit::sim::SimConfig::with_units([1]),
+    )
+    .await?;
+    let dir = tmp.path().join(NODE);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(pki_dir.join("gw-1.pem"), dir.join("agent.pem"))?;
+    std::fs::copy(pki_dir.join("gw-1.key.pem"), dir.join("agent.key.pem"))?;
+    let agent = start_agent(
+        &dir,
+        &pki_dir.join("bundle.pem"),
+        &tunnel,
+        &sim.local_addr().to_string(),
+    )
+    .await?;
+    flowing_past(&api, 0, Duration::from_secs(30))
+        .await
+        .with_context(|| agent.log_text())?;
+    drop(agent);
+    drop(hub);
     Ok(())
 }

@@ -1,13 +1,15 @@
-//! Throwaway SPIFFE trust-domain CAs and X.509-SVIDs for tests.
+//! A throwaway SPIFFE trust-domain CA and X.509-SVIDs, for trying edgesync without SPIRE
+//! (`edgesync-hub dev-ca`) and for the tests. **Not for production**: keys are generated and
+//! written in the clear, nothing rotates them, and nobody attests who gets an SVID.
 //!
-//! [`TestCa::new`] creates a self-signed root for a trust domain (ECDSA P-256, URI SAN
-//! `spiffe://<trust-domain>`, basic constraints CA, key usage cert-sign). [`TestCa::mint`]
+//! [`DevCa::new`] creates a self-signed root for a trust domain (ECDSA P-256, URI SAN
+//! `spiffe://<trust-domain>`, basic constraints CA, key usage cert-sign). [`DevCa::mint`]
 //! issues leaf X.509-SVIDs as the SPIFFE X.509-SVID specification describes them: exactly one
 //! URI SAN (the SPIFFE ID), key usage digitalSignature, extended key usage serverAuth and
-//! clientAuth, basic constraints not a CA. [`TestCa::intermediate`] adds a signing CA below
+//! clientAuth, basic constraints not a CA. [`DevCa::intermediate`] adds a signing CA below
 //! the root, whose SVIDs carry it as a chain certificate.
 //!
-//! [`Svid::write`] and [`TestCa::write_bundle`] lay the material out as spiffe-helper does:
+//! [`Svid::write`] and [`DevCa::write_bundle`] lay the material out as spiffe-helper does:
 //! `<name>.pem` (leaf then intermediates), `<name>.key.pem` (PKCS#8) and `bundle.pem`.
 
 use std::{
@@ -24,17 +26,17 @@ use rcgen::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-/// How far back from "now" [`TestCa::mint`] starts validity, to tolerate clock skew.
+/// How far back from "now" [`DevCa::mint`] starts validity, to tolerate clock skew.
 const BACKDATE: Duration = Duration::from_secs(60);
 
-/// Validity of CA certificates created by [`TestCa::new`] and [`TestCa::intermediate`].
+/// Validity of CA certificates created by [`DevCa::new`] and [`DevCa::intermediate`].
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Latest time an X.509 certificate can express: 9999-12-31T23:59:59Z.
 const MAX_X509_UNIX_SECS: u64 = 253_402_300_799;
 
 /// A CA of a SPIFFE trust domain that signs X.509-SVIDs. Root or intermediate.
-pub struct TestCa {
+pub struct DevCa {
     trust_domain: String,
     issuer: Issuer<'static, KeyPair>,
     /// This CA's own certificate.
@@ -50,9 +52,9 @@ pub struct TestCa {
     root_der: CertificateDer<'static>,
 }
 
-impl std::fmt::Debug for TestCa {
+impl std::fmt::Debug for DevCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestCa")
+        f.debug_struct("DevCa")
             .field("trust_domain", &self.trust_domain)
             .field("intermediates", &self.chain.len())
             .finish_non_exhaustive()
@@ -104,14 +106,14 @@ impl Svid {
     }
 }
 
-impl TestCa {
+impl DevCa {
     /// A new self-signed root CA for `trust_domain` (e.g. `example.org`), valid for ten years
     /// from one minute ago.
     ///
     /// # Errors
     /// The trust domain is not a valid SPIFFE trust domain name, or certificate generation
     /// failed.
-    pub fn new(trust_domain: &str) -> anyhow::Result<TestCa> {
+    pub fn new(trust_domain: &str) -> anyhow::Result<DevCa> {
         validate_trust_domain(trust_domain)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generate CA key")?;
         let params = ca_params(trust_domain, "root")?;
@@ -120,7 +122,7 @@ impl TestCa {
             .context("self-sign CA certificate")?;
         let cert_der = cert.der().clone();
         let cert_pem = cert.pem();
-        Ok(TestCa {
+        Ok(DevCa {
             trust_domain: trust_domain.to_owned(),
             issuer: Issuer::new(params, key),
             root_pem: cert_pem.clone(),
@@ -136,7 +138,7 @@ impl TestCa {
     ///
     /// # Errors
     /// Certificate generation failed.
-    pub fn intermediate(&self) -> anyhow::Result<TestCa> {
+    pub fn intermediate(&self) -> anyhow::Result<DevCa> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generate CA key")?;
         let level = format!("intermediate {}", self.chain.len() + 1);
         let params = ca_params(&self.trust_domain, &level)?;
@@ -147,7 +149,7 @@ impl TestCa {
         let cert_pem = cert.pem();
         let mut chain = vec![(cert_der.clone(), cert_pem.clone())];
         chain.extend(self.chain.iter().cloned());
-        Ok(TestCa {
+        Ok(DevCa {
             trust_domain: self.trust_domain.clone(),
             issuer: Issuer::new(params, key),
             cert_der,
@@ -194,7 +196,7 @@ impl TestCa {
         &self.root_der
     }
 
-    /// Write [`TestCa::bundle_pem`] to `<dir>/bundle.pem` and return the path.
+    /// Write [`DevCa::bundle_pem`] to `<dir>/bundle.pem` and return the path.
     ///
     /// # Errors
     /// The file cannot be written.
@@ -332,6 +334,58 @@ fn validate_trust_domain(trust_domain: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `edgesync-hub dev-ca` writes into `dir` (created if missing): `bundle.pem` (a new CA
+/// of `trust_domain`), `hub.pem` / `hub.key.pem` (`spiffe://<trust_domain>/hub`) and, per node,
+/// `<node>.pem` / `<node>.key.pem` (`spiffe://<trust_domain>/edge/<node>`), the SVIDs valid for
+/// `lifetime`. Returns the paths written. Never overwrites a file: every name is checked before
+/// anything is written.
+///
+/// # Errors
+/// A bad trust domain or node id (named), a node given twice or named `hub` or `bundle`, a file that
+/// exists already, or a write that failed.
+pub fn write_dev_pki(
+    dir: &Path,
+    trust_domain: &str,
+    nodes: &[String],
+    lifetime: Duration,
+) -> anyhow::Result<Vec<PathBuf>> {
+    validate_trust_domain(trust_domain)?;
+    let mut names: Vec<String> = ["bundle.pem", "hub.pem", "hub.key.pem"]
+        .map(String::from)
+        .to_vec();
+    let mut seen = std::collections::BTreeSet::new();
+    for node in nodes {
+        edgesync_protocol::NodeId::new(node).with_context(|| format!("node {node:?}"))?;
+        ensure!(
+            node != "hub" && node != "bundle",
+            "node {node:?}: that name is taken by the hub's or the bundle's files"
+        );
+        ensure!(seen.insert(node.as_str()), "node {node:?} is given twice");
+        names.push(format!("{node}.pem"));
+        names.push(format!("{node}.key.pem"));
+    }
+    for name in &names {
+        let p = dir.join(name);
+        ensure!(
+            !p.exists(),
+            "{}: exists already; dev-ca never overwrites a file (choose an empty directory)",
+            p.display()
+        );
+    }
+    fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    let ca = DevCa::new(trust_domain)?;
+    let mut written = vec![ca.write_bundle(dir)?];
+    let (c, k) = ca.mint(&ca.id("/hub"), lifetime)?.write(dir, "hub")?;
+    written.extend([c, k]);
+    for node in nodes {
+        let (c, k) = ca
+            .mint(&ca.id(&format!("/edge/{node}")), lifetime)?
+            .write(dir, node)?;
+        written.extend([c, k]);
+    }
+    Ok(written)
+}
+
 /// Set the validity of `params`, for times X.509 can express (1970 to 9999).
 fn set_validity(
     params: &mut CertificateParams,
@@ -433,7 +487,7 @@ mod tests {
 
     #[test]
     fn ca_is_a_spiffe_trust_domain_root() {
-        let ca = TestCa::new("example.org").unwrap();
+        let ca = DevCa::new("example.org").unwrap();
         let (_, cert) = X509Certificate::from_der(ca.bundle_der()).unwrap();
         assert_eq!(uri_sans(&cert), vec!["spiffe://example.org".to_owned()]);
         assert!(cert.is_ca());
@@ -447,14 +501,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_trust_domains() {
-        assert!(TestCa::new("").is_err());
-        assert!(TestCa::new("Example.org").is_err());
-        assert!(TestCa::new("example.org/path").is_err());
+        assert!(DevCa::new("").is_err());
+        assert!(DevCa::new("Example.org").is_err());
+        assert!(DevCa::new("example.org/path").is_err());
     }
 
     #[test]
     fn minted_svid_has_the_spiffe_shape_and_chains_to_the_root() {
-        let ca = TestCa::new("example.org").unwrap();
+        let ca = DevCa::new("example.org").unwrap();
         let id = ca.id("/edge/node-1");
         let svid = ca.mint(&id, DAY).unwrap();
         assert_eq!(svid.spiffe_id, id);
@@ -499,7 +553,7 @@ mod tests {
 
     #[test]
     fn expired_and_not_yet_valid_svids_fail_verification() {
-        let ca = TestCa::new("example.org").unwrap();
+        let ca = DevCa::new("example.org").unwrap();
         let now = SystemTime::now();
         let expired = ca
             .mint_with_validity(&ca.id("/edge/old"), now - 2 * DAY, now - DAY)
@@ -524,8 +578,8 @@ mod tests {
 
     #[test]
     fn svid_from_another_trust_domain_does_not_chain() {
-        let ca = TestCa::new("example.org").unwrap();
-        let other = TestCa::new("example.org").unwrap();
+        let ca = DevCa::new("example.org").unwrap();
+        let other = DevCa::new("example.org").unwrap();
         let svid = other.mint(&other.id("/edge/intruder"), DAY).unwrap();
         // Same subject name as the trusted root, different key: the signature check fails.
         let res = verify(
@@ -539,7 +593,7 @@ mod tests {
 
     #[test]
     fn intermediate_ca_svids_carry_the_chain() {
-        let root = TestCa::new("example.org").unwrap();
+        let root = DevCa::new("example.org").unwrap();
         let mid = root.intermediate().unwrap();
         let low = mid.intermediate().unwrap();
         let svid = low.mint(&low.id("/hub"), DAY).unwrap();
@@ -574,13 +628,9 @@ mod tests {
 
     #[test]
     fn writes_svid_and_bundle_files() {
-        let dir = std::env::temp_dir().join(format!(
-            "edgesync-pki-test-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        let ca = TestCa::new("example.org").unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let ca = DevCa::new("example.org").unwrap();
         let svid = ca.mint(&ca.id("/edge/node-1"), DAY).unwrap();
 
         let (cert_path, key_path) = svid.write(&dir, "svid").unwrap();
@@ -608,6 +658,5 @@ mod tests {
             .filter(|n| n.to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
