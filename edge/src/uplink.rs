@@ -295,6 +295,20 @@ impl Uplink {
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
+                // A rotated SVID may be what the hub was waiting for (ours had expired while
+                // the gateway was offline): try it at once.
+                r = async {
+                    match &mut self.cfg.svid_rotated {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if r.is_err() {
+                        self.cfg.svid_rotated = None;
+                    } else {
+                        backoff = self.cfg.backoff_initial;
+                    }
+                }
             }
         }
         if let Some(ep) = endpoint {

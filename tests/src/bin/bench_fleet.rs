@@ -47,6 +47,9 @@ enum Part {
     Flood,
     /// The hub's memory as one node's tag count grows.
     Tags,
+    /// Tunnel handshakes (QUIC + mutually authenticated TLS 1.3 with SVIDs) as fast as clients
+    /// make them: their duration, and how many per second the hub completes.
+    Handshake,
 }
 
 #[derive(Debug, Parser)]
@@ -68,6 +71,13 @@ struct Args {
     flood_hosts: u8,
     #[arg(long, default_value_t = 256)]
     flood_concurrency: usize,
+    /// Concurrent clients of `--part handshake` (one run per value, each from its own
+    /// loopback address 127.3.0.x).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    clients: Vec<usize>,
+    /// Seconds each `--part handshake` run lasts.
+    #[arg(long, default_value_t = 10)]
+    handshake_secs: u64,
     /// Tag counts of `--part tags` (one node, one device, this many properties).
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,30000,100000")]
     tags: Vec<usize>,
@@ -366,6 +376,90 @@ async fn flood_run(
     })
 }
 
+struct HandshakeRun {
+    per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    failed: u64,
+    hub_cpu_ms_each: f64,
+}
+
+/// A fresh hub; `clients` tasks, each with its own SVID (`spiffe://<td>/edge/hs-<i>`) and
+/// loopback address, connect, wait for the handshake, close and connect again for `secs`.
+async fn handshake_run(clients: usize, secs: u64) -> anyhow::Result<HandshakeRun> {
+    ensure!((1..=250).contains(&clients), "--clients: 1 to 250");
+    let tmp = TempDir::new("bench-handshake")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let (hub, tunnel, _) =
+        harness::start_hub(tmp.path(), &pki, "127.0.0.1:0", "127.0.0.1:0").await?;
+    let pid = hub.pid().unwrap_or(0);
+    let addr: SocketAddr = tunnel.parse()?;
+    let mut configs = Vec::with_capacity(clients);
+    for i in 0..clients {
+        configs.push(hostile::peer_client(
+            &pki,
+            TD,
+            &tunnel,
+            &format!("hs-{i}"),
+            Duration::from_secs(5),
+        )?);
+    }
+    let failed = Arc::new(AtomicU64::new(0));
+    let cpu0 = harness::proc_cpu_seconds(pid)?;
+    let start = Instant::now();
+    let until = start + Duration::from_secs(secs);
+    let mut tasks = Vec::with_capacity(clients);
+    for (i, cc) in configs.into_iter().enumerate() {
+        let failed = failed.clone();
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 3, 0, (i + 1) as u8));
+        tasks.push(tokio::spawn(async move {
+            let mut took = vec![];
+            let Ok(ep) = quinn::Endpoint::client(SocketAddr::new(ip, 0)) else {
+                failed.fetch_add(1, Ordering::Relaxed);
+                return took;
+            };
+            while Instant::now() < until {
+                let t = Instant::now();
+                let ok = match ep.connect_with(cc.clone(), addr, "edgesync-hub") {
+                    Ok(connecting) => {
+                        match tokio::time::timeout(Duration::from_secs(5), connecting).await {
+                            Ok(Ok(conn)) => {
+                                took.push(t.elapsed().as_secs_f64() * 1000.0);
+                                conn.close(0u32.into(), b"bench");
+                                true
+                            }
+                            _ => false,
+                        }
+                    }
+                    Err(_) => false,
+                };
+                if !ok {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            ep.wait_idle().await;
+            took
+        }));
+    }
+    let mut took = vec![];
+    for t in tasks {
+        took.extend(t.await?);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu = harness::proc_cpu_seconds(pid)? - cpu0;
+    drop(hub);
+    ensure!(!took.is_empty(), "no handshake completed");
+    took.sort_by(f64::total_cmp);
+    let pct = |q: f64| took[((took.len() - 1) as f64 * q).round() as usize];
+    Ok(HandshakeRun {
+        per_s: took.len() as f64 / elapsed,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        failed: failed.load(Ordering::Relaxed),
+        hub_cpu_ms_each: cpu * 1000.0 / took.len() as f64,
+    })
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -376,6 +470,35 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default()
     };
     match args.part {
+        Part::Handshake => {
+            println!(
+                "edgesync-bench-fleet --part handshake: clients connect (QUIC Retry, TLS 1.3 with an SVID on both ends), close as soon as the handshake completes, and connect again, for {} s; each client from its own loopback address and with its own SVID; a fresh hub per run",
+                args.handshake_secs
+            );
+            println!(
+                " clients  run   load  handshakes/s  p50 ms  p99 ms  failed  hub cpu ms/handshake"
+            );
+            for &clients in &args.clients {
+                let mut rows = Vec::new();
+                for run in 1..=args.runs {
+                    let l = load();
+                    let r = handshake_run(clients, args.handshake_secs).await?;
+                    println!(
+                        "{clients:>8} {run:>4} {l:>6} {:>13.0} {:>7.2} {:>7.2} {:>7} {:>21.2}",
+                        r.per_s, r.p50_ms, r.p99_ms, r.failed, r.hub_cpu_ms_each
+                    );
+                    rows.push(r);
+                }
+                println!(
+                    "{clients:>8}  med        {:>13.0} {:>7.2} {:>7.2} {:>7} {:>21.2}",
+                    median(rows.iter().map(|r| r.per_s).collect()),
+                    median(rows.iter().map(|r| r.p50_ms).collect()),
+                    median(rows.iter().map(|r| r.p99_ms).collect()),
+                    "",
+                    median(rows.iter().map(|r| r.hub_cpu_ms_each).collect()),
+                );
+            }
+        }
         Part::Tags => {
             println!(
                 "edgesync-bench-fleet --part tags: a fresh real hub per tag count; one simulated agent reports every tag of one device three times (1,000 records per frame, 20,000 unacknowledged at most), then stops"

@@ -369,6 +369,21 @@ async fn the_hub_ends_a_session_when_the_agents_certificate_expires() -> anyhow:
         agent_log.contains("our SVID has expired and was not rotated"),
         "the agent says its SVID expired\n{agent_log}"
     );
+    // Renewed at last (a gateway back from a long outage): the same agent process comes back
+    // with it and values flow again.
+    let seq = node_status(&api)
+        .await?
+        .and_then(|n| n["uplink_seq"].as_u64())
+        .unwrap_or(0);
+    pki.ca
+        .mint(
+            &format!("spiffe://{TD}/edge/{NODE}"),
+            Duration::from_secs(3600),
+        )?
+        .write(&dir, "agent")?;
+    flowing_past(&api, seq, Duration::from_secs(15))
+        .await
+        .with_context(|| format!("back after the renewal\n{}", logs(&agent)))?;
     drop(agent);
     drop(hub);
     Ok(())
