@@ -943,7 +943,7 @@ mod tests {
                     agent_version: "0.1.0".into(),
                     boot_id: "boot-a".into(),
                     config_version: 3,
-                    svid_expires_ms: None,
+                    svid_expires_ms: Some(1_767_225_600_000),
                 },
                 1_000,
             )
@@ -1589,6 +1589,7 @@ mod tests {
                 "devices": 1,
                 "history_bytes": f.store.node(&NodeId::new("gw-1").unwrap()).unwrap().history_bytes,
                 "history_from": 1,
+                "svid_expires_ms": 1_767_225_600_000u64,
             })
         );
         assert!(json["history_bytes"].as_u64().unwrap() > 0);
