@@ -120,6 +120,15 @@ pub fn svid_from_files(
     Ok(SvidStore::new(id, bundle)?)
 }
 
+/// Resolves when the SVID watcher reports a rotation (`Err` once it is gone); never without a
+/// watcher.
+async fn rotation(rx: &mut Option<watch::Receiver<u64>>) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The round-trip time assumed until one is measured (see [`client_config`]).
 pub const INITIAL_RTT: Duration = Duration::from_millis(100);
 
@@ -297,12 +306,7 @@ impl Uplink {
                 _ = tokio::time::sleep(delay) => {}
                 // A rotated SVID may be what the hub was waiting for (ours had expired while
                 // the gateway was offline): try it at once.
-                r = async {
-                    match &mut self.cfg.svid_rotated {
-                        Some(rx) => rx.changed().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
+                r = rotation(&mut self.cfg.svid_rotated) => {
                     if r.is_err() {
                         self.cfg.svid_rotated = None;
                     } else {
@@ -535,12 +539,7 @@ impl Uplink {
                 }
                 // Our SVID rotated (watch::changed is cancel-safe; never resolves without a
                 // watcher): this connection was authenticated with the previous certificate.
-                r = async {
-                    match &mut self.cfg.svid_rotated {
-                        Some(rx) => rx.changed().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
+                r = rotation(&mut self.cfg.svid_rotated) => {
                     if r.is_err() {
                         // The watcher stopped (shutdown): nothing to follow any more.
                         self.cfg.svid_rotated = None;

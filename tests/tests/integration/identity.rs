@@ -175,6 +175,59 @@ async fn start_agent(
     .await
 }
 
+/// What the process tests share: the binaries built first (the SVIDs they use live for
+/// seconds), a trust domain, and a PLC whose 4 counters change every 50 ms.
+struct Setup {
+    tmp: TempDir,
+    pki: Pki,
+    sim: edgesync_testkit::sim::SimHandle,
+    scripts: Vec<edgesync_testkit::sim::ScriptId>,
+    /// The agent's directory.
+    dir: std::path::PathBuf,
+}
+
+impl Setup {
+    async fn new(tag: &str) -> anyhow::Result<Setup> {
+        harness::bin("edgesync-hub")?;
+        harness::bin("edgesync-agent")?;
+        let tmp = TempDir::new(tag)?;
+        let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+        let sim = edgesync_testkit::sim::SimHandle::start(
+            "127.0.0.1:0".parse()?,
+            edgesync_testkit::sim::SimConfig::with_units([1]),
+        )
+        .await?;
+        let scripts = start_counters(&sim, 4)?;
+        let dir = tmp.path().join(NODE);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Setup {
+            tmp,
+            pki,
+            sim,
+            scripts,
+            dir,
+        })
+    }
+
+    async fn agent(&self, tunnel: &str) -> anyhow::Result<Proc> {
+        start_agent(
+            &self.dir,
+            &self.pki.bundle,
+            tunnel,
+            &self.sim.local_addr().to_string(),
+        )
+        .await
+    }
+
+    fn logs(&self, agent: &Proc) -> String {
+        format!(
+            "--- agent ---\n{}\n--- hub ---\n{}",
+            agent.log_text(),
+            std::fs::read_to_string(self.tmp.path().join("hub.log")).unwrap_or_default()
+        )
+    }
+}
+
 /// The node's status from the hub's API.
 async fn node_status(api: &Api) -> anyhow::Result<Option<serde_json::Value>> {
     let (status, n) = api.get(&format!("/api/v1/nodes/{NODE}")).await?;
@@ -195,17 +248,8 @@ async fn flowing_past(api: &Api, seq: u64, within: Duration) -> anyhow::Result<u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_lived_svids_rotated_on_disk_keep_both_ends_connected_past_their_expiry()
 -> anyhow::Result<()> {
-    // Built first (once per test process): the SVIDs below live for seconds.
-    harness::bin("edgesync-hub")?;
-    harness::bin("edgesync-agent")?;
-    let tmp = TempDir::new("svid-rotation")?;
-    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
-    let sim = edgesync_testkit::sim::SimHandle::start(
-        "127.0.0.1:0".parse()?,
-        edgesync_testkit::sim::SimConfig::with_units([1]),
-    )
-    .await?;
-    let scripts = start_counters(&sim, 4)?;
+    let setup = Setup::new("svid-rotation").await?;
+    let (tmp, pki, dir) = (&setup.tmp, &setup.pki, &setup.dir);
     let hub_id = format!("spiffe://{TD}/hub");
     let node_id = format!("spiffe://{TD}/edge/{NODE}");
     // Both SVIDs expire 12 s from now; the CA's rotation replaces them after 4 s.
@@ -213,18 +257,10 @@ async fn short_lived_svids_rotated_on_disk_keep_both_ends_connected_past_their_e
     let hub_old = pki.ca.mint(&hub_id, life)?;
     let agent_old = pki.ca.mint(&node_id, life)?;
     let expiry = not_after(&hub_old)?.max(not_after(&agent_old)?);
-    let (hub, api, tunnel) = start_hub(tmp.path(), &pki, &hub_old).await?;
-    let dir = tmp.path().join(NODE);
-    std::fs::create_dir_all(&dir)?;
-    agent_old.write(&dir, "agent")?;
-    let agent = start_agent(&dir, &pki.bundle, &tunnel, &sim.local_addr().to_string()).await?;
-    let logs = |agent: &Proc| {
-        format!(
-            "--- agent ---\n{}\n--- hub ---\n{}",
-            agent.log_text(),
-            std::fs::read_to_string(tmp.path().join("hub.log")).unwrap_or_default()
-        )
-    };
+    let (hub, api, tunnel) = start_hub(tmp.path(), pki, &hub_old).await?;
+    agent_old.write(dir, "agent")?;
+    let agent = setup.agent(&tunnel).await?;
+    let logs = |agent: &Proc| setup.logs(agent);
     let seq = flowing_past(&api, 0, Duration::from_secs(30))
         .await
         .with_context(|| logs(&agent))?;
@@ -262,7 +298,7 @@ async fn short_lived_svids_rotated_on_disk_keep_both_ends_connected_past_their_e
         .with_context(|| format!("values flow past the old expiry\n{}", logs(&agent)))?;
     // A fresh connection after the hub's first certificate expired: it presents the new one.
     agent.kill9().await?;
-    let agent = start_agent(&dir, &pki.bundle, &tunnel, &sim.local_addr().to_string()).await?;
+    let agent = setup.agent(&tunnel).await?;
     let seq = flowing_past(&api, seq, Duration::from_secs(15))
         .await
         .with_context(|| {
@@ -273,8 +309,8 @@ async fn short_lived_svids_rotated_on_disk_keep_both_ends_connected_past_their_e
         })?;
 
     // Nothing lost, nothing duplicated across the reconnects.
-    for s in &scripts {
-        sim.remove_script(*s);
+    for s in &setup.scripts {
+        setup.sim.remove_script(*s);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let last = flowing_past(&api, seq, Duration::from_secs(10))
@@ -300,37 +336,21 @@ async fn short_lived_svids_rotated_on_disk_keep_both_ends_connected_past_their_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hub_ends_a_session_when_the_agents_certificate_expires() -> anyhow::Result<()> {
-    harness::bin("edgesync-hub")?;
-    harness::bin("edgesync-agent")?;
-    let tmp = TempDir::new("svid-expiry")?;
-    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
-    let sim = edgesync_testkit::sim::SimHandle::start(
-        "127.0.0.1:0".parse()?,
-        edgesync_testkit::sim::SimConfig::with_units([1]),
-    )
-    .await?;
-    let _scripts = start_counters(&sim, 4)?;
+    let setup = Setup::new("svid-expiry").await?;
+    let (tmp, pki, dir) = (&setup.tmp, &setup.pki, &setup.dir);
     let hub_svid = pki
         .ca
         .mint(&format!("spiffe://{TD}/hub"), Duration::from_secs(3600))?;
-    let (hub, api, tunnel) = start_hub(tmp.path(), &pki, &hub_svid).await?;
-    let dir = tmp.path().join(NODE);
-    std::fs::create_dir_all(&dir)?;
+    let (hub, api, tunnel) = start_hub(tmp.path(), pki, &hub_svid).await?;
     // Never rotated.
     let agent_svid = pki.ca.mint(
         &format!("spiffe://{TD}/edge/{NODE}"),
         Duration::from_secs(6),
     )?;
-    agent_svid.write(&dir, "agent")?;
+    agent_svid.write(dir, "agent")?;
     let expires = not_after(&agent_svid)?;
-    let agent = start_agent(&dir, &pki.bundle, &tunnel, &sim.local_addr().to_string()).await?;
-    let logs = |agent: &Proc| {
-        format!(
-            "--- agent ---\n{}\n--- hub ---\n{}",
-            agent.log_text(),
-            std::fs::read_to_string(tmp.path().join("hub.log")).unwrap_or_default()
-        )
-    };
+    let agent = setup.agent(&tunnel).await?;
+    let logs = |agent: &Proc| setup.logs(agent);
     flowing_past(&api, 0, Duration::from_secs(30))
         .await
         .with_context(|| logs(&agent))?;
@@ -380,7 +400,7 @@ async fn the_hub_ends_a_session_when_the_agents_certificate_expires() -> anyhow:
             &format!("spiffe://{TD}/edge/{NODE}"),
             Duration::from_secs(3600),
         )?
-        .write(&dir, "agent")?;
+        .write(dir, "agent")?;
     flowing_past(&api, seq, Duration::from_secs(15))
         .await
         .with_context(|| format!("back after the renewal\n{}", logs(&agent)))?;
