@@ -411,6 +411,7 @@ async fn handle_connection(
         remote,
         peer_not_after.saturating_mul(1000),
         &session,
+        &expired,
     )
     .await;
     expiry.abort();
@@ -595,6 +596,7 @@ async fn drive(
     remote: SocketAddr,
     peer_expires_ms: u64,
     cancel: &CancellationToken,
+    expired: &std::sync::atomic::AtomicBool,
 ) -> Result<(), String> {
     let (mut send, mut recv) = tokio::select! {
         _ = cancel.cancelled() => return Ok(()),
@@ -787,7 +789,12 @@ async fn drive(
         tokio::select! {
             // Superseded by a newer connection of this node, or hub shutdown.
             _ = cancel.cancelled() => {
-                let bye = Frame { body: Some(Body::Goodbye(frame::Goodbye { reason: "superseded or shutting down".into() })) };
+                let reason = if expired.load(std::sync::atomic::Ordering::Acquire) {
+                    "your certificate expired"
+                } else {
+                    "superseded or shutting down"
+                };
+                let bye = Frame { body: Some(Body::Goodbye(frame::Goodbye { reason: reason.into() })) };
                 if let Ok(b) = frame::frame_bytes(&bye, DEFAULT_MAX_FRAME_LEN) {
                     let _ = tokio::time::timeout(Duration::from_millis(200), send.write_all(&b)).await;
                 }
