@@ -79,11 +79,26 @@ struct Snapshot {
     bundle: Vec<u8>,
 }
 
+/// Largest SVID, key or bundle file read (they are a few KiB; a path pointing at something
+/// else must not make the process read it whole every second).
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
 fn read(path: &Path) -> Result<Vec<u8>, SvidFileError> {
-    std::fs::read(path).map_err(|source| SvidFileError::Read {
+    use std::io::Read as _;
+    let err = |source| SvidFileError::Read {
         path: path.to_owned(),
         source,
-    })
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(err)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(err(std::io::Error::other(format!(
+            "larger than {MAX_FILE_BYTES} bytes: not an SVID, key or bundle file"
+        ))));
+    }
+    Ok(bytes)
 }
 
 impl SvidFiles {

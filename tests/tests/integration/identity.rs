@@ -90,6 +90,9 @@ fn the_watcher_loads_consistent_rotations_only_and_keeps_the_last_good_svid() ->
     assert!(matches!(w.check(), Checked::Unusable(why) if why.contains("svid.key.pem")));
     std::fs::write(&key, b"not a key")?;
     assert!(matches!(w.check(), Checked::Unusable(_)));
+    // A file far larger than any SVID is not read whole.
+    std::fs::write(&key, vec![b'A'; 3 << 20])?;
+    assert!(matches!(w.check(), Checked::Unusable(why) if why.contains("larger than")));
     assert_eq!(store.validity().1, not_after(&second)?);
     assert_eq!(store.id().to_string(), id);
     assert!(!rotated.has_changed()?);
