@@ -344,6 +344,18 @@ pub async fn start_hub_with(
     Ok((hub, tunnel, http))
 }
 
+/// Starts the `edgesync-agent` binary on `config`, its output in `log` (not waiting for a
+/// ready line).
+pub async fn spawn_agent(config: &Path, log: &Path) -> anyhow::Result<Proc> {
+    Proc::spawn(
+        &bin("edgesync-agent")?,
+        &["run", "--config", &config.display().to_string()],
+        log,
+        None,
+    )
+    .await
+}
+
 /// A child process, killed by PID when dropped.
 pub struct Proc {
     child: Child,

@@ -82,13 +82,7 @@ async fn start_agent(
         devs,
         "",
     )?;
-    Proc::spawn(
-        &harness::bin("edgesync-agent")?,
-        &["run", "--config", &cfg.display().to_string()],
-        &dir.join("agent.log"),
-        None,
-    )
-    .await
+    harness::spawn_agent(&cfg, &dir.join("agent.log")).await
 }
 
 async fn rig(counters: u16) -> anyhow::Result<Rig> {
@@ -362,13 +356,7 @@ async fn foreign_and_non_edge_identities_are_refused() -> anyhow::Result<()> {
         &devs,
         "",
     )?;
-    let a1 = Proc::spawn(
-        &harness::bin("edgesync-agent")?,
-        &["run", "--config", &cfg.display().to_string()],
-        &evil_dir.join("agent.log"),
-        None,
-    )
-    .await?;
+    let a1 = harness::spawn_agent(&cfg, &evil_dir.join("agent.log")).await?;
 
     // 2. A foreign trust-domain id signed by our own CA (the hub must check the domain).
     let (cert2, key2) = pki.svid("spiffe://evil.org/edge/gw-y", "foreign")?;
@@ -384,26 +372,14 @@ async fn foreign_and_non_edge_identities_are_refused() -> anyhow::Result<()> {
         &devs,
         "",
     )?;
-    let a2 = Proc::spawn(
-        &harness::bin("edgesync-agent")?,
-        &["run", "--config", &cfg2.display().to_string()],
-        &d2.join("agent.log"),
-        None,
-    )
-    .await;
+    let a2 = harness::spawn_agent(&cfg2, &d2.join("agent.log")).await;
 
     // 3. A non-edge path of our trust domain.
     let (cert3, key3) = pki.svid(&format!("spiffe://{TD}/workload/gw-z"), "workload")?;
     let d3 = tmp.path().join("workload");
     std::fs::create_dir_all(&d3)?;
     let cfg3 = harness::agent_toml(&d3, &tunnel, TD, &cert3, &key3, &pki.bundle, &devs, "")?;
-    let a3 = Proc::spawn(
-        &harness::bin("edgesync-agent")?,
-        &["run", "--config", &cfg3.display().to_string()],
-        &d3.join("agent.log"),
-        None,
-    )
-    .await?;
+    let a3 = harness::spawn_agent(&cfg3, &d3.join("agent.log")).await?;
 
     // The hub counts refused handshakes and never lists these nodes.
     api.wait_for(Duration::from_secs(20), |api| async move {

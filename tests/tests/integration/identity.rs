@@ -169,13 +169,7 @@ async fn start_agent(
         }],
         "",
     )?;
-    Proc::spawn(
-        &harness::bin("edgesync-agent")?,
-        &["run", "--config", &cfg.display().to_string()],
-        &dir.join("agent.log"),
-        None,
-    )
-    .await
+    harness::spawn_agent(&cfg, &dir.join("agent.log")).await
 }
 
 /// What the process tests share: the binaries built first (the SVIDs they use live for

@@ -646,13 +646,7 @@ async fn stack(tmp: &Path, devices: &str) -> anyhow::Result<Stack> {
     std::fs::create_dir_all(&dir)?;
     let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/gw-1"), "agent")?;
     let cfg = harness::agent_toml(&dir, &tunnel, TD, &cert, &key, &pki.bundle, &[], devices)?;
-    let agent = Proc::spawn(
-        &harness::bin("edgesync-agent")?,
-        &["run", "--config", &cfg.display().to_string()],
-        &dir.join("agent.log"),
-        None,
-    )
-    .await?;
+    let agent = harness::spawn_agent(&cfg, &dir.join("agent.log")).await?;
     Ok(Stack {
         hub,
         agent,

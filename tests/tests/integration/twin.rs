@@ -50,13 +50,7 @@ async fn start_agent(tmp: &Path, pki: &Pki, tunnel: &str, plc: &str) -> anyhow::
     }
     let path = dir.join("agent.toml");
     std::fs::write(&path, s)?;
-    Proc::spawn(
-        &harness::bin("edgesync-agent")?,
-        &["run", "--config", &path.display().to_string()],
-        &dir.join("agent.log"),
-        None,
-    )
-    .await
+    harness::spawn_agent(&path, &dir.join("agent.log")).await
 }
 
 async fn outcome(api: &Api, prop: &str, version: u64) -> anyhow::Result<Option<String>> {
