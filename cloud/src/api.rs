@@ -8,6 +8,10 @@
 //!   (compared in constant time): 401 with `WWW-Authenticate: Bearer` otherwise. Both roles may
 //!   read (`GET`, `HEAD`); any other method from a read-only token is refused with 403 before
 //!   the path or the body is looked at.
+//! - Tokens given by `token_file`, and the listener's TLS certificate, are read again on
+//!   [`ApiAccess::reload`] (SIGHUP, and every [`ACCESS_CHECK_INTERVAL`]): a usable new secret
+//!   replaces the old one at once, an unusable file keeps the previous secret (see
+//!   [`ApiAccess`]).
 //! - Reads: `GET /api/v1/nodes`, `/nodes/{node}`, `/nodes/{node}/gaps` (records lost at the
 //!   edge), `/nodes/{node}/records?from=&limit=` (the stored history, in pages),
 //!   `/nodes/{node}/devices`, `/nodes/{node}/devices/{device}`,
@@ -38,7 +42,8 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt;
-use std::sync::Arc;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -60,6 +65,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Event;
+use crate::http::{TlsCert, TlsFiles};
 use crate::store::{DesiredError, HubStore, StoreError};
 use crate::telemetry::{self, AuthFailure};
 
@@ -109,13 +115,450 @@ pub struct Caller {
     pub role: Role,
 }
 
+/// `[[api.tokens]] token_file`: a token whose secret is read from a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenFile {
+    /// The token's name.
+    pub name: String,
+    /// The file (resolved), holding the secret with surrounding whitespace trimmed.
+    pub path: PathBuf,
+}
+
+/// The accepted tokens, replaceable while the hub runs. A request takes the current list
+/// (a read lock held for an `Arc` clone), so a reload never waits for a request, nor the
+/// reverse, beyond that.
+pub struct ApiTokens {
+    current: RwLock<Arc<Vec<ApiToken>>>,
+}
+
+impl fmt::Debug for ApiTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ApiTokens").field(&self.current()).finish()
+    }
+}
+
+impl ApiTokens {
+    /// Accepts `tokens`.
+    pub fn new(tokens: Vec<ApiToken>) -> ApiTokens {
+        ApiTokens {
+            current: RwLock::new(Arc::new(tokens)),
+        }
+    }
+
+    /// The tokens accepted now.
+    pub fn current(&self) -> Arc<Vec<ApiToken>> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Gives the token `name` the secret `secret`, at once: the previous secret is refused from
+    /// the next request on. `Ok(false)` if it already had it. Refused (nothing changes) if
+    /// there is no such token or another token has that secret.
+    pub fn set_secret(&self, name: &str, secret: &str) -> Result<bool, String> {
+        let mut guard = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        let Some(i) = guard.iter().position(|t| t.name == name) else {
+            return Err(format!("no token is named {name:?}"));
+        };
+        if guard[i].token == secret {
+            return Ok(false);
+        }
+        if let Some(other) = guard
+            .iter()
+            .find(|t| t.name != name && constant_time_eq(t.token.as_bytes(), secret.as_bytes()))
+        {
+            return Err(format!(
+                "the same secret is already used by token {:?}",
+                other.name
+            ));
+        }
+        let mut tokens = Vec::clone(&guard);
+        tokens[i].token = secret.to_owned();
+        *guard = Arc::new(tokens);
+        Ok(true)
+    }
+}
+
+/// API token secrets replaced by a reload of their `token_file`.
+pub const TOKEN_RELOADS_TOTAL: &str = "edgesync_hub_api_token_reloads_total";
+/// Token files found unusable by a reload (the token kept its previous secret).
+pub const TOKEN_RELOAD_ERRORS_TOTAL: &str = "edgesync_hub_api_token_reload_errors_total";
+/// Certificates of the API's TLS listener replaced by a reload of `tls_cert`/`tls_key`.
+pub const TLS_RELOADS_TOTAL: &str = "edgesync_hub_api_tls_reloads_total";
+/// TLS files found unusable by a reload (the previous certificate stays).
+pub const TLS_RELOAD_ERRORS_TOTAL: &str = "edgesync_hub_api_tls_reload_errors_total";
+
+/// How often the hub reads its token files and TLS files (see [`ApiAccess::watch`]).
+pub const ACCESS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A periodic check logs unusable files once it has found the same content this many times in a
+/// row (a file being rewritten is unusable for a moment); a SIGHUP logs at once.
+pub const RELOAD_ERROR_AFTER: u32 = 3;
+
+/// Largest token or PEM file read (a path pointing at something else must not make the hub read
+/// it whole every second).
+pub const MAX_ACCESS_FILE_BYTES: u64 = 1 << 20;
+
+/// What asked for [`ApiAccess::reload`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// SIGHUP: every unusable file is logged (and counted) at once.
+    Signal,
+    /// The periodic check: an unusable file is logged (and counted) once the same content was
+    /// found [`RELOAD_ERROR_AFTER`] checks in a row.
+    Watch,
+}
+
+/// What one [`ApiAccess::reload`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Tokens whose secret was replaced.
+    pub tokens: usize,
+    /// Whether the TLS certificate was replaced.
+    pub tls: bool,
+    /// Unusable files logged as errors.
+    pub errors: usize,
+}
+
+/// The bytes of some files (or why one could not be read), as one reload read them.
+type Snapshot = Vec<Result<Vec<u8>, String>>;
+
+/// What a reload remembers of one token file, or of the TLS pair.
+#[derive(Debug, Default)]
+struct Tracked {
+    /// The content in use (`None`: not known yet, for token files read by the config).
+    loaded: Option<Snapshot>,
+    /// Unusable content last found, and how many reloads in a row found it.
+    failing: Option<(Snapshot, u32)>,
+}
+
+impl Tracked {
+    /// Whether `snap` differs from the content in use (else nothing is to be done).
+    fn differs(&mut self, snap: &Snapshot) -> bool {
+        if self.loaded.as_ref() == Some(snap) {
+            self.failing = None;
+            return false;
+        }
+        true
+    }
+
+    fn used(&mut self, snap: Snapshot) {
+        self.loaded = Some(snap);
+        self.failing = None;
+    }
+
+    /// Records unusable content; whether to log it as an error now.
+    fn failed(&mut self, snap: Snapshot, trigger: Trigger) -> bool {
+        let mut seen = match self.failing.take() {
+            Some((prev, n)) if prev == snap => n.saturating_add(1),
+            _ => 1,
+        };
+        let report = trigger == Trigger::Signal || seen == RELOAD_ERROR_AFTER;
+        if trigger == Trigger::Signal {
+            // Logged now: the periodic check need not log the same content again.
+            seen = seen.max(RELOAD_ERROR_AFTER);
+        }
+        self.failing = Some((snap, seen));
+        report
+    }
+}
+
+/// Reads at most [`MAX_ACCESS_FILE_BYTES`] of `path`.
+fn read_access_file(path: &FsPath) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_ACCESS_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if bytes.len() as u64 > MAX_ACCESS_FILE_BYTES {
+        return Err(format!("it is larger than {MAX_ACCESS_FILE_BYTES} bytes"));
+    }
+    Ok(bytes)
+}
+
+/// The secret in a token file's content, or what is wrong with it (the config's rules).
+fn token_secret(content: &Result<Vec<u8>, String>) -> Result<String, String> {
+    let bytes = content.as_ref().map_err(Clone::clone)?;
+    let text = std::str::from_utf8(bytes).map_err(|_| "it is not UTF-8 text".to_owned())?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err("it is empty".to_owned());
+    }
+    match crate::config::secret_problem(secret) {
+        Some(problem) => Err(format!("the token in it {problem}")),
+        None => Ok(secret.to_owned()),
+    }
+}
+
+/// The TLS side of [`ApiAccess`].
+struct ApiTls {
+    files: TlsFiles,
+    cert: Arc<TlsCert>,
+    config: Arc<rustls::ServerConfig>,
+}
+
+/// The API's credentials: its tokens and, optionally, its TLS certificate, kept current from
+/// their files.
+///
+/// [`ApiAccess::reload`] reads every token file and the TLS pair; both SIGHUP
+/// ([`Trigger::Signal`]) and the periodic check ([`ApiAccess::watch`]) call it.
+///
+/// - A token file whose content changed and holds a usable secret (the config's rules: at least
+///   16 visible ASCII characters once trimmed, not another token's) replaces that token's
+///   secret at once: the previous one is refused from the next request on. A missing, empty,
+///   short or unreadable file keeps the previous secret, is logged as an error naming the token
+///   and the file, and is counted ([`TOKEN_RELOAD_ERRORS_TOTAL`]). Inline `token`s never
+///   change; other tokens are never affected.
+/// - The TLS pair: a changed certificate chain and key that parse and belong together replace
+///   the certificate for new handshakes; otherwise the previous certificate stays, with an
+///   error logged and counted ([`TLS_RELOAD_ERRORS_TOTAL`]).
+///
+/// A request already admitted (an open event stream) is not ended by a reload.
+pub struct ApiAccess {
+    tokens: Arc<ApiTokens>,
+    token_files: Vec<TokenFile>,
+    tls: Option<ApiTls>,
+    /// Per token file (in the order of `token_files`), then the TLS pair. The lock also
+    /// serialises reloads.
+    tracked: Mutex<(Vec<Tracked>, Tracked)>,
+}
+
+impl fmt::Debug for ApiAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiAccess")
+            .field("tokens", &self.tokens)
+            .field("token_files", &self.token_files)
+            .field("tls", &self.tls.as_ref().map(|t| &t.files))
+            .finish()
+    }
+}
+
+impl ApiAccess {
+    /// Tokens that never change, plain HTTP (what an embedded hub uses).
+    pub fn fixed(tokens: Vec<ApiToken>) -> Arc<ApiAccess> {
+        Arc::new(ApiAccess {
+            tokens: Arc::new(ApiTokens::new(tokens)),
+            token_files: Vec::new(),
+            tls: None,
+            tracked: Mutex::new((Vec::new(), Tracked::default())),
+        })
+    }
+
+    /// `tokens` as the config read them, the secrets of `token_files` kept current from their
+    /// files, and TLS with the certificate in `tls` (read here: an unusable pair is an error
+    /// naming the field and the file).
+    pub fn new(
+        tokens: Vec<ApiToken>,
+        token_files: Vec<TokenFile>,
+        tls: Option<TlsFiles>,
+    ) -> Result<Arc<ApiAccess>, String> {
+        describe_metrics();
+        let mut tracked_tls = Tracked::default();
+        let tls = match tls {
+            None => None,
+            Some(files) => {
+                let snap = vec![read_access_file(&files.cert), read_access_file(&files.key)];
+                let key = tls_pair(&files, &snap)?;
+                tracked_tls.used(snap);
+                let cert = Arc::new(TlsCert::new(key));
+                let config = cert.server_config()?;
+                Some(ApiTls {
+                    files,
+                    cert,
+                    config,
+                })
+            }
+        };
+        let tracked = token_files.iter().map(|_| Tracked::default()).collect();
+        Ok(Arc::new(ApiAccess {
+            tokens: Arc::new(ApiTokens::new(tokens)),
+            token_files,
+            tls,
+            tracked: Mutex::new((tracked, tracked_tls)),
+        }))
+    }
+
+    /// The tokens, for [`ApiState::tokens`].
+    pub fn tokens(&self) -> Arc<ApiTokens> {
+        self.tokens.clone()
+    }
+
+    /// The TLS configuration of the listener (`None`: plain HTTP).
+    pub fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls.as_ref().map(|t| t.config.clone())
+    }
+
+    /// Whether there are files to keep reading.
+    pub fn has_files(&self) -> bool {
+        !self.token_files.is_empty() || self.tls.is_some()
+    }
+
+    /// Reads the token files and the TLS pair and uses what changed and is usable (see the
+    /// type's docs). Blocking file I/O: call it off the async threads ([`ApiAccess::reload_async`]).
+    pub fn reload(&self, trigger: Trigger) -> Reloaded {
+        let mut done = Reloaded::default();
+        let mut tracked = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
+        let (files, tls_tracked) = &mut *tracked;
+        for (file, t) in self.token_files.iter().zip(files.iter_mut()) {
+            let snap = vec![read_access_file(&file.path)];
+            if !t.differs(&snap) {
+                continue;
+            }
+            let outcome = token_secret(&snap[0])
+                .and_then(|secret| self.tokens.set_secret(&file.name, &secret));
+            match outcome {
+                Ok(changed) => {
+                    t.used(snap);
+                    if changed {
+                        tracing::info!(
+                            token = %file.name,
+                            file = %file.path.display(),
+                            "API token {:?} reloaded from {}: the previous secret is refused from now on",
+                            file.name,
+                            file.path.display()
+                        );
+                        metrics::counter!(TOKEN_RELOADS_TOTAL).increment(1);
+                        done.tokens += 1;
+                    }
+                }
+                Err(why) => {
+                    if t.failed(snap, trigger) {
+                        tracing::error!(
+                            token = %file.name,
+                            file = %file.path.display(),
+                            error = %why,
+                            "API token {:?}: token_file {} cannot be used ({why}); the token keeps its previous secret",
+                            file.name,
+                            file.path.display()
+                        );
+                        metrics::counter!(TOKEN_RELOAD_ERRORS_TOTAL).increment(1);
+                        done.errors += 1;
+                    }
+                }
+            }
+        }
+        if let Some(tls) = &self.tls {
+            let snap = vec![
+                read_access_file(&tls.files.cert),
+                read_access_file(&tls.files.key),
+            ];
+            if tls_tracked.differs(&snap) {
+                match tls_pair(&tls.files, &snap) {
+                    Ok(key) => {
+                        tls.cert.set(key);
+                        tls_tracked.used(snap);
+                        tracing::info!(
+                            cert = %tls.files.cert.display(),
+                            key = %tls.files.key.display(),
+                            "API TLS certificate reloaded: new connections get the new certificate"
+                        );
+                        metrics::counter!(TLS_RELOADS_TOTAL).increment(1);
+                        done.tls = true;
+                    }
+                    Err(why) => {
+                        if tls_tracked.failed(snap, trigger) {
+                            tracing::error!(
+                                error = %why,
+                                "API TLS files cannot be used ({why}); still presenting the previous certificate"
+                            );
+                            metrics::counter!(TLS_RELOAD_ERRORS_TOTAL).increment(1);
+                            done.errors += 1;
+                        }
+                    }
+                }
+            }
+        }
+        done
+    }
+
+    /// [`ApiAccess::reload`] on a blocking thread (the files may sit on a slow mount). `None`
+    /// if the runtime is shutting down.
+    pub async fn reload_async(self: &Arc<Self>, trigger: Trigger) -> Option<Reloaded> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.reload(trigger))
+            .await
+            .ok()
+    }
+
+    /// Reloads ([`Trigger::Watch`]) every `interval` until `stop` (at once if there are no
+    /// files to read).
+    pub async fn watch(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+        if !self.has_files() {
+            return;
+        }
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    if self.reload_async(Trigger::Watch).await.is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The certificate of a TLS snapshot (cert, key), or what is wrong, naming the field and file.
+fn tls_pair(files: &TlsFiles, snap: &Snapshot) -> Result<rustls::sign::CertifiedKey, String> {
+    let (Some(cert), Some(key)) = (snap.first(), snap.get(1)) else {
+        return Err("internal: incomplete TLS snapshot".to_owned());
+    };
+    let cert = cert
+        .as_ref()
+        .map_err(|e| format!("tls_cert {}: {e}", files.cert.display()))?;
+    let key = key
+        .as_ref()
+        .map_err(|e| format!("tls_key {}: {e}", files.key.display()))?;
+    crate::http::certified_key(files, cert, key)
+}
+
+/// Describes the reload counters and registers them at 0, so that they are exported before
+/// the first reload.
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter};
+    // The hub's recorder, installed first (`edgesync-hub run` builds this before the hub).
+    let _ = telemetry::prometheus();
+    describe_counter!(
+        TOKEN_RELOADS_TOTAL,
+        Unit::Count,
+        "API token secrets replaced by a reload of their token_file"
+    );
+    describe_counter!(
+        TOKEN_RELOAD_ERRORS_TOTAL,
+        Unit::Count,
+        "API token files found unusable by a reload (the token kept its previous secret)"
+    );
+    describe_counter!(
+        TLS_RELOADS_TOTAL,
+        Unit::Count,
+        "API TLS certificates replaced by a reload of tls_cert and tls_key"
+    );
+    describe_counter!(
+        TLS_RELOAD_ERRORS_TOTAL,
+        Unit::Count,
+        "API TLS files found unusable by a reload (the previous certificate stays)"
+    );
+    for name in [
+        TOKEN_RELOADS_TOTAL,
+        TOKEN_RELOAD_ERRORS_TOTAL,
+        TLS_RELOADS_TOTAL,
+        TLS_RELOAD_ERRORS_TOTAL,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+}
+
 /// What the API handlers share.
 #[derive(Clone)]
 pub struct ApiState {
     /// The hub store.
     pub store: Arc<HubStore>,
-    /// The accepted tokens.
-    pub tokens: Arc<Vec<ApiToken>>,
+    /// The accepted tokens (replaced by [`ApiAccess::reload`]).
+    pub tokens: Arc<ApiTokens>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
     /// Cancelled when the hub stops: open event streams end, so a graceful shutdown does not
@@ -278,7 +721,8 @@ async fn require_token(State(state): State<ApiState>, mut req: Request, next: Ne
         telemetry::auth_failure(AuthFailure::Missing, &route);
         return unauthorized("missing bearer token");
     };
-    let Some(token) = find_token(&state.tokens, presented) else {
+    let tokens = state.tokens.current();
+    let Some(token) = find_token(&tokens, presented) else {
         telemetry::auth_failure(AuthFailure::Invalid, &route);
         return unauthorized("invalid bearer token");
     };
@@ -1015,7 +1459,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let app = router(ApiState {
             store: store.clone(),
-            tokens: Arc::new(tokens),
+            tokens: Arc::new(ApiTokens::new(tokens)),
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
         });
@@ -2450,11 +2894,11 @@ mod tests {
         let app = router_with_timeout(
             ApiState {
                 store: f.store.clone(),
-                tokens: Arc::new(vec![ApiToken {
+                tokens: Arc::new(ApiTokens::new(vec![ApiToken {
                     name: "ops".into(),
                     token: ADMIN.into(),
                     role: Role::Admin,
-                }]),
+                }])),
                 metrics: f.metrics.clone(),
                 shutdown: f.shutdown.clone(),
             },
@@ -2495,5 +2939,237 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert!(twin["desired"]["mode"].is_null(), "{twin}");
         cancel.cancel();
+    }
+
+    // ---- Token and TLS files reloaded ----
+
+    const OLD: &str = "old-secret-0123456789";
+    const NEW: &str = "new-secret-0123456789";
+
+    /// The fixture's store behind an [`ApiAccess`] with `ops` (admin) read from `ops.token`
+    /// (holding [`OLD`]) and `grafana` (read-only, [`READER`]) inline.
+    async fn reloading_fixture() -> (Fixture, tempfile::TempDir, PathBuf, Arc<ApiAccess>, Router) {
+        let f = fixture().await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ops.token");
+        std::fs::write(&file, format!("  {OLD}\n")).unwrap();
+        let access = ApiAccess::new(
+            vec![
+                ApiToken {
+                    name: "ops".into(),
+                    token: OLD.into(),
+                    role: Role::Admin,
+                },
+                ApiToken {
+                    name: "grafana".into(),
+                    token: READER.into(),
+                    role: Role::ReadOnly,
+                },
+            ],
+            vec![TokenFile {
+                name: "ops".into(),
+                path: file.clone(),
+            }],
+            None,
+        )
+        .unwrap();
+        let app = router(ApiState {
+            store: f.store.clone(),
+            tokens: access.tokens(),
+            metrics: f.metrics.clone(),
+            shutdown: f.shutdown.clone(),
+        });
+        (f, dir, file, access, app)
+    }
+
+    async fn status_with(app: &Router, token: &str) -> StatusCode {
+        call(app, "/api/v1/nodes", Some(token)).await.0
+    }
+
+    #[tokio::test]
+    async fn a_rotated_token_file_replaces_the_secret_at_once() {
+        let (f, _dir, file, access, app) = reloading_fixture().await;
+        assert_eq!(status_with(&app, OLD).await, StatusCode::OK);
+        // The file as the config read it: nothing to do.
+        assert_eq!(access.reload(Trigger::Watch), Reloaded::default());
+        assert_eq!(access.reload(Trigger::Signal), Reloaded::default());
+
+        std::fs::write(&file, format!("{NEW}\n")).unwrap();
+        let done = access.reload(Trigger::Signal);
+        assert_eq!(
+            done,
+            Reloaded {
+                tokens: 1,
+                tls: false,
+                errors: 0
+            }
+        );
+        assert_eq!(status_with(&app, OLD).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(status_with(&app, NEW).await, StatusCode::OK);
+        // The new secret has the token's role; the inline token is untouched.
+        let (status, _) = patch_json(&app, DESIRED, "{}").await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "ADMIN is not configured here"
+        );
+        let response = send(
+            &app,
+            Method::PATCH,
+            DESIRED,
+            Some(NEW),
+            Some("{\"mode\": \"auto\"}"),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(status_with(&app, READER).await, StatusCode::OK);
+
+        // The periodic check sees the same, and back again.
+        assert_eq!(access.reload(Trigger::Watch), Reloaded::default());
+        std::fs::write(&file, OLD).unwrap();
+        assert_eq!(access.reload(Trigger::Watch).tokens, 1);
+        assert_eq!(status_with(&app, OLD).await, StatusCode::OK);
+        assert_eq!(status_with(&app, NEW).await, StatusCode::UNAUTHORIZED);
+
+        let text = f.metrics.render();
+        assert!(text.contains(TOKEN_RELOADS_TOTAL), "{text}");
+        assert!(text.contains(TOKEN_RELOAD_ERRORS_TOTAL), "{text}");
+    }
+
+    #[tokio::test]
+    async fn an_unusable_token_file_keeps_the_previous_secret() {
+        let (_f, _dir, file, access, app) = reloading_fixture().await;
+        let one_error = Reloaded {
+            tokens: 0,
+            tls: false,
+            errors: 1,
+        };
+        let bad: &[&[u8]] = &[
+            b"",
+            b"  \n",
+            b"short\n",
+            b"0123456789 abcdefghij",
+            b"\xff\xfe0123456789abcdefghij",
+            // Another token's secret.
+            READER.as_bytes(),
+        ];
+        for content in bad {
+            std::fs::write(&file, content).unwrap();
+            assert_eq!(access.reload(Trigger::Signal), one_error, "{content:?}");
+            assert_eq!(status_with(&app, OLD).await, StatusCode::OK, "{content:?}");
+            assert_eq!(status_with(&app, READER).await, StatusCode::OK);
+        }
+        // Missing, and not a file.
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(access.reload(Trigger::Signal), one_error);
+        std::fs::create_dir(&file).unwrap();
+        assert_eq!(access.reload(Trigger::Signal), one_error);
+        assert_eq!(status_with(&app, OLD).await, StatusCode::OK);
+        std::fs::remove_dir(&file).unwrap();
+
+        // The periodic check logs the same unusable content once, after a few checks (a file
+        // being rewritten is unusable for a moment).
+        std::fs::write(&file, "short").unwrap();
+        let errors: Vec<usize> = (0..5)
+            .map(|_| access.reload(Trigger::Watch).errors)
+            .collect();
+        assert_eq!(errors, [0, 0, 1, 0, 0]);
+        // A SIGHUP logs it again.
+        assert_eq!(access.reload(Trigger::Signal), one_error);
+        assert_eq!(access.reload(Trigger::Watch).errors, 0);
+        assert_eq!(status_with(&app, OLD).await, StatusCode::OK);
+
+        // A usable file later is used.
+        std::fs::write(&file, NEW).unwrap();
+        assert_eq!(access.reload(Trigger::Watch).tokens, 1);
+        assert_eq!(status_with(&app, NEW).await, StatusCode::OK);
+        assert_eq!(status_with(&app, OLD).await, StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn token_file_problems_are_phrased_like_the_config() {
+        let secret = |b: &[u8]| token_secret(&Ok(b.to_vec()));
+        assert_eq!(
+            secret(b"  abcdefghijklmnop \n").unwrap(),
+            "abcdefghijklmnop"
+        );
+        assert_eq!(secret(b"\n").unwrap_err(), "it is empty");
+        assert_eq!(
+            secret(b"abc").unwrap_err(),
+            "the token in it is 3 characters long, shorter than 16"
+        );
+        assert_eq!(
+            secret(b"abcdefgh ijklmnopq").unwrap_err(),
+            "the token in it may only hold visible ASCII characters (no spaces)"
+        );
+        assert_eq!(secret(b"\xff").unwrap_err(), "it is not UTF-8 text");
+        let missing = read_access_file(FsPath::new("/nonexistent/ops.token")).unwrap_err();
+        assert!(missing.starts_with("cannot read it: "), "{missing}");
+        let tokens = ApiTokens::new(vec![
+            ApiToken {
+                name: "a".into(),
+                token: OLD.into(),
+                role: Role::Admin,
+            },
+            ApiToken {
+                name: "b".into(),
+                token: NEW.into(),
+                role: Role::ReadOnly,
+            },
+        ]);
+        assert_eq!(
+            tokens.set_secret("a", NEW).unwrap_err(),
+            "the same secret is already used by token \"b\""
+        );
+        assert!(tokens.set_secret("c", "whatever-0123456789").is_err());
+        assert_eq!(tokens.set_secret("a", OLD), Ok(false));
+        assert_eq!(tokens.set_secret("a", "another-0123456789"), Ok(true));
+        assert_eq!(tokens.current()[0].token, "another-0123456789");
+        assert_eq!(tokens.current()[1].token, NEW);
+    }
+
+    #[test]
+    fn tls_files_are_reloaded_only_when_usable() {
+        use crate::http::test_tls::mint;
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("api.crt"),
+            key: dir.path().join("api.key"),
+        };
+        let (a, b) = (mint(), mint());
+        std::fs::write(&files.cert, &a.cert_pem).unwrap();
+        std::fs::write(&files.key, &a.key_pem).unwrap();
+        let access = ApiAccess::new(Vec::new(), Vec::new(), Some(files.clone())).unwrap();
+        assert!(access.tls_config().is_some());
+        let presented = || access.tls.as_ref().unwrap().cert.current().cert[0].clone();
+        assert_eq!(presented(), a.leaf);
+        assert_eq!(access.reload(Trigger::Watch), Reloaded::default());
+
+        // A new certificate with the old key (a rotation half done): kept.
+        std::fs::write(&files.cert, &b.cert_pem).unwrap();
+        assert_eq!(access.reload(Trigger::Signal).errors, 1);
+        assert_eq!(presented(), a.leaf);
+        // Both files written: used.
+        std::fs::write(&files.key, &b.key_pem).unwrap();
+        let done = access.reload(Trigger::Watch);
+        assert!(done.tls && done.errors == 0, "{done:?}");
+        assert_eq!(presented(), b.leaf);
+        // A file gone: kept.
+        std::fs::remove_file(&files.key).unwrap();
+        assert_eq!(access.reload(Trigger::Signal).errors, 1);
+        assert_eq!(presented(), b.leaf);
+
+        // At startup, an unusable pair is an error naming the field and the file.
+        let e = ApiAccess::new(Vec::new(), Vec::new(), Some(files.clone())).unwrap_err();
+        assert!(
+            e.starts_with(&format!(
+                "tls_key {}: cannot read it: ",
+                files.key.display()
+            )),
+            "{e}"
+        );
+        std::fs::write(&files.key, &a.key_pem).unwrap();
+        let e = ApiAccess::new(Vec::new(), Vec::new(), Some(files.clone())).unwrap_err();
+        assert!(e.contains("the private key does not belong"), "{e}");
     }
 }

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgesync_protocol::spiffe_id::{self, TrustDomain};
-use edgesync_protocol::svid_files::{Accept, SvidFiles, Watcher};
+use edgesync_protocol::spiffe_id::{self, NodeIds, TrustDomain};
+use edgesync_protocol::svid_keeper::{Accept, IdentityDriver, IdentitySource};
 use edgesync_protocol::tls::{Identity, SvidStore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -34,12 +34,11 @@ pub struct HubOptions {
     pub trust_domain: String,
     /// The hub's own SPIFFE ID (its SVID must carry it).
     pub hub_id: String,
-    /// The hub's SVID certificate chain (PEM).
-    pub cert: PathBuf,
-    /// The hub's SVID key (PEM).
-    pub key: PathBuf,
-    /// Trust bundle (PEM).
-    pub bundle: PathBuf,
+    /// Where the hub's SVID and trust bundles come from; its federated trust domains are
+    /// the ones whose nodes it accepts besides its own.
+    pub identity: IdentitySource,
+    /// Path prefix of node SPIFFE IDs (`/edge/`).
+    pub node_path_prefix: String,
     /// API tokens.
     pub tokens: Vec<ApiToken>,
     /// Session idle timeout.
@@ -89,8 +88,11 @@ pub struct Hub {
 pub const SVID_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Loads the hub's SVID (it must carry `hub_id`, in `td`) and returns the store that holds it
-/// and the watcher that keeps it current as the files rotate.
-fn load_svid(o: &HubOptions, td: &TrustDomain) -> Result<(Arc<SvidStore>, Watcher), HubError> {
+/// and the driver that keeps it current as it rotates.
+async fn load_svid(
+    o: &HubOptions,
+    td: &TrustDomain,
+) -> Result<(Arc<SvidStore>, IdentityDriver), HubError> {
     let want = spiffe_id::parse_id(&o.hub_id).map_err(|e| HubError::Identity(e.to_string()))?;
     let td = td.clone();
     let accept: Accept = Arc::new(move |id: &Identity| {
@@ -105,23 +107,48 @@ fn load_svid(o: &HubOptions, td: &TrustDomain) -> Result<(Arc<SvidStore>, Watche
         }
         Ok(())
     });
-    let files = SvidFiles {
-        cert: o.cert.clone(),
-        key: o.key.clone(),
-        bundle: o.bundle.clone(),
+    IdentityDriver::start(&o.identity, accept, SVID_CHECK_INTERVAL)
+        .await
+        .map_err(|e| HubError::Identity(e.to_string()))
+}
+
+/// The node SPIFFE IDs the hub accepts: its own trust domain's and its federated domains',
+/// under the configured prefix.
+fn node_ids(o: &HubOptions, td: &TrustDomain) -> Result<NodeIds, HubError> {
+    let mut ids = NodeIds::new(td.clone())
+        .with_prefix(&o.node_path_prefix)
+        .map_err(|e| HubError::Identity(format!("node_path_prefix {e}")))?;
+    let federated = match &o.identity {
+        IdentitySource::Files(f) => f.federated.iter().map(|(td, _)| td.clone()).collect(),
+        IdentitySource::WorkloadApi { federates_with, .. } => federates_with.clone(),
     };
-    Watcher::start(files, accept).map_err(|e| HubError::Identity(e.to_string()))
+    for f in federated {
+        ids = ids.with_domain(f);
+    }
+    Ok(ids)
 }
 
 impl Hub {
     /// Opens the store, binds both listeners and starts serving. Must be called within a
     /// tokio runtime.
     pub async fn start(o: HubOptions) -> Result<Hub, HubError> {
+        let access = api::ApiAccess::fixed(o.tokens.clone());
+        Self::start_with_access(o, access).await
+    }
+
+    /// [`Hub::start`] with the API's tokens (`o.tokens` is not used) and TLS from `access`,
+    /// whose files are read again every [`api::ACCESS_CHECK_INTERVAL`] until shutdown (and on
+    /// [`api::ApiAccess::reload`]).
+    pub async fn start_with_access(
+        o: HubOptions,
+        access: Arc<api::ApiAccess>,
+    ) -> Result<Hub, HubError> {
         // The metrics recorder first: the tunnel registers metric handles when it starts.
         let metrics = crate::telemetry::prometheus();
         let td = spiffe_id::trust_domain(&o.trust_domain)
             .map_err(|e| HubError::Identity(e.to_string()))?;
-        let (svid, svid_watcher) = load_svid(&o, &td)?;
+        let nodes = node_ids(&o, &td)?;
+        let (svid, svid_watcher) = load_svid(&o, &td).await?;
         let store = Arc::new(HubStore::open_with(
             &o.data_dir.join("hub.sled"),
             o.sled_cache_bytes,
@@ -133,7 +160,7 @@ impl Hub {
             }),
         )?);
         let tcfg = TunnelConfig {
-            trust_domain: td,
+            nodes,
             idle_timeout: o.idle_timeout,
             max_connections: o.max_connections,
             max_handshakes: o.max_handshakes,
@@ -160,7 +187,7 @@ impl Hub {
         )));
         // New handshakes present the rotated SVID and verify against the rotated bundle.
         tasks.push(tokio::spawn(
-            svid_watcher.run(SVID_CHECK_INTERVAL, cancel.child_token().cancelled_owned()),
+            svid_watcher.run(cancel.child_token().cancelled_owned()),
         ));
         let retention_store = store.clone();
         let retention_cancel = cancel.child_token();
@@ -169,15 +196,21 @@ impl Hub {
         }));
         let state = ApiState {
             store: store.clone(),
-            tokens: Arc::new(o.tokens.clone()),
+            tokens: access.tokens(),
             metrics,
             shutdown: cancel.child_token(),
         };
         let app = api::router(state);
-        tasks.push(tokio::spawn(crate::http::serve(
+        tasks.push(tokio::spawn(crate::http::serve_with(
             listener,
             app,
             o.http_limits,
+            access.tls_config(),
+            cancel.child_token(),
+        )));
+        // Rotated token files and TLS files are picked up without a restart.
+        tasks.push(tokio::spawn(access.clone().watch(
+            api::ACCESS_CHECK_INTERVAL,
             cancel.child_token(),
         )));
         tracing::info!(%tunnel_addr, %http_addr, "hub started");

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use edgesync_cloud::api::{ApiToken, Role};
+use edgesync_cloud::api::{ApiAccess, ApiToken, Role, Trigger};
 use edgesync_cloud::config::{self, HubConfig};
 use edgesync_cloud::hub::{Hub, HubOptions};
 
@@ -57,9 +57,8 @@ fn options(cfg: &HubConfig) -> HubOptions {
         sled_cache_bytes: cfg.sled_cache_bytes,
         trust_domain: cfg.identity.trust_domain.clone(),
         hub_id: cfg.identity.hub_id.clone(),
-        cert: cfg.identity.cert.clone(),
-        key: cfg.identity.key.clone(),
-        bundle: cfg.identity.bundle.clone(),
+        identity: cfg.identity.source.clone(),
+        node_path_prefix: cfg.identity.node_path_prefix.clone(),
         tokens: cfg
             .tokens
             .iter()
@@ -145,13 +144,35 @@ fn main() -> ExitCode {
                 }
             };
             rt.block_on(async move {
-                let hub = match Hub::start(options(&cfg)).await {
+                // Before anything else: SIGHUP's default action would end the process.
+                let hangups = hangup_signals();
+                let opts = options(&cfg);
+                let access = match ApiAccess::new(
+                    opts.tokens.clone(),
+                    cfg.token_files.clone(),
+                    cfg.api_tls.clone(),
+                ) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        eprintln!("edgesync-hub: {}: [api] {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let https = access.tls_config().is_some();
+                let hub = match Hub::start_with_access(opts, access.clone()).await {
                     Ok(h) => h,
                     Err(e) => {
                         eprintln!("edgesync-hub: {e}");
                         return ExitCode::FAILURE;
                     }
                 };
+                if let Some(hangups) = hangups {
+                    tokio::spawn(reload_on_hangup(hangups, access));
+                }
+                tracing::info!(
+                    https,
+                    "API listening; SIGHUP reloads the token files and TLS files (also checked every second)"
+                );
                 // One machine-readable line, for scripts and tests that asked for port 0.
                 println!(
                     "edgesync-hub listening tunnel={} http={}",
@@ -162,6 +183,37 @@ fn main() -> ExitCode {
                 hub.shutdown().await;
                 ExitCode::SUCCESS
             })
+        }
+    }
+}
+
+/// SIGHUP, if it can be caught (else it is logged, and SIGHUP keeps its default action).
+fn hangup_signals() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot catch SIGHUP; the token and TLS files are still checked every second");
+            None
+        }
+    }
+}
+
+/// Reloads the API's token and TLS files on every SIGHUP.
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    access: std::sync::Arc<ApiAccess>,
+) {
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the API's token and TLS files");
+        match access.reload_async(Trigger::Signal).await {
+            Some(done) => tracing::info!(
+                tokens_reloaded = done.tokens,
+                tls_reloaded = done.tls,
+                errors = done.errors,
+                "SIGHUP reload done"
+            ),
+            None => return,
         }
     }
 }

@@ -41,7 +41,7 @@ use edgesync_protocol::frame::{
     self, Body, DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, FrameError,
 };
 use edgesync_protocol::session::{HubConfig as SessionConfig, HubEvent, HubSession, Millis};
-use edgesync_protocol::spiffe_id::TrustDomain;
+use edgesync_protocol::spiffe_id::NodeIds;
 use edgesync_protocol::tls::{self, SvidStore};
 use edgesync_protocol::{NodeId, Sample};
 use rustls_pki_types::CertificateDer;
@@ -56,8 +56,8 @@ use crate::store::{ConnInfo, HubStore};
 /// Settings of the tunnel server.
 #[derive(Debug, Clone)]
 pub struct TunnelConfig {
-    /// Trust domain whose edges are accepted.
-    pub trust_domain: TrustDomain,
+    /// The node SPIFFE IDs accepted (trust domains and path prefix).
+    pub nodes: NodeIds,
     /// Close a session after this much silence.
     pub idle_timeout: Duration,
     /// Most authenticated sessions at once (a node's newer connection replaces its older one
@@ -141,7 +141,7 @@ pub fn endpoint(
     svid: Arc<SvidStore>,
     cfg: &TunnelConfig,
 ) -> Result<quinn::Endpoint, String> {
-    let crypto = tls::server_config(svid, cfg.trust_domain.clone()).map_err(|e| e.to_string())?;
+    let crypto = tls::server_config(svid, cfg.nodes.clone()).map_err(|e| e.to_string())?;
     let qc =
         quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| e.to_string())?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(qc));
@@ -335,8 +335,20 @@ async fn handle_connection(
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
         .ok_or_else(|| "no peer certificate".to_string())
         .and_then(|certs| {
-            let node = tls::peer_node(&certs, &ctx.cfg.trust_domain).map_err(|e| e.to_string())?;
+            let (node, td) = tls::peer_node(&certs, &ctx.cfg.nodes).map_err(|e| e.to_string())?;
             let (_, not_after) = tls::cert_validity(&certs[0]).map_err(|e| e.to_string())?;
+            // Node ids are shared by our trust domain and the federated ones: a node stays
+            // with the domain it first connected from.
+            match ctx.store.pin_trust_domain(&node, td.as_str()) {
+                Ok(None) => {}
+                Ok(Some(pinned)) => {
+                    metrics::counter!("edgesync_hub_node_domain_refusals_total").increment(1);
+                    return Err(format!(
+                        "node {node} belongs to trust domain {pinned}; refused from {td}"
+                    ));
+                }
+                Err(e) => return Err(format!("cannot check the node's trust domain: {e}")),
+            }
             Ok((node, not_after))
         });
     let (node, peer_not_after) = match peer {

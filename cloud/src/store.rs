@@ -111,6 +111,9 @@ const FIELD_SEQ: &[u8] = b"seq";
 const FIELD_AGENT: &[u8] = b"agent";
 const FIELD_SEEN: &[u8] = b"seen";
 const FIELD_STORE: &[u8] = b"store";
+/// The trust domain a node first authenticated from (node ids are shared by the hub's own
+/// and its federated trust domains; one domain may not take over another's node).
+const FIELD_DOMAIN: &[u8] = b"domain";
 const FIELD_TWIN: &[u8] = b"twinseq";
 const FIELD_BYTES: &[u8] = b"hbytes";
 const FIELD_FLOOR: &[u8] = b"floor";
@@ -1145,6 +1148,22 @@ impl HubStore {
             self.inner.desired_notify.send_modify(|v| *v += 1);
         }
         Ok((moved, resent))
+    }
+
+    /// Binds `node` to the trust domain `td` on its first connection; returns the domain it is
+    /// bound to if that is another one (the connection must then be refused).
+    pub fn pin_trust_domain(&self, node: &NodeId, td: &str) -> Result<Option<String>, StoreError> {
+        let key = meta_key(node, FIELD_DOMAIN);
+        match self
+            .tree()
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(td.as_bytes()))?
+        {
+            Ok(()) => Ok(None),
+            Err(e) => Ok(e
+                .current
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .filter(|cur| cur != td)),
+        }
     }
 
     /// Records the id of the node's outbox; returns the previous one if it was different

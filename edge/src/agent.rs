@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use edgesync_protocol::spiffe_id::{self, SpiffeId};
-use edgesync_protocol::svid_files::{Accept, SvidFiles, Watcher};
+use edgesync_protocol::spiffe_id::{self, NodeIds, SpiffeId};
+use edgesync_protocol::svid_keeper::{Accept, IdentityDriver, IdentitySource};
 use edgesync_protocol::tls::Identity;
 use edgesync_protocol::{DeviceId, NodeId, PropertyId, Sample, Timestamp};
 use tokio::sync::{Mutex, broadcast, mpsc, watch};
@@ -107,15 +107,19 @@ impl Agent {
             .map_err(|e| StartError::Identity(e.to_string()))?;
         // Our SVID, kept current as its files rotate; a rotated SVID must name the same node.
         let cfg_node = cfg.node_id.clone();
+        let node_ids = NodeIds::new(td.clone())
+            .with_prefix(&cfg.identity.node_path_prefix)
+            .map_err(|e| StartError::Identity(format!("node_path_prefix {e}")))?;
         let accept: Accept = {
-            let td = td.clone();
+            let node_ids = node_ids.clone();
             // The configured node, or else the node of the SVID loaded first.
             let want = Arc::new(std::sync::OnceLock::new());
             if let Some(n) = &cfg.node_id {
                 let _ = want.set(n.clone());
             }
             Arc::new(move |identity: &Identity| {
-                let node = spiffe_id::node_from_edge_id(&identity.id, &td)
+                let node = node_ids
+                    .node(&identity.id)
                     .map_err(|e| format!("our own SVID: {e}"))?;
                 let want = want.get_or_init(|| node.clone());
                 if *want != node {
@@ -131,20 +135,30 @@ impl Agent {
                 Ok(())
             })
         };
-        let files = SvidFiles {
-            cert: cfg.identity.cert.clone(),
-            key: cfg.identity.key.clone(),
-            bundle: cfg.identity.bundle.clone(),
-        };
-        let (svid, svid_watcher) =
-            Watcher::start(files, accept).map_err(|e| StartError::Identity(e.to_string()))?;
-        let node = spiffe_id::node_from_edge_id(&svid.id(), &td)
-            .map_err(|e| StartError::Identity(format!("our own SVID: {e}")))?;
         let hub_id: SpiffeId = match &cfg.hub.hub_id {
             Some(id) => spiffe_id::parse_id(id),
             None => spiffe_id::parse_id(&spiffe_id::hub_id(&td)),
         }
         .map_err(|e| StartError::Identity(e.to_string()))?;
+        // The hub is verified against the bundle of its own trust domain only: ours, or a
+        // federated one configured with its bundle.
+        let federated = match &cfg.identity.source {
+            IdentitySource::Files(f) => f.federated.iter().map(|(td, _)| td.clone()).collect(),
+            IdentitySource::WorkloadApi { federates_with, .. } => federates_with.clone(),
+        };
+        if !hub_id.is_member_of(&td) && !federated.iter().any(|f| hub_id.is_member_of(f)) {
+            return Err(StartError::Identity(format!(
+                "hub_id {hub_id} is in trust domain {}, neither ours ({td}) nor listed in [identity] federates_with",
+                hub_id.trust_domain()
+            )));
+        }
+        let (svid, svid_watcher) =
+            IdentityDriver::start(&cfg.identity.source, accept, SVID_CHECK_INTERVAL)
+                .await
+                .map_err(|e| StartError::Identity(e.to_string()))?;
+        let node = node_ids
+            .node(&svid.id())
+            .map_err(|e| StartError::Identity(format!("our own SVID: {e}")))?;
 
         let fsync = match cfg.outbox.fsync {
             FsyncPolicy::EveryCommit => Fsync::EveryCommit,
@@ -340,7 +354,7 @@ impl Agent {
         });
         tasks.push(tokio::spawn(uplink.run()));
         tasks.push(tokio::spawn(
-            svid_watcher.run(SVID_CHECK_INTERVAL, cancel.child_token().cancelled_owned()),
+            svid_watcher.run(cancel.child_token().cancelled_owned()),
         ));
         tracing::info!(node = %node, devices = device_count, "agent started");
         Ok(Agent {

@@ -1,10 +1,16 @@
 //! The QUIC uplink: drives an [`EdgeSession`] over a quinn connection to the hub.
 //!
-//! One task. It (re)connects with jittered exponential backoff, presents the agent's SVID
-//! (re-read from the PEM files at every attempt, so a rotated SVID is used by the next
-//! connection), accepts only the configured hub id, opens one bidirectional stream and pumps
-//! the session: frames in, outbox records out, acknowledged records deleted from the outbox.
+//! One task. It (re)connects with jittered exponential backoff, presents the agent's current
+//! SVID, accepts only the configured hub id, opens one bidirectional stream and pumps the
+//! session: frames in, outbox records out, acknowledged records deleted from the outbox.
 //! In-flight records return to pending on every disconnect and are replayed.
+//!
+//! When the SVID rotates, the connection (authenticated with the previous certificate) is
+//! replaced make-before-break: a new connection is handshaken with the new SVID while the
+//! old one keeps carrying records, and only once it is up is the old one closed and the
+//! session resumed on the new one (the hub skips records it already stored). If the new
+//! handshake fails (say the hub does not trust a new CA yet), the old connection stays and the
+//! switch is tried again every [`SWITCH_RETRY`].
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -100,8 +106,9 @@ pub enum UplinkError {
     /// reconnecting tells the hub (the hello's `oldest_seq`).
     #[error("outbox lost records {0}..={1} (full); reconnecting to report the gap")]
     Dropped(u64, u64),
-    /// Our SVID rotated: the connection is replaced by one that presents the new one.
-    #[error("our SVID rotated; reconnecting to present it")]
+    /// Our SVID rotated: the connection was replaced by one that presents the new one
+    /// (already established when this is returned, unless the old one broke first).
+    #[error("our SVID rotated; the connection was replaced by one that presents it")]
     SvidRotated,
 }
 
@@ -128,6 +135,14 @@ async fn rotation(rx: &mut Option<watch::Receiver<u64>>) -> Result<(), watch::er
         None => std::future::pending().await,
     }
 }
+
+/// How long after a failed make-before-break handshake the switch is tried again.
+pub const SWITCH_RETRY: Duration = Duration::from_secs(2);
+
+/// A handshake in progress for the connection that replaces the live one.
+type Switch = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<quinn::Connection, UplinkError>> + Send>,
+>;
 
 /// The round-trip time assumed until one is measured (see [`client_config`]).
 pub const INITIAL_RTT: Duration = Duration::from_millis(100);
@@ -167,6 +182,8 @@ pub struct Uplink {
     retry_hint: Option<Duration>,
     /// Devices whose schema is still to be sent on this connection.
     schemas_due: std::collections::VecDeque<DeviceId>,
+    /// A connection established make-before-break, to drive next.
+    next_conn: Option<quinn::Connection>,
 }
 
 /// How the uplink talks to the downlink (protocol version 2).
@@ -203,6 +220,7 @@ impl Uplink {
             downlink: None,
             retry_hint: None,
             schemas_due: std::collections::VecDeque::new(),
+            next_conn: None,
         }
     }
 
@@ -261,7 +279,11 @@ impl Uplink {
             match &result {
                 Ok(()) => break,
                 Err(UplinkError::SvidRotated) => {
-                    tracing::info!(hub = %self.cfg.hub_address, "our SVID rotated: reconnecting at once to present it");
+                    tracing::info!(
+                        hub = %self.cfg.hub_address,
+                        replaced = self.next_conn.is_some(),
+                        "our SVID rotated: the session continues on a connection that presents it"
+                    );
                     metrics::counter!("edgesync_uplink_svid_reconnects_total").increment(1);
                     // At once: the outbox resends what the hub had not acknowledged, and the
                     // hub skips what it already stored.
@@ -328,6 +350,10 @@ impl Uplink {
         endpoint: &mut Option<quinn::Endpoint>,
     ) -> Result<(), UplinkError> {
         let cc = client_config(&self.cfg)?;
+        if let Some(conn) = self.next_conn.take() {
+            // Established make-before-break when our SVID rotated.
+            return self.drive_and_close(session, conn, endpoint).await;
+        }
         let addr: SocketAddr = tokio::net::lookup_host(&self.cfg.hub_address)
             .await
             .map_err(|e| UplinkError::Resolve(format!("{}: {e}", self.cfg.hub_address)))?
@@ -358,7 +384,56 @@ impl Uplink {
                 Ok(Ok(c)) => c,
             }
         };
-        let result = self.drive_conn(session, &conn).await;
+        self.drive_and_close(session, conn, endpoint).await
+    }
+
+    /// Starts the handshake of a connection that will replace the live one (it presents the
+    /// SVID current now).
+    fn start_switch(&self, ep: quinn::Endpoint, addr: SocketAddr) -> Switch {
+        let cc = client_config(&self.cfg);
+        let timeout = self.cfg.connect_timeout;
+        Box::pin(async move {
+            let connecting = ep
+                .connect_with(cc?, addr, "edgesync-hub")
+                .map_err(|e| UplinkError::Connect(e.to_string()))?;
+            match tokio::time::timeout(timeout, connecting).await {
+                Err(_) => Err(UplinkError::Connect(format!("timed out after {timeout:?}"))),
+                Ok(Err(e)) => Err(UplinkError::Connect(e.to_string())),
+                Ok(Ok(c)) => Ok(c),
+            }
+        })
+    }
+
+    /// Drives `conn` until it ends; keeps a connection established make-before-break for the
+    /// next round, even when the old one broke while the new one was being handshaken (the
+    /// hub closes a node's older connection once its newer one is authenticated).
+    async fn drive_and_close(
+        &mut self,
+        session: &mut EdgeSession,
+        conn: quinn::Connection,
+        endpoint: &mut Option<quinn::Endpoint>,
+    ) -> Result<(), UplinkError> {
+        let ep = endpoint.clone();
+        let addr = conn.remote_address();
+        let mut switch: Option<Switch> = None;
+        let mut result = self.drive_conn(session, &conn, ep, addr, &mut switch).await;
+        if let (Err(e), Some(pending)) = (&result, switch.take())
+            && !matches!(e, UplinkError::SvidRotated)
+        {
+            match pending.await {
+                Ok(next) => {
+                    tracing::debug!(error = %e, "the old connection ended while its replacement was being established");
+                    self.next_conn = Some(next);
+                    result = Err(UplinkError::SvidRotated);
+                }
+                Err(e2) => tracing::warn!(error = %e2, "the replacement connection failed too"),
+            }
+        }
+        if self.next_conn.is_some() {
+            // The old connection was replaced: its close reason is ours, not a hub's hint.
+            self.retry_hint = None;
+            return result;
+        }
         self.retry_hint = match conn.close_reason() {
             Some(quinn::ConnectionError::ApplicationClosed(c)) => {
                 edgesync_protocol::close::retry_hint(&c.reason)
@@ -368,12 +443,18 @@ impl Uplink {
         result
     }
 
-    /// Runs the session on an established connection until it ends.
+    /// Runs the session on an established connection until it ends. A rotation of our SVID
+    /// starts `switch`, the handshake of the replacing connection.
     async fn drive_conn(
         &mut self,
         session: &mut EdgeSession,
         conn: &quinn::Connection,
+        ep: Option<quinn::Endpoint>,
+        addr: SocketAddr,
+        switch: &mut Option<Switch>,
     ) -> Result<(), UplinkError> {
+        // When a failed switch is to be tried again.
+        let mut switch_retry: Option<Instant> = None;
         self.schemas_due.clear();
         // This connection presents the SVID current now: only a later rotation replaces it.
         if let Some(rx) = &mut self.cfg.svid_rotated {
@@ -539,19 +620,62 @@ impl Uplink {
                 }
                 // Our SVID rotated (watch::changed is cancel-safe; never resolves without a
                 // watcher): this connection was authenticated with the previous certificate.
+                // Handshake its replacement while this one keeps working.
                 r = rotation(&mut self.cfg.svid_rotated) => {
                     if r.is_err() {
                         // The watcher stopped (shutdown): nothing to follow any more.
                         self.cfg.svid_rotated = None;
                         continue;
                     }
-                    let bye = Frame { body: Some(Body::Goodbye(Goodbye { reason: "agent SVID rotated".into() })) };
-                    if let Ok(b) = frame::frame_bytes(&bye, DEFAULT_MAX_FRAME_LEN) {
-                        let _ = tokio::time::timeout(Duration::from_millis(200), send.write_all(&b)).await;
+                    if self.cfg.svid.is_withdrawn() {
+                        // Our identity was revoked: stop using it at once.
+                        conn.close(0u32.into(), b"svid withdrawn");
+                        return Err(UplinkError::Identity("our SVID was withdrawn".into()));
                     }
-                    let _ = send.finish();
-                    conn.close(0u32.into(), b"svid rotated");
-                    return Err(UplinkError::SvidRotated);
+                    if let Some(ep) = &ep {
+                        *switch = Some(self.start_switch(ep.clone(), addr));
+                        switch_retry = None;
+                    }
+                }
+                _ = async {
+                    match switch_retry {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    switch_retry = None;
+                    if let Some(ep) = &ep {
+                        *switch = Some(self.start_switch(ep.clone(), addr));
+                    }
+                }
+                r = async {
+                    match switch.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    *switch = None;
+                    match r {
+                        Ok(next) => {
+                            let bye = Frame { body: Some(Body::Goodbye(Goodbye { reason: "agent SVID rotated: replaced by a new connection".into() })) };
+                            if let Ok(b) = frame::frame_bytes(&bye, DEFAULT_MAX_FRAME_LEN) {
+                                let _ = tokio::time::timeout(Duration::from_millis(200), send.write_all(&b)).await;
+                            }
+                            let _ = send.finish();
+                            conn.close(0u32.into(), b"svid rotated");
+                            self.next_conn = Some(next);
+                            return Err(UplinkError::SvidRotated);
+                        }
+                        Err(e) => {
+                            metrics::counter!("edgesync_uplink_svid_switch_failures_total").increment(1);
+                            tracing::warn!(
+                                error = %e,
+                                retry_in_ms = SWITCH_RETRY.as_millis() as u64,
+                                "the connection presenting our rotated SVID failed; staying on the current one"
+                            );
+                            switch_retry = Some(Instant::now() + SWITCH_RETRY);
+                        }
+                    }
                 }
                 // Session timers (keep-alive, idle, resend).
                 _ = tokio::time::sleep_until(deadline) => session.handle_timeout(self.now()),

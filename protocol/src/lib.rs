@@ -28,14 +28,20 @@ pub mod desired;
 #[cfg(feature = "durable")]
 pub mod durable;
 pub mod frame;
+#[cfg(all(feature = "config", feature = "svid-files"))]
+pub mod identity_config;
 pub mod ids;
 pub mod session;
 pub mod spiffe_id;
 #[cfg(feature = "svid-files")]
 pub mod svid_files;
+#[cfg(feature = "svid-files")]
+pub mod svid_keeper;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod value;
+#[cfg(feature = "workload-api")]
+pub mod workload_api;
 
 pub use ids::{DeviceId, IdError, NodeId, PropertyId};
 pub use value::{BadReason, Quality, Sample, Timestamp, Value, Version};

@@ -13,22 +13,20 @@
 //! loaded; the old material stays until a later check finds a consistent set, and only a set
 //! that stays inconsistent for [`PERSISTENT_AFTER`] checks is logged as an error.
 //!
-//! Expiry is watched as well: the gauge `edgesync_svid_expiry_seconds` holds the seconds until
-//! the loaded SVID expires (negative once it has), a warning is logged once when less than a
-//! third of its lifetime is left (SPIRE rotates at half), and an error once it has expired.
+//! Expiry is watched as well (see [`crate::svid_keeper`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use crate::tls::{Identity, SvidStore, TlsError, TrustBundle};
+use crate::spiffe_id::TrustDomain;
+pub use crate::svid_keeper::Accept;
+use crate::svid_keeper::{Keeper, unix_now};
+use crate::tls::{Identity, SvidStore, TlsError, TrustBundle, TrustBundles};
 
 /// Consecutive checks that find the same unusable files before it is logged as an error (a
 /// rotation in progress is expected to be inconsistent for a moment).
 pub const PERSISTENT_AFTER: u32 = 3;
-
-/// A rule the loaded SVID must follow besides being valid (its SPIFFE ID, usually).
-pub type Accept = Arc<dyn Fn(&Identity) -> Result<(), String> + Send + Sync>;
 
 /// Why the files cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -67,8 +65,11 @@ pub struct SvidFiles {
     pub cert: PathBuf,
     /// PKCS#8 private key of the leaf.
     pub key: PathBuf,
-    /// Trust bundle (CA certificates).
+    /// Trust bundle of our own trust domain (CA certificates).
     pub bundle: PathBuf,
+    /// Bundles of federated trust domains, one file each (peers of those domains are
+    /// verified against their own bundle only).
+    pub federated: Vec<(TrustDomain, PathBuf)>,
 }
 
 /// The files' bytes, as last read.
@@ -77,6 +78,7 @@ struct Snapshot {
     cert: Vec<u8>,
     key: Vec<u8>,
     bundle: Vec<u8>,
+    federated: Vec<Vec<u8>>,
 }
 
 /// Largest SVID, key or bundle file read (they are a few KiB; a path pointing at something
@@ -107,6 +109,11 @@ impl SvidFiles {
             cert: read(&self.cert)?,
             key: read(&self.key)?,
             bundle: read(&self.bundle)?,
+            federated: self
+                .federated
+                .iter()
+                .map(|(_, p)| read(p))
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -114,7 +121,7 @@ impl SvidFiles {
         &self,
         s: &Snapshot,
         accept: &Accept,
-    ) -> Result<(Identity, TrustBundle), SvidFileError> {
+    ) -> Result<(Identity, TrustBundles), SvidFileError> {
         let identity = Identity::from_pem(&s.cert, &s.key).map_err(|source| {
             // A key that does not belong to the chain is as much the key file's fault.
             SvidFileError::Invalid {
@@ -130,11 +137,29 @@ impl SvidFiles {
             path: self.cert.clone(),
             reason,
         })?;
-        Ok((identity, bundle))
+        let own = identity.id.trust_domain().clone();
+        let mut bundles = TrustBundles::single(&own, bundle);
+        for ((td, path), bytes) in self.federated.iter().zip(&s.federated) {
+            if *td == own {
+                return Err(SvidFileError::Refused {
+                    path: path.clone(),
+                    reason: format!(
+                        "trust domain {td} is our own: its bundle is {}",
+                        self.bundle.display()
+                    ),
+                });
+            }
+            let b = TrustBundle::from_pem(bytes).map_err(|source| SvidFileError::Invalid {
+                path: path.clone(),
+                source,
+            })?;
+            bundles.insert(td, b);
+        }
+        Ok((identity, bundles))
     }
 
     /// Reads and checks the files (see the module docs).
-    pub fn load(&self, accept: &Accept) -> Result<(Identity, TrustBundle), SvidFileError> {
+    pub fn load(&self, accept: &Accept) -> Result<(Identity, TrustBundles), SvidFileError> {
         self.parse(&self.snapshot()?, accept)
     }
 }
@@ -153,37 +178,19 @@ pub enum Checked {
 /// Keeps an [`SvidStore`] current with [`SvidFiles`] (see the module docs).
 pub struct Watcher {
     files: SvidFiles,
-    store: Arc<SvidStore>,
-    accept: Accept,
+    keeper: Keeper,
     loaded: Snapshot,
     /// The unusable snapshot last seen and how many checks in a row saw it.
     failing: Option<(Snapshot, u32)>,
-    /// The expiry state last logged, so that each is logged once per SVID.
-    expiry_logged: (u64, ExpiryState),
-    rotations: u64,
-    notify: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Watcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Watcher")
             .field("files", &self.files)
-            .field("rotations", &self.rotations)
+            .field("rotations", &self.keeper.rotations())
             .finish_non_exhaustive()
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ExpiryState {
-    Fresh,
-    Late,
-    Expired,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 impl Watcher {
@@ -194,29 +201,28 @@ impl Watcher {
         accept: Accept,
     ) -> Result<(Arc<SvidStore>, Watcher), SvidFileError> {
         let snapshot = files.snapshot()?;
-        let (identity, bundle) = files.parse(&snapshot, &accept)?;
-        let store = SvidStore::new(identity, bundle).map_err(|source| SvidFileError::Invalid {
-            path: files.cert.clone(),
-            source,
+        let (identity, bundles) = files.parse(&snapshot, &accept)?;
+        let store = SvidStore::with_bundles(identity, bundles).map_err(|source| {
+            SvidFileError::Invalid {
+                path: files.cert.clone(),
+                source,
+            }
         })?;
-        let (notify, _) = tokio::sync::watch::channel(0);
-        let mut w = Watcher {
-            files,
-            store: store.clone(),
-            accept,
-            loaded: snapshot,
-            failing: None,
-            expiry_logged: (0, ExpiryState::Fresh),
-            rotations: 0,
-            notify,
-        };
-        w.watch_expiry(unix_now());
-        Ok((store, w))
+        let keeper = Keeper::new(store.clone(), accept, files.cert.display().to_string());
+        Ok((
+            store,
+            Watcher {
+                files,
+                keeper,
+                loaded: snapshot,
+                failing: None,
+            },
+        ))
     }
 
     /// A receiver of the rotation count (changes after every rotation).
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.notify.subscribe()
+        self.keeper.subscribe()
     }
 
     /// Reads the files once and loads them if they changed and are usable.
@@ -226,33 +232,21 @@ impl Watcher {
                 self.failing = None;
                 Checked::Unchanged
             }
-            Ok(s) => match self.files.parse(&s, &self.accept) {
-                Ok((identity, bundle)) => {
-                    let id = identity.id.clone();
-                    match self.store.update(identity, bundle) {
-                        Ok(()) => {
-                            self.loaded = s;
-                            self.failing = None;
-                            self.rotations += 1;
-                            let (_, not_after) = self.store.validity();
-                            tracing::info!(
-                                %id,
-                                expires_in_s = not_after.saturating_sub(unix_now()),
-                                "SVID rotated: new handshakes present the new certificate"
-                            );
-                            metrics::counter!("edgesync_svid_rotations_total").increment(1);
-                            self.notify.send_replace(self.rotations);
-                            Checked::Rotated
-                        }
-                        Err(e) => self.unusable(s, e.to_string()),
+            Ok(s) => match self.files.parse(&s, &self.keeper.accept) {
+                Ok((identity, bundles)) => match self.keeper.install(identity, bundles) {
+                    Ok(()) => {
+                        self.loaded = s;
+                        self.failing = None;
+                        Checked::Rotated
                     }
-                }
+                    Err(e) => self.unusable(s, e),
+                },
                 Err(e) => self.unusable(s, e.to_string()),
             },
             // A file missing for a moment (replaced by rename) is also a rotation in progress.
             Err(e) => self.unusable(Snapshot::default(), e.to_string()),
         };
-        self.watch_expiry(unix_now());
+        self.keeper.watch_expiry(unix_now());
         outcome
     }
 
@@ -272,39 +266,6 @@ impl Watcher {
         }
         self.failing = Some((s, seen));
         Checked::Unusable(why)
-    }
-
-    fn watch_expiry(&mut self, now: u64) {
-        let (not_before, not_after) = self.store.validity();
-        metrics::gauge!("edgesync_svid_expiry_seconds").set(not_after as f64 - now as f64);
-        let lifetime = not_after.saturating_sub(not_before);
-        let state = if now >= not_after {
-            ExpiryState::Expired
-        } else if not_after - now < lifetime / 3 {
-            ExpiryState::Late
-        } else {
-            ExpiryState::Fresh
-        };
-        if self.expiry_logged == (not_after, state) {
-            return;
-        }
-        let id = self.store.id();
-        match state {
-            ExpiryState::Expired => tracing::error!(
-                %id,
-                expired_s_ago = now - not_after,
-                files = %self.files.cert.display(),
-                "our SVID has expired and was not rotated: peers refuse it"
-            ),
-            ExpiryState::Late => tracing::warn!(
-                %id,
-                expires_in_s = not_after - now,
-                files = %self.files.cert.display(),
-                "our SVID expires soon and has not been rotated"
-            ),
-            ExpiryState::Fresh => {}
-        }
-        self.expiry_logged = (not_after, state);
     }
 
     /// Checks the files every `interval` until `stop` completes.

@@ -3,10 +3,12 @@
 //! Pure: callers read the PEM files and pass bytes in; rustls passes the verification time in.
 //!
 //! - [`Identity`]: our SVID (chain + key), checked to be a valid X.509-SVID.
-//! - [`TrustBundle`]: the trust-domain CA certificates.
+//! - [`TrustBundle`]: a trust domain's CA certificates; [`TrustBundles`]: one per trusted
+//!   domain (ours and federated ones). A peer is verified only against the bundle of the
+//!   trust domain its SPIFFE ID claims.
 //! - [`client_config`]: the agent's side; accepts exactly the configured hub id.
 //! - [`server_config`]: the hub's side; requires a client SVID from the trust bundle and of the
-//!   form `spiffe://<td>/edge/<node>`, so a foreign trust domain or a non-edge path fails the
+//!   form `spiffe://<td>/edge/<node>` ([`NodeIds`]), so a foreign trust domain or a non-edge path fails the
 //!   handshake. [`peer_node`] then takes the node id from the verified certificate.
 //!
 //! Both verifiers also apply the X.509-SVID rules for a leaf that webpki leaves out (key usage
@@ -27,7 +29,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use spiffe::{SpiffeId, TrustDomain};
 
 use crate::ids::NodeId;
-use crate::spiffe_id::{PeerIdError, expect_id, node_from_edge_id};
+use crate::spiffe_id::{NodeIds, PeerIdError, expect_id};
 
 /// ALPN protocol id of the tunnel.
 pub const ALPN: &[u8] = b"edgesync/1";
@@ -114,6 +116,17 @@ impl Identity {
             what: "key file",
             reason: e.to_string(),
         })?;
+        Identity::from_der(chain, key)
+    }
+
+    /// Checks an SVID given as DER certificates (leaf first) and its private key.
+    pub fn from_der(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Identity, TlsError> {
+        if chain.is_empty() {
+            return Err(TlsError::NoCertificate { what: "SVID" });
+        }
         let chain_der: Vec<u8> = chain
             .iter()
             .flat_map(|c| c.as_ref().iter().copied())
@@ -186,10 +199,75 @@ impl TrustBundle {
         }
         Ok(TrustBundle { anchors })
     }
+
+    /// Builds a bundle from DER CA certificates (as the Workload API delivers them).
+    pub fn from_der<'a>(
+        certs: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<TrustBundle, TlsError> {
+        let mut anchors = Vec::new();
+        for (index, c) in certs.into_iter().enumerate() {
+            let der = CertificateDer::from(c);
+            let a = webpki::anchor_from_trusted_cert(&der)
+                .map_err(|e| TlsError::Anchor {
+                    index,
+                    reason: format!("{e:?}"),
+                })?
+                .to_owned();
+            anchors.push(a);
+        }
+        if anchors.is_empty() {
+            return Err(TlsError::NoCertificate { what: "bundle" });
+        }
+        Ok(TrustBundle { anchors })
+    }
+
+    /// How many CA certificates the bundle holds.
+    pub fn len(&self) -> usize {
+        self.anchors.len()
+    }
+
+    /// Whether the bundle is empty (never true for a parsed bundle).
+    pub fn is_empty(&self) -> bool {
+        self.anchors.is_empty()
+    }
 }
 
-/// Our SVID and trust bundle, replaceable at run time (rotation): new handshakes use the
-/// current material.
+/// One trust bundle per trust domain. A peer is verified only against the bundle of the trust
+/// domain its SPIFFE ID claims, so a CA of a federated domain can never vouch for an identity
+/// of ours, and a domain without a bundle here is not trusted at all.
+#[derive(Debug, Clone, Default)]
+pub struct TrustBundles {
+    by_domain: std::collections::BTreeMap<String, Arc<TrustBundle>>,
+}
+
+impl TrustBundles {
+    /// Bundles of `td` only.
+    pub fn single(td: &TrustDomain, bundle: TrustBundle) -> TrustBundles {
+        let mut b = TrustBundles::default();
+        b.insert(td, bundle);
+        b
+    }
+
+    /// Adds or replaces the bundle of `td`.
+    pub fn insert(&mut self, td: &TrustDomain, bundle: TrustBundle) {
+        self.by_domain
+            .insert(td.as_str().to_owned(), Arc::new(bundle));
+    }
+
+    /// The bundle of `td`, if trusted.
+    pub fn get(&self, td: &TrustDomain) -> Option<&TrustBundle> {
+        self.by_domain.get(td.as_str()).map(|b| &**b)
+    }
+
+    /// The trusted trust domains.
+    pub fn domains(&self) -> impl Iterator<Item = &str> {
+        self.by_domain.keys().map(String::as_str)
+    }
+}
+
+/// Our SVID and trust bundles, replaceable at run time (rotation): new handshakes use the
+/// current material. A withdrawn identity (the Workload API revoked it) is neither presented
+/// nor used to verify peers until new material arrives.
 #[derive(Debug)]
 pub struct SvidStore {
     provider: Arc<CryptoProvider>,
@@ -200,12 +278,22 @@ pub struct SvidStore {
 struct Material {
     identity: Identity,
     key: Arc<CertifiedKey>,
-    bundle: Arc<TrustBundle>,
+    bundles: Arc<TrustBundles>,
+    withdrawn: bool,
 }
 
 impl SvidStore {
-    /// Builds a store from parsed material.
+    /// Builds a store that trusts only our own trust domain (the SVID's) with `bundle`.
     pub fn new(identity: Identity, bundle: TrustBundle) -> Result<Arc<SvidStore>, TlsError> {
+        let bundles = TrustBundles::single(identity.id.trust_domain(), bundle);
+        SvidStore::with_bundles(identity, bundles)
+    }
+
+    /// Builds a store from parsed material, with a bundle per trusted trust domain.
+    pub fn with_bundles(
+        identity: Identity,
+        bundles: TrustBundles,
+    ) -> Result<Arc<SvidStore>, TlsError> {
         let provider = provider();
         let key = identity.certified_key(&provider)?;
         Ok(Arc::new(SvidStore {
@@ -213,21 +301,48 @@ impl SvidStore {
             inner: RwLock::new(Material {
                 identity,
                 key,
-                bundle: Arc::new(bundle),
+                bundles: Arc::new(bundles),
+                withdrawn: false,
             }),
         }))
     }
 
-    /// Replaces the material (after the files rotated).
-    pub fn update(&self, identity: Identity, bundle: TrustBundle) -> Result<(), TlsError> {
+    /// Replaces the material (after a rotation); ends a withdrawal.
+    pub fn update(&self, identity: Identity, bundles: TrustBundles) -> Result<(), TlsError> {
         let key = identity.certified_key(&self.provider)?;
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         *g = Material {
             identity,
             key,
-            bundle: Arc::new(bundle),
+            bundles: Arc::new(bundles),
+            withdrawn: false,
         };
         Ok(())
+    }
+
+    /// Withdraws the identity: new handshakes fail on both sides until [`SvidStore::update`].
+    pub fn withdraw(&self) {
+        self.inner
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .withdrawn = true;
+    }
+
+    /// Whether the identity is withdrawn.
+    pub fn is_withdrawn(&self) -> bool {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .withdrawn
+    }
+
+    /// The trust domains we hold a bundle for.
+    pub fn trusted_domains(&self) -> Vec<String> {
+        self.material()
+            .bundles
+            .domains()
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Our current SPIFFE ID.
@@ -260,7 +375,8 @@ impl rustls::client::ResolvesClientCert for SvidStore {
         _issuers: &[&[u8]],
         _schemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        Some(self.material().key)
+        let m = self.material();
+        (!m.withdrawn).then_some(m.key)
     }
     fn has_certs(&self) -> bool {
         true
@@ -269,7 +385,8 @@ impl rustls::client::ResolvesClientCert for SvidStore {
 
 impl rustls::server::ResolvesServerCert for SvidStore {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.material().key)
+        let m = self.material();
+        (!m.withdrawn).then_some(m.key)
     }
 }
 
@@ -326,14 +443,29 @@ fn check_svid_leaf(end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error>
     }
 }
 
+/// Verifies a peer's chain against the bundle of the trust domain its SPIFFE ID claims (and
+/// only that one) and returns the ID.
 fn verify_chain(
     algs: &WebPkiSupportedAlgorithms,
-    bundle: &TrustBundle,
+    m: &Material,
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
     usage: webpki::KeyUsage,
 ) -> Result<SpiffeId, rustls::Error> {
+    if m.withdrawn {
+        return Err(cert_error(WebpkiError(
+            "our own identity is withdrawn: no peer is verified until it is reissued".into(),
+        )));
+    }
+    let claimed = spiffe::cert::spiffe_id_from_der(end_entity.as_ref()).map_err(cert_error)?;
+    let bundle = m.bundles.get(claimed.trust_domain()).ok_or_else(|| {
+        cert_error(WebpkiError(format!(
+            "{claimed}: trust domain {} is not trusted (no bundle for it; trusted: {})",
+            claimed.trust_domain(),
+            m.bundles.domains().collect::<Vec<_>>().join(", ")
+        )))
+    })?;
     let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
     ee.verify_for_usage(
         algs.all,
@@ -346,7 +478,7 @@ fn verify_chain(
     )
     .map_err(webpki_error)?;
     check_svid_leaf(end_entity)?;
-    spiffe::cert::spiffe_id_from_der(end_entity.as_ref()).map_err(cert_error)
+    Ok(claimed)
 }
 
 /// The handshake-signature half of a verifier: the same for both ends (the provider's
@@ -401,7 +533,7 @@ impl ServerCertVerifier for HubVerifier {
         let m = self.store.material();
         let id = verify_chain(
             &self.store.provider.signature_verification_algorithms,
-            &m.bundle,
+            &m,
             end_entity,
             intermediates,
             now,
@@ -414,11 +546,11 @@ impl ServerCertVerifier for HubVerifier {
     signature_checks!();
 }
 
-/// Hub side: requires an edge SVID of our trust domain.
+/// Hub side: requires an accepted node SVID (see [`NodeIds`]).
 #[derive(Debug)]
 struct EdgeVerifier {
     store: Arc<SvidStore>,
-    td: TrustDomain,
+    nodes: NodeIds,
 }
 
 impl ClientCertVerifier for EdgeVerifier {
@@ -436,13 +568,13 @@ impl ClientCertVerifier for EdgeVerifier {
         let m = self.store.material();
         let id = verify_chain(
             &self.store.provider.signature_verification_algorithms,
-            &m.bundle,
+            &m,
             end_entity,
             intermediates,
             now,
             webpki::KeyUsage::client_auth(),
         )?;
-        node_from_edge_id(&id, &self.td).map_err(cert_error)?;
+        self.nodes.node(&id).map_err(cert_error)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -468,15 +600,16 @@ pub fn client_config(
     Ok(cfg)
 }
 
-/// The hub's TLS 1.3 server config: presents our SVID, requires an edge SVID of `td`.
+/// The hub's TLS 1.3 server config: presents our SVID, requires a node SVID that `nodes`
+/// accepts.
 pub fn server_config(
     store: Arc<SvidStore>,
-    td: TrustDomain,
+    nodes: NodeIds,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let provider = store.provider.clone();
     let verifier = Arc::new(EdgeVerifier {
         store: store.clone(),
-        td,
+        nodes,
     });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -486,8 +619,11 @@ pub fn server_config(
     Ok(cfg)
 }
 
-/// The node id of a verified peer (leaf first), re-checked against `td`.
-pub fn peer_node(certs: &[CertificateDer<'_>], td: &TrustDomain) -> Result<NodeId, PeerIdError> {
+/// The node id and trust domain of a verified peer (leaf first), re-checked against `nodes`.
+pub fn peer_node(
+    certs: &[CertificateDer<'_>],
+    nodes: &NodeIds,
+) -> Result<(NodeId, TrustDomain), PeerIdError> {
     let leaf = certs.first().ok_or_else(|| PeerIdError::NotSpiffe {
         id: String::new(),
         reason: "peer presented no certificate".into(),
@@ -497,5 +633,6 @@ pub fn peer_node(certs: &[CertificateDer<'_>], td: &TrustDomain) -> Result<NodeI
             id: String::new(),
             reason: e.to_string(),
         })?;
-    node_from_edge_id(&id, td)
+    let node = nodes.node(&id)?;
+    Ok((node, id.trust_domain().clone()))
 }

@@ -613,9 +613,15 @@ pub async fn embedded_hub(pki: &Pki, dir: &Path) -> anyhow::Result<edgesync_clou
         sled_cache_bytes: 64 << 20,
         trust_domain: td,
         hub_id,
-        cert,
-        key,
-        bundle: pki.bundle.clone(),
+        identity: edgesync_protocol::svid_keeper::IdentitySource::Files(
+            edgesync_protocol::svid_files::SvidFiles {
+                cert,
+                key,
+                bundle: pki.bundle.clone(),
+                federated: Vec::new(),
+            },
+        ),
+        node_path_prefix: edgesync_protocol::spiffe_id::EDGE_PATH_PREFIX.to_owned(),
         tokens: vec![ApiToken {
             name: "harness".into(),
             token: TOKEN.into(),

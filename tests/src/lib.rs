@@ -15,3 +15,4 @@ pub mod pki {
 }
 pub mod sim;
 pub mod udp_proxy;
+pub mod workload_api;

@@ -12,12 +12,19 @@
 //!    filled in and relative paths resolved against the config file's directory.
 //!
 //! Validation reads no file except the `token_file`s of API tokens (a token is a secret that the
-//! hub needs as a value); the PEM files are only named here and read by the TLS setup.
+//! hub needs as a value); the PEM files (`[identity]`, `[api] tls_cert` and `tls_key`) are only
+//! named here and read when the hub starts. The hub reads the token files and the API's PEM
+//! files again while it runs ([`crate::api::ApiAccess`]), with the same rules for a secret
+//! ([`secret_problem`]).
 //!
 //! Invariant: a [`HubConfig`] has passed every check. `deploy/README.md` documents every field;
 //! `deploy/hub.toml` is a checked example.
 
 use edgesync_protocol::config_diag as diag;
+use edgesync_protocol::identity_config::{RawSource, check_source, check_trust_domain};
+use edgesync_protocol::spiffe_id::{EDGE_PATH_PREFIX, check_path_prefix};
+use edgesync_protocol::svid_files::SvidFiles;
+use edgesync_protocol::svid_keeper::IdentitySource;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,7 +34,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use toml::de::DeTable;
 
-pub use crate::api::{ApiToken, Role};
+pub use crate::api::{ApiToken, Role, TokenFile};
+pub use crate::http::TlsFiles;
 pub use diag::{ConfigError, ConfigErrors};
 
 use diag::{Doc, Loc};
@@ -81,6 +89,11 @@ pub struct HubConfig {
     pub identity: HubIdentity,
     /// `[[api.tokens]]`: the bearer tokens the HTTP API accepts (at least one).
     pub tokens: Vec<ApiToken>,
+    /// `[[api.tokens]] token_file`: the tokens whose secret comes from a file (their secret as
+    /// read by validation is in [`HubConfig::tokens`]), in the order of the file.
+    pub token_files: Vec<TokenFile>,
+    /// `[api] tls_cert` and `tls_key`: HTTPS on `http_listen` (`None`: plain HTTP).
+    pub api_tls: Option<TlsFiles>,
 }
 
 /// The hub's identity (`[identity]`). Paths are resolved; the files are not read here.
@@ -90,12 +103,11 @@ pub struct HubIdentity {
     pub trust_domain: String,
     /// The hub's own SPIFFE id, which agents expect (default `spiffe://<td>/hub`).
     pub hub_id: String,
-    /// The X.509-SVID certificate chain (PEM).
-    pub cert: PathBuf,
-    /// The SVID's private key (PEM, PKCS#8).
-    pub key: PathBuf,
-    /// The trust bundle: CA certificates of the trust domain (PEM).
-    pub bundle: PathBuf,
+    /// Where the SVID and bundles come from (files or the Workload API) and the federated
+    /// trust domains, whose nodes the hub accepts too.
+    pub source: IdentitySource,
+    /// The path prefix of node SPIFFE IDs (default `/edge/`).
+    pub node_path_prefix: String,
 }
 
 /// Reads and validates the hub config at `path`; relative paths in it are resolved against the
@@ -164,24 +176,41 @@ struct RawHub {
     node_history_max_bytes: Option<i64>,
 }
 
-/// `[identity]`.
+/// `[identity]` (the source keys are checked by `identity_config::check_source`).
 #[derive(Debug, Default, Deserialize)]
 struct RawIdentity {
     /// SPIFFE trust domain; required.
     trust_domain: Option<String>,
-    /// SVID certificate chain (PEM); required.
+    /// `files` (default) or `workload_api`.
+    source: Option<String>,
+    /// SVID certificate chain (PEM); required with files.
     cert: Option<String>,
-    /// SVID private key (PEM); required.
+    /// SVID private key (PEM); required with files.
     key: Option<String>,
-    /// Trust bundle (PEM); required.
+    /// Trust bundle (PEM); required with files.
     bundle: Option<String>,
+    /// Workload API endpoint (default `SPIFFE_ENDPOINT_SOCKET`).
+    workload_api_socket: Option<String>,
+    /// How long start-up waits for the first SVID from the Workload API.
+    workload_api_timeout_ms: Option<i64>,
+    /// Federated trust domains whose nodes are accepted.
+    federates_with: Option<Vec<String>>,
+    /// Bundle file per federated trust domain (files only).
+    federated_bundles: Option<std::collections::BTreeMap<String, String>>,
     /// The hub's SPIFFE id (default `spiffe://<trust_domain>/hub`).
     hub_id: Option<String>,
+    /// Path prefix of node SPIFFE IDs (default `/edge/`).
+    node_path_prefix: Option<String>,
 }
 
-/// `[api]` (its only content is the `[[api.tokens]]` array, read table by table).
+/// `[api]` (besides the `[[api.tokens]]` array, read table by table).
 #[derive(Debug, Default, Deserialize)]
-struct RawApi {}
+struct RawApi {
+    /// HTTPS certificate chain of the API listener (PEM); with `tls_key`.
+    tls_cert: Option<String>,
+    /// Its private key (PEM); with `tls_cert`.
+    tls_key: Option<String>,
+}
 
 /// `[[api.tokens]]`.
 #[derive(Debug, Default, Deserialize)]
@@ -226,27 +255,6 @@ fn read_section<T: DeserializeOwned + Default>(
     let (node, loc) = doc.table(root, key, &component)?;
     let raw = doc.section_except(node, &loc, nested)?;
     Some((raw, loc))
-}
-
-/// Checks a SPIFFE trust domain name: 1 to 255 bytes of lowercase letters, digits, '.', '-'
-/// and '_'. Returns what is wrong, as a phrase.
-fn check_trust_domain(td: &str) -> Result<(), &'static str> {
-    if td.is_empty() {
-        return Err("is empty");
-    }
-    if td.len() > 255 {
-        return Err("is longer than 255 bytes");
-    }
-    if td.starts_with("spiffe://") {
-        return Err("must be the bare name (example.org), not a spiffe:// URI");
-    }
-    if !td
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
-    {
-        return Err("may only hold lowercase letters, digits, '.', '-' and '_'");
-    }
-    Ok(())
 }
 
 fn socket_addr(
@@ -297,11 +305,17 @@ fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> Hu
         identity: HubIdentity {
             trust_domain: String::new(),
             hub_id: String::new(),
-            cert: PathBuf::new(),
-            key: PathBuf::new(),
-            bundle: PathBuf::new(),
+            source: IdentitySource::Files(SvidFiles {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+                bundle: PathBuf::new(),
+                federated: Vec::new(),
+            }),
+            node_path_prefix: EDGE_PATH_PREFIX.to_owned(),
         },
         tokens: Vec::new(),
+        token_files: Vec::new(),
+        api_tls: None,
     };
 
     // [hub]
@@ -413,7 +427,7 @@ fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> Hu
         doc,
         root,
         "identity",
-        Some("it needs trust_domain, cert, key and bundle"),
+        Some("it needs trust_domain, and cert, key and bundle or source = \"workload_api\""),
         &[],
     ) {
         let id = &mut config.identity;
@@ -454,32 +468,107 @@ fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> Hu
             },
             None => id.hub_id = format!("spiffe://{}/hub", id.trust_domain),
         }
-        id.cert = doc.path(&loc, "cert", raw.cert, base).unwrap_or_default();
-        id.key = doc.path(&loc, "key", raw.key, base).unwrap_or_default();
-        id.bundle = doc
-            .path(&loc, "bundle", raw.bundle, base)
-            .unwrap_or_default();
+        if let Some(prefix) = raw.node_path_prefix {
+            match check_path_prefix(&prefix) {
+                Ok(()) => id.node_path_prefix = prefix,
+                Err(why) => doc.at(
+                    &loc,
+                    "node_path_prefix",
+                    format_args!("node_path_prefix {why}"),
+                ),
+            }
+        }
+        let own = td_ok.then(|| id.trust_domain.clone());
+        let src = RawSource {
+            source: raw.source,
+            cert: raw.cert,
+            key: raw.key,
+            bundle: raw.bundle,
+            workload_api_socket: raw.workload_api_socket,
+            workload_api_timeout_ms: raw.workload_api_timeout_ms,
+            federates_with: raw.federates_with,
+            federated_bundles: raw.federated_bundles,
+        };
+        if let Some(source) = check_source(doc, &loc, src, own.as_deref(), base) {
+            id.source = source;
+        }
     }
 
     // [api] and [[api.tokens]]
-    config.tokens = check_tokens(doc, root, base);
+    check_api(doc, root, base, &mut config);
     config
 }
 
-fn check_tokens(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> Vec<ApiToken> {
-    let mut tokens = Vec::new();
+/// `[api] tls_cert` and `tls_key`: both or neither, non-empty paths (the files are read when
+/// the hub starts).
+fn check_api_tls(doc: &mut Doc<'_>, loc: &Loc, raw: RawApi, base: &Path) -> Option<TlsFiles> {
+    match (raw.tls_cert, raw.tls_key) {
+        (None, None) => None,
+        (Some(_), None) => {
+            doc.at(
+                loc,
+                "tls_cert",
+                "tls_cert is set but tls_key is not (give both, or neither for plain HTTP)",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            doc.at(
+                loc,
+                "tls_key",
+                "tls_key is set but tls_cert is not (give both, or neither for plain HTTP)",
+            );
+            None
+        }
+        (Some(cert), Some(key)) => {
+            let cert = doc.path(loc, "tls_cert", Some(cert), base);
+            let key = doc.path(loc, "tls_key", Some(key), base);
+            match (cert, key) {
+                (Some(cert), Some(key)) if cert == key => {
+                    doc.at(
+                        loc,
+                        "tls_key",
+                        "tls_key names the same file as tls_cert (give the certificate chain and the private key as two files)",
+                    );
+                    None
+                }
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                _ => None,
+            }
+        }
+    }
+}
+
+fn check_api(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path, config: &mut HubConfig) {
     let needs = "it needs at least one [[api.tokens]]";
-    let Some((_, api_loc)) = read_section::<RawApi>(doc, root, "api", Some(needs), &["tokens"])
-    else {
-        return tokens;
+    // A wrong type in [api] itself (already reported) still lets the tokens be checked.
+    let api_loc = match read_section::<RawApi>(doc, root, "api", Some(needs), &["tokens"]) {
+        Some((raw, loc)) => {
+            config.api_tls = check_api_tls(doc, &loc, raw, base);
+            loc
+        }
+        None => Loc::absent("[api]"),
     };
     let Some(api) = root
         .iter()
         .find(|(k, _)| k.get_ref() == "api")
         .and_then(|(_, v)| v.get_ref().as_table())
     else {
-        return tokens;
+        return;
     };
+    let (tokens, files) = check_tokens(doc, api, &api_loc, base);
+    config.tokens = tokens;
+    config.token_files = files;
+}
+
+fn check_tokens(
+    doc: &mut Doc<'_>,
+    api: &DeTable<'_>,
+    api_loc: &Loc,
+    base: &Path,
+) -> (Vec<ApiToken>, Vec<TokenFile>) {
+    let mut tokens = Vec::new();
+    let mut files = Vec::new();
     let before = doc.error_count();
     let items = doc.table_array(api, "tokens", "[api]");
     if items.is_empty() && doc.error_count() == before {
@@ -521,6 +610,7 @@ fn check_tokens(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> Vec<ApiTo
             }
         }
 
+        let mut file_path = None;
         let secret_key = if raw.token.is_some() {
             "token"
         } else {
@@ -548,7 +638,7 @@ fn check_tokens(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> Vec<ApiTo
                     None
                 } else {
                     let path = base.join(&file);
-                    match std::fs::read_to_string(&path) {
+                    let secret = match std::fs::read_to_string(&path) {
                         Ok(text) => {
                             let what = format!("the token in {}", path.display());
                             check_secret(doc, &loc, "token_file", text.trim().to_owned(), &what)
@@ -561,7 +651,9 @@ fn check_tokens(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> Vec<ApiTo
                             );
                             None
                         }
-                    }
+                    };
+                    file_path = Some(path);
+                    secret
                 }
             }
         };
@@ -586,13 +678,35 @@ fn check_tokens(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> Vec<ApiTo
             continue;
         }
         if let (Some(name), Some(token), Some(role)) = (name, secret, role) {
+            if let Some(path) = file_path {
+                files.push(TokenFile {
+                    name: name.clone(),
+                    path,
+                });
+            }
             tokens.push(ApiToken { name, token, role });
         }
     }
-    tokens
+    (tokens, files)
 }
 
-/// Checks a bearer token secret: at least [`MIN_TOKEN_LEN`] visible ASCII characters.
+/// What is wrong with a bearer token secret, as a phrase to follow its name (`is 9 characters
+/// long, shorter than 16`): a secret is at least [`MIN_TOKEN_LEN`] visible ASCII characters.
+/// `None` when it is acceptable. The hub applies the same rule to a reloaded `token_file`.
+pub fn secret_problem(secret: &str) -> Option<String> {
+    let len = secret.chars().count();
+    if len < MIN_TOKEN_LEN {
+        return Some(format!(
+            "is {len} characters long, shorter than {MIN_TOKEN_LEN}"
+        ));
+    }
+    if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+        return Some("may only hold visible ASCII characters (no spaces)".to_owned());
+    }
+    None
+}
+
+/// Checks a bearer token secret (see [`secret_problem`]).
 fn check_secret(
     doc: &mut Doc<'_>,
     loc: &Loc,
@@ -600,24 +714,13 @@ fn check_secret(
     secret: String,
     what: &str,
 ) -> Option<String> {
-    let len = secret.chars().count();
-    if len < MIN_TOKEN_LEN {
-        doc.at(
-            loc,
-            key,
-            format_args!("{what} is {len} characters long, shorter than {MIN_TOKEN_LEN}"),
-        );
-        return None;
+    match secret_problem(&secret) {
+        Some(problem) => {
+            doc.at(loc, key, format_args!("{what} {problem}"));
+            None
+        }
+        None => Some(secret),
     }
-    if !secret.bytes().all(|b| b.is_ascii_graphic()) {
-        doc.at(
-            loc,
-            key,
-            format_args!("{what} may only hold visible ASCII characters (no spaces)"),
-        );
-        return None;
-    }
-    Some(secret)
 }
 
 #[cfg(test)]

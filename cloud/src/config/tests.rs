@@ -65,7 +65,11 @@ fn deploy_example_is_valid() {
     assert_eq!(cfg.max_nodes, Some(1000));
     assert_eq!(cfg.identity.trust_domain, "example.org");
     assert_eq!(cfg.identity.hub_id, "spiffe://example.org/hub");
-    assert_eq!(cfg.identity.key, Path::new("/opt/hub/./pki/hub.key"));
+    match &cfg.identity.source {
+        IdentitySource::Files(f) => assert_eq!(f.key, Path::new("/opt/hub/./pki/hub.key")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(cfg.identity.node_path_prefix, "/edge/");
     assert_eq!(cfg.tokens.len(), 2);
     assert_eq!(cfg.tokens[0].name, "operator");
     assert_eq!(cfg.tokens[0].role, Role::Admin);
@@ -165,7 +169,7 @@ fn missing_everything() {
         msgs,
         [
             "missing required table [hub] (it needs data_dir)",
-            "missing required table [identity] (it needs trust_domain, cert, key and bundle)",
+            "missing required table [identity] (it needs trust_domain, and cert, key and bundle or source = \"workload_api\")",
             "missing required table [api] (it needs at least one [[api.tokens]])",
         ]
     );
@@ -356,4 +360,90 @@ fn quotas_and_retention_are_read_and_zero_turns_them_off() {
         let text = with(&format!("{field} = {bad}"));
         assert_problem(&text, field, field);
     }
+}
+
+#[test]
+fn api_tls_fields_are_read_and_checked() {
+    let with_api = |lines: &str| format!("{BASE}[api]\n{lines}\n");
+    let cfg = parse_text(BASE).unwrap();
+    assert_eq!(cfg.api_tls, None, "plain HTTP is the default");
+    let cfg = parse_text(&with_api(
+        "tls_cert = \"tls/api.crt\"\ntls_key = \"/secrets/api.key\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        cfg.api_tls,
+        Some(TlsFiles {
+            cert: PathBuf::from("/etc/edgesync/tls/api.crt"),
+            key: PathBuf::from("/secrets/api.key"),
+        })
+    );
+    let text = with_api("tls_cert = \"api.crt\"");
+    assert_problem(
+        &text,
+        "tls_cert",
+        "[api]: tls_cert is set but tls_key is not (give both, or neither for plain HTTP)",
+    );
+    let text = with_api("tls_key = \"api.key\"");
+    assert_problem(
+        &text,
+        "tls_key",
+        "[api]: tls_key is set but tls_cert is not",
+    );
+    let text = with_api("tls_cert = \"\"\ntls_key = \"api.key\"");
+    assert_problem(&text, "tls_cert", "[api]: tls_cert is empty");
+    let text = with_api("tls_cert = \"api.pem\"\ntls_key = \"api.pem\"");
+    assert_problem(&text, "tls_key", "tls_key names the same file as tls_cert");
+    let text = with_api("tls_cert = 5\ntls_key = \"api.key\"");
+    assert_problem(
+        &text,
+        "tls_cert",
+        "[api]: tls_cert: invalid type: integer `5`",
+    );
+    let text = with_api("tls_crt = \"api.crt\"");
+    assert_problem(&text, "tls_crt", "[api]: unknown field \"tls_crt\"");
+    // A problem in [api] does not stop the tokens from being checked.
+    let text = format!(
+        "{}[api]\ntls_cert = 5\n",
+        BASE.replace("0123456789abcdef", "short")
+    );
+    let found = problems(&text);
+    assert!(
+        found.iter().any(|(_, m)| m.contains("shorter than 16")),
+        "{found:#?}"
+    );
+    // The [api] table may come before or after its tokens.
+    let text = BASE.replacen(
+        "[[api.tokens]]",
+        "[api]\ntls_cert = \"a.crt\"\ntls_key = \"a.key\"\n\n[[api.tokens]]",
+        1,
+    );
+    assert!(parse_text(&text).unwrap().api_tls.is_some());
+}
+
+#[test]
+fn token_files_are_remembered_for_reloading() {
+    let dir = std::env::temp_dir().join(format!("edgesync-hubcfg-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("ops.token"), "abcdefghijklmnopqrstuvwxyz\n").unwrap();
+    let text = format!(
+        "{BASE}[[api.tokens]]\nname = \"ops\"\ntoken_file = \"ops.token\"\nrole = \"read_only\"\n"
+    );
+    let cfg = parse("hub.toml", &text, &dir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cfg.token_files,
+        [TokenFile {
+            name: "ops".into(),
+            path: dir.join("ops.token"),
+        }]
+    );
+    assert_eq!(cfg.tokens[1].token, "abcdefghijklmnopqrstuvwxyz");
+    // Inline tokens are not watched.
+    assert!(parse_text(BASE).unwrap().token_files.is_empty());
+    assert_eq!(
+        secret_problem("abc").as_deref(),
+        Some("is 3 characters long, shorter than 16")
+    );
+    assert_eq!(secret_problem("abcdefghijklmnop"), None);
+    let _ = std::fs::remove_dir_all(&dir);
 }

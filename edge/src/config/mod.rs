@@ -21,6 +21,10 @@
 
 mod address;
 use edgesync_protocol::config_diag as diag;
+use edgesync_protocol::identity_config::{RawSource, check_source, check_trust_domain};
+use edgesync_protocol::spiffe_id::{EDGE_PATH_PREFIX, check_path_prefix};
+use edgesync_protocol::svid_files::SvidFiles;
+use edgesync_protocol::svid_keeper::IdentitySource;
 mod kubeedge;
 mod mqtt;
 mod net;
@@ -75,7 +79,7 @@ pub struct AgentConfig {
     /// `[hub]`: how to reach the hub.
     pub hub: HubLinkConfig,
     /// `[identity]`: the agent's X.509-SVID files and trust domain.
-    pub identity: IdentityFiles,
+    pub identity: IdentityConfig,
     /// `[outbox]`: the outbox bounds and flush policy.
     pub outbox: OutboxConfig,
     /// `[metrics] listen`: where to serve Prometheus metrics, if anywhere.
@@ -105,18 +109,18 @@ pub struct HubLinkConfig {
     pub backoff_max: Duration,
 }
 
-/// The agent's identity as PEM files (`[identity]`), as written by spiffe-helper or
-/// cert-manager's csi-driver-spiffe. Paths are resolved; the files are not read here.
+/// The agent's identity (`[identity]`): PEM files as written by spiffe-helper or
+/// cert-manager's csi-driver-spiffe, or the SPIFFE Workload API. Paths are resolved; the
+/// files are not read here.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentityFiles {
+pub struct IdentityConfig {
     /// The SPIFFE trust domain (`example.org`).
     pub trust_domain: String,
-    /// The X.509-SVID certificate chain (PEM).
-    pub cert: PathBuf,
-    /// The SVID's private key (PEM, PKCS#8).
-    pub key: PathBuf,
-    /// The trust bundle: CA certificates of the trust domain (PEM).
-    pub bundle: PathBuf,
+    /// Where the SVID and bundles come from, and the federated trust domains (the hub may
+    /// belong to one of them).
+    pub source: IdentitySource,
+    /// The path prefix of node SPIFFE IDs (default `/edge/`; the hub's must be the same).
+    pub node_path_prefix: String,
 }
 
 /// When the outbox forces its writes to stable storage.
@@ -244,17 +248,29 @@ struct RawHub {
     backoff_max_ms: Option<i64>,
 }
 
-/// `[identity]`.
+/// `[identity]` (the source keys are checked by `identity_config::check_source`).
 #[derive(Debug, Default, Deserialize)]
 struct RawIdentity {
     /// SPIFFE trust domain; required.
     trust_domain: Option<String>,
-    /// SVID certificate chain (PEM); required.
+    /// `files` (default) or `workload_api`.
+    source: Option<String>,
+    /// SVID certificate chain (PEM); required with files.
     cert: Option<String>,
-    /// SVID private key (PEM); required.
+    /// SVID private key (PEM); required with files.
     key: Option<String>,
-    /// Trust bundle (PEM); required.
+    /// Trust bundle (PEM); required with files.
     bundle: Option<String>,
+    /// Workload API endpoint (default `SPIFFE_ENDPOINT_SOCKET`).
+    workload_api_socket: Option<String>,
+    /// How long start-up waits for the first SVID from the Workload API.
+    workload_api_timeout_ms: Option<i64>,
+    /// Federated trust domains (the hub's, if it is not ours).
+    federates_with: Option<Vec<String>>,
+    /// Bundle file per federated trust domain (files only).
+    federated_bundles: Option<std::collections::BTreeMap<String, String>>,
+    /// Path prefix of node SPIFFE IDs (default `/edge/`).
+    node_path_prefix: Option<String>,
 }
 
 /// `[outbox]`.
@@ -670,24 +686,32 @@ fn check_hub(doc: &mut Doc<'_>, root: &DeTable<'_>) -> HubLinkConfig {
     hub
 }
 
-fn check_identity(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> IdentityFiles {
-    let mut id = IdentityFiles {
+fn check_identity(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> IdentityConfig {
+    let mut id = IdentityConfig {
         trust_domain: String::new(),
-        cert: PathBuf::new(),
-        key: PathBuf::new(),
-        bundle: PathBuf::new(),
+        source: IdentitySource::Files(SvidFiles {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            bundle: PathBuf::new(),
+            federated: Vec::new(),
+        }),
+        node_path_prefix: EDGE_PATH_PREFIX.to_owned(),
     };
     let Some((raw, loc)) = read_section::<RawIdentity>(
         doc,
         root,
         "identity",
-        Some("it needs trust_domain, cert, key and bundle"),
+        Some("it needs trust_domain, and cert, key and bundle or source = \"workload_api\""),
     ) else {
         return id;
     };
+    let mut td_ok = false;
     if let Some(td) = doc.required(&loc, "trust_domain", raw.trust_domain) {
-        match net::check_trust_domain(&td) {
-            Ok(()) => id.trust_domain = td,
+        match check_trust_domain(&td) {
+            Ok(()) => {
+                id.trust_domain = td;
+                td_ok = true;
+            }
             Err(why) => doc.at(
                 &loc,
                 "trust_domain",
@@ -695,11 +719,30 @@ fn check_identity(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> Identit
             ),
         }
     }
-    id.cert = doc.path(&loc, "cert", raw.cert, base).unwrap_or_default();
-    id.key = doc.path(&loc, "key", raw.key, base).unwrap_or_default();
-    id.bundle = doc
-        .path(&loc, "bundle", raw.bundle, base)
-        .unwrap_or_default();
+    if let Some(prefix) = raw.node_path_prefix {
+        match check_path_prefix(&prefix) {
+            Ok(()) => id.node_path_prefix = prefix,
+            Err(why) => doc.at(
+                &loc,
+                "node_path_prefix",
+                format_args!("node_path_prefix {why}"),
+            ),
+        }
+    }
+    let own = td_ok.then(|| id.trust_domain.clone());
+    let src = RawSource {
+        source: raw.source,
+        cert: raw.cert,
+        key: raw.key,
+        bundle: raw.bundle,
+        workload_api_socket: raw.workload_api_socket,
+        workload_api_timeout_ms: raw.workload_api_timeout_ms,
+        federates_with: raw.federates_with,
+        federated_bundles: raw.federated_bundles,
+    };
+    if let Some(source) = check_source(doc, &loc, src, own.as_deref(), base) {
+        id.source = source;
+    }
     id
 }
 

@@ -65,27 +65,6 @@ fn is_dns_name(host: &str) -> bool {
     labels_ok && !all_numeric
 }
 
-/// Checks a SPIFFE trust domain name: 1 to 255 bytes of lowercase letters, digits, '.', '-'
-/// and '_'. Returns what is wrong, as a phrase.
-pub(crate) fn check_trust_domain(td: &str) -> Result<(), String> {
-    if td.is_empty() {
-        return Err("is empty".to_owned());
-    }
-    if td.len() > 255 {
-        return Err("is longer than 255 bytes".to_owned());
-    }
-    if td.starts_with("spiffe://") {
-        return Err("must be the bare name (example.org), not a spiffe:// URI".to_owned());
-    }
-    if !td
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
-    {
-        return Err("may only hold lowercase letters, digits, '.', '-' and '_'".to_owned());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,16 +97,5 @@ mod tests {
         ] {
             assert!(check_host_port(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn trust_domains() {
-        for ok in ["example.org", "prod_1", "a-b.c"] {
-            assert_eq!(check_trust_domain(ok), Ok(()), "{ok}");
-        }
-        for bad in ["", "Example.org", "spiffe://example.org", "a/b", "a b"] {
-            assert!(check_trust_domain(bad).is_err(), "{bad}");
-        }
-        assert!(check_trust_domain(&"a".repeat(256)).is_err());
     }
 }

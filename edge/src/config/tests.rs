@@ -72,10 +72,10 @@ fn deploy_example_is_valid() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.node_id.as_ref().map(|n| n.as_str()), Some("line-1"));
     assert_eq!(cfg.data_dir, Path::new("/opt/edgesync/./data"));
-    assert_eq!(
-        cfg.identity.cert,
-        Path::new("/opt/edgesync/./pki/agent.crt")
-    );
+    let IdentitySource::Files(files) = &cfg.identity.source else {
+        panic!("{:?}", cfg.identity.source)
+    };
+    assert_eq!(files.cert, Path::new("/opt/edgesync/./pki/agent.crt"));
     assert_eq!(cfg.identity.trust_domain, "example.org");
     assert_eq!(cfg.hub.address, "hub.example.org:7443");
     assert_eq!(cfg.hub.idle_timeout, Duration::from_secs(10));
@@ -149,8 +149,11 @@ fn load_resolves_paths_against_the_file() {
         cfg.data_dir,
         std::path::absolute(&dir).unwrap().join("data")
     );
+    let IdentitySource::Files(files) = &cfg.identity.source else {
+        panic!("{:?}", cfg.identity.source)
+    };
     assert_eq!(
-        cfg.identity.bundle,
+        files.bundle,
         std::path::absolute(&dir).unwrap().join("b.pem")
     );
     assert!(cfg.devices.is_empty());
@@ -348,7 +351,7 @@ deadband_percent = 2.0
         ),
         (
             13,
-            "[identity]: unknown field \"extra\" (expected one of: trust_domain, cert, key, bundle)",
+            "[identity]: unknown field \"extra\" (expected one of: trust_domain, source, cert, key, bundle, workload_api_socket, workload_api_timeout_ms, federates_with, federated_bundles, node_path_prefix)",
         ),
         (14, "top level: unknown field \"mqtt_bridge\""),
         (
@@ -424,7 +427,7 @@ fn missing_tables_and_fields() {
         [
             "missing required table [agent] (it needs data_dir)",
             "missing required table [hub] (it needs address)",
-            "missing required table [identity] (it needs trust_domain, cert, key and bundle)",
+            "missing required table [identity] (it needs trust_domain, and cert, key and bundle or source = \"workload_api\")",
         ]
     );
     assert!(found.iter().all(|(l, _)| l.is_none()));
@@ -975,4 +978,89 @@ fn state_only_is_a_per_tag_flag() {
             .any(|(l, m)| *l == Some(line_of(&text, "state_only")) && m.contains("state_only")),
         "{found:#?}"
     );
+}
+
+#[test]
+fn identity_sources_and_federation() {
+    let api = r#"[agent]
+data_dir = "data"
+[hub]
+address = "hub.local:7443"
+hub_id = "spiffe://cloud.example/hub"
+[identity]
+trust_domain = "example.org"
+source = "workload_api"
+workload_api_socket = "unix:///run/spire/agent.sock"
+federates_with = ["cloud.example"]
+node_path_prefix = "/factory/gw/"
+"#;
+    let cfg = parse_text(api).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cfg.identity.source,
+        IdentitySource::WorkloadApi {
+            endpoint: Some("unix:///run/spire/agent.sock".into()),
+            federates_with: vec![
+                edgesync_protocol::spiffe_id::trust_domain("cloud.example").unwrap()
+            ],
+            initial_timeout: Duration::from_millis(60_000),
+        }
+    );
+    assert_eq!(cfg.identity.node_path_prefix, "/factory/gw/");
+
+    let files = BASE.to_owned()
+        + "federates_with = [\"cloud.example\"]\n[identity.federated_bundles]\n\"cloud.example\" = \"cloud.pem\"\n";
+    let cfg = parse_text(&files).unwrap_or_else(|e| panic!("{e}"));
+    let IdentitySource::Files(f) = &cfg.identity.source else {
+        panic!("{:?}", cfg.identity.source)
+    };
+    assert_eq!(f.federated.len(), 1);
+    assert_eq!(f.federated[0].1, Path::new("/etc/edgesync/cloud.pem"));
+
+    // Every mistake is named with its line.
+    let bad = r#"[agent]
+data_dir = "data"
+[hub]
+address = "hub.local:7443"
+[identity]
+trust_domain = "example.org"
+source = "workload_api"
+cert = "c.pem"
+workload_api_socket = "/run/spire/agent.sock"
+federates_with = ["example.org", "Cloud", "x.org", "x.org"]
+node_path_prefix = "edge"
+workload_api_timeout_ms = 5
+"#;
+    let found = problems(bad);
+    for (line, text) in [
+        (8, "cert is only used with source = \"files\""),
+        (9, "must be unix:///<absolute path> or tcp://<ip>:<port>"),
+        (10, "\"example.org\" is our own trust domain"),
+        (10, "\"Cloud\" may only hold lowercase"),
+        (10, "\"x.org\" is listed twice"),
+        (11, "node_path_prefix \"edge\" must start and end with '/'"),
+        (
+            12,
+            "workload_api_timeout_ms is 5 but must be in 100..=86400000",
+        ),
+    ] {
+        assert!(
+            found
+                .iter()
+                .any(|(l, m)| *l == Some(line) && m.contains(text)),
+            "missing {line}: {text} in {found:#?}"
+        );
+    }
+    let missing = BASE.to_owned()
+        + "federates_with = [\"cloud.example\"]\nworkload_api_socket = \"unix:///x\"\n[identity.federated_bundles]\n\"other.example\" = \"o.pem\"\n";
+    let found = problems(&missing);
+    for text in [
+        "federated trust domain cloud.example needs a bundle file",
+        "\"other.example\" is not listed in federates_with",
+        "workload_api_socket is only used with source = \"workload_api\"",
+    ] {
+        assert!(
+            found.iter().any(|(_, m)| m.contains(text)),
+            "missing {text} in {found:#?}"
+        );
+    }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail, ensure};
 use edgesync_cloud::store::HubStore;
 use edgesync_protocol::NodeId;
+use edgesync_protocol::spiffe_id::NodeIds;
 use edgesync_protocol::svid_files::{Accept, Checked, SvidFiles, Watcher};
 use edgesync_protocol::tls::Identity;
 use edgesync_testkit::harness::{self, Api, Pki, Proc, SimDevice, TempDir};
@@ -48,6 +49,7 @@ fn the_watcher_loads_consistent_rotations_only_and_keeps_the_last_good_svid() ->
         cert: cert.clone(),
         key: key.clone(),
         bundle: pki.bundle.clone(),
+        federated: Vec::new(),
     };
     let (store, mut w) = Watcher::start(files, accept.clone())?;
     let mut rotated = w.subscribe();
@@ -110,6 +112,7 @@ fn the_watcher_loads_consistent_rotations_only_and_keeps_the_last_good_svid() ->
         cert: cert.clone(),
         key: tmp.path().join("missing.key.pem"),
         bundle: pki.bundle.clone(),
+        federated: Vec::new(),
     };
     let e = Watcher::start(bad, accept)
         .err()
@@ -468,6 +471,163 @@ fn handshake(client: rustls::ClientConfig, server: rustls::ServerConfig) -> Resu
     Err("the handshake did not finish".into())
 }
 
+/// Trust is scoped per trust domain: a peer is verified against the bundle of the domain its
+/// SPIFFE ID claims and no other, and only configured domains and paths are accepted.
+#[test]
+fn peers_are_verified_against_their_own_trust_domain_bundle_only() -> anyhow::Result<()> {
+    use edgesync_cloud::devca::DevCa;
+    use edgesync_protocol::spiffe_id::{parse_id, trust_domain};
+    use edgesync_protocol::tls::{
+        SvidStore, TrustBundle, TrustBundles, client_config, server_config,
+    };
+    const FED: &str = "plant2.example";
+    let ours = DevCa::new(TD)?;
+    let fed = DevCa::new(FED)?;
+    let forger = DevCa::new(TD)?; // another CA claiming our trust domain
+    let evil = DevCa::new("evil.example")?;
+    let hour = Duration::from_secs(3600);
+    let hub_id = parse_id(&format!("spiffe://{TD}/hub"))?;
+    let td = trust_domain(TD)?;
+    let fed_td = trust_domain(FED)?;
+    let bundle = |ca: &DevCa| TrustBundle::from_pem(ca.bundle_pem().as_bytes());
+    let identity = |s: &Svid| Identity::from_pem(s.cert_pem.as_bytes(), s.key_pem.as_bytes());
+    // The hub trusts our domain and the federated one, and accepts nodes of both.
+    let mut hub_bundles = TrustBundles::single(&td, bundle(&ours)?);
+    hub_bundles.insert(&fed_td, bundle(&fed)?);
+    let hub_svid = ours.mint(hub_id.to_string().as_str(), hour)?;
+    let hub_store = SvidStore::with_bundles(identity(&hub_svid)?, hub_bundles)?;
+    let nodes = NodeIds::new(td.clone()).with_domain(fed_td.clone());
+    let hub = || server_config(hub_store.clone(), nodes.clone()).map_err(anyhow::Error::from);
+    // An agent whose own bundles hold its domain and the federated one (so that its own side
+    // accepts the hub whatever the case).
+    let agent = |svid: &Svid, own: &DevCa| -> anyhow::Result<rustls::ClientConfig> {
+        let mut b = TrustBundles::single(&trust_domain(own.trust_domain())?, bundle(own)?);
+        b.insert(&td, bundle(&ours)?);
+        Ok(client_config(
+            SvidStore::with_bundles(identity(svid)?, b)?,
+            hub_id.clone(),
+        )?)
+    };
+
+    // Accepted: our node, and a node of the federated domain issued by its own CA.
+    handshake(
+        agent(&ours.mint(&format!("spiffe://{TD}/edge/n1"), hour)?, &ours)?,
+        hub()?,
+    )
+    .map_err(|e| anyhow::anyhow!("our node: {e}"))?;
+    handshake(
+        agent(&fed.mint(&format!("spiffe://{FED}/edge/n2"), hour)?, &fed)?,
+        hub()?,
+    )
+    .map_err(|e| anyhow::anyhow!("federated node: {e}"))?;
+
+    let refused = |what: &str, svid: Svid, ca: &DevCa, needles: &[&str]| -> anyhow::Result<()> {
+        let e = handshake(agent(&svid, ca)?, hub()?)
+            .err()
+            .with_context(|| format!("the hub accepted {what}"))?;
+        ensure!(
+            e.starts_with("hub:") && needles.iter().any(|n| e.contains(n)),
+            "{what}: {e}"
+        );
+        Ok(())
+    };
+    // A federated CA issuing an identity in OUR domain: verified against our bundle only.
+    refused(
+        "a federated CA's leaf for our domain",
+        fed.mint(&format!("spiffe://{TD}/edge/victim"), hour)?,
+        &fed,
+        &["UnknownIssuer"],
+    )?;
+    // Another CA claiming our trust domain (a forged leaf).
+    refused(
+        "a forged leaf of our domain",
+        forger.mint(&format!("spiffe://{TD}/edge/victim"), hour)?,
+        &forger,
+        // Same issuer name as our CA: found by name, refused by its signature.
+        &["UnknownIssuer", "BadSignature"],
+    )?;
+    // A trust domain that is neither ours nor federated.
+    refused(
+        "a foreign trust domain",
+        evil.mint("spiffe://evil.example/edge/n3", hour)?,
+        &evil,
+        &["trust domain evil.example is not trusted"],
+    )?;
+    // Not an edge path.
+    refused(
+        "a non-edge path",
+        ours.mint(&format!("spiffe://{TD}/workload/db"), hour)?,
+        &ours,
+        &["NotEdge"],
+    )?;
+    // An expired SVID.
+    let now = SystemTime::now();
+    refused(
+        "an expired SVID",
+        ours.mint_with_validity(
+            &format!("spiffe://{TD}/edge/n1"),
+            now - Duration::from_secs(7200),
+            now - Duration::from_secs(60),
+        )?,
+        &ours,
+        &["Expired"],
+    )?;
+    // Without the federation configured, the federated node is refused.
+    let plain = server_config(
+        SvidStore::new(identity(&hub_svid)?, bundle(&ours)?)?,
+        NodeIds::new(td.clone()),
+    )?;
+    let e = handshake(
+        agent(&fed.mint(&format!("spiffe://{FED}/edge/n2"), hour)?, &fed)?,
+        plain,
+    )
+    .err()
+    .context("a hub without the federation accepted its node")?;
+    ensure!(
+        e.contains("trust domain plant2.example is not trusted"),
+        "{e}"
+    );
+
+    // The agent side: a hub in the federated domain is verified against that domain's
+    // bundle; a hub id in our domain issued by the federated CA is refused.
+    let fed_hub_id = parse_id(&format!("spiffe://{FED}/hub"))?;
+    let agent_svid = ours.mint(&format!("spiffe://{TD}/edge/n1"), hour)?;
+    let mut agent_bundles = TrustBundles::single(&td, bundle(&ours)?);
+    agent_bundles.insert(&fed_td, bundle(&fed)?);
+    let agent_store = SvidStore::with_bundles(identity(&agent_svid)?, agent_bundles)?;
+    let fed_hub_store = SvidStore::with_bundles(
+        identity(&fed.mint(fed_hub_id.to_string().as_str(), hour)?)?,
+        TrustBundles::single(&td, bundle(&ours)?),
+    )?;
+    handshake(
+        client_config(agent_store.clone(), fed_hub_id.clone())?,
+        server_config(fed_hub_store, NodeIds::new(td.clone()))?,
+    )
+    .map_err(|e| anyhow::anyhow!("federated hub: {e}"))?;
+    let impostor = SvidStore::with_bundles(
+        identity(&fed.mint(hub_id.to_string().as_str(), hour)?)?,
+        TrustBundles::single(&td, bundle(&ours)?),
+    )?;
+    let e = handshake(
+        client_config(agent_store.clone(), hub_id.clone())?,
+        server_config(impostor, NodeIds::new(td.clone()))?,
+    )
+    .err()
+    .context("the agent accepted our hub id issued by the federated CA")?;
+    ensure!(
+        e.starts_with("agent:") && e.contains("UnknownIssuer"),
+        "{e}"
+    );
+
+    // A withdrawn identity is neither presented nor used to verify.
+    agent_store.withdraw();
+    let e = handshake(client_config(agent_store.clone(), hub_id.clone())?, hub()?)
+        .err()
+        .context("a withdrawn identity still completed a handshake")?;
+    ensure!(e.contains("withdrawn") || e.contains("hub:"), "{e}");
+    Ok(())
+}
+
 #[test]
 fn leaves_that_break_the_x509_svid_key_usage_rules_are_refused_by_both_ends() -> anyhow::Result<()>
 {
@@ -497,7 +657,8 @@ fn leaves_that_break_the_x509_svid_key_usage_rules_are_refused_by_both_ends() ->
         &format!("spiffe://{TD}/edge/{NODE}"),
         Duration::from_secs(3600),
     )?;
-    let hub_cfg = || server_config(store(&good_hub)?, td.clone()).map_err(anyhow::Error::from);
+    let hub_cfg =
+        || server_config(store(&good_hub)?, NodeIds::new(td.clone())).map_err(anyhow::Error::from);
     // Both ends well-formed: the handshake completes.
     handshake(
         client_config(store(&good_agent)?, hub_id.clone())?,

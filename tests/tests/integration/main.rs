@@ -1,6 +1,7 @@
 //! End-to-end tests: real `edgesync-agent` and `edgesync-hub` processes on loopback, a PLC
 //! simulator (or pymodbus), a throwaway SPIFFE trust domain, a local app over MQTT.
 
+mod api_access;
 mod durability;
 mod e2e;
 mod events;
