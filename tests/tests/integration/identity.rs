@@ -812,3 +812,259 @@ async fn dev_ca_files_let_a_hub_and_an_agent_connect_and_are_never_overwritten()
     drop(hub);
     Ok(())
 }
+
+/// Rewrites the `[identity]` file keys of a generated config to read the Workload API at
+/// `endpoint` instead.
+fn use_workload_api(
+    config: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    bundle: &std::path::Path,
+    endpoint: &str,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(config)?;
+    let files = format!(
+        "cert = {:?}\nkey = {:?}\nbundle = {:?}",
+        cert.display().to_string(),
+        key.display().to_string(),
+        bundle.display().to_string()
+    );
+    ensure!(text.contains(&files), "no identity files in {text}");
+    let api = format!(
+        "source = \"workload_api\"\nworkload_api_socket = {endpoint:?}\nworkload_api_timeout_ms = 10000"
+    );
+    std::fs::write(config, text.replace(&files, &api))?;
+    Ok(())
+}
+
+/// Both ends take their SVIDs from a SPIFFE Workload API (the testkit's, speaking the real
+/// gRPC protocol to the binaries' real `X509Source` client). For two minutes, every 3 s, one
+/// of: the node SVID is reissued, the hub SVID is reissued, a new CA joins both bundles, both
+/// SVIDs are reissued by the new CA, the old CA leaves the bundles. SVIDs live 20 s, so a
+/// rotation that is not followed ends the session. Records flow all along: none is lost or
+/// stored twice, and the agent never falls back to a reconnect (make-before-break).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svids_and_cas_rotating_through_the_workload_api_lose_and_duplicate_nothing()
+-> anyhow::Result<()> {
+    use edgesync_cloud::devca::DevCa;
+    use edgesync_testkit::workload_api::{WorkloadApi, X509Update};
+    const RUN: Duration = Duration::from_secs(120);
+    const STEP: Duration = Duration::from_secs(3);
+    let setup = Setup::new("svid-wapi").await?;
+    let (tmp, dir) = (&setup.tmp, &setup.dir);
+    let hub_id = format!("spiffe://{TD}/hub");
+    let node_id = format!("spiffe://{TD}/edge/{NODE}");
+    let life = Duration::from_secs(20);
+    let hub_api = WorkloadApi::start(&tmp.path().join("h.sock")).await?;
+    let agent_api = WorkloadApi::start(&tmp.path().join("a.sock")).await?;
+    let mut cas: Vec<DevCa> = vec![DevCa::new(TD)?];
+    let mut hub_svid = cas[0].mint(&hub_id, life)?;
+    let mut node_svid = cas[0].mint(&node_id, life)?;
+    let push = |cas: &[DevCa], hub_svid: &Svid, node_svid: &Svid| {
+        let refs: Vec<&DevCa> = cas.iter().collect();
+        hub_api.set(X509Update::single(hub_svid, &refs));
+        agent_api.set(X509Update::single(node_svid, &refs));
+    };
+    push(&cas, &hub_svid, &node_svid);
+
+    // Configs as generated for files, then switched to the Workload API.
+    let unused = tmp.path().join("unused.pem");
+    let hub_cfg = harness::hub_toml(
+        tmp.path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        TD,
+        &unused,
+        &unused,
+        &unused,
+        None,
+    )?;
+    use_workload_api(&hub_cfg, &unused, &unused, &unused, &hub_api.endpoint())?;
+    let hub = Proc::spawn_env(
+        &harness::bin("edgesync-hub")?,
+        &["run", "--config", &hub_cfg.display().to_string()],
+        &tmp.path().join("hub.log"),
+        Some("edgesync-hub listening"),
+        &[],
+    )
+    .await?;
+    let (tunnel, http) = harness::hub_addrs(hub.ready_line.as_deref().unwrap_or_default())?;
+    let api = Api::new(&http);
+    let agent_cfg = harness::agent_toml(
+        dir,
+        &tunnel,
+        TD,
+        &unused,
+        &unused,
+        &unused,
+        &[SimDevice {
+            id: DEVICE.into(),
+            endpoint: setup.sim.local_addr().to_string(),
+            unit: 1,
+            counters: 4,
+            poll_ms: 50,
+        }],
+        "",
+    )?;
+    use_workload_api(&agent_cfg, &unused, &unused, &unused, &agent_api.endpoint())?;
+    let agent = harness::spawn_agent(&agent_cfg, &dir.join("agent.log")).await?;
+    let logs = |agent: &Proc| setup.logs(agent);
+    let mut seq = flowing_past(&api, 0, Duration::from_secs(30))
+        .await
+        .with_context(|| logs(&agent))?;
+
+    let started = Instant::now();
+    let mut step = 0u32;
+    let mut node_rotations = 0u32;
+    while started.elapsed() < RUN {
+        tokio::time::sleep(STEP).await;
+        let what = match step % 5 {
+            0 => {
+                node_svid = cas[cas.len() - 1].mint(&node_id, life)?;
+                node_rotations += 1;
+                "node SVID reissued"
+            }
+            1 => {
+                hub_svid = cas[cas.len() - 1].mint(&hub_id, life)?;
+                "hub SVID reissued"
+            }
+            2 => {
+                cas.push(DevCa::new(TD)?);
+                "a new CA joins the bundles"
+            }
+            3 => {
+                let ca = &cas[cas.len() - 1];
+                hub_svid = ca.mint(&hub_id, life)?;
+                node_svid = ca.mint(&node_id, life)?;
+                node_rotations += 1;
+                "both SVIDs reissued by the new CA"
+            }
+            _ => {
+                cas.remove(0);
+                "the old CA leaves the bundles"
+            }
+        };
+        push(&cas, &hub_svid, &node_svid);
+        step += 1;
+        seq = flowing_past(&api, seq, Duration::from_secs(10))
+            .await
+            .with_context(|| format!("values flow after step {step} ({what})\n{}", logs(&agent)))?;
+    }
+    // The hub shows the expiry of the node's latest SVID.
+    let want = not_after(&node_svid)? * 1000;
+    api.wait_for(Duration::from_secs(10), move |api| async move {
+        Ok(node_status(&api)
+            .await?
+            .filter(|n| n["connected"] == true && n["svid_expires_ms"].as_u64() == Some(want)))
+    })
+    .await
+    .with_context(|| format!("the hub shows the latest node SVID\n{}", logs(&agent)))?;
+
+    for s in &setup.scripts {
+        setup.sim.remove_script(*s);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let last = flowing_past(&api, seq, Duration::from_secs(10))
+        .await
+        .unwrap_or(seq);
+    let agent_log = agent.log_text();
+    ensure!(agent.terminate().await?, "agent exits 0\n{agent_log}");
+    let hub_log = std::fs::read_to_string(tmp.path().join("hub.log"))?;
+    ensure!(hub.terminate().await?, "hub exits 0\n{hub_log}");
+    hub_api.stop().await;
+    agent_api.stop().await;
+    // Every node rotation replaced the connection without a disconnect in between.
+    let switched = agent_log
+        .matches("the session continues on a connection that presents it")
+        .count();
+    ensure!(
+        switched as u32 >= node_rotations,
+        "{switched} switches for {node_rotations} node rotations\n{agent_log}"
+    );
+    ensure!(
+        !agent_log.contains("uplink down"),
+        "the agent lost its connection at some point\n{agent_log}"
+    );
+    let store = HubStore::open(&tmp.path().join("hubdata").join("hub.sled"), 1 << 20)?;
+    let a = audit(&store, false).with_context(|| format!("{agent_log}\n{hub_log}"))?;
+    ensure!(a.gaps.is_empty(), "gaps {:?}", a.gaps);
+    ensure!(
+        store.stored_seq(&NodeId::new(NODE)?)? >= last,
+        "the hub kept what it acknowledged"
+    );
+    Ok(())
+}
+
+/// A withdrawn identity (its registration entry removed) stops the agent from connecting;
+/// a new SVID brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_svid_withdrawn_by_the_workload_api_disconnects_the_agent_until_reissued()
+-> anyhow::Result<()> {
+    use edgesync_testkit::workload_api::{WorkloadApi, X509Update};
+    let setup = Setup::new("svid-withdraw").await?;
+    let (tmp, pki, dir) = (&setup.tmp, &setup.pki, &setup.dir);
+    let (hub, api, tunnel) = start_hub(
+        tmp.path(),
+        pki,
+        &pki.ca
+            .mint(&format!("spiffe://{TD}/hub"), Duration::from_secs(3600))?,
+    )
+    .await?;
+    let node_id = format!("spiffe://{TD}/edge/{NODE}");
+    let wapi = WorkloadApi::start(&tmp.path().join("a.sock")).await?;
+    wapi.set(X509Update::single(
+        &pki.ca.mint(&node_id, Duration::from_secs(3600))?,
+        &[&pki.ca],
+    ));
+    let unused = tmp.path().join("unused.pem");
+    let cfg = harness::agent_toml(
+        dir,
+        &tunnel,
+        TD,
+        &unused,
+        &unused,
+        &unused,
+        &[SimDevice {
+            id: DEVICE.into(),
+            endpoint: setup.sim.local_addr().to_string(),
+            unit: 1,
+            counters: 4,
+            poll_ms: 50,
+        }],
+        "",
+    )?;
+    use_workload_api(&cfg, &unused, &unused, &unused, &wapi.endpoint())?;
+    let agent = harness::spawn_agent(&cfg, &dir.join("agent.log")).await?;
+    let logs = |agent: &Proc| setup.logs(agent);
+    let seq = flowing_past(&api, 0, Duration::from_secs(30))
+        .await
+        .with_context(|| logs(&agent))?;
+
+    wapi.withdraw();
+    api.wait_for(Duration::from_secs(10), |api| async move {
+        Ok(node_status(&api).await?.filter(|n| n["connected"] == false))
+    })
+    .await
+    .with_context(|| format!("the agent disconnects\n{}", logs(&agent)))?;
+    // It stays away while withdrawn.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = node_status(&api).await?.context("status")?;
+    ensure!(
+        n["connected"] == false,
+        "reconnected while withdrawn: {n}\n{}",
+        logs(&agent)
+    );
+    ensure!(agent.log_text().contains("withdrawn"), "{}", logs(&agent));
+
+    wapi.set(X509Update::single(
+        &pki.ca.mint(&node_id, Duration::from_secs(3600))?,
+        &[&pki.ca],
+    ));
+    flowing_past(&api, seq, Duration::from_secs(15))
+        .await
+        .with_context(|| format!("the agent is back after reissue\n{}", logs(&agent)))?;
+    ensure!(agent.terminate().await?, "agent exits 0");
+    ensure!(hub.terminate().await?, "hub exits 0");
+    wapi.stop().await;
+    Ok(())
+}
