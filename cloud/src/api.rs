@@ -427,7 +427,6 @@ impl ApiAccess {
                         tracing::error!(
                             token = %file.name,
                             file = %file.path.display(),
-                            error = %why,
                             "API token {:?}: token_file {} cannot be used ({why}); the token keeps its previous secret",
                             file.name,
                             file.path.display()
@@ -459,7 +458,6 @@ impl ApiAccess {
                     Err(why) => {
                         if tls_tracked.failed(snap, trigger) {
                             tracing::error!(
-                                error = %why,
                                 "API TLS files cannot be used ({why}); still presenting the previous certificate"
                             );
                             metrics::counter!(TLS_RELOAD_ERRORS_TOTAL).increment(1);

@@ -209,10 +209,11 @@ impl Hub {
             cancel.child_token(),
         )));
         // Rotated token files and TLS files are picked up without a restart.
-        tasks.push(tokio::spawn(access.clone().watch(
-            api::ACCESS_CHECK_INTERVAL,
-            cancel.child_token(),
-        )));
+        tasks.push(tokio::spawn(
+            access
+                .clone()
+                .watch(api::ACCESS_CHECK_INTERVAL, cancel.child_token()),
+        ));
         tracing::info!(%tunnel_addr, %http_addr, "hub started");
         Ok(Hub {
             store,

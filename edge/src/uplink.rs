@@ -136,6 +136,34 @@ async fn rotation(rx: &mut Option<watch::Receiver<u64>>) -> Result<(), watch::er
     }
 }
 
+/// A connection error, with what a TLS alert from the hub means for us: with TLS 1.3 the
+/// client's handshake completes before the hub has checked its certificate, so a refusal of
+/// our SVID arrives as an alert that closes the connection.
+fn explain(e: &quinn::ConnectionError) -> String {
+    let code = match e {
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
+        _ => return e.to_string(),
+    };
+    // QUIC carries TLS alerts as the transport error codes 0x100 + alert (RFC 9001, 4.8).
+    let why = match code.checked_sub(0x100) {
+        Some(42) => {
+            "the hub refused our certificate (bad_certificate: e.g. our SPIFFE ID is not an accepted node id, or the leaf is not an X.509-SVID)"
+        }
+        Some(44) => "the hub refused our certificate (revoked)",
+        Some(45) => "the hub refused our certificate: it has expired",
+        Some(46) => "the hub refused our certificate (certificate_unknown)",
+        Some(48) => {
+            "the hub does not trust the CA of our certificate (unknown_ca): not in its bundle for our trust domain"
+        }
+        Some(116) => {
+            "the hub requires a certificate and we presented none (our SVID is withdrawn?)"
+        }
+        _ => return e.to_string(),
+    };
+    format!("{why} [{e}]")
+}
+
 /// How long after a failed make-before-break handshake the switch is tried again.
 pub const SWITCH_RETRY: Duration = Duration::from_secs(2);
 
@@ -380,7 +408,7 @@ impl Uplink {
             _ = self.cancel.cancelled() => return Ok(()),
             r = tokio::time::timeout(self.cfg.connect_timeout, connecting) => match r {
                 Err(_) => return Err(UplinkError::Connect(format!("timed out after {:?}", self.cfg.connect_timeout))),
-                Ok(Err(e)) => return Err(UplinkError::Connect(e.to_string())),
+                Ok(Err(e)) => return Err(UplinkError::Connect(explain(&e))),
                 Ok(Ok(c)) => c,
             }
         };
@@ -398,7 +426,7 @@ impl Uplink {
                 .map_err(|e| UplinkError::Connect(e.to_string()))?;
             match tokio::time::timeout(timeout, connecting).await {
                 Err(_) => Err(UplinkError::Connect(format!("timed out after {timeout:?}"))),
-                Ok(Err(e)) => Err(UplinkError::Connect(e.to_string())),
+                Ok(Err(e)) => Err(UplinkError::Connect(explain(&e))),
                 Ok(Ok(c)) => Ok(c),
             }
         })
@@ -463,7 +491,7 @@ impl Uplink {
         let (mut send, mut recv) = conn
             .open_bi()
             .await
-            .map_err(|e| UplinkError::Connection(e.to_string()))?;
+            .map_err(|e| UplinkError::Connection(explain(&e)))?;
         metrics::counter!("edgesync_uplink_connects_total").increment(1);
         if let Some(d) = &mut self.downlink {
             session.set_last_downlink(*d.last_downlink.borrow_and_update());
@@ -591,6 +619,7 @@ impl Uplink {
                         }
                     }
                     Ok(None) => return Err(UplinkError::Connection("hub closed the stream".into())),
+                    Err(quinn::ReadError::ConnectionLost(e)) => return Err(UplinkError::Connection(explain(&e))),
                     Err(e) => return Err(UplinkError::Connection(e.to_string())),
                 },
                 // The outbox committed more records (watch::changed is cancel-safe).

@@ -192,6 +192,7 @@ impl Keeper {
     }
 
     /// The source withdrew our identity: nothing is presented or verified until a new one.
+    #[cfg(feature = "workload-api")]
     pub(crate) fn withdraw(&mut self, why: &str) {
         if self.store.is_withdrawn() {
             return;

@@ -389,6 +389,11 @@ async fn the_hub_ends_a_session_when_the_agents_certificate_expires() -> anyhow:
         agent_log.contains("our SVID has expired and was not rotated"),
         "the agent says its SVID expired\n{agent_log}"
     );
+    // Its reconnects are refused by the hub, and it says so in terms it can act on.
+    ensure!(
+        agent_log.contains("the hub refused our certificate: it has expired"),
+        "the agent explains the hub's refusal\n{agent_log}"
+    );
     // Renewed at last (a gateway back from a long outage): the same agent process comes back
     // with it and values flow again.
     let seq = node_status(&api)
