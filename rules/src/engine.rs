@@ -1,0 +1,633 @@
+//! The engine: rules evaluated over accepted twin changes, in the quinn-proto shape.
+//!
+//! Calling order: [`Engine::load`] a rule set (validated completely before it replaces the
+//! old one); then for every accepted change [`Engine::handle_change`], and whenever
+//! [`Engine::poll_timeout`] comes due [`Engine::handle_timeout`]; after either, drain
+//! [`Engine::poll_output`]. Time is always the caller's `now` (ms since the Unix epoch).
+//!
+//! Invariants:
+//! - A rule is triggered by a change of a property it reads (in `SELECT`, `WHERE`, `HAVING`);
+//!   changes of other properties do not evaluate it. `SELECT *` reads every property.
+//! - Rows see the device's latest value of every column (a property not read yet is null).
+//! - A rule that fails at run time (division by zero, a bad value) counts an error for that
+//!   evaluation and produces nothing for it; no other rule is affected.
+//! - A window rule applies `WHERE` before the window; its output is evaluated when a window
+//!   closes. Time windows close on [`Engine::handle_timeout`], count and sliding windows on the
+//!   row that completes them. An empty window produces nothing.
+//! - An alarm rule raises an alarm per device once its condition (a row passing `WHERE`, or a
+//!   window passing `HAVING`) has held for `for`; a later evaluation that does not pass starts
+//!   the `keep_firing_for` countdown, after which the alarm clears. Active alarms can be taken
+//!   out ([`Engine::active_alarms`]) and put back after a restart ([`Engine::restore_alarms`])
+//!   without being raised again.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::functions::Ctx;
+use crate::plan::{self, Catalog, LoadError, Plan, Scope, Source};
+use crate::rule::{AlarmDef, RuleDef};
+use crate::value::Value;
+use crate::window::{Closed, Windows};
+
+/// What the rules produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// A rule's output row.
+    Record {
+        /// The rule.
+        rule: Arc<str>,
+        /// The device the row belongs to.
+        device: Arc<str>,
+        /// When, ms.
+        ts_ms: u64,
+        /// Output fields, in `SELECT` order.
+        fields: Vec<(Arc<str>, Value)>,
+    },
+    /// An alarm was raised.
+    Raised(Alarm),
+    /// An alarm was cleared (`cleared_ms` set).
+    Cleared(Alarm),
+}
+
+/// An alarm of one rule on one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alarm {
+    /// The rule.
+    pub rule: Arc<str>,
+    /// The device.
+    pub device: Arc<str>,
+    /// Severity.
+    pub severity: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// When the condition started to hold, ms.
+    pub since_ms: u64,
+    /// When the alarm was raised, ms.
+    pub raised_ms: u64,
+    /// When it was cleared, ms.
+    pub cleared_ms: Option<u64>,
+    /// The output fields of the evaluation that raised it.
+    pub fields: Vec<(Arc<str>, Value)>,
+}
+
+/// Counters of one rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleStats {
+    /// Evaluations triggered (changes of properties it reads).
+    pub events_in: u64,
+    /// Outputs produced (records and alarm transitions).
+    pub events_out: u64,
+    /// Evaluations that failed at run time.
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum AlarmState {
+    Pending { since: u64 },
+    Firing(Alarm),
+    Resolving { alarm: Alarm, since: u64 },
+}
+
+/// A row held by a window: its device and its columns.
+type WindowRow = (Arc<str>, Vec<Value>);
+
+struct Compiled {
+    def: RuleDef,
+    id: Arc<str>,
+    plan: Plan,
+    /// Per device: the device slot of each of the plan's columns.
+    slots: HashMap<Arc<str>, Vec<Option<usize>>>,
+    /// `deadband` state per device.
+    deadband: HashMap<Arc<str>, Vec<Option<f64>>>,
+    /// Windows: one, or one per device.
+    windows: HashMap<Option<Arc<str>>, Windows<WindowRow>>,
+    alarms: HashMap<Arc<str>, AlarmState>,
+    /// The latest passing fields of a pending alarm (raised with them).
+    pending: HashMap<Arc<str>, Vec<(Arc<str>, Value)>>,
+    stats: RuleStats,
+}
+
+struct DeviceState {
+    name: Arc<str>,
+    slots: HashMap<Arc<str>, usize>,
+    values: Vec<Value>,
+}
+
+/// The rule engine (see the module docs).
+pub struct Engine {
+    catalog: Catalog,
+    devices: HashMap<Arc<str>, DeviceState>,
+    rules: Vec<Compiled>,
+    /// (device, slot) → rules that read it.
+    triggers: HashMap<(Arc<str>, usize), Vec<usize>>,
+    outputs: VecDeque<Output>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("rules", &self.rules.len())
+            .field("devices", &self.devices.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// An engine over the devices of `catalog`, with no rules.
+    pub fn new(catalog: Catalog) -> Engine {
+        let devices = catalog
+            .devices()
+            .map(|(d, props)| {
+                let name: Arc<str> = Arc::from(d);
+                let slots = props
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (p, _))| (Arc::from(p.as_str()), i))
+                    .collect();
+                (
+                    name.clone(),
+                    DeviceState {
+                        name,
+                        slots,
+                        values: vec![Value::Null; props.len()],
+                    },
+                )
+            })
+            .collect();
+        Engine {
+            catalog,
+            devices,
+            rules: Vec::new(),
+            triggers: HashMap::new(),
+            outputs: VecDeque::new(),
+        }
+    }
+
+    /// Replaces the rule set. Every rule is checked first; on any error nothing changes and
+    /// every error is returned. Rules whose definition did not change keep their window and
+    /// alarm state.
+    pub fn load(&mut self, defs: Vec<RuleDef>) -> Result<(), Vec<LoadError>> {
+        let mut errors = Vec::new();
+        let mut plans = Vec::with_capacity(defs.len());
+        let mut seen = std::collections::HashSet::new();
+        for def in defs {
+            if !seen.insert(def.id.clone()) {
+                errors.push(LoadError {
+                    rule: def.id.clone(),
+                    line: 0,
+                    column: 0,
+                    message: "another rule has the same id".into(),
+                });
+                continue;
+            }
+            match plan::plan(&def.id, &def.sql, &self.catalog) {
+                Ok(p) => plans.push((def, p)),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut old: HashMap<String, Compiled> = self
+            .rules
+            .drain(..)
+            .map(|c| (c.def.id.clone(), c))
+            .collect();
+        for (def, plan) in plans {
+            match old.remove(&def.id) {
+                Some(c) if c.def == def => self.rules.push(c),
+                _ => {
+                    let c = self.compile(def, plan);
+                    self.rules.push(c);
+                }
+            }
+        }
+        self.index();
+        Ok(())
+    }
+
+    fn compile(&self, def: RuleDef, plan: Plan) -> Compiled {
+        let mut slots = HashMap::new();
+        for dev in self.devices.values() {
+            if let Source::Device(d) = &plan.source
+                && **d != *dev.name
+            {
+                continue;
+            }
+            let map: Vec<Option<usize>> = plan
+                .columns
+                .iter()
+                .map(|c| dev.slots.get(c).copied())
+                .collect();
+            if plan.star || map.iter().any(Option::is_some) {
+                slots.insert(dev.name.clone(), map);
+            }
+        }
+        Compiled {
+            id: Arc::from(def.id.as_str()),
+            def,
+            plan,
+            slots,
+            deadband: HashMap::new(),
+            windows: HashMap::new(),
+            alarms: HashMap::new(),
+            pending: HashMap::new(),
+            stats: RuleStats::default(),
+        }
+    }
+
+    fn index(&mut self) {
+        self.triggers.clear();
+        for (ri, r) in self.rules.iter().enumerate() {
+            for (dev, map) in &r.slots {
+                let Some(ds) = self.devices.get(dev) else {
+                    continue;
+                };
+                let read: Vec<usize> = if r.plan.star {
+                    (0..ds.values.len()).collect()
+                } else {
+                    map.iter().flatten().copied().collect()
+                };
+                for slot in read {
+                    self.triggers
+                        .entry((dev.clone(), slot))
+                        .or_default()
+                        .push(ri);
+                }
+            }
+        }
+    }
+
+    /// An accepted change of `device`.`property` at `now_ms`.
+    pub fn handle_change(&mut self, now_ms: u64, device: &str, property: &str, value: Value) {
+        let Some(ds) = self.devices.get_mut(device) else {
+            return;
+        };
+        let Some(&slot) = ds.slots.get(property) else {
+            return;
+        };
+        if let Some(v) = ds.values.get_mut(slot) {
+            *v = value;
+        }
+        let name = ds.name.clone();
+        let Some(rules) = self.triggers.get(&(name.clone(), slot)) else {
+            return;
+        };
+        let ctx = Ctx { now_ms };
+        for &ri in rules {
+            let (Some(rule), Some(ds)) = (self.rules.get_mut(ri), self.devices.get(&name)) else {
+                continue;
+            };
+            rule.stats.events_in += 1;
+            evaluate_row(rule, ds, &ctx, &mut self.outputs);
+        }
+    }
+
+    /// Time advanced to `now_ms`: time windows close, alarm timers fire.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        let ctx = Ctx { now_ms };
+        for rule in &mut self.rules {
+            let keys: Vec<Option<Arc<str>>> = rule.windows.keys().cloned().collect();
+            for k in keys {
+                let closed = match rule.windows.get_mut(&k) {
+                    Some(w) => w.handle_timeout(now_ms),
+                    None => continue,
+                };
+                for c in closed {
+                    emit_window(rule, &ctx, c, &mut self.outputs);
+                }
+            }
+            alarm_timers(rule, now_ms, &mut self.outputs);
+        }
+    }
+
+    /// The next output, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut next: Option<u64> = None;
+        let mut take = |t: u64| next = Some(next.map_or(t, |n| n.min(t)));
+        for r in &self.rules {
+            for w in r.windows.values() {
+                if let Some(t) = w.poll_timeout() {
+                    take(t);
+                }
+            }
+            if let Some(a) = &r.def.alarm {
+                for s in r.alarms.values() {
+                    match s {
+                        AlarmState::Pending { since } => take(since.saturating_add(a.for_ms)),
+                        AlarmState::Resolving { since, .. } => {
+                            take(since.saturating_add(a.keep_firing_for_ms))
+                        }
+                        AlarmState::Firing(_) => {}
+                    }
+                }
+            }
+        }
+        next
+    }
+
+    /// Each rule's id, definition and counters.
+    pub fn rules(&self) -> impl Iterator<Item = (&RuleDef, RuleStats)> {
+        self.rules.iter().map(|r| (&r.def, r.stats))
+    }
+
+    /// The alarms currently raised (firing, or waiting out `keep_firing_for`).
+    pub fn active_alarms(&self) -> Vec<Alarm> {
+        let mut out = Vec::new();
+        for r in &self.rules {
+            for s in r.alarms.values() {
+                match s {
+                    AlarmState::Firing(a) | AlarmState::Resolving { alarm: a, .. } => {
+                        out.push(a.clone())
+                    }
+                    AlarmState::Pending { .. } => {}
+                }
+            }
+        }
+        out
+    }
+
+    /// Puts back alarms that were active before a restart (of rules that still exist and
+    /// are still alarms): they are not raised again, and clear as usual.
+    pub fn restore_alarms(&mut self, alarms: Vec<Alarm>) {
+        for a in alarms {
+            if let Some(r) = self
+                .rules
+                .iter_mut()
+                .find(|r| *r.id == *a.rule && r.def.alarm.is_some())
+            {
+                r.alarms.insert(a.device.clone(), AlarmState::Firing(a));
+            }
+        }
+    }
+}
+
+fn row_for(rule: &Compiled, ds: &DeviceState) -> Vec<Value> {
+    match rule.slots.get(&ds.name) {
+        Some(map) => map
+            .iter()
+            .map(|s| {
+                s.and_then(|i| ds.values.get(i).cloned())
+                    .unwrap_or(Value::Null)
+            })
+            .collect(),
+        None => vec![Value::Null; rule.plan.columns.len()],
+    }
+}
+
+fn evaluate_row(rule: &mut Compiled, ds: &DeviceState, ctx: &Ctx, out: &mut VecDeque<Output>) {
+    let row = row_for(rule, ds);
+    let n = rule.plan.deadbands;
+    let deadband = rule
+        .deadband
+        .entry(ds.name.clone())
+        .or_insert_with(|| vec![None; n]);
+    let mut scope = Scope {
+        row: &row,
+        device: &ds.name,
+        ctx,
+        window: None,
+        deadband,
+    };
+    let pass = match &rule.plan.filter {
+        None => Ok(true),
+        Some(f) => plan::eval(f, &mut scope).map(|v| v.is_true()),
+    };
+    let pass = match pass {
+        Ok(p) => p,
+        Err(_) => {
+            rule.stats.errors += 1;
+            return;
+        }
+    };
+    if rule.plan.window.is_some() {
+        if !pass {
+            return;
+        }
+        let key = rule.plan.per_device.then(|| ds.name.clone());
+        let spec = rule.plan.window.clone();
+        let w = rule.windows.entry(key).or_insert_with(|| {
+            Windows::new(spec.unwrap_or(crate::window::WindowSpec::Count {
+                count: 1,
+                hop: None,
+            }))
+        });
+        let closed = w.handle_row(ctx.now_ms, (ds.name.clone(), row));
+        for c in closed {
+            emit_window(rule, ctx, c, out);
+        }
+        return;
+    }
+    let fields = if pass {
+        match project(rule, &row, ds, ctx) {
+            Ok(f) => Some(f),
+            Err(_) => {
+                rule.stats.errors += 1;
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    conclude(rule, ds.name.clone(), ctx.now_ms, fields, out);
+}
+
+fn project(
+    rule: &Compiled,
+    row: &[Value],
+    ds: &DeviceState,
+    ctx: &Ctx,
+) -> Result<Vec<(Arc<str>, Value)>, String> {
+    if rule.plan.star {
+        return Ok(rule
+            .plan
+            .columns
+            .iter()
+            .cloned()
+            .zip(row.iter().cloned())
+            .collect());
+    }
+    let mut scope = Scope {
+        row,
+        device: &ds.name,
+        ctx,
+        window: None,
+        deadband: &mut [],
+    };
+    rule.plan
+        .fields
+        .iter()
+        .map(|(n, e)| Ok((n.clone(), plan::eval(e, &mut scope)?)))
+        .collect()
+}
+
+fn emit_window(rule: &mut Compiled, ctx: &Ctx, c: Closed<WindowRow>, out: &mut VecDeque<Output>) {
+    let Some((device, last)) = c.rows.last().cloned() else {
+        return;
+    };
+    let rows: Vec<Vec<Value>> = c.rows.into_iter().map(|(_, r)| r).collect();
+    let mut scope = Scope {
+        row: &last,
+        device: &device,
+        ctx,
+        window: Some((c.start_ms, c.end_ms, &rows)),
+        deadband: &mut [],
+    };
+    let pass = match &rule.plan.having {
+        None => Ok(true),
+        Some(h) => plan::eval(h, &mut scope).map(|v| v.is_true()),
+    };
+    let result = pass.and_then(|pass| {
+        if !pass {
+            return Ok(None);
+        }
+        rule.plan
+            .fields
+            .iter()
+            .map(|(n, e)| Ok((n.clone(), plan::eval(e, &mut scope)?)))
+            .collect::<Result<Vec<_>, String>>()
+            .map(Some)
+    });
+    match result {
+        Ok(fields) => conclude(rule, device, ctx.now_ms, fields, out),
+        Err(_) => rule.stats.errors += 1,
+    }
+}
+
+/// One evaluation's result: `Some(fields)` passed, `None` did not.
+fn conclude(
+    rule: &mut Compiled,
+    device: Arc<str>,
+    now: u64,
+    fields: Option<Vec<(Arc<str>, Value)>>,
+    out: &mut VecDeque<Output>,
+) {
+    let Some(alarm) = rule.def.alarm.clone() else {
+        if let Some(fields) = fields {
+            rule.stats.events_out += 1;
+            out.push_back(Output::Record {
+                rule: rule.id.clone(),
+                device,
+                ts_ms: now,
+                fields,
+            });
+        }
+        return;
+    };
+    let state = rule.alarms.remove(&device);
+    let next = match (state, fields) {
+        (None, None) => None,
+        (None, Some(f)) => {
+            if alarm.for_ms == 0 {
+                Some(raise(rule, &alarm, device.clone(), now, now, f, out))
+            } else {
+                rule.pending_fields(&device, f);
+                Some(AlarmState::Pending { since: now })
+            }
+        }
+        (Some(AlarmState::Pending { since }), Some(f)) => {
+            if now >= since.saturating_add(alarm.for_ms) {
+                rule.pending.remove(&device);
+                Some(raise(rule, &alarm, device.clone(), since, now, f, out))
+            } else {
+                rule.pending_fields(&device, f);
+                Some(AlarmState::Pending { since })
+            }
+        }
+        (Some(AlarmState::Pending { .. }), None) => {
+            rule.pending.remove(&device);
+            None
+        }
+        (Some(AlarmState::Firing(a)), Some(_)) => Some(AlarmState::Firing(a)),
+        (Some(AlarmState::Resolving { alarm: a, .. }), Some(_)) => Some(AlarmState::Firing(a)),
+        (Some(AlarmState::Firing(a)), None) => {
+            if alarm.keep_firing_for_ms == 0 {
+                clear(rule, a, now, out);
+                None
+            } else {
+                Some(AlarmState::Resolving {
+                    alarm: a,
+                    since: now,
+                })
+            }
+        }
+        (Some(s @ AlarmState::Resolving { .. }), None) => Some(s),
+    };
+    if let Some(s) = next {
+        rule.alarms.insert(device, s);
+    }
+}
+
+impl Compiled {
+    /// Keeps the fields of the evaluation that started a pending alarm (raised with them).
+    fn pending_fields(&mut self, device: &Arc<str>, fields: Vec<(Arc<str>, Value)>) {
+        self.pending.insert(device.clone(), fields);
+    }
+}
+
+fn raise(
+    rule: &mut Compiled,
+    def: &AlarmDef,
+    device: Arc<str>,
+    since: u64,
+    now: u64,
+    fields: Vec<(Arc<str>, Value)>,
+    out: &mut VecDeque<Output>,
+) -> AlarmState {
+    let a = Alarm {
+        rule: rule.id.clone(),
+        device,
+        severity: def.severity.clone(),
+        labels: def.labels.clone(),
+        since_ms: since,
+        raised_ms: now,
+        cleared_ms: None,
+        fields,
+    };
+    rule.stats.events_out += 1;
+    out.push_back(Output::Raised(a.clone()));
+    AlarmState::Firing(a)
+}
+
+fn clear(rule: &mut Compiled, mut a: Alarm, now: u64, out: &mut VecDeque<Output>) {
+    a.cleared_ms = Some(now);
+    rule.stats.events_out += 1;
+    out.push_back(Output::Cleared(a));
+}
+
+fn alarm_timers(rule: &mut Compiled, now: u64, out: &mut VecDeque<Output>) {
+    let Some(def) = rule.def.alarm.clone() else {
+        return;
+    };
+    let due: Vec<Arc<str>> = rule
+        .alarms
+        .iter()
+        .filter(|(_, s)| match s {
+            AlarmState::Pending { since } => now >= since.saturating_add(def.for_ms),
+            AlarmState::Resolving { since, .. } => {
+                now >= since.saturating_add(def.keep_firing_for_ms)
+            }
+            AlarmState::Firing(_) => false,
+        })
+        .map(|(d, _)| d.clone())
+        .collect();
+    for d in due {
+        match rule.alarms.remove(&d) {
+            Some(AlarmState::Pending { since }) => {
+                let fields = rule.pending.remove(&d).unwrap_or_default();
+                let s = raise(rule, &def, d.clone(), since, now, fields, out);
+                rule.alarms.insert(d, s);
+            }
+            Some(AlarmState::Resolving { alarm, .. }) => clear(rule, alarm, now, out),
+            Some(other) => {
+                rule.alarms.insert(d, other);
+            }
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,1151 @@
+//! From SQL text to a checked plan, and the evaluation of its expressions.
+//!
+//! [`plan`] parses one rule's SQL with [`EkuiperDialect`] and lowers it against a
+//! [`Catalog`] of the gateway's devices and their typed properties. Everything that can be
+//! known before the first event is checked here, and every error names the rule, and the line
+//! and column in its SQL: syntax, an unknown device or property, an unknown function or a wrong
+//! number of arguments, operands of the wrong type, aggregates outside a window, a malformed
+//! window.
+//!
+//! The subset: `SELECT` of expressions (with `AS` aliases) or `*`; `FROM <device>` (its
+//! properties are the columns) or `FROM devices` (every device, with the column `device`;
+//! a device named `devices` takes precedence); `WHERE`;
+//! `GROUP BY` one of `TumblingWindow(unit, size)`, `HoppingWindow(unit, size, hop)`,
+//! `SlidingWindow(unit, size)`, `CountWindow(count[, hop])`, optionally with `device`;
+//! `HAVING`; arithmetic, comparison, `AND`/`OR`/`NOT`, `IN`, `BETWEEN`, `IS [NOT] NULL`,
+//! `CASE`; the scalar functions of [`crate::functions`], the aggregates of
+//! [`crate::aggregate`], `window_start()`/`window_end()`, and `deadband(value, width)` (true
+//! when the value moved by at least `width` since it was last true for that device; eKuiper has
+//! no such function).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use sqlparser::ast::{
+    self, BinaryOperator, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, SelectItem,
+    SetExpr, Spanned, Statement, TableFactor, UnaryOperator,
+};
+use sqlparser::parser::Parser;
+
+use crate::aggregate::{Accumulator, AggKind};
+use crate::dialect::EkuiperDialect;
+use crate::functions::{self, Ctx, Function};
+use crate::value::Value;
+use crate::window::{self, WindowSpec};
+
+/// The source name that reads every device (unless a device has this name).
+pub const ALL_DEVICES: &str = "devices";
+
+/// The type of a property.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColType {
+    /// A boolean (coils, discrete inputs, bit tags).
+    Bool,
+    /// An integer.
+    Int,
+    /// A float (also an integer with a scale).
+    Float,
+    /// A string.
+    Str,
+}
+
+/// The devices rules may read, with their properties and types.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    devices: BTreeMap<String, Vec<(String, ColType)>>,
+}
+
+impl Catalog {
+    /// Adds (or replaces) a device and its properties, in slot order.
+    pub fn add_device(&mut self, device: &str, props: Vec<(String, ColType)>) {
+        self.devices.insert(device.to_owned(), props);
+    }
+
+    /// A device's properties.
+    pub fn device(&self, device: &str) -> Option<&[(String, ColType)]> {
+        self.devices.get(device).map(Vec::as_slice)
+    }
+
+    /// Every device, in name order.
+    pub fn devices(&self) -> impl Iterator<Item = (&str, &[(String, ColType)])> {
+        self.devices.iter().map(|(d, p)| (d.as_str(), p.as_slice()))
+    }
+
+    /// The type of `prop` in `device`, or, with `None`, in every device that has it (`None`
+    /// when no device has it; `Some(None)` when devices disagree).
+    fn column_type(&self, device: Option<&str>, prop: &str) -> Option<Option<ColType>> {
+        let find =
+            |props: &[(String, ColType)]| props.iter().find(|(n, _)| n == prop).map(|(_, t)| *t);
+        match device {
+            Some(d) => self.device(d).and_then(find).map(Some),
+            None => {
+                let mut seen: Option<Option<ColType>> = None;
+                for (_, props) in self.devices() {
+                    if let Some(t) = find(props) {
+                        seen = Some(match seen {
+                            None => Some(t),
+                            Some(Some(prev)) if prev == t => Some(t),
+                            Some(_) => None,
+                        });
+                    }
+                }
+                seen
+            }
+        }
+    }
+}
+
+/// A rule that cannot be loaded: where and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rule {rule:?}: line {line}, column {column}: {message}")]
+pub struct LoadError {
+    /// The rule id.
+    pub rule: String,
+    /// Line in the SQL (1-based; 0 when unknown).
+    pub line: u64,
+    /// Column in the SQL (1-based; 0 when unknown).
+    pub column: u64,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Where a rule's rows come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// One device: its properties are the columns.
+    Device(String),
+    /// Every device (`FROM devices`); `device` names the row's device.
+    AllDevices,
+}
+
+/// A binary operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinOp {
+    /// `+`
+    Add,
+    /// `-`
+    Sub,
+    /// `*`
+    Mul,
+    /// `/`
+    Div,
+    /// `%`
+    Mod,
+    /// `=`
+    Eq,
+    /// `!=`, `<>`
+    Ne,
+    /// `<`
+    Lt,
+    /// `<=`
+    Le,
+    /// `>`
+    Gt,
+    /// `>=`
+    Ge,
+    /// `AND`
+    And,
+    /// `OR`
+    Or,
+}
+
+/// A checked expression.
+#[derive(Debug, Clone)]
+pub enum Expr {
+    /// A literal.
+    Lit(Value),
+    /// A referenced column (index into [`Plan::columns`]).
+    Col(usize),
+    /// The row's device id.
+    Device,
+    /// `NOT e`
+    Not(Box<Expr>),
+    /// `-e`
+    Neg(Box<Expr>),
+    /// `l op r`
+    Bin(BinOp, Box<Expr>, Box<Expr>),
+    /// A scalar function.
+    Call(&'static Function, Vec<Expr>),
+    /// An aggregate over the window's rows; `None`: `count(*)`.
+    Agg(AggKind, Option<Box<Expr>>),
+    /// `CASE [operand] WHEN .. THEN .. [ELSE ..] END`
+    Case {
+        /// The simple form's operand.
+        operand: Option<Box<Expr>>,
+        /// Conditions (or values) and results.
+        whens: Vec<(Expr, Expr)>,
+        /// The `ELSE` result.
+        otherwise: Option<Box<Expr>>,
+    },
+    /// `e [NOT] IN (..)`
+    InList(Box<Expr>, Vec<Expr>, bool),
+    /// `e [NOT] BETWEEN low AND high`
+    Between(Box<Expr>, Box<Expr>, Box<Expr>, bool),
+    /// `e IS [NOT] NULL`
+    IsNull(Box<Expr>, bool),
+    /// `window_start()`
+    WindowStart,
+    /// `window_end()`
+    WindowEnd,
+    /// `deadband(value, width)`, with its state slot.
+    Deadband(Box<Expr>, Box<Expr>, usize),
+}
+
+/// A rule's checked query.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Where rows come from.
+    pub source: Source,
+    /// The properties the rule reads (a change of any other does not trigger it).
+    pub columns: Vec<Arc<str>>,
+    /// Output fields: name and expression. Empty with `star`.
+    pub fields: Vec<(Arc<str>, Expr)>,
+    /// `SELECT *`: every property of the row's device.
+    pub star: bool,
+    /// `WHERE`.
+    pub filter: Option<Expr>,
+    /// The window of `GROUP BY`.
+    pub window: Option<WindowSpec>,
+    /// Windows kept per device (`GROUP BY device, <window>`).
+    pub per_device: bool,
+    /// `HAVING`.
+    pub having: Option<Expr>,
+    /// How many `deadband` call sites (state slots per device).
+    pub deadbands: usize,
+}
+
+/// Static type of an expression, as far as it is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ty {
+    Bool,
+    Num,
+    Str,
+    Any,
+}
+
+fn ty_of(c: Option<ColType>) -> Ty {
+    match c {
+        Some(ColType::Bool) => Ty::Bool,
+        Some(ColType::Int | ColType::Float) => Ty::Num,
+        Some(ColType::Str) => Ty::Str,
+        None => Ty::Any,
+    }
+}
+
+struct Lower<'a> {
+    rule: &'a str,
+    catalog: &'a Catalog,
+    device: Option<&'a str>,
+    columns: Vec<Arc<str>>,
+    windowed: bool,
+    deadbands: usize,
+}
+
+type R<T> = Result<T, LoadError>;
+
+impl Lower<'_> {
+    fn err<S: Spanned + ?Sized>(&self, at: &S, message: impl Into<String>) -> LoadError {
+        self.err_at(at.span(), message)
+    }
+
+    fn err_at(&self, span: sqlparser::tokenizer::Span, message: impl Into<String>) -> LoadError {
+        let start = span.start;
+        LoadError {
+            rule: self.rule.to_owned(),
+            line: start.line,
+            column: start.column,
+            message: message.into(),
+        }
+    }
+
+    fn column(&mut self, ident: &ast::Ident) -> R<(Expr, Ty)> {
+        let name = ident.value.as_str();
+        if self.device.is_none()
+            && name.eq_ignore_ascii_case("device")
+            && ident.quote_style.is_none()
+        {
+            return Ok((Expr::Device, Ty::Str));
+        }
+        let t = match self.catalog.column_type(self.device, name) {
+            Some(t) => t,
+            None => {
+                return Err(self.err_at(
+                    ident.span,
+                    match self.device {
+                        Some(d) => format!("device {d:?} has no property {name:?}"),
+                        None => format!("no device has a property {name:?}"),
+                    },
+                ));
+            }
+        };
+        let idx = match self.columns.iter().position(|c| &**c == name) {
+            Some(i) => i,
+            None => {
+                self.columns.push(Arc::from(name));
+                self.columns.len() - 1
+            }
+        };
+        Ok((Expr::Col(idx), ty_of(t)))
+    }
+
+    fn expr(&mut self, e: &ast::Expr) -> R<(Expr, Ty)> {
+        use ast::Expr as E;
+        match e {
+            E::Identifier(id) => self.column(id),
+            E::CompoundIdentifier(parts) => match parts.as_slice() {
+                // `device.prop` with the rule's own device.
+                [dev, prop] if Some(dev.value.as_str()) == self.device => self.column(prop),
+                _ => Err(self.err(
+                    e,
+                    "qualified names are only `<device>.<property>` of the FROM device",
+                )),
+            },
+            E::Value(v) => Ok(self.literal(v)?),
+            E::Nested(inner) => self.expr(inner),
+            E::UnaryOp { op, expr } => {
+                let (x, t) = self.expr(expr)?;
+                match op {
+                    UnaryOperator::Not => {
+                        self.want(expr, t, Ty::Bool, "NOT")?;
+                        Ok((Expr::Not(Box::new(x)), Ty::Bool))
+                    }
+                    UnaryOperator::Minus => {
+                        self.want(expr, t, Ty::Num, "-")?;
+                        Ok((Expr::Neg(Box::new(x)), Ty::Num))
+                    }
+                    UnaryOperator::Plus => {
+                        self.want(expr, t, Ty::Num, "+")?;
+                        Ok((x, Ty::Num))
+                    }
+                    other => Err(self.err(e, format!("operator {other} is not supported"))),
+                }
+            }
+            E::BinaryOp { left, op, right } => {
+                let (l, lt) = self.expr(left)?;
+                let (r, rt) = self.expr(right)?;
+                let (bop, ty) = match op {
+                    BinaryOperator::Plus => (BinOp::Add, Ty::Num),
+                    BinaryOperator::Minus => (BinOp::Sub, Ty::Num),
+                    BinaryOperator::Multiply => (BinOp::Mul, Ty::Num),
+                    BinaryOperator::Divide => (BinOp::Div, Ty::Num),
+                    BinaryOperator::Modulo => (BinOp::Mod, Ty::Num),
+                    BinaryOperator::Eq => (BinOp::Eq, Ty::Bool),
+                    BinaryOperator::NotEq => (BinOp::Ne, Ty::Bool),
+                    BinaryOperator::Lt => (BinOp::Lt, Ty::Bool),
+                    BinaryOperator::LtEq => (BinOp::Le, Ty::Bool),
+                    BinaryOperator::Gt => (BinOp::Gt, Ty::Bool),
+                    BinaryOperator::GtEq => (BinOp::Ge, Ty::Bool),
+                    BinaryOperator::And => (BinOp::And, Ty::Bool),
+                    BinaryOperator::Or => (BinOp::Or, Ty::Bool),
+                    other => return Err(self.err(e, format!("operator {other} is not supported"))),
+                };
+                match bop {
+                    BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Mod => {
+                        self.want(left, lt, Ty::Num, &op.to_string())?;
+                        self.want(right, rt, Ty::Num, &op.to_string())?;
+                    }
+                    BinOp::And | BinOp::Or => {
+                        self.want(left, lt, Ty::Bool, &op.to_string())?;
+                        self.want(right, rt, Ty::Bool, &op.to_string())?;
+                    }
+                    _ => self.comparable(e, lt, rt)?,
+                }
+                Ok((Expr::Bin(bop, Box::new(l), Box::new(r)), ty))
+            }
+            E::IsNull(x) | E::IsNotNull(x) => {
+                let (x, _) = self.expr(x)?;
+                Ok((
+                    Expr::IsNull(Box::new(x), matches!(e, E::IsNotNull(_))),
+                    Ty::Bool,
+                ))
+            }
+            E::In {
+                expr,
+                target: ast::InTarget::List(list),
+                negated,
+                global: false,
+            } => {
+                let (x, t) = self.expr(expr)?;
+                let mut items = Vec::with_capacity(list.len());
+                for item in list {
+                    let (i, it) = self.expr(item)?;
+                    self.comparable(item, t, it)?;
+                    items.push(i);
+                }
+                Ok((Expr::InList(Box::new(x), items, *negated), Ty::Bool))
+            }
+            E::Between {
+                expr,
+                negated,
+                low,
+                high,
+            } => {
+                let (x, t) = self.expr(expr)?;
+                let (lo, lt) = self.expr(low)?;
+                let (hi, ht) = self.expr(high)?;
+                self.comparable(low, t, lt)?;
+                self.comparable(high, t, ht)?;
+                Ok((
+                    Expr::Between(Box::new(x), Box::new(lo), Box::new(hi), *negated),
+                    Ty::Bool,
+                ))
+            }
+            E::Case {
+                operand,
+                conditions,
+                else_result,
+                ..
+            } => {
+                let operand = match operand {
+                    Some(o) => Some(Box::new(self.expr(o)?.0)),
+                    None => None,
+                };
+                let mut whens = Vec::with_capacity(conditions.len());
+                let mut ty: Option<Ty> = None;
+                for w in conditions {
+                    let (c, ct) = self.expr(&w.condition)?;
+                    if operand.is_none() {
+                        self.want(&w.condition, ct, Ty::Bool, "WHEN")?;
+                    }
+                    let (r, rt) = self.expr(&w.result)?;
+                    ty = Some(merge(ty, rt));
+                    whens.push((c, r));
+                }
+                let otherwise = match else_result {
+                    Some(x) => {
+                        let (x, t) = self.expr(x)?;
+                        ty = Some(merge(ty, t));
+                        Some(Box::new(x))
+                    }
+                    None => None,
+                };
+                Ok((
+                    Expr::Case {
+                        operand,
+                        whens,
+                        otherwise,
+                    },
+                    ty.unwrap_or(Ty::Any),
+                ))
+            }
+            E::Function(f) => self.function(f),
+            other => Err(self.err(other, format!("{other} is not supported in rules"))),
+        }
+    }
+
+    fn literal(&self, v: &ast::ValueWithSpan) -> R<(Expr, Ty)> {
+        use ast::Value as V;
+        let (value, ty) = match &v.value {
+            V::Number(n, _) => match n.parse::<i64>() {
+                Ok(i) => (Value::Int(i), Ty::Num),
+                Err(_) => match n.parse::<f64>() {
+                    Ok(f) if f.is_finite() => (Value::Float(f), Ty::Num),
+                    _ => return Err(self.err(v, format!("{n} is not a number"))),
+                },
+            },
+            V::SingleQuotedString(s) | V::DoubleQuotedString(s) => (Value::str(s), Ty::Str),
+            V::Boolean(b) => (Value::Bool(*b), Ty::Bool),
+            V::Null => (Value::Null, Ty::Any),
+            other => return Err(self.err(v, format!("literal {other} is not supported"))),
+        };
+        Ok((Expr::Lit(value), ty))
+    }
+
+    fn want(&self, at: &ast::Expr, got: Ty, want: Ty, what: &str) -> R<()> {
+        if got == want || got == Ty::Any {
+            return Ok(());
+        }
+        let name = |t: Ty| match t {
+            Ty::Bool => "a boolean",
+            Ty::Num => "a number",
+            Ty::Str => "a string",
+            Ty::Any => "any value",
+        };
+        Err(self.err(
+            at,
+            format!("{what} needs {}, but {at} is {}", name(want), name(got)),
+        ))
+    }
+
+    fn comparable(&self, at: &ast::Expr, a: Ty, b: Ty) -> R<()> {
+        if a == b || a == Ty::Any || b == Ty::Any {
+            return Ok(());
+        }
+        Err(self.err(at, format!("{at} compares values of different types")))
+    }
+
+    fn args<'f>(&self, f: &'f ast::Function) -> R<Vec<Option<&'f ast::Expr>>> {
+        match &f.args {
+            FunctionArguments::None => Ok(vec![]),
+            FunctionArguments::List(list) => list
+                .args
+                .iter()
+                .map(|a| match a {
+                    FunctionArg::Unnamed(FunctionArgExpr::Expr(x)) => Ok(Some(x)),
+                    FunctionArg::Unnamed(FunctionArgExpr::Wildcard) => Ok(None),
+                    other => Err(self.err(f, format!("argument {other} is not supported"))),
+                })
+                .collect(),
+            FunctionArguments::Subquery(_) => Err(self.err(f, "subqueries are not supported")),
+        }
+    }
+
+    fn function(&mut self, f: &ast::Function) -> R<(Expr, Ty)> {
+        let name = f.name.to_string().to_ascii_lowercase();
+        if f.over.is_some() || f.filter.is_some() || !f.within_group.is_empty() {
+            return Err(self.err(
+                f,
+                format!("{name}: OVER, FILTER and WITHIN GROUP are not supported yet"),
+            ));
+        }
+        let args = self.args(f)?;
+        let count = args.len();
+        let arity = |lo: usize, hi: usize| -> R<()> {
+            if count < lo || count > hi {
+                let want = if lo == hi {
+                    format!("{lo}")
+                } else {
+                    format!("{lo} to {hi}")
+                };
+                return Err(self.err(f, format!("{name} takes {want} arguments, not {count}")));
+            }
+            Ok(())
+        };
+        let plain = |this: &mut Self, a: Option<&ast::Expr>| -> R<(Expr, Ty)> {
+            match a {
+                Some(x) => this.expr(x),
+                None => Err(this.err(f, format!("{name}: * is only allowed in count(*)"))),
+            }
+        };
+        match name.as_str() {
+            "window_start" | "window_end" => {
+                arity(0, 0)?;
+                if !self.windowed {
+                    return Err(
+                        self.err(f, format!("{name}() needs a window (GROUP BY ...Window)"))
+                    );
+                }
+                let e = if name == "window_start" {
+                    Expr::WindowStart
+                } else {
+                    Expr::WindowEnd
+                };
+                return Ok((e, Ty::Num));
+            }
+            "deadband" => {
+                arity(2, 2)?;
+                let (v, vt) = plain(self, args[0])?;
+                let (w, wt) = plain(self, args[1])?;
+                if let Some(a) = args[0] {
+                    self.want(a, vt, Ty::Num, "deadband")?;
+                }
+                if let Some(a) = args[1] {
+                    self.want(a, wt, Ty::Num, "deadband")?;
+                }
+                let slot = self.deadbands;
+                self.deadbands += 1;
+                return Ok((Expr::Deadband(Box::new(v), Box::new(w), slot), Ty::Bool));
+            }
+            _ => {}
+        }
+        // `min`/`max` of one value in a window are aggregates; of several, eKuiper's scalar
+        // greatest/least.
+        // eKuiper's first_value/last_value, also as first/last.
+        let agg_name = match name.as_str() {
+            "first" => "first_value",
+            "last" => "last_value",
+            n => n,
+        };
+        if let Some(kind) = AggKind::from_name(agg_name)
+            && !(matches!(kind, AggKind::Min | AggKind::Max) && count > 1)
+        {
+            if !self.windowed {
+                return Err(self.err(
+                    f,
+                    format!("aggregate {name} needs a window (GROUP BY ...Window)"),
+                ));
+            }
+            arity(1, 1)?;
+            if kind == AggKind::Count && args[0].is_none() {
+                return Ok((Expr::Agg(kind, None), Ty::Num));
+            }
+            let (x, t) = plain(self, args[0])?;
+            let ty = match kind {
+                AggKind::Min | AggKind::Max | AggKind::First | AggKind::Last => t,
+                _ => Ty::Num,
+            };
+            return Ok((Expr::Agg(kind, Some(Box::new(x))), ty));
+        }
+        let lookup = match name.as_str() {
+            "min" => "least",
+            "max" => "greatest",
+            n => n,
+        };
+        let Some(func) = functions::lookup(lookup) else {
+            let near: Vec<&str> = functions::names()
+                .filter(|n| {
+                    let prefix: String = name.chars().take(3).collect();
+                    n.starts_with(&prefix)
+                })
+                .take(4)
+                .collect();
+            let hint = if near.is_empty() {
+                String::new()
+            } else {
+                format!(" (similar: {})", near.join(", "))
+            };
+            return Err(self.err(f, format!("unknown function {name}{hint}")));
+        };
+        arity(func.min_args, func.max_args.unwrap_or(usize::MAX))?;
+        let mut out = Vec::with_capacity(count);
+        for a in args {
+            out.push(plain(self, a)?.0);
+        }
+        Ok((Expr::Call(func, out), Ty::Any))
+    }
+}
+
+fn merge(prev: Option<Ty>, t: Ty) -> Ty {
+    match prev {
+        None => t,
+        Some(p) if p == t => t,
+        Some(_) => Ty::Any,
+    }
+}
+
+/// Parses and checks one rule's SQL against `catalog` (see the module docs).
+pub fn plan(rule: &str, sql: &str, catalog: &Catalog) -> Result<Plan, LoadError> {
+    let fail = |line: u64, column: u64, message: String| LoadError {
+        rule: rule.to_owned(),
+        line,
+        column,
+        message,
+    };
+    let mut statements = Parser::parse_sql(&EkuiperDialect, sql).map_err(|e| {
+        // sqlparser's messages end with "at Line: L, Column: C".
+        let text = e.to_string();
+        let (line, column) = position_in(&text).unwrap_or((0, 0));
+        fail(line, column, format!("syntax: {}", strip_position(&text)))
+    })?;
+    if statements.len() != 1 {
+        return Err(fail(
+            1,
+            1,
+            format!("one SELECT statement expected, found {}", statements.len()),
+        ));
+    }
+    let Some(Statement::Query(query)) = statements.pop() else {
+        return Err(fail(1, 1, "only SELECT statements are rules".into()));
+    };
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return Err(fail(
+            1,
+            1,
+            "only a plain SELECT is supported (no UNION, VALUES)".into(),
+        ));
+    };
+    if query.order_by.is_some() || query.limit_clause.is_some() {
+        return Err(fail(
+            1,
+            1,
+            "ORDER BY and LIMIT are not supported in rules".into(),
+        ));
+    }
+    // FROM
+    let source = match select.from.as_slice() {
+        [t] if t.joins.is_empty() => match &t.relation {
+            TableFactor::Table { name, .. } => {
+                let n = name.to_string();
+                let n = n.trim_matches('`');
+                if catalog.device(n).is_some() {
+                    Source::Device(n.to_owned())
+                } else if n == ALL_DEVICES {
+                    Source::AllDevices
+                } else {
+                    let at = name.span().start;
+                    return Err(fail(at.line, at.column, format!("unknown device {n:?}")));
+                }
+            }
+            other => {
+                let at = other.span().start;
+                return Err(fail(
+                    at.line,
+                    at.column,
+                    "FROM takes a device name or devices".into(),
+                ));
+            }
+        },
+        [] => {
+            return Err(fail(
+                1,
+                1,
+                "a rule needs FROM <device> (or FROM devices)".into(),
+            ));
+        }
+        _ => {
+            let at = select.from[0].span().start;
+            return Err(fail(
+                at.line,
+                at.column,
+                "one source only: joins are not supported yet".into(),
+            ));
+        }
+    };
+    let device_name = match &source {
+        Source::Device(d) => Some(d.clone()),
+        Source::AllDevices => None,
+    };
+    let device = device_name.as_deref();
+    // GROUP BY: a window, and maybe `device`.
+    let mut window = None;
+    let mut per_device = false;
+    let mut lower = Lower {
+        rule,
+        catalog,
+        device,
+        columns: Vec::new(),
+        windowed: false,
+        deadbands: 0,
+    };
+    match &select.group_by {
+        GroupByExpr::Expressions(exprs, mods) if mods.is_empty() => {
+            for g in exprs {
+                match g {
+                    ast::Expr::Identifier(id)
+                        if id.value.eq_ignore_ascii_case("device") && device.is_none() =>
+                    {
+                        per_device = true
+                    }
+                    ast::Expr::Function(f) if window.is_none() => {
+                        window = Some(window_spec(&lower, f)?);
+                    }
+                    other => {
+                        return Err(lower.err(
+                            other,
+                            "GROUP BY takes one window (TumblingWindow, HoppingWindow, SlidingWindow, CountWindow) and, with FROM devices, device",
+                        ));
+                    }
+                }
+            }
+        }
+        other => return Err(lower.err(other, "GROUP BY ALL and modifiers are not supported")),
+    }
+    if per_device && window.is_none() {
+        return Err(fail(1, 1, "GROUP BY device needs a window too".into()));
+    }
+    lower.windowed = window.is_some();
+    // SELECT
+    let mut fields = Vec::new();
+    let mut star = false;
+    for item in &select.projection {
+        match item {
+            SelectItem::UnnamedExpr(e) => {
+                let name = match e {
+                    ast::Expr::Identifier(id) => id.value.clone(),
+                    ast::Expr::Function(f) => f.name.to_string().to_ascii_lowercase(),
+                    other => other.to_string(),
+                };
+                let (x, _) = lower.expr(e)?;
+                fields.push((Arc::from(name.as_str()), x));
+            }
+            SelectItem::ExprWithAlias { expr, alias } => {
+                let (x, _) = lower.expr(expr)?;
+                fields.push((Arc::from(alias.value.as_str()), x));
+            }
+            SelectItem::Wildcard(_) if !lower.windowed => star = true,
+            other => return Err(lower.err(other, format!("{other} is not supported in SELECT"))),
+        }
+    }
+    if star {
+        // Every property is read: any change triggers the rule.
+        let names: Vec<String> = match device {
+            Some(d) => catalog
+                .device(d)
+                .unwrap_or_default()
+                .iter()
+                .map(|(n, _)| n.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        for n in names {
+            if !lower.columns.iter().any(|c| **c == *n) {
+                lower.columns.push(Arc::from(n.as_str()));
+            }
+        }
+    }
+    let filter = match &select.selection {
+        Some(w) => {
+            let (x, t) = lower.expr(w)?;
+            lower.want(w, t, Ty::Bool, "WHERE")?;
+            if contains_agg(&x) {
+                return Err(lower.err(w, "aggregates belong in HAVING, not WHERE"));
+            }
+            Some(x)
+        }
+        None => None,
+    };
+    let having = match &select.having {
+        Some(h) => {
+            if !lower.windowed {
+                return Err(lower.err(h, "HAVING needs a window (GROUP BY ...Window)"));
+            }
+            let (x, t) = lower.expr(h)?;
+            lower.want(h, t, Ty::Bool, "HAVING")?;
+            Some(x)
+        }
+        None => None,
+    };
+    Ok(Plan {
+        source,
+        columns: lower.columns,
+        fields,
+        star,
+        filter,
+        window,
+        per_device,
+        having,
+        deadbands: lower.deadbands,
+    })
+}
+
+fn contains_agg(e: &Expr) -> bool {
+    match e {
+        Expr::Agg(..) => true,
+        Expr::Lit(_) | Expr::Col(_) | Expr::Device | Expr::WindowStart | Expr::WindowEnd => false,
+        Expr::Not(x) | Expr::Neg(x) | Expr::IsNull(x, _) => contains_agg(x),
+        Expr::Bin(_, l, r) | Expr::Deadband(l, r, _) => contains_agg(l) || contains_agg(r),
+        Expr::Call(_, args) => args.iter().any(contains_agg),
+        Expr::Case {
+            operand,
+            whens,
+            otherwise,
+        } => {
+            operand.as_deref().is_some_and(contains_agg)
+                || whens
+                    .iter()
+                    .any(|(c, r)| contains_agg(c) || contains_agg(r))
+                || otherwise.as_deref().is_some_and(contains_agg)
+        }
+        Expr::InList(x, l, _) => contains_agg(x) || l.iter().any(contains_agg),
+        Expr::Between(x, l, h, _) => contains_agg(x) || contains_agg(l) || contains_agg(h),
+    }
+}
+
+/// `TumblingWindow(ss, 10)` and its kin.
+fn window_spec(lower: &Lower<'_>, f: &ast::Function) -> R<WindowSpec> {
+    let name = f.name.to_string().to_ascii_lowercase();
+    let args = lower.args(f)?;
+    let int = |a: Option<&ast::Expr>| -> R<u64> {
+        match a {
+            Some(ast::Expr::Value(v)) => match &v.value {
+                ast::Value::Number(n, _) => {
+                    n.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        lower.err(v, format!("{name}: {n} is not a positive integer"))
+                    })
+                }
+                _ => Err(lower.err(v, format!("{name}: a positive integer expected"))),
+            },
+            _ => Err(lower.err(f, format!("{name}: a positive integer expected"))),
+        }
+    };
+    let unit = |a: Option<&ast::Expr>| -> R<u64> {
+        match a {
+            Some(ast::Expr::Identifier(id)) => window::unit_ms(&id.value).ok_or_else(|| {
+                lower.err_at(
+                    id.span,
+                    format!(
+                        "{name}: time unit {:?} is not one of dd, hh, mi, ss, ms",
+                        id.value
+                    ),
+                )
+            }),
+            _ => Err(lower.err(
+                f,
+                format!("{name}: the first argument is a time unit (dd, hh, mi, ss, ms)"),
+            )),
+        }
+    };
+    let times = |u: u64, n: u64| -> R<u64> {
+        u.checked_mul(n)
+            .ok_or_else(|| lower.err(f, format!("{name}: the window is too long")))
+    };
+    let spec = match (name.as_str(), args.as_slice()) {
+        ("tumblingwindow", [u, n]) => WindowSpec::Tumbling {
+            size_ms: times(unit(*u)?, int(*n)?)?,
+        },
+        ("hoppingwindow", [u, n, h]) => {
+            let ms = unit(*u)?;
+            let (size_ms, hop_ms) = (times(ms, int(*n)?)?, times(ms, int(*h)?)?);
+            WindowSpec::Hopping { size_ms, hop_ms }
+        }
+        ("slidingwindow", [u, n]) => WindowSpec::Sliding {
+            size_ms: times(unit(*u)?, int(*n)?)?,
+        },
+        ("countwindow", [n]) => WindowSpec::Count {
+            count: usize::try_from(int(*n)?).unwrap_or(usize::MAX),
+            hop: None,
+        },
+        ("countwindow", [n, h]) => WindowSpec::Count {
+            count: usize::try_from(int(*n)?).unwrap_or(usize::MAX),
+            hop: Some(usize::try_from(int(*h)?).unwrap_or(usize::MAX)),
+        },
+        ("tumblingwindow" | "hoppingwindow" | "slidingwindow" | "countwindow", _) => {
+            return Err(lower.err(
+                f,
+                format!("{name}: wrong arguments (TumblingWindow(unit, size), HoppingWindow(unit, size, hop), SlidingWindow(unit, size), CountWindow(count[, hop]))"),
+            ));
+        }
+        _ => return Err(lower.err(f, format!("{name} is not a window"))),
+    };
+    spec.validate()
+        .map_err(|e| lower.err(f, format!("{name}: {e}")))?;
+    Ok(spec)
+}
+
+fn position_in(msg: &str) -> Option<(u64, u64)> {
+    let i = msg.rfind("Line: ")?;
+    let rest = &msg[i + "Line: ".len()..];
+    let (line, rest) = rest.split_once(", Column: ")?;
+    let column: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    Some((line.trim().parse().ok()?, column.parse().ok()?))
+}
+
+fn strip_position(msg: &str) -> &str {
+    let msg = msg.strip_prefix("sql parser error: ").unwrap_or(msg);
+    match msg.rfind(" at Line: ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    }
+}
+
+/// What expressions see: the row's referenced columns, its device, the time, the window.
+pub struct Scope<'a> {
+    /// The referenced columns' values (see [`Plan::columns`]).
+    pub row: &'a [Value],
+    /// The row's device.
+    pub device: &'a str,
+    /// Functions' context (the time).
+    pub ctx: &'a Ctx,
+    /// The window's bounds and rows, when evaluating a window's output.
+    pub window: Option<(u64, u64, &'a [Vec<Value>])>,
+    /// The `deadband` state of this rule and device: the value last let through per call site.
+    pub deadband: &'a mut [Option<f64>],
+}
+
+/// Evaluates `e` (a run-time error is a message naming what failed).
+pub fn eval(e: &Expr, s: &mut Scope<'_>) -> Result<Value, String> {
+    Ok(match e {
+        Expr::Lit(v) => v.clone(),
+        Expr::Col(i) => s.row.get(*i).cloned().unwrap_or(Value::Null),
+        Expr::Device => Value::str(s.device),
+        Expr::Not(x) => match eval(x, s)? {
+            Value::Bool(b) => Value::Bool(!b),
+            Value::Null => Value::Null,
+            v => return Err(format!("NOT of {}", v.type_name())),
+        },
+        Expr::Neg(x) => match eval(x, s)? {
+            Value::Int(i) => Value::Int(i.checked_neg().ok_or("integer overflow in -")?),
+            Value::Float(f) => Value::Float(-f),
+            Value::Null => Value::Null,
+            v => return Err(format!("- of {}", v.type_name())),
+        },
+        Expr::Bin(BinOp::And, l, r) => match eval(l, s)? {
+            Value::Bool(false) => Value::Bool(false),
+            lv => match (lv, eval(r, s)?) {
+                (_, Value::Bool(false)) => Value::Bool(false),
+                (Value::Bool(true), Value::Bool(true)) => Value::Bool(true),
+                _ => Value::Null,
+            },
+        },
+        Expr::Bin(BinOp::Or, l, r) => match eval(l, s)? {
+            Value::Bool(true) => Value::Bool(true),
+            lv => match (lv, eval(r, s)?) {
+                (_, Value::Bool(true)) => Value::Bool(true),
+                (Value::Bool(false), Value::Bool(false)) => Value::Bool(false),
+                _ => Value::Null,
+            },
+        },
+        Expr::Bin(op, l, r) => {
+            let (a, b) = (eval(l, s)?, eval(r, s)?);
+            binary(*op, &a, &b)?
+        }
+        Expr::Call(f, args) => {
+            let mut vals = Vec::with_capacity(args.len());
+            for a in args {
+                vals.push(eval(a, s)?);
+            }
+            (f.eval)(s.ctx, &vals)?
+        }
+        Expr::Agg(kind, arg) => {
+            let Some((_, _, rows)) = s.window else {
+                return Err("aggregate outside a window".into());
+            };
+            let Some(arg) = arg else {
+                return Ok(Value::Int(i64::try_from(rows.len()).unwrap_or(i64::MAX)));
+            };
+            let mut acc = Accumulator::new(*kind);
+            for row in rows {
+                let mut inner = Scope {
+                    row,
+                    device: s.device,
+                    ctx: s.ctx,
+                    window: None,
+                    deadband: &mut [],
+                };
+                acc.add(&eval(arg, &mut inner)?)?;
+            }
+            acc.result()
+        }
+        Expr::Case {
+            operand,
+            whens,
+            otherwise,
+        } => {
+            let op = match operand {
+                Some(o) => Some(eval(o, s)?),
+                None => None,
+            };
+            for (c, r) in whens {
+                let cv = eval(c, s)?;
+                let hit = match &op {
+                    Some(o) => o.compare(&cv)? == Some(std::cmp::Ordering::Equal),
+                    None => cv.is_true(),
+                };
+                if hit {
+                    return eval(r, s);
+                }
+            }
+            match otherwise {
+                Some(o) => eval(o, s)?,
+                None => Value::Null,
+            }
+        }
+        Expr::InList(x, list, negated) => {
+            let v = eval(x, s)?;
+            if v.is_null() {
+                return Ok(Value::Null);
+            }
+            let mut found = false;
+            for item in list {
+                if v.compare(&eval(item, s)?)? == Some(std::cmp::Ordering::Equal) {
+                    found = true;
+                    break;
+                }
+            }
+            Value::Bool(found != *negated)
+        }
+        Expr::Between(x, lo, hi, negated) => {
+            let v = eval(x, s)?;
+            let (l, h) = (eval(lo, s)?, eval(hi, s)?);
+            match (v.compare(&l)?, v.compare(&h)?) {
+                (Some(a), Some(b)) => Value::Bool((a.is_ge() && b.is_le()) != *negated),
+                _ => Value::Null,
+            }
+        }
+        Expr::IsNull(x, negated) => Value::Bool(eval(x, s)?.is_null() != *negated),
+        Expr::WindowStart => match s.window {
+            Some((start, _, _)) => Value::Int(i64::try_from(start).unwrap_or(i64::MAX)),
+            None => Value::Null,
+        },
+        Expr::WindowEnd => match s.window {
+            Some((_, end, _)) => Value::Int(i64::try_from(end).unwrap_or(i64::MAX)),
+            None => Value::Null,
+        },
+        Expr::Deadband(x, width, slot) => {
+            let (v, w) = (eval(x, s)?, eval(width, s)?);
+            let (Some(v), Some(w)) = (v.as_f64(), w.as_f64()) else {
+                return Ok(Value::Null);
+            };
+            let Some(last) = s.deadband.get_mut(*slot) else {
+                return Err("deadband state missing".into());
+            };
+            let pass = match *last {
+                None => true,
+                Some(prev) => (v - prev).abs() >= w,
+            };
+            if pass {
+                *last = Some(v);
+            }
+            Value::Bool(pass)
+        }
+    })
+}
+
+fn binary(op: BinOp, a: &Value, b: &Value) -> Result<Value, String> {
+    use std::cmp::Ordering as O;
+    if a.is_null() || b.is_null() {
+        return Ok(Value::Null);
+    }
+    let cmp = |want: fn(O) -> bool| -> Result<Value, String> {
+        Ok(match a.compare(b)? {
+            Some(o) => Value::Bool(want(o)),
+            None => Value::Null,
+        })
+    };
+    match op {
+        BinOp::Eq => cmp(|o| o == O::Equal),
+        BinOp::Ne => cmp(|o| o != O::Equal),
+        BinOp::Lt => cmp(|o| o == O::Less),
+        BinOp::Le => cmp(|o| o != O::Greater),
+        BinOp::Gt => cmp(|o| o == O::Greater),
+        BinOp::Ge => cmp(|o| o != O::Less),
+        BinOp::And | BinOp::Or => Err("logic on non-booleans".into()),
+        _ => arith(op, a, b),
+    }
+}
+
+fn arith(op: BinOp, a: &Value, b: &Value) -> Result<Value, String> {
+    let sym = match op {
+        BinOp::Add => "+",
+        BinOp::Sub => "-",
+        BinOp::Mul => "*",
+        BinOp::Div => "/",
+        _ => "%",
+    };
+    match (a, b) {
+        (Value::Int(x), Value::Int(y)) => {
+            let r = match op {
+                BinOp::Add => x.checked_add(*y),
+                BinOp::Sub => x.checked_sub(*y),
+                BinOp::Mul => x.checked_mul(*y),
+                BinOp::Div => {
+                    if *y == 0 {
+                        return Err("division by zero".into());
+                    }
+                    x.checked_div(*y)
+                }
+                _ => {
+                    if *y == 0 {
+                        return Err("modulo by zero".into());
+                    }
+                    x.checked_rem(*y)
+                }
+            };
+            r.map(Value::Int)
+                .ok_or_else(|| format!("integer overflow in {x} {sym} {y}"))
+        }
+        _ => match (a.as_f64(), b.as_f64()) {
+            (Some(x), Some(y)) => {
+                if matches!(op, BinOp::Div | BinOp::Mod) && y == 0.0 {
+                    return Err(if op == BinOp::Div {
+                        "division by zero".into()
+                    } else {
+                        "modulo by zero".into()
+                    });
+                }
+                Ok(Value::Float(match op {
+                    BinOp::Add => x + y,
+                    BinOp::Sub => x - y,
+                    BinOp::Mul => x * y,
+                    BinOp::Div => x / y,
+                    _ => x % y,
+                }))
+            }
+            _ => Err(format!(
+                "{} {sym} {}: numbers expected",
+                a.type_name(),
+                b.type_name()
+            )),
+        },
+    }
+}
