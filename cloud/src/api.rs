@@ -593,6 +593,11 @@ pub fn router_with_timeout(state: ApiState, request_timeout: Duration) -> Router
             "/api/v1/nodes/{node}/devices/{device}/twin/desired",
             patch(set_desired).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
         )
+        .route("/api/v1/nodes/{node}/alarms", get(get_alarms))
+        .route(
+            "/api/v1/nodes/{node}/alarms/{rule}/{device}/ack",
+            axum::routing::post(ack_alarm),
+        )
         .route("/api/v1/events", get(events))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -854,6 +859,66 @@ async fn get_gaps(State(state): State<ApiState>, path: NodePath) -> Result<Respo
         .map_err(|e| StoreError::Task(e.to_string()))
         .and_then(|r| r);
     gaps_response(node, gaps)
+}
+
+/// `GET /api/v1/nodes/{node}/alarms`: the alarms of the node's local rules that are active.
+async fn get_alarms(State(state): State<ApiState>, path: NodePath) -> Result<Response, ApiError> {
+    let Path(node) = path.map_err(path_error)?;
+    let node = parse_node(node)?;
+    if state.store.node(&node).is_none() {
+        return Err(node_not_found(&node));
+    }
+    let (store, owned) = (state.store.clone(), node.clone());
+    let alarms = tokio::task::spawn_blocking(move || store.alarms(&owned))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))
+        .and_then(|r| r)
+        .map_err(|e| {
+            tracing::error!(%node, error = %e, "reading alarms failed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store unavailable: alarms not read",
+            )
+        })?;
+    Ok(Json(serde_json::json!({ "node": node, "alarms": alarms })).into_response())
+}
+
+/// `POST /api/v1/nodes/{node}/alarms/{rule}/{device}/ack`: an operator acknowledges an active
+/// alarm (admin tokens only, like every change).
+async fn ack_alarm(
+    State(state): State<ApiState>,
+    caller: Option<Extension<Caller>>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path((node, rule, device)) = path.map_err(path_error)?;
+    let node = parse_node(node)?;
+    let Some(Extension(caller)) = caller else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing bearer token",
+        ));
+    };
+    if state.store.node(&node).is_none() {
+        return Err(node_not_found(&node));
+    }
+    match state
+        .store
+        .ack_alarm(&node, &rule, &device, &caller.name)
+        .await
+    {
+        Ok(Some(a)) => Ok(Json(a).into_response()),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no active alarm of rule {rule:?} on device {device:?} of node {node}"),
+        )),
+        Err(e) => {
+            tracing::error!(%node, error = %e, "acknowledging an alarm failed");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store unavailable: alarm not acknowledged",
+            ))
+        }
+    }
 }
 
 /// Renders the gaps of `node` as read from the store, or 503 if the read failed.
@@ -1528,6 +1593,113 @@ mod tests {
 
     async fn patch_json(app: &Router, uri: &str, body: &str) -> (StatusCode, Json) {
         json_of(send(app, Method::PATCH, uri, Some(ADMIN), Some(body)).await).await
+    }
+
+    fn rule_event(
+        seq: u64,
+        kind: u32,
+        rule: &str,
+        fields: &str,
+    ) -> edgesync_protocol::frame::Control {
+        use edgesync_protocol::frame::{Control, ControlKind};
+        Control {
+            seq,
+            kind: Some(ControlKind::Rule(edgesync_protocol::frame::RuleEvent {
+                rule: rule.into(),
+                device: "plc1".into(),
+                kind,
+                ts_ms: 1_700_000_000_000 + seq,
+                severity: "critical".into(),
+                fields_json: fields.into(),
+                since_ms: 1_700_000_000_000,
+                labels_json: r#"{"area":"a"}"#.into(),
+                raised_ms: 1_700_000_000_000,
+            })),
+        }
+    }
+
+    #[tokio::test]
+    async fn alarms_are_listed_acknowledged_by_admins_only_and_cleared() {
+        use edgesync_protocol::frame::{RULE_ALARM_CLEARED, RULE_ALARM_RAISED};
+        let f = fixture().await;
+        let gw1 = NodeId::new("gw-1").unwrap();
+        let list = "/api/v1/nodes/gw-1/alarms";
+        let ack = "/api/v1/nodes/gw-1/alarms/hot/plc1/ack";
+        let (status, v) = get_json(&f.app, list).await;
+        assert_eq!((status, v["alarms"].clone()), (StatusCode::OK, json!([])));
+        f.store
+            .apply_control(
+                &gw1,
+                rule_event(1, RULE_ALARM_RAISED, "hot", r#"{"temp":91.5}"#),
+            )
+            .await
+            .unwrap();
+        // Hostile input from a node: an oversized name is ignored, oversized or invalid JSON
+        // is replaced, an unknown kind is ignored; none of it fails the control log.
+        let long = "r".repeat(300);
+        f.store
+            .apply_control(&gw1, rule_event(2, RULE_ALARM_RAISED, &long, "{}"))
+            .await
+            .unwrap();
+        let huge = format!(r#"{{"x":"{}"}}"#, "y".repeat(20_000));
+        f.store
+            .apply_control(&gw1, rule_event(3, RULE_ALARM_RAISED, "big", &huge))
+            .await
+            .unwrap();
+        f.store
+            .apply_control(&gw1, rule_event(4, 99, "odd", "not json"))
+            .await
+            .unwrap();
+        let (_, v) = get_json(&f.app, list).await;
+        let alarms = v["alarms"].as_array().unwrap();
+        assert_eq!(alarms.len(), 2, "{v}");
+        assert_eq!(alarms[0]["rule"], "big");
+        assert_eq!(alarms[0]["fields"], json!({"truncated": true}));
+        assert_eq!(alarms[1]["fields"]["temp"], 91.5);
+        assert_eq!(alarms[1]["labels"]["area"], "a");
+        // No token, a wrong token, a read-only token: refused; an admin acknowledges.
+        let post = |token: Option<&'static str>, uri: &'static str| {
+            let app = f.app.clone();
+            async move { send(&app, Method::POST, uri, token, None).await.status() }
+        };
+        assert_eq!(post(None, ack).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            post(Some("wrong-token-wrong-token"), ack).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(post(Some(READER), ack).await, StatusCode::FORBIDDEN);
+        let (status, a) = json_of(send(&f.app, Method::POST, ack, Some(ADMIN), None).await).await;
+        assert_eq!(status, StatusCode::OK, "{a}");
+        assert_eq!(a["acked_by"], "ops");
+        assert!(a["acked_ms"].as_u64().is_some(), "{a}");
+        // Unknown alarm, unknown node: 404 with a message.
+        let (status, e) = json_of(
+            send(
+                &f.app,
+                Method::POST,
+                "/api/v1/nodes/gw-1/alarms/nope/plc1/ack",
+                Some(ADMIN),
+                None,
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
+        let (status, _) = get_json(&f.app, "/api/v1/nodes/gw-9/alarms").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        // Cleared: gone from the list.
+        f.store
+            .apply_control(&gw1, rule_event(5, RULE_ALARM_CLEARED, "hot", "{}"))
+            .await
+            .unwrap();
+        let (_, v) = get_json(&f.app, list).await;
+        let rules: Vec<&str> = v["alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["rule"].as_str().unwrap())
+            .collect();
+        assert_eq!(rules, vec!["big"]);
     }
 
     #[tokio::test]

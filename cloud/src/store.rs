@@ -24,6 +24,7 @@
 //! | `0x01 <node> 0x00 "store"` | the id of the node's outbox (UTF-8), as its last hello said |
 //! | `0x01 <node> 0x00 "hbytes"` / `"floor"` | bytes of the node's record entries / first seq not pruned ([`retention`]) |
 //! | `0x06 <node> 0x00 <bucket start ms: u64 BE>` | first seq committed in that time bucket ([`retention`]) |
+//! | `0x08 <node> 0x00 <rule> 0x00 <device>` | an active alarm of a local rule ([`AlarmRecord`], JSON) |
 //!
 //! Ids never hold `0x00` and always start with a letter or digit, so the key spaces never
 //! overlap and a node's records sort by sequence number.
@@ -101,6 +102,7 @@ const DESIRED: u8 = 0x04;
 const SCHEMA: u8 = 0x05;
 const HISTORY: u8 = 0x06;
 const TWIN_BUCKET: u8 = 0x07;
+const ALARM: u8 = 0x08;
 /// Keys of a node's persisted twin: each property's latest sample lives in bucket
 /// [`twin_bucket`] of its device and id.
 pub const TWIN_BUCKETS: u16 = 256;
@@ -1017,6 +1019,9 @@ impl HubStore {
                     change = Some((device, property, d));
                 }
             }
+            Some(ControlKind::Rule(r)) => {
+                event = rule_event(node, &r, &mut batch, self.tree())?;
+            }
             None => {}
         }
         self.tree().apply_batch(batch)?;
@@ -1164,6 +1169,62 @@ impl HubStore {
                 .map(|v| String::from_utf8_lossy(&v).into_owned())
                 .filter(|cur| cur != td)),
         }
+    }
+
+    /// The node's active alarms (raised by its local rules and not cleared), by rule and device.
+    pub fn alarms(&self, node: &NodeId) -> Result<Vec<AlarmRecord>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree().scan_prefix(alarm_prefix(node)) {
+            let (k, v) = kv?;
+            let a: AlarmRecord = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: e.to_string(),
+            })?;
+            out.push(a);
+        }
+        Ok(out)
+    }
+
+    /// An operator acknowledges an active alarm; `None` if there is no such alarm. Durable when
+    /// this returns; publishes `alarm_acked`.
+    pub async fn ack_alarm(
+        &self,
+        node: &NodeId,
+        rule: &str,
+        device: &str,
+        by: &str,
+    ) -> Result<Option<AlarmRecord>, StoreError> {
+        let key = alarm_key(node, rule, device);
+        let acked = {
+            let _guard = self
+                .inner
+                .commit_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let Some(v) = self.tree().get(&key)? else {
+                return Ok(None);
+            };
+            let mut a: AlarmRecord =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    key: format!("alarm {rule}/{device}"),
+                    reason: e.to_string(),
+                })?;
+            a.acked_by = Some(by.to_owned());
+            a.acked_ms = Some(wall_ms());
+            let json = serde_json::to_vec(&a).map_err(|e| StoreError::Corrupt {
+                key: "alarm".into(),
+                reason: e.to_string(),
+            })?;
+            self.tree().insert(key, json)?;
+            a
+        };
+        let ticket = self.inner.written.fetch_add(1, Ordering::AcqRel) + 1;
+        self.flush_through(ticket).await?;
+        self.inner.events.publish(
+            "alarm_acked",
+            serde_json::json!({"node": node, "alarm": acked}),
+        );
+        Ok(Some(acked))
     }
 
     /// Records the id of the node's outbox; returns the previous one if it was different
@@ -2099,6 +2160,122 @@ fn meta_key(node: &NodeId, field: &[u8]) -> Vec<u8> {
     k.push(SEP);
     k.extend_from_slice(field);
     k
+}
+
+fn alarm_key(node: &NodeId, rule: &str, device: &str) -> Vec<u8> {
+    let mut k = vec![ALARM];
+    k.extend_from_slice(node.as_str().as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(rule.as_bytes());
+    k.push(SEP);
+    k.extend_from_slice(device.as_bytes());
+    k
+}
+
+fn alarm_prefix(node: &NodeId) -> Vec<u8> {
+    let mut k = vec![ALARM];
+    k.extend_from_slice(node.as_str().as_bytes());
+    k.push(SEP);
+    k
+}
+
+/// An active alarm of a node's local rule, as the hub keeps it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AlarmRecord {
+    /// The rule.
+    pub rule: String,
+    /// The device.
+    pub device: String,
+    /// Severity.
+    pub severity: String,
+    /// Labels.
+    pub labels: serde_json::Value,
+    /// Since when its condition held, ms since the epoch.
+    pub since_ms: u64,
+    /// When it was raised, ms since the epoch.
+    pub raised_ms: u64,
+    /// The rule's output when it was raised.
+    pub fields: serde_json::Value,
+    /// Who acknowledged it (an API token's name), if anyone.
+    pub acked_by: Option<String>,
+    /// When it was acknowledged, ms since the epoch.
+    pub acked_ms: Option<u64>,
+}
+
+/// Longest rule id or device accepted in a rule event (longer ones are ignored).
+const MAX_RULE_EVENT_NAME: usize = 256;
+/// Largest `fields_json`/`labels_json` of a rule event kept (larger ones are replaced by
+/// `{"truncated": true}`).
+const MAX_RULE_EVENT_JSON: usize = 16 * 1024;
+
+fn bounded_json(text: &str) -> serde_json::Value {
+    if text.is_empty() {
+        return serde_json::json!({});
+    }
+    if text.len() > MAX_RULE_EVENT_JSON {
+        return serde_json::json!({"truncated": true});
+    }
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v @ serde_json::Value::Object(_)) => v,
+        _ => serde_json::json!({"invalid": true}),
+    }
+}
+
+/// What a rule event changes: an alarm key in `batch`, and the event to publish.
+fn rule_event(
+    node: &NodeId,
+    r: &edgesync_protocol::frame::RuleEvent,
+    batch: &mut sled::Batch,
+    tree: &sled::Tree,
+) -> Result<Option<(&'static str, serde_json::Value)>, StoreError> {
+    use edgesync_protocol::frame::{RULE_ALARM_CLEARED, RULE_ALARM_RAISED, RULE_RECORD};
+    let valid = |t: &str| !t.is_empty() && t.len() <= MAX_RULE_EVENT_NAME && !t.contains('\0');
+    if !valid(&r.rule) || !valid(&r.device) {
+        metrics::counter!("edgesync_hub_rule_events_invalid_total").increment(1);
+        return Ok(None);
+    }
+    let fields = bounded_json(&r.fields_json);
+    let key = alarm_key(node, &r.rule, &r.device);
+    Ok(match r.kind {
+        RULE_RECORD => Some((
+            "rule_output",
+            serde_json::json!({"node": node, "rule": r.rule, "device": r.device, "ts_ms": r.ts_ms, "fields": fields}),
+        )),
+        RULE_ALARM_RAISED => {
+            let a = AlarmRecord {
+                rule: r.rule.clone(),
+                device: r.device.clone(),
+                severity: r.severity.chars().take(MAX_RULE_EVENT_NAME).collect(),
+                labels: bounded_json(&r.labels_json),
+                since_ms: r.since_ms,
+                raised_ms: r.raised_ms.max(r.ts_ms),
+                fields,
+                acked_by: None,
+                acked_ms: None,
+            };
+            let json = serde_json::to_vec(&a).map_err(|e| StoreError::Corrupt {
+                key: "alarm".into(),
+                reason: e.to_string(),
+            })?;
+            batch.insert(key, json);
+            Some((
+                "alarm_raised",
+                serde_json::json!({"node": node, "alarm": a}),
+            ))
+        }
+        RULE_ALARM_CLEARED => {
+            let known = tree.get(&key)?.is_some();
+            batch.remove(key);
+            Some((
+                "alarm_cleared",
+                serde_json::json!({"node": node, "rule": r.rule, "device": r.device, "since_ms": r.since_ms, "raised_ms": r.raised_ms, "cleared_ms": r.ts_ms, "known": known, "fields": fields}),
+            ))
+        }
+        _ => {
+            metrics::counter!("edgesync_hub_rule_events_invalid_total").increment(1);
+            None
+        }
+    })
 }
 
 fn gap_key(node: &NodeId, first_seq: u64) -> Vec<u8> {

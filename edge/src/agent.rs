@@ -84,6 +84,9 @@ pub enum StartError {
     /// The local MQTT bus could not start.
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttError),
+    /// The rule files cannot be loaded (every problem, each naming its file).
+    #[error("rules:\n  {}", .0.join("\n  "))]
+    Rules(Vec<String>),
     /// Records held by the previous run could not be imported (the file stays).
     #[error("held records: {0}")]
     Held(String),
@@ -252,6 +255,23 @@ impl Agent {
         let (desired_tx, desired_rx) = mpsc::channel(256);
         let (control_tx, control_rx) = watch::channel(control_next);
         let (downlink_tx, downlink_rx) = watch::channel(last_downlink);
+        // Local rules: loaded before anything runs (an invalid set stops the start); what they
+        // send to the hub goes through the downlink into the control log.
+        let (rules_tx, rules_rx) = mpsc::channel(256);
+        let runner = match cfg.rules.clone() {
+            Some(rcfg) => Some(
+                crate::rules::Runner::start(
+                    rcfg,
+                    local.clone(),
+                    rules_tx,
+                    store.clone(),
+                    cancel.child_token(),
+                )
+                .await
+                .map_err(StartError::Rules)?,
+            ),
+            None => None,
+        };
         let downlink = Downlink::new(
             DownlinkConfig {
                 expiry: cfg.desired_expiry,
@@ -263,6 +283,7 @@ impl Agent {
             DownlinkChannels {
                 from_hub: desired_rx,
                 local: local_rx,
+                rules: runner.is_some().then_some(rules_rx),
                 control_next: control_tx,
                 last_downlink: downlink_tx,
             },
@@ -274,6 +295,9 @@ impl Agent {
             source,
         })?;
         tasks.push(tokio::spawn(downlink.run()));
+        if let Some(runner) = runner {
+            tasks.push(tokio::spawn(runner.run()));
+        }
         // The local MQTT bus serves the twin from now on, before any PLC or the hub answers.
         let mqtt = crate::mqtt::start(
             std::mem::take(&mut cfg.mqtt),

@@ -27,7 +27,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgesync_protocol::desired::{Applied, DesiredValue, Origin, Outcome};
-use edgesync_protocol::frame::{self, ControlKind, DesiredFrame, DesiredStatus, Proposal};
+use edgesync_protocol::frame::{
+    self, ControlKind, DesiredFrame, DesiredStatus, Proposal, RuleEvent,
+};
 use edgesync_protocol::{DeviceId, PropertyId, Value};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinSet;
@@ -90,6 +92,7 @@ pub struct Downlink {
     writers: HashMap<DeviceId, LinkHandle>,
     from_hub: mpsc::Receiver<DesiredFrame>,
     local: mpsc::Receiver<LocalChange>,
+    rules: Option<mpsc::Receiver<RuleRecord>>,
     /// The control log's next sequence number, for the uplink.
     control_next: watch::Sender<u64>,
     /// The highest version taken over, for the uplink's hello.
@@ -101,12 +104,18 @@ pub struct Downlink {
     attempts: JoinSet<Attempt>,
 }
 
+/// A rule's event for the hub, and who to tell once it is in the control log.
+pub type RuleRecord = (RuleEvent, tokio::sync::oneshot::Sender<()>);
+
 /// The channels the downlink is built from.
 pub struct DownlinkChannels {
     /// Desired values from the uplink.
     pub from_hub: mpsc::Receiver<DesiredFrame>,
     /// Local changes from [`LocalTwin`].
     pub local: mpsc::Receiver<LocalChange>,
+    /// What local rules send to the hub (alarms, records): appended to the control log, so
+    /// they reach the hub exactly once, later if it is away. `None`: no rules.
+    pub rules: Option<mpsc::Receiver<RuleRecord>>,
     /// Control log position, to the uplink.
     pub control_next: watch::Sender<u64>,
     /// Highest version taken over, to the uplink.
@@ -171,6 +180,7 @@ impl Downlink {
             writers,
             from_hub: ch.from_hub,
             local: ch.local,
+            rules: ch.rules,
             control_next: ch.control_next,
             last_downlink: ch.last_downlink,
             cancel,
@@ -197,6 +207,17 @@ impl Downlink {
                 Some(d) = self.from_hub.recv() => self.on_hub(d).await,
                 // A local app's change (cancel-safe).
                 Some(c) = self.local.recv() => self.on_local(c).await,
+                // A rule's alarm or record for the hub (cancel-safe; never without rules).
+                Some(ev) = async {
+                    match &mut self.rules {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let (ev, appended) = ev;
+                    self.append(ControlKind::Rule(ev)).await;
+                    let _ = appended.send(());
+                }
                 // A write attempt finished (JoinSet::join_next is cancel-safe).
                 Some(done) = self.attempts.join_next(), if !self.attempts.is_empty() => {
                     if let Ok(a) = done {
@@ -648,6 +669,7 @@ mod tests {
             DownlinkChannels {
                 from_hub,
                 local: local_rx,
+                rules: None,
                 control_next,
                 last_downlink: last_tx,
             },

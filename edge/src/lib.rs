@@ -18,6 +18,7 @@ pub mod modbus;
 pub mod model;
 pub mod mqtt;
 pub mod probe;
+pub mod rules;
 pub mod store;
 pub mod twin;
 pub mod uplink;

@@ -73,6 +73,13 @@ pub enum TwinEvent {
         /// The outcome.
         applied: Applied,
     },
+    /// A local rule's output to publish on the local MQTT bus as it is.
+    Publish {
+        /// The topic.
+        topic: String,
+        /// The payload (JSON).
+        payload: Arc<Vec<u8>>,
+    },
     /// The tunnel to the hub came up or went down.
     Uplink {
         /// Whether a session with the hub is established.

@@ -60,8 +60,28 @@ fn main() -> ExitCode {
         Command::Validate { config: path } => match config::load(&path) {
             Ok(cfg) => {
                 let tags: usize = cfg.devices.iter().map(|d| d.tags.len()).sum();
+                // The rule files too, against these devices, as the agent would load them.
+                let rules = match &cfg.rules {
+                    None => String::new(),
+                    Some(r) => {
+                        let specs = cfg
+                            .devices
+                            .iter()
+                            .map(|d| (d.id.clone(), std::sync::Arc::new(d.clone())))
+                            .collect();
+                        match edgesync_edge::rules::validate_dir(&r.dir, &specs) {
+                            Ok(n) => format!(", {n} rules"),
+                            Err(errors) => {
+                                for e in errors {
+                                    eprintln!("{e}");
+                                }
+                                return ExitCode::FAILURE;
+                            }
+                        }
+                    }
+                };
                 println!(
-                    "{}: ok ({} devices, {} tags)",
+                    "{}: ok ({} devices, {} tags{rules})",
                     path.display(),
                     cfg.devices.len(),
                     tags

@@ -94,6 +94,8 @@ const META_STORE_ID: &[u8] = b"mstoreid";
 const META_CTL_ACKED: &[u8] = b"mcacked";
 /// Highest desired version taken over from the hub.
 const META_DOWNLINK: &[u8] = b"mdownlink";
+/// The local rules' active alarms (JSON, see `crate::rules`).
+const META_ALARMS: &[u8] = b"malarms";
 
 fn control_key(seq: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
@@ -658,6 +660,17 @@ impl AgentStore {
         self.db
             .insert(META_DOWNLINK, &last_downlink.to_be_bytes()[..])?;
         self.flush().await
+    }
+
+    /// Persists the local rules' active alarms (replacing the previous set), durably.
+    pub async fn save_alarms(&mut self, json: &[u8]) -> Result<(), StoreError> {
+        self.db.insert(META_ALARMS, json)?;
+        self.flush().await
+    }
+
+    /// The local rules' active alarms as last saved (`None`: never saved).
+    pub fn load_alarms(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get(META_ALARMS)?.map(|v| v.to_vec()))
     }
 
     /// Every persisted desired state, per device.

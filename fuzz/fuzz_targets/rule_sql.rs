@@ -31,6 +31,7 @@ fuzz_target!(|input: (&str, u8, i64, f64)| {
         sql: text.to_owned(),
         actions: vec![],
         alarm: None,
+        heartbeat_ms: None,
         ignored_options: vec![],
     };
     if engine.load(vec![def]).is_ok() {

@@ -115,7 +115,7 @@ pub struct Control {
     #[prost(uint64, tag = "1")]
     pub seq: u64,
     /// What it says.
-    #[prost(oneof = "ControlKind", tags = "2, 3")]
+    #[prost(oneof = "ControlKind", tags = "2, 3, 4")]
     pub kind: Option<ControlKind>,
 }
 
@@ -128,7 +128,50 @@ pub enum ControlKind {
     /// A local app changed a desired value: compare-and-set against `base_version`.
     #[prost(message, tag = "3")]
     Proposal(Proposal),
+    /// A local rule raised or cleared an alarm, or sent a record upstream. (A hub that
+    /// predates rules stores the record's sequence number and ignores its content.)
+    #[prost(message, tag = "4")]
+    Rule(RuleEvent),
 }
+
+/// What a local rule sent to the hub.
+#[derive(Clone, PartialEq, Message)]
+pub struct RuleEvent {
+    /// The rule id.
+    #[prost(string, tag = "1")]
+    pub rule: String,
+    /// The device the output belongs to.
+    #[prost(string, tag = "2")]
+    pub device: String,
+    /// What happened ([`RULE_RECORD`], [`RULE_ALARM_RAISED`], [`RULE_ALARM_CLEARED`]).
+    #[prost(uint32, tag = "3")]
+    pub kind: u32,
+    /// When, ms since the Unix epoch (an alarm: raised or cleared).
+    #[prost(uint64, tag = "4")]
+    pub ts_ms: u64,
+    /// An alarm's severity.
+    #[prost(string, tag = "5")]
+    pub severity: String,
+    /// The rule's output fields, a JSON object.
+    #[prost(string, tag = "6")]
+    pub fields_json: String,
+    /// An alarm: since when its condition held, ms since the Unix epoch.
+    #[prost(uint64, tag = "7")]
+    pub since_ms: u64,
+    /// An alarm's labels, a JSON object of strings.
+    #[prost(string, tag = "8")]
+    pub labels_json: String,
+    /// An alarm: when it was raised (also on its clearing record), ms since the Unix epoch.
+    #[prost(uint64, tag = "9")]
+    pub raised_ms: u64,
+}
+
+/// [`RuleEvent::kind`]: an output record.
+pub const RULE_RECORD: u32 = 0;
+/// [`RuleEvent::kind`]: an alarm was raised.
+pub const RULE_ALARM_RAISED: u32 = 1;
+/// [`RuleEvent::kind`]: an alarm was cleared.
+pub const RULE_ALARM_CLEARED: u32 = 2;
 
 /// What became of a desired version on the edge.
 #[derive(Clone, PartialEq, Message)]

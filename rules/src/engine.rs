@@ -6,8 +6,10 @@
 //! [`Engine::poll_output`]. Time is always the caller's `now` (ms since the Unix epoch).
 //!
 //! Invariants:
-//! - A rule is triggered by a change of a property it reads (in `SELECT`, `WHERE`, `HAVING`);
-//!   changes of other properties do not evaluate it. `SELECT *` reads every property.
+//! - A rule is triggered by a change of a property it reads (anywhere: `SELECT`, `WHERE`,
+//!   `HAVING`, a join's `ON`, an `OVER` clause); changes of other properties do not evaluate
+//!   it. `SELECT *` and `had_changed(.., *)` read every property. A change of a table does
+//!   not evaluate anything.
 //! - Rows see the device's latest value of every column (a property not read yet is null).
 //! - A rule that fails at run time (division by zero, a bad value) counts an error for that
 //!   evaluation and produces nothing for it; no other rule is affected.
@@ -19,14 +21,33 @@
 //!   the `keep_firing_for` countdown, after which the alarm clears. Active alarms can be taken
 //!   out ([`Engine::active_alarms`]) and put back after a restart ([`Engine::restore_alarms`])
 //!   without being raised again.
+//! - A row is evaluated in this order: the analytic functions (every call site, once per row;
+//!   see [`crate::analytic`]), the table join (zero, one or several rows; see
+//!   [`crate::plan`]), `WHERE` on each joined row, then `SELECT` for each passing one (one
+//!   record each) or, for a window rule, the window. For an alarm rule the evaluation passes
+//!   when any joined row passes, and the alarm carries the first passing row's fields. The
+//!   join reads the table as it is when the row arrives ([`Engine::set_table`] replaces it;
+//!   a window keeps the joined rows it holds).
+//! - Heartbeat (an edgesync extension; eKuiper has none): a record rule with
+//!   [`RuleDef::heartbeat_ms`] repeats its last output for a device when it has produced
+//!   nothing for that device for that long: report on change (`WHERE deadband(temp, 0.5)`)
+//!   with a floor (at least once a minute). The repeat is the last evaluation's records
+//!   (all of them when a join produced several), with `heartbeat: true` and the time of the
+//!   repeat; it is due `heartbeat_ms` after the last output (real or repeated) at
+//!   [`Engine::poll_timeout`], so an idle device is repeated every `heartbeat_ms` forever.
+//!   Nothing is repeated before the first output, or after a `WHERE` stops passing unless
+//!   by the repeat itself: the last record stands until a new one replaces it. A window
+//!   rule's outputs are repeated the same way.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::analytic;
 use crate::functions::Ctx;
-use crate::plan::{self, Catalog, LoadError, Plan, Scope, Source};
+use crate::plan::{self, Catalog, JoinKind, LoadError, Plan, Scope, Source};
 use crate::rule::{AlarmDef, RuleDef};
-use crate::value::Value;
+use crate::table::Table;
+use crate::value::{self, Value};
 use crate::window::{Closed, Windows};
 
 /// What the rules produced.
@@ -42,6 +63,8 @@ pub enum Output {
         ts_ms: u64,
         /// Output fields, in `SELECT` order.
         fields: Vec<(Arc<str>, Value)>,
+        /// A heartbeat's repeat of the last record (see the module docs).
+        heartbeat: bool,
     },
     /// An alarm was raised.
     Raised(Alarm),
@@ -79,6 +102,8 @@ pub struct RuleStats {
     pub events_out: u64,
     /// Evaluations that failed at run time.
     pub errors: u64,
+    /// Records repeated by the heartbeat (also counted in `events_out`).
+    pub heartbeats: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -88,8 +113,65 @@ enum AlarmState {
     Resolving { alarm: Alarm, since: u64 },
 }
 
-/// A row held by a window: its device and its columns.
+/// A row held by a window: its device and its values (see [`Scope::row`]).
 type WindowRow = (Arc<str>, Vec<Value>);
+
+/// One output's fields.
+type Fields = Vec<(Arc<str>, Value)>;
+
+/// A rule's join, resolved against the table's current rows.
+struct JoinState {
+    table: Arc<Table>,
+    /// The table index of each of the plan's table columns.
+    columns: Vec<Option<usize>>,
+    /// Key (the `ON` columns' values) → matching rows, in table order.
+    index: HashMap<String, Vec<usize>>,
+}
+
+impl JoinState {
+    fn new(join: &plan::Join, table: Arc<Table>) -> JoinState {
+        let columns: Vec<Option<usize>> = join.columns.iter().map(|c| table.column(c)).collect();
+        let key_cols: Vec<Option<usize>> = join
+            .keys
+            .iter()
+            .map(|(_, k)| columns.get(*k).copied().flatten())
+            .collect();
+        let mut index: HashMap<String, Vec<usize>> = HashMap::new();
+        for (r, row) in table.rows().iter().enumerate() {
+            let values: Vec<Value> = key_cols
+                .iter()
+                .map(|c| c.and_then(|c| row.get(c)).cloned().unwrap_or(Value::Null))
+                .collect();
+            if let Some(k) = join_key(&values) {
+                index.entry(k).or_default().push(r);
+            }
+        }
+        JoinState {
+            table,
+            columns,
+            index,
+        }
+    }
+}
+
+/// The key of join values; `None` when one cannot match (null, NaN).
+fn join_key(values: &[Value]) -> Option<String> {
+    let mut key = String::new();
+    for v in values {
+        match v {
+            Value::Null => return None,
+            Value::Float(f) if f.is_nan() => return None,
+            v => value::push_key(v, &mut key),
+        }
+    }
+    Some(key)
+}
+
+/// The heartbeat of one device: when the last records are repeated, and them.
+struct Beat {
+    due: u64,
+    records: Vec<Fields>,
+}
 
 struct Compiled {
     def: RuleDef,
@@ -97,13 +179,17 @@ struct Compiled {
     plan: Plan,
     /// Per device: the device slot of each of the plan's columns.
     slots: HashMap<Arc<str>, Vec<Option<usize>>>,
-    /// `deadband` state per device.
-    deadband: HashMap<Arc<str>, Vec<Option<f64>>>,
+    /// Analytic function state.
+    analytic: analytic::State,
+    /// The joined table.
+    join: Option<JoinState>,
     /// Windows: one, or one per device.
     windows: HashMap<Option<Arc<str>>, Windows<WindowRow>>,
     alarms: HashMap<Arc<str>, AlarmState>,
     /// The latest passing fields of a pending alarm (raised with them).
-    pending: HashMap<Arc<str>, Vec<(Arc<str>, Value)>>,
+    pending: HashMap<Arc<str>, Fields>,
+    /// Heartbeats per device.
+    beats: HashMap<Arc<str>, Beat>,
     stats: RuleStats,
 }
 
@@ -223,17 +309,56 @@ impl Engine {
                 slots.insert(dev.name.clone(), map);
             }
         }
+        let join = plan.join.as_ref().and_then(|j| {
+            self.catalog
+                .table(&j.table)
+                .map(|t| JoinState::new(j, t.clone()))
+        });
         Compiled {
             id: Arc::from(def.id.as_str()),
             def,
             plan,
             slots,
-            deadband: HashMap::new(),
+            analytic: analytic::State::default(),
+            join,
             windows: HashMap::new(),
             alarms: HashMap::new(),
             pending: HashMap::new(),
+            beats: HashMap::new(),
             stats: RuleStats::default(),
         }
+    }
+
+    /// Adds lookup table `name`, or replaces its rows (and columns). Every loaded rule must
+    /// still load against the new table: that is checked first, and on any error nothing
+    /// changes and every error is returned. Rules keep their state (windows, alarms,
+    /// analytic functions); rows arriving from now on join the new rows.
+    pub fn set_table(&mut self, name: &str, table: Table) -> Result<(), Vec<LoadError>> {
+        let mut catalog = self.catalog.clone();
+        catalog.add_table(name, table);
+        let mut plans = Vec::with_capacity(self.rules.len());
+        let mut errors = Vec::new();
+        for r in &self.rules {
+            match plan::plan(&r.def.id, &r.def.sql, &catalog) {
+                Ok(p) => plans.push(p),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        self.catalog = catalog;
+        for (r, p) in self.rules.iter_mut().zip(plans) {
+            // Same SQL, same devices: the same columns and call sites, so the rule's state
+            // still fits; only the table's columns may have moved.
+            r.join = p.join.as_ref().and_then(|j| {
+                self.catalog
+                    .table(&j.table)
+                    .map(|t| JoinState::new(j, t.clone()))
+            });
+            r.plan = p;
+        }
+        Ok(())
     }
 
     fn index(&mut self) {
@@ -283,7 +408,7 @@ impl Engine {
         }
     }
 
-    /// Time advanced to `now_ms`: time windows close, alarm timers fire.
+    /// Time advanced to `now_ms`: time windows close, alarm timers fire, heartbeats repeat.
     pub fn handle_timeout(&mut self, now_ms: u64) {
         let ctx = Ctx { now_ms };
         for rule in &mut self.rules {
@@ -298,6 +423,7 @@ impl Engine {
                 }
             }
             alarm_timers(rule, now_ms, &mut self.outputs);
+            heartbeats(rule, now_ms, &mut self.outputs);
         }
     }
 
@@ -326,6 +452,9 @@ impl Engine {
                         AlarmState::Firing(_) => {}
                     }
                 }
+            }
+            for b in r.beats.values() {
+                take(b.due);
             }
         }
         next
@@ -381,83 +510,183 @@ fn row_for(rule: &Compiled, ds: &DeviceState) -> Vec<Value> {
 }
 
 fn evaluate_row(rule: &mut Compiled, ds: &DeviceState, ctx: &Ctx, out: &mut VecDeque<Output>) {
-    let row = row_for(rule, ds);
-    let n = rule.plan.deadbands;
-    let deadband = rule
-        .deadband
-        .entry(ds.name.clone())
-        .or_insert_with(|| vec![None; n]);
-    let mut scope = Scope {
-        row: &row,
-        device: &ds.name,
-        ctx,
-        window: None,
-        deadband,
-    };
-    let pass = match &rule.plan.filter {
-        None => Ok(true),
-        Some(f) => plan::eval(f, &mut scope).map(|v| v.is_true()),
-    };
-    let pass = match pass {
-        Ok(p) => p,
+    let mut row = row_for(rule, ds);
+    let layout = rule.plan.layout();
+    let by_device = rule.plan.partition_by_device();
+    if rule
+        .analytic
+        .evaluate(
+            &rule.plan.analytics,
+            layout,
+            &mut row,
+            &ds.name,
+            ctx,
+            by_device,
+        )
+        .is_err()
+    {
+        rule.stats.errors += 1;
+        return;
+    }
+    let rows = match joined(rule, row, &ds.name, ctx) {
+        Ok(rows) => rows,
         Err(_) => {
             rule.stats.errors += 1;
             return;
         }
     };
-    if rule.plan.window.is_some() {
-        if !pass {
-            return;
-        }
-        let key = rule.plan.per_device.then(|| ds.name.clone());
-        let spec = rule.plan.window.clone();
-        let w = rule.windows.entry(key).or_insert_with(|| {
-            Windows::new(spec.unwrap_or(crate::window::WindowSpec::Count {
-                count: 1,
-                hop: None,
-            }))
-        });
-        let closed = w.handle_row(ctx.now_ms, (ds.name.clone(), row));
-        for c in closed {
-            emit_window(rule, ctx, c, out);
-        }
-        return;
-    }
-    let fields = if pass {
-        match project(rule, &row, ds, ctx) {
-            Ok(f) => Some(f),
+    let mut passing = Vec::with_capacity(rows.len());
+    for row in rows {
+        let pass = match &rule.plan.filter {
+            None => Ok(true),
+            Some(f) => {
+                let mut scope = Scope {
+                    row: &row,
+                    layout,
+                    device: &ds.name,
+                    ctx,
+                    window: None,
+                };
+                plan::eval(f, &mut scope).map(|v| v.is_true())
+            }
+        };
+        match pass {
+            Ok(true) => passing.push(row),
+            Ok(false) => {}
             Err(_) => {
                 rule.stats.errors += 1;
                 return;
             }
         }
-    } else {
-        None
-    };
-    conclude(rule, ds.name.clone(), ctx.now_ms, fields, out);
+    }
+    if rule.plan.window.is_some() {
+        let key = rule.plan.per_device.then(|| ds.name.clone());
+        for row in passing {
+            let spec = rule.plan.window.clone();
+            let w = rule.windows.entry(key.clone()).or_insert_with(|| {
+                Windows::new(spec.unwrap_or(crate::window::WindowSpec::Count {
+                    count: 1,
+                    hop: None,
+                }))
+            });
+            let closed = w.handle_row(ctx.now_ms, (ds.name.clone(), row));
+            for c in closed {
+                emit_window(rule, ctx, c, out);
+            }
+        }
+        return;
+    }
+    // An alarm needs the first passing row only.
+    if rule.def.alarm.is_some() {
+        passing.truncate(1);
+    }
+    let mut records = Vec::with_capacity(passing.len());
+    for row in &passing {
+        match project(rule, row, ds, ctx) {
+            Ok(f) => records.push(f),
+            Err(_) => {
+                rule.stats.errors += 1;
+                return;
+            }
+        }
+    }
+    conclude(rule, ds.name.clone(), ctx.now_ms, records, out);
 }
 
-fn project(
+/// The row joined with the table: itself without a join, else one row per matching table
+/// row (or, for a left join without a match, one with null table columns).
+fn joined(
     rule: &Compiled,
-    row: &[Value],
-    ds: &DeviceState,
+    mut row: Vec<Value>,
+    device: &str,
     ctx: &Ctx,
-) -> Result<Vec<(Arc<str>, Value)>, String> {
+) -> Result<Vec<Vec<Value>>, String> {
+    let Some(join) = &rule.plan.join else {
+        return Ok(vec![row]);
+    };
+    let Some(state) = &rule.join else {
+        return Err(format!("table {:?} missing", join.table));
+    };
+    let mut values = Vec::with_capacity(join.keys.len());
+    {
+        let mut scope = Scope {
+            row: &row,
+            layout: rule.plan.layout(),
+            device,
+            ctx,
+            window: None,
+        };
+        for (e, _) in &join.keys {
+            values.push(plan::eval(e, &mut scope)?);
+        }
+    }
+    let matches: &[usize] = join_key(&values)
+        .and_then(|k| state.index.get(&k))
+        .map_or(&[], Vec::as_slice);
+    if matches.is_empty() {
+        return Ok(match join.kind {
+            JoinKind::Inner => Vec::new(),
+            JoinKind::Left => {
+                row.extend(std::iter::repeat_n(Value::Null, state.columns.len()));
+                vec![row]
+            }
+        });
+    }
+    let rows = state.table.rows();
+    Ok(matches
+        .iter()
+        .map(|&m| {
+            let mut r = row.clone();
+            r.extend(state.columns.iter().map(|c| {
+                c.and_then(|c| rows.get(m).and_then(|t| t.get(c)))
+                    .cloned()
+                    .unwrap_or(Value::Null)
+            }));
+            r
+        })
+        .collect())
+}
+
+fn project(rule: &Compiled, row: &[Value], ds: &DeviceState, ctx: &Ctx) -> Result<Fields, String> {
+    let layout = rule.plan.layout();
     if rule.plan.star {
-        return Ok(rule
+        // The device's own properties (with `FROM devices`, the others are not its).
+        let own = rule.slots.get(&ds.name);
+        let mut fields: Fields = rule
             .plan
             .columns
             .iter()
             .cloned()
             .zip(row.iter().cloned())
-            .collect());
+            .enumerate()
+            .filter(|(i, _)| own.is_none_or(|m| m.get(*i).is_some_and(Option::is_some)))
+            .map(|(_, f)| f)
+            .collect();
+        if let (Some(join), Some(state)) = (&rule.plan.join, &rule.join) {
+            // The table's columns, in the table's order.
+            let values = row.get(layout.table..).unwrap_or_default();
+            let mut table: Vec<(Option<usize>, &Arc<str>, &Value)> = state
+                .columns
+                .iter()
+                .zip(&join.columns)
+                .zip(values)
+                .map(|((at, name), v)| (*at, name, v))
+                .collect();
+            table.sort_by_key(|(at, _, _)| *at);
+            for (_, name, v) in table {
+                if !fields.iter().any(|(n, _)| n == name) {
+                    fields.push((name.clone(), v.clone()));
+                }
+            }
+        }
+        return Ok(fields);
     }
     let mut scope = Scope {
         row,
+        layout,
         device: &ds.name,
         ctx,
         window: None,
-        deadband: &mut [],
     };
     rule.plan
         .fields
@@ -473,10 +702,10 @@ fn emit_window(rule: &mut Compiled, ctx: &Ctx, c: Closed<WindowRow>, out: &mut V
     let rows: Vec<Vec<Value>> = c.rows.into_iter().map(|(_, r)| r).collect();
     let mut scope = Scope {
         row: &last,
+        layout: rule.plan.layout(),
         device: &device,
         ctx,
         window: Some((c.start_ms, c.end_ms, &rows)),
-        deadband: &mut [],
     };
     let pass = match &rule.plan.having {
         None => Ok(true),
@@ -484,41 +713,55 @@ fn emit_window(rule: &mut Compiled, ctx: &Ctx, c: Closed<WindowRow>, out: &mut V
     };
     let result = pass.and_then(|pass| {
         if !pass {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         rule.plan
             .fields
             .iter()
             .map(|(n, e)| Ok((n.clone(), plan::eval(e, &mut scope)?)))
-            .collect::<Result<Vec<_>, String>>()
-            .map(Some)
+            .collect::<Result<Fields, String>>()
+            .map(|f| vec![f])
     });
     match result {
-        Ok(fields) => conclude(rule, device, ctx.now_ms, fields, out),
+        Ok(records) => conclude(rule, device, ctx.now_ms, records, out),
         Err(_) => rule.stats.errors += 1,
     }
 }
 
-/// One evaluation's result: `Some(fields)` passed, `None` did not.
+/// One evaluation's result: the records of the rows that passed (none: it did not pass).
 fn conclude(
     rule: &mut Compiled,
     device: Arc<str>,
     now: u64,
-    fields: Option<Vec<(Arc<str>, Value)>>,
+    records: Vec<Fields>,
     out: &mut VecDeque<Output>,
 ) {
     let Some(alarm) = rule.def.alarm.clone() else {
-        if let Some(fields) = fields {
+        if records.is_empty() {
+            return;
+        }
+        for fields in &records {
             rule.stats.events_out += 1;
             out.push_back(Output::Record {
                 rule: rule.id.clone(),
-                device,
+                device: device.clone(),
                 ts_ms: now,
-                fields,
+                fields: fields.clone(),
+                heartbeat: false,
             });
+        }
+        if let Some(every) = rule.def.heartbeat_ms {
+            rule.beats.insert(
+                device,
+                Beat {
+                    due: now.saturating_add(every),
+                    records,
+                },
+            );
         }
         return;
     };
+    let fields = records.into_iter().next();
     let state = rule.alarms.remove(&device);
     let next = match (state, fields) {
         (None, None) => None,
@@ -565,7 +808,7 @@ fn conclude(
 
 impl Compiled {
     /// Keeps the fields of the evaluation that started a pending alarm (raised with them).
-    fn pending_fields(&mut self, device: &Arc<str>, fields: Vec<(Arc<str>, Value)>) {
+    fn pending_fields(&mut self, device: &Arc<str>, fields: Fields) {
         self.pending.insert(device.clone(), fields);
     }
 }
@@ -628,6 +871,37 @@ fn alarm_timers(rule: &mut Compiled, now: u64, out: &mut VecDeque<Output>) {
                 rule.alarms.insert(d, other);
             }
             None => {}
+        }
+    }
+}
+
+/// Repeats the last records of every device whose heartbeat is due.
+fn heartbeats(rule: &mut Compiled, now: u64, out: &mut VecDeque<Output>) {
+    let Some(every) = rule.def.heartbeat_ms else {
+        return;
+    };
+    let mut due: Vec<Arc<str>> = rule
+        .beats
+        .iter()
+        .filter(|(_, b)| now >= b.due)
+        .map(|(d, _)| d.clone())
+        .collect();
+    due.sort();
+    for d in due {
+        let Some(beat) = rule.beats.get_mut(&d) else {
+            continue;
+        };
+        beat.due = now.saturating_add(every);
+        for fields in &beat.records {
+            rule.stats.events_out += 1;
+            rule.stats.heartbeats += 1;
+            out.push_back(Output::Record {
+                rule: rule.id.clone(),
+                device: d.clone(),
+                ts_ms: now,
+                fields: fields.clone(),
+                heartbeat: true,
+            });
         }
     }
 }

@@ -27,8 +27,10 @@
 //!
 //! Not provided: the random ones (`rand`, `newuuid`: rules must be deterministic), the regular
 //! expressions (`regexp_*`: no regex engine here), `format` (locale tables), hashing, and the
-//! array, object, JSON, datetime-arithmetic and stateful families. `window_start`,
-//! `window_end` and the aggregates are the planner's.
+//! array, object, JSON and datetime-arithmetic families, and the accumulating `acc_*`
+//! functions. `window_start`, `window_end`, the aggregates ([`crate::aggregate`]) and the
+//! analytic functions ([`crate::analytic`]: `lag`, `latest`, `had_changed`, `changed_col`)
+//! are the planner's.
 //!
 //! Three names are extensions, not eKuiper's: `greatest`, `least` and `replace`.
 

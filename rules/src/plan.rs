@@ -1,22 +1,46 @@
 //! From SQL text to a checked plan, and the evaluation of its expressions.
 //!
 //! [`plan`] parses one rule's SQL with [`EkuiperDialect`] and lowers it against a
-//! [`Catalog`] of the gateway's devices and their typed properties. Everything that can be
-//! known before the first event is checked here, and every error names the rule, and the line
-//! and column in its SQL: syntax, an unknown device or property, an unknown function or a wrong
-//! number of arguments, operands of the wrong type, aggregates outside a window, a malformed
-//! window.
+//! [`Catalog`] of the gateway's devices and their typed properties, and of the lookup tables
+//! rules may join. Everything that can be known before the first event is checked here, and
+//! every error names the rule, and the line and column in its SQL: syntax, an unknown device,
+//! table, property or column, an unknown function or a wrong number of arguments, operands of
+//! the wrong type, aggregates outside a window, a malformed window, join or `OVER` clause.
 //!
-//! The subset: `SELECT` of expressions (with `AS` aliases) or `*`; `FROM <device>` (its
-//! properties are the columns) or `FROM devices` (every device, with the column `device`;
-//! a device named `devices` takes precedence); `WHERE`;
-//! `GROUP BY` one of `TumblingWindow(unit, size)`, `HoppingWindow(unit, size, hop)`,
-//! `SlidingWindow(unit, size)`, `CountWindow(count[, hop])`, optionally with `device`;
-//! `HAVING`; arithmetic, comparison, `AND`/`OR`/`NOT`, `IN`, `BETWEEN`, `IS [NOT] NULL`,
-//! `CASE`; the scalar functions of [`crate::functions`], the aggregates of
-//! [`crate::aggregate`], `window_start()`/`window_end()`, and `deadband(value, width)` (true
-//! when the value moved by at least `width` since it was last true for that device; eKuiper has
-//! no such function).
+//! The subset:
+//!
+//! * `SELECT` of expressions (with `AS` aliases) or `*`;
+//! * `FROM <device>` (its properties are the columns, and `device` its name unless it has a
+//!   property of that name) or `FROM devices` (every device, with the column `device`; a
+//!   device named `devices` takes precedence), optionally `AS <alias>`;
+//! * optionally one lookup-table join (eKuiper's stream/table join, see
+//!   [`crate::table`]): `[INNER] JOIN <table> [AS <alias>] ON <stream expr> = <table>.<col>
+//!   [AND ...]` or `LEFT [OUTER] JOIN ...`. The `ON` condition is one or more equalities
+//!   joined by `AND`, each between an expression over the device's columns and a column of
+//!   the table (eKuiper's lookup join takes equalities only, `lookupPlan.go`). A row matches
+//!   the table rows whose key columns equal its values (numbers by value; a null never
+//!   matches); an `INNER JOIN` row without a match is dropped, a `LEFT JOIN` one goes on
+//!   with the table's columns null; a row matching several table rows becomes one row per
+//!   match (in table order). Table columns are `<table or alias>.<column>`, or the bare
+//!   column name when the device has no such property (the stream's columns win, as in
+//!   eKuiper's `JoinTuple`); `SELECT *` gives the device's properties, then the table's
+//!   other columns. Joins of two devices (eKuiper's stream joins, which need a window),
+//!   `RIGHT`, `FULL` and `CROSS` joins, `USING` and non-equality `ON` conditions are refused;
+//! * `WHERE`;
+//! * `GROUP BY` one of `TumblingWindow(unit, size)`, `HoppingWindow(unit, size, hop)`,
+//!   `SlidingWindow(unit, size)`, `CountWindow(count[, hop])`, optionally with `device`;
+//! * `HAVING`;
+//! * arithmetic, comparison, `AND`/`OR`/`NOT`, `IN`, `BETWEEN`, `IS [NOT] NULL`, `CASE`;
+//!   `<source>.<column>` with the `FROM` device (or `devices`), the table, or their aliases;
+//! * the scalar functions of [`crate::functions`], the aggregates of [`crate::aggregate`],
+//!   `window_start()`/`window_end()`, and the analytic functions of [`crate::analytic`]
+//!   (`lag`, `latest`, `had_changed`, `changed_col`, and `deadband(value, width)`, true when
+//!   the value moved by at least `width` since it was last true; eKuiper has no `deadband`),
+//!   with `OVER ([PARTITION BY e, ...] [WHEN cond])` (see [`crate::dialect`]).
+//!
+//! Evaluation order for a row: the analytic functions, then the join, then `WHERE`, then
+//! either `SELECT` or (window rules) the window, whose `HAVING` and `SELECT` run when it
+//! closes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,8 +52,10 @@ use sqlparser::ast::{
 use sqlparser::parser::Parser;
 
 use crate::aggregate::{Accumulator, AggKind};
+use crate::analytic::{self, Analytic, AnalyticKind};
 use crate::dialect::EkuiperDialect;
 use crate::functions::{self, Ctx, Function};
+use crate::table::Table;
 use crate::value::Value;
 use crate::window::{self, WindowSpec};
 
@@ -49,13 +75,31 @@ pub enum ColType {
     Str,
 }
 
-/// The devices rules may read, with their properties and types.
+/// The devices rules may read, with their properties and types, and the lookup tables they
+/// may join.
 #[derive(Debug, Clone, Default)]
 pub struct Catalog {
     devices: BTreeMap<String, Vec<(String, ColType)>>,
+    tables: BTreeMap<String, Arc<Table>>,
 }
 
 impl Catalog {
+    /// Adds (or replaces) a lookup table: its columns for planning, its rows for the engine
+    /// built from this catalog (see [`crate::Engine::set_table`] to replace them later).
+    pub fn add_table(&mut self, name: &str, table: Table) {
+        self.tables.insert(name.to_owned(), Arc::new(table));
+    }
+
+    /// A table.
+    pub fn table(&self, name: &str) -> Option<&Arc<Table>> {
+        self.tables.get(name)
+    }
+
+    /// Every table, in name order.
+    pub fn tables(&self) -> impl Iterator<Item = (&str, &Arc<Table>)> {
+        self.tables.iter().map(|(n, t)| (n.as_str(), t))
+    }
+
     /// Adds (or replaces) a device and its properties, in slot order.
     pub fn add_device(&mut self, device: &str, props: Vec<(String, ColType)>) {
         self.devices.insert(device.to_owned(), props);
@@ -187,8 +231,79 @@ pub enum Expr {
     WindowStart,
     /// `window_end()`
     WindowEnd,
-    /// `deadband(value, width)`, with its state slot.
-    Deadband(Box<Expr>, Box<Expr>, usize),
+    /// The result of an analytic call site (index into [`Plan::analytics`]), computed for
+    /// the row before anything else reads it.
+    Analytic(usize),
+    /// A column of the joined table (index into [`Join::columns`]).
+    TableCol(usize),
+}
+
+impl Expr {
+    /// Whether `pred` holds for this expression or one inside it (not looking into the
+    /// arguments of analytic call sites, which are separate).
+    pub fn any(&self, pred: &dyn Fn(&Expr) -> bool) -> bool {
+        if pred(self) {
+            return true;
+        }
+        match self {
+            Expr::Lit(_)
+            | Expr::Col(_)
+            | Expr::Device
+            | Expr::WindowStart
+            | Expr::WindowEnd
+            | Expr::Analytic(_)
+            | Expr::TableCol(_) => false,
+            Expr::Not(x) | Expr::Neg(x) | Expr::IsNull(x, _) => x.any(pred),
+            Expr::Bin(_, l, r) => l.any(pred) || r.any(pred),
+            Expr::Call(_, args) => args.iter().any(|a| a.any(pred)),
+            Expr::Agg(_, arg) => arg.as_deref().is_some_and(|a| a.any(pred)),
+            Expr::Case {
+                operand,
+                whens,
+                otherwise,
+            } => {
+                operand.as_deref().is_some_and(|o| o.any(pred))
+                    || whens.iter().any(|(c, r)| c.any(pred) || r.any(pred))
+                    || otherwise.as_deref().is_some_and(|o| o.any(pred))
+            }
+            Expr::InList(x, l, _) => x.any(pred) || l.iter().any(|i| i.any(pred)),
+            Expr::Between(x, l, h, _) => x.any(pred) || l.any(pred) || h.any(pred),
+        }
+    }
+}
+
+/// How a table is joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinKind {
+    /// `[INNER] JOIN`: rows without a match are dropped.
+    Inner,
+    /// `LEFT [OUTER] JOIN`: rows without a match go on with null table columns.
+    Left,
+}
+
+/// A lookup-table join.
+#[derive(Debug, Clone)]
+pub struct Join {
+    /// The table's name in the catalog.
+    pub table: String,
+    /// Inner or left.
+    pub kind: JoinKind,
+    /// The `ON` equalities: an expression over the row, and the table column (index into
+    /// [`Join::columns`]) it must equal.
+    pub keys: Vec<(Expr, usize)>,
+    /// The table columns the rule reads (by name: resolved against the table's rows by the
+    /// engine).
+    pub columns: Vec<Arc<str>>,
+}
+
+/// Where the parts of a row sit in the values an expression reads: the plan's columns
+/// first, then the analytic results from `analytic`, then the table columns from `table`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Index of the first analytic result.
+    pub analytic: usize,
+    /// Index of the first table column.
+    pub table: usize,
 }
 
 /// A rule's checked query.
@@ -210,8 +325,26 @@ pub struct Plan {
     pub per_device: bool,
     /// `HAVING`.
     pub having: Option<Expr>,
-    /// How many `deadband` call sites (state slots per device).
-    pub deadbands: usize,
+    /// The analytic call sites, in evaluation order (innermost first).
+    pub analytics: Vec<Analytic>,
+    /// The table join.
+    pub join: Option<Join>,
+}
+
+impl Plan {
+    /// Where analytic results and table columns sit in a row.
+    pub fn layout(&self) -> Layout {
+        let analytic = self.columns.len();
+        Layout {
+            analytic,
+            table: analytic + self.analytics.len(),
+        }
+    }
+
+    /// Whether the analytic functions' default partition is the row's device.
+    pub fn partition_by_device(&self) -> bool {
+        self.source == Source::AllDevices
+    }
 }
 
 /// Static type of an expression, as far as it is known.
@@ -232,13 +365,25 @@ fn ty_of(c: Option<ColType>) -> Ty {
     }
 }
 
+/// The joined table, while planning.
+struct TableCtx<'a> {
+    name: String,
+    /// Names that qualify its columns: its name and alias.
+    qualifiers: Vec<String>,
+    table: &'a Table,
+}
+
 struct Lower<'a> {
     rule: &'a str,
     catalog: &'a Catalog,
     device: Option<&'a str>,
+    /// Names that qualify the source's columns: its name and alias.
+    qualifiers: Vec<String>,
     columns: Vec<Arc<str>>,
     windowed: bool,
-    deadbands: usize,
+    analytics: Vec<Analytic>,
+    table: Option<TableCtx<'a>>,
+    table_columns: Vec<Arc<str>>,
 }
 
 type R<T> = Result<T, LoadError>;
@@ -258,48 +403,110 @@ impl Lower<'_> {
         }
     }
 
-    fn column(&mut self, ident: &ast::Ident) -> R<(Expr, Ty)> {
+    /// A property of the source (added to the columns read), or its `device` pseudo-column.
+    fn stream_column(&mut self, ident: &ast::Ident) -> Option<(Expr, Ty)> {
         let name = ident.value.as_str();
-        if self.device.is_none()
-            && name.eq_ignore_ascii_case("device")
-            && ident.quote_style.is_none()
-        {
-            return Ok((Expr::Device, Ty::Str));
+        let pseudo = ident.quote_style.is_none() && name.eq_ignore_ascii_case("device");
+        if pseudo && self.device.is_none() {
+            return Some((Expr::Device, Ty::Str));
         }
-        let t = match self.catalog.column_type(self.device, name) {
-            Some(t) => t,
-            None => {
-                return Err(self.err_at(
-                    ident.span,
-                    match self.device {
-                        Some(d) => format!("device {d:?} has no property {name:?}"),
-                        None => format!("no device has a property {name:?}"),
-                    },
-                ));
-            }
+        let Some(t) = self.catalog.column_type(self.device, name) else {
+            return pseudo.then_some((Expr::Device, Ty::Str));
         };
-        let idx = match self.columns.iter().position(|c| &**c == name) {
+        Some((Expr::Col(self.read(name)), ty_of(t)))
+    }
+
+    /// Adds `name` to the columns read.
+    fn read(&mut self, name: &str) -> usize {
+        match self.columns.iter().position(|c| &**c == name) {
             Some(i) => i,
             None => {
                 self.columns.push(Arc::from(name));
                 self.columns.len() - 1
             }
+        }
+    }
+
+    /// A column of the joined table (added to the table columns read).
+    fn table_column(&mut self, name: &str) -> Option<(Expr, Ty)> {
+        let t = self.table.as_ref()?;
+        let (_, ty) = t.table.columns().iter().find(|(n, _)| n == name)?;
+        let ty = ty_of(Some(*ty));
+        let idx = match self.table_columns.iter().position(|c| &**c == name) {
+            Some(i) => i,
+            None => {
+                self.table_columns.push(Arc::from(name));
+                self.table_columns.len() - 1
+            }
         };
-        Ok((Expr::Col(idx), ty_of(t)))
+        Some((Expr::TableCol(idx), ty))
+    }
+
+    fn column(&mut self, ident: &ast::Ident) -> R<(Expr, Ty)> {
+        if let Some(found) = self.stream_column(ident) {
+            return Ok(found);
+        }
+        if let Some(found) = self.table_column(&ident.value) {
+            return Ok(found);
+        }
+        let name = ident.value.as_str();
+        let mut message = match self.device {
+            Some(d) => format!("device {d:?} has no property {name:?}"),
+            None => format!("no device has a property {name:?}"),
+        };
+        if let Some(t) = &self.table {
+            message.push_str(&format!(" and table {:?} has no column {name:?}", t.name));
+        }
+        Err(self.err_at(ident.span, message))
+    }
+
+    /// `<source>.<column>`.
+    fn qualified(&mut self, e: &ast::Expr, parts: &[ast::Ident]) -> R<(Expr, Ty)> {
+        let [q, col] = parts else {
+            return Err(self.err(e, "qualified names are <source>.<column>"));
+        };
+        if self.qualifiers.contains(&q.value) {
+            return match self.stream_column(col) {
+                Some(found) => Ok(found),
+                None => Err(self.err_at(
+                    col.span,
+                    match self.device {
+                        Some(d) => format!("device {d:?} has no property {:?}", col.value),
+                        None => format!("no device has a property {:?}", col.value),
+                    },
+                )),
+            };
+        }
+        if let Some(t) = &self.table
+            && t.qualifiers.contains(&q.value)
+        {
+            let name = t.name.clone();
+            return self.table_column(&col.value).ok_or_else(|| {
+                self.err_at(
+                    col.span,
+                    format!("table {name:?} has no column {:?}", col.value),
+                )
+            });
+        }
+        let mut known = self.qualifiers.clone();
+        if let Some(t) = &self.table {
+            known.extend(t.qualifiers.iter().cloned());
+        }
+        Err(self.err_at(
+            q.span,
+            format!(
+                "unknown source {:?} (a qualified name is <source>.<column> with {})",
+                q.value,
+                known.join(" or ")
+            ),
+        ))
     }
 
     fn expr(&mut self, e: &ast::Expr) -> R<(Expr, Ty)> {
         use ast::Expr as E;
         match e {
             E::Identifier(id) => self.column(id),
-            E::CompoundIdentifier(parts) => match parts.as_slice() {
-                // `device.prop` with the rule's own device.
-                [dev, prop] if Some(dev.value.as_str()) == self.device => self.column(prop),
-                _ => Err(self.err(
-                    e,
-                    "qualified names are only `<device>.<property>` of the FROM device",
-                )),
-            },
+            E::CompoundIdentifier(parts) => self.qualified(e, parts),
             E::Value(v) => Ok(self.literal(v)?),
             E::Nested(inner) => self.expr(inner),
             E::UnaryOp { op, expr } => {
@@ -492,10 +699,22 @@ impl Lower<'_> {
 
     fn function(&mut self, f: &ast::Function) -> R<(Expr, Ty)> {
         let name = f.name.to_string().to_ascii_lowercase();
-        if f.over.is_some() || f.filter.is_some() || !f.within_group.is_empty() {
+        if analytic::is_analytic(&name) {
+            return self.analytic(f, &name);
+        }
+        if f.over.is_some() {
             return Err(self.err(
                 f,
-                format!("{name}: OVER, FILTER and WITHIN GROUP are not supported yet"),
+                format!(
+                    "{name}: OVER is only for the analytic functions ({})",
+                    analytic::NAMES.join(", ")
+                ),
+            ));
+        }
+        if f.filter.is_some() || !f.within_group.is_empty() {
+            return Err(self.err(
+                f,
+                format!("{name}: FILTER and WITHIN GROUP are not supported"),
             ));
         }
         let args = self.args(f)?;
@@ -531,20 +750,6 @@ impl Lower<'_> {
                     Expr::WindowEnd
                 };
                 return Ok((e, Ty::Num));
-            }
-            "deadband" => {
-                arity(2, 2)?;
-                let (v, vt) = plain(self, args[0])?;
-                let (w, wt) = plain(self, args[1])?;
-                if let Some(a) = args[0] {
-                    self.want(a, vt, Ty::Num, "deadband")?;
-                }
-                if let Some(a) = args[1] {
-                    self.want(a, wt, Ty::Num, "deadband")?;
-                }
-                let slot = self.deadbands;
-                self.deadbands += 1;
-                return Ok((Expr::Deadband(Box::new(v), Box::new(w), slot), Ty::Bool));
             }
             _ => {}
         }
@@ -603,6 +808,199 @@ impl Lower<'_> {
         }
         Ok((Expr::Call(func, out), Ty::Any))
     }
+
+    /// An analytic call site: checks it, lowers its arguments, `PARTITION BY` and `WHEN`
+    /// (nested call sites first), and adds it to the plan.
+    fn analytic(&mut self, f: &ast::Function, name: &str) -> R<(Expr, Ty)> {
+        if !f.within_group.is_empty() {
+            return Err(self.err(f, format!("{name}: WITHIN GROUP is not supported")));
+        }
+        let (partition, when) = match &f.over {
+            None if f.filter.is_some() => {
+                return Err(self.err(f, format!("{name}: FILTER is not supported")));
+            }
+            None => (&[][..], None),
+            Some(ast::WindowType::WindowSpec(w))
+                if w.window_name.is_none() && w.order_by.is_empty() && w.window_frame.is_none() =>
+            {
+                (w.partition_by.as_slice(), f.filter.as_deref())
+            }
+            Some(_) => {
+                return Err(self.err(f, format!("{name}: OVER takes only PARTITION BY and WHEN")));
+            }
+        };
+        let args = self.args(f)?;
+        let count = args.len();
+        let arity = |lo: usize, hi: usize| -> R<()> {
+            if count < lo || count > hi {
+                let want = match (lo, hi) {
+                    (lo, hi) if lo == hi => format!("{lo}"),
+                    (lo, usize::MAX) => format!("at least {lo}"),
+                    (lo, hi) => format!("{lo} to {hi}"),
+                };
+                return Err(self.err(f, format!("{name} takes {want} arguments, not {count}")));
+            }
+            Ok(())
+        };
+        let plain = |this: &mut Self, a: Option<&ast::Expr>| -> R<(Expr, Ty)> {
+            match a {
+                Some(x) => this.expr(x),
+                None => Err(this.err(
+                    f,
+                    format!("{name}: * is only allowed in count(*) and had_changed"),
+                )),
+            }
+        };
+        let flag = |this: &mut Self, a: Option<&ast::Expr>, what: &str| -> R<Expr> {
+            let (x, t) = plain(this, a)?;
+            if let Some(a) = a {
+                this.want(a, t, Ty::Bool, &format!("{name}'s {what}"))?;
+            }
+            Ok(x)
+        };
+        let null = Expr::Lit(Value::Null);
+        let (kind, lowered, ty) = match name {
+            "lag" => {
+                arity(1, 4)?;
+                let (x, xt) = plain(self, args[0])?;
+                let offset = match args.get(1) {
+                    None => 1,
+                    Some(a) => self.lag_offset(f, *a)?,
+                };
+                let (default, dt) = match args.get(2) {
+                    Some(a) => plain(self, *a)?,
+                    None => (null.clone(), xt),
+                };
+                let ignore = match args.get(3) {
+                    Some(a) => flag(self, *a, "ignoreNull")?,
+                    None => Expr::Lit(Value::Bool(true)),
+                };
+                let ty = if matches!(default, Expr::Lit(Value::Null)) {
+                    xt
+                } else {
+                    merge(Some(xt), dt)
+                };
+                (AnalyticKind::Lag { offset }, vec![x, default, ignore], ty)
+            }
+            "latest" => {
+                arity(1, 2)?;
+                let (x, xt) = plain(self, args[0])?;
+                let (default, dt) = match args.get(1) {
+                    Some(a) => plain(self, *a)?,
+                    None => (null.clone(), xt),
+                };
+                let ty = if matches!(default, Expr::Lit(Value::Null)) {
+                    xt
+                } else {
+                    merge(Some(xt), dt)
+                };
+                (AnalyticKind::Latest, vec![x, default], ty)
+            }
+            "had_changed" => {
+                arity(2, usize::MAX)?;
+                let mut lowered = vec![flag(self, args[0], "ignoreNull")?];
+                for a in &args[1..] {
+                    match a {
+                        Some(x) => lowered.push(self.expr(x)?.0),
+                        None => lowered.extend(self.every_column()),
+                    }
+                }
+                (AnalyticKind::HadChanged, lowered, Ty::Bool)
+            }
+            "changed_col" => {
+                arity(2, 2)?;
+                let ignore = flag(self, args[0], "ignoreNull")?;
+                let (x, xt) = plain(self, args[1])?;
+                (AnalyticKind::ChangedCol, vec![ignore, x], xt)
+            }
+            _ => {
+                arity(2, 2)?;
+                let mut lowered = Vec::with_capacity(2);
+                for a in &args {
+                    let (x, t) = plain(self, *a)?;
+                    if let Some(a) = a {
+                        self.want(a, t, Ty::Num, "deadband")?;
+                    }
+                    lowered.push(x);
+                }
+                (AnalyticKind::Deadband, lowered, Ty::Bool)
+            }
+        };
+        let mut parts = Vec::with_capacity(partition.len());
+        for p in partition {
+            parts.push(self.expr(p)?.0);
+        }
+        let when = match when {
+            Some(w) => {
+                let (x, t) = self.expr(w)?;
+                self.want(w, t, Ty::Bool, "WHEN")?;
+                Some(x)
+            }
+            None => None,
+        };
+        let all = lowered.iter().chain(&parts).chain(when.as_ref());
+        for e in all {
+            let bad = |x: &Expr| {
+                matches!(
+                    x,
+                    Expr::Agg(..) | Expr::TableCol(_) | Expr::WindowStart | Expr::WindowEnd
+                )
+            };
+            if e.any(&bad) {
+                return Err(self.err(
+                    f,
+                    format!(
+                        "{name}: analytic functions are evaluated for each row before the join and the window: their arguments, PARTITION BY and WHEN cannot use aggregates, table columns, window_start() or window_end()"
+                    ),
+                ));
+            }
+        }
+        self.analytics.push(Analytic {
+            kind,
+            args: lowered,
+            partition: parts,
+            when,
+        });
+        Ok((Expr::Analytic(self.analytics.len() - 1), ty))
+    }
+
+    /// `lag`'s offset: an integer literal from 1 to [`analytic::MAX_LAG_OFFSET`].
+    fn lag_offset(&self, f: &ast::Function, a: Option<&ast::Expr>) -> R<usize> {
+        let max = analytic::MAX_LAG_OFFSET;
+        let n = match a {
+            Some(ast::Expr::Value(v)) => match &v.value {
+                ast::Value::Number(n, _) => n.parse::<usize>().ok(),
+                _ => None,
+            },
+            _ => None,
+        };
+        match n {
+            Some(n) if (1..=max).contains(&n) => Ok(n),
+            _ => {
+                let at = a.map_or_else(|| f.span(), Spanned::span);
+                Err(self.err_at(
+                    at,
+                    format!("lag: the offset (second argument) must be an integer literal from 1 to {max}"),
+                ))
+            }
+        }
+    }
+
+    /// Every property the source can have (`had_changed(ignoreNull, *)`), as columns read.
+    fn every_column(&mut self) -> Vec<Expr> {
+        let mut names: Vec<String> = Vec::new();
+        for (d, props) in self.catalog.devices() {
+            if self.device.is_some_and(|own| own != d) {
+                continue;
+            }
+            for (p, _) in props {
+                if !names.contains(p) {
+                    names.push(p.clone());
+                }
+            }
+        }
+        names.iter().map(|n| Expr::Col(self.read(n))).collect()
+    }
 }
 
 fn merge(prev: Option<Ty>, t: Ty) -> Ty {
@@ -652,29 +1050,8 @@ pub fn plan(rule: &str, sql: &str, catalog: &Catalog) -> Result<Plan, LoadError>
         ));
     }
     // FROM
-    let source = match select.from.as_slice() {
-        [t] if t.joins.is_empty() => match &t.relation {
-            TableFactor::Table { name, .. } => {
-                let n = name.to_string();
-                let n = n.trim_matches('`');
-                if catalog.device(n).is_some() {
-                    Source::Device(n.to_owned())
-                } else if n == ALL_DEVICES {
-                    Source::AllDevices
-                } else {
-                    let at = name.span().start;
-                    return Err(fail(at.line, at.column, format!("unknown device {n:?}")));
-                }
-            }
-            other => {
-                let at = other.span().start;
-                return Err(fail(
-                    at.line,
-                    at.column,
-                    "FROM takes a device name or devices".into(),
-                ));
-            }
-        },
+    let (relation, joins) = match select.from.as_slice() {
+        [t] => (&t.relation, t.joins.as_slice()),
         [] => {
             return Err(fail(
                 1,
@@ -682,12 +1059,44 @@ pub fn plan(rule: &str, sql: &str, catalog: &Catalog) -> Result<Plan, LoadError>
                 "a rule needs FROM <device> (or FROM devices)".into(),
             ));
         }
-        _ => {
-            let at = select.from[0].span().start;
+        [_, second, ..] => {
+            let at = second.span().start;
             return Err(fail(
                 at.line,
                 at.column,
-                "one source only: joins are not supported yet".into(),
+                "one source only (join a table with JOIN <table> ON ...)".into(),
+            ));
+        }
+    };
+    let (source, qualifiers) = match relation {
+        TableFactor::Table { name, alias, .. } => {
+            let n = name.to_string();
+            let n = n.trim_matches('`');
+            let source = if catalog.device(n).is_some() {
+                Source::Device(n.to_owned())
+            } else if n == ALL_DEVICES {
+                Source::AllDevices
+            } else {
+                let at = name.span().start;
+                let message = if catalog.table(n).is_some() {
+                    format!(
+                        "{n:?} is a table: FROM takes a device (or devices), and tables are joined to it (FROM <device> JOIN {n} ON ...)"
+                    )
+                } else {
+                    format!("unknown device {n:?}")
+                };
+                return Err(fail(at.line, at.column, message));
+            };
+            let mut q = vec![n.to_owned()];
+            q.extend(alias.as_ref().map(|a| a.name.value.clone()));
+            (source, q)
+        }
+        other => {
+            let at = other.span().start;
+            return Err(fail(
+                at.line,
+                at.column,
+                "FROM takes a device name or devices".into(),
             ));
         }
     };
@@ -696,17 +1105,28 @@ pub fn plan(rule: &str, sql: &str, catalog: &Catalog) -> Result<Plan, LoadError>
         Source::AllDevices => None,
     };
     let device = device_name.as_deref();
-    // GROUP BY: a window, and maybe `device`.
-    let mut window = None;
-    let mut per_device = false;
     let mut lower = Lower {
         rule,
         catalog,
         device,
+        qualifiers,
         columns: Vec::new(),
         windowed: false,
-        deadbands: 0,
+        analytics: Vec::new(),
+        table: None,
+        table_columns: Vec::new(),
     };
+    // JOIN
+    let join = match joins {
+        [] => None,
+        [j] => Some(join(&mut lower, j)?),
+        [_, second, ..] => {
+            return Err(lower.err(&second.relation, "one table join at most"));
+        }
+    };
+    // GROUP BY: a window, and maybe `device`.
+    let mut window = None;
+    let mut per_device = false;
     match &select.group_by {
         GroupByExpr::Expressions(exprs, mods) if mods.is_empty() => {
             for g in exprs {
@@ -765,19 +1185,33 @@ pub fn plan(rule: &str, sql: &str, catalog: &Catalog) -> Result<Plan, LoadError>
                 .iter()
                 .map(|(n, _)| n.clone())
                 .collect(),
-            None => Vec::new(),
+            // Every property of every device (a row shows its own device's).
+            None => {
+                let mut all: Vec<String> = catalog
+                    .devices()
+                    .flat_map(|(_, props)| props.iter().map(|(n, _)| n.clone()))
+                    .collect();
+                all.sort();
+                all.dedup();
+                all
+            }
         };
         for n in names {
-            if !lower.columns.iter().any(|c| **c == *n) {
-                lower.columns.push(Arc::from(n.as_str()));
-            }
+            lower.read(&n);
+        }
+        // And every column of the table.
+        let table_names: Vec<String> = lower.table.as_ref().map_or_else(Vec::new, |t| {
+            t.table.columns().iter().map(|(n, _)| n.clone()).collect()
+        });
+        for n in table_names {
+            lower.table_column(&n);
         }
     }
     let filter = match &select.selection {
         Some(w) => {
             let (x, t) = lower.expr(w)?;
             lower.want(w, t, Ty::Bool, "WHERE")?;
-            if contains_agg(&x) {
+            if x.any(&|e| matches!(e, Expr::Agg(..))) {
                 return Err(lower.err(w, "aggregates belong in HAVING, not WHERE"));
             }
             Some(x)
@@ -804,30 +1238,123 @@ pub fn plan(rule: &str, sql: &str, catalog: &Catalog) -> Result<Plan, LoadError>
         window,
         per_device,
         having,
-        deadbands: lower.deadbands,
+        analytics: lower.analytics,
+        join: join.map(|mut j| {
+            j.columns = lower.table_columns;
+            j
+        }),
     })
 }
 
-fn contains_agg(e: &Expr) -> bool {
-    match e {
-        Expr::Agg(..) => true,
-        Expr::Lit(_) | Expr::Col(_) | Expr::Device | Expr::WindowStart | Expr::WindowEnd => false,
-        Expr::Not(x) | Expr::Neg(x) | Expr::IsNull(x, _) => contains_agg(x),
-        Expr::Bin(_, l, r) | Expr::Deadband(l, r, _) => contains_agg(l) || contains_agg(r),
-        Expr::Call(_, args) => args.iter().any(contains_agg),
-        Expr::Case {
-            operand,
-            whens,
-            otherwise,
-        } => {
-            operand.as_deref().is_some_and(contains_agg)
-                || whens
-                    .iter()
-                    .any(|(c, r)| contains_agg(c) || contains_agg(r))
-                || otherwise.as_deref().is_some_and(contains_agg)
+/// `[INNER | LEFT] JOIN <table> [AS alias] ON <stream expr> = <table>.<col> [AND ...]`.
+fn join(lower: &mut Lower<'_>, j: &ast::Join) -> R<Join> {
+    use ast::JoinOperator as O;
+    let (kind, constraint) = match &j.join_operator {
+        O::Join(c) | O::Inner(c) => (JoinKind::Inner, c),
+        O::Left(c) | O::LeftOuter(c) => (JoinKind::Left, c),
+        _ => {
+            return Err(lower.err(
+                &j.relation,
+                "only INNER JOIN and LEFT JOIN (of a lookup table) are supported",
+            ));
         }
-        Expr::InList(x, l, _) => contains_agg(x) || l.iter().any(contains_agg),
-        Expr::Between(x, l, h, _) => contains_agg(x) || contains_agg(l) || contains_agg(h),
+    };
+    let TableFactor::Table { name, alias, .. } = &j.relation else {
+        return Err(lower.err(&j.relation, "JOIN takes a table name"));
+    };
+    let n = name.to_string();
+    let n = n.trim_matches('`').to_owned();
+    let catalog = lower.catalog;
+    let Some(table) = catalog.table(&n) else {
+        let message = if catalog.device(&n).is_some() || n == ALL_DEVICES {
+            format!(
+                "{n:?} is a device: joins of two devices are not supported, JOIN takes a lookup table"
+            )
+        } else {
+            format!("unknown table {n:?}")
+        };
+        return Err(lower.err(name, message));
+    };
+    let mut qualifiers = vec![n.clone()];
+    qualifiers.extend(alias.as_ref().map(|a| a.name.value.clone()));
+    if let Some(clash) = qualifiers.iter().find(|q| lower.qualifiers.contains(q)) {
+        return Err(lower.err(
+            name,
+            format!("the source and the table are both called {clash:?}: give one an alias (AS)"),
+        ));
+    }
+    lower.table = Some(TableCtx {
+        name: n.clone(),
+        qualifiers,
+        table: table.as_ref(),
+    });
+    let ast::JoinConstraint::On(on) = constraint else {
+        return Err(lower.err(
+            &j.relation,
+            "JOIN needs ON <stream expression> = <table>.<column>",
+        ));
+    };
+    let mut conjuncts = Vec::new();
+    flatten_and(on, &mut conjuncts);
+    let mut keys: Vec<(Expr, usize)> = Vec::new();
+    for c in conjuncts {
+        let shape = "ON takes equalities <stream expression> = <table>.<column>, joined by AND (other conditions belong in WHERE)";
+        let ast::Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } = c
+        else {
+            return Err(lower.err(c, shape));
+        };
+        let (l, lt) = lower.expr(left)?;
+        let (r, rt) = lower.expr(right)?;
+        lower.comparable(c, lt, rt)?;
+        let (stream, col) = match (l, r) {
+            (Expr::TableCol(i), other) | (other, Expr::TableCol(i)) => (other, i),
+            _ => return Err(lower.err(c, shape)),
+        };
+        let bad = |x: &Expr| {
+            matches!(
+                x,
+                Expr::TableCol(_)
+                    | Expr::Analytic(_)
+                    | Expr::Agg(..)
+                    | Expr::WindowStart
+                    | Expr::WindowEnd
+            )
+        };
+        if stream.any(&bad) {
+            return Err(lower.err(
+                c,
+                "the stream side of an ON equality reads the device's columns only (no table columns, aggregates or analytic functions)",
+            ));
+        }
+        if keys.iter().any(|(_, k)| *k == col) {
+            return Err(lower.err(c, "the same table column appears twice in ON"));
+        }
+        keys.push((stream, col));
+    }
+    Ok(Join {
+        table: n,
+        kind,
+        keys,
+        columns: Vec::new(),
+    })
+}
+
+fn flatten_and<'e>(e: &'e ast::Expr, out: &mut Vec<&'e ast::Expr>) {
+    match e {
+        ast::Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
+            flatten_and(left, out);
+            flatten_and(right, out);
+        }
+        ast::Expr::Nested(inner) => flatten_and(inner, out),
+        other => out.push(other),
     }
 }
 
@@ -918,18 +1445,19 @@ fn strip_position(msg: &str) -> &str {
     }
 }
 
-/// What expressions see: the row's referenced columns, its device, the time, the window.
+/// What expressions see: the row's values, its device, the time, the window.
 pub struct Scope<'a> {
-    /// The referenced columns' values (see [`Plan::columns`]).
+    /// The row: the referenced columns' values (see [`Plan::columns`]), then the analytic
+    /// results and the table columns, where `layout` says.
     pub row: &'a [Value],
+    /// Where analytic results and table columns sit in `row`.
+    pub layout: Layout,
     /// The row's device.
     pub device: &'a str,
     /// Functions' context (the time).
     pub ctx: &'a Ctx,
     /// The window's bounds and rows, when evaluating a window's output.
     pub window: Option<(u64, u64, &'a [Vec<Value>])>,
-    /// The `deadband` state of this rule and device: the value last let through per call site.
-    pub deadband: &'a mut [Option<f64>],
 }
 
 /// Evaluates `e` (a run-time error is a message naming what failed).
@@ -987,10 +1515,10 @@ pub fn eval(e: &Expr, s: &mut Scope<'_>) -> Result<Value, String> {
             for row in rows {
                 let mut inner = Scope {
                     row,
+                    layout: s.layout,
                     device: s.device,
                     ctx: s.ctx,
                     window: None,
-                    deadband: &mut [],
                 };
                 acc.add(&eval(arg, &mut inner)?)?;
             }
@@ -1051,23 +1579,16 @@ pub fn eval(e: &Expr, s: &mut Scope<'_>) -> Result<Value, String> {
             Some((_, end, _)) => Value::Int(i64::try_from(end).unwrap_or(i64::MAX)),
             None => Value::Null,
         },
-        Expr::Deadband(x, width, slot) => {
-            let (v, w) = (eval(x, s)?, eval(width, s)?);
-            let (Some(v), Some(w)) = (v.as_f64(), w.as_f64()) else {
-                return Ok(Value::Null);
-            };
-            let Some(last) = s.deadband.get_mut(*slot) else {
-                return Err("deadband state missing".into());
-            };
-            let pass = match *last {
-                None => true,
-                Some(prev) => (v - prev).abs() >= w,
-            };
-            if pass {
-                *last = Some(v);
-            }
-            Value::Bool(pass)
-        }
+        Expr::Analytic(k) => s
+            .row
+            .get(s.layout.analytic + k)
+            .cloned()
+            .unwrap_or(Value::Null),
+        Expr::TableCol(j) => s
+            .row
+            .get(s.layout.table + j)
+            .cloned()
+            .unwrap_or(Value::Null),
     })
 }
 

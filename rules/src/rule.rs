@@ -13,6 +13,12 @@
 //! The same in YAML (`.yaml`, `.yml`). One rule per file. eKuiper `options` are accepted and
 //! listed back as ignored (none changes how this engine evaluates). Every error names the file,
 //! and the line and column when the file's syntax is at fault.
+//!
+//! `"heartbeat": "60s"` (an edgesync extension, next to `alarm`; eKuiper has no such option)
+//! makes a record rule repeat its last output for a device when it has produced nothing for
+//! that device for that long (see [`crate::engine`]): with
+//! `SELECT temp FROM boiler WHERE deadband(temp, 0.5)`, every change of 0.5 at once, and the
+//! last value at least once a minute. It cannot be combined with `alarm`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -64,7 +70,7 @@ pub struct AlarmDef {
 }
 
 /// One rule, as loaded from a file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuleDef {
     /// Unique id.
     pub id: String,
@@ -74,6 +80,9 @@ pub struct RuleDef {
     pub actions: Vec<Action>,
     /// The alarm layer, if this rule is an alarm.
     pub alarm: Option<AlarmDef>,
+    /// Repeat the last record of a device after this long without output, ms (record rules
+    /// only; see [`crate::engine`]).
+    pub heartbeat_ms: Option<u64>,
     /// eKuiper options given, which this engine ignores.
     pub ignored_options: Vec<String>,
 }
@@ -89,6 +98,8 @@ struct RawRule {
     options: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     alarm: Option<RawAlarm>,
+    #[serde(default)]
+    heartbeat: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -227,11 +238,27 @@ pub fn parse_rule_file(file: &str, text: &str) -> Result<RuleDef, RuleFileError>
             })
         }
     };
+    let heartbeat_ms = match raw.heartbeat {
+        None => None,
+        Some(t) => {
+            let ms = parse_duration_ms(&t).map_err(|m| rule_err(format!("heartbeat: {m}")))?;
+            if ms == 0 {
+                return Err(rule_err("heartbeat: must be longer than 0".into()));
+            }
+            if alarm.is_some() {
+                return Err(rule_err(
+                    "heartbeat repeats records: it cannot be combined with alarm".into(),
+                ));
+            }
+            Some(ms)
+        }
+    };
     Ok(RuleDef {
         id,
         sql: raw.sql,
         actions,
         alarm,
+        heartbeat_ms,
         ignored_options: raw.options.into_keys().collect(),
     })
 }
@@ -283,6 +310,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("alarm.for"), "{e}");
+        let e = parse_rule_file("r.json", r#"{"id": "x", "sql": "", "heartbeat": "soon"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("rule \"x\": heartbeat"), "{e}");
+        let e =
+            parse_rule_file("r.json", r#"{"id": "x", "sql": "", "heartbeat": "0s"}"#).unwrap_err();
+        assert!(e.to_string().contains("longer than 0"), "{e}");
+        let e = parse_rule_file(
+            "r.json",
+            r#"{"id": "x", "sql": "", "heartbeat": "1m", "alarm": {}}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("alarm"), "{e}");
+        let r = parse_rule_file("r.yaml", "id: x\nsql: s\nheartbeat: 60s\n").unwrap();
+        assert_eq!(r.heartbeat_ms, Some(60_000));
         let e = parse_rule_file("r.json", r#"{"id": "a b", "sql": ""}"#).unwrap_err();
         assert!(e.to_string().contains("rule id"), "{e}");
         assert_eq!(parse_duration_ms("1h"), Ok(3_600_000));

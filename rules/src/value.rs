@@ -80,6 +80,23 @@ impl Value {
     }
 }
 
+/// Appends a self-delimiting key for `v` to `out`: equal keys for equal values, numbers
+/// compared by value (`1` and `1.0` share a key), `null` a key of its own. Used for
+/// partitions (`OVER (PARTITION BY ..)`) and table-join lookups.
+pub(crate) fn push_key(v: &Value, out: &mut String) {
+    use std::fmt::Write as _;
+    // Integral floats in the range of i64 key as integers.
+    const LIMIT: f64 = 9.223_372_036_854_775e18;
+    let _ = match v {
+        Value::Null => write!(out, "~;"),
+        Value::Bool(b) => write!(out, "b{};", u8::from(*b)),
+        Value::Int(i) => write!(out, "n{i};"),
+        Value::Float(f) if f.fract() == 0.0 && f.abs() < LIMIT => write!(out, "n{};", *f as i64),
+        Value::Float(f) => write!(out, "f{f:?};"),
+        Value::Str(s) => write!(out, "s{}:{s}", s.len()),
+    };
+}
+
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -460,3 +460,35 @@ fn a_rule_set_is_replaced_only_when_all_of_it_is_valid_and_unchanged_rules_keep_
     assert_eq!(out.len(), 1);
     assert_eq!(field(&out[0], "a"), &f(15.0));
 }
+
+#[test]
+fn select_star_from_devices_shows_each_devices_own_properties() {
+    let mut e = engine(r#"{"id": "all", "sql": "SELECT * FROM devices"}"#);
+    let out = run(
+        &mut e,
+        &[(0, "oven", "temp", f(200.0)), (1, "tank", "level", f(3.0))],
+        10,
+    );
+    let names = |o: &Output| match o {
+        Output::Record { device, fields, .. } => (
+            device.to_string(),
+            fields
+                .iter()
+                .map(|(n, _)| n.to_string())
+                .collect::<Vec<_>>(),
+        ),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        names(&out[0].1),
+        (
+            "oven".to_owned(),
+            vec!["door".to_owned(), "temp".to_owned()]
+        )
+    );
+    assert_eq!(
+        names(&out[1].1),
+        ("tank".to_owned(), vec!["level".to_owned()])
+    );
+    assert_eq!(field(&out[1].1, "level"), &f(3.0));
+}

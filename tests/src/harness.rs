@@ -550,6 +550,21 @@ impl Api {
         Ok((status, v))
     }
 
+    /// POST to `path` (no body) with the harness token; JSON body and status.
+    pub async fn post(&self, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+        let r = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let text = r.text().await?;
+        let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        Ok((status, v))
+    }
+
     /// GET `/metrics` text.
     pub async fn metrics(&self) -> anyhow::Result<String> {
         Ok(self

@@ -88,6 +88,8 @@ pub struct AgentConfig {
     pub devices: Vec<DeviceSpec>,
     /// `[mqtt]`: the local MQTT bus (default: an embedded broker on 127.0.0.1:1883).
     pub mqtt: MqttConfig,
+    /// `[rules]`: the local rule engine (`None`: no rules).
+    pub rules: Option<crate::rules::RulesConfig>,
 }
 
 /// How the agent reaches the hub (`[hub]`).
@@ -297,6 +299,15 @@ struct RawMetrics {
     listen: Option<String>,
 }
 
+/// `[rules]`.
+#[derive(Debug, Default, Deserialize)]
+struct RawRules {
+    /// The directory of rule files; required.
+    dir: Option<String>,
+    /// How often the directory is read for changes, ms (default 2000).
+    reload_interval_ms: Option<i64>,
+}
+
 /// `[defaults]`: device settings used when a device does not give them.
 #[derive(Debug, Default, Deserialize)]
 struct RawDefaults {
@@ -431,6 +442,7 @@ impl<'de> Deserialize<'de> for IntOrString {
 
 const ROOT_KEYS: &[&str] = &[
     "agent", "hub", "identity", "outbox", "metrics", "defaults", "devices", "kubeedge", "mqtt",
+    "rules",
 ];
 
 const TABLES: &[(&str, Table)] = &[
@@ -583,6 +595,25 @@ fn check(
         }
     }
 
+    // [rules]
+    let mut rules = None;
+    let present = root.iter().any(|(k, _)| k.get_ref() == "rules");
+    if present && let Some((raw, loc)) = read_section::<RawRules>(doc, root, "rules", None) {
+        let interval = doc.int_in(
+            &loc,
+            "reload_interval_ms",
+            raw.reload_interval_ms,
+            2000,
+            100..=3_600_000,
+        );
+        if let Some(dir) = doc.path(&loc, "dir", raw.dir, base) {
+            rules = Some(crate::rules::RulesConfig {
+                dir,
+                reload_interval: ms(interval),
+            });
+        }
+    }
+
     let mqtt = mqtt::check(doc, root, base);
     let defaults = check_defaults(doc, root);
     let mut devices = check_devices(doc, root, &defaults);
@@ -600,6 +631,7 @@ fn check(
         metrics_listen,
         devices,
         mqtt,
+        rules,
     }
 }
 

@@ -549,6 +549,9 @@ impl Bus {
                 property,
                 applied,
             } => self.on_applied(&device, &property, &applied),
+            TwinEvent::Publish { topic, payload } => {
+                self.publish(topic, payload.as_ref().clone(), "rule")
+            }
             TwinEvent::Uplink { connected } => self.publish(
                 self.topics.uplink(connected),
                 kubeedge::uplink(connected, now_ms()),

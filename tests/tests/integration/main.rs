@@ -12,5 +12,6 @@ mod identity;
 mod local;
 mod modbus;
 mod outbox;
+mod rules;
 mod support;
 mod twin;
