@@ -594,6 +594,7 @@ pub fn router_with_timeout(state: ApiState, request_timeout: Duration) -> Router
             patch(set_desired).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
         )
         .route("/api/v1/nodes/{node}/alarms", get(get_alarms))
+        .route("/api/v1/nodes/{node}/rule-outputs", get(get_rule_outputs))
         .route(
             "/api/v1/nodes/{node}/alarms/{rule}/{device}/ack",
             axum::routing::post(ack_alarm),
@@ -881,6 +882,20 @@ async fn get_alarms(State(state): State<ApiState>, path: NodePath) -> Result<Res
             )
         })?;
     Ok(Json(serde_json::json!({ "node": node, "alarms": alarms })).into_response())
+}
+
+/// `GET /api/v1/nodes/{node}/rule-outputs`: the latest records the node's local rules sent.
+async fn get_rule_outputs(
+    State(state): State<ApiState>,
+    path: NodePath,
+) -> Result<Response, ApiError> {
+    let Path(node) = path.map_err(path_error)?;
+    let node = parse_node(node)?;
+    if state.store.node(&node).is_none() {
+        return Err(node_not_found(&node));
+    }
+    let outputs = state.store.rule_outputs(&node);
+    Ok(Json(serde_json::json!({ "node": node, "outputs": outputs })).into_response())
 }
 
 /// `POST /api/v1/nodes/{node}/alarms/{rule}/{device}/ack`: an operator acknowledges an active
@@ -1700,6 +1715,23 @@ mod tests {
             .map(|a| a["rule"].as_str().unwrap())
             .collect();
         assert_eq!(rules, vec!["big"]);
+        // Records sent upstream: the latest kept, oldest first.
+        for seq in 6..6 + crate::store::RULE_OUTPUTS_KEPT as u64 + 5 {
+            let fields = format!(r#"{{"n":{seq}}}"#);
+            f.store
+                .apply_control(
+                    &gw1,
+                    rule_event(seq, edgesync_protocol::frame::RULE_RECORD, "avg", &fields),
+                )
+                .await
+                .unwrap();
+        }
+        let (status, v) = get_json(&f.app, "/api/v1/nodes/gw-1/rule-outputs").await;
+        assert_eq!(status, StatusCode::OK);
+        let outs = v["outputs"].as_array().unwrap();
+        assert_eq!(outs.len(), crate::store::RULE_OUTPUTS_KEPT);
+        assert_eq!(outs[0]["fields"]["n"], 11);
+        assert_eq!(outs[outs.len() - 1]["rule"], "avg");
     }
 
     #[tokio::test]

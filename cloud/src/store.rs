@@ -525,6 +525,9 @@ struct NodeState {
     history_bytes: u64,
     /// Every record below this seq was pruned by retention (0: none was).
     floor: u64,
+    /// The latest records the node's local rules sent (action `hub`), oldest first, at most
+    /// [`RULE_OUTPUTS_KEPT`]; in memory only.
+    rule_outputs: std::collections::VecDeque<serde_json::Value>,
     /// The time bucket of the node's latest history index entry.
     index_bucket: Option<u64>,
     /// Its twin was read from one key per property (an older hub's layout).
@@ -1034,6 +1037,12 @@ impl HubStore {
             n.control_seq = n.control_seq.max(c.seq);
             n.downlink_seq = n.downlink_seq.max(seq);
             let desired_changed = event.as_ref().is_some_and(|(k, _)| *k == "desired");
+            if let Some(("rule_output", data)) = &event {
+                if n.rule_outputs.len() >= RULE_OUTPUTS_KEPT {
+                    n.rule_outputs.pop_front();
+                }
+                n.rule_outputs.push_back(data.clone());
+            }
             if let Some((device, property, d)) = change {
                 publish_desired(&mut n.twins.entry(device).or_default().desired, property, d);
             }
@@ -1169,6 +1178,16 @@ impl HubStore {
                 .map(|v| String::from_utf8_lossy(&v).into_owned())
                 .filter(|cur| cur != td)),
         }
+    }
+
+    /// The latest records the node's local rules sent to the hub since it started, oldest first
+    /// (at most [`RULE_OUTPUTS_KEPT`]).
+    pub fn rule_outputs(&self, node: &NodeId) -> Vec<serde_json::Value> {
+        self.inner
+            .read()
+            .get(node)
+            .map(|n| n.rule_outputs.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The node's active alarms (raised by its local rules and not cleared), by rule and device.
@@ -2201,6 +2220,9 @@ pub struct AlarmRecord {
     /// When it was acknowledged, ms since the epoch.
     pub acked_ms: Option<u64>,
 }
+
+/// How many of a node's latest rule outputs the hub keeps in memory.
+pub const RULE_OUTPUTS_KEPT: usize = 100;
 
 /// Longest rule id or device accepted in a rule event (longer ones are ignored).
 const MAX_RULE_EVENT_NAME: usize = 256;
