@@ -69,6 +69,22 @@ pub fn check_trust_domain(td: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Validates `node_path_prefix` (reported with its line); `None` if absent or wrong.
+pub fn check_node_prefix(doc: &mut Doc<'_>, loc: &Loc, prefix: Option<String>) -> Option<String> {
+    let prefix = prefix?;
+    match crate::spiffe_id::check_path_prefix(&prefix) {
+        Ok(()) => Some(prefix),
+        Err(why) => {
+            doc.at(
+                loc,
+                "node_path_prefix",
+                format_args!("node_path_prefix {why}"),
+            );
+            None
+        }
+    }
+}
+
 /// Validates the source keys (every problem reported with its line) and returns the source,
 /// or `None` if something is wrong. `own` is the table's `trust_domain`, if valid.
 pub fn check_source(

@@ -5,80 +5,10 @@
 
 use std::sync::Arc;
 
-use edgesync_rules::{Alarm, Catalog, ColType, Engine, Output, Value, parse_rule_file};
+mod common;
 
-fn catalog() -> Catalog {
-    let mut c = Catalog::default();
-    c.add_device(
-        "boiler",
-        vec![
-            ("temp".into(), ColType::Float),
-            ("pressure".into(), ColType::Float),
-            ("running".into(), ColType::Bool),
-        ],
-    );
-    c.add_device(
-        "oven",
-        vec![
-            ("temp".into(), ColType::Float),
-            ("door".into(), ColType::Bool),
-        ],
-    );
-    c.add_device(
-        "pump",
-        vec![
-            ("flow".into(), ColType::Float),
-            ("pressure".into(), ColType::Int),
-        ],
-    );
-    c.add_device("tank", vec![("level".into(), ColType::Float)]);
-    c
-}
-
-fn engine(rule_json: &str) -> Engine {
-    let mut e = Engine::new(catalog());
-    let def = parse_rule_file("rule.json", rule_json).unwrap();
-    e.load(vec![def]).unwrap_or_else(|errs| panic!("{errs:?}"));
-    e
-}
-
-fn drain(e: &mut Engine) -> Vec<Output> {
-    std::iter::from_fn(|| e.poll_output()).collect()
-}
-
-/// Runs `steps` of (time, device, property, value) and fires timers up to each step's time;
-/// returns every output with the time it appeared.
-fn run(e: &mut Engine, steps: &[(u64, &str, &str, Value)], until: u64) -> Vec<(u64, Output)> {
-    let mut out = vec![];
-    let advance = |e: &mut Engine, to: u64, out: &mut Vec<(u64, Output)>| {
-        while let Some(t) = e.poll_timeout() {
-            if t > to {
-                break;
-            }
-            e.handle_timeout(t);
-            out.extend(drain(e).into_iter().map(|o| (t, o)));
-        }
-    };
-    for (t, d, p, v) in steps {
-        advance(e, *t, &mut out);
-        e.handle_change(*t, d, p, v.clone());
-        out.extend(drain(e).into_iter().map(|o| (*t, o)));
-    }
-    advance(e, until, &mut out);
-    out
-}
-
-fn f(x: f64) -> Value {
-    Value::Float(x)
-}
-
-fn field<'a>(o: &'a Output, name: &str) -> &'a Value {
-    let fields = match o {
-        Output::Record { fields, .. } => fields,
-        Output::Raised(a) | Output::Cleared(a) => &a.fields,
-    };
-    &fields.iter().find(|(n, _)| &**n == name).unwrap().1
-}
+use common::{catalog, drain, engine, f, field, run};
+use edgesync_rules::{Alarm, Engine, Output, Value, parse_rule_file};
 
 fn alarm(o: &Output) -> Option<(&'static str, &Alarm)> {
     match o {

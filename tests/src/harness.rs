@@ -536,25 +536,19 @@ impl Api {
         path: &str,
         body: &serde_json::Value,
     ) -> anyhow::Result<(u16, serde_json::Value)> {
-        let r = self
-            .client
-            .patch(format!("{}{path}", self.base))
-            .bearer_auth(TOKEN)
-            .json(body)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await?;
-        let status = r.status().as_u16();
-        let text = r.text().await?;
-        let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-        Ok((status, v))
+        self.send(self.client.patch(format!("{}{path}", self.base)).json(body))
+            .await
     }
 
     /// POST to `path` (no body) with the harness token; JSON body and status.
     pub async fn post(&self, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
-        let r = self
-            .client
-            .post(format!("{}{path}", self.base))
+        self.send(self.client.post(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// Sends `req` with the harness token; JSON body (or the text as a JSON string) and status.
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<(u16, serde_json::Value)> {
+        let r = req
             .bearer_auth(TOKEN)
             .timeout(Duration::from_secs(5))
             .send()

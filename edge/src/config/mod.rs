@@ -21,8 +21,10 @@
 
 mod address;
 use edgesync_protocol::config_diag as diag;
-use edgesync_protocol::identity_config::{RawSource, check_source, check_trust_domain};
-use edgesync_protocol::spiffe_id::{EDGE_PATH_PREFIX, check_path_prefix};
+use edgesync_protocol::identity_config::{
+    RawSource, check_node_prefix, check_source, check_trust_domain,
+};
+use edgesync_protocol::spiffe_id::EDGE_PATH_PREFIX;
 use edgesync_protocol::svid_files::SvidFiles;
 use edgesync_protocol::svid_keeper::IdentitySource;
 mod kubeedge;
@@ -751,15 +753,8 @@ fn check_identity(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> Identit
             ),
         }
     }
-    if let Some(prefix) = raw.node_path_prefix {
-        match check_path_prefix(&prefix) {
-            Ok(()) => id.node_path_prefix = prefix,
-            Err(why) => doc.at(
-                &loc,
-                "node_path_prefix",
-                format_args!("node_path_prefix {why}"),
-            ),
-        }
+    if let Some(prefix) = check_node_prefix(doc, &loc, raw.node_path_prefix) {
+        id.node_path_prefix = prefix;
     }
     let own = td_ok.then(|| id.trust_domain.clone());
     let src = RawSource {

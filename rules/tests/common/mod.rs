@@ -30,6 +30,7 @@ pub fn catalog() -> Catalog {
         ],
     );
     c.add_device("machine", vec![("status".into(), ColType::Int)]);
+    c.add_device("tank", vec![("level".into(), ColType::Float)]);
     c
 }
 

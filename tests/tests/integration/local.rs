@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use edgesync_testkit::harness::{self, Api, Pki, Proc, TempDir};
+use edgesync_testkit::harness::{self, Api, Pki, TempDir};
 use edgesync_testkit::sim::{Fault, SimConfig, SimHandle};
 use serde_json::{Value as Json, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::support::{
     self, APPLIED, App, Bus, DELTA, DEVICE, DOCUMENT, LEVEL, Mosquitto, NODE, SP, TD, TELEMETRY,
-    TWIN, UPDATE, UPDATE_RESULT, UdpRelay,
+    TWIN, UPDATE, UPDATE_RESULT, UdpRelay, with_log,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -83,16 +83,6 @@ async fn answered(app: &mut App, prefix: &str) -> anyhow::Result<Json> {
             bail!("the agent never answered twin/get");
         }
     }
-}
-
-fn with_log<T>(r: anyhow::Result<T>, procs: &[&Proc]) -> anyhow::Result<T> {
-    r.map_err(|e| {
-        let logs: Vec<String> = procs
-            .iter()
-            .map(|p| format!("--- {} ---\n{}", p.log.display(), p.log_text()))
-            .collect();
-        anyhow::anyhow!("{e:#}\n{}", logs.join("\n"))
-    })
 }
 
 /// The whole local-app story against whatever broker `bus` is, with no hub anywhere.

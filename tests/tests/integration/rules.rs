@@ -7,11 +7,11 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use edgesync_testkit::harness::{self, Api, Pki, Proc, TempDir};
+use edgesync_testkit::harness::{self, Api, Pki, TempDir};
 use edgesync_testkit::sim::{SimConfig, SimHandle};
 use serde_json::Value as Json;
 
-use crate::support::{self, App, Bus, DEVICE, LEVEL, NODE, SP, TD};
+use crate::support::{self, App, Bus, DEVICE, LEVEL, NODE, SP, TD, with_log};
 
 const WAIT: Duration = Duration::from_secs(15);
 const TOPIC: &str = "alarms/plc-1/level_high";
@@ -57,16 +57,6 @@ async fn hub_alarms_become(api: &Api, n: usize) -> anyhow::Result<Vec<Json>> {
         Ok((a.len() == n).then_some(a))
     })
     .await
-}
-
-fn with_log<T>(r: anyhow::Result<T>, procs: &[&Proc]) -> anyhow::Result<T> {
-    r.map_err(|e| {
-        let logs: Vec<String> = procs
-            .iter()
-            .map(|p| format!("--- {} ---\n{}", p.log.display(), p.log_text()))
-            .collect();
-        anyhow::anyhow!("{e:#}\n{}", logs.join("\n"))
-    })
 }
 
 async fn watcher(bus: &Bus, id: &str) -> anyhow::Result<App> {

@@ -61,6 +61,17 @@ pub fn free_tcp_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// `r`, with the logs of `procs` appended to its error.
+pub fn with_log<T>(r: anyhow::Result<T>, procs: &[&Proc]) -> anyhow::Result<T> {
+    r.map_err(|e| {
+        let logs: Vec<String> = procs
+            .iter()
+            .map(|p| format!("--- {} ---\n{}", p.log.display(), p.log_text()))
+            .collect();
+        anyhow::anyhow!("{e:#}\n{}", logs.join("\n"))
+    })
+}
+
 /// A loopback UDP address where nothing listens: a hub that is not there.
 pub fn dead_hub() -> anyhow::Result<String> {
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
