@@ -42,6 +42,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::aggregate::Accumulator;
 use crate::analytic;
 use crate::functions::Ctx;
 use crate::plan::{self, Catalog, JoinKind, LoadError, Plan, Scope, Source};
@@ -114,7 +115,15 @@ enum AlarmState {
 }
 
 /// A row held by a window: its device and its values (see [`Scope::row`]).
-type WindowRow = (Arc<str>, Vec<Value>);
+type WindowRow = (Arc<str>, CompactRow);
+
+/// What a window keeps of a row: the slots its output reads outside aggregates
+/// ([`Plan::bare`]), and the argument values of the aggregates the row enters.
+#[derive(Debug, Clone)]
+struct CompactRow {
+    bare: Vec<Value>,
+    aggs: Vec<(u32, Value)>,
+}
 
 /// One output's fields.
 type Fields = Vec<(Arc<str>, Value)>;
@@ -404,7 +413,7 @@ impl Engine {
                 continue;
             };
             rule.stats.events_in += 1;
-            evaluate_row(rule, ds, &ctx, &mut self.outputs);
+            evaluate_row(rule, ds, slot, &ctx, &mut self.outputs);
         }
     }
 
@@ -509,7 +518,51 @@ fn row_for(rule: &Compiled, ds: &DeviceState) -> Vec<Value> {
     }
 }
 
-fn evaluate_row(rule: &mut Compiled, ds: &DeviceState, ctx: &Ctx, out: &mut VecDeque<Output>) {
+/// What a window keeps of `row`, which came from a change of the rule's column `changed`.
+fn compact(
+    plan: &Plan,
+    row: &[Value],
+    device: &str,
+    changed: Option<usize>,
+    ctx: &Ctx,
+) -> Result<CompactRow, String> {
+    let bare = plan
+        .bare
+        .iter()
+        .map(|&i| row.get(i).cloned().unwrap_or(Value::Null))
+        .collect();
+    let mut aggs = Vec::new();
+    for (k, site) in plan.aggs.iter().enumerate() {
+        let enters = site.reads.is_empty() || changed.is_some_and(|c| site.reads.contains(&c));
+        if !enters {
+            continue;
+        }
+        let v = match &site.arg {
+            // count(*): every row counts.
+            None => Value::Bool(true),
+            Some(arg) => {
+                let mut scope = Scope {
+                    row,
+                    layout: plan.layout(),
+                    device,
+                    ctx,
+                    window: None,
+                };
+                plan::eval(arg, &mut scope)?
+            }
+        };
+        aggs.push((u32::try_from(k).unwrap_or(u32::MAX), v));
+    }
+    Ok(CompactRow { bare, aggs })
+}
+
+fn evaluate_row(
+    rule: &mut Compiled,
+    ds: &DeviceState,
+    slot: usize,
+    ctx: &Ctx,
+    out: &mut VecDeque<Output>,
+) {
     let mut row = row_for(rule, ds);
     let layout = rule.plan.layout();
     let by_device = rule.plan.partition_by_device();
@@ -561,7 +614,20 @@ fn evaluate_row(rule: &mut Compiled, ds: &DeviceState, ctx: &Ctx, out: &mut VecD
     }
     if rule.plan.window.is_some() {
         let key = rule.plan.per_device.then(|| ds.name.clone());
+        // The rule's column that changed (aggregates take values from changes of what they
+        // read).
+        let changed = rule
+            .slots
+            .get(&ds.name)
+            .and_then(|m| m.iter().position(|s| *s == Some(slot)));
         for row in passing {
+            let row = match compact(&rule.plan, &row, &ds.name, changed, ctx) {
+                Ok(r) => r,
+                Err(_) => {
+                    rule.stats.errors += 1;
+                    return;
+                }
+            };
             let spec = rule.plan.window.clone();
             let w = rule.windows.entry(key.clone()).or_insert_with(|| {
                 Windows::new(spec.unwrap_or(crate::window::WindowSpec::Count {
@@ -696,16 +762,45 @@ fn project(rule: &Compiled, row: &[Value], ds: &DeviceState, ctx: &Ctx) -> Resul
 }
 
 fn emit_window(rule: &mut Compiled, ctx: &Ctx, c: Closed<WindowRow>, out: &mut VecDeque<Output>) {
-    let Some((device, last)) = c.rows.last().cloned() else {
+    let Some((device, _)) = c.rows.last() else {
         return;
     };
-    let rows: Vec<Vec<Value>> = c.rows.into_iter().map(|(_, r)| r).collect();
+    let device = device.clone();
+    // Every aggregate folded in one pass over the rows.
+    let mut accs: Vec<Accumulator> = rule
+        .plan
+        .aggs
+        .iter()
+        .map(|a| Accumulator::new(a.kind))
+        .collect();
+    for (_, row) in &c.rows {
+        for (k, v) in &row.aggs {
+            if let Some(acc) = accs.get_mut(*k as usize)
+                && acc.add(v).is_err()
+            {
+                rule.stats.errors += 1;
+                return;
+            }
+        }
+    }
+    let results: Vec<Value> = accs.iter().map(Accumulator::result).collect();
+    // The last row, as far as the output reads it outside aggregates.
+    let layout = rule.plan.layout();
+    let width = layout.table + rule.plan.join.as_ref().map_or(0, |j| j.columns.len());
+    let mut last = vec![Value::Null; width.max(layout.table)];
+    if let Some((_, row)) = c.rows.last() {
+        for (&i, v) in rule.plan.bare.iter().zip(&row.bare) {
+            if let Some(slot) = last.get_mut(i) {
+                *slot = v.clone();
+            }
+        }
+    }
     let mut scope = Scope {
         row: &last,
-        layout: rule.plan.layout(),
+        layout,
         device: &device,
         ctx,
-        window: Some((c.start_ms, c.end_ms, &rows)),
+        window: Some((c.start_ms, c.end_ms, &results)),
     };
     let pass = match &rule.plan.having {
         None => Ok(true),

@@ -51,7 +51,7 @@ use sqlparser::ast::{
 };
 use sqlparser::parser::Parser;
 
-use crate::aggregate::{Accumulator, AggKind};
+use crate::aggregate::AggKind;
 use crate::analytic::{self, Analytic, AnalyticKind};
 use crate::dialect::EkuiperDialect;
 use crate::functions::{self, Ctx, Function};
@@ -211,7 +211,7 @@ pub enum Expr {
     /// A scalar function.
     Call(&'static Function, Vec<Expr>),
     /// An aggregate over the window's rows; `None`: `count(*)`.
-    Agg(AggKind, Option<Box<Expr>>),
+    Agg(AggKind, Option<Box<Expr>>, usize),
     /// `CASE [operand] WHEN .. THEN .. [ELSE ..] END`
     Case {
         /// The simple form's operand.
@@ -238,6 +238,113 @@ pub enum Expr {
     TableCol(usize),
 }
 
+/// One aggregate of a window rule: what it folds, and over which rows.
+#[derive(Debug, Clone)]
+pub struct AggSite {
+    /// The aggregate.
+    pub kind: AggKind,
+    /// Its argument (`None`: `count(*)`).
+    pub arg: Option<Expr>,
+    /// The columns (indices into [`Plan::columns`]) its argument reads. A row enters the
+    /// aggregate only when it comes from a change of one of them (or always, when it reads
+    /// none), as in eKuiper, where an event carries the changed fields and aggregates skip
+    /// the missing ones.
+    pub reads: Vec<usize>,
+}
+
+/// The columns `e` reads directly (not through analytic functions or tables).
+fn cols_of(e: &Expr, out: &mut Vec<usize>) {
+    match e {
+        Expr::Col(c) => {
+            if !out.contains(c) {
+                out.push(*c);
+            }
+        }
+        Expr::Lit(_)
+        | Expr::Device
+        | Expr::WindowStart
+        | Expr::WindowEnd
+        | Expr::Analytic(_)
+        | Expr::TableCol(_) => {}
+        Expr::Not(x) | Expr::Neg(x) | Expr::IsNull(x, _) => cols_of(x, out),
+        Expr::Bin(_, l, r) => {
+            cols_of(l, out);
+            cols_of(r, out);
+        }
+        Expr::Call(_, args) => args.iter().for_each(|a| cols_of(a, out)),
+        Expr::Agg(_, arg, _) => {
+            if let Some(a) = arg {
+                cols_of(a, out);
+            }
+        }
+        Expr::Case {
+            operand,
+            whens,
+            otherwise,
+        } => {
+            for x in operand.iter().chain(otherwise.iter()) {
+                cols_of(x, out);
+            }
+            for (c, r) in whens {
+                cols_of(c, out);
+                cols_of(r, out);
+            }
+        }
+        Expr::InList(x, l, _) => {
+            cols_of(x, out);
+            l.iter().for_each(|i| cols_of(i, out));
+        }
+        Expr::Between(x, l, h, _) => {
+            cols_of(x, out);
+            cols_of(l, out);
+            cols_of(h, out);
+        }
+    }
+}
+
+/// The row slots `e` reads outside aggregates (what a window's output needs of its last row).
+fn bare_slots(e: &Expr, layout: Layout, out: &mut Vec<usize>) {
+    let mut add = |i: usize| {
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    };
+    match e {
+        Expr::Col(c) => add(*c),
+        Expr::Analytic(k) => add(layout.analytic + k),
+        Expr::TableCol(t) => add(layout.table + t),
+        Expr::Agg(..) | Expr::Lit(_) | Expr::Device | Expr::WindowStart | Expr::WindowEnd => {}
+        Expr::Not(x) | Expr::Neg(x) | Expr::IsNull(x, _) => bare_slots(x, layout, out),
+        Expr::Bin(_, l, r) => {
+            bare_slots(l, layout, out);
+            bare_slots(r, layout, out);
+        }
+        Expr::Call(_, args) => args.iter().for_each(|a| bare_slots(a, layout, out)),
+        Expr::Case {
+            operand,
+            whens,
+            otherwise,
+        } => {
+            for x in operand.iter().chain(otherwise.iter()) {
+                bare_slots(x, layout, out);
+            }
+            for (c, r) in whens {
+                bare_slots(c, layout, out);
+                bare_slots(r, layout, out);
+            }
+        }
+        Expr::InList(x, l, _) => {
+            bare_slots(x, layout, out);
+            l.iter().for_each(|i| bare_slots(i, layout, out));
+        }
+        Expr::Between(x, l, h, _) => {
+            bare_slots(x, layout, out);
+            bare_slots(l, layout, out);
+            bare_slots(h, layout, out);
+        }
+    }
+}
+
 impl Expr {
     /// Whether `pred` holds for this expression or one inside it (not looking into the
     /// arguments of analytic call sites, which are separate).
@@ -256,7 +363,7 @@ impl Expr {
             Expr::Not(x) | Expr::Neg(x) | Expr::IsNull(x, _) => x.any(pred),
             Expr::Bin(_, l, r) => l.any(pred) || r.any(pred),
             Expr::Call(_, args) => args.iter().any(|a| a.any(pred)),
-            Expr::Agg(_, arg) => arg.as_deref().is_some_and(|a| a.any(pred)),
+            Expr::Agg(_, arg, _) => arg.as_deref().is_some_and(|a| a.any(pred)),
             Expr::Case {
                 operand,
                 whens,
@@ -325,6 +432,11 @@ pub struct Plan {
     pub per_device: bool,
     /// `HAVING`.
     pub having: Option<Expr>,
+    /// The aggregates of `SELECT` and `HAVING`, by the index in their [`Expr::Agg`].
+    pub aggs: Vec<AggSite>,
+    /// The row slots `SELECT` and `HAVING` read outside aggregates (a window keeps only these
+    /// of its rows, and shows the last row's).
+    pub bare: Vec<usize>,
     /// The analytic call sites, in evaluation order (innermost first).
     pub analytics: Vec<Analytic>,
     /// The table join.
@@ -384,6 +496,7 @@ struct Lower<'a> {
     analytics: Vec<Analytic>,
     table: Option<TableCtx<'a>>,
     table_columns: Vec<Arc<str>>,
+    aggs: Vec<AggSite>,
 }
 
 type R<T> = Result<T, LoadError>;
@@ -771,15 +884,31 @@ impl Lower<'_> {
                 ));
             }
             arity(1, 1)?;
+            let index = self.aggs.len();
             if kind == AggKind::Count && args[0].is_none() {
-                return Ok((Expr::Agg(kind, None), Ty::Num));
+                self.aggs.push(AggSite {
+                    kind,
+                    arg: None,
+                    reads: Vec::new(),
+                });
+                return Ok((Expr::Agg(kind, None, index), Ty::Num));
             }
             let (x, t) = plain(self, args[0])?;
+            if x.any(&|e| matches!(e, Expr::Agg(..))) {
+                return Err(self.err(f, format!("{name}: aggregates cannot be nested")));
+            }
             let ty = match kind {
                 AggKind::Min | AggKind::Max | AggKind::First | AggKind::Last => t,
                 _ => Ty::Num,
             };
-            return Ok((Expr::Agg(kind, Some(Box::new(x))), ty));
+            let mut reads = Vec::new();
+            cols_of(&x, &mut reads);
+            self.aggs.push(AggSite {
+                kind,
+                arg: Some(x.clone()),
+                reads,
+            });
+            return Ok((Expr::Agg(kind, Some(Box::new(x)), index), ty));
         }
         let lookup = match name.as_str() {
             "min" => "least",
@@ -1115,6 +1244,7 @@ pub fn plan(rule: &str, sql: &str, catalog: &Catalog) -> Result<Plan, LoadError>
         analytics: Vec::new(),
         table: None,
         table_columns: Vec::new(),
+        aggs: Vec::new(),
     };
     // JOIN
     let join = match joins {
@@ -1229,7 +1359,7 @@ pub fn plan(rule: &str, sql: &str, catalog: &Catalog) -> Result<Plan, LoadError>
         }
         None => None,
     };
-    Ok(Plan {
+    let mut plan = Plan {
         source,
         columns: lower.columns,
         fields,
@@ -1238,12 +1368,21 @@ pub fn plan(rule: &str, sql: &str, catalog: &Catalog) -> Result<Plan, LoadError>
         window,
         per_device,
         having,
+        aggs: lower.aggs,
+        bare: Vec::new(),
         analytics: lower.analytics,
         join: join.map(|mut j| {
             j.columns = lower.table_columns;
             j
         }),
-    })
+    };
+    let layout = plan.layout();
+    let mut bare = Vec::new();
+    for e in plan.fields.iter().map(|(_, e)| e).chain(plan.having.iter()) {
+        bare_slots(e, layout, &mut bare);
+    }
+    plan.bare = bare;
+    Ok(plan)
 }
 
 /// `[INNER | LEFT] JOIN <table> [AS alias] ON <stream expr> = <table>.<col> [AND ...]`.
@@ -1456,8 +1595,9 @@ pub struct Scope<'a> {
     pub device: &'a str,
     /// Functions' context (the time).
     pub ctx: &'a Ctx,
-    /// The window's bounds and rows, when evaluating a window's output.
-    pub window: Option<(u64, u64, &'a [Vec<Value>])>,
+    /// The window's bounds and its aggregates' results (by [`Expr::Agg`] index), when
+    /// evaluating a window's output.
+    pub window: Option<(u64, u64, &'a [Value])>,
 }
 
 /// Evaluates `e` (a run-time error is a message naming what failed).
@@ -1504,25 +1644,11 @@ pub fn eval(e: &Expr, s: &mut Scope<'_>) -> Result<Value, String> {
             }
             (f.eval)(s.ctx, &vals)?
         }
-        Expr::Agg(kind, arg) => {
-            let Some((_, _, rows)) = s.window else {
+        Expr::Agg(_, _, index) => {
+            let Some((_, _, results)) = s.window else {
                 return Err("aggregate outside a window".into());
             };
-            let Some(arg) = arg else {
-                return Ok(Value::Int(i64::try_from(rows.len()).unwrap_or(i64::MAX)));
-            };
-            let mut acc = Accumulator::new(*kind);
-            for row in rows {
-                let mut inner = Scope {
-                    row,
-                    layout: s.layout,
-                    device: s.device,
-                    ctx: s.ctx,
-                    window: None,
-                };
-                acc.add(&eval(arg, &mut inner)?)?;
-            }
-            acc.result()
+            results.get(*index).cloned().unwrap_or(Value::Null)
         }
         Expr::Case {
             operand,

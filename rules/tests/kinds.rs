@@ -422,3 +422,29 @@ fn select_star_from_devices_shows_each_devices_own_properties() {
     );
     assert_eq!(field(&out[1].1, "level"), &f(3.0));
 }
+
+#[test]
+fn a_windows_aggregates_take_the_changes_of_what_they_read() {
+    // As in eKuiper, where an event carries the changed fields and aggregates skip missing
+    // ones: avg(temp) averages temp's changes, not temp repeated on pressure's changes.
+    let mut e = engine(
+        r#"{"id": "w", "sql": "SELECT avg(temp) AS t, avg(pressure) AS p, count(*) AS n, temp AS last_temp, avg(temp + pressure) AS sum_avg FROM boiler GROUP BY TumblingWindow(ss, 10)"}"#,
+    );
+    let out = run(
+        &mut e,
+        &[
+            (1_000, "boiler", "temp", f(10.0)),
+            (2_000, "boiler", "pressure", f(5.0)),
+            (3_000, "boiler", "temp", f(20.0)),
+        ],
+        10_000,
+    );
+    assert_eq!(out.len(), 1, "{out:?}");
+    let o = &out[0].1;
+    assert_eq!(field(o, "t"), &f(15.0));
+    assert_eq!(field(o, "p"), &f(5.0));
+    assert_eq!(field(o, "n"), &Value::Int(3));
+    assert_eq!(field(o, "last_temp"), &f(20.0));
+    // temp + pressure: null at 1 s (no pressure yet), 15 at 2 s, 25 at 3 s.
+    assert_eq!(field(o, "sum_avg"), &f(20.0));
+}
