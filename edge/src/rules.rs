@@ -294,6 +294,12 @@ impl std::fmt::Debug for Runner {
     }
 }
 
+/// Nanoseconds of a monotonic clock, for the engine's evaluation times.
+fn meter() -> edgesync_rules::engine::Meter {
+    let origin = std::time::Instant::now();
+    Box::new(move || origin.elapsed().as_nanos() as u64)
+}
+
 fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -323,6 +329,7 @@ impl Runner {
             .map_err(|e| vec![e])?;
         let (defs, with_tables) = rule_set(&snap, &catalog)?;
         let mut engine = Engine::new(with_tables);
+        engine.set_meter(meter());
         let actions = defs
             .iter()
             .map(|d| (d.id.clone(), d.actions.clone()))
@@ -461,6 +468,7 @@ impl Runner {
                 } else {
                     // New tables: a new engine (windows restart), the active alarms carried.
                     let mut engine = Engine::new(with_tables);
+                    engine.set_meter(meter());
                     engine.load(defs).map(|()| {
                         engine.restore_alarms(self.engine.active_alarms());
                         self.engine = engine;
@@ -516,7 +524,10 @@ impl Runner {
                 .absolute(stats.events_in);
             metrics::counter!("edgesync_rule_events_out_total", "rule" => rule.clone())
                 .absolute(stats.events_out);
-            metrics::counter!("edgesync_rule_errors_total", "rule" => rule).absolute(stats.errors);
+            metrics::counter!("edgesync_rule_errors_total", "rule" => rule.clone())
+                .absolute(stats.errors);
+            metrics::gauge!("edgesync_rule_eval_seconds_total", "rule" => rule)
+                .set(stats.eval_ns as f64 / 1e9);
         }
     }
 

@@ -105,7 +105,13 @@ pub struct RuleStats {
     pub errors: u64,
     /// Records repeated by the heartbeat (also counted in `events_out`).
     pub heartbeats: u64,
+    /// Time spent evaluating its triggered changes, in the meter's unit (nanoseconds for the
+    /// agent's); 0 without a meter ([`Engine::set_meter`]).
+    pub eval_ns: u64,
 }
+
+/// A monotonic counter of nanoseconds, injected: the engine reads no clock of its own.
+pub type Meter = Box<dyn Fn() -> u64 + Send>;
 
 #[derive(Debug, Clone, PartialEq)]
 enum AlarmState {
@@ -216,6 +222,7 @@ pub struct Engine {
     /// (device, slot) → rules that read it.
     triggers: HashMap<(Arc<str>, usize), Vec<usize>>,
     outputs: VecDeque<Output>,
+    meter: Option<Meter>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -255,6 +262,7 @@ impl Engine {
             rules: Vec::new(),
             triggers: HashMap::new(),
             outputs: VecDeque::new(),
+            meter: None,
         }
     }
 
@@ -413,7 +421,11 @@ impl Engine {
                 continue;
             };
             rule.stats.events_in += 1;
+            let started = self.meter.as_ref().map(|m| m());
             evaluate_row(rule, ds, slot, &ctx, &mut self.outputs);
+            if let (Some(m), Some(t0)) = (&self.meter, started) {
+                rule.stats.eval_ns = rule.stats.eval_ns.saturating_add(m().saturating_sub(t0));
+            }
         }
     }
 
@@ -434,6 +446,11 @@ impl Engine {
             alarm_timers(rule, now_ms, &mut self.outputs);
             heartbeats(rule, now_ms, &mut self.outputs);
         }
+    }
+
+    /// Measures each rule's evaluation time with `meter` ([`RuleStats::eval_ns`]).
+    pub fn set_meter(&mut self, meter: Meter) {
+        self.meter = Some(meter);
     }
 
     /// The next output, if any.

@@ -448,3 +448,17 @@ fn a_windows_aggregates_take_the_changes_of_what_they_read() {
     // temp + pressure: null at 1 s (no pressure yet), 15 at 2 s, 25 at 3 s.
     assert_eq!(field(o, "sum_avg"), &f(20.0));
 }
+
+#[test]
+fn an_injected_meter_measures_each_rules_evaluation_time() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let mut e = engine(r#"{"id": "m", "sql": "SELECT temp FROM boiler WHERE temp > 1"}"#);
+    // A fake clock that advances 5 units per reading.
+    let t = std::sync::Arc::new(AtomicU64::new(0));
+    let t2 = t.clone();
+    e.set_meter(Box::new(move || t2.fetch_add(5, Ordering::Relaxed)));
+    e.handle_change(0, "boiler", "temp", f(2.0));
+    e.handle_change(1, "boiler", "temp", f(3.0));
+    let (_, stats) = e.rules().next().unwrap();
+    assert_eq!((stats.events_in, stats.eval_ns), (2, 10));
+}

@@ -24,6 +24,14 @@ const RULE: &str = r#"{
   "alarm": {"severity": "critical", "labels": {"area": "tank farm"}}
 }"#;
 
+/// An interlock: with `level` above 50, `sp` is set to twice the level, through the twin's
+/// desired path (checked, written, read back).
+const WRITE_RULE: &str = r#"{
+  "id": "double",
+  "sql": "SELECT level * 2 AS target FROM `plc-1` WHERE level > 50",
+  "actions": [{"write": {"device": "plc-1", "property": "sp", "field": "target"}}]
+}"#;
+
 async fn plc() -> anyhow::Result<SimHandle> {
     let sim = SimHandle::start("127.0.0.1:0".parse()?, SimConfig::with_units([1])).await?;
     sim.set_holding(1, SP, &[100, 7, 10])?;
@@ -35,6 +43,7 @@ fn agent_extra(dir: &std::path::Path, bus: &Bus) -> anyhow::Result<String> {
     let rules = dir.join("rules");
     std::fs::create_dir_all(&rules)?;
     std::fs::write(rules.join("level_high.json"), RULE)?;
+    std::fs::write(rules.join("double.json"), WRITE_RULE)?;
     Ok(format!(
         "{}\n[rules]\ndir = {:?}\nreload_interval_ms = 500\n",
         bus.toml,
@@ -102,6 +111,16 @@ async fn a_rule_alarm_reaches_the_hub_and_a_local_app_is_acknowledged_and_clears
         assert_eq!(raised["fields"]["level"], 73, "{raised}");
         assert_eq!(raised["fields"]["excess"], 23, "{raised}");
         assert_eq!(raised["labels"]["area"], "tank farm", "{raised}");
+        // The interlock wrote sp = 2 x level to the PLC.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while sim.holding(1, SP, 1)?[0] != 146 {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "sp is {}, not 146",
+                sim.holding(1, SP, 1)?[0]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let at_hub = hub_alarms_become(&api, 1)
             .await
             .context("the hub has the alarm")?;
