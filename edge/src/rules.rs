@@ -5,7 +5,8 @@
 //! outputs → each rule's actions: `mqtt` (a [`TwinEvent::Publish`] the bus sends), `hub` (a
 //! [`RuleEvent`] that the downlink appends to the control log, so it reaches the hub exactly
 //! once, later if the hub is away), `write` (the twin's desired path: checked against the tag,
-//! written, read back, acknowledged), `log`.
+//! written, read back, acknowledged), `log`; `memory` (feeding other rules) happens inside the
+//! engine.
 //!
 //! Rules come from the files of a directory (`*.json`, `*.yaml`, `*.yml`), read at start (an
 //! invalid set stops the agent from starting, every problem named) and every
@@ -172,10 +173,6 @@ fn rule_set(snap: &Snapshot, devices: &Catalog) -> Result<(Vec<RuleDef>, Catalog
             Ok(def) => {
                 for a in &def.actions {
                     match a {
-                        Action::Memory { .. } => errors.push(format!(
-                            "{name}: rule {:?}: memory actions are not supported yet",
-                            def.id
-                        )),
                         Action::Write {
                             device, property, ..
                         } => {
@@ -676,6 +673,7 @@ impl Runner {
                     tracing::warn!(%device, %property, error = %e, "rules: write action refused");
                 }
             }
+            // Fed to the rules reading the topic by the engine itself.
             Action::Memory { .. } => {}
         }
     }
@@ -726,14 +724,13 @@ mod tests {
         write("bad.yaml", "id: cold\nsql: SELECT tmp FROM boiler\n");
         write(
             "dup.json",
-            r#"{"id": "hot", "sql": "SELECT on FROM boiler", "actions": [{"memory": {"topic": "x"}}, {"write": {"device": "boiler", "property": "nope", "field": "on"}}]}"#,
+            r#"{"id": "hot", "sql": "SELECT on FROM boiler", "actions": [{"write": {"device": "boiler", "property": "nope", "field": "on"}}]}"#,
         );
         let errors = validate_dir(dir.path(), &specs()).unwrap_err();
         let all = errors.join("\n");
         for want in [
             "bad.yaml: rule \"cold\": line 1, column 8: device \"boiler\" has no property \"tmp\"",
             "ok.json: rule id \"hot\" is also used by",
-            "dup.json: rule \"hot\": memory actions are not supported yet",
             "dup.json: rule \"hot\": write action: device \"boiler\" has no property \"nope\"",
         ] {
             assert!(all.contains(want), "missing {want:?} in:\n{all}");

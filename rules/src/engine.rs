@@ -216,7 +216,12 @@ struct DeviceState {
 
 /// The rule engine (see the module docs).
 pub struct Engine {
+    /// The devices and tables given to [`Engine::new`] and [`Engine::set_table`].
+    base: Catalog,
+    /// `base` plus the memory topics of the loaded rules.
     catalog: Catalog,
+    /// Per rule id: the memory topics its records feed.
+    feeds: HashMap<Arc<str>, Vec<Arc<str>>>,
     devices: HashMap<Arc<str>, DeviceState>,
     rules: Vec<Compiled>,
     /// (device, slot) → rules that read it.
@@ -257,7 +262,9 @@ impl Engine {
             })
             .collect();
         Engine {
+            base: catalog.clone(),
             catalog,
+            feeds: HashMap::new(),
             devices,
             rules: Vec::new(),
             triggers: HashMap::new(),
@@ -271,8 +278,8 @@ impl Engine {
     /// alarm state.
     pub fn load(&mut self, defs: Vec<RuleDef>) -> Result<(), Vec<LoadError>> {
         let mut errors = Vec::new();
-        let mut plans = Vec::with_capacity(defs.len());
         let mut seen = std::collections::HashSet::new();
+        let mut pending = Vec::with_capacity(defs.len());
         for def in defs {
             if !seen.insert(def.id.clone()) {
                 errors.push(LoadError {
@@ -283,14 +290,56 @@ impl Engine {
                 });
                 continue;
             }
-            match plan::plan(&def.id, &def.sql, &self.catalog) {
-                Ok(p) => plans.push((def, p)),
-                Err(e) => errors.push(e),
+            for a in &def.actions {
+                if let crate::rule::Action::Memory { topic } = a
+                    && !valid_topic(topic)
+                {
+                    errors.push(LoadError {
+                        rule: def.id.clone(),
+                        line: 0,
+                        column: 0,
+                        message: format!(
+                            "memory topic {topic:?}: 1-128 letters, digits, '-' or '_'"
+                        ),
+                    });
+                }
             }
+            pending.push(def);
         }
         if !errors.is_empty() {
             return Err(errors);
         }
+        let (plans, catalog) = plan_with_memory(pending, &self.base)?;
+        // Device states for the memory topics (kept when their columns did not change).
+        for (name, props) in catalog.devices() {
+            let same = self.devices.get(name).is_some_and(|ds| {
+                ds.slots.len() == props.len()
+                    && props.iter().all(|(p, _)| ds.slots.contains_key(p.as_str()))
+            });
+            if !same {
+                let st = device_state(name, props);
+                self.devices.insert(st.name.clone(), st);
+            }
+        }
+        self.devices
+            .retain(|name, _| catalog.device(name).is_some());
+        self.catalog = catalog;
+        self.feeds = plans
+            .iter()
+            .filter_map(|(def, _)| {
+                let topics: Vec<Arc<str>> = def
+                    .actions
+                    .iter()
+                    .filter_map(|a| match a {
+                        crate::rule::Action::Memory { topic } => {
+                            Some(Arc::from(memory_device(topic).as_str()))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                (!topics.is_empty()).then(|| (Arc::from(def.id.as_str()), topics))
+            })
+            .collect();
         let mut old: HashMap<String, Compiled> = self
             .rules
             .drain(..)
@@ -352,6 +401,7 @@ impl Engine {
     /// analytic functions); rows arriving from now on join the new rows.
     pub fn set_table(&mut self, name: &str, table: Table) -> Result<(), Vec<LoadError>> {
         let mut catalog = self.catalog.clone();
+        let kept = table.clone();
         catalog.add_table(name, table);
         let mut plans = Vec::with_capacity(self.rules.len());
         let mut errors = Vec::new();
@@ -365,6 +415,7 @@ impl Engine {
             return Err(errors);
         }
         self.catalog = catalog;
+        self.base.add_table(name, kept);
         for (r, p) in self.rules.iter_mut().zip(plans) {
             // Same SQL, same devices: the same columns and call sites, so the rule's state
             // still fits; only the table's columns may have moved.
@@ -412,26 +463,88 @@ impl Engine {
             *v = value;
         }
         let name = ds.name.clone();
-        let Some(rules) = self.triggers.get(&(name.clone(), slot)) else {
+        let Some(rules) = self.triggers.get(&(name.clone(), slot)).cloned() else {
             return;
         };
         let ctx = Ctx { now_ms };
-        for &ri in rules {
+        let first = self.outputs.len();
+        for ri in rules {
             let (Some(rule), Some(ds)) = (self.rules.get_mut(ri), self.devices.get(&name)) else {
                 continue;
             };
             rule.stats.events_in += 1;
             let started = self.meter.as_ref().map(|m| m());
-            evaluate_row(rule, ds, slot, &ctx, &mut self.outputs);
+            evaluate_row(rule, ds, Changed::Slot(slot), &ctx, &mut self.outputs);
             if let (Some(m), Some(t0)) = (&self.meter, started) {
                 rule.stats.eval_ns = rule.stats.eval_ns.saturating_add(m().saturating_sub(t0));
             }
+        }
+        self.feed_memory(first, &ctx);
+    }
+
+    /// Feeds the records produced since output `from` (and those they produce in turn) to
+    /// the rules that read their memory topics; at most [`MAX_MEMORY_FEEDS`] per call.
+    fn feed_memory(&mut self, from: usize, ctx: &Ctx) {
+        if self.feeds.is_empty() {
+            return;
+        }
+        let mut i = from;
+        let mut fed = 0usize;
+        while let Some(out) = self.outputs.get(i) {
+            i += 1;
+            let Output::Record { rule, fields, .. } = out else {
+                continue;
+            };
+            let Some(topics) = self.feeds.get(rule).cloned() else {
+                continue;
+            };
+            let fields = fields.clone();
+            for topic in topics {
+                fed += 1;
+                if fed > MAX_MEMORY_FEEDS {
+                    return;
+                }
+                self.handle_record(ctx, &topic, &fields);
+            }
+        }
+    }
+
+    /// A record on a memory topic: its fields are the topic's columns; each rule reading any
+    /// of them is evaluated once.
+    fn handle_record(&mut self, ctx: &Ctx, device: &Arc<str>, fields: &[(Arc<str>, Value)]) {
+        let Some(ds) = self.devices.get_mut(device) else {
+            return;
+        };
+        let mut slots = Vec::with_capacity(fields.len());
+        for (name, v) in fields {
+            if let Some(&slot) = ds.slots.get(name)
+                && let Some(cell) = ds.values.get_mut(slot)
+            {
+                *cell = v.clone();
+                slots.push(slot);
+            }
+        }
+        let mut rules: Vec<usize> = slots
+            .iter()
+            .filter_map(|s| self.triggers.get(&(device.clone(), *s)))
+            .flatten()
+            .copied()
+            .collect();
+        rules.sort_unstable();
+        rules.dedup();
+        for ri in rules {
+            let (Some(rule), Some(ds)) = (self.rules.get_mut(ri), self.devices.get(device)) else {
+                continue;
+            };
+            rule.stats.events_in += 1;
+            evaluate_row(rule, ds, Changed::All, ctx, &mut self.outputs);
         }
     }
 
     /// Time advanced to `now_ms`: time windows close, alarm timers fire, heartbeats repeat.
     pub fn handle_timeout(&mut self, now_ms: u64) {
         let ctx = Ctx { now_ms };
+        let first = self.outputs.len();
         for rule in &mut self.rules {
             let keys: Vec<Option<Arc<str>>> = rule.windows.keys().cloned().collect();
             for k in keys {
@@ -446,6 +559,7 @@ impl Engine {
             alarm_timers(rule, now_ms, &mut self.outputs);
             heartbeats(rule, now_ms, &mut self.outputs);
         }
+        self.feed_memory(first, &ctx);
     }
 
     /// Measures each rule's evaluation time with `meter` ([`RuleStats::eval_ns`]).
@@ -535,12 +649,134 @@ fn row_for(rule: &Compiled, ds: &DeviceState) -> Vec<Value> {
     }
 }
 
+/// Most records fed to memory topics per change or timeout (a bound against runaway chains;
+/// cycles are refused when rules load).
+pub const MAX_MEMORY_FEEDS: usize = 10_000;
+
+/// The source name of a memory topic: `FROM memory.<topic>`.
+pub fn memory_device(topic: &str) -> String {
+    format!("memory.{topic}")
+}
+
+fn valid_topic(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 128
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn device_state(name: &str, props: &[(String, crate::plan::ColType)]) -> DeviceState {
+    DeviceState {
+        slots: props
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| (Arc::from(p.as_str()), i))
+            .collect(),
+        values: vec![Value::Null; props.len()],
+        name: Arc::from(name),
+    }
+}
+
+/// Plans `defs` against `base` plus their memory topics. A topic's columns are the output
+/// fields of the rules that feed it, so those are planned first: a rule reading a topic waits
+/// until every rule feeding it is planned. Rules that can never be planned (the topics form a
+/// cycle) are errors.
+fn plan_with_memory(
+    defs: Vec<RuleDef>,
+    base: &Catalog,
+) -> Result<(Vec<(RuleDef, Plan)>, Catalog), Vec<LoadError>> {
+    let topics_of = |def: &RuleDef| -> Vec<String> {
+        def.actions
+            .iter()
+            .filter_map(|a| match a {
+                crate::rule::Action::Memory { topic } => Some(memory_device(topic)),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut catalog = base.clone();
+    // Per topic: its columns so far, and how many feeding rules are not planned yet.
+    let mut open: BTreeMap<String, (Vec<String>, usize)> = BTreeMap::new();
+    for def in &defs {
+        for t in topics_of(def) {
+            open.entry(t).or_default().1 += 1;
+        }
+    }
+    let mut planned = Vec::with_capacity(defs.len());
+    let mut errors = Vec::new();
+    let mut pending = defs;
+    loop {
+        let mut waiting = Vec::new();
+        let mut progress = false;
+        for def in pending {
+            match plan::plan(&def.id, &def.sql, &catalog) {
+                Ok(p) => {
+                    progress = true;
+                    let names: Vec<String> = if p.star {
+                        p.columns.iter().map(|c| c.to_string()).collect()
+                    } else {
+                        p.fields.iter().map(|(n, _)| n.to_string()).collect()
+                    };
+                    for t in topics_of(&def) {
+                        if let Some((cols, left)) = open.get_mut(&t) {
+                            for n in &names {
+                                if !cols.contains(n) {
+                                    cols.push(n.clone());
+                                }
+                            }
+                            *left = left.saturating_sub(1);
+                            if *left == 0 {
+                                let props = cols
+                                    .iter()
+                                    .map(|c| (c.clone(), crate::plan::ColType::Any))
+                                    .collect();
+                                catalog.add_device(&t, props);
+                            }
+                        }
+                    }
+                    planned.push((def, p));
+                }
+                Err(e) => {
+                    let waits = open.iter().any(|(t, (_, left))| {
+                        *left > 0 && e.message == format!("unknown device {t:?}")
+                    });
+                    if waits {
+                        waiting.push((def, e));
+                    } else {
+                        errors.push(e);
+                    }
+                }
+            }
+        }
+        if waiting.is_empty() {
+            break;
+        }
+        if !progress {
+            for (_, mut e) in waiting {
+                e.message = format!(
+                    "{}: the rules feeding that memory topic read it themselves (a cycle) or do not load",
+                    e.message
+                );
+                errors.push(e);
+            }
+            break;
+        }
+        pending = waiting.into_iter().map(|(d, _)| d).collect();
+    }
+    if errors.is_empty() {
+        Ok((planned, catalog))
+    } else {
+        Err(errors)
+    }
+}
+
 /// What a window keeps of `row`, which came from a change of the rule's column `changed`.
 fn compact(
     plan: &Plan,
     row: &[Value],
     device: &str,
     changed: Option<usize>,
+    all_changed: bool,
     ctx: &Ctx,
 ) -> Result<CompactRow, String> {
     let bare = plan
@@ -550,7 +786,9 @@ fn compact(
         .collect();
     let mut aggs = Vec::new();
     for (k, site) in plan.aggs.iter().enumerate() {
-        let enters = site.reads.is_empty() || changed.is_some_and(|c| site.reads.contains(&c));
+        let enters = all_changed
+            || site.reads.is_empty()
+            || changed.is_some_and(|c| site.reads.contains(&c));
         if !enters {
             continue;
         }
@@ -573,10 +811,19 @@ fn compact(
     Ok(CompactRow { bare, aggs })
 }
 
+/// What changed to trigger an evaluation.
+#[derive(Debug, Clone, Copy)]
+enum Changed {
+    /// One property of a device (its slot).
+    Slot(usize),
+    /// Every field (a record on a memory topic).
+    All,
+}
+
 fn evaluate_row(
     rule: &mut Compiled,
     ds: &DeviceState,
-    slot: usize,
+    changed_slot: Changed,
     ctx: &Ctx,
     out: &mut VecDeque<Output>,
 ) {
@@ -633,12 +880,17 @@ fn evaluate_row(
         let key = rule.plan.per_device.then(|| ds.name.clone());
         // The rule's column that changed (aggregates take values from changes of what they
         // read).
-        let changed = rule
-            .slots
-            .get(&ds.name)
-            .and_then(|m| m.iter().position(|s| *s == Some(slot)));
+        let (changed, all) = match changed_slot {
+            Changed::Slot(slot) => (
+                rule.slots
+                    .get(&ds.name)
+                    .and_then(|m| m.iter().position(|s| *s == Some(slot))),
+                false,
+            ),
+            Changed::All => (None, true),
+        };
         for row in passing {
-            let row = match compact(&rule.plan, &row, &ds.name, changed, ctx) {
+            let row = match compact(&rule.plan, &row, &ds.name, changed, all, ctx) {
                 Ok(r) => r,
                 Err(_) => {
                     rule.stats.errors += 1;

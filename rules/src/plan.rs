@@ -12,7 +12,8 @@
 //! * `SELECT` of expressions (with `AS` aliases) or `*`;
 //! * `FROM <device>` (its properties are the columns, and `device` its name unless it has a
 //!   property of that name) or `FROM devices` (every device, with the column `device`; a
-//!   device named `devices` takes precedence), optionally `AS <alias>`;
+//!   device named `devices` takes precedence), or `FROM memory.<topic>` (the records other
+//!   rules feed to a memory topic, see [`crate::engine`]), optionally `AS <alias>`;
 //! * optionally one lookup-table join (eKuiper's stream/table join, see
 //!   [`crate::table`]): `[INNER] JOIN <table> [AS <alias>] ON <stream expr> = <table>.<col>
 //!   [AND ...]` or `LEFT [OUTER] JOIN ...`. The `ON` condition is one or more equalities
@@ -73,6 +74,9 @@ pub enum ColType {
     Float,
     /// A string.
     Str,
+    /// Any value: the fields of a memory topic (another rule's output, see
+    /// [`crate::rule::Action::Memory`]).
+    Any,
 }
 
 /// The devices rules may read, with their properties and types, and the lookup tables they
@@ -473,7 +477,7 @@ fn ty_of(c: Option<ColType>) -> Ty {
         Some(ColType::Bool) => Ty::Bool,
         Some(ColType::Int | ColType::Float) => Ty::Num,
         Some(ColType::Str) => Ty::Str,
-        None => Ty::Any,
+        Some(ColType::Any) | None => Ty::Any,
     }
 }
 

@@ -47,7 +47,8 @@ pub enum Action {
     },
     /// Log at info level.
     Log {},
-    /// Feed another rule (its SQL reads `FROM memory:<topic>`; not available yet).
+    /// Feed other rules: their SQL reads `FROM memory.<topic>`, whose columns are this rule's
+    /// output fields.
     Memory {
         /// Topic.
         topic: String,

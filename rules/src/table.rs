@@ -105,7 +105,8 @@ fn conform(v: &Value, ty: ColType) -> Option<Value> {
         (Value::Bool(_), ColType::Bool)
         | (Value::Int(_), ColType::Int)
         | (Value::Float(_), ColType::Float)
-        | (Value::Str(_), ColType::Str) => Some(v.clone()),
+        | (Value::Str(_), ColType::Str)
+        | (_, ColType::Any) => Some(v.clone()),
         (Value::Int(i), ColType::Float) => Some(Value::Float(*i as f64)),
         _ => None,
     }
@@ -117,6 +118,7 @@ fn type_word(ty: ColType) -> &'static str {
         ColType::Int => "bigint",
         ColType::Float => "float",
         ColType::Str => "string",
+        ColType::Any => "any",
     }
 }
 
@@ -565,7 +567,7 @@ fn csv_table(text: &str) -> Result<Table, Fail> {
                 Value::Null
             } else {
                 match ty {
-                    ColType::Str => Value::str(&cell.text),
+                    ColType::Str | ColType::Any => Value::str(&cell.text),
                     ColType::Int => t.parse::<i64>().map(Value::Int).map_err(|_| {
                         (
                             cell.line,
