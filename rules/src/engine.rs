@@ -677,6 +677,9 @@ fn device_state(name: &str, props: &[(String, crate::plan::ColType)]) -> DeviceS
     }
 }
 
+/// Rules with their plans.
+type Planned = Vec<(RuleDef, Plan)>;
+
 /// Plans `defs` against `base` plus their memory topics. A topic's columns are the output
 /// fields of the rules that feed it, so those are planned first: a rule reading a topic waits
 /// until every rule feeding it is planned. Rules that can never be planned (the topics form a
@@ -684,7 +687,7 @@ fn device_state(name: &str, props: &[(String, crate::plan::ColType)]) -> DeviceS
 fn plan_with_memory(
     defs: Vec<RuleDef>,
     base: &Catalog,
-) -> Result<(Vec<(RuleDef, Plan)>, Catalog), Vec<LoadError>> {
+) -> Result<(Planned, Catalog), Vec<LoadError>> {
     let topics_of = |def: &RuleDef| -> Vec<String> {
         def.actions
             .iter()
