@@ -172,21 +172,19 @@ fn rule_set(snap: &Snapshot, devices: &Catalog) -> Result<(Vec<RuleDef>, Catalog
         match parse_rule_file(&name, text) {
             Ok(def) => {
                 for a in &def.actions {
-                    match a {
-                        Action::Write {
-                            device, property, ..
-                        } => {
-                            let known = catalog
-                                .device(device)
-                                .is_some_and(|p| p.iter().any(|(n, _)| n == property));
-                            if !known {
-                                errors.push(format!(
-                                    "{name}: rule {:?}: write action: device {device:?} has no property {property:?}",
-                                    def.id
-                                ));
-                            }
+                    if let Action::Write {
+                        device, property, ..
+                    } = a
+                    {
+                        let known = catalog
+                            .device(device)
+                            .is_some_and(|p| p.iter().any(|(n, _)| n == property));
+                        if !known {
+                            errors.push(format!(
+                                "{name}: rule {:?}: write action: device {device:?} has no property {property:?}",
+                                def.id
+                            ));
                         }
-                        _ => {}
                     }
                 }
                 if let Some(first) = files.get(&def.id) {
