@@ -219,6 +219,29 @@ impl Setup {
         .await
     }
 
+    /// An agent whose SVID comes from the Workload API at `endpoint`.
+    async fn agent_via_api(&self, tunnel: &str, endpoint: &str) -> anyhow::Result<Proc> {
+        let unused = self.tmp.path().join("unused.pem");
+        let cfg = harness::agent_toml(
+            &self.dir,
+            tunnel,
+            TD,
+            &unused,
+            &unused,
+            &unused,
+            &[SimDevice {
+                id: DEVICE.into(),
+                endpoint: self.sim.local_addr().to_string(),
+                unit: 1,
+                counters: 4,
+                poll_ms: 50,
+            }],
+            "",
+        )?;
+        use_workload_api(&cfg, &unused, &unused, &unused, endpoint)?;
+        harness::spawn_agent(&cfg, &self.dir.join("agent.log")).await
+    }
+
     fn logs(&self, agent: &Proc) -> String {
         format!(
             "--- agent ---\n{}\n--- hub ---\n{}",
@@ -856,7 +879,7 @@ async fn svids_and_cas_rotating_through_the_workload_api_lose_and_duplicate_noth
     const RUN: Duration = Duration::from_secs(120);
     const STEP: Duration = Duration::from_secs(3);
     let setup = Setup::new("svid-wapi").await?;
-    let (tmp, dir) = (&setup.tmp, &setup.dir);
+    let tmp = &setup.tmp;
     let hub_id = format!("spiffe://{TD}/hub");
     let node_id = format!("spiffe://{TD}/edge/{NODE}");
     let life = Duration::from_secs(20);
@@ -895,24 +918,7 @@ async fn svids_and_cas_rotating_through_the_workload_api_lose_and_duplicate_noth
     .await?;
     let (tunnel, http) = harness::hub_addrs(hub.ready_line.as_deref().unwrap_or_default())?;
     let api = Api::new(&http);
-    let agent_cfg = harness::agent_toml(
-        dir,
-        &tunnel,
-        TD,
-        &unused,
-        &unused,
-        &unused,
-        &[SimDevice {
-            id: DEVICE.into(),
-            endpoint: setup.sim.local_addr().to_string(),
-            unit: 1,
-            counters: 4,
-            poll_ms: 50,
-        }],
-        "",
-    )?;
-    use_workload_api(&agent_cfg, &unused, &unused, &unused, &agent_api.endpoint())?;
-    let agent = harness::spawn_agent(&agent_cfg, &dir.join("agent.log")).await?;
+    let agent = setup.agent_via_api(&tunnel, &agent_api.endpoint()).await?;
     let logs = |agent: &Proc| setup.logs(agent);
     let mut seq = flowing_past(&api, 0, Duration::from_secs(30))
         .await
@@ -1007,7 +1013,7 @@ async fn an_svid_withdrawn_by_the_workload_api_disconnects_the_agent_until_reiss
 -> anyhow::Result<()> {
     use edgesync_testkit::workload_api::{WorkloadApi, X509Update};
     let setup = Setup::new("svid-withdraw").await?;
-    let (tmp, pki, dir) = (&setup.tmp, &setup.pki, &setup.dir);
+    let (tmp, pki) = (&setup.tmp, &setup.pki);
     let (hub, api, tunnel) = start_hub(
         tmp.path(),
         pki,
@@ -1021,25 +1027,7 @@ async fn an_svid_withdrawn_by_the_workload_api_disconnects_the_agent_until_reiss
         &pki.ca.mint(&node_id, Duration::from_secs(3600))?,
         &[&pki.ca],
     ));
-    let unused = tmp.path().join("unused.pem");
-    let cfg = harness::agent_toml(
-        dir,
-        &tunnel,
-        TD,
-        &unused,
-        &unused,
-        &unused,
-        &[SimDevice {
-            id: DEVICE.into(),
-            endpoint: setup.sim.local_addr().to_string(),
-            unit: 1,
-            counters: 4,
-            poll_ms: 50,
-        }],
-        "",
-    )?;
-    use_workload_api(&cfg, &unused, &unused, &unused, &wapi.endpoint())?;
-    let agent = harness::spawn_agent(&cfg, &dir.join("agent.log")).await?;
+    let agent = setup.agent_via_api(&tunnel, &wapi.endpoint()).await?;
     let logs = |agent: &Proc| setup.logs(agent);
     let seq = flowing_past(&api, 0, Duration::from_secs(30))
         .await
