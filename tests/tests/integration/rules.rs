@@ -160,6 +160,43 @@ async fn a_rule_alarm_reaches_the_hub_and_a_local_app_is_acknowledged_and_clears
             })
             .await;
         assert!(raised_again.is_err(), "raised once only: {raised_again:?}");
+
+        // The rules directory changes while the agent runs: a new rule takes effect; then a
+        // broken file is refused whole and the running set keeps working.
+        let rules = tmp.path().join("rules");
+        app.subscribe("echo/#").await?;
+        std::fs::write(
+            rules.join("echo.json"),
+            r#"{"id": "echo", "sql": "SELECT level FROM `plc-1`", "actions": [{"mqtt": {"topic": "echo/{{device}}"}}]}"#,
+        )?;
+        let mut level = 30u16;
+        let echoed = async {
+            loop {
+                level += 1;
+                sim.set_holding(1, LEVEL, &[level])?;
+                let want = level;
+                if app
+                    .wait_for("echo/plc-1", Duration::from_millis(700), |j| j["level"] == want)
+                    .await
+                    .is_ok()
+                {
+                    return anyhow::Ok(());
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, echoed)
+            .await
+            .context("the new rule never took effect")??;
+        std::fs::write(rules.join("broken.json"), r#"{"id": "broken", "sql": "SELECT nope FROM `plc-1`"}"#)?;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !agent.log_text().contains("the changed rule set is refused") {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the broken set was not refused");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sim.set_holding(1, LEVEL, &[12])?;
+        app.wait_for("echo/plc-1", WAIT, |j| j["level"] == 12)
+            .await
+            .context("the running set keeps working after a refused change")?;
         Ok(())
     }
     .await;
