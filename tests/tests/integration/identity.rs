@@ -251,6 +251,24 @@ impl Setup {
     }
 }
 
+/// After the hub stopped: its store holds every record once, no gap, and at least up to
+/// `last` (what it acknowledged). `restarts`: the agent was restarted (see `audit`).
+fn hub_stored_all(
+    dir: &std::path::Path,
+    last: u64,
+    restarts: bool,
+    logs: &str,
+) -> anyhow::Result<()> {
+    let store = HubStore::open(&dir.join("hubdata").join("hub.sled"), 1 << 20)?;
+    let a = audit(&store, restarts).with_context(|| logs.to_owned())?;
+    ensure!(a.gaps.is_empty(), "gaps {:?}", a.gaps);
+    ensure!(
+        store.stored_seq(&NodeId::new(NODE)?)? >= last,
+        "the hub kept what it acknowledged"
+    );
+    Ok(())
+}
+
 /// The node's status from the hub's API.
 async fn node_status(api: &Api) -> anyhow::Result<Option<serde_json::Value>> {
     let (status, n) = api.get(&format!("/api/v1/nodes/{NODE}")).await?;
@@ -347,14 +365,7 @@ async fn short_lived_svids_rotated_on_disk_keep_both_ends_connected_past_their_e
         hub_log.contains("SVID rotated"),
         "the hub logs its rotation\n{hub_log}"
     );
-    let store = HubStore::open(&tmp.path().join("hubdata").join("hub.sled"), 1 << 20)?;
-    let a = audit(&store, true).with_context(|| format!("{agent_log}\n{hub_log}"))?;
-    ensure!(a.gaps.is_empty(), "gaps {:?}", a.gaps);
-    ensure!(
-        store.stored_seq(&NodeId::new(NODE)?)? >= last,
-        "the hub kept what it acknowledged"
-    );
-    Ok(())
+    hub_stored_all(tmp.path(), last, true, &format!("{agent_log}\n{hub_log}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -996,14 +1007,7 @@ async fn svids_and_cas_rotating_through_the_workload_api_lose_and_duplicate_noth
         !agent_log.contains("uplink down"),
         "the agent lost its connection at some point\n{agent_log}"
     );
-    let store = HubStore::open(&tmp.path().join("hubdata").join("hub.sled"), 1 << 20)?;
-    let a = audit(&store, false).with_context(|| format!("{agent_log}\n{hub_log}"))?;
-    ensure!(a.gaps.is_empty(), "gaps {:?}", a.gaps);
-    ensure!(
-        store.stored_seq(&NodeId::new(NODE)?)? >= last,
-        "the hub kept what it acknowledged"
-    );
-    Ok(())
+    hub_stored_all(tmp.path(), last, false, &format!("{agent_log}\n{hub_log}"))
 }
 
 /// A withdrawn identity (its registration entry removed) stops the agent from connecting;
@@ -1059,5 +1063,92 @@ async fn an_svid_withdrawn_by_the_workload_api_disconnects_the_agent_until_reiss
     ensure!(agent.terminate().await?, "agent exits 0");
     ensure!(hub.terminate().await?, "hub exits 0");
     wapi.stop().await;
+    Ok(())
+}
+
+/// A Workload API that sends what must not be used: another node's SVID, a key that does not
+/// belong to the chain, a chain that is not a certificate. None of it is installed (the
+/// previous SVID stays in use) and a good rotation afterwards is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_or_hostile_workload_api_update_is_not_installed() -> anyhow::Result<()> {
+    use edgesync_protocol::workload_api::ApiWatcher;
+    use edgesync_testkit::workload_api::{SvidEntry, WorkloadApi, X509Update};
+    let tmp = TempDir::new("svid-wapi-bad")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let node_id = format!("spiffe://{TD}/edge/{NODE}");
+    let hour = Duration::from_secs(3600);
+    let api = WorkloadApi::start(&tmp.path().join("w.sock")).await?;
+    let first = pki.ca.mint(&node_id, hour)?;
+    api.set(X509Update::single(&first, &[&pki.ca]));
+    let want = node_id.clone();
+    let accept: Accept = Arc::new(move |i: &Identity| {
+        if i.id.to_string() == want {
+            Ok(())
+        } else {
+            Err(format!("{} is not {want}", i.id))
+        }
+    });
+    let (store, watcher) = ApiWatcher::start(
+        Some(api.endpoint()),
+        Vec::new(),
+        accept,
+        Duration::from_secs(10),
+    )
+    .await?;
+    let mut rotated = watcher.subscribe();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(watcher.run(stop.clone().cancelled_owned()));
+    let kept = not_after(&first)?;
+
+    let other_key = pki.ca.mint(&node_id, hour)?;
+    let mut mismatched = SvidEntry::new(&pki.ca.mint(&node_id, hour)?, &[&pki.ca]);
+    mismatched.key_pkcs8_der = other_key.private_key_der().secret_der().to_vec();
+    let mut garbage = SvidEntry::new(&pki.ca.mint(&node_id, hour)?, &[&pki.ca]);
+    garbage.chain_der = vec![b"not a certificate".to_vec()];
+    let bad = [
+        (
+            "another node's SVID",
+            X509Update::single(
+                &pki.ca.mint(&format!("spiffe://{TD}/edge/other"), hour)?,
+                &[&pki.ca],
+            ),
+        ),
+        (
+            "a key of another chain",
+            X509Update {
+                svids: vec![mismatched],
+                federated: vec![],
+            },
+        ),
+        (
+            "a chain that is no certificate",
+            X509Update {
+                svids: vec![garbage],
+                federated: vec![],
+            },
+        ),
+    ];
+    for (what, update) in bad {
+        api.set(update);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        ensure!(
+            store.id().to_string() == node_id
+                && store.validity().1 == kept
+                && !store.is_withdrawn(),
+            "{what} was installed"
+        );
+    }
+    ensure!(
+        *rotated.borrow_and_update() == 0,
+        "no rotation was announced"
+    );
+    // A good rotation is installed and announced.
+    let second = pki.ca.mint(&node_id, Duration::from_secs(7200))?;
+    api.set(X509Update::single(&second, &[&pki.ca]));
+    tokio::time::timeout(Duration::from_secs(10), rotated.changed()).await??;
+    ensure!(store.validity().1 == not_after(&second)?);
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    api.stop().await;
     Ok(())
 }
