@@ -431,8 +431,11 @@ impl Runner {
                     self.engine.handle_timeout(now);
                     self.drain().await;
                 }
-                // The rules directory, for changes.
-                _ = reload.tick() => self.reload().await,
+                // The rules directory, for changes; and the per-rule metrics.
+                _ = reload.tick() => {
+                    self.reload().await;
+                    self.publish_metrics();
+                }
             }
         }
     }
@@ -513,6 +516,11 @@ impl Runner {
         if alarms_changed {
             self.save_alarms().await;
         }
+    }
+
+    /// Publishes the per-rule counters (on the reload tick, not per change: with many rules
+    /// the label lookups would cost more than the evaluation).
+    fn publish_metrics(&self) {
         for (def, stats) in self.engine.rules() {
             let rule = def.id.clone();
             metrics::counter!("edgesync_rule_events_in_total", "rule" => rule.clone())
