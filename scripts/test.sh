@@ -82,6 +82,14 @@ fail() { printf '\ntest.sh: error: %s\n' "$*" >&2; exit 1; }
 #    with the Debian packages.
 # ---------------------------------------------------------------------------------------------
 begin_step setup "install system packages, Rust components and the Python venv"
+# Disk first: a full test build (host + aarch64 release + fuzz) needs several GB. A disk that
+# fills mid-build fails with a rustc I/O error far from the cause; say it here instead.
+MIN_FREE_GB=${EDGESYNC_MIN_FREE_GB:-12}
+free_kb=$(df -Pk "${CARGO_TARGET_DIR:-${ROOT}}" | awk 'NR == 2 { print $4 }')
+[[ ${free_kb} =~ ^[0-9]+$ ]] || fail "could not read the free disk space of ${CARGO_TARGET_DIR:-${ROOT}} from df"
+printf 'free disk space: %d GB (need %d GB: EDGESYNC_MIN_FREE_GB)\n' "$((free_kb / 1024 / 1024))" "${MIN_FREE_GB}"
+((free_kb >= MIN_FREE_GB * 1024 * 1024)) \
+    || fail "only $((free_kb / 1024 / 1024)) GB free where the build goes; the suite needs ${MIN_FREE_GB} GB (set EDGESYNC_MIN_FREE_GB to change)"
 # System packages (apt), rustfmt + clippy, the aarch64 target.
 bash "${ROOT}/scripts/setup-debian.sh"
 cargo --version
