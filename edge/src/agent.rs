@@ -710,6 +710,9 @@ impl Pipeline {
                     // Durable per the fsync policy; only now may the uplink send them.
                     tracing::trace!(target: DURABILITY_TARGET, "committed upto={last_seq} from={first_seq}");
                 }
+                if n > 0 {
+                    metrics::counter!("edgesync_outbox_commits_total").increment(1);
+                }
                 metrics::counter!("edgesync_outbox_records_accepted_total").increment(n as u64);
                 if let Some(d) = a.dropped {
                     metrics::counter!("edgesync_outbox_records_dropped_total")

@@ -14,6 +14,7 @@ pub mod downlink;
 pub mod health;
 pub mod held;
 pub mod local;
+pub mod logging;
 pub mod modbus;
 pub mod model;
 pub mod mqtt;

@@ -102,13 +102,7 @@ fn main() -> ExitCode {
             timeout_ms,
         } => probe(endpoint, unit, table, &address, count, timeout_ms),
         Command::Run { config: path } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                        tracing_subscriber::EnvFilter::new("info,rumqttd=warn")
-                    }),
-                )
-                .init();
+            edgesync_edge::logging::init();
             let cfg = match config::load(&path) {
                 Ok(c) => c,
                 Err(errors) => {

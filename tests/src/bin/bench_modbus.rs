@@ -486,7 +486,16 @@ async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResu
         config_arg.as_str(),
     ]);
     let program = PathBuf::from(cmd[0]);
-    let agent = Proc::spawn(&program, &cmd[1..], &dir.join("agent.log"), None).await?;
+    // The agent logs as it does when a user runs it (its default filter), not at the
+    // testkit's `info` for everything.
+    let agent = Proc::spawn_env(
+        &program,
+        &cmd[1..],
+        &dir.join("agent.log"),
+        None,
+        &[("RUST_LOG", edgesync_edge::logging::DEFAULT_FILTER)],
+    )
+    .await?;
     let pid = agent.pid().context("agent has no pid")?;
 
     // Warm-up: every device has reached the hub's twin (the last coil proves whole devices).

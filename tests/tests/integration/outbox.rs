@@ -573,6 +573,11 @@ async fn state_only_tags_are_coalesced_while_the_hub_is_away() -> anyhow::Result
     let history_changes = r
         .agent_counter("edgesync_outbox_records_accepted_total")
         .await?;
+    let commits = r.agent_counter("edgesync_outbox_commits_total").await?;
+    ensure!(
+        commits > 0 && commits <= history_changes,
+        "{commits} commits for {history_changes} accepted records"
+    );
     let logs = r.logs();
     let store = r.stop_and_open_store().await?;
     let a = audit(&store, false).with_context(|| logs.clone())?;
