@@ -371,12 +371,13 @@ pub struct Goodbye {
 /// A sample as carried on the wire (ids not yet validated).
 #[derive(Clone, PartialEq, Message)]
 pub struct WireSample {
-    /// Device id.
-    #[prost(string, tag = "1")]
-    pub device: String,
-    /// Property id.
-    #[prost(string, tag = "2")]
-    pub property: String,
+    /// Device id (UTF-8; a protobuf `string`, decoded as bytes so that a frame's ids are
+    /// slices of it, not allocations: see [`IdCache`]).
+    #[prost(bytes = "bytes", tag = "1")]
+    pub device: bytes::Bytes,
+    /// Property id (UTF-8, as `device`).
+    #[prost(bytes = "bytes", tag = "2")]
+    pub property: bytes::Bytes,
     /// The value, absent when the tag has never been read successfully.
     #[prost(oneof = "WireValue", tags = "3, 4, 5, 6, 7")]
     pub value: Option<WireValue>,
@@ -473,8 +474,8 @@ impl From<&Sample> for WireSample {
             Quality::Bad(BadReason::BadResponse) => (5, 0),
         };
         WireSample {
-            device: s.device.as_str().to_owned(),
-            property: s.property.as_str().to_owned(),
+            device: bytes::Bytes::copy_from_slice(s.device.as_str().as_bytes()),
+            property: bytes::Bytes::copy_from_slice(s.property.as_str().as_bytes()),
             value: s.value.as_ref().map(|v| match v {
                 Value::Bool(b) => WireValue::Bool(*b),
                 Value::Int(i) => WireValue::Int(*i),
@@ -489,11 +490,61 @@ impl From<&Sample> for WireSample {
     }
 }
 
+/// Ids already validated on one connection: a record's device and property ids are looked up
+/// here instead of being validated and allocated again (a node sends the same few thousand ids
+/// over and over). Bounded: past [`IdCache::MAX_IDS`] ids of a kind, that kind starts afresh.
+#[derive(Debug, Default)]
+pub struct IdCache {
+    devices: std::collections::HashMap<Box<str>, DeviceId>,
+    properties: std::collections::HashMap<Box<str>, PropertyId>,
+}
+
+impl IdCache {
+    /// Most ids of each kind kept.
+    pub const MAX_IDS: usize = 100_000;
+
+    fn device(&mut self, b: &[u8]) -> Result<DeviceId, String> {
+        let s = std::str::from_utf8(b).map_err(|_| "device id is not UTF-8".to_string())?;
+        if let Some(d) = self.devices.get(s) {
+            return Ok(d.clone());
+        }
+        let d = DeviceId::new(s).map_err(|e: IdError| e.to_string())?;
+        if self.devices.len() >= Self::MAX_IDS {
+            self.devices.clear();
+        }
+        self.devices.insert(d.as_str().into(), d.clone());
+        Ok(d)
+    }
+
+    fn property(&mut self, b: &[u8]) -> Result<PropertyId, String> {
+        let s = std::str::from_utf8(b).map_err(|_| "property id is not UTF-8".to_string())?;
+        if let Some(p) = self.properties.get(s) {
+            return Ok(p.clone());
+        }
+        let p = PropertyId::new(s).map_err(|e: IdError| e.to_string())?;
+        if self.properties.len() >= Self::MAX_IDS {
+            self.properties.clear();
+        }
+        self.properties.insert(p.as_str().into(), p.clone());
+        Ok(p)
+    }
+
+    /// Ids of each kind held (for tests).
+    pub fn counts(&self) -> (usize, usize) {
+        (self.devices.len(), self.properties.len())
+    }
+}
+
 impl WireSample {
     /// Validates the sample (ids, quality code) into a [`Sample`].
     pub fn into_sample(self) -> Result<Sample, String> {
-        let device = DeviceId::new(self.device).map_err(|e: IdError| e.to_string())?;
-        let property = PropertyId::new(self.property).map_err(|e: IdError| e.to_string())?;
+        self.into_sample_with(&mut IdCache::default())
+    }
+
+    /// [`WireSample::into_sample`], with ids validated before taken from `ids`.
+    pub fn into_sample_with(self, ids: &mut IdCache) -> Result<Sample, String> {
+        let device = ids.device(&self.device)?;
+        let property = ids.property(&self.property)?;
         let quality = match self.quality {
             0 => Quality::Good,
             1 => Quality::Bad(BadReason::Timeout),
@@ -548,10 +599,18 @@ pub fn value_from_wire(v: WireValue) -> Value {
 
 /// Validates a list of wire samples.
 pub fn samples_from_wire(wire: Vec<WireSample>) -> Result<Vec<Sample>, FrameError> {
+    samples_from_wire_with(wire, &mut IdCache::default())
+}
+
+/// [`samples_from_wire`], with the ids of earlier samples (on this connection) from `ids`.
+pub fn samples_from_wire_with(
+    wire: Vec<WireSample>,
+    ids: &mut IdCache,
+) -> Result<Vec<Sample>, FrameError> {
     wire.into_iter()
         .enumerate()
         .map(|(index, w)| {
-            w.into_sample()
+            w.into_sample_with(ids)
                 .map_err(|reason| FrameError::InvalidSample { index, reason })
         })
         .collect()
@@ -945,6 +1004,58 @@ mod tests {
             },
             ts: Timestamp(1_700_000_000_000 + i),
         }
+    }
+
+    #[test]
+    fn id_cache_shares_validated_ids_and_still_refuses_bad_ones() {
+        let mut ids = IdCache::default();
+        let wire = |w: Vec<Sample>| w.iter().map(WireSample::from).collect::<Vec<_>>();
+        let first = samples_from_wire_with(wire((0..5).map(sample).collect()), &mut ids).unwrap();
+        let again = samples_from_wire_with(wire((0..5).map(sample).collect()), &mut ids).unwrap();
+        assert_eq!(first, again);
+        assert_eq!(
+            first,
+            samples_from_wire(wire((0..5).map(sample).collect())).unwrap()
+        );
+        // One allocation per distinct id, shared by every later sample.
+        assert_eq!(ids.counts(), (1, 5));
+        assert!(std::ptr::eq(
+            first[0].device.as_str(),
+            again[4].device.as_str()
+        ));
+        assert!(std::ptr::eq(
+            first[2].property.as_str(),
+            again[2].property.as_str()
+        ));
+        // An invalid id is refused with its index, cached ids or not.
+        let mut bad = wire((0..3).map(sample).collect());
+        bad[2].property = "has space".into();
+        let e = samples_from_wire_with(bad, &mut ids).unwrap_err();
+        assert!(
+            matches!(e, FrameError::InvalidSample { index: 2, .. }),
+            "{e:?}"
+        );
+        let mut bad = wire((0..2).map(sample).collect());
+        bad[1].device = bytes::Bytes::new();
+        assert!(samples_from_wire_with(bad, &mut ids).is_err());
+        let mut bad = wire((0..2).map(sample).collect());
+        bad[0].property = bytes::Bytes::from_static(b"p\xff");
+        let e = samples_from_wire_with(bad, &mut ids).unwrap_err();
+        assert!(e.to_string().contains("not UTF-8"), "{e}");
+        assert_eq!(ids.counts(), (1, 5), "refused ids are not kept");
+    }
+
+    #[test]
+    fn id_cache_is_bounded() {
+        let mut ids = IdCache::default();
+        let n = IdCache::MAX_IDS + 10;
+        let wire: Vec<WireSample> = (0..n as u64)
+            .map(|i| WireSample::from(&sample(i)))
+            .collect();
+        let samples = samples_from_wire_with(wire, &mut ids).unwrap();
+        assert_eq!(samples.len(), n);
+        assert_eq!(samples[n - 1].property.as_str(), format!("p{}", n - 1));
+        assert!(ids.counts().1 <= IdCache::MAX_IDS, "{:?}", ids.counts());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 use crate::frame::{
     Ack, Body, Control, ControlAck, DesiredFrame, DeviceSchema, Goodbye, Hello, Records, Resend,
-    SUPPORTED_VERSIONS, VERSION_DESIRED, Welcome, samples_from_wire,
+    SUPPORTED_VERSIONS, VERSION_DESIRED, Welcome, samples_from_wire_with,
 };
 use crate::ids::NodeId;
 use crate::value::Sample;
@@ -132,6 +132,8 @@ pub struct HubSession {
     ctl_stored: u64,
     /// Highest control sequence number handed to the store.
     ctl_accepted: u64,
+    /// The node's ids validated so far.
+    ids: crate::frame::IdCache,
 }
 
 impl HubSession {
@@ -150,6 +152,7 @@ impl HubSession {
             events: VecDeque::new(),
             ctl_stored: 0,
             ctl_accepted: 0,
+            ids: crate::frame::IdCache::default(),
         }
     }
 
@@ -410,7 +413,7 @@ impl HubSession {
                 .push_back(HubEvent::Duplicates { count: skip as u64 });
         }
         let fresh: Vec<_> = r.samples.into_iter().skip(skip).collect();
-        let samples = match samples_from_wire(fresh) {
+        let samples = match samples_from_wire_with(fresh, &mut self.ids) {
             Ok(s) => s,
             Err(e) => return self.close(SessionError::InvalidRecord(e.to_string()), true),
         };

@@ -132,6 +132,9 @@ struct Args {
     /// spaces.
     #[arg(long)]
     wrap: Option<String>,
+    /// The agent's `RUST_LOG` (default: the agent's own default filter, as a user runs it).
+    #[arg(long, default_value = edgesync_edge::logging::DEFAULT_FILTER)]
+    agent_rust_log: String,
     /// The agent's local MQTT bus: off, the embedded broker with a telemetry subscriber, or
     /// both (each run measured off, then on).
     #[arg(long, value_enum, default_value = "off")]
@@ -486,14 +489,14 @@ async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResu
         config_arg.as_str(),
     ]);
     let program = PathBuf::from(cmd[0]);
-    // The agent logs as it does when a user runs it (its default filter), not at the
-    // testkit's `info` for everything.
+    // The agent logs as `--agent-rust-log` says (by default as when a user runs it), not at
+    // the testkit's `info` for everything.
     let agent = Proc::spawn_env(
         &program,
         &cmd[1..],
         &dir.join("agent.log"),
         None,
-        &[("RUST_LOG", edgesync_edge::logging::DEFAULT_FILTER)],
+        &[("RUST_LOG", args.agent_rust_log.as_str())],
     )
     .await?;
     let pid = agent.pid().context("agent has no pid")?;
