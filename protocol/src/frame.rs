@@ -504,35 +504,36 @@ impl IdCache {
     pub const MAX_IDS: usize = 100_000;
 
     fn device(&mut self, b: &[u8]) -> Result<DeviceId, String> {
-        let s = std::str::from_utf8(b).map_err(|_| "device id is not UTF-8".to_string())?;
-        if let Some(d) = self.devices.get(s) {
-            return Ok(d.clone());
-        }
-        let d = DeviceId::new(s).map_err(|e: IdError| e.to_string())?;
-        if self.devices.len() >= Self::MAX_IDS {
-            self.devices.clear();
-        }
-        self.devices.insert(d.as_str().into(), d.clone());
-        Ok(d)
+        cached(&mut self.devices, b, "device", |s| DeviceId::new(s))
     }
 
     fn property(&mut self, b: &[u8]) -> Result<PropertyId, String> {
-        let s = std::str::from_utf8(b).map_err(|_| "property id is not UTF-8".to_string())?;
-        if let Some(p) = self.properties.get(s) {
-            return Ok(p.clone());
-        }
-        let p = PropertyId::new(s).map_err(|e: IdError| e.to_string())?;
-        if self.properties.len() >= Self::MAX_IDS {
-            self.properties.clear();
-        }
-        self.properties.insert(p.as_str().into(), p.clone());
-        Ok(p)
+        cached(&mut self.properties, b, "property", |s| PropertyId::new(s))
     }
 
     /// Ids of each kind held (for tests).
     pub fn counts(&self) -> (usize, usize) {
         (self.devices.len(), self.properties.len())
     }
+}
+
+/// The id spelled `b`: from `map`, or validated by `make` and kept there.
+fn cached<T: Clone>(
+    map: &mut std::collections::HashMap<Box<str>, T>,
+    b: &[u8],
+    kind: &str,
+    make: fn(&str) -> Result<T, IdError>,
+) -> Result<T, String> {
+    let s = std::str::from_utf8(b).map_err(|_| format!("{kind} id is not UTF-8"))?;
+    if let Some(id) = map.get(s) {
+        return Ok(id.clone());
+    }
+    let id = make(s).map_err(|e| e.to_string())?;
+    if map.len() >= IdCache::MAX_IDS {
+        map.clear();
+    }
+    map.insert(s.into(), id.clone());
+    Ok(id)
 }
 
 impl WireSample {
