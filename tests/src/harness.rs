@@ -511,7 +511,13 @@ impl Api {
     pub fn new(http_addr: &str) -> Api {
         Api {
             base: format!("http://{http_addr}"),
-            client: reqwest::Client::new(),
+            // Idle connections are dropped well before the hub closes them (its head timeout,
+            // 10 s by default, also bounds the wait between requests): a request sent on a
+            // connection the hub is closing at that moment fails with a reset.
+            client: reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_secs(4))
+                .build()
+                .unwrap_or_default(),
         }
     }
 
