@@ -264,21 +264,29 @@ fn cols_of(e: &Expr, out: &mut Vec<usize>) {
                 out.push(*c);
             }
         }
-        Expr::Lit(_)
+        _ => for_each_child(e, &mut |x| cols_of(x, out)),
+    }
+}
+
+/// Calls `f` on each expression directly inside `e` (an aggregate's argument too).
+fn for_each_child(e: &Expr, f: &mut dyn FnMut(&Expr)) {
+    match e {
+        Expr::Col(_)
+        | Expr::Lit(_)
         | Expr::Device
         | Expr::WindowStart
         | Expr::WindowEnd
         | Expr::Analytic(_)
         | Expr::TableCol(_) => {}
-        Expr::Not(x) | Expr::Neg(x) | Expr::IsNull(x, _) => cols_of(x, out),
+        Expr::Not(x) | Expr::Neg(x) | Expr::IsNull(x, _) => f(x),
         Expr::Bin(_, l, r) => {
-            cols_of(l, out);
-            cols_of(r, out);
+            f(l);
+            f(r);
         }
-        Expr::Call(_, args) => args.iter().for_each(|a| cols_of(a, out)),
+        Expr::Call(_, args) => args.iter().for_each(f),
         Expr::Agg(_, arg, _) => {
             if let Some(a) = arg {
-                cols_of(a, out);
+                f(a);
             }
         }
         Expr::Case {
@@ -287,65 +295,37 @@ fn cols_of(e: &Expr, out: &mut Vec<usize>) {
             otherwise,
         } => {
             for x in operand.iter().chain(otherwise.iter()) {
-                cols_of(x, out);
+                f(x);
             }
             for (c, r) in whens {
-                cols_of(c, out);
-                cols_of(r, out);
+                f(c);
+                f(r);
             }
         }
         Expr::InList(x, l, _) => {
-            cols_of(x, out);
-            l.iter().for_each(|i| cols_of(i, out));
+            f(x);
+            l.iter().for_each(f);
         }
         Expr::Between(x, l, h, _) => {
-            cols_of(x, out);
-            cols_of(l, out);
-            cols_of(h, out);
+            f(x);
+            f(l);
+            f(h);
         }
     }
 }
 
 /// The row slots `e` reads outside aggregates (what a window's output needs of its last row).
 fn bare_slots(e: &Expr, layout: Layout, out: &mut Vec<usize>) {
-    let mut add = |i: usize| {
-        if !out.contains(&i) {
-            out.push(i);
-        }
+    let slot = match e {
+        Expr::Col(c) => *c,
+        Expr::Analytic(k) => layout.analytic + k,
+        Expr::TableCol(t) => layout.table + t,
+        // Aggregates read their rows, not the last one.
+        Expr::Agg(..) => return,
+        _ => return for_each_child(e, &mut |x| bare_slots(x, layout, out)),
     };
-    match e {
-        Expr::Col(c) => add(*c),
-        Expr::Analytic(k) => add(layout.analytic + k),
-        Expr::TableCol(t) => add(layout.table + t),
-        Expr::Agg(..) | Expr::Lit(_) | Expr::Device | Expr::WindowStart | Expr::WindowEnd => {}
-        Expr::Not(x) | Expr::Neg(x) | Expr::IsNull(x, _) => bare_slots(x, layout, out),
-        Expr::Bin(_, l, r) => {
-            bare_slots(l, layout, out);
-            bare_slots(r, layout, out);
-        }
-        Expr::Call(_, args) => args.iter().for_each(|a| bare_slots(a, layout, out)),
-        Expr::Case {
-            operand,
-            whens,
-            otherwise,
-        } => {
-            for x in operand.iter().chain(otherwise.iter()) {
-                bare_slots(x, layout, out);
-            }
-            for (c, r) in whens {
-                bare_slots(c, layout, out);
-                bare_slots(r, layout, out);
-            }
-        }
-        Expr::InList(x, l, _) => {
-            bare_slots(x, layout, out);
-            l.iter().for_each(|i| bare_slots(i, layout, out));
-        }
-        Expr::Between(x, l, h, _) => {
-            bare_slots(x, layout, out);
-            bare_slots(l, layout, out);
-            bare_slots(h, layout, out);
-        }
+    if !out.contains(&slot) {
+        out.push(slot);
     }
 }
 
