@@ -11,7 +11,7 @@
 //! | key | value |
 //! |---|---|
 //! | `<node> 0x00 <first seq: u64 BE>` | [`encode_samples`] of one batch: records `first..first+n` |
-//! | `0x01 <node> 0x00 "seq"` | last uplink seq stored (u64 BE) |
+//! | `0x01 <node> 0x00 "seq"` | last uplink seq stored as of the last checkpoint (u64 BE; the record entries after it count too) |
 //! | `0x01 <node> 0x00 "agent"` | agent version (UTF-8) |
 //! | `0x01 <node> 0x00 "seen"` | last seen, ms since the epoch (u64 BE) |
 //! | `0x07 <node> 0x00 <bucket: u16 BE>` | [`encode_samples`] of the latest sample of every property hashed to the bucket ([`twin_bucket`]), as of the twin checkpoint |
@@ -31,8 +31,13 @@
 //!
 //! # Invariants
 //!
-//! - A batch's new records and the node's new sequence number are written in one atomic sled
-//!   batch: after a crash either all of it is there or none.
+//! - A batch's new records are one record entry (one sled key, atomic by itself). The node's
+//!   sequence number, byte count and last-seen time on disk are written with it in one atomic
+//!   sled batch at a twin checkpoint or when the history index gets a new bucket; between them
+//!   a commit writes its entry alone (a sled batch costs two more log writes) and the
+//!   metadata lags. Open counts the entries that continue the sequence after it (sled recovers
+//!   a prefix of its log) and persists the result; an entry after a hole, which the hub never
+//!   writes, was never acknowledged and is removed.
 //! - The twin is a view of the records: its keys are brought up to date (a checkpoint, in the
 //!   same atomic batch as a commit) at a node's first commit of a run, then at least every
 //!   [`TWIN_CHECKPOINT_INTERVAL`] or [`TWIN_CHECKPOINT_RECORDS`] records while it sends (both
@@ -1639,15 +1644,19 @@ impl Inner {
 
         let entry = encode_samples(new);
         let history_bytes = history_bytes.saturating_add(entry.len() as u64);
-        batch.insert(record_key(node, expected), entry);
-        batch.insert(meta_key(node, FIELD_SEQ), &last_seq.to_be_bytes());
-        batch.insert(meta_key(node, FIELD_BYTES), &history_bytes.to_be_bytes());
         let bucket = self.index_commit(node, index_bucket, expected, &mut batch);
-        if let Some(seen) = last_seen {
-            // node_seen only updates memory; persist it with the node's commits.
-            batch.insert(meta_key(node, FIELD_SEEN), &seen.to_be_bytes());
+        if checkpoint || index_bucket != Some(bucket) {
+            batch.insert(record_key(node, expected), entry);
+            write_progress(&mut batch, node, last_seq, history_bytes, last_seen);
+            self.tree.apply_batch(batch)?;
+        } else {
+            // Between checkpoints a commit writes its record entry alone: one key is atomic by
+            // itself, and a sled batch costs two more log writes (sled seals its write buffer
+            // before and after a batch's manifest), each a job for its IO threads. The node's
+            // sequence number and byte count on disk catch up at the next checkpoint, and
+            // `catch_up` counts the entries written after them when the store opens.
+            self.tree.insert(record_key(node, expected), entry)?;
         }
-        self.tree.apply_batch(batch)?;
         // Before the ticket is taken: any flush that covers this batch starts after this line
         // (the durability test checks acks against it with strace).
         tracing::trace!(target: DURABILITY_TARGET, "written upto={last_seq} node={node}");
@@ -1719,6 +1728,13 @@ impl Inner {
             }
             n.write_buckets(node, &mut batch, &BTreeMap::new(), false);
             batch.insert(meta_key(node, FIELD_TWIN), &n.applied_seq.to_be_bytes());
+            write_progress(
+                &mut batch,
+                node,
+                n.applied_seq,
+                n.history_bytes,
+                n.last_seen_ms,
+            );
             done.push((node.clone(), n.applied_seq));
         }
         if done.is_empty() {
@@ -1766,8 +1782,12 @@ impl Inner {
         let lost = to - applied_seq;
         let mut batch = sled::Batch::default();
         batch.insert(gap_key(node, expected), &to.to_be_bytes());
-        batch.insert(meta_key(node, FIELD_SEQ), &to.to_be_bytes());
-        let index_bucket = self.read().get(node).and_then(|n| n.index_bucket);
+        let (index_bucket, history_bytes, last_seen) =
+            self.read().get(node).map_or((None, 0, None), |n| {
+                (n.index_bucket, n.history_bytes, n.last_seen_ms)
+            });
+        // With the byte count: commits since the last checkpoint may not have written it.
+        write_progress(&mut batch, node, to, history_bytes, last_seen);
         let bucket = self.index_commit(node, index_bucket, expected, &mut batch);
         self.tree.apply_batch(batch)?;
         tracing::trace!(target: DURABILITY_TARGET, "written upto={to} node={node}");
@@ -2106,6 +2126,71 @@ fn index_unindexed(
             &n.floor.max(1).to_be_bytes(),
         );
         any = true;
+    }
+    if any {
+        tree.apply_batch(batch)?;
+    }
+    Ok(())
+}
+
+/// Adds a node's progress to `batch`: its last sequence number written, the bytes of its record
+/// entries (both as of the same commit) and, if known, when it was last seen.
+fn write_progress(
+    batch: &mut sled::Batch,
+    node: &NodeId,
+    seq: u64,
+    history_bytes: u64,
+    last_seen_ms: Option<u64>,
+) {
+    batch.insert(meta_key(node, FIELD_SEQ), &seq.to_be_bytes());
+    batch.insert(meta_key(node, FIELD_BYTES), &history_bytes.to_be_bytes());
+    if let Some(seen) = last_seen_ms {
+        // node_seen only updates memory; it is persisted with the node's progress.
+        batch.insert(meta_key(node, FIELD_SEEN), &seen.to_be_bytes());
+    }
+}
+
+/// Brings each node's sequence number and byte count up to the record entries written after
+/// the ones on disk (commits between checkpoints write their entry alone), and persists them.
+/// The entries must continue the node's sequence without a hole; an entry that does not (which
+/// only a store edited behind the hub's back can hold: sled recovers a prefix of its log) was
+/// never acknowledged, so it is removed and the agent sends its records again.
+fn catch_up(tree: &sled::Tree, state: &mut BTreeMap<NodeId, NodeState>) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    let mut any = false;
+    for (node, n) in state.iter_mut() {
+        let prefix = node_prefix(node);
+        let mut next = n.applied_seq + 1;
+        let mut bytes = 0u64;
+        for entry in tree.range(record_key(node, next)..) {
+            let (key, value) = entry?;
+            let Some(seq_bytes) = key.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            let first = <[u8; 8]>::try_from(seq_bytes)
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt(&key, "record key without an 8-byte sequence number"))?;
+            if first != next {
+                tracing::warn!(%node, expected = next, found = first, "store: removing a record entry after a hole in the sequence (never acknowledged)");
+                batch.remove(key);
+                any = true;
+                continue;
+            }
+            let count = count_samples(&value).map_err(|e| corrupt_frame(&key, &e))?;
+            if count == 0 {
+                return Err(corrupt(&key, "record entry without records"));
+            }
+            next += count as u64;
+            bytes = bytes.saturating_add(value.len() as u64);
+        }
+        if next > n.applied_seq + 1 {
+            tracing::debug!(%node, from = n.applied_seq + 1, to = next - 1, "store: sequence caught up from record entries");
+            n.applied_seq = next - 1;
+            n.durable_seq = next - 1;
+            n.history_bytes = n.history_bytes.saturating_add(bytes);
+            write_progress(&mut batch, node, n.applied_seq, n.history_bytes, None);
+            any = true;
+        }
     }
     if any {
         tree.apply_batch(batch)?;
@@ -2587,6 +2672,7 @@ fn load(tree: &sled::Tree) -> Result<BTreeMap<NodeId, NodeState>, StoreError> {
         n.report(&device, &property, &sample, 0);
         n.legacy_twin = true;
     }
+    catch_up(tree, &mut state)?;
     // The twin's keys hold the values up to its checkpoint; the records after it are replayed
     // (a store written before checkpoints existed has no checkpoint: its twin keys were
     // written with every commit).
@@ -2780,6 +2866,75 @@ mod tests {
         assert!(!status.connected);
         // Another node's records do not leak into this one's.
         assert_eq!(store.records(&node("gw-10"), 1).unwrap(), vec![]);
+    }
+
+    fn on_disk_seq(store: &HubStore, n: &NodeId) -> u64 {
+        let v = store.tree().get(meta_key(n, FIELD_SEQ)).unwrap().unwrap();
+        u64::from_be_bytes(v.as_ref().try_into().unwrap())
+    }
+
+    /// Commits between twin checkpoints write their record entry alone; a store dropped
+    /// without `flush` (as after a crash) counts them on open, and rejects an entry after a
+    /// hole.
+    #[tokio::test]
+    async fn commits_between_checkpoints_are_caught_up_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node("gw-1");
+        let (b1, b2, b3) = (
+            vec![sample("d", "a", 1, 1), sample("d", "b", 2, 1)],
+            vec![sample("d", "a", 3, 2)],
+            vec![sample("d", "b", 4, 3), sample("e", "c", 5, 3)],
+        );
+        let bytes: u64 = [&b1, &b2, &b3]
+            .iter()
+            .map(|b| encode_samples(b).len() as u64)
+            .sum();
+        {
+            let store = open(&dir);
+            store.commit_batch(&n, 1, &b1).await.unwrap();
+            assert_eq!(
+                on_disk_seq(&store, &n),
+                2,
+                "a node's first commit is a checkpoint"
+            );
+            assert_eq!(store.commit_batch(&n, 3, &b2).await.unwrap().stored_seq, 3);
+            assert_eq!(store.commit_batch(&n, 4, &b3).await.unwrap().stored_seq, 5);
+            // The entries alone were written: the sequence number on disk lags.
+            assert_eq!(on_disk_seq(&store, &n), 2);
+            assert_eq!(store.read()[&n].history_bytes, bytes);
+            // An entry after a hole, as no hub writes it.
+            store
+                .tree()
+                .insert(record_key(&n, 9), encode_samples(&[sample("d", "a", 9, 9)]))
+                .unwrap();
+            store.tree().flush().unwrap();
+        }
+        let store = open(&dir);
+        assert_eq!(store.stored_seq(&n).unwrap(), 5);
+        assert_eq!(
+            on_disk_seq(&store, &n),
+            5,
+            "the progress found is persisted"
+        );
+        assert_eq!(store.read()[&n].history_bytes, bytes);
+        let all: Vec<Sample> = b1.iter().chain(&b2).chain(&b3).cloned().collect();
+        let expected: Vec<(u64, Sample)> = (1..).zip(all).collect();
+        assert_eq!(
+            store.records(&n, 1).unwrap(),
+            expected,
+            "the entry after the hole is gone"
+        );
+        let twin = store.twin(&n, &dev("d")).unwrap();
+        assert_eq!(twin.reported[&prop("a")].value, Some(Value::Int(3)));
+        assert_eq!(twin.reported[&prop("b")].value, Some(Value::Int(4)));
+        // A resend of what was stored is a duplicate; the sequence goes on after it.
+        let again = store.commit_batch(&n, 4, &b3).await.unwrap();
+        assert_eq!((again.accepted, again.duplicates), (0, 2));
+        let next = store
+            .commit_batch(&n, 6, &[sample("d", "a", 6, 4)])
+            .await
+            .unwrap();
+        assert_eq!((next.stored_seq, next.accepted), (6, 1));
     }
 
     /// The reported value of `device`/`property` in the twin's keys on disk (the checkpoint).

@@ -31,8 +31,8 @@ use std::time::Duration;
 use edgesync_protocol::NodeId;
 
 use super::{
-    FIELD_BYTES, FIELD_FLOOR, HISTORY, Inner, SEP, StoreError, be_u64, meta_key, node_prefix,
-    record_key,
+    FIELD_BYTES, FIELD_FLOOR, FIELD_SEQ, HISTORY, Inner, SEP, StoreError, be_u64, meta_key,
+    node_prefix, record_key,
 };
 
 /// Record entries removed in one atomic pruning step at most.
@@ -227,6 +227,8 @@ impl Inner {
                 batch.remove(key);
             }
         }
+        // The byte count covers every entry written so far: so does the sequence number.
+        batch.insert(meta_key(node, FIELD_SEQ), &applied.to_be_bytes());
         batch.insert(meta_key(node, FIELD_BYTES), &remaining.to_be_bytes());
         batch.insert(meta_key(node, FIELD_FLOOR), &new_floor.to_be_bytes());
         self.tree.apply_batch(batch)?;
