@@ -375,6 +375,10 @@ pub struct AgentStore {
     ctl_next: u64,
     resync: bool,
     store_id: String,
+    /// Acknowledged entries not yet deleted on disk and whether `acked` changed since it was
+    /// last written: both ride on the next commit's batch (see [`AgentStore::ack`]).
+    ack_removals: Vec<Vec<u8>>,
+    ack_unwritten: bool,
 }
 
 impl std::fmt::Debug for AgentStore {
@@ -492,6 +496,8 @@ impl AgentStore {
             ctl_next,
             resync,
             store_id,
+            ack_removals: vec![],
+            ack_unwritten: false,
         };
         // A lost run left at the start (acknowledged before a crash): handled; the next hello
         // tells the hub.
@@ -784,6 +790,7 @@ impl AgentStore {
         if count + refused > 0 {
             batch.insert(META_NEXT, &(first + count + refused).to_be_bytes()[..]);
         }
+        self.take_ack_writes(&mut batch);
         self.db.apply_batch(batch)?;
         self.flush().await?;
         if let Some(r) = resync {
@@ -892,20 +899,37 @@ impl AgentStore {
     }
 
     fn remove_group(&mut self, first: u64) -> Result<Group, StoreError> {
+        let (g, key) = self.forget_group(first)?;
+        self.db.remove(key)?;
+        Ok(g)
+    }
+
+    /// Removes a group from memory; returns it and its key on disk.
+    fn forget_group(&mut self, first: u64) -> Result<(Group, Vec<u8>), StoreError> {
         let g = self.groups.remove(&first).ok_or(StoreError::Missing {
             from: first,
             to: first,
         })?;
-        if g.lost {
-            self.db.remove(lost_key(first))?;
+        let key = if g.lost {
+            lost_key(first).to_vec()
         } else {
-            self.db.remove(group_key(first))?;
-        }
+            group_key(first).to_vec()
+        };
         self.total_bytes -= g.bytes;
         if g.cached.is_some() {
             self.cached_bytes -= g.bytes;
         }
-        Ok(g)
+        Ok((g, key))
+    }
+
+    /// Moves the acknowledgements not yet on disk into `batch`.
+    fn take_ack_writes(&mut self, batch: &mut sled::Batch) {
+        for key in self.ack_removals.drain(..) {
+            batch.remove(key);
+        }
+        if std::mem::take(&mut self.ack_unwritten) {
+            batch.insert(META_ACKED, &self.acked.to_be_bytes()[..]);
+        }
     }
 
     /// Records `first .. first+count`, in order.
@@ -969,6 +993,13 @@ impl AgentStore {
 
     /// The hub stored everything up to `upto`: delete it. A lost run that is now the oldest
     /// entry counts as handled too (the hub must be told, by the next hello): returns it.
+    ///
+    /// Memory only: the deletions and the new acknowledged number are written with the next
+    /// commit's batch (or by [`sync`](Self::sync)). Written on their own they would sit in
+    /// sled's write buffer, and the next commit's batch would first write that buffer out (sled
+    /// seals it before a batch): one more disk write per commit. After a crash an
+    /// acknowledgement not yet written is lost; its records are sent again and the hub counts
+    /// them as duplicates.
     pub fn ack(&mut self, upto: u64) -> Result<Option<(u64, u64)>, StoreError> {
         if upto <= self.acked {
             return Ok(None);
@@ -981,10 +1012,11 @@ impl AgentStore {
             .map(|(first, _)| *first)
             .collect();
         for first in done {
-            self.remove_group(first)?;
+            let (_, key) = self.forget_group(first)?;
+            self.ack_removals.push(key);
         }
         self.acked = upto;
-        self.db.insert(META_ACKED, &upto.to_be_bytes()[..])?;
+        self.ack_unwritten = true;
         self.skip_lost()
     }
 
@@ -997,9 +1029,10 @@ impl AgentStore {
                 break;
             }
             let last = first + g.count - 1;
-            self.remove_group(first)?;
+            let (_, key) = self.forget_group(first)?;
+            self.ack_removals.push(key);
             self.acked = self.acked.max(last);
-            self.db.insert(META_ACKED, &self.acked.to_be_bytes()[..])?;
+            self.ack_unwritten = true;
             skipped = Some((skipped.map_or(first, |s| s.0), last));
         }
         Ok(skipped)
@@ -1018,6 +1051,8 @@ impl AgentStore {
         let shift = next_seq - (self.acked + 1);
         let old = std::mem::take(&mut self.groups);
         let mut removes = sled::Batch::default();
+        // Acknowledged keys are below every key written here; `acked` is set again below.
+        self.take_ack_writes(&mut removes);
         let mut inserts = vec![];
         let mut groups = BTreeMap::new();
         for (first, g) in old {
@@ -1054,8 +1089,14 @@ impl AgentStore {
         Ok(backlog)
     }
 
-    /// Flushes everything to disk (at shutdown).
-    pub async fn sync(&self) -> Result<(), StoreError> {
+    /// Writes the acknowledgements not yet written and flushes everything to disk (at
+    /// shutdown).
+    pub async fn sync(&mut self) -> Result<(), StoreError> {
+        if !self.ack_removals.is_empty() || self.ack_unwritten {
+            let mut batch = sled::Batch::default();
+            self.take_ack_writes(&mut batch);
+            self.db.apply_batch(batch)?;
+        }
         self.flusher.flush().await
     }
 }
@@ -1108,6 +1149,8 @@ mod tests {
             st.ack(12).unwrap();
             assert_eq!(st.backlog(), 3);
             assert!(st.read(5, 1).is_err());
+            // A clean shutdown writes the acknowledgement.
+            st.sync().await.unwrap();
         }
         // Reopen: acked, next and the remaining records survive; the twin too.
         let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
@@ -1119,6 +1162,45 @@ mod tests {
         assert_eq!(st.load_twin().unwrap(), vec![s(9), s(10)]);
         st.ack(15).unwrap();
         assert_eq!(st.outbox_bytes(), 0);
+        drop(st);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An acknowledgement is written with the next commit: a crash before it loses it (its
+    /// records come back and are sent again), after it the records are gone from disk.
+    #[tokio::test]
+    async fn acks_ride_on_the_next_commit() {
+        let dir = tmp();
+        let open = || AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
+        {
+            let mut st = open();
+            st.append((1..=10).map(s).collect::<Vec<_>>(), &[])
+                .await
+                .unwrap();
+            assert_eq!(st.ack(10).unwrap(), None);
+            assert_eq!((st.backlog(), st.outbox_bytes()), (0, 0));
+            assert!(
+                st.db.get(group_key(1)).unwrap().is_some(),
+                "not deleted on disk yet"
+            );
+            // Dropped without `sync`, as in a crash.
+        }
+        {
+            let mut st = open();
+            assert_eq!((st.acked(), st.next_seq()), (0, 11));
+            assert_eq!(st.read(1, 10).unwrap(), (1..=10).map(s).collect::<Vec<_>>());
+            st.ack(10).unwrap();
+            st.append((11..=12).map(s).collect::<Vec<_>>(), &[])
+                .await
+                .unwrap();
+            assert!(st.db.get(group_key(1)).unwrap().is_none());
+        }
+        let mut st = open();
+        assert_eq!((st.acked(), st.next_seq(), st.backlog()), (10, 13, 2));
+        assert_eq!(
+            st.read(11, 2).unwrap(),
+            (11..=12).map(s).collect::<Vec<_>>()
+        );
         drop(st);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1192,6 +1274,7 @@ mod tests {
             assert_eq!((a.next_seq, a.sendable_next), (21, 11));
             assert!(st.read(10, 2).is_err(), "the lost run holds no records");
             assert_eq!(st.ack(5).unwrap(), None);
+            st.sync().await.unwrap();
         }
         let mut st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
         assert_eq!((st.acked(), st.next_seq(), st.sendable_next()), (5, 21, 11));
@@ -1447,7 +1530,7 @@ mod tests {
                 let st = st.clone();
                 tokio::spawn(async move {
                     st.db.insert(i.to_be_bytes(), &b"x"[..]).unwrap();
-                    st.sync().await
+                    st.flusher.flush().await
                 })
             })
             .collect();
