@@ -2159,17 +2159,10 @@ fn catch_up(tree: &sled::Tree, state: &mut BTreeMap<NodeId, NodeState>) -> Resul
     let mut batch = sled::Batch::default();
     let mut any = false;
     for (node, n) in state.iter_mut() {
-        let prefix = node_prefix(node);
         let mut next = n.applied_seq + 1;
         let mut bytes = 0u64;
-        for entry in tree.range(record_key(node, next)..) {
-            let (key, value) = entry?;
-            let Some(seq_bytes) = key.strip_prefix(prefix.as_slice()) else {
-                break;
-            };
-            let first = <[u8; 8]>::try_from(seq_bytes)
-                .map(u64::from_be_bytes)
-                .map_err(|_| corrupt(&key, "record key without an 8-byte sequence number"))?;
+        for entry in record_entries(tree, node, record_key(node, next)) {
+            let (first, key, value) = entry?;
             if first != next {
                 tracing::warn!(%node, expected = next, found = first, "store: removing a record entry after a hole in the sequence (never acknowledged)");
                 batch.remove(key);
@@ -2196,6 +2189,31 @@ fn catch_up(tree: &sled::Tree, state: &mut BTreeMap<NodeId, NodeState>) -> Resul
         tree.apply_batch(batch)?;
     }
     Ok(())
+}
+
+/// The record entries of `node` from key `begin` on, in order: first sequence number, key and
+/// value of each.
+fn record_entries<'a>(
+    tree: &'a sled::Tree,
+    node: &NodeId,
+    begin: Vec<u8>,
+) -> impl Iterator<Item = Result<(u64, sled::IVec, sled::IVec), StoreError>> + 'a {
+    let prefix = node_prefix(node);
+    tree.range(begin..).map_while(move |entry| {
+        let (key, value) = match entry {
+            Ok(kv) => kv,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let first =
+            <[u8; 8]>::try_from(key.strip_prefix(prefix.as_slice())?).map(u64::from_be_bytes);
+        Some(match first {
+            Ok(first) => Ok((first, key, value)),
+            Err(_) => Err(corrupt(
+                &key,
+                "record key without an 8-byte sequence number",
+            )),
+        })
+    })
 }
 
 /// Calls `f` with every stored record of `node` with sequence number `>= from_seq`, in order.
@@ -2227,14 +2245,8 @@ fn scan_records_until(
         Some(entry) => entry?.0.to_vec(),
         None => prefix.clone(),
     };
-    for entry in tree.range(begin..) {
-        let (key, value) = entry?;
-        let Some(seq_bytes) = key.strip_prefix(prefix.as_slice()) else {
-            break;
-        };
-        let first = <[u8; 8]>::try_from(seq_bytes)
-            .map(u64::from_be_bytes)
-            .map_err(|_| corrupt(&key, "record key without an 8-byte sequence number"))?;
+    for entry in record_entries(tree, node, begin) {
+        let (first, key, value) = entry?;
         let samples = decode_samples(&value).map_err(|e| corrupt_frame(&key, &e))?;
         for (seq, sample) in (first..).zip(samples) {
             if seq >= from_seq && !f(seq, sample) {
