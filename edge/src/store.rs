@@ -922,6 +922,15 @@ impl AgentStore {
         Ok((g, key))
     }
 
+    /// A group handled up to `acked`: gone from memory now, from disk with the next commit.
+    fn retire_group(&mut self, first: u64, acked: u64) -> Result<(), StoreError> {
+        let (_, key) = self.forget_group(first)?;
+        self.ack_removals.push(key);
+        self.acked = self.acked.max(acked);
+        self.ack_unwritten = true;
+        Ok(())
+    }
+
     /// Moves the acknowledgements not yet on disk into `batch`.
     fn take_ack_writes(&mut self, batch: &mut sled::Batch) {
         for key in self.ack_removals.drain(..) {
@@ -1012,9 +1021,9 @@ impl AgentStore {
             .map(|(first, _)| *first)
             .collect();
         for first in done {
-            let (_, key) = self.forget_group(first)?;
-            self.ack_removals.push(key);
+            self.retire_group(first, upto)?;
         }
+        // Also when no group ended at or before `upto` (a group acknowledged in part).
         self.acked = upto;
         self.ack_unwritten = true;
         self.skip_lost()
@@ -1029,10 +1038,7 @@ impl AgentStore {
                 break;
             }
             let last = first + g.count - 1;
-            let (_, key) = self.forget_group(first)?;
-            self.ack_removals.push(key);
-            self.acked = self.acked.max(last);
-            self.ack_unwritten = true;
+            self.retire_group(first, last)?;
             skipped = Some((skipped.map_or(first, |s| s.0), last));
         }
         Ok(skipped)
