@@ -16,6 +16,7 @@ pub mod held;
 pub mod local;
 pub mod logging;
 pub mod modbus;
+pub mod outbox_log;
 pub mod model;
 pub mod mqtt;
 pub mod probe;
