@@ -43,6 +43,8 @@ pub use diag::{ConfigError, ConfigErrors};
 use diag::{Doc, Loc};
 
 /// Default sled page cache of the hub: 64 MiB.
+/// sled refuses (panics on) a page cache below 256 bytes; anything under 64 KiB is a typo.
+const MIN_SLED_CACHE_BYTES: i64 = 64 * 1024;
 pub const DEFAULT_SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Default QUIC (UDP) listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
@@ -340,7 +342,7 @@ fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, source: &str, base: &Path) -> Hu
             "sled_cache_bytes",
             raw.sled_cache_bytes,
             DEFAULT_SLED_CACHE_BYTES as i64,
-            1..=i64::MAX,
+            MIN_SLED_CACHE_BYTES..=i64::MAX,
         ))
         .unwrap_or(DEFAULT_SLED_CACHE_BYTES);
         config.idle_timeout = std::time::Duration::from_millis(

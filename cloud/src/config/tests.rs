@@ -276,7 +276,7 @@ fn identity_and_listen_checks() {
     assert_problem(
         &text,
         "sled_cache_bytes",
-        "sled_cache_bytes is 0 but must be at least 1",
+        "sled_cache_bytes is 0 but must be at least 65536",
     );
     let cfg = parse_text(&BASE.replace(
         "data_dir = \"data\"",

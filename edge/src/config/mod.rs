@@ -54,6 +54,8 @@ use address::table_words;
 use diag::{Doc, Loc, Node};
 
 /// Default sled page cache of the agent: 8 MiB.
+/// sled refuses (panics on) a page cache below 256 bytes; anything under 64 KiB is a typo.
+const MIN_SLED_CACHE_BYTES: i64 = 64 * 1024;
 pub const DEFAULT_SLED_CACHE_BYTES: u64 = 2 * 1024 * 1024;
 
 /// Default `[agent] desired_expiry_ms`: ten minutes.
@@ -567,7 +569,7 @@ fn check(
             "sled_cache_bytes",
             raw.sled_cache_bytes,
             DEFAULT_SLED_CACHE_BYTES as i64,
-            1..=i64::MAX,
+            MIN_SLED_CACHE_BYTES..=i64::MAX,
         ));
         desired_expiry = Duration::from_millis(u64_of(doc.int_in(
             &loc,

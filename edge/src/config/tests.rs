@@ -175,6 +175,13 @@ fn defaults_apply() {
     ))
     .unwrap();
     assert_eq!(cfg.sled_cache_bytes, 2 * 1024 * 1024);
+    // sled panics on a page cache under 256 bytes: refused with the line instead.
+    let text = BASE.replace("data_dir = \"data\"", "data_dir = \"data\"\nsled_cache_bytes = 100");
+    assert_problem(
+        &text,
+        "sled_cache_bytes",
+        "sled_cache_bytes is 100 but must be at least 65536",
+    );
     assert_eq!(cfg.hub.hub_id, None);
     assert_eq!(cfg.hub.connect_timeout, Duration::from_millis(5000));
     assert_eq!(cfg.hub.keepalive, Duration::from_millis(2000));
