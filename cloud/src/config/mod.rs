@@ -45,7 +45,7 @@ use diag::{Doc, Loc};
 /// Default sled page cache of the hub: 64 MiB.
 /// sled refuses (panics on) a page cache below 256 bytes; anything under 64 KiB is a typo.
 const MIN_SLED_CACHE_BYTES: i64 = 64 * 1024;
-pub const DEFAULT_SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+const DEFAULT_SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Default QUIC (UDP) listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
 /// Default HTTP API listen address.

@@ -56,7 +56,7 @@ use diag::{Doc, Loc, Node};
 /// Default sled page cache of the agent: 8 MiB.
 /// sled refuses (panics on) a page cache below 256 bytes; anything under 64 KiB is a typo.
 const MIN_SLED_CACHE_BYTES: i64 = 64 * 1024;
-pub const DEFAULT_SLED_CACHE_BYTES: u64 = 2 * 1024 * 1024;
+const DEFAULT_SLED_CACHE_BYTES: u64 = 2 * 1024 * 1024;
 
 /// Default `[agent] desired_expiry_ms`: ten minutes.
 pub const DEFAULT_DESIRED_EXPIRY_MS: u64 = 600_000;
