@@ -276,6 +276,8 @@ pub struct Log {
     sealed: BTreeMap<u64, Sealed>,
     /// One past the highest record number in the active segment.
     active_end: u64,
+    /// The segment holding the last entry: never deleted (the log's state is that entry's).
+    last_entry: Option<u64>,
     active: Option<Active>,
     /// The last sealed segment read from (reads of a backlog go through segments in order).
     reader: Option<(u64, File)>,
@@ -319,6 +321,7 @@ impl Log {
             segment_bytes,
             sealed: BTreeMap::new(),
             active_end: 0,
+            last_entry: None,
             active: None,
             reader: None,
             buf: vec![],
@@ -357,6 +360,7 @@ impl Log {
                 if h.kind != Kind::Mark {
                     end = end.max(h.first + h.count);
                 }
+                log.last_entry = Some(id);
                 found.push(Found {
                     kind: h.kind,
                     first: h.first,
@@ -452,6 +456,7 @@ impl Log {
             .write_all_at(&self.buf, active.offset)
             .map_err(io_err(&path))?;
         active.offset += self.buf.len() as u64;
+        self.last_entry = Some(active.id);
         for e in entries {
             if e.kind != Kind::Mark {
                 self.active_end = self.active_end.max(e.first + e.count);
@@ -558,7 +563,7 @@ impl Log {
         let done: Vec<u64> = self
             .sealed
             .iter()
-            .filter(|(_, s)| s.end <= acked + 1)
+            .filter(|(id, s)| s.end <= acked + 1 && self.last_entry != Some(**id))
             .map(|(id, _)| *id)
             .collect();
         for id in &done {
@@ -578,7 +583,9 @@ impl Log {
 
     /// Whether [`delete_through`](Self::delete_through) with `acked` would delete anything.
     pub fn has_deletable(&self, acked: u64) -> bool {
-        self.sealed.values().any(|s| s.end <= acked + 1)
+        self.sealed
+            .iter()
+            .any(|(id, s)| s.end <= acked + 1 && self.last_entry != Some(*id))
     }
 
     /// The segment new entries go to, if there is one yet.
@@ -741,6 +748,35 @@ mod tests {
         assert!(damage.is_empty());
         assert_eq!(found.len(), 1);
         assert_eq!(log.read(l[0], 1, 100).unwrap(), big);
+    }
+
+    /// A crash right after a new segment was created leaves it empty: the segment before it
+    /// holds the last entry, and it is never deleted, however much is acknowledged.
+    #[test]
+    fn the_segment_holding_the_last_entry_is_never_deleted() {
+        let d = tmp();
+        let dir = d.path().join("log");
+        let (mut log, _, _) = Log::open(&dir, 4096).unwrap();
+        let mark = EntryOut {
+            kind: Kind::Mark,
+            first: 11,
+            count: 0,
+            payload: &[],
+        };
+        log.append(&[group(1, 10, b"g"), mark], 10, true).unwrap();
+        drop(log);
+        // The next segment, created (zero-filled) but never written to.
+        let f = File::create(dir.join(segment_name(2))).unwrap();
+        zero(&f, 0, 4096, &dir).unwrap();
+        drop(f);
+        let (mut log, found, damage) = Log::open(&dir, 4096).unwrap();
+        assert!(damage.is_empty());
+        assert_eq!(found.len(), 2);
+        assert!(!log.has_deletable(1000));
+        assert_eq!(log.delete_through(1000).unwrap(), 0);
+        drop(log);
+        let (_, found, _) = Log::open(&dir, 4096).unwrap();
+        assert_eq!((found[1].kind, found[1].first, found[1].acked), (Kind::Mark, 11, 10));
     }
 
     #[test]
