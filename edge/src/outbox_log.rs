@@ -268,6 +268,13 @@ struct Sealed {
     end: u64,
 }
 
+/// A segment being made ahead of need.
+struct Spare {
+    id: u64,
+    size: u64,
+    thread: std::thread::JoinHandle<Result<File, LogError>>,
+}
+
 /// The segment files of one outbox.
 pub struct Log {
     dir: PathBuf,
@@ -281,7 +288,18 @@ pub struct Log {
     active: Option<Active>,
     /// The last sealed segment read from (reads of a backlog go through segments in order).
     reader: Option<(u64, File)>,
+    /// The next segment, being made ahead.
+    spare: Option<Spare>,
     buf: Vec<u8>,
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        // Not left running after the store closed (it may be deleted right after).
+        if let Some(sp) = self.spare.take() {
+            let _ = sp.thread.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Log {
@@ -303,10 +321,8 @@ impl Log {
     ) -> Result<(Log, Vec<Found>, Vec<Damage>), LogError> {
         let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        if created {
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
-            }
+        if created && let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
         }
         let mut ids = vec![];
         for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
@@ -324,6 +340,7 @@ impl Log {
             last_entry: None,
             active: None,
             reader: None,
+            spare: None,
             buf: vec![],
         };
         let mut found = vec![];
@@ -346,7 +363,10 @@ impl Log {
                 };
                 let body = offset + HEADER;
                 let Some(payload) = bytes.get(body..body + h.len as usize) else {
-                    bad = Some(format!("entry runs past the end of the file ({} bytes)", h.len));
+                    bad = Some(format!(
+                        "entry runs past the end of the file ({} bytes)",
+                        h.len
+                    ));
                     break;
                 };
                 if h.crc != crc(&bytes[offset..offset + HEADER], payload) {
@@ -462,11 +482,13 @@ impl Log {
                 self.active_end = self.active_end.max(e.first + e.count);
             }
         }
+        let file = active.file.clone();
         if self.buf.capacity() > 4 * self.segment_bytes as usize {
             // A huge group passed through: do not keep its buffer.
             self.buf = vec![];
         }
-        Ok((locs, active.file.clone()))
+        self.prepare_spare();
+        Ok((locs, file))
     }
 
     /// Seals the active segment and starts a new one with room for at least `need` bytes:
@@ -479,26 +501,30 @@ impl Log {
             .or_else(|| self.sealed.keys().next_back().map(|k| k + 1))
             .unwrap_or(1);
         let size = self.segment_bytes.max(need);
-        let path = self.dir.join(segment_name(id));
-        let made = (|| {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(io_err(&path))?;
-            zero(&file, 0, size, &path)?;
-            file.sync_data().map_err(io_err(&path))?;
-            sync_dir(&self.dir)?;
-            Ok(file)
-        })();
-        let file = match made {
-            Ok(f) => f,
-            Err(e) => {
-                // Most likely the disk is full: leave no half-made segment behind.
-                let _ = std::fs::remove_file(&path);
-                return Err(e);
+        let spare = match self.spare.take() {
+            Some(sp) => {
+                let made = sp.thread.join().unwrap_or_else(|_| {
+                    Err(LogError::Io {
+                        path: self.dir.clone(),
+                        source: io::Error::other("the thread making a segment panicked"),
+                    })
+                });
+                match made {
+                    Ok(f) if sp.id == id && sp.size >= size => Some(f),
+                    Ok(_) => {
+                        // Too small for this entry: made again below, to its size.
+                        let _ = std::fs::remove_file(self.dir.join(segment_name(sp.id)));
+                        None
+                    }
+                    // Tried again below (and reported if it fails again).
+                    Err(_) => None,
+                }
             }
+            None => None,
+        };
+        let file = match spare {
+            Some(f) => f,
+            None => make_segment(&self.dir, id, size)?,
         };
         if let Some(old) = self.active.take() {
             self.sealed.insert(
@@ -518,6 +544,34 @@ impl Log {
         Ok(())
     }
 
+    /// Once the active segment is half full, starts making the next one on a thread of its
+    /// own, so that filling it with zeros and syncing it does not hold up a commit.
+    fn prepare_spare(&mut self) {
+        let Some(a) = self.active.as_ref() else {
+            return;
+        };
+        if self.spare.is_some() || a.offset * 2 < a.size {
+            return;
+        }
+        let (dir, id, size) = (self.dir.clone(), a.id + 1, self.segment_bytes);
+        // Without the thread the segment is made when it is needed.
+        if let Ok(thread) = std::thread::Builder::new()
+            .name("outbox-segment".into())
+            .spawn(move || make_segment(&dir, id, size))
+        {
+            self.spare = Some(Spare { id, size, thread });
+        }
+    }
+
+    /// Waits for a segment being made ahead and deletes it (before the directory moves).
+    pub fn discard_spare(&mut self) {
+        if let Some(sp) = self.spare.take()
+            && let Ok(Ok(_)) = sp.thread.join()
+        {
+            let _ = std::fs::remove_file(self.dir.join(segment_name(sp.id)));
+        }
+    }
+
     /// The payload of the entry at `loc`, checked against its header (`first`, `count`).
     pub fn read(&mut self, loc: Loc, first: u64, count: u64) -> Result<Vec<u8>, LogError> {
         let path = self.dir.join(segment_name(loc.segment));
@@ -525,7 +579,11 @@ impl Log {
         match self.active.as_ref().filter(|a| a.id == loc.segment) {
             Some(a) => a.file.read_exact_at(&mut b, loc.offset),
             None => {
-                if self.reader.as_ref().is_none_or(|(id, _)| *id != loc.segment) {
+                if self
+                    .reader
+                    .as_ref()
+                    .is_none_or(|(id, _)| *id != loc.segment)
+                {
                     let f = File::open(&path).map_err(io_err(&path))?;
                     self.reader = Some((loc.segment, f));
                 }
@@ -610,6 +668,28 @@ impl Log {
     }
 }
 
+/// Creates segment `id` of `size` bytes in `dir`: zero-filled, synced with the directory. On
+/// failure (most likely a full disk) no half-made file is left.
+fn make_segment(dir: &Path, id: u64, size: u64) -> Result<File, LogError> {
+    let path = dir.join(segment_name(id));
+    let made = (|| {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        zero(&file, 0, size, &path)?;
+        file.sync_data().map_err(io_err(&path))?;
+        sync_dir(dir)?;
+        Ok(file)
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    made
+}
+
 /// Writes zeros to `file` from `from` to `to`.
 fn zero(file: &File, from: u64, to: u64, path: &Path) -> Result<(), LogError> {
     let zeros = vec![0u8; ZERO_CHUNK];
@@ -670,13 +750,17 @@ mod tests {
         assert!(found[9].resync && !found[8].resync);
         assert_eq!(found.iter().map(|f| f.loc).collect::<Vec<_>>(), locs);
         assert_eq!(log.read(locs[0], 1, 3).unwrap(), payload);
+        // The sixth segment was made ahead (empty) once the fifth was half full: it is the
+        // active one now.
+        assert_eq!(log.segments(), 6);
         // Records through 12 acknowledged: the two segments holding 1..=12 go.
         assert_eq!(log.delete_through(12).unwrap(), 2);
-        assert_eq!(log.segments(), 3);
+        assert_eq!(log.segments(), 4);
         assert!(log.read(locs[0], 1, 3).is_err());
-        // The active segment stays even when all of it is acknowledged.
+        // The segment holding the last entry stays even when all of it is acknowledged.
         assert_eq!(log.delete_through(1000).unwrap(), 2);
-        assert_eq!(log.segments(), 1);
+        assert_eq!(log.segments(), 2);
+        assert_eq!(log.read(locs[9], 28, 3).unwrap(), payload);
     }
 
     #[test]
@@ -685,9 +769,7 @@ mod tests {
         let dir = d.path().join("log");
         let (mut log, _, _) = Log::open(&dir, 4096).unwrap();
         let (l1, _) = log.append(&[group(1, 2, b"first")], 0, false).unwrap();
-        let (l2, _) = log
-            .append(&[group(3, 2, &[9u8; 200])], 0, false)
-            .unwrap();
+        let (l2, _) = log.append(&[group(3, 2, &[9u8; 200])], 0, false).unwrap();
         drop(log);
         // A crash cut the second entry's payload short.
         let path = dir.join(segment_name(l2[0].segment));
@@ -733,7 +815,11 @@ mod tests {
         assert_eq!(damage.len(), 1);
         assert_eq!((damage[0].path.clone(), damage[0].offset), (path, 0));
         assert!(!damage[0].torn_tail);
-        assert!(damage[0].reason.contains("bad magic"), "{}", damage[0].reason);
+        assert!(
+            damage[0].reason.contains("bad magic"),
+            "{}",
+            damage[0].reason
+        );
     }
 
     #[test]
@@ -776,7 +862,10 @@ mod tests {
         assert_eq!(log.delete_through(1000).unwrap(), 0);
         drop(log);
         let (_, found, _) = Log::open(&dir, 4096).unwrap();
-        assert_eq!((found[1].kind, found[1].first, found[1].acked), (Kind::Mark, 11, 10));
+        assert_eq!(
+            (found[1].kind, found[1].first, found[1].acked),
+            (Kind::Mark, 11, 10)
+        );
     }
 
     #[test]

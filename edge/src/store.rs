@@ -430,7 +430,11 @@ fn finish_rebase(log_dir: &Path) -> Result<(), StoreError> {
 /// Moves an outbox kept in the sled tree (before the outbox had its own log) into `log`, then
 /// removes it from sled. `found`: the log's entries (the moved ones are added). Returns whether
 /// there was anything to move.
-fn migrate_legacy(db: &sled::Db, log: &mut Log, found: &mut Vec<Found>) -> Result<bool, StoreError> {
+fn migrate_legacy(
+    db: &sled::Db,
+    log: &mut Log,
+    found: &mut Vec<Found>,
+) -> Result<bool, StoreError> {
     let mut keys = vec![];
     for prefix in [&b"o"[..], b"g"] {
         for k in db.scan_prefix(prefix).keys() {
@@ -453,7 +457,9 @@ fn migrate_legacy(db: &sled::Db, log: &mut Log, found: &mut Vec<Found>) -> Resul
         let mut items: Vec<(u64, u64, Option<sled::IVec>)> = vec![];
         for kv in db.scan_prefix(b"o") {
             let (k, v) = kv?;
-            let Some(first) = be_u64(&k[1..]) else { continue };
+            let Some(first) = be_u64(&k[1..]) else {
+                continue;
+            };
             let count = decode_samples(&v)
                 .map_err(|source| StoreError::Corrupt {
                     key: format!("outbox group {first} (sled tree, moving to the log)"),
@@ -477,7 +483,11 @@ fn migrate_legacy(db: &sled::Db, log: &mut Log, found: &mut Vec<Found>) -> Resul
                 continue;
             }
             let e = EntryOut {
-                kind: if payload.is_some() { Kind::Group } else { Kind::Lost },
+                kind: if payload.is_some() {
+                    Kind::Group
+                } else {
+                    Kind::Lost
+                },
                 first,
                 count,
                 payload: payload.as_deref().unwrap_or(&[]),
@@ -665,8 +675,11 @@ impl AgentStore {
             if end <= next {
                 // Acknowledged, or written again after (not expected): already accounted for.
                 if end > acked + 1 {
-                    tracing::warn!(first = f.first, count = f.count,
-                        "outbox log: entry overlaps an earlier one; skipped");
+                    tracing::warn!(
+                        first = f.first,
+                        count = f.count,
+                        "outbox log: entry overlaps an earlier one; skipped"
+                    );
                 }
                 continue;
             }
@@ -684,8 +697,11 @@ impl AgentStore {
                 );
                 resync = true;
             } else if f.first < next && f.first > acked {
-                tracing::warn!(first = f.first, count = f.count,
-                    "outbox log: entry overlaps an earlier one; skipped");
+                tracing::warn!(
+                    first = f.first,
+                    count = f.count,
+                    "outbox log: entry overlaps an earlier one; skipped"
+                );
                 continue;
             }
             match f.kind {
@@ -1402,6 +1418,9 @@ impl AgentStore {
         for f in files {
             f.sync_data().map_err(io(&new_dir))?;
         }
+        // No segment may be in the making in either directory while they move.
+        log.discard_spare();
+        self.log.discard_spare();
         outbox_log::sync_dir(&new_dir)?;
         std::fs::rename(&log_dir, &old_dir).map_err(io(&log_dir))?;
         std::fs::rename(&new_dir, &log_dir).map_err(io(&new_dir))?;
@@ -1448,19 +1467,19 @@ pub type TwinMap = HashMap<(DeviceId, PropertyId), Sample>;
 mod tests {
     use super::*;
 
-fn legacy_group_key(first: u64) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = b'o';
-    k[1..].copy_from_slice(&first.to_be_bytes());
-    k
-}
+    fn legacy_group_key(first: u64) -> [u8; 9] {
+        let mut k = [0u8; 9];
+        k[0] = b'o';
+        k[1..].copy_from_slice(&first.to_be_bytes());
+        k
+    }
 
-fn legacy_lost_key(first: u64) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = b'g';
-    k[1..].copy_from_slice(&first.to_be_bytes());
-    k
-}
+    fn legacy_lost_key(first: u64) -> [u8; 9] {
+        let mut k = [0u8; 9];
+        k[0] = b'g';
+        k[1..].copy_from_slice(&first.to_be_bytes());
+        k
+    }
 
     use edgesync_protocol::{Quality, Timestamp, Value};
 
@@ -1801,7 +1820,8 @@ fn legacy_lost_key(first: u64) -> [u8; 9] {
     #[tokio::test]
     async fn acknowledged_segments_are_deleted_after_the_next_commit() {
         let dir = tmp();
-        let open = || AgentStore::open_with(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit, 512).unwrap();
+        let open =
+            || AgentStore::open_with(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit, 512).unwrap();
         let mut st = open();
         for g in 0..20u64 {
             st.append((g * 10 + 1..=g * 10 + 10).map(s).collect::<Vec<_>>(), &[])
@@ -1811,7 +1831,11 @@ fn legacy_lost_key(first: u64) -> [u8; 9] {
         let before = segment_files(&dir);
         assert!(before >= 5, "{before} segments");
         st.ack(150).unwrap();
-        assert_eq!(segment_files(&dir), before, "nothing deleted before the ack is written");
+        assert_eq!(
+            segment_files(&dir),
+            before,
+            "nothing deleted before the ack is written"
+        );
         st.append(vec![s(201)], &[]).await.unwrap();
         let after = segment_files(&dir);
         assert!(after < before, "{after} segments left of {before}");
@@ -1821,11 +1845,12 @@ fn legacy_lost_key(first: u64) -> [u8; 9] {
         );
         st.ack(201).unwrap();
         st.sync().await.unwrap();
-        assert_eq!(segment_files(&dir), 1, "the last entry's segment stays");
+        // The last entry's segment stays, and the next one may have been made ahead.
+        assert!(segment_files(&dir) <= 2, "{} segments", segment_files(&dir));
         drop(st);
         let st = open();
         assert_eq!((st.acked(), st.next_seq(), st.backlog()), (201, 202, 0));
-        assert_eq!(segment_files(&dir), 1);
+        assert!(segment_files(&dir) <= 2);
         drop(st);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1835,7 +1860,8 @@ fn legacy_lost_key(first: u64) -> [u8; 9] {
     #[tokio::test]
     async fn damaged_history_becomes_a_lost_run() {
         let dir = tmp();
-        let open = || AgentStore::open_with(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit, 1024).unwrap();
+        let open =
+            || AgentStore::open_with(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit, 1024).unwrap();
         let mut st = open();
         for g in 0..10u64 {
             st.append((g * 10 + 1..=g * 10 + 10).map(s).collect::<Vec<_>>(), &[])
@@ -1880,10 +1906,16 @@ fn legacy_lost_key(first: u64) -> [u8; 9] {
                 .segment_size(SEGMENT_BYTES)
                 .open()
                 .unwrap();
-            db.insert(legacy_group_key(1), encode_samples(&(1..=5).map(s).collect::<Vec<_>>()))
-                .unwrap();
-            db.insert(legacy_group_key(6), encode_samples(&(6..=8).map(s).collect::<Vec<_>>()))
-                .unwrap();
+            db.insert(
+                legacy_group_key(1),
+                encode_samples(&(1..=5).map(s).collect::<Vec<_>>()),
+            )
+            .unwrap();
+            db.insert(
+                legacy_group_key(6),
+                encode_samples(&(6..=8).map(s).collect::<Vec<_>>()),
+            )
+            .unwrap();
             db.insert(legacy_lost_key(9), &10u64.to_be_bytes()[..])
                 .unwrap();
             db.insert(legacy_group_key(11), encode_samples(&[s(11)]))
@@ -1938,7 +1970,9 @@ fn legacy_lost_key(first: u64) -> [u8; 9] {
         // The renumbered log written in full, the old one still in place.
         copy_dir(&dir.join(LOG_DIR), &new);
         let mut undone = before.with_extension("undone");
-        undone.as_mut_os_string().push(fastrand::u64(..).to_string());
+        undone
+            .as_mut_os_string()
+            .push(fastrand::u64(..).to_string());
         copy_dir(&before, &undone);
         {
             let mut st = AgentStore::open(&undone, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();

@@ -176,7 +176,10 @@ fn defaults_apply() {
     .unwrap();
     assert_eq!(cfg.sled_cache_bytes, 2 * 1024 * 1024);
     // sled panics on a page cache under 256 bytes: refused with the line instead.
-    let text = BASE.replace("data_dir = \"data\"", "data_dir = \"data\"\nsled_cache_bytes = 100");
+    let text = BASE.replace(
+        "data_dir = \"data\"",
+        "data_dir = \"data\"\nsled_cache_bytes = 100",
+    );
     assert_problem(
         &text,
         "sled_cache_bytes",
