@@ -664,11 +664,11 @@ impl AgentStore {
         let acked = found.iter().map(|f| f.acked).max().unwrap_or(0);
         let mut resync = found.last().is_some_and(|f| f.resync);
         let written = (acked, resync);
-        let mut next = acked + 1;
+        let mut next = acked.saturating_add(1);
         let mut groups: BTreeMap<u64, Group> = BTreeMap::new();
         let mut total_bytes = 0;
         for f in &found {
-            let end = f.first + f.count;
+            let end = f.first.saturating_add(f.count);
             if f.kind == Kind::Mark && f.first <= next {
                 continue;
             }
