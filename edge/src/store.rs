@@ -1815,6 +1815,15 @@ mod tests {
             .count()
     }
 
+    /// Appends records 1 ..= 10 * groups, ten per commit.
+    async fn append_groups_of_ten(st: &mut AgentStore, groups: u64) {
+        for g in 0..groups {
+            st.append((g * 10 + 1..=g * 10 + 10).map(s).collect::<Vec<_>>(), &[])
+                .await
+                .unwrap();
+        }
+    }
+
     /// Segments go once an entry acknowledging all their records is durable, not before; the
     /// segment holding the last entry stays.
     #[tokio::test]
@@ -1823,11 +1832,7 @@ mod tests {
         let open =
             || AgentStore::open_with(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit, 512).unwrap();
         let mut st = open();
-        for g in 0..20u64 {
-            st.append((g * 10 + 1..=g * 10 + 10).map(s).collect::<Vec<_>>(), &[])
-                .await
-                .unwrap();
-        }
+        append_groups_of_ten(&mut st, 20).await;
         let before = segment_files(&dir);
         assert!(before >= 5, "{before} segments");
         st.ack(150).unwrap();
@@ -1863,11 +1868,7 @@ mod tests {
         let open =
             || AgentStore::open_with(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit, 1024).unwrap();
         let mut st = open();
-        for g in 0..10u64 {
-            st.append((g * 10 + 1..=g * 10 + 10).map(s).collect::<Vec<_>>(), &[])
-                .await
-                .unwrap();
-        }
+        append_groups_of_ten(&mut st, 10).await;
         st.sync().await.unwrap();
         drop(st);
         let first_seg = std::fs::read_dir(dir.join(LOG_DIR))
