@@ -103,7 +103,8 @@ pub enum LogError {
     },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
+/// Maps an I/O error on `path` to [`LogError::Io`].
+pub fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
     move |source| LogError::Io {
         path: path.to_owned(),
         source,

@@ -47,7 +47,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::outbox_log::{self, EntryOut, Found, Kind, Loc, Log, LogError};
+use crate::outbox_log::{self, EntryOut, Found, Kind, Loc, Log, LogError, io_err};
 use edgesync_protocol::durable::DirSync;
 use edgesync_protocol::frame::{FrameError, decode_samples, encode_samples};
 use edgesync_protocol::{DeviceId, PropertyId, Sample};
@@ -407,22 +407,18 @@ fn rebase_dirs(log_dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
 /// again); one whose old log was already moved aside takes its place.
 fn finish_rebase(log_dir: &Path) -> Result<(), StoreError> {
     let (new, old) = rebase_dirs(log_dir);
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| LogError::Io { path, source }
-    };
     if new.exists() {
         if log_dir.exists() {
-            std::fs::remove_dir_all(&new).map_err(io(&new))?;
+            std::fs::remove_dir_all(&new).map_err(io_err(&new))?;
         } else {
-            std::fs::rename(&new, log_dir).map_err(io(&new))?;
+            std::fs::rename(&new, log_dir).map_err(io_err(&new))?;
             if let Some(parent) = log_dir.parent() {
                 outbox_log::sync_dir(parent)?;
             }
         }
     }
     if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(io(&old))?;
+        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
     }
     Ok(())
 }
@@ -1367,12 +1363,8 @@ impl AgentStore {
         let shift = next_seq - (self.acked + 1);
         let log_dir = self.log.dir().to_owned();
         let (new_dir, old_dir) = rebase_dirs(&log_dir);
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Log(LogError::Io { path, source })
-        };
         if new_dir.exists() {
-            std::fs::remove_dir_all(&new_dir).map_err(io(&new_dir))?;
+            std::fs::remove_dir_all(&new_dir).map_err(io_err(&new_dir))?;
         }
         let acked = next_seq - 1;
         let next = self.next + shift;
@@ -1416,18 +1408,18 @@ impl AgentStore {
         let (_, file) = log.append(&[mark], acked, self.resync)?;
         files.push(file);
         for f in files {
-            f.sync_data().map_err(io(&new_dir))?;
+            f.sync_data().map_err(io_err(&new_dir))?;
         }
         // No segment may be in the making in either directory while they move.
         log.discard_spare();
         self.log.discard_spare();
         outbox_log::sync_dir(&new_dir)?;
-        std::fs::rename(&log_dir, &old_dir).map_err(io(&log_dir))?;
-        std::fs::rename(&new_dir, &log_dir).map_err(io(&new_dir))?;
+        std::fs::rename(&log_dir, &old_dir).map_err(io_err(&log_dir))?;
+        std::fs::rename(&new_dir, &log_dir).map_err(io_err(&new_dir))?;
         if let Some(parent) = log_dir.parent() {
             outbox_log::sync_dir(parent)?;
         }
-        std::fs::remove_dir_all(&old_dir).map_err(io(&old_dir))?;
+        std::fs::remove_dir_all(&old_dir).map_err(io_err(&old_dir))?;
         log.moved_to(&log_dir);
         let backlog = self.next - self.acked - 1;
         self.log = log;
