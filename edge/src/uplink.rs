@@ -196,6 +196,51 @@ pub fn client_config(cfg: &UplinkConfig) -> Result<quinn::ClientConfig, UplinkEr
     Ok(cc)
 }
 
+/// When the hub has not answered a handshake at all within this, the third Initial has left
+/// (quinn resends an unanswered Initial after 3 x [`INITIAL_RTT`], then 6 x, 12 x...).
+const THIRD_INITIAL: Duration = Duration::from_millis(9 * INITIAL_RTT.as_millis() as u64);
+
+/// How long a connection attempt waits for the hub's first answer before it ends, so that the
+/// next attempt sends a new Initial at once instead of quinn's ever longer resend intervals
+/// (after 2.1 s the next resend would come 2.4 s later: a hub that came back in between would
+/// wait for it). Long enough for the third Initial and its answer on the path last measured
+/// (at least [`MIN_ANSWER_WAIT`] after it); never longer than `connect_timeout`. Before any
+/// round trip to the hub was measured, the whole `connect_timeout`: a slow link is never cut
+/// short by a guess.
+fn answer_wait(last_rtt: Option<Duration>, connect_timeout: Duration) -> Duration {
+    match last_rtt {
+        None => connect_timeout,
+        Some(rtt) => (THIRD_INITIAL + (rtt * 4).max(MIN_ANSWER_WAIT)).min(connect_timeout),
+    }
+}
+
+/// The least time [`answer_wait`] leaves for the answer to the third Initial.
+const MIN_ANSWER_WAIT: Duration = Duration::from_millis(100);
+
+/// Waits for the handshake of `connecting`: at most `answer_wait` for the hub's first answer
+/// (its first flight of handshake packets), and at most `timeout` in all.
+async fn handshake(
+    mut connecting: quinn::Connecting,
+    timeout: Duration,
+    answer_wait: Duration,
+) -> Result<quinn::Connection, UplinkError> {
+    let deadline = Instant::now() + timeout;
+    match tokio::time::timeout(answer_wait.min(timeout), connecting.handshake_data()).await {
+        Err(_) => {
+            return Err(UplinkError::Connect(format!(
+                "no answer from the hub within {answer_wait:?}"
+            )));
+        }
+        Ok(Err(e)) => return Err(UplinkError::Connect(explain(&e))),
+        Ok(Ok(_)) => {}
+    }
+    match tokio::time::timeout_at(deadline, connecting).await {
+        Err(_) => Err(UplinkError::Connect(format!("timed out after {timeout:?}"))),
+        Ok(Err(e)) => Err(UplinkError::Connect(explain(&e))),
+        Ok(Ok(c)) => Ok(c),
+    }
+}
+
 /// The uplink task. Runs until `cancel` fires.
 pub struct Uplink {
     cfg: UplinkConfig,
@@ -212,6 +257,8 @@ pub struct Uplink {
     schemas_due: std::collections::VecDeque<DeviceId>,
     /// A connection established make-before-break, to drive next.
     next_conn: Option<quinn::Connection>,
+    /// The round trip time of the last connection to the hub, when it ended.
+    last_rtt: Option<Duration>,
 }
 
 /// How the uplink talks to the downlink (protocol version 2).
@@ -249,6 +296,7 @@ impl Uplink {
             retry_hint: None,
             schemas_due: std::collections::VecDeque::new(),
             next_conn: None,
+            last_rtt: None,
         }
     }
 
@@ -404,13 +452,10 @@ impl Uplink {
         let connecting = ep
             .connect_with(cc, addr, "edgesync-hub")
             .map_err(|e| UplinkError::Connect(e.to_string()))?;
+        let answer_wait = answer_wait(self.last_rtt, self.cfg.connect_timeout);
         let conn = tokio::select! {
             _ = self.cancel.cancelled() => return Ok(()),
-            r = tokio::time::timeout(self.cfg.connect_timeout, connecting) => match r {
-                Err(_) => return Err(UplinkError::Connect(format!("timed out after {:?}", self.cfg.connect_timeout))),
-                Ok(Err(e)) => return Err(UplinkError::Connect(explain(&e))),
-                Ok(Ok(c)) => c,
-            }
+            r = handshake(connecting, self.cfg.connect_timeout, answer_wait) => r?,
         };
         self.drive_and_close(session, conn, endpoint).await
     }
@@ -445,6 +490,7 @@ impl Uplink {
         let addr = conn.remote_address();
         let mut switch: Option<Switch> = None;
         let mut result = self.drive_conn(session, &conn, ep, addr, &mut switch).await;
+        self.last_rtt = Some(conn.rtt());
         if let (Err(e), Some(pending)) = (&result, switch.take())
             && !matches!(e, UplinkError::SvidRotated)
         {
@@ -813,4 +859,149 @@ impl Uplink {
 fn jitter(d: Duration) -> Duration {
     let half = d / 2;
     half + Duration::from_millis(fastrand::u64(0..=half.as_millis() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answer_wait_leaves_room_for_the_third_initial_and_never_exceeds_the_timeout() {
+        let t = Duration::from_secs(5);
+        // Nothing measured yet: the whole timeout, however slow the path may be.
+        assert_eq!(answer_wait(None, t), t);
+        // A LAN: the third Initial at 0.9 s and at least 100 ms for its answer.
+        assert_eq!(
+            answer_wait(Some(Duration::from_millis(1)), t),
+            Duration::from_millis(1000)
+        );
+        // A slow path: four of its round trips after the third Initial.
+        assert_eq!(
+            answer_wait(Some(Duration::from_millis(600)), t),
+            Duration::from_millis(3300)
+        );
+        assert_eq!(answer_wait(Some(Duration::from_secs(2)), t), t);
+        assert_eq!(
+            answer_wait(Some(Duration::from_millis(1)), Duration::from_millis(400)),
+            Duration::from_millis(400)
+        );
+    }
+
+    /// A quinn client endpoint and a connection attempt to `to` (the peer is never trusted:
+    /// these tests never get past its first flight).
+    fn attempt(to: SocketAddr) -> (quinn::Endpoint, quinn::Connecting) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let crypto = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let qc = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).expect("quic crypto");
+        let mut cc = quinn::ClientConfig::new(Arc::new(qc));
+        let mut transport = quinn::TransportConfig::default();
+        transport.initial_rtt(INITIAL_RTT);
+        cc.transport_config(Arc::new(transport));
+        let ep = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into()).expect("bind");
+        let connecting = ep.connect_with(cc, to, "edgesync-hub").expect("connect");
+        (ep, connecting)
+    }
+
+    /// Counts the datagrams a socket that never answers receives until `stop`.
+    fn silent_peer() -> (
+        SocketAddr,
+        std::thread::JoinHandle<usize>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        let addr = sock.local_addr().expect("addr");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let counter = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            let mut n = 0;
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                if sock.recv(&mut buf).is_ok() {
+                    n += 1;
+                }
+            }
+            n
+        });
+        (addr, counter, stop)
+    }
+
+    /// A hub that does not answer: with a round trip measured before, the attempt ends once
+    /// its third Initial went unanswered, long before the connect timeout, so the next
+    /// attempt's Initial leaves at once.
+    #[tokio::test]
+    async fn an_unanswered_handshake_ends_after_the_third_initial() {
+        let (addr, counter, stop) = silent_peer();
+        let (_ep, connecting) = attempt(addr);
+        let timeout = Duration::from_secs(10);
+        let wait = answer_wait(Some(Duration::from_millis(1)), timeout);
+        let t0 = std::time::Instant::now();
+        let err = handshake(connecting, timeout, wait).await.unwrap_err();
+        let took = t0.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let initials = counter.join().expect("counter");
+        assert!(
+            err.to_string().contains("no answer from the hub within 1s"),
+            "{err}"
+        );
+        assert!(took >= wait && took < Duration::from_secs(4), "{took:?}");
+        // The Initial at 0 s, then two probes at each unanswered timeout (0.3 and 0.9 s); the
+        // next timeout (2.1 s) was not waited for.
+        assert!((3..=6).contains(&initials), "{initials} datagrams");
+    }
+
+    /// With no round trip measured yet, a silent peer is waited for the whole timeout (a slow
+    /// first path is never cut short).
+    #[tokio::test]
+    async fn without_a_measured_round_trip_the_whole_timeout_is_waited() {
+        let (addr, counter, stop) = silent_peer();
+        let (_ep, connecting) = attempt(addr);
+        let timeout = Duration::from_millis(1500);
+        let t0 = std::time::Instant::now();
+        let err = handshake(connecting, timeout, answer_wait(None, timeout))
+            .await
+            .unwrap_err();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        counter.join().expect("counter");
+        assert!(t0.elapsed() >= timeout, "{:?}", t0.elapsed());
+        assert!(err.to_string().contains("no answer"), "{err}");
+    }
+
+    /// A peer that answers with garbage: the attempt is not cut short by it (quinn ignores
+    /// datagrams that are not QUIC), and ends with the answer wait, not a panic.
+    #[tokio::test]
+    async fn a_peer_answering_noise_is_treated_as_silent() {
+        let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("timeout");
+        let addr = sock.local_addr().expect("addr");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let noise = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    // The datagram reversed, and 1,200 bytes of 0xff.
+                    buf[..n].reverse();
+                    let _ = sock.send_to(&buf[..n], from);
+                    let _ = sock.send_to(&[0xff; 1200], from);
+                }
+            }
+        });
+        let (_ep, connecting) = attempt(addr);
+        let timeout = Duration::from_secs(10);
+        let wait = answer_wait(Some(Duration::from_millis(1)), timeout);
+        let t0 = std::time::Instant::now();
+        let r = handshake(connecting, timeout, wait).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        noise.join().expect("noise");
+        let err = r.unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+        assert!(err.to_string().contains("no answer"), "{err}");
+    }
 }

@@ -101,6 +101,10 @@ struct Args {
     /// Seconds of the record-latency run.
     #[arg(long, default_value_t = 10)]
     record_secs: u64,
+    /// After each record-latency run, the same two group commits on the disk alone
+    /// (`disk_pipeline`): the floor of the record latency on this disk.
+    #[arg(long)]
+    disk_floor: bool,
     /// Runs per configuration (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -480,6 +484,83 @@ fn fdatasync_probe(dir: &Path) -> anyhow::Result<(f64, f64)> {
     Ok((ms(h.value_at_quantile(0.5)), ms(h.value_at_quantile(0.99))))
 }
 
+/// The record pipeline with everything but the disk taken out, for the floor the record
+/// latency cannot go under on this disk: records arrive every 1/`rate` s for `secs` s (absolute
+/// deadlines); stage A (the agent's commit) writes 64 bytes per record that queued into a file
+/// zero-filled beforehand (as the outbox's segments are) and `fdatasync`s it; stage B (the hub's
+/// commit) appends 64 bytes per record that A finished to a growing file (as sled's log grows)
+/// and `fdatasync`s it. Both stages commit at once and batch what queued meanwhile, as ours do.
+/// Per record: accepted -> B durable.
+fn disk_pipeline(dir: &Path, rate: u64, secs: u64) -> anyhow::Result<Histogram<u64>> {
+    use std::io::Write as _;
+    use std::os::unix::fs::FileExt as _;
+    use std::sync::mpsc as smpsc;
+    let n = rate * secs;
+    let a_path = dir.join("disk-pipeline-a");
+    let b_path = dir.join("disk-pipeline-b");
+    let a = std::fs::File::create(&a_path)?;
+    a.write_all_at(&vec![0u8; (n as usize + 1) * 64], 0)?;
+    a.sync_all()?;
+    let mut b = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&b_path)?;
+    let (to_a, a_rx) = smpsc::channel::<Instant>();
+    let (to_b, b_rx) = smpsc::channel::<Vec<Instant>>();
+    let period_ns = 1_000_000_000 / rate.max(1);
+    let source = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        for k in 0..n {
+            let due = t0 + Duration::from_nanos(k * period_ns);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if to_a.send(Instant::now()).is_err() {
+                return;
+            }
+        }
+    });
+    let stage_a = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut off = 0u64;
+        while let Ok(first) = a_rx.recv() {
+            let mut group = vec![first];
+            group.extend(a_rx.try_iter());
+            let bytes = vec![0x55u8; group.len() * 64];
+            a.write_all_at(&bytes, off)?;
+            off += bytes.len() as u64;
+            a.sync_data()?;
+            if to_b.send(group).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    });
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    while let Ok(first) = b_rx.recv() {
+        let mut group = first;
+        for more in b_rx.try_iter() {
+            group.extend(more);
+        }
+        b.write_all(&vec![0xaau8; group.len() * 64])?;
+        b.sync_data()?;
+        let done = Instant::now();
+        for at in group {
+            h.saturating_record(done.duration_since(at).as_micros() as u64);
+        }
+    }
+    source
+        .join()
+        .map_err(|_| anyhow!("disk pipeline source panicked"))?;
+    stage_a
+        .join()
+        .map_err(|_| anyhow!("disk pipeline stage A panicked"))??;
+    drop(b);
+    std::fs::remove_file(&a_path)?;
+    std::fs::remove_file(&b_path)?;
+    Ok(h)
+}
+
 struct RecordLatency {
     /// Accepted -> hub stored.
     total: Histogram<u64>,
@@ -492,6 +573,50 @@ struct RecordLatency {
     achieved_rate: f64,
     /// The disk's fdatasync p50 / p99 (ms) just before the run.
     disk: (f64, f64),
+    /// Runs of records slower than [`SLOW_MS`], for the tail's cause (see [`Episode`]).
+    episodes: Vec<Episode>,
+}
+
+/// A record slower than this (ms) is part of an [`Episode`].
+const SLOW_MS: f64 = 3.0;
+
+/// Records over [`SLOW_MS`] accepted within 10 ms of each other: a stall, not a slow record.
+#[derive(Debug, Clone, Copy)]
+struct Episode {
+    /// When its first record was accepted, seconds into the run.
+    at_s: f64,
+    /// Its slow records.
+    records: usize,
+    /// Its slowest record's total, agent part and hop (ms).
+    max_ms: f64,
+    agent_ms: f64,
+    hop_ms: f64,
+}
+
+/// Groups the slow records of a run into [`Episode`]s.
+fn episodes(t0: Instant, per_record: &[(Instant, f64, f64, f64)]) -> Vec<Episode> {
+    let mut out: Vec<Episode> = vec![];
+    let mut last: Option<Instant> = None;
+    for &(at, total, agent, hop) in per_record.iter().filter(|r| r.1 > SLOW_MS) {
+        let joins = last.is_some_and(|l| at.duration_since(l) < Duration::from_millis(10));
+        last = Some(at);
+        match out.last_mut() {
+            Some(e) if joins => {
+                e.records += 1;
+                if total > e.max_ms {
+                    (e.max_ms, e.agent_ms, e.hop_ms) = (total, agent, hop);
+                }
+            }
+            _ => out.push(Episode {
+                at_s: at.duration_since(t0).as_secs_f64(),
+                records: 1,
+                max_ms: total,
+                agent_ms: agent,
+                hop_ms: hop,
+            }),
+        }
+    }
+    out
 }
 
 /// Single records at `--record-rate`, group-committed as the agent's pipeline does; per record,
@@ -568,6 +693,7 @@ async fn record_latency(
     let mut agent = total.clone();
     let mut hop = total.clone();
     let (mut c, mut h) = (0, 0);
+    let mut per_record = Vec::with_capacity(accepted.len());
     for (k, at) in accepted.iter().enumerate() {
         let seq = base + k as u64;
         while committed.get(c).is_some_and(|&(upto, _)| upto < seq) {
@@ -582,7 +708,15 @@ async fn record_latency(
         agent.saturating_record((done - *at).as_micros() as u64);
         hop.saturating_record(safe.saturating_duration_since(done).as_micros() as u64);
         total.saturating_record((safe - *at).as_micros() as u64);
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        per_record.push((
+            *at,
+            ms(safe - *at),
+            ms(done - *at),
+            ms(safe.saturating_duration_since(done)),
+        ));
     }
+    let episodes = episodes(t0, &per_record);
     Ok(RecordLatency {
         total,
         agent,
@@ -591,7 +725,37 @@ async fn record_latency(
         groups: committed.len(),
         achieved_rate,
         disk,
+        episodes,
     })
+}
+
+/// One line on the run's stalls: how many, how far apart, and the worst five.
+fn print_episodes(eps: &[Episode]) {
+    let slow: usize = eps.iter().map(|e| e.records).sum();
+    let mut gaps: Vec<f64> = eps.windows(2).map(|w| w[1].at_s - w[0].at_s).collect();
+    let gap = if gaps.is_empty() {
+        "-".to_owned()
+    } else {
+        gaps.sort_by(f64::total_cmp);
+        format!("{:.2} s", gaps[gaps.len() / 2])
+    };
+    let mut worst = eps.to_vec();
+    worst.sort_by(|a, b| b.max_ms.total_cmp(&a.max_ms));
+    let shown: Vec<String> = worst
+        .iter()
+        .take(5)
+        .map(|e| {
+            format!(
+                "{:.2} s: {} rec, max {:.1} ms (agent {:.1}, hop {:.1})",
+                e.at_s, e.records, e.max_ms, e.agent_ms, e.hop_ms
+            )
+        })
+        .collect();
+    println!(
+        "      records over {SLOW_MS} ms: {slow} in {} stalls, median {gap} apart; worst: {}",
+        eps.len(),
+        shown.join("; ")
+    );
 }
 
 fn ms(us: u64) -> f64 {
@@ -769,6 +933,18 @@ async fn bench_record(args: &Args, ids: &Ids, fsync: Fsync, acks: &HubAcks) -> a
         );
         for (c, v) in cols.iter_mut().zip(row) {
             c.push(v);
+        }
+        print_episodes(&l.episodes);
+        if args.disk_floor {
+            let dir = rig.dir.clone();
+            let (rate, secs) = (args.record_rate, args.record_secs);
+            let h = tokio::task::spawn_blocking(move || disk_pipeline(&dir, rate, secs)).await??;
+            println!(
+                "      the same two group commits on the disk alone (no network, no encoding): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                ms(h.value_at_quantile(0.5)),
+                ms(h.value_at_quantile(0.99)),
+                ms(h.max())
+            );
         }
     }
     let m = cols.map(median);
