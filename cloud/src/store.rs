@@ -698,6 +698,33 @@ impl std::ops::Deref for ClockFn {
 /// The store's wall clock, ms since the epoch.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
+/// sled's segment size (and write buffer size) of a store created by this version. sled writes
+/// any page larger than a quarter of it to a file of its own (a blob: a file created, written,
+/// synced and its directory synced, then deleted when the page is rewritten). With sled's
+/// default of 512 KiB, the leaf pages that hold a node's recent record entries (tens of
+/// kilobytes each) passed that size several times a second at 10,000 records/s; at 4 MiB they
+/// stay in the log.
+pub const SEGMENT_BYTES: usize = 4 << 20;
+
+/// The segment size a store in `dir` was created with (sled refuses to open it with another),
+/// from sled's `conf` file; `None` for a new store.
+fn persisted_segment_size(dir: &Path) -> Result<Option<usize>, StoreError> {
+    let conf = dir.join("conf");
+    // Lines of text followed by a 4-byte CRC.
+    let text = match std::fs::read(&conf) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::Sled(e.into())),
+    };
+    // Lines "key: value"; sled itself reports a malformed file when it opens the store.
+    Ok(text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == "segment_size")
+            .then(|| v.trim().parse().ok())
+            .flatten()
+    }))
+}
+
 impl HubStore {
     /// Opens (or creates) the store in `dir`, with a sled page cache of `cache_bytes`, and
     /// loads node status and twins into memory. Keeps every record (no [`Retention`]).
@@ -712,7 +739,11 @@ impl HubStore {
         retention: Retention,
         clock: Clock,
     ) -> Result<HubStore, StoreError> {
-        let config = sled::Config::new().path(dir).cache_capacity(cache_bytes);
+        let segment = persisted_segment_size(dir)?.unwrap_or(SEGMENT_BYTES);
+        let config = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .segment_size(segment);
         // Wait up to 2 s for the file lock: a handle dropped a moment ago (sled's flusher thread
         // outlives it briefly) or a process that just exited may still hold it.
         let mut tries = 0;
@@ -1609,17 +1640,24 @@ impl Inner {
         let (last_seen, checkpoint, index_bucket, history_bytes) = {
             let state = self.read();
             let twins = state.get(node).map(|n| &n.twins);
-            let added: usize = latest
-                .iter()
-                .map(|(d, props)| match twins.and_then(|t| t.get(*d)) {
-                    None => props.len(),
-                    Some(t) => props
-                        .keys()
-                        .filter(|p| !t.reported.contains_key(**p))
-                        .count(),
-                })
-                .sum();
-            if properties + added > MAX_PROPERTIES_PER_NODE {
+            // The properties this commit adds to the twin, counted only when the commit could
+            // exceed the limit at all (one lookup per property saved in the common case).
+            let at_most: usize = latest.values().map(BTreeMap::len).sum();
+            let added = || -> usize {
+                latest
+                    .iter()
+                    .map(|(d, props)| match twins.and_then(|t| t.get(*d)) {
+                        None => props.len(),
+                        Some(t) => props
+                            .keys()
+                            .filter(|p| !t.reported.contains_key(**p))
+                            .count(),
+                    })
+                    .sum()
+            };
+            if properties + at_most > MAX_PROPERTIES_PER_NODE
+                && properties + added() > MAX_PROPERTIES_PER_NODE
+            {
                 return Err(StoreError::TwinFull {
                     node: node.clone(),
                     limit: MAX_PROPERTIES_PER_NODE,
@@ -2878,6 +2916,58 @@ mod tests {
         assert!(!status.connected);
         // Another node's records do not leak into this one's.
         assert_eq!(store.records(&node("gw-10"), 1).unwrap(), vec![]);
+    }
+
+    /// A new store is created with [`SEGMENT_BYTES`]; one created with sled's default segment
+    /// size (by earlier versions) still opens, keeps its size and its records, and large pages
+    /// of a new store stay in the log (no blob files).
+    #[tokio::test]
+    async fn segment_size_of_new_and_earlier_stores() {
+        let conf_size = |dir: &tempfile::TempDir| persisted_segment_size(dir.path()).unwrap();
+        let new = tempfile::tempdir().unwrap();
+        assert_eq!(conf_size(&new), None);
+        let n = node("gw-1");
+        {
+            let store = open(&new);
+            // Entries of 2,000 records: pages of tens of kilobytes, rewritten as they grow.
+            let mut seq = 1;
+            for round in 0..40 {
+                let batch: Vec<Sample> = (0..2000)
+                    .map(|i| sample("plc", &format!("p{i}"), round * 2000 + i, 1))
+                    .collect();
+                store.commit_batch(&n, seq, &batch).await.unwrap();
+                seq += batch.len() as u64;
+            }
+            store.flush().await.unwrap();
+            let blobs = std::fs::read_dir(new.path().join("blobs")).unwrap().count();
+            assert_eq!(blobs, 0, "pages written as blob files");
+        }
+        assert_eq!(conf_size(&new), Some(SEGMENT_BYTES));
+        assert_eq!(open(&new).stored_seq(&n).unwrap(), 80_000);
+
+        let old = tempfile::tempdir().unwrap();
+        {
+            let db = sled::Config::new().path(old.path()).open().unwrap();
+            db.open_tree(TREE).unwrap();
+            db.flush().unwrap();
+        }
+        assert_eq!(conf_size(&old), Some(512 * 1024));
+        {
+            let store = open(&old);
+            store
+                .commit_batch(&n, 1, &[sample("plc", "a", 1, 1)])
+                .await
+                .unwrap();
+            store.flush().await.unwrap();
+        }
+        assert_eq!(conf_size(&old), Some(512 * 1024));
+        assert_eq!(open(&old).stored_seq(&n).unwrap(), 1);
+
+        // A conf file sled did not write: no size found, and sled itself refuses it.
+        let bad = tempfile::tempdir().unwrap();
+        std::fs::write(bad.path().join("conf"), "segment_size: lots\n").unwrap();
+        assert_eq!(conf_size(&bad), None);
+        assert!(HubStore::open(bad.path(), CACHE).is_err());
     }
 
     fn on_disk_seq(store: &HubStore, n: &NodeId) -> u64 {
