@@ -906,29 +906,42 @@ mod tests {
         (ep, connecting)
     }
 
-    /// Counts the datagrams a socket that never answers receives until `stop`.
-    fn silent_peer() -> (
+    /// What a test peer returns: its address, its thread (which returns how many datagrams
+    /// arrived) and the flag that stops it.
+    type Peer = (
         SocketAddr,
         std::thread::JoinHandle<usize>,
         Arc<std::sync::atomic::AtomicBool>,
-    ) {
+    );
+
+    /// A UDP peer on loopback: `on_datagram` sees every datagram it receives (and may answer
+    /// it) until the flag is set.
+    fn peer(
+        mut on_datagram: impl FnMut(&std::net::UdpSocket, &mut [u8], SocketAddr) + Send + 'static,
+    ) -> Peer {
         let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).expect("bind");
         sock.set_read_timeout(Some(Duration::from_millis(20)))
             .expect("timeout");
         let addr = sock.local_addr().expect("addr");
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop2 = stop.clone();
-        let counter = std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             let mut n = 0;
             while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
-                if sock.recv(&mut buf).is_ok() {
+                if let Ok((len, from)) = sock.recv_from(&mut buf) {
                     n += 1;
+                    on_datagram(&sock, &mut buf[..len], from);
                 }
             }
             n
         });
-        (addr, counter, stop)
+        (addr, thread, stop)
+    }
+
+    /// A peer that never answers.
+    fn silent_peer() -> Peer {
+        peer(|_, _, _| {})
     }
 
     /// A hub that does not answer: with a round trip measured before, the attempt ends once
@@ -976,22 +989,11 @@ mod tests {
     /// datagrams that are not QUIC), and ends with the answer wait, not a panic.
     #[tokio::test]
     async fn a_peer_answering_noise_is_treated_as_silent() {
-        let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0)).expect("bind");
-        sock.set_read_timeout(Some(Duration::from_millis(20)))
-            .expect("timeout");
-        let addr = sock.local_addr().expect("addr");
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let noise = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    // The datagram reversed, and 1,200 bytes of 0xff.
-                    buf[..n].reverse();
-                    let _ = sock.send_to(&buf[..n], from);
-                    let _ = sock.send_to(&[0xff; 1200], from);
-                }
-            }
+        let (addr, noise, stop) = peer(|sock, datagram, from| {
+            // The datagram reversed, and 1,200 bytes of 0xff.
+            datagram.reverse();
+            let _ = sock.send_to(datagram, from);
+            let _ = sock.send_to(&[0xff; 1200], from);
         });
         let (_ep, connecting) = attempt(addr);
         let timeout = Duration::from_secs(10);

@@ -484,6 +484,29 @@ fn fdatasync_probe(dir: &Path) -> anyhow::Result<(f64, f64)> {
     Ok((ms(h.value_at_quantile(0.5)), ms(h.value_at_quantile(0.99))))
 }
 
+/// A thread that hands `n` instants to `send`, one every 1/`rate` s on absolute deadlines (so
+/// sleep overshoot does not lower the rate); it stops early when `send` returns false.
+fn paced_source(
+    n: u64,
+    rate: u64,
+    mut send: impl FnMut(Instant) -> bool + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let period_ns = 1_000_000_000 / rate.max(1);
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        for k in 0..n {
+            let due = t0 + Duration::from_nanos(k * period_ns);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if !send(Instant::now()) {
+                return;
+            }
+        }
+    })
+}
+
 /// The record pipeline with everything but the disk taken out, for the floor the record
 /// latency cannot go under on this disk: records arrive every 1/`rate` s for `secs` s (absolute
 /// deadlines); stage A (the agent's commit) writes 64 bytes per record that queued into a file
@@ -507,20 +530,7 @@ fn disk_pipeline(dir: &Path, rate: u64, secs: u64) -> anyhow::Result<Histogram<u
         .open(&b_path)?;
     let (to_a, a_rx) = smpsc::channel::<Instant>();
     let (to_b, b_rx) = smpsc::channel::<Vec<Instant>>();
-    let period_ns = 1_000_000_000 / rate.max(1);
-    let source = std::thread::spawn(move || {
-        let t0 = Instant::now();
-        for k in 0..n {
-            let due = t0 + Duration::from_nanos(k * period_ns);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            if to_a.send(Instant::now()).is_err() {
-                return;
-            }
-        }
-    });
+    let source = paced_source(n, rate, move |at| to_a.send(at).is_ok());
     let stage_a = std::thread::spawn(move || -> std::io::Result<()> {
         let mut off = 0u64;
         while let Ok(first) = a_rx.recv() {
@@ -639,20 +649,7 @@ async fn record_latency(
     // The source: one record every 1/rate s on a thread of its own (absolute deadlines, so
     // sleep overshoot does not lower the rate), handed over with its acceptance instant.
     let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
-    let period_ns = 1_000_000_000 / args.record_rate;
-    let source = std::thread::spawn(move || {
-        let t0 = Instant::now();
-        for k in 0..n {
-            let due = t0 + Duration::from_nanos(k * period_ns);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            if tx.send(Instant::now()).is_err() {
-                return;
-            }
-        }
-    });
+    let source = paced_source(n, args.record_rate, move |at| tx.send(at).is_ok());
     // The committer: commit at once; what queued meanwhile is the next group.
     let t0 = Instant::now();
     let mut accepted: Vec<Instant> = Vec::with_capacity(n as usize);
