@@ -15,6 +15,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -217,20 +218,90 @@ fn answer_wait(last_rtt: Option<Duration>, connect_timeout: Duration) -> Duratio
 /// The least time [`answer_wait`] leaves for the answer to the third Initial.
 const MIN_ANSWER_WAIT: Duration = Duration::from_millis(100);
 
-/// Waits for the handshake of `connecting`: at most `answer_wait` for the hub's first answer
-/// (its first flight of handshake packets), and at most `timeout` in all.
+/// The uplink endpoint's UDP socket, counting the datagrams it receives. A connection attempt
+/// that received anything while it waited has heard from the hub (whose first answer to any
+/// attempt is a stateless Retry, cheap for it even when a whole fleet reconnects), so it is
+/// given the whole connect timeout: only an attempt met by silence ends early.
+#[derive(Debug)]
+struct CountingSocket {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    received: Arc<AtomicU64>,
+}
+
+impl quinn::AsyncUdpSocket for CountingSocket {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = self.inner.poll_recv(cx, bufs, meta);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.received.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+/// A client endpoint bound to `bind` whose received datagrams are counted in `received`.
+fn counting_endpoint(
+    bind: SocketAddr,
+    received: Arc<AtomicU64>,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+    let inner = runtime.wrap_udp_socket(socket)?;
+    quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        Arc::new(CountingSocket { inner, received }),
+        runtime,
+    )
+}
+
+/// Waits for the handshake of `connecting`, at most `timeout` in all; gives up after
+/// `answer_wait` if the endpoint received nothing at all meanwhile (`received` counts its
+/// datagrams) and the hub's first flight of handshake packets has not arrived.
 async fn handshake(
     mut connecting: quinn::Connecting,
     timeout: Duration,
     answer_wait: Duration,
+    received: &AtomicU64,
 ) -> Result<quinn::Connection, UplinkError> {
     let deadline = Instant::now() + timeout;
+    let before = received.load(Ordering::Relaxed);
     match tokio::time::timeout(answer_wait.min(timeout), connecting.handshake_data()).await {
-        Err(_) => {
+        Err(_) if received.load(Ordering::Relaxed) == before => {
             return Err(UplinkError::Connect(format!(
                 "no answer from the hub within {answer_wait:?}"
             )));
         }
+        // Something arrived: the hub is there, busy or slow; the whole timeout.
+        Err(_) => {}
         Ok(Err(e)) => return Err(UplinkError::Connect(explain(&e))),
         Ok(Ok(_)) => {}
     }
@@ -259,6 +330,8 @@ pub struct Uplink {
     next_conn: Option<quinn::Connection>,
     /// The round trip time of the last connection to the hub, when it ended.
     last_rtt: Option<Duration>,
+    /// Datagrams the endpoint received (see [`CountingSocket`]).
+    received: Arc<AtomicU64>,
 }
 
 /// How the uplink talks to the downlink (protocol version 2).
@@ -297,6 +370,7 @@ impl Uplink {
             schemas_due: std::collections::VecDeque::new(),
             next_conn: None,
             last_rtt: None,
+            received: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -443,7 +517,7 @@ impl Uplink {
                 } else {
                     (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
                 };
-                let ep = quinn::Endpoint::client(bind)
+                let ep = counting_endpoint(bind, self.received.clone())
                     .map_err(|e| UplinkError::Connect(format!("bind: {e}")))?;
                 *endpoint = Some(ep.clone());
                 ep
@@ -455,7 +529,7 @@ impl Uplink {
         let answer_wait = answer_wait(self.last_rtt, self.cfg.connect_timeout);
         let conn = tokio::select! {
             _ = self.cancel.cancelled() => return Ok(()),
-            r = handshake(connecting, self.cfg.connect_timeout, answer_wait) => r?,
+            r = handshake(connecting, self.cfg.connect_timeout, answer_wait, &self.received) => r?,
         };
         self.drive_and_close(session, conn, endpoint).await
     }
@@ -889,7 +963,7 @@ mod tests {
 
     /// A quinn client endpoint and a connection attempt to `to` (the peer is never trusted:
     /// these tests never get past its first flight).
-    fn attempt(to: SocketAddr) -> (quinn::Endpoint, quinn::Connecting) {
+    fn attempt(to: SocketAddr) -> (quinn::Endpoint, quinn::Connecting, Arc<AtomicU64>) {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let crypto = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -901,9 +975,11 @@ mod tests {
         let mut transport = quinn::TransportConfig::default();
         transport.initial_rtt(INITIAL_RTT);
         cc.transport_config(Arc::new(transport));
-        let ep = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into()).expect("bind");
+        let received = Arc::new(AtomicU64::new(0));
+        let ep = counting_endpoint((std::net::Ipv4Addr::LOCALHOST, 0).into(), received.clone())
+            .expect("bind");
         let connecting = ep.connect_with(cc, to, "edgesync-hub").expect("connect");
-        (ep, connecting)
+        (ep, connecting, received)
     }
 
     /// What a test peer returns: its address, its thread (which returns how many datagrams
@@ -950,11 +1026,13 @@ mod tests {
     #[tokio::test]
     async fn an_unanswered_handshake_ends_after_the_third_initial() {
         let (addr, counter, stop) = silent_peer();
-        let (_ep, connecting) = attempt(addr);
+        let (_ep, connecting, received) = attempt(addr);
         let timeout = Duration::from_secs(10);
         let wait = answer_wait(Some(Duration::from_millis(1)), timeout);
         let t0 = std::time::Instant::now();
-        let err = handshake(connecting, timeout, wait).await.unwrap_err();
+        let err = handshake(connecting, timeout, wait, &received)
+            .await
+            .unwrap_err();
         let took = t0.elapsed();
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let initials = counter.join().expect("counter");
@@ -973,10 +1051,10 @@ mod tests {
     #[tokio::test]
     async fn without_a_measured_round_trip_the_whole_timeout_is_waited() {
         let (addr, counter, stop) = silent_peer();
-        let (_ep, connecting) = attempt(addr);
+        let (_ep, connecting, received) = attempt(addr);
         let timeout = Duration::from_millis(1500);
         let t0 = std::time::Instant::now();
-        let err = handshake(connecting, timeout, answer_wait(None, timeout))
+        let err = handshake(connecting, timeout, answer_wait(None, timeout), &received)
             .await
             .unwrap_err();
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -985,25 +1063,29 @@ mod tests {
         assert!(err.to_string().contains("no answer"), "{err}");
     }
 
-    /// A peer that answers with garbage: the attempt is not cut short by it (quinn ignores
-    /// datagrams that are not QUIC), and ends with the answer wait, not a panic.
+    /// A peer that answers something, here garbage (as the hub's stateless Retry comes
+    /// before its handshake, and a busy hub may be slow with the rest): the attempt has heard
+    /// from the peer, so it is not cut short at the answer wait but waits the whole timeout,
+    /// and ends with an error, not a panic.
     #[tokio::test]
-    async fn a_peer_answering_noise_is_treated_as_silent() {
+    async fn a_peer_that_answers_anything_is_waited_for_the_whole_timeout() {
         let (addr, noise, stop) = peer(|sock, datagram, from| {
             // The datagram reversed, and 1,200 bytes of 0xff.
             datagram.reverse();
             let _ = sock.send_to(datagram, from);
             let _ = sock.send_to(&[0xff; 1200], from);
         });
-        let (_ep, connecting) = attempt(addr);
-        let timeout = Duration::from_secs(10);
+        let (_ep, connecting, received) = attempt(addr);
+        let timeout = Duration::from_millis(2500);
         let wait = answer_wait(Some(Duration::from_millis(1)), timeout);
         let t0 = std::time::Instant::now();
-        let r = handshake(connecting, timeout, wait).await;
+        let r = handshake(connecting, timeout, wait, &received).await;
+        let took = t0.elapsed();
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         noise.join().expect("noise");
         let err = r.unwrap_err();
-        assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
-        assert!(err.to_string().contains("no answer"), "{err}");
+        assert!(received.load(Ordering::Relaxed) > 0);
+        assert!(took >= timeout, "{took:?}");
+        assert!(err.to_string().contains("timed out after"), "{err}");
     }
 }
