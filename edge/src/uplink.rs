@@ -305,6 +305,15 @@ async fn handshake(
         Ok(Err(e)) => return Err(UplinkError::Connect(explain(&e))),
         Ok(Ok(_)) => {}
     }
+    established(connecting, deadline, timeout).await
+}
+
+/// Waits for `connecting` until `deadline` (`timeout` after the attempt began, for the error).
+async fn established(
+    connecting: quinn::Connecting,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<quinn::Connection, UplinkError> {
     match tokio::time::timeout_at(deadline, connecting).await {
         Err(_) => Err(UplinkError::Connect(format!("timed out after {timeout:?}"))),
         Ok(Err(e)) => Err(UplinkError::Connect(explain(&e))),
@@ -543,11 +552,7 @@ impl Uplink {
             let connecting = ep
                 .connect_with(cc?, addr, "edgesync-hub")
                 .map_err(|e| UplinkError::Connect(e.to_string()))?;
-            match tokio::time::timeout(timeout, connecting).await {
-                Err(_) => Err(UplinkError::Connect(format!("timed out after {timeout:?}"))),
-                Ok(Err(e)) => Err(UplinkError::Connect(explain(&e))),
-                Ok(Ok(c)) => Ok(c),
-            }
+            established(connecting, Instant::now() + timeout, timeout).await
         })
     }
 
