@@ -1,7 +1,8 @@
 //! The embedded broker: rumqttd's router and one MQTT 3.1.1 listener on a private loopback port,
 //! behind the [guard](super::guard) on the configured address. The agent itself is not a
-//! network client of its own broker: it talks to the router in-process, through a rumqttd
-//! local link (no socket, no MQTT encoding, no trip through the guard; see [`AgentLink`]).
+//! network client of its own broker: apps' requests reach it through a rumqttd local link (no
+//! socket, no MQTT encoding; see [`AgentLink`]), and its own messages go straight to the guard's
+//! connections ([`direct`](super::direct)), not through rumqttd.
 //!
 //! Everything runs on one thread of its own ("mqtt-broker", a current-thread tokio runtime),
 //! so a busy or hostile client costs that thread, not the agent's pipeline. rumqttd's router
@@ -22,6 +23,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::task::Poll;
 
 use tokio::sync::oneshot;
@@ -29,6 +31,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::MqttError;
+use super::direct::Direct;
 use super::guard::{self, GuardConfig};
 use crate::config::{EmbeddedBroker, MqttConfig};
 
@@ -36,8 +39,10 @@ use crate::config::{EmbeddedBroker, MqttConfig};
 pub(crate) struct Embedded {
     /// Where the guard listens (the actual port when `listen` asked for port 0).
     pub local_addr: SocketAddr,
-    /// The agent's own in-process connection to the router.
+    /// The agent's own in-process connection to the router (to receive apps' requests).
     pub link: AgentLink,
+    /// Where the agent's own messages go (straight to the guard's connections).
+    pub direct: Arc<Direct>,
     /// Ends when the broker thread has stopped (after `cancel`).
     pub handle: JoinHandle<()>,
 }
@@ -45,11 +50,11 @@ pub(crate) struct Embedded {
 /// The client id of the agent's in-process connection.
 const AGENT_CLIENT_ID: &str = "edgesync-agent";
 
-/// The agent's in-process connection to rumqttd's router: messages go in as `Bytes` (no
-/// encoding, no copy), requests of apps come out as notifications. Topics are as rumqttd sees
-/// them (`$x` mapped to `_$x`, like the guard does for apps).
+/// The agent's in-process connection to rumqttd's router: its subscriptions go in, requests
+/// of apps come out as notifications. Topics are as rumqttd sees them (`$x` mapped to `_$x`,
+/// like the guard does for apps).
 pub(crate) struct AgentLink {
-    /// Publishes and subscriptions into the router.
+    /// Subscriptions into the router.
     pub tx: rumqttd::local::LinkTx,
     /// What the router forwards to the agent (apps' requests).
     pub rx: rumqttd::local::LinkRx,
@@ -106,6 +111,9 @@ pub(crate) async fn start(
         external_auth: None,
         dynamic_filters: true,
     };
+    // A connection's queue of the agent's messages holds what rumqttd's log of one
+    // subscription filter held.
+    let direct = Direct::new(cfg.segment_bytes.saturating_mul(cfg.segment_count));
     let guard_cfg = GuardConfig {
         upstream: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         upstream_login,
@@ -115,6 +123,7 @@ pub(crate) async fn start(
         connect_timeout: common.connect_timeout,
         max_topics: cfg.max_topics,
         reserved,
+        direct: direct.clone(),
     };
 
     let (ready_tx, ready_rx) = oneshot::channel::<Result<AgentLink, MqttError>>();
@@ -146,6 +155,7 @@ pub(crate) async fn start(
     Ok(Embedded {
         local_addr,
         link,
+        direct,
         handle,
     })
 }

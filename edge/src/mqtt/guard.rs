@@ -32,13 +32,16 @@
 //!   way in, and back on the way out (the PUBLISH packets rumqttd sends). Topics and filters a
 //!   client writes with the prefix `_$` are refused, so the mapping cannot be forged.
 //!
-//! Broker-to-client packets are forwarded unchanged except for that mapping. No client is exempt
-//! from these rules: the agent itself is not a client of the guard.
+//! Broker-to-client packets are forwarded unchanged except for that mapping. The agent's own
+//! messages do not come from rumqttd: the guard records the filters each SUBACK granted and
+//! writes the agent's messages for them itself, between rumqttd's packets (see
+//! [`direct`](super::direct)). No client is exempt from these rules: the agent itself is not a
+//! client of the guard.
 //!
 //! Invariant: rumqttd's listener sees only connections from this guard, each carrying one
 //! CONNECT that passed [`parse_connect`], with a client id it has never seen.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -49,6 +52,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::direct::Direct;
 use super::metrics;
 
 /// Packet types (high nibble of the first byte).
@@ -60,6 +64,7 @@ const PUBREC: u8 = 5;
 const PUBREL: u8 = 6;
 const PUBCOMP: u8 = 7;
 const SUBSCRIBE: u8 = 8;
+const SUBACK: u8 = 9;
 const UNSUBSCRIBE: u8 = 10;
 const PINGREQ: u8 = 12;
 const DISCONNECT: u8 = 14;
@@ -70,6 +75,12 @@ const RC_ID_REJECTED: u8 = 2;
 const RC_UNAVAILABLE: u8 = 3;
 const RC_BAD_LOGIN: u8 = 4;
 const RC_NOT_AUTHORIZED: u8 = 5;
+
+/// SUBACK return code of a refused subscription.
+const SUBACK_FAILURE: u8 = 0x80;
+
+/// Most SUBSCRIBEs of one connection waiting for rumqttd's SUBACK.
+const MAX_AWAITING_SUBACKS: usize = 256;
 
 /// Longest topic or filter accepted, in bytes.
 const MAX_TOPIC_BYTES: usize = 1024;
@@ -458,8 +469,11 @@ pub enum Checked {
     /// A PUBLISH to this topic: forward it if the client may publish there (the topic counts
     /// against the budget).
     Publish(String),
-    /// Forward it; it uses these filters (each counts against the budget).
-    Uses(Vec<String>),
+    /// A SUBSCRIBE with this packet id: forward it; it uses these filters (each counts
+    /// against the budget).
+    Subscribe(u16, Vec<String>),
+    /// An UNSUBSCRIBE of these filters: forward it.
+    Unsubscribe(Vec<String>),
     /// Forward it, then stop reading (DISCONNECT).
     Last,
 }
@@ -497,7 +511,8 @@ pub fn check_packet(packet: &[u8]) -> Result<Checked, GuardError> {
             if flags != 2 {
                 return Err(refused("SUBSCRIBE/UNSUBSCRIBE flags must be 2"));
             }
-            if b.u16()? == 0 {
+            let id = b.u16()?;
+            if id == 0 {
                 return Err(refused("packet id 0"));
             }
             let mut filters = Vec::new();
@@ -513,9 +528,9 @@ pub fn check_packet(packet: &[u8]) -> Result<Checked, GuardError> {
                 return Err(refused("SUBSCRIBE/UNSUBSCRIBE without a filter"));
             }
             if kind == UNSUBSCRIBE {
-                return Ok(Checked::Forward);
+                return Ok(Checked::Unsubscribe(filters));
             }
-            Ok(Checked::Uses(filters))
+            Ok(Checked::Subscribe(id, filters))
         }
         PINGREQ if flags == 0 && body.is_empty() => Ok(Checked::Forward),
         DISCONNECT if flags == 0 && body.is_empty() => Ok(Checked::Last),
@@ -564,16 +579,49 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
 /// buffer on rumqttd's side of a connection).
 const COALESCE_BYTES: usize = 16 * 1024;
 
-/// Whether `buf` starts with a whole packet (fixed header, remaining length and body).
-fn holds_packet(buf: &[u8]) -> bool {
+/// Takes the packet at the start of `buf` (header included) once it is there in full, of at
+/// most `max` bytes of remaining length; `Ok(None)` while it is still arriving.
+fn take_packet(buf: &mut bytes::BytesMut, max: usize) -> Result<Option<Vec<u8>>, GuardError> {
     let mut len: usize = 0;
-    for (i, byte) in buf.iter().enumerate().skip(1).take(4) {
+    for i in 1..=4 {
+        let Some(&byte) = buf.get(i) else {
+            return Ok(None);
+        };
         len |= usize::from(byte & 0x7f) << (7 * (i - 1));
-        if byte & 0x80 == 0 {
-            return buf.len() >= i + 1 + len;
+        if byte & 0x80 != 0 {
+            continue;
         }
+        if len > max {
+            return Err(refused(format!(
+                "packet of {len} bytes exceeds max_packet_bytes ({max})"
+            )));
+        }
+        let whole = i + 1 + len;
+        if buf.len() < whole {
+            buf.reserve(whole - buf.len());
+            return Ok(None);
+        }
+        return Ok(Some(buf.split_to(whole).to_vec()));
     }
-    false
+    Err(refused("remaining length longer than 4 bytes"))
+}
+
+/// The packet id and return codes of a SUBACK (`None` for any other packet).
+fn parse_suback(packet: &[u8]) -> Option<(u16, Vec<u8>)> {
+    let (first, body) = split(packet).ok()?;
+    if first != SUBACK << 4 || body.len() < 2 {
+        return None;
+    }
+    Some((u16::from_be_bytes([body[0], body[1]]), body[2..].to_vec()))
+}
+
+/// Drops a connection's registration for the agent's messages when the connection ends.
+struct Detach<'a>(&'a Direct, u64);
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        self.0.detach(self.1);
+    }
 }
 
 /// Asks the kernel to acknowledge what arrives on `sock` at once (Linux `TCP_QUICKACK`; a
@@ -607,6 +655,8 @@ pub struct GuardConfig {
     pub max_topics: usize,
     /// Filters of the topics only the agent may publish to.
     pub reserved: Vec<String>,
+    /// The agent's messages and the subscriptions they go to.
+    pub direct: Arc<Direct>,
 }
 
 /// State shared by the guard's connections.
@@ -797,6 +847,11 @@ async fn connection(
         }
     }
     metrics::connection(1);
+    // The agent's own messages come through `direct`, the rest from rumqttd.
+    let queue = cfg.direct.attach(n);
+    let _detach = Detach(&cfg.direct, n);
+    // SUBSCRIBEs rumqttd has not acknowledged yet: (packet id, filters), oldest first.
+    let awaiting: Mutex<VecDeque<(u16, Vec<String>)>> = Mutex::new(VecDeque::new());
     let (mut up_r, mut up_w) = up.into_split();
     let result = tokio::select! {
         // Client to broker, packet by packet, checked. Not cancellation-safe (a packet may be
@@ -820,39 +875,72 @@ async fn connection(
                             return Err(refused("topic budget exhausted (max_topics)"));
                         }
                     }
-                    Checked::Uses(names) => {
-                        if !shared.admit(&names) {
+                    Checked::Subscribe(id, filters) => {
+                        if !shared.admit(&filters) {
                             return Err(refused("topic budget exhausted (max_topics)"));
                         }
+                        let mut awaiting = awaiting.lock().unwrap_or_else(PoisonError::into_inner);
+                        if awaiting.len() >= MAX_AWAITING_SUBACKS {
+                            return Err(refused("too many SUBSCRIBEs awaiting their SUBACK"));
+                        }
+                        awaiting.push_back((id, filters));
                     }
+                    Checked::Unsubscribe(filters) => cfg.direct.unsubscribe(n, &filters),
                 }
                 up_w.write_all(&map_client_packet(packet)?).await?;
             }
         } => r,
-        // Broker to client, packet by packet (PUBLISH topics mapped back). Not
-        // cancellation-safe either; same reason.
+        // To the client: rumqttd's packets (PUBLISH topics mapped back) and the agent's
+        // messages, gathered into one write when several are waiting. Cancellation-safe
+        // waits only; a write in progress is not, which is fine: every other arm ends the
+        // connection.
         r = async {
-            let mut up_r = BufReader::with_capacity(COALESCE_BYTES, &mut up_r);
+            let mut buf = bytes::BytesMut::with_capacity(COALESCE_BYTES);
             let mut out = Vec::new();
             loop {
                 // rumqttd's packets are bounded by max_payload_size plus a header.
-                let Some(packet) = read_packet(&mut up_r, cfg.max_packet_bytes + 4096).await? else {
-                    return Ok(());
-                };
-                // rumqttd leaves Nagle's algorithm on for the sockets it accepts, so when it
-                // sends packets back to back (a poll cycle's telemetry) the second waits for
-                // our ACK, which the kernel delays up to 40 ms. Acknowledge at once instead
-                // (quick-ack mode does not stick, so it is set again after every packet).
-                quick_ack(up_r.get_ref());
-                out.extend_from_slice(&map_broker_packet(packet)?);
-                // rumqttd writes a round of packets at once (a poll cycle's telemetry): when
-                // the next one is already here in full, send them together (one write, one
-                // wake-up of the client). Never wait for a packet that is still arriving.
-                if out.len() < COALESCE_BYTES && holds_packet(up_r.buffer()) {
+                while let Some(packet) = take_packet(&mut buf, cfg.max_packet_bytes + 4096)? {
+                    if let Some((id, codes)) = parse_suback(&packet) {
+                        // The filters rumqttd accepted now receive the agent's messages too.
+                        let mut awaiting = awaiting.lock().unwrap_or_else(PoisonError::into_inner);
+                        if let Some(i) = awaiting.iter().position(|(pid, _)| *pid == id)
+                            && let Some((_, filters)) = awaiting.remove(i)
+                            && filters.len() == codes.len()
+                        {
+                            let granted: Vec<String> = filters
+                                .into_iter()
+                                .zip(codes)
+                                .filter(|(_, c)| *c != SUBACK_FAILURE)
+                                .map(|(f, _)| f)
+                                .collect();
+                            cfg.direct.subscribe(n, &granted);
+                        }
+                    }
+                    out.extend_from_slice(&map_broker_packet(packet)?);
+                    if out.len() >= COALESCE_BYTES {
+                        break;
+                    }
+                }
+                queue.drain_into(&mut out);
+                if !out.is_empty() {
+                    client_w.write_all(&out).await?;
+                    out.clear();
                     continue;
                 }
-                client_w.write_all(&out).await?;
-                out.clear();
+                tokio::select! {
+                    // Both cancellation-safe.
+                    r = up_r.read_buf(&mut buf) => {
+                        if r? == 0 {
+                            return Ok(());
+                        }
+                        // rumqttd leaves Nagle's algorithm on for the sockets it accepts, so
+                        // when it sends packets back to back the second waits for our ACK,
+                        // which the kernel delays up to 40 ms. Acknowledge at once instead
+                        // (quick-ack mode does not stick, so it is set again after every read).
+                        quick_ack(&up_r);
+                    }
+                    () = queue.ready() => {}
+                }
             }
         } => r,
         // A newer connection with the same client id took over.
@@ -947,7 +1035,10 @@ mod tests {
         put_bytes(&mut sub, b"$hw/events/device/+/twin/#");
         sub.push(1);
         sub[1] = (sub.len() - 2) as u8;
-        assert!(matches!(check_packet(&sub).unwrap(), Checked::Uses(_)));
+        assert!(matches!(
+            check_packet(&sub).unwrap(),
+            Checked::Subscribe(1, _)
+        ));
         for bad in ["a/#/b", "a+", "$share/g/a", ""] {
             assert!(check_filter(bad).is_err(), "{bad}");
         }
@@ -1029,13 +1120,15 @@ mod tests {
     }
 
     /// A guard in front of a fake upstream that accepts every CONNECT and records what it
-    /// receives after it.
+    /// receives after it; it answers a SUBSCRIBE with a SUBACK (refusing filters that start
+    /// with `refuse/`) and sends a PUBLISH to `echo/...` back.
     async fn guard_with_fake_upstream(
         reserved: Vec<String>,
     ) -> (
         SocketAddr,
         tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
         CancellationToken,
+        Arc<Direct>,
     ) {
         let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let up_addr = upstream.local_addr().unwrap();
@@ -1049,6 +1142,23 @@ mod tests {
                     }
                     let _ = s.write_all(&connack(0)).await;
                     while let Ok(Some(p)) = read_packet(&mut s, 1 << 16).await {
+                        if p[0] == SUBSCRIBE << 4 | 2 {
+                            // Not `check_packet`: mapped filters (`_$...`) are fine here.
+                            let (_, body) = split(&p).unwrap();
+                            let mut b = Body { buf: body };
+                            let mut ack = b.u16().unwrap().to_be_bytes().to_vec();
+                            while !b.is_empty() {
+                                let f = b.string().unwrap();
+                                ack.push(if f.starts_with("refuse/") { 0x80 } else { 0 });
+                                b.u8().unwrap();
+                            }
+                            let _ = s.write_all(&encode(SUBACK << 4, &ack)).await;
+                        }
+                        if let Ok(Checked::Publish(t)) = check_packet(&p)
+                            && t.starts_with("echo/")
+                        {
+                            let _ = s.write_all(&p).await;
+                        }
                         let _ = tx.send(p);
                     }
                 });
@@ -1066,9 +1176,11 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
             max_topics: 64,
             reserved,
+            direct: Direct::new(1024),
         };
+        let direct = cfg.direct.clone();
         tokio::spawn(run(listener, cfg, cancel.clone()));
-        (addr, rx, cancel)
+        (addr, rx, cancel, direct)
     }
 
     fn publish_packet(topic: &str, payload: &[u8]) -> Vec<u8> {
@@ -1076,6 +1188,142 @@ mod tests {
         put_bytes(&mut body, topic.as_bytes());
         body.extend_from_slice(payload);
         encode(0x30, &body)
+    }
+
+    /// Connects an app through the guard and subscribes it to `filters` (packet id 1);
+    /// returns the socket and the SUBACK's return codes.
+    async fn subscribed_app(addr: SocketAddr, id: &str, filters: &[&str]) -> (TcpStream, Vec<u8>) {
+        let mut app = TcpStream::connect(addr).await.unwrap();
+        app.write_all(&connect_packet(4, 0x02, 60, id, &[]))
+            .await
+            .unwrap();
+        let mut ack = [0u8; 4];
+        app.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack, connack(0));
+        let mut body = vec![0, 1];
+        for f in filters {
+            put_bytes(&mut body, f.as_bytes());
+            body.push(0);
+        }
+        app.write_all(&encode(0x82, &body)).await.unwrap();
+        let suback = next(&mut app).await;
+        let (id, codes) = parse_suback(&suback).unwrap();
+        assert_eq!(id, 1);
+        (app, codes)
+    }
+
+    /// The next packet the app receives, within 2 s.
+    async fn next(app: &mut TcpStream) -> Vec<u8> {
+        tokio::time::timeout(Duration::from_secs(2), read_packet(app, 1 << 20))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Publishes through `direct` until `want` connections get it (2 s at most).
+    async fn publish_until(direct: &Direct, topic: &str, want: usize) {
+        for _ in 0..200 {
+            if direct.publish(topic, b"x") == super::super::direct::Delivery::Queued(want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{topic} never reached {want} connections");
+    }
+
+    #[tokio::test]
+    async fn the_agents_messages_go_to_the_subscriptions_rumqttd_granted() {
+        let (addr, _upstream, cancel, direct) =
+            guard_with_fake_upstream(vec!["edgesync/#".to_owned()]).await;
+        use super::super::direct::Delivery;
+        // Nobody subscribed yet: nothing is encoded or queued.
+        assert_eq!(direct.publish("edgesync/n/d", b"{}"), Delivery::Queued(0));
+        let (mut app, codes) = subscribed_app(
+            addr,
+            "app",
+            &["edgesync/#", "refuse/x", "$hw/events/connected/+"],
+        )
+        .await;
+        assert_eq!(codes, vec![0, 0x80, 0]);
+        // Granted as soon as the SUBACK reached the app; the refused filter gets nothing.
+        assert_eq!(direct.publish("edgesync/n/d", b"{}"), Delivery::Queued(1));
+        assert_eq!(direct.publish("refuse/x", b"no"), Delivery::Queued(0));
+        assert_eq!(
+            direct.publish("$hw/events/connected/n", b"up"),
+            Delivery::Queued(1)
+        );
+        assert_eq!(next(&mut app).await, publish_packet("edgesync/n/d", b"{}"));
+        assert_eq!(
+            next(&mut app).await,
+            publish_packet("$hw/events/connected/n", b"up")
+        );
+        // rumqttd's packets and the agent's, interleaved on one socket, arrive whole.
+        for i in 0..200u32 {
+            app.write_all(&publish_packet("echo/a", &i.to_be_bytes()))
+                .await
+                .unwrap();
+            assert_eq!(
+                direct.publish("edgesync/n/d", &i.to_be_bytes()),
+                Delivery::Queued(1)
+            );
+            // Let the guard's tasks run (this test's runtime has one thread): the app's
+            // queue holds 1 KiB only.
+            tokio::task::yield_now().await;
+        }
+        let (mut echoed, mut direct_got) = (0u32, 0u32);
+        while echoed + direct_got < 400 {
+            let p = next(&mut app).await;
+            if p == publish_packet("echo/a", &echoed.to_be_bytes()) {
+                echoed += 1;
+            } else {
+                assert_eq!(
+                    p,
+                    publish_packet("edgesync/n/d", &direct_got.to_be_bytes()),
+                    "each source in order"
+                );
+                direct_got += 1;
+            }
+        }
+        // UNSUBSCRIBE stops the agent's messages.
+        let mut body = vec![0, 2];
+        put_bytes(&mut body, b"edgesync/#");
+        app.write_all(&encode(0xa2, &body)).await.unwrap();
+        publish_until(&direct, "edgesync/n/d", 0).await;
+        assert_eq!(
+            direct.publish("$hw/events/connected/n", b"up"),
+            Delivery::Queued(1)
+        );
+        // The connection ends: so does its registration.
+        drop(app);
+        publish_until(&direct, "$hw/events/connected/n", 0).await;
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_app_that_does_not_read_holds_up_nobody() {
+        let (addr, _upstream, cancel, direct) = guard_with_fake_upstream(vec![]).await;
+        let (_stuck, codes) = subscribed_app(addr, "stuck", &["t/#"]).await;
+        assert_eq!(codes, vec![0]);
+        let (mut reader, _) = subscribed_app(addr, "reader", &["t/#"]).await;
+        // 20 MB for the app that never reads, far beyond socket buffers and its 1 KiB queue:
+        // publishing never waits, and the reader gets every message.
+        let payload = vec![7u8; 1000];
+        let mut got = 0;
+        for i in 0..20_000u32 {
+            let mut p = payload.clone();
+            p[..4].copy_from_slice(&i.to_be_bytes());
+            assert_eq!(
+                direct.publish("t/x", &p),
+                super::super::direct::Delivery::Queued(2)
+            );
+            // Keep the reader's queue short: it holds 1 KiB.
+            let m = next(&mut reader).await;
+            assert_eq!(&m[m.len() - 1000..][..4], &i.to_be_bytes());
+            got += 1;
+        }
+        assert_eq!(got, 20_000);
+        cancel.cancel();
     }
 
     /// Reads until the guard closes the connection (or 2 s pass); whether it closed.
@@ -1096,7 +1344,7 @@ mod tests {
             "$hw/events/device/+/twin/update/result".to_owned(),
             "edgesync/#".to_owned(),
         ];
-        let (addr, mut upstream, cancel) = guard_with_fake_upstream(reserved).await;
+        let (addr, mut upstream, cancel, _) = guard_with_fake_upstream(reserved).await;
 
         // An app publishing to its own topic and to a request topic: forwarded.
         let mut app = TcpStream::connect(addr).await.unwrap();
@@ -1163,21 +1411,41 @@ mod tests {
     }
 
     #[test]
-    fn holds_packet_needs_the_whole_packet() {
-        assert!(!holds_packet(&[]));
-        assert!(!holds_packet(&[0x30]));
-        assert!(holds_packet(&[0xc0, 0]));
-        assert!(!holds_packet(&[0x30, 3, 0, 1]));
-        assert!(holds_packet(&[0x30, 3, 0, 1, b'a']));
-        assert!(holds_packet(&[0x30, 3, 0, 1, b'a', 0x30]));
+    fn take_packet_needs_the_whole_packet() {
+        fn take(b: &[u8], max: usize) -> Result<Option<Vec<u8>>, GuardError> {
+            take_packet(&mut bytes::BytesMut::from(b), max)
+        }
+        assert_eq!(take(&[], 10).unwrap(), None);
+        assert_eq!(take(&[0x30], 10).unwrap(), None);
+        assert_eq!(take(&[0xc0, 0], 10).unwrap(), Some(vec![0xc0, 0]));
+        assert_eq!(take(&[0x30, 3, 0, 1], 10).unwrap(), None);
+        let mut buf = bytes::BytesMut::from(&[0x30, 3, 0, 1, b'a', 0x30, 3][..]);
+        assert_eq!(
+            take_packet(&mut buf, 10).unwrap(),
+            Some(vec![0x30, 3, 0, 1, b'a'])
+        );
+        assert_eq!(&buf[..], &[0x30, 3], "the next packet stays");
+        assert_eq!(take_packet(&mut buf, 10).unwrap(), None);
         // Two-byte remaining length: 128 bytes of body.
         let mut p = vec![0x30, 0x80, 0x01];
         p.resize(3 + 127, 0);
-        assert!(!holds_packet(&p));
+        assert_eq!(take(&p, 1000).unwrap(), None);
         p.push(0);
-        assert!(holds_packet(&p));
+        assert_eq!(take(&p, 1000).unwrap().map(|v| v.len()), Some(131));
+        assert!(take(&p, 127).is_err(), "longer than max");
         // A length field that never ends.
-        assert!(!holds_packet(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]));
+        assert!(take(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01], usize::MAX).is_err());
+    }
+
+    #[test]
+    fn subacks_are_read() {
+        assert_eq!(
+            parse_suback(&[0x90, 4, 0, 7, 0, 0x80]),
+            Some((7, vec![0, 0x80]))
+        );
+        assert_eq!(parse_suback(&[0xb0, 2, 0, 7]), None, "UNSUBACK");
+        assert_eq!(parse_suback(&[0x90, 1, 0]), None, "truncated");
+        assert_eq!(parse_suback(&[0x90]), None);
     }
 
     #[tokio::test]

@@ -7,8 +7,11 @@ pub const IN_TOTAL: &str = "edgesync_mqtt_messages_in_total";
 /// `delta`, `document`, `state`, `uplink`, `applied`).
 pub const OUT_TOTAL: &str = "edgesync_mqtt_messages_out_total";
 /// Counter of messages dropped, label `reason` (`in_queue_full`: the bus task was behind;
-/// `rate_limited`: above `max_requests_per_s`; `out_queue_full`: the client's send queue was
-/// full; `lagged`: twin events missed because the bus task was behind).
+/// `rate_limited`: above `max_requests_per_s`; `out_queue_full`: the external broker client's
+/// send queue was full; `lagged`: twin events missed because the bus task was behind;
+/// `slow_subscriber`: the embedded broker dropped an app's oldest messages of the agent because
+/// the app read too slowly (counted once per app); `bad_topic` / `too_large`: a topic no
+/// message can be published to, a message larger than MQTT allows).
 pub const DROPPED_TOTAL: &str = "edgesync_mqtt_dropped_total";
 /// Counter of bad requests answered with an error result, label `code` (400, 404, 500).
 pub const ERRORS_TOTAL: &str = "edgesync_mqtt_request_errors_total";

@@ -9,8 +9,9 @@
 //!
 //! The broker is either embedded (rumqttd behind our [`guard`], on its own thread: see
 //! [`broker`]) or external (Mosquitto or any MQTT 3.1.1 broker; TLS with rustls and ring). With
-//! the embedded broker the agent is connected to rumqttd's router in-process (a local link);
-//! with an external one its client is rumqttc.
+//! the embedded broker the agent receives requests through rumqttd's router in-process (a local
+//! link) and hands its own messages straight to the subscribed apps' connections in the guard
+//! ([`direct`]); with an external one its client is rumqttc.
 //!
 //! Tasks (all end on `cancel`): the broker thread (embedded only); the link task (embedded) or
 //! the client task (external, drives rumqttc's event loop), which hands incoming requests to a
@@ -18,9 +19,11 @@
 //! Nothing here can block the pipeline: twin events arrive on a broadcast channel (a lagging bus
 //! task loses events, counted), requests are dropped when the queue is full or above
 //! `max_requests_per_s`, and messages are queued without waiting (dropped and counted when
-//! `queue_capacity` messages are waiting already).
+//! `queue_capacity` messages are waiting already for an external broker, or when an app of the
+//! embedded broker is too far behind).
 
 pub mod broker;
+pub mod direct;
 pub mod guard;
 pub mod kubeedge;
 pub mod metrics;
@@ -151,9 +154,11 @@ pub async fn start(
             }
             handles.push(tokio::spawn(link_task(rx, in_tx, cancel.clone())));
             tracing::info!("mqtt: client connected (in-process)");
-            let outlet = Outlet::Local {
-                tx,
-                capacity: cfg.queue_capacity,
+            // The link stays open for the requests; the agent's messages go straight to
+            // the guard's connections.
+            let outlet = Outlet::Direct {
+                direct: emb.direct,
+                _link: tx,
             };
             (outlet, Some(emb.local_addr))
         }
@@ -259,38 +264,26 @@ fn tls_transport(tls: &MqttTls) -> Result<Transport, MqttError> {
 enum Outlet {
     /// rumqttc, connected to an external broker.
     Client(AsyncClient),
-    /// The embedded broker's router, in-process; at most `capacity` messages wait for it.
-    Local {
-        tx: rumqttd::local::LinkTx,
-        capacity: usize,
+    /// The embedded broker: straight to the apps subscribed (see [`direct`]).
+    Direct {
+        direct: Arc<direct::Direct>,
+        /// The agent's link to rumqttd's router (its subscriptions live as long as it does).
+        _link: rumqttd::local::LinkTx,
     },
 }
 
 impl Outlet {
-    /// Queues a QoS 0 message; `false` when it was dropped (the queue is full, or the router
-    /// is gone).
-    fn publish(&mut self, topic: String, payload: Vec<u8>) -> bool {
+    /// Queues a QoS 0 message; the reason it was dropped otherwise (the metric's label).
+    fn publish(&mut self, topic: String, payload: Vec<u8>) -> Result<(), &'static str> {
         match self {
             Outlet::Client(c) => c
                 .try_publish(topic, QoS::AtMostOnce, false, payload)
-                .is_ok(),
-            Outlet::Local { tx, capacity } => {
-                // The link's queue is unbounded: bound it here, like rumqttc's request queue.
-                if tx.buffer().len() >= *capacity {
-                    return false;
-                }
-                let topic = match guard::to_internal(&topic) {
-                    std::borrow::Cow::Borrowed(_) => topic,
-                    std::borrow::Cow::Owned(t) => t,
-                };
-                match tx.try_publish(topic, payload) {
-                    Ok(_) => true,
-                    // The message is queued; the router's own event queue was full, and the
-                    // router takes the message with the next one.
-                    Err(rumqttd::local::LinkError::TrySend(flume::TrySendError::Full(_))) => true,
-                    Err(_) => false,
-                }
-            }
+                .map_err(|_| "out_queue_full"),
+            Outlet::Direct { direct, .. } => match direct.publish(&topic, &payload) {
+                direct::Delivery::Queued(_) => Ok(()),
+                direct::Delivery::BadTopic => Err("bad_topic"),
+                direct::Delivery::TooLarge => Err("too_large"),
+            },
         }
     }
 }
@@ -529,10 +522,9 @@ impl Bus {
     }
 
     fn publish(&mut self, topic: String, payload: Vec<u8>, kind: &'static str) {
-        if self.outlet.publish(topic, payload) {
-            metrics::sent(kind);
-        } else {
-            metrics::dropped("out_queue_full", 1);
+        match self.outlet.publish(topic, payload) {
+            Ok(()) => metrics::sent(kind),
+            Err(reason) => metrics::dropped(reason, 1),
         }
     }
 
