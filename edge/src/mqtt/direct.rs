@@ -126,6 +126,15 @@ impl Direct {
         }
     }
 
+    /// Whether any connection is subscribed to `topic` (as apps know it): a message nobody
+    /// would receive need not be built.
+    pub fn wanted(&self, topic: &str) -> bool {
+        let internal = to_internal(topic);
+        self.subs()
+            .iter()
+            .any(|s| s.filters.iter().any(|f| topic_matches(f, &internal)))
+    }
+
     /// Queues a QoS 0 message on `topic` (as apps know it) for every connection subscribed to
     /// it. Never waits; the packet is encoded only if someone is subscribed.
     pub fn publish(&self, topic: &str, payload: &[u8]) -> Delivery {
@@ -254,6 +263,12 @@ mod tests {
         d.subscribe(1, &["edgesync/gw/+".into(), "edgesync/#".into()]);
         d.subscribe(2, &["$hw/events/device/+/twin/update/delta".into()]);
         d.subscribe(3, &["#".into()]);
+        assert!(d.wanted("edgesync/gw/plc-1"));
+        assert!(d.wanted("$hw/events/device/plc-1/twin/update/delta"));
+        assert!(
+            !Direct::new(1).wanted("edgesync/gw/plc-1"),
+            "nobody subscribed"
+        );
         assert_eq!(d.publish("edgesync/gw/plc-1", b"{}"), Delivery::Queued(2));
         assert_eq!(
             d.publish("$hw/events/device/plc-1/twin/update/delta", b"d"),
@@ -282,6 +297,7 @@ mod tests {
         let a = d.attach(1);
         d.subscribe(1, &["$hw/#".into(), "edgesync/#".into()]);
         d.unsubscribe(1, &["$hw/#".into()]);
+        assert!(!d.wanted("$hw/events/connected/gw"));
         assert_eq!(
             d.publish("$hw/events/connected/gw", b""),
             Delivery::Queued(0)

@@ -4,7 +4,8 @@
 /// `get`, `other`).
 pub const IN_TOTAL: &str = "edgesync_mqtt_messages_in_total";
 /// Counter of messages the agent queued for publishing, label `kind` (`telemetry`, `result`,
-/// `delta`, `document`, `state`, `uplink`, `applied`).
+/// `delta`, `document`, `state`, `uplink`, `applied`). With the embedded broker, telemetry
+/// that no app is subscribed to is not built, hence not counted.
 pub const OUT_TOTAL: &str = "edgesync_mqtt_messages_out_total";
 /// Counter of messages dropped, label `reason` (`in_queue_full`: the bus task was behind;
 /// `rate_limited`: above `max_requests_per_s`; `out_queue_full`: the external broker client's

@@ -273,6 +273,15 @@ enum Outlet {
 }
 
 impl Outlet {
+    /// Whether a message on `topic` may reach anyone (an external broker knows its
+    /// subscribers itself: always).
+    fn wants(&self, topic: &str) -> bool {
+        match self {
+            Outlet::Client(_) => true,
+            Outlet::Direct { direct, .. } => direct.wanted(topic),
+        }
+    }
+
     /// Queues a QoS 0 message; the reason it was dropped otherwise (the metric's label).
     fn publish(&mut self, topic: String, payload: Vec<u8>) -> Result<(), &'static str> {
         match self {
@@ -556,11 +565,11 @@ impl Bus {
         if samples.is_empty() {
             return;
         }
-        self.publish(
-            self.topics.telemetry(device.as_str()),
-            kubeedge::telemetry(samples),
-            "telemetry",
-        );
+        let topic = self.topics.telemetry(device.as_str());
+        // Telemetry is the one message of every poll cycle: not built when nobody would get it.
+        if self.outlet.wants(&topic) {
+            self.publish(topic, kubeedge::telemetry(samples), "telemetry");
+        }
         if let Some(state) = DeviceState::of_samples(samples)
             && self.states.get(device) != Some(&state)
         {
