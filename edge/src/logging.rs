@@ -9,7 +9,7 @@
 use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
-use tracing_subscriber::filter::{FilterExt, filter_fn};
+use tracing_subscriber::filter::{FilterExt, LevelFilter, filter_fn};
 use tracing_subscriber::layer::{Filter, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -25,11 +25,17 @@ pub fn admits(meta: &tracing::Metadata<'_>) -> bool {
 }
 
 /// `env` and [`admits`], for a layer of the log.
+///
+/// The combination keeps `env`'s most verbose level as its hint: without a hint of its own,
+/// [`admits`] would make the combined hint "none", hence the process's maximum level `trace`,
+/// and every `debug!`/`trace!` of every library (and every record of the `log` crate, which
+/// tokio-modbus uses for each request) would be built and filtered one by one instead of
+/// skipped by a level check.
 pub fn filter<S>(env: EnvFilter) -> impl Filter<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    env.and(filter_fn(admits))
+    env.and(filter_fn(admits).with_max_level_hint(LevelFilter::TRACE))
 }
 
 /// Installs the log: `RUST_LOG`, or [`DEFAULT_FILTER`] when it is unset or invalid.
@@ -56,6 +62,20 @@ mod tests {
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
+        }
+    }
+
+    #[test]
+    fn the_most_verbose_level_is_the_filters() {
+        for (env, want) in [
+            (DEFAULT_FILTER, LevelFilter::INFO),
+            ("warn", LevelFilter::WARN),
+            ("info,edgesync_edge::uplink=debug", LevelFilter::DEBUG),
+            ("trace", LevelFilter::TRACE),
+        ] {
+            let subscriber = tracing_subscriber::registry()
+                .with(tracing_subscriber::fmt::layer().with_filter(filter(EnvFilter::new(env))));
+            assert_eq!(subscriber.max_level_hint(), Some(want), "{env}");
         }
     }
 
