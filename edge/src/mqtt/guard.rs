@@ -52,7 +52,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::direct::Direct;
+use super::direct::{Direct, Flushed};
 use super::metrics;
 
 /// Packet types (high nibble of the first byte).
@@ -615,6 +615,24 @@ fn parse_suback(packet: &[u8]) -> Option<(u16, Vec<u8>)> {
     Some((u16::from_be_bytes([body[0], body[1]]), body[2..].to_vec()))
 }
 
+/// Whether `buf` starts with a whole packet (then it is taken before waiting again).
+fn take_ready(buf: &[u8]) -> bool {
+    for i in 1..=4 {
+        let Some(&byte) = buf.get(i) else {
+            return false;
+        };
+        if byte & 0x80 == 0 {
+            let mut len = 0usize;
+            for (k, b) in buf[1..=i].iter().enumerate() {
+                len |= usize::from(b & 0x7f) << (7 * k);
+            }
+            return buf.len() >= i + 1 + len;
+        }
+    }
+    // A length field of five bytes: `take_packet` refuses it.
+    true
+}
+
 /// Drops a connection's registration for the agent's messages when the connection ends.
 struct Detach<'a>(&'a Direct, u64);
 
@@ -847,8 +865,10 @@ async fn connection(
         }
     }
     metrics::connection(1);
-    // The agent's own messages come through `direct`, the rest from rumqttd.
-    let queue = cfg.direct.attach(n);
+    // From here on everything for the app goes through `queue`: rumqttd's packets from this
+    // task, the agent's own messages from the bus (written by the bus's thread when the
+    // socket takes them at once).
+    let queue = cfg.direct.attach(n, client_w);
     let _detach = Detach(&cfg.direct, n);
     // SUBSCRIBEs rumqttd has not acknowledged yet: (packet id, filters), oldest first.
     let awaiting: Mutex<VecDeque<(u16, Vec<String>)>> = Mutex::new(VecDeque::new());
@@ -890,10 +910,8 @@ async fn connection(
                 up_w.write_all(&map_client_packet(packet)?).await?;
             }
         } => r,
-        // To the client: rumqttd's packets (PUBLISH topics mapped back) and the agent's
-        // messages, gathered into one write when several are waiting. Cancellation-safe
-        // waits only; a write in progress is not, which is fine: every other arm ends the
-        // connection.
+        // To the client: rumqttd's packets (PUBLISH topics mapped back) and what the socket
+        // could not take at once of the agent's messages. Cancellation-safe waits only.
         r = async {
             let mut buf = bytes::BytesMut::with_capacity(COALESCE_BYTES);
             let mut out = Vec::new();
@@ -921,15 +939,20 @@ async fn connection(
                         break;
                     }
                 }
-                queue.drain_into(&mut out);
-                if !out.is_empty() {
-                    client_w.write_all(&out).await?;
-                    out.clear();
+                // A round of rumqttd's packets in one write when they are all here.
+                let flushed = if out.is_empty() {
+                    queue.flush()?
+                } else {
+                    queue.push_broker(bytes::Bytes::from(std::mem::take(&mut out)))?
+                };
+                if take_ready(&buf) {
                     continue;
                 }
+                let waiting = flushed == Flushed::Waiting;
                 tokio::select! {
-                    // Both cancellation-safe.
-                    r = up_r.read_buf(&mut buf) => {
+                    // All cancellation-safe. rumqttd's packets are read on only while few of
+                    // them wait for a slow app (so rumqttd sees the app's pace).
+                    r = up_r.read_buf(&mut buf), if !waiting || queue.pinned() < COALESCE_BYTES => {
                         if r? == 0 {
                             return Ok(());
                         }
@@ -939,7 +962,10 @@ async fn connection(
                         // (quick-ack mode does not stick, so it is set again after every read).
                         quick_ack(&up_r);
                     }
-                    () = queue.ready() => {}
+                    // The socket takes more.
+                    r = queue.writable(), if waiting => r?,
+                    // The bus queued something the socket could not take at once.
+                    () = queue.ready(), if !waiting => {}
                 }
             }
         } => r,
