@@ -31,7 +31,7 @@ use bytes::Bytes;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
-use super::guard::{to_internal, topic_matches};
+use super::guard::{put_bytes, put_len, to_internal, topic_matches};
 use super::metrics;
 
 /// Longest topic an MQTT packet can carry (a 2-byte length).
@@ -330,20 +330,9 @@ fn publish_packet(topic: &str, payload: &[u8]) -> Bytes {
     let body = 2 + topic.len() + payload.len();
     let mut out = Vec::with_capacity(body + 5);
     out.push(0x30);
-    let mut len = body;
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    out.extend_from_slice(topic.as_bytes());
+    put_len(&mut out, body);
+    // `publish` checked the topic's length.
+    put_bytes(&mut out, topic.as_bytes());
     out.extend_from_slice(payload);
     Bytes::from(out)
 }

@@ -253,7 +253,7 @@ pub fn parse_connect(packet: &[u8]) -> Result<Connect, GuardError> {
 }
 
 /// Encodes `len` as an MQTT remaining length.
-fn put_len(out: &mut Vec<u8>, mut len: usize) {
+pub(super) fn put_len(out: &mut Vec<u8>, mut len: usize) {
     loop {
         let mut byte = (len % 128) as u8;
         len /= 128;
@@ -267,7 +267,8 @@ fn put_len(out: &mut Vec<u8>, mut len: usize) {
     }
 }
 
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+/// Appends a 2-byte length and `b` (cut at 65,535 bytes).
+pub(super) fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     // Lengths were read as u16 or are ours (short); saturate rather than panic.
     let len = u16::try_from(b.len()).unwrap_or(u16::MAX);
     out.extend_from_slice(&len.to_be_bytes());
