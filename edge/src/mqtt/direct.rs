@@ -596,6 +596,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_app_that_vanished_breaks_nothing() {
+        let d = Direct::new(4096);
+        let (w, app) = pair().await;
+        let (w2, mut other) = pair().await;
+        let gone = d.attach(1, w);
+        d.attach(2, w2);
+        d.subscribe(1, &["t".into()]);
+        d.subscribe(2, &["t".into()]);
+        drop(app);
+        for i in 0..1000u32 {
+            assert_eq!(d.publish("t", &i.to_be_bytes()), Delivery::Queued(2));
+        }
+        assert!(gone.flush().is_err(), "writes to the vanished app failed");
+        assert!(gone.push_broker(Bytes::from_static(&[0xd0, 0])).is_err());
+        let got = receive(&mut other, 1000).await;
+        assert_eq!(got.last().unwrap().1, 999u32.to_be_bytes());
+    }
+
+    #[tokio::test]
     async fn topics_that_cannot_be_published_are_refused() {
         let d = Direct::new(1 << 20);
         let (w, _app) = pair().await;
