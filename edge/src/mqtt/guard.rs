@@ -1148,7 +1148,8 @@ mod tests {
 
     /// A guard in front of a fake upstream that accepts every CONNECT and records what it
     /// receives after it; it answers a SUBSCRIBE with a SUBACK (refusing filters that start
-    /// with `refuse/`) and sends a PUBLISH to `echo/...` back.
+    /// with `refuse/`, never answering one with a filter under `mute/`) and sends a PUBLISH
+    /// to `echo/...` back.
     async fn guard_with_fake_upstream(
         reserved: Vec<String>,
     ) -> (
@@ -1174,12 +1175,16 @@ mod tests {
                             let (_, body) = split(&p).unwrap();
                             let mut b = Body { buf: body };
                             let mut ack = b.u16().unwrap().to_be_bytes().to_vec();
+                            let mut mute = false;
                             while !b.is_empty() {
                                 let f = b.string().unwrap();
+                                mute |= f.starts_with("mute/");
                                 ack.push(if f.starts_with("refuse/") { 0x80 } else { 0 });
                                 b.u8().unwrap();
                             }
-                            let _ = s.write_all(&encode(SUBACK << 4, &ack)).await;
+                            if !mute {
+                                let _ = s.write_all(&encode(SUBACK << 4, &ack)).await;
+                            }
                         }
                         if let Ok(Checked::Publish(t)) = check_packet(&p)
                             && t.starts_with("echo/")
@@ -1324,6 +1329,33 @@ mod tests {
         // The connection ends: so does its registration.
         drop(app);
         publish_until(&direct, "$hw/events/connected/n", 0).await;
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn subscribes_the_broker_never_acknowledges_are_bounded() {
+        let (addr, _upstream, cancel, direct) = guard_with_fake_upstream(vec![]).await;
+        let mut app = TcpStream::connect(addr).await.unwrap();
+        app.write_all(&connect_packet(4, 0x02, 60, "flood", &[]))
+            .await
+            .unwrap();
+        let mut ack = [0u8; 4];
+        app.read_exact(&mut ack).await.unwrap();
+        assert_eq!(ack, connack(0));
+        let mut flood = Vec::new();
+        for id in 1..=(MAX_AWAITING_SUBACKS as u16 + 1) {
+            let mut body = id.to_be_bytes().to_vec();
+            put_bytes(&mut body, b"mute/x");
+            body.push(0);
+            flood.extend_from_slice(&encode(0x82, &body));
+        }
+        let _ = app.write_all(&flood).await;
+        assert!(closed(&mut app).await, "the guard kept an unbounded list");
+        // Nothing was granted, and the connection's registration is gone.
+        assert_eq!(
+            direct.publish("mute/x", b""),
+            super::super::direct::Delivery::Queued(0)
+        );
         cancel.cancel();
     }
 
