@@ -896,7 +896,9 @@ struct RateRun {
     props: f64,
     msgs: f64,
     lagged: f64,
-    out_full: f64,
+    /// Messages the agent dropped on the way out: its client's queue was full (external
+    /// broker), or the subscriber fell behind (embedded broker).
+    out_dropped: f64,
     cpu_pct: f64,
 }
 
@@ -958,7 +960,10 @@ async fn run_rate(args: &Args, units: u8, poll_ms: u64) -> anyhow::Result<RateRu
         props: (p1 - p0) as f64 / elapsed,
         msgs: (m1 - m0) as f64 / elapsed,
         lagged: dropped(&m_after, "lagged") - dropped(&m_before, "lagged"),
-        out_full: dropped(&m_after, "out_queue_full") - dropped(&m_before, "out_queue_full"),
+        out_dropped: ["out_queue_full", "slow_subscriber"]
+            .iter()
+            .map(|r| dropped(&m_after, r) - dropped(&m_before, r))
+            .sum(),
         cpu_pct,
     })
 }
@@ -980,7 +985,7 @@ async fn part_rate(args: &Args) -> anyhow::Result<()> {
         "msgs/s",
         "rcvd/read",
         "lagged",
-        "out_full",
+        "out_drop",
         "agent cpu%"
     );
     let mut best: Option<(String, f64)> = None;
@@ -997,7 +1002,7 @@ async fn part_rate(args: &Args) -> anyhow::Result<()> {
                 r.msgs,
                 r.props / r.offered.max(1.0),
                 r.lagged,
-                r.out_full,
+                r.out_dropped,
                 r.cpu_pct,
             ];
             print_rate_row(&label, &run.to_string(), ideal, &row);
