@@ -1222,9 +1222,8 @@ mod tests {
         encode(0x30, &body)
     }
 
-    /// Connects an app through the guard and subscribes it to `filters` (packet id 1);
-    /// returns the socket and the SUBACK's return codes.
-    async fn subscribed_app(addr: SocketAddr, id: &str, filters: &[&str]) -> (TcpStream, Vec<u8>) {
+    /// Connects an app through the guard (CONNACK 0 checked).
+    async fn connected_app(addr: SocketAddr, id: &str) -> TcpStream {
         let mut app = TcpStream::connect(addr).await.unwrap();
         app.write_all(&connect_packet(4, 0x02, 60, id, &[]))
             .await
@@ -1232,6 +1231,13 @@ mod tests {
         let mut ack = [0u8; 4];
         app.read_exact(&mut ack).await.unwrap();
         assert_eq!(ack, connack(0));
+        app
+    }
+
+    /// Connects an app through the guard and subscribes it to `filters` (packet id 1);
+    /// returns the socket and the SUBACK's return codes.
+    async fn subscribed_app(addr: SocketAddr, id: &str, filters: &[&str]) -> (TcpStream, Vec<u8>) {
+        let mut app = connected_app(addr, id).await;
         let mut body = vec![0, 1];
         for f in filters {
             put_bytes(&mut body, f.as_bytes());
@@ -1335,13 +1341,7 @@ mod tests {
     #[tokio::test]
     async fn subscribes_the_broker_never_acknowledges_are_bounded() {
         let (addr, _upstream, cancel, direct) = guard_with_fake_upstream(vec![]).await;
-        let mut app = TcpStream::connect(addr).await.unwrap();
-        app.write_all(&connect_packet(4, 0x02, 60, "flood", &[]))
-            .await
-            .unwrap();
-        let mut ack = [0u8; 4];
-        app.read_exact(&mut ack).await.unwrap();
-        assert_eq!(ack, connack(0));
+        let mut app = connected_app(addr, "flood").await;
         let mut flood = Vec::new();
         for id in 1..=(MAX_AWAITING_SUBACKS as u16 + 1) {
             let mut body = id.to_be_bytes().to_vec();
@@ -1406,13 +1406,8 @@ mod tests {
         let (addr, mut upstream, cancel, _) = guard_with_fake_upstream(reserved).await;
 
         // An app publishing to its own topic and to a request topic: forwarded.
-        let mut app = TcpStream::connect(addr).await.unwrap();
-        app.write_all(&connect_packet(4, 0x02, 60, "app", &[]))
-            .await
-            .unwrap();
+        let mut app = connected_app(addr, "app").await;
         let mut ack = [0u8; 4];
-        app.read_exact(&mut ack).await.unwrap();
-        assert_eq!(ack, connack(0));
         app.write_all(&publish_packet("plant/notes", b"1"))
             .await
             .unwrap();
