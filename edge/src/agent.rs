@@ -14,7 +14,7 @@ use edgesync_protocol::spiffe_id::{self, NodeIds, SpiffeId};
 use edgesync_protocol::svid_keeper::{Accept, IdentityDriver, IdentitySource};
 use edgesync_protocol::tls::Identity;
 use edgesync_protocol::{DeviceId, NodeId, PropertyId, Sample, Timestamp};
-use tokio::sync::{Mutex, broadcast, mpsc, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -40,23 +40,12 @@ pub fn wall_clock() -> Timestamp {
     )
 }
 
-/// A batch of changes accepted by the outbox (committed), for local subscribers.
-#[derive(Debug, Clone)]
-pub struct Committed {
-    /// Sequence number of the first record.
-    pub first_seq: u64,
-    /// The records.
-    pub samples: Arc<Vec<Sample>>,
-}
-
 /// A running agent.
 pub struct Agent {
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     /// Uplink status.
     pub status: watch::Receiver<UplinkStatus>,
-    /// Changes as they are committed to the outbox.
-    pub committed: broadcast::Sender<Committed>,
     /// The node id, from the SVID.
     pub node: NodeId,
     store: Arc<Mutex<AgentStore>>,
@@ -310,7 +299,6 @@ impl Agent {
 
         let (appended_tx, appended_rx) = watch::channel(next);
         let (dropped_tx, dropped_rx) = watch::channel(None);
-        let (committed, _) = broadcast::channel(256);
         let (status_tx, status) = watch::channel(UplinkStatus::default());
         let state_only: HashSet<(DeviceId, PropertyId)> = specs
             .values()
@@ -339,7 +327,6 @@ impl Agent {
             max_bytes: cfg.outbox.max_bytes,
             appended: appended_tx,
             dropped: dropped_tx,
-            committed: committed.clone(),
             uplink: status.clone(),
             state_only,
             stale: HashSet::new(),
@@ -385,7 +372,6 @@ impl Agent {
             cancel,
             tasks,
             status,
-            committed,
             node,
             store,
             writers,
@@ -436,6 +422,38 @@ const MAX_GROUP_RECORDS: usize = 4096;
 /// How often the twin is written behind to sled (at most).
 const TWIN_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Changes waiting for the next commit: the batches the twin emitted, shared with local
+/// consumers rather than copied (a copy touched two reference counts per change).
+#[derive(Default)]
+struct Pending {
+    batches: Vec<Arc<Vec<Sample>>>,
+    len: usize,
+}
+
+impl Pending {
+    fn push(&mut self, batch: Arc<Vec<Sample>>) {
+        self.len += batch.len();
+        self.batches.push(batch);
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Sample> + Clone {
+        self.batches.iter().flat_map(|b| b.iter())
+    }
+
+    /// The records, copied (for the rare paths that keep them apart).
+    fn to_vec(&self) -> Vec<Sample> {
+        self.iter().cloned().collect()
+    }
+}
+
 /// The pipeline task: readings → twin → group commits.
 struct Pipeline {
     rx: mpsc::Receiver<DeviceReading>,
@@ -458,7 +476,6 @@ struct Pipeline {
     appended: watch::Sender<u64>,
     /// The last loss the hub must be told of (history dropped, or a refused run handled).
     dropped: watch::Sender<Option<(u64, u64)>>,
-    committed: broadcast::Sender<Committed>,
     /// Whether the hub is reachable (state-only values are held back while it is not).
     uplink: watch::Receiver<UplinkStatus>,
     /// Properties whose tags are `state_only`.
@@ -474,7 +491,7 @@ struct Pipeline {
 
 impl Pipeline {
     async fn run(mut self) {
-        let mut pending: Vec<Sample> = vec![];
+        let mut pending = Pending::default();
         let mut dirty: HashSet<DeviceId> = HashSet::new();
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut twin_flushed = tokio::time::Instant::now();
@@ -565,7 +582,7 @@ impl Pipeline {
     fn observe(
         &self,
         reading: &DeviceReading,
-        pending: &mut Vec<Sample>,
+        pending: &mut Pending,
         dirty: &mut HashSet<DeviceId>,
     ) {
         let Some(spec) = self.specs.get(&reading.device) else {
@@ -575,10 +592,11 @@ impl Pipeline {
         if !changes.is_empty() {
             dirty.insert(reading.device.clone());
             // Local consumers get the change now; the hub after the commit.
-            pending.extend(changes.iter().cloned());
+            let changes = Arc::new(changes);
+            pending.push(changes.clone());
             self.local.emit(TwinEvent::Reported {
                 device: reading.device.clone(),
-                samples: Arc::new(changes),
+                samples: changes,
             });
         }
     }
@@ -587,13 +605,13 @@ impl Pipeline {
     /// twin of every dirty device behind, in the same batch.
     async fn commit(
         &mut self,
-        pending: &mut Vec<Sample>,
+        pending: &mut Pending,
         dirty: &mut HashSet<DeviceId>,
         flush_twin: bool,
     ) {
         if let Some(h) = self.held.as_mut() {
             // The store cannot write: hold the records (the twin stays dirty).
-            h.extend(pending.drain(..));
+            h.extend(std::mem::take(pending).to_vec());
             metrics::gauge!("edgesync_outbox_held_records").set(h.records.len() as f64);
             self.health.set_unready(held_reason(h));
             return;
@@ -620,16 +638,24 @@ impl Pipeline {
             let before = records.len();
             let state_only = &self.state_only;
             let stale = &mut self.stale;
-            records.retain(|s| {
-                let key = (s.device.clone(), s.property.clone());
-                if state_only.contains(&key) {
-                    stale.insert(key);
-                    false
-                } else {
-                    true
-                }
-            });
-            let held = before - records.len();
+            let kept: Vec<Sample> = records
+                .iter()
+                .filter(|s| {
+                    let key = (s.device.clone(), s.property.clone());
+                    if state_only.contains(&key) {
+                        stale.insert(key);
+                        false
+                    } else {
+                        true
+                    }
+                })
+                .cloned()
+                .collect();
+            let held = before - kept.len();
+            if held > 0 {
+                records = Pending::default();
+                records.push(Arc::new(kept));
+            }
             if held > 0 {
                 metrics::counter!("edgesync_outbox_coalesced_records_total").increment(held as u64);
             }
@@ -645,8 +671,8 @@ impl Pipeline {
                     "outbox full: refusing new records (reported to the hub as a gap)"
                 );
             }
-            for s in records.drain(..) {
-                self.stale.insert((s.device, s.property));
+            for s in std::mem::take(&mut records).iter() {
+                self.stale.insert((s.device.clone(), s.property.clone()));
             }
         }
         let mut resync = None;
@@ -674,13 +700,13 @@ impl Pipeline {
                 "after a loss: sending the latest value of the properties concerned again"
             );
             metrics::counter!("edgesync_outbox_resyncs_total").increment(1);
-            records.extend(snapshot);
+            records.push(Arc::new(snapshot));
             self.stale.clear();
             self.stale_all = false;
             resync = Some(false);
         } else if owed {
             // Records accepted now carry the latest value of their property.
-            for s in &records {
+            for s in records.iter() {
                 self.stale.remove(&(s.device.clone(), s.property.clone()));
             }
             if (self.stale_all || !self.stale.is_empty()) && !st.resync_pending() {
@@ -693,14 +719,10 @@ impl Pipeline {
         let first_seq = st.next_seq();
         let n = records.len();
         let last_seq = (first_seq + n as u64).saturating_sub(1);
-        // The group may stay in the outbox's cache until acknowledged: without the spare
-        // room `pending` grew by doubling.
-        records.shrink_to_fit();
-        let shared = Arc::new(records);
         if n > 0 {
             tracing::trace!(target: DURABILITY_TARGET, "appending upto={last_seq} from={first_seq}");
         }
-        match st.append_with(shared.clone(), &twin, refused, resync).await {
+        match st.append_with(records.iter(), &twin, refused, resync).await {
             Ok(a) => {
                 // Also while the hub is away (the uplink sets them on acks).
                 metrics::gauge!("edgesync_outbox_backlog_records").set(st.backlog() as f64);
@@ -741,12 +763,6 @@ impl Pipeline {
                         }
                     }
                 }
-                if n > 0 {
-                    let _ = self.committed.send(Committed {
-                        first_seq,
-                        samples: shared,
-                    });
-                }
             }
             Err(e) => {
                 // sled keeps a write error until the store is reopened: hold this group and
@@ -761,8 +777,7 @@ impl Pipeline {
                 for (d, _) in twin {
                     dirty.insert(d);
                 }
-                let records = Arc::try_unwrap(shared).unwrap_or_else(|a| (*a).clone());
-                let h = Held::new(first_seq, &records, refused, e.to_string());
+                let h = Held::new(first_seq, &records.to_vec(), refused, e.to_string());
                 metrics::gauge!("edgesync_outbox_held_records").set(h.records.len() as f64);
                 self.health.set_unready(held_reason(&h));
                 self.held = Some(h);

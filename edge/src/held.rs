@@ -249,7 +249,7 @@ pub async fn import(store: &mut AgentStore, dir: &Path) -> Result<Option<Importe
         // Dropped records first: they are older than the kept ones.
         if dropped > 0 {
             store
-                .append_with(Vec::new(), &[], dropped, Some(true))
+                .append_with(std::iter::empty(), &[], dropped, Some(true))
                 .await
                 .map_err(|source| ImportError::Store {
                     path: display.clone(),
@@ -257,7 +257,7 @@ pub async fn import(store: &mut AgentStore, dir: &Path) -> Result<Option<Importe
                 })?;
         }
         store
-            .append_with(records, &[], 0, Some(true))
+            .append_with(&records, &[], 0, Some(true))
             .await
             .map_err(|source| ImportError::Store {
                 path: display.clone(),
@@ -431,7 +431,7 @@ mod tests {
             // The failed group: 4..=5, then a lost run of 3 refused records (6..=8).
             let mut h = Held::new(4, &samples(4..6), 3, "disk full".into());
             if on_disk {
-                st.append_with(samples(4..6), &[], 3, None).await.unwrap();
+                st.append_with(&samples(4..6), &[], 3, None).await.unwrap();
             }
             h.extend(samples(9..12));
             h.spill(dir.path()).unwrap();

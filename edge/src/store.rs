@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use crate::outbox_log::{self, EntryOut, Found, Kind, Loc, Log, LogError, io_err};
 use edgesync_protocol::durable::DirSync;
-use edgesync_protocol::frame::{FrameError, decode_samples, encode_samples};
+use edgesync_protocol::frame::{FrameError, batch_range, decode_samples, encode_samples_of};
 use edgesync_protocol::{DeviceId, PropertyId, Sample};
 
 /// Errors of the agent store.
@@ -140,8 +140,9 @@ fn desired_key(device: &DeviceId) -> Vec<u8> {
     k
 }
 
-/// A run of records inside one outbox group: the group's samples and the range of them.
-pub type SampleRun = (Arc<Vec<Sample>>, std::ops::Range<usize>);
+/// A run of records inside one outbox group: the group's encoded samples (as
+/// [`encode_samples`](edgesync_protocol::frame::encode_samples) writes them) and the byte range of the records in them.
+pub type BatchRun = (bytes::Bytes, std::ops::Range<usize>);
 
 /// The desired state of one property, as persisted (see [`AgentStore::save_desired`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -547,8 +548,8 @@ struct Group {
     bytes: u64,
     /// Where its records are in the log (`None` for a lost run).
     loc: Option<Loc>,
-    /// Decoded records, kept while the cache budget allows.
-    cached: Option<Arc<Vec<Sample>>>,
+    /// Its records as written to the log (encoded), kept while the cache budget allows.
+    cached: Option<bytes::Bytes>,
 }
 
 /// What an append did.
@@ -1003,34 +1004,35 @@ impl AgentStore {
     }
 
     /// Appends `records` to the outbox as one group and writes `twin` (for each listed device,
-    /// the latest samples of all its properties, as [`encode_samples`] encodes them) behind, in one atomic commit; returns once
+    /// the latest samples of all its properties, as [`encode_samples`](edgesync_protocol::frame::encode_samples) encodes them) behind, in one atomic commit; returns once
     /// durable per the fsync policy.
     pub async fn append(
         &mut self,
         records: impl Into<Arc<Vec<Sample>>>,
         twin: &[(DeviceId, Vec<u8>)],
     ) -> Result<Appended, StoreError> {
-        self.append_with(records, twin, 0, None).await
+        let records = records.into();
+        self.append_with(records.iter(), twin, 0, None).await
     }
 
     /// [`append`](Self::append), and also: numbers `refused` records that were not kept
     /// (refused by a full outbox) as a lost run after `records`, and sets (`Some(true)`) or
     /// clears (`Some(false)`) the resync flag, all in the same atomic commit. Refusing sets
     /// the flag.
-    pub async fn append_with(
+    pub async fn append_with<'a>(
         &mut self,
-        records: impl Into<Arc<Vec<Sample>>>,
+        records: impl IntoIterator<Item = &'a Sample, IntoIter: Clone>,
         twin: &[(DeviceId, Vec<u8>)],
         refused: u64,
         resync: Option<bool>,
     ) -> Result<Appended, StoreError> {
-        let records: Arc<Vec<Sample>> = records.into();
+        let records = records.into_iter();
         let resync = if refused > 0 { Some(true) } else { resync };
         let new_resync = resync.unwrap_or(self.resync);
         let first = self.next;
-        let count = records.len() as u64;
+        let count = records.clone().count() as u64;
         let enc = if count > 0 {
-            encode_samples(&records)
+            encode_samples_of(records)
         } else {
             vec![]
         };
@@ -1071,6 +1073,7 @@ impl AgentStore {
             self.written = (self.acked, new_resync);
         }
         drop(entries);
+        let enc = bytes::Bytes::from(enc);
         if !twin.is_empty() {
             let mut batch = sled::Batch::default();
             for (device, encoded) in twin {
@@ -1084,7 +1087,7 @@ impl AgentStore {
             self.total_bytes += bytes;
             let cached = if self.cached_bytes + bytes <= self.cache_budget {
                 self.cached_bytes += bytes;
-                Some(records)
+                Some(enc)
             } else {
                 None
             };
@@ -1197,7 +1200,12 @@ impl AgentStore {
             };
             self.resync = true;
             if self.groups.get(&first).is_some_and(|g| !g.lost) {
-                for s in self.group_samples(first)?.iter() {
+                let group = self.group_bytes(first)?;
+                let samples = decode_samples(&group).map_err(|source| StoreError::Corrupt {
+                    key: format!("outbox group {first}"),
+                    source,
+                })?;
+                for s in &samples {
                     let ts = latest
                         .entry((s.device.clone(), s.property.clone()))
                         .or_insert(s.ts);
@@ -1230,16 +1238,21 @@ impl AgentStore {
 
     /// Records `first .. first+count`, in order.
     pub fn read(&mut self, first: u64, count: usize) -> Result<Vec<Sample>, StoreError> {
-        Ok(self
-            .read_runs(first, count)?
-            .iter()
-            .flat_map(|(g, r)| g[r.clone()].iter().cloned())
-            .collect())
+        let mut out = Vec::with_capacity(count);
+        for (bytes, r) in self.read_runs(first, count)? {
+            out.extend(
+                decode_samples(&bytes[r]).map_err(|source| StoreError::Corrupt {
+                    key: format!("outbox records from {first}"),
+                    source,
+                })?,
+            );
+        }
+        Ok(out)
     }
 
-    /// Records `first .. first+count` as runs of the groups holding them (shared, not
-    /// copied): for each group, the range of its samples that falls inside.
-    pub fn read_runs(&mut self, first: u64, count: usize) -> Result<Vec<SampleRun>, StoreError> {
+    /// Records `first .. first+count`, encoded, as runs of the groups holding them (shared,
+    /// not copied): for each group, the byte range of its records that falls inside.
+    pub fn read_runs(&mut self, first: u64, count: usize) -> Result<Vec<BatchRun>, StoreError> {
         let end = first + count as u64;
         let start_key = self
             .groups
@@ -1254,13 +1267,17 @@ impl AgentStore {
             if self.groups.get(&gfirst).is_some_and(|g| g.lost) {
                 continue;
             }
-            let samples = self.group_samples(gfirst)?;
-            let gend = gfirst + samples.len() as u64;
+            let gend = gfirst + self.groups.get(&gfirst).map_or(0, |g| g.count);
             let (a, b) = (first.max(gfirst), end.min(gend));
             if a < b {
+                let bytes = self.group_bytes(gfirst)?;
                 let r = (a - gfirst) as usize..(b - gfirst) as usize;
                 total += r.len();
-                runs.push((samples, r));
+                let r = batch_range(&bytes, r).map_err(|source| StoreError::Corrupt {
+                    key: format!("outbox group {gfirst}"),
+                    source,
+                })?;
+                runs.push((bytes, r));
             }
         }
         if total != count {
@@ -1272,7 +1289,9 @@ impl AgentStore {
         Ok(runs)
     }
 
-    fn group_samples(&mut self, first: u64) -> Result<Arc<Vec<Sample>>, StoreError> {
+    /// A group's records, encoded: from the cache, or read from the log and checked (every
+    /// record decodes, and as many as the group's header says).
+    fn group_bytes(&mut self, first: u64) -> Result<bytes::Bytes, StoreError> {
         let missing = StoreError::Missing {
             from: first,
             to: first + 1,
@@ -1301,7 +1320,7 @@ impl AgentStore {
                 ),
             }));
         }
-        Ok(Arc::new(samples))
+        Ok(bytes::Bytes::from(v))
     }
 
     /// The hub stored everything up to `upto`: delete it. A lost run that is now the oldest
@@ -1458,6 +1477,7 @@ pub type TwinMap = HashMap<(DeviceId, PropertyId), Sample>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgesync_protocol::frame::encode_samples;
 
     fn legacy_group_key(first: u64) -> [u8; 9] {
         let mut k = [0u8; 9];
@@ -1624,11 +1644,17 @@ mod tests {
                 .await
                 .unwrap();
             assert!(!st.resync_pending());
-            let a = st.append_with(vec![], &[], 5, None).await.unwrap();
+            let a = st
+                .append_with(std::iter::empty(), &[], 5, None)
+                .await
+                .unwrap();
             assert_eq!((a.next_seq, a.sendable_next, a.skipped), (16, 11, None));
             assert!(a.resync, "a refusal asks for a resync");
             // A second refusal right after extends the run.
-            let a = st.append_with(vec![], &[], 3, None).await.unwrap();
+            let a = st
+                .append_with(std::iter::empty(), &[], 3, None)
+                .await
+                .unwrap();
             assert_eq!((a.next_seq, a.sendable_next), (19, 11));
             assert_eq!(st.lost_pending(), 8);
             // Then records are kept again: they wait behind the run.
@@ -1652,10 +1678,7 @@ mod tests {
         );
         assert_eq!(st.ack(20).unwrap(), None);
         // The resync clears the flag, durably.
-        let a = st
-            .append_with(vec![s(21)], &[], 0, Some(false))
-            .await
-            .unwrap();
+        let a = st.append_with(&[s(21)], &[], 0, Some(false)).await.unwrap();
         assert!(!a.resync);
         drop(st);
         let st = AgentStore::open(&dir, 1 << 20, 1 << 30, Fsync::EveryCommit).unwrap();
@@ -1676,7 +1699,10 @@ mod tests {
                 .await
                 .unwrap();
             st.ack(4).unwrap();
-            let a = st.append_with(vec![], &[], 6, None).await.unwrap();
+            let a = st
+                .append_with(std::iter::empty(), &[], 6, None)
+                .await
+                .unwrap();
             assert_eq!(a.skipped, Some((5, 10)));
             assert_eq!((st.acked(), a.sendable_next, a.next_seq), (10, 11, 11));
             st.sync().await.unwrap();

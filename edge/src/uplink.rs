@@ -656,13 +656,14 @@ impl Uplink {
                         continue;
                     }
                     Transmit::Records { first_seq, count } => {
-                        // Encoded straight from the outbox's cached groups (no copies).
+                        // Copied from the outbox's encoded groups (cached, or read from its log).
                         let runs = self.store.lock().await.read_runs(first_seq, count)?;
                         metrics::counter!("edgesync_uplink_records_sent_total")
                             .increment(count as u64);
-                        frame::encode_records(
+                        let batches: Vec<&[u8]> = runs.iter().map(|(g, r)| &g[r.clone()]).collect();
+                        frame::encode_records_batches(
                             first_seq,
-                            runs.iter().flat_map(|(g, r)| g[r.clone()].iter()),
+                            &batches,
                             session.backlog(),
                             DEFAULT_MAX_FRAME_LEN,
                             &mut out,

@@ -693,6 +693,102 @@ where
     Ok(())
 }
 
+/// The byte range that samples `samples` (by index) take in `batch`, an [`encode_samples`]
+/// batch; fails on bytes that are not a sequence of samples or when the batch is too short.
+pub fn batch_range(
+    batch: &[u8],
+    samples: std::ops::Range<usize>,
+) -> Result<std::ops::Range<usize>, FrameError> {
+    let malformed = || FrameError::Malformed("truncated sample batch".into());
+    let (mut at, mut index, mut start) = (0, 0, None);
+    loop {
+        if index == samples.start {
+            start = Some(at);
+        }
+        if index == samples.end {
+            return Ok(start.unwrap_or(at)..at);
+        }
+        if at >= batch.len() {
+            return Err(malformed());
+        }
+        if read_varint(batch, &mut at) != Some(SAMPLE_KEY) {
+            return Err(malformed());
+        }
+        skip_field(batch, &mut at, 2).ok_or_else(malformed)?;
+        index += 1;
+    }
+}
+
+/// The key of a sample in a [`SampleBatch`] (field 1, length-delimited).
+const SAMPLE_KEY: u64 = 1 << 3 | 2;
+/// The key of a sample in [`Records`] (field 2, length-delimited).
+const RECORD_KEY: u8 = 2 << 3 | 2;
+
+/// Appends a length-prefixed [`Body::Records`] frame whose samples are `batches` (each a whole
+/// [`encode_samples`] batch, e.g. cut with [`batch_range`]), in order: byte for byte what
+/// [`encode_records`] writes for the decoded samples, by copying (a sample's bytes are the
+/// same in both; only its field number differs).
+///
+/// Fails (appending nothing) when the frame would exceed `max_frame_len` or a batch is not a
+/// sequence of samples.
+pub fn encode_records_batches(
+    first_seq: u64,
+    batches: &[&[u8]],
+    backlog: u64,
+    max_frame_len: usize,
+    out: &mut BytesMut,
+) -> Result<(), FrameError> {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    let varint_field = |tag: u32, v: u64| {
+        if v == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(v)
+        }
+    };
+    let records_len = varint_field(1, first_seq)
+        + batches.iter().map(|b| b.len()).sum::<usize>()
+        + varint_field(3, backlog);
+    let len = key_len(3) + encoded_len_varint(records_len as u64) + records_len;
+    if len > max_frame_len || u32::try_from(len).is_err() {
+        return Err(FrameError::TooLarge {
+            len,
+            max: max_frame_len,
+        });
+    }
+    let mark = out.len();
+    out.reserve(LEN_PREFIX + len);
+    out.put_u32(len as u32);
+    encode_key(3, WireType::LengthDelimited, out);
+    encode_varint(records_len as u64, out);
+    if first_seq != 0 {
+        encode_key(1, WireType::Varint, out);
+        encode_varint(first_seq, out);
+    }
+    for batch in batches {
+        let base = out.len();
+        out.extend_from_slice(batch);
+        // Each sample's key becomes field 2 (both keys are one byte).
+        let mut at = 0;
+        while at < batch.len() {
+            if read_varint(batch, &mut at) != Some(SAMPLE_KEY) {
+                out.truncate(mark);
+                return Err(FrameError::Malformed("not a sample batch".into()));
+            }
+            out[base + at - 1] = RECORD_KEY;
+            if skip_field(batch, &mut at, 2).is_none() {
+                out.truncate(mark);
+                return Err(FrameError::Malformed("truncated sample batch".into()));
+            }
+        }
+    }
+    if backlog != 0 {
+        encode_key(3, WireType::Varint, out);
+        encode_varint(backlog, out);
+    }
+    Ok(())
+}
+
 /// [`WireSample`]'s encoding written from a borrowed [`Sample`] (same bytes as prost's).
 mod wire {
     use bytes::BufMut;
@@ -1296,6 +1392,34 @@ mod tests {
             })
     }
 
+    #[test]
+    fn batch_ranges_and_copies_check_their_bytes() {
+        let samples: Vec<Sample> = (0..3u64)
+            .map(|i| Sample {
+                device: DeviceId::new("d").unwrap(),
+                property: PropertyId::new(format!("p{i}")).unwrap(),
+                value: Some(Value::UInt(i)),
+                quality: Quality::Good,
+                ts: Timestamp(i),
+            })
+            .collect();
+        let enc = encode_samples(&samples);
+        assert_eq!(batch_range(&enc, 0..0).unwrap(), 0..0);
+        assert_eq!(batch_range(&enc, 3..3).unwrap(), enc.len()..enc.len());
+        let mid = batch_range(&enc, 1..2).unwrap();
+        assert_eq!(decode_samples(&enc[mid]).unwrap(), samples[1..2]);
+        // Past the end, truncated, or another field: refused.
+        assert!(batch_range(&enc, 2..4).is_err());
+        assert!(batch_range(&enc[..enc.len() - 1], 0..3).is_err());
+        let mut other = enc.clone();
+        other[0] = 2 << 3 | 2;
+        assert!(batch_range(&other, 0..1).is_err());
+        let mut out = BytesMut::new();
+        assert!(encode_records_batches(1, &[&enc, &other], 0, 1 << 20, &mut out).is_err());
+        assert!(encode_records_batches(1, &[&enc[..enc.len() - 1]], 0, 1 << 20, &mut out).is_err());
+        assert!(out.is_empty());
+    }
+
     proptest::proptest! {
         /// The hand-written encoders write exactly what prost writes for the same records.
         #[test]
@@ -1320,9 +1444,37 @@ mod tests {
             let limit = want.len() - LEN_PREFIX - 1;
             proptest::prop_assert!(encode_records(first_seq, samples.iter(), backlog, limit, &mut none).is_err());
             proptest::prop_assert!(none.is_empty());
+            // Copied from encoded batches, cut anywhere, it is the same frame again.
+            let enc = encode_samples(&samples);
+            let cut = samples.len() / 3;
+            let a = batch_range(&enc, 0..cut).unwrap();
+            let b = batch_range(&enc, cut..samples.len()).unwrap();
+            proptest::prop_assert_eq!((a.start, a.end, b.end), (0, b.start, enc.len()));
+            let mut copied = BytesMut::from(&b"kept"[..]);
+            encode_records_batches(first_seq, &[&enc[a], &enc[b]], backlog, usize::MAX >> 1, &mut copied).unwrap();
+            proptest::prop_assert_eq!(&copied[4..], &want[..]);
+            proptest::prop_assert!(encode_records_batches(first_seq, &[&enc], backlog, limit, &mut none).is_err());
+            proptest::prop_assert!(none.is_empty());
             // And it decodes back to the same samples (compared as bytes: NaN != NaN).
             let enc = encode_samples(&samples);
             proptest::prop_assert_eq!(encode_samples(&decode_samples(&enc).unwrap()), enc);
+        }
+
+        /// Bytes that are not a sample batch are refused, never a panic, and append nothing.
+        #[test]
+        fn copied_batches_refuse_garbage(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            from in 0usize..8,
+            n in 0usize..8,
+        ) {
+            let _ = batch_range(&bytes, from..from + n);
+            let mut out = BytesMut::from(&b"kept"[..]);
+            if encode_records_batches(1, &[&bytes], 0, usize::MAX >> 1, &mut out).is_err() {
+                proptest::prop_assert_eq!(&out[..], b"kept");
+            } else {
+                // Accepted only if it really is a batch (of this many samples).
+                proptest::prop_assert!(count_samples(&bytes).is_ok());
+            }
         }
 
         #[test]

@@ -45,7 +45,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgesync_protocol::{BadReason, DeviceId, PropertyId, Quality, Timestamp, Value};
+use edgesync_protocol::{BadReason, DeviceId, Quality, Timestamp, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -76,14 +76,22 @@ pub struct DeviceReading {
 /// One tag's result in a [`DeviceReading`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct TagSample {
-    /// Index into [`DeviceSpec::tags`].
+    /// Index into [`DeviceSpec::tags`] (which names its property).
     pub tag: usize,
-    /// The tag's property.
-    pub property: PropertyId,
     /// The decoded value; `None` when the quality is bad.
     pub value: Option<Value>,
     /// Good, or bad with the reason.
     pub quality: Quality,
+}
+
+/// `(tag, property, quality)` of each sample of a reading of `spec`, for the health log.
+fn named<'a>(
+    spec: &'a DeviceSpec,
+    samples: &'a [TagSample],
+) -> impl Iterator<Item = (usize, &'a str, Quality)> + 'a {
+    samples
+        .iter()
+        .filter_map(|s| Some((s.tag, spec.tags.get(s.tag)?.property.as_str(), s.quality)))
 }
 
 /// Tuning of a link task. The defaults suit production; tests shorten them. Poll intervals
@@ -288,13 +296,11 @@ impl Unit {
         self.readable
             .iter()
             .filter(|i| !except.contains(i))
-            .filter_map(|&i| {
-                Some(TagSample {
-                    tag: i,
-                    property: self.spec.tags.get(i)?.property.clone(),
-                    value: None,
-                    quality: Quality::Bad(reason),
-                })
+            .filter(|&&i| i < self.spec.tags.len())
+            .map(|&i| TagSample {
+                tag: i,
+                value: None,
+                quality: Quality::Bad(reason),
             })
             .collect()
     }
@@ -611,9 +617,7 @@ impl LinkTask {
                 &self.key,
                 unit.spec.id.as_str(),
                 unit.spec.unit_id,
-                samples
-                    .iter()
-                    .map(|s| (s.tag, s.property.as_str(), s.quality)),
+                named(&unit.spec, &samples),
             );
             readings.push(DeviceReading {
                 device: unit.spec.id.clone(),
@@ -742,16 +746,15 @@ async fn run_cycle(
     };
     let mut samples: Vec<TagSample> = Vec::with_capacity(due.len());
     let push = |samples: &mut Vec<TagSample>, tag: usize, result: Result<Value, BadReason>| {
-        let Some(spec_tag) = spec.tags.get(tag) else {
+        if tag >= spec.tags.len() {
             return;
-        };
+        }
         let (value, quality) = match result {
             Ok(v) => (Some(v), Quality::Good),
             Err(reason) => (None, Quality::Bad(reason)),
         };
         samples.push(TagSample {
             tag,
-            property: spec_tag.property.clone(),
             value,
             quality,
         });
@@ -886,9 +889,7 @@ async fn run_cycle(
         link_key,
         spec.id.as_str(),
         spec.unit_id,
-        samples
-            .iter()
-            .map(|s| (s.tag, s.property.as_str(), s.quality)),
+        named(&spec, &samples),
     );
     (
         DeviceReading {
@@ -916,6 +917,7 @@ mod tests {
     use super::*;
     use crate::modbus::write::WriteOutcome;
     use crate::model::{ByteOrder, DataType, Parity, ReportPolicy, TagSpec};
+    use edgesync_protocol::PropertyId;
 
     /// One simulated unit.
     #[derive(Default)]
@@ -1148,6 +1150,29 @@ mod tests {
         cancel: CancellationToken,
         task: JoinHandle<()>,
         handle: LinkHandle,
+        specs: HashMap<DeviceId, Arc<DeviceSpec>>,
+    }
+
+    /// A reading with the property of each of its samples (readings name tags by index).
+    struct Got {
+        reading: DeviceReading,
+        properties: Vec<String>,
+    }
+
+    impl std::ops::Deref for Got {
+        type Target = DeviceReading;
+        fn deref(&self) -> &DeviceReading {
+            &self.reading
+        }
+    }
+
+    impl std::fmt::Debug for Got {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Got")
+                .field("properties", &self.properties)
+                .field("reading", &self.reading)
+                .finish()
+        }
     }
 
     impl Running {
@@ -1158,6 +1183,7 @@ mod tests {
         fn start_on(link: LinkSpec, devices: Vec<Arc<DeviceSpec>>) -> Self {
             let (tx, rx) = mpsc::channel(64);
             let cancel = CancellationToken::new();
+            let specs = devices.iter().map(|d| (d.id.clone(), d.clone())).collect();
             let (handle, task) = spawn_link_writable(
                 options(),
                 link,
@@ -1171,6 +1197,7 @@ mod tests {
                 cancel,
                 task,
                 handle,
+                specs,
             }
         }
 
@@ -1191,15 +1218,25 @@ mod tests {
             .expect("a write answer within 5 s")
         }
 
-        async fn next(&mut self) -> DeviceReading {
-            tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
+        async fn next(&mut self) -> Got {
+            let reading = tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
                 .await
                 .expect("a reading within 5 s")
-                .expect("link task alive")
+                .expect("link task alive");
+            let spec = &self.specs[&reading.device];
+            let properties = reading
+                .samples
+                .iter()
+                .map(|s| spec.tags[s.tag].property.to_string())
+                .collect();
+            Got {
+                reading,
+                properties,
+            }
         }
 
         /// The next reading of `device` (others are skipped).
-        async fn next_of(&mut self, device: &str) -> DeviceReading {
+        async fn next_of(&mut self, device: &str) -> Got {
             loop {
                 let r = self.next().await;
                 if r.device.as_str() == device {
@@ -1217,14 +1254,15 @@ mod tests {
         }
     }
 
-    fn sample<'a>(r: &'a DeviceReading, property: &str) -> &'a TagSample {
-        r.samples
+    fn sample<'a>(r: &'a Got, property: &str) -> &'a TagSample {
+        r.properties
             .iter()
-            .find(|s| s.property.as_str() == property)
+            .position(|p| p == property)
+            .map(|i| &r.samples[i])
             .unwrap_or_else(|| panic!("no sample {property} in {r:?}"))
     }
 
-    fn good(r: &DeviceReading, property: &str) -> Value {
+    fn good(r: &Got, property: &str) -> Value {
         let s = sample(r, property);
         assert_eq!(s.quality, Quality::Good, "{property}: {s:?}");
         s.value.clone().unwrap()
@@ -1447,7 +1485,7 @@ mod tests {
             .collect();
         let d = device("plc", addr, 1, tags);
         let mut run = Running::start(addr, vec![d]);
-        let check = |r: &DeviceReading| {
+        let check = |r: &Got| {
             for a in [0u16, 1, 3, 4] {
                 assert_eq!(good(r, &format!("t{a}")), Value::UInt(u64::from(100 + a)));
             }
@@ -1506,7 +1544,7 @@ mod tests {
                 .iter()
                 .all(|s| s.quality == Quality::Bad(BadReason::Disconnected))
             {
-                let props = r.samples.iter().map(|s| s.property.to_string()).collect();
+                let props = r.properties.clone();
                 assert!(
                     disconnected.insert(r.device.to_string(), props).is_none(),
                     "reported twice: {r:?}"
@@ -1690,7 +1728,7 @@ mod tests {
         for _ in 0..n {
             let r = run.next().await;
             assert_eq!(good(&r, "fast"), Value::UInt(0));
-            let props: Vec<&str> = r.samples.iter().map(|s| s.property.as_str()).collect();
+            let props: Vec<&str> = r.properties.iter().map(String::as_str).collect();
             match props.as_slice() {
                 ["fast"] => {}
                 ["fast", "slow"] => with_slow += 1,
