@@ -1515,6 +1515,49 @@ mod tests {
         d
     }
 
+    /// Unacknowledged groups stay in memory as written to the log while they fit in half the
+    /// configured cache (at least 1 MiB); the others are read back from the log; both give the
+    /// same records and the same frames.
+    #[tokio::test]
+    async fn unacknowledged_groups_are_kept_in_memory_within_the_budget() {
+        let dir = tmp();
+        let mut st = AgentStore::open(&dir, 2 << 20, 1 << 30, Fsync::Never).unwrap();
+        for g in 0..100u64 {
+            st.append(
+                (g * 1000 + 1..=g * 1000 + 1000).map(s).collect::<Vec<_>>(),
+                &[],
+            )
+            .await
+            .unwrap();
+        }
+        let cached = st.groups.values().filter(|g| g.cached.is_some()).count();
+        assert!(st.total_bytes > 1 << 20, "{} bytes", st.total_bytes);
+        assert!(
+            st.cached_bytes <= 1 << 20 && cached > 0 && cached < 100,
+            "{cached} groups"
+        );
+        // Across cached groups and groups read back from the log, cut anywhere.
+        assert_eq!(
+            st.read(500, 99_000).unwrap(),
+            (500..99_500).map(s).collect::<Vec<_>>()
+        );
+        let mut out = bytes::BytesMut::new();
+        let runs = st.read_runs(999, 1002).unwrap();
+        let batches: Vec<&[u8]> = runs.iter().map(|(b, r)| &b[r.clone()]).collect();
+        edgesync_protocol::frame::encode_records_batches(999, &batches, 0, 1 << 20, &mut out)
+            .unwrap();
+        let mut want = bytes::BytesMut::new();
+        let samples: Vec<Sample> = (999..2001).map(s).collect();
+        edgesync_protocol::frame::encode_records(999, samples.iter(), 0, 1 << 20, &mut want)
+            .unwrap();
+        assert_eq!(out, want);
+        // Acknowledged groups leave memory.
+        st.ack(100_000).unwrap();
+        assert_eq!(st.cached_bytes, 0);
+        drop(st);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn append_read_ack_reopen() {
         let dir = tmp();
