@@ -654,6 +654,26 @@ pub fn encode_records<'a, I>(
 where
     I: Iterator<Item = &'a Sample> + Clone,
 {
+    let samples_len = samples.clone().map(|s| wire::nested_len(2, s)).sum();
+    records_frame(first_seq, samples_len, backlog, max_frame_len, out, |out| {
+        for s in samples {
+            wire::nested(2, s, out);
+        }
+        Ok(())
+    })
+}
+
+/// Appends a length-prefixed [`Body::Records`] frame with `first_seq`, `backlog` and samples
+/// of `samples_len` bytes, which `write_samples` appends (each as field 2). Fails, appending
+/// nothing, when the frame would exceed `max_frame_len` or `write_samples` fails.
+fn records_frame(
+    first_seq: u64,
+    samples_len: usize,
+    backlog: u64,
+    max_frame_len: usize,
+    out: &mut BytesMut,
+    write_samples: impl FnOnce(&mut BytesMut) -> Result<(), FrameError>,
+) -> Result<(), FrameError> {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
     let varint_field = |tag: u32, v: u64| {
         if v == 0 {
@@ -662,12 +682,7 @@ where
             key_len(tag) + encoded_len_varint(v)
         }
     };
-    let records_len = varint_field(1, first_seq)
-        + samples
-            .clone()
-            .map(|s| wire::nested_len(2, s))
-            .sum::<usize>()
-        + varint_field(3, backlog);
+    let records_len = varint_field(1, first_seq) + samples_len + varint_field(3, backlog);
     let len = key_len(3) + encoded_len_varint(records_len as u64) + records_len;
     if len > max_frame_len || u32::try_from(len).is_err() {
         return Err(FrameError::TooLarge {
@@ -675,6 +690,7 @@ where
             max: max_frame_len,
         });
     }
+    let mark = out.len();
     out.reserve(LEN_PREFIX + len);
     out.put_u32(len as u32);
     encode_key(3, WireType::LengthDelimited, out);
@@ -683,8 +699,9 @@ where
         encode_key(1, WireType::Varint, out);
         encode_varint(first_seq, out);
     }
-    for s in samples {
-        wire::nested(2, s, out);
+    if let Err(e) = write_samples(out) {
+        out.truncate(mark);
+        return Err(e);
     }
     if backlog != 0 {
         encode_key(3, WireType::Varint, out);
@@ -738,55 +755,24 @@ pub fn encode_records_batches(
     max_frame_len: usize,
     out: &mut BytesMut,
 ) -> Result<(), FrameError> {
-    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-    let varint_field = |tag: u32, v: u64| {
-        if v == 0 {
-            0
-        } else {
-            key_len(tag) + encoded_len_varint(v)
-        }
-    };
-    let records_len = varint_field(1, first_seq)
-        + batches.iter().map(|b| b.len()).sum::<usize>()
-        + varint_field(3, backlog);
-    let len = key_len(3) + encoded_len_varint(records_len as u64) + records_len;
-    if len > max_frame_len || u32::try_from(len).is_err() {
-        return Err(FrameError::TooLarge {
-            len,
-            max: max_frame_len,
-        });
-    }
-    let mark = out.len();
-    out.reserve(LEN_PREFIX + len);
-    out.put_u32(len as u32);
-    encode_key(3, WireType::LengthDelimited, out);
-    encode_varint(records_len as u64, out);
-    if first_seq != 0 {
-        encode_key(1, WireType::Varint, out);
-        encode_varint(first_seq, out);
-    }
-    for batch in batches {
-        let base = out.len();
-        out.extend_from_slice(batch);
-        // Each sample's key becomes field 2 (both keys are one byte).
-        let mut at = 0;
-        while at < batch.len() {
-            if read_varint(batch, &mut at) != Some(SAMPLE_KEY) {
-                out.truncate(mark);
-                return Err(FrameError::Malformed("not a sample batch".into()));
-            }
-            out[base + at - 1] = RECORD_KEY;
-            if skip_field(batch, &mut at, 2).is_none() {
-                out.truncate(mark);
-                return Err(FrameError::Malformed("truncated sample batch".into()));
+    let samples_len = batches.iter().map(|b| b.len()).sum();
+    records_frame(first_seq, samples_len, backlog, max_frame_len, out, |out| {
+        for batch in batches {
+            let base = out.len();
+            out.extend_from_slice(batch);
+            // Each sample's key becomes field 2 (both keys are one byte).
+            let mut at = 0;
+            while at < batch.len() {
+                if read_varint(batch, &mut at) != Some(SAMPLE_KEY) {
+                    return Err(FrameError::Malformed("not a sample batch".into()));
+                }
+                out[base + at - 1] = RECORD_KEY;
+                skip_field(batch, &mut at, 2)
+                    .ok_or_else(|| FrameError::Malformed("truncated sample batch".into()))?;
             }
         }
-    }
-    if backlog != 0 {
-        encode_key(3, WireType::Varint, out);
-        encode_varint(backlog, out);
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// [`WireSample`]'s encoding written from a borrowed [`Sample`] (same bytes as prost's).
