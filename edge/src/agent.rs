@@ -655,8 +655,6 @@ impl Pipeline {
             if held > 0 {
                 records = Pending::default();
                 records.push(Arc::new(kept));
-            }
-            if held > 0 {
                 metrics::counter!("edgesync_outbox_coalesced_records_total").increment(held as u64);
             }
         }

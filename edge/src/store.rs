@@ -141,8 +141,17 @@ fn desired_key(device: &DeviceId) -> Vec<u8> {
 }
 
 /// A run of records inside one outbox group: the group's encoded samples (as
-/// [`encode_samples`](edgesync_protocol::frame::encode_samples) writes them) and the byte range of the records in them.
+/// [`encode_samples`](edgesync_protocol::frame::encode_samples) writes them) and the byte
+/// range of the records in them.
 pub type BatchRun = (bytes::Bytes, std::ops::Range<usize>);
+
+/// The error for outbox group `first` (or the group holding it) whose records do not decode.
+fn corrupt_group(first: u64) -> impl FnOnce(FrameError) -> StoreError {
+    move |source| StoreError::Corrupt {
+        key: format!("outbox group {first}"),
+        source,
+    }
+}
 
 /// The desired state of one property, as persisted (see [`AgentStore::save_desired`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -1004,8 +1013,9 @@ impl AgentStore {
     }
 
     /// Appends `records` to the outbox as one group and writes `twin` (for each listed device,
-    /// the latest samples of all its properties, as [`encode_samples`](edgesync_protocol::frame::encode_samples) encodes them) behind, in one atomic commit; returns once
-    /// durable per the fsync policy.
+    /// the latest samples of all its properties, as
+    /// [`encode_samples`](edgesync_protocol::frame::encode_samples) encodes them) behind, in
+    /// one atomic commit; returns once durable per the fsync policy.
     pub async fn append(
         &mut self,
         records: impl Into<Arc<Vec<Sample>>>,
@@ -1201,10 +1211,7 @@ impl AgentStore {
             self.resync = true;
             if self.groups.get(&first).is_some_and(|g| !g.lost) {
                 let group = self.group_bytes(first)?;
-                let samples = decode_samples(&group).map_err(|source| StoreError::Corrupt {
-                    key: format!("outbox group {first}"),
-                    source,
-                })?;
+                let samples = decode_samples(&group).map_err(corrupt_group(first))?;
                 for s in &samples {
                     let ts = latest
                         .entry((s.device.clone(), s.property.clone()))
@@ -1240,12 +1247,7 @@ impl AgentStore {
     pub fn read(&mut self, first: u64, count: usize) -> Result<Vec<Sample>, StoreError> {
         let mut out = Vec::with_capacity(count);
         for (bytes, r) in self.read_runs(first, count)? {
-            out.extend(
-                decode_samples(&bytes[r]).map_err(|source| StoreError::Corrupt {
-                    key: format!("outbox records from {first}"),
-                    source,
-                })?,
-            );
+            out.extend(decode_samples(&bytes[r]).map_err(corrupt_group(first))?);
         }
         Ok(out)
     }
@@ -1273,10 +1275,7 @@ impl AgentStore {
                 let bytes = self.group_bytes(gfirst)?;
                 let r = (a - gfirst) as usize..(b - gfirst) as usize;
                 total += r.len();
-                let r = batch_range(&bytes, r).map_err(|source| StoreError::Corrupt {
-                    key: format!("outbox group {gfirst}"),
-                    source,
-                })?;
+                let r = batch_range(&bytes, r).map_err(corrupt_group(gfirst))?;
                 runs.push((bytes, r));
             }
         }
@@ -1306,10 +1305,7 @@ impl AgentStore {
             return Err(missing);
         };
         let v = self.log.read(loc, first, count)?;
-        let samples = decode_samples(&v).map_err(|source| StoreError::Corrupt {
-            key: format!("outbox group {first}"),
-            source,
-        })?;
+        let samples = decode_samples(&v).map_err(corrupt_group(first))?;
         if samples.len() as u64 != count {
             return Err(StoreError::Log(LogError::Corrupt {
                 path: self.log.dir().to_owned(),
