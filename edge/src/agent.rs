@@ -419,6 +419,12 @@ const DURABILITY_TARGET: &str = "edgesync::durability";
 /// Most records in one outbox group (a commit starts once this many are pending).
 const MAX_GROUP_RECORDS: usize = 4096;
 
+/// Longest a commit waits, with `commit_interval_ms = 0`, for the rest of a poll sweep that a
+/// link reads back to back (its readings say another cycle follows at once). One commit per
+/// sweep instead of one per reading that arrives between commits: at 10 units of 100 changing
+/// registers every 100 ms, see BENCHMARKS.md.
+const SWEEP_HOLD_MAX: Duration = Duration::from_millis(10);
+
 /// How often the twin is written behind to sled (at most).
 const TWIN_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -528,21 +534,33 @@ impl Pipeline {
                         return;
                     }
                     Some(reading) => {
+                        let mut follows = reading.follows;
                         self.observe(&reading, &mut pending, &mut dirty);
                         // Readings that queued up meanwhile (during the previous commit) join
                         // this group: group commit without waiting.
                         while pending.len() < MAX_GROUP_RECORDS {
                             let Ok(more) = self.rx.try_recv() else { break };
+                            follows = more.follows;
                             self.observe(&more, &mut pending, &mut dirty);
                         }
-                        if self.commit_interval.is_zero() {
-                            // Commit now: nothing is in flight (commits run in this task).
-                            !pending.is_empty()
-                        } else {
-                            if !pending.is_empty() && deadline.is_none() {
-                                deadline = Some(tokio::time::Instant::now() + self.commit_interval);
+                        if pending.is_empty() {
+                            false
+                        } else if pending.len() >= MAX_GROUP_RECORDS {
+                            true
+                        } else if self.commit_interval.is_zero() {
+                            // Commit now (nothing is in flight: commits run in this task),
+                            // unless the link is reading the rest of its sweep right now.
+                            if follows {
+                                deadline.get_or_insert_with(|| {
+                                    tokio::time::Instant::now() + SWEEP_HOLD_MAX
+                                });
                             }
-                            pending.len() >= MAX_GROUP_RECORDS
+                            !follows
+                        } else {
+                            deadline.get_or_insert_with(|| {
+                                tokio::time::Instant::now() + self.commit_interval
+                            });
+                            false
                         }
                     }
                 },

@@ -300,6 +300,7 @@ mod tests {
         DeviceReading {
             device: DeviceId::new("d").unwrap(),
             ts: Timestamp(ts),
+            follows: false,
             samples: vec![TagSample {
                 tag: 0,
                 value: v.map(Value::Float),

@@ -776,22 +776,24 @@ fn check_identity(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> Identit
 }
 
 fn check_outbox(doc: &mut Doc<'_>, root: &DeTable<'_>) -> OutboxConfig {
+    // A key left out means the same as the section left out: one set of defaults.
     let mut out = OutboxConfig::default();
     let Some((raw, loc)) = read_section::<RawOutbox>(doc, root, "outbox", None) else {
         return out;
     };
+    let d = OutboxConfig::default();
     out.max_bytes = u64_of(doc.int_in(
         &loc,
         "max_bytes",
         raw.max_bytes,
-        DEFAULT_OUTBOX_MAX_BYTES as i64,
+        i64::try_from(d.max_bytes).unwrap_or(i64::MAX),
         65_536..=i64::MAX,
     ));
     out.commit_interval_ms = u64_of(doc.int_in(
         &loc,
         "commit_interval_ms",
         raw.commit_interval_ms,
-        20,
+        i64::try_from(d.commit_interval_ms).unwrap_or(0),
         0..=10_000,
     ));
     let policy = match raw.fsync.as_deref() {
@@ -830,10 +832,10 @@ fn check_outbox(doc: &mut Doc<'_>, root: &DeTable<'_>) -> OutboxConfig {
         &loc,
         "batch_max_records",
         raw.batch_max_records,
-        512,
+        i64::try_from(d.batch_max_records).unwrap_or(1),
         1..=edgesync_protocol::frame::MAX_FRAME_SAMPLES as i64,
     ))
-    .unwrap_or(512);
+    .unwrap_or(d.batch_max_records);
     if let Some(s) = raw.on_full
         && let Some(p) = doc.choice(
             &loc,

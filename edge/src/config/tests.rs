@@ -221,6 +221,32 @@ fn defaults_table_applies_to_devices() {
 }
 
 #[test]
+fn an_outbox_section_without_a_key_takes_the_same_default_as_no_section() {
+    // `commit_interval_ms` once defaulted to 20 ms inside `[outbox]` and to 0 without it.
+    let none = parse_text(BASE).unwrap().outbox;
+    let empty = parse_text(&format!("{BASE}[outbox]\n")).unwrap().outbox;
+    let fsync_only = parse_text(&format!("{BASE}[outbox]\nfsync = \"every_commit\"\n"))
+        .unwrap()
+        .outbox;
+    assert_eq!(none, OutboxConfig::default());
+    assert_eq!(empty, none);
+    assert_eq!(fsync_only, none);
+    // The documented default: commit at once when no commit runs.
+    assert_eq!(none.commit_interval_ms, 0);
+    assert_eq!(none.fsync, FsyncPolicy::EveryCommit);
+}
+
+#[test]
+fn an_empty_optional_section_means_the_same_as_none() {
+    let none = format!("{:?}", parse_text(BASE).unwrap());
+    // (`[rules]` needs its `dir`.)
+    for section in ["outbox", "mqtt", "metrics", "defaults"] {
+        let empty = parse_text(&format!("{BASE}[{section}]\n")).unwrap();
+        assert_eq!(format!("{empty:?}"), none, "[{section}]");
+    }
+}
+
+#[test]
 fn outbox_policies() {
     let cfg = parse_text(&format!(
         "{BASE}[outbox]\nfsync = \"interval\"\nfsync_interval_ms = 250\non_full = \"refuse_new\"\nmax_bytes = 1048576\n"

@@ -71,6 +71,10 @@ pub struct DeviceReading {
     pub ts: Timestamp,
     /// One sample per tag read in the cycle, ordered by tag index.
     pub samples: Vec<TagSample>,
+    /// The link starts another cycle at once: another unit (or another poll group) was already
+    /// due when this cycle ended. A hint for batching the outbox commit, never needed for
+    /// correctness.
+    pub follows: bool,
 }
 
 /// One tag's result in a [`DeviceReading`].
@@ -425,12 +429,19 @@ impl LinkTask {
                 continue;
             };
             let cycle = run_cycle(&mut self.units[unit], conn, &self.clock, &self.key);
-            let (reading, end) = tokio::select! {
+            let (mut reading, end) = tokio::select! {
                 // Cancellation mid-cycle: the request in flight is abandoned with the task.
                 () = self.cancel.cancelled() => return Err(Stop),
                 // The cycle ran to its end (all due tags have a sample).
                 out = cycle => out,
             };
+            if matches!(end, CycleEnd::Ok) {
+                let now = Instant::now();
+                reading.follows = self
+                    .units
+                    .iter()
+                    .any(|u| u.wake_at().is_some_and(|at| at <= now));
+            }
             let mut except: Vec<usize> = Vec::new();
             if let CycleEnd::Transport(_) = end {
                 except = reading.samples.iter().map(|s| s.tag).collect();
@@ -623,6 +634,7 @@ impl LinkTask {
                 device: unit.spec.id.clone(),
                 ts,
                 samples,
+                follows: false,
             });
         }
         for reading in readings {
@@ -896,6 +908,7 @@ async fn run_cycle(
             device: spec.id.clone(),
             ts,
             samples,
+            follows: false,
         },
         end,
     )
@@ -1739,6 +1752,47 @@ mod tests {
         assert!((n / 2 - 1..=n / 2 + 1).contains(&with_slow), "{with_slow}");
         // One request per cycle: adjacent registers of both groups are merged.
         assert!(sim.with(1, |u| u.requests) <= n as u64 + 1);
+        run.stop().await;
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_reading_says_whether_the_sweep_goes_on() {
+        let sim = Sim::default();
+        for u in 1..=3u8 {
+            sim.with(u, |unit| unit.holding.insert(0, u16::from(u)));
+        }
+        let (addr, server) = serve(local(), sim.clone()).await;
+        let devices = (1..=3u8)
+            .map(|u| {
+                let t = tag("v", Table::HoldingRegister, 0, DataType::UInt16);
+                device(&format!("plc-{u}"), addr, u, vec![t])
+            })
+            .collect();
+        let mut run = Running::start(addr, devices);
+        // The three units share their due instant (100 ms): the first two readings of a
+        // sweep are followed at once by the next unit's, the last is not.
+        let mut sweeps = 0;
+        for _ in 0..4 {
+            let r = run.next().await;
+            if r.device.as_str() != "plc-1" {
+                continue;
+            }
+            assert!(r.follows, "{r:?}");
+            let r = run.next().await;
+            assert_eq!(r.device.as_str(), "plc-2");
+            assert!(r.follows, "{r:?}");
+            let r = run.next().await;
+            assert_eq!(r.device.as_str(), "plc-3");
+            assert!(!r.follows, "the sweep ends: {r:?}");
+            sweeps += 1;
+        }
+        assert!(sweeps >= 3, "{sweeps}");
+        // A unit that times out ends its reading without `follows` (its cycle was cut short).
+        sim.with(2, |u| u.silent = true);
+        let r = run.next_of("plc-2").await;
+        assert_eq!(sample(&r, "v").quality, Quality::Bad(BadReason::Timeout));
+        assert!(!r.follows, "{r:?}");
         run.stop().await;
         server.abort();
     }

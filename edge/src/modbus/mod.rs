@@ -12,7 +12,7 @@
 //!     │  tokio-modbus call under the device timeout; exception 2 → plan::split, retry
 //!     │  codec::decode / decode_bit ── registers → Value (byte order, scale, offset)
 //!     ▼
-//! DeviceReading { device, ts, samples: [TagSample { tag, property, value, quality }] }
+//! DeviceReading { device, ts, samples: [TagSample { tag, value, quality }], follows }
 //!     │  mpsc channel (bounded: a slow consumer slows polling, never grows memory)
 //!     ▼
 //! twin store, rules, MQTT, outbox

@@ -720,3 +720,90 @@ async fn an_agent_restored_from_a_backup_loses_none_of_its_new_records() -> anyh
     ensure!(a.gaps.is_empty(), "nothing was lost: {:?}", a.gaps);
     Ok(())
 }
+
+/// With the default `commit_interval_ms = 0`, the readings of a poll sweep that one link reads
+/// back to back share one outbox commit (one write, one `fdatasync`), instead of one commit per
+/// reading that arrives while none is running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_sweep_read_back_to_back_shares_one_commit() -> anyhow::Result<()> {
+    use edgesync_testkit::sim::{Script, Table};
+    const UNITS: u8 = 8;
+    let tmp = TempDir::new("outbox-sweep")?;
+    let pki = Pki::new(&tmp.path().join("pki"), TD)?;
+    let sim = SimHandle::start("127.0.0.1:0".parse()?, SimConfig::with_units(1..=UNITS)).await?;
+    for u in 1..=UNITS {
+        // Faster than the polls: every unit changes in every sweep.
+        sim.add_script(
+            u,
+            Table::HoldingRegisters,
+            0,
+            Script::Counter { step: 1 },
+            Duration::from_millis(20),
+        )?;
+    }
+    let metrics = format!("127.0.0.1:{}", free_tcp_port()?);
+    let dir = tmp.path().join(NODE);
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/{NODE}"), "agent")?;
+    let mut s = String::new();
+    writeln!(
+        s,
+        "[agent]\ndata_dir = {:?}\n",
+        dir.join("data").display().to_string()
+    )?;
+    writeln!(s, "[hub]\naddress = {:?}\n", dead_hub()?)?;
+    s.push_str(&harness::identity_toml(TD, &cert, &key, &pki.bundle));
+    writeln!(s, "[mqtt]\nmode = \"off\"\n")?;
+    writeln!(s, "[metrics]\nlisten = {metrics:?}\n")?;
+    // No [outbox] table: the default commit policy.
+    for u in 1..=UNITS {
+        writeln!(
+            s,
+            "[[devices]]\nid = \"plc-{u}\"\nprotocol = \"tcp\"\nendpoint = {:?}\nunit_id = {u}\npoll_interval_ms = 100\ntimeout_ms = 500\n\n[[devices.tags]]\nname = \"c0\"\ntable = \"holding_register\"\naddress = 0\ntype = \"uint16\"\n",
+            sim.local_addr().to_string()
+        )?;
+    }
+    let cfg = dir.join("agent.toml");
+    std::fs::write(&cfg, s)?;
+    let agent = harness::spawn_agent(&cfg, &dir.join("agent.log")).await?;
+    let commits = || async {
+        let text = reqwest::get(format!("http://{metrics}/metrics"))
+            .await?
+            .text()
+            .await?;
+        let n = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("edgesync_outbox_commits_total "))
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum::<f64>();
+        anyhow::Ok(n as u64)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while commits().await.unwrap_or(0) == 0 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no commit within 30 s\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (c0, s0) = (commits().await?, sim.request_count(UNITS));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (c1, s1) = (commits().await?, sim.request_count(UNITS));
+    let (commits, sweeps) = (c1 - c0, s1 - s0);
+    eprintln!("{commits} commits for {sweeps} sweeps of {UNITS} units");
+    ensure!(
+        sweeps >= 15,
+        "only {sweeps} sweeps in 3 s\n{}",
+        agent.log_text()
+    );
+    // One commit per sweep, give or take the sweeps the 10 ms hold could not wait out on a
+    // loaded machine; committing each reading that arrives between commits makes 2 to 4.
+    ensure!(
+        commits * 2 <= sweeps * 3,
+        "{commits} commits for {sweeps} sweeps of {UNITS} units\n{}",
+        agent.log_text()
+    );
+    ensure!(agent.terminate().await?, "agent exits 0 on SIGTERM");
+    Ok(())
+}
