@@ -151,7 +151,7 @@ impl Twin {
             .entry(reading.device.clone())
             .or_insert_with(|| Slots::new(spec.tags.len()));
         slots.grow(spec.tags.len());
-        for ts in &reading.samples {
+        for (i, ts) in reading.samples.iter().enumerate() {
             let (Some(tag), Some(slot), Some(restored)) = (
                 spec.tags.get(ts.tag),
                 slots.samples.get_mut(ts.tag),
@@ -202,6 +202,11 @@ impl Twin {
                     None => *slot = Some(s.clone()),
                 }
                 *restored = false;
+                if out.capacity() == 0 {
+                    // Room for the rest of the reading at the first change (when one changes,
+                    // most often all do), not a doubling per push.
+                    out.reserve_exact(reading.samples.len() - i);
+                }
                 out.push(s);
             }
         }
