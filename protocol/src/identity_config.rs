@@ -154,7 +154,9 @@ pub fn check_source(
                 "files",
             );
             if let Some(s) = &raw.workload_api_socket
-                && !(s.starts_with("unix:///") || s.starts_with("tcp://"))
+                && !(s.strip_prefix("unix:///").is_some_and(|p| !p.is_empty())
+                    || s.strip_prefix("tcp://")
+                        .is_some_and(|a| a.parse::<std::net::SocketAddr>().is_ok()))
             {
                 doc.at(
                     loc,

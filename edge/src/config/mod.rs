@@ -53,9 +53,9 @@ use crate::model::{
 use address::table_words;
 use diag::{Doc, Loc, Node};
 
-/// Default sled page cache of the agent: 8 MiB.
 /// sled refuses (panics on) a page cache below 256 bytes; anything under 64 KiB is a typo.
 const MIN_SLED_CACHE_BYTES: i64 = 64 * 1024;
+/// Default sled page cache of the agent: 2 MiB.
 const DEFAULT_SLED_CACHE_BYTES: u64 = 2 * 1024 * 1024;
 
 /// Default `[agent] desired_expiry_ms`: ten minutes.
@@ -139,8 +139,8 @@ pub enum FsyncPolicy {
     /// Every commit written to the OS, fsync at most this often: an OS crash or a power cut may
     /// lose up to this much accepted data (a process crash nothing); less flash wear.
     Interval(Duration),
-    /// Never fsync from the commit path; sled writes back and fsyncs its log in the background
-    /// about every second, so any crash may lose about the last second.
+    /// Never fsync from the commit path: every commit is written to the OS, so a process crash
+    /// loses nothing; an OS crash or a power cut loses what the OS had not written back yet.
     Never,
 }
 
@@ -229,7 +229,7 @@ struct RawAgent {
     node_id: Option<String>,
     /// Directory for sled (twin and outbox); required.
     data_dir: Option<String>,
-    /// sled page cache in bytes (default 8 MiB).
+    /// sled page cache in bytes (default 2 MiB).
     sled_cache_bytes: Option<i64>,
     /// How long a desired value waits for an unreachable device, ms (default 600000).
     desired_expiry_ms: Option<i64>,
@@ -284,7 +284,7 @@ struct RawIdentity {
 struct RawOutbox {
     /// Bound on the outbox size in bytes (default 256 MiB).
     max_bytes: Option<i64>,
-    /// Group commit window in milliseconds (default 20).
+    /// Group commit window in milliseconds (default 0: commit at once).
     commit_interval_ms: Option<i64>,
     /// `every_commit` (default), `interval` or `never`.
     fsync: Option<String>,
@@ -580,8 +580,11 @@ fn check(
         )));
     }
 
-    let hub = check_hub(doc, root);
+    let (hub, hub_loc) = check_hub(doc, root);
     let identity = check_identity(doc, root, base);
+    if let (Some(id), Some(loc)) = (&hub.hub_id, &hub_loc) {
+        check_hub_domain(doc, loc, id, &identity);
+    }
     let outbox = check_outbox(doc, root);
 
     // [metrics]
@@ -639,7 +642,36 @@ fn check(
     }
 }
 
-fn check_hub(doc: &mut Doc<'_>, root: &DeTable<'_>) -> HubLinkConfig {
+/// The hub is verified against the bundle of its own trust domain only: `hub_id` must be in
+/// ours or in a federated one (also checked when the agent starts; here `validate` reports it).
+fn check_hub_domain(doc: &mut Doc<'_>, loc: &Loc, hub_id: &str, identity: &IdentityConfig) {
+    let (Ok(id), Ok(ours)) = (
+        spiffe::SpiffeId::new(hub_id),
+        spiffe::TrustDomain::new(&identity.trust_domain),
+    ) else {
+        // Reported where each is parsed.
+        return;
+    };
+    let federated: Vec<&spiffe::TrustDomain> = match &identity.source {
+        IdentitySource::Files(f) => f.federated.iter().map(|(td, _)| td).collect(),
+        IdentitySource::WorkloadApi { federates_with, .. } => federates_with.iter().collect(),
+    };
+    let td = id.trust_domain();
+    if td != &ours && !federated.contains(&td) {
+        doc.at(
+            loc,
+            "hub_id",
+            format_args!(
+                "hub_id {hub_id:?} is in trust domain {:?}, neither ours ({:?}) nor listed in [identity] federates_with",
+                td.as_str(),
+                identity.trust_domain
+            ),
+        );
+    }
+}
+
+/// `[hub]`, and where it is in the file (for checks that need other tables too).
+fn check_hub(doc: &mut Doc<'_>, root: &DeTable<'_>) -> (HubLinkConfig, Option<Loc>) {
     let mut hub = HubLinkConfig {
         address: String::new(),
         hub_id: None,
@@ -651,7 +683,7 @@ fn check_hub(doc: &mut Doc<'_>, root: &DeTable<'_>) -> HubLinkConfig {
     };
     let Some((raw, loc)) = read_section::<RawHub>(doc, root, "hub", Some("it needs address"))
     else {
-        return hub;
+        return (hub, None);
     };
     if let Some(address) = doc.required(&loc, "address", raw.address) {
         match net::check_host_port(&address) {
@@ -719,7 +751,7 @@ fn check_hub(doc: &mut Doc<'_>, root: &DeTable<'_>) -> HubLinkConfig {
     hub.idle_timeout = ms(idle);
     hub.backoff_initial = ms(initial);
     hub.backoff_max = ms(max);
-    hub
+    (hub, Some(loc))
 }
 
 fn check_identity(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> IdentityConfig {

@@ -68,8 +68,8 @@ pub struct MqttConfig {
     pub connect_timeout: Duration,
     /// Largest MQTT packet accepted or sent, in bytes.
     pub max_packet_bytes: usize,
-    /// Messages the agent may have queued for sending (to the external broker, or to the
-    /// embedded broker's router); more are dropped and counted.
+    /// External broker: messages the agent's client may have queued for sending; more are
+    /// dropped and counted.
     pub queue_capacity: usize,
     /// Requests (`twin/update`, `twin/get`) handled per second; more are dropped and counted.
     pub max_requests_per_s: u32,
@@ -251,6 +251,10 @@ pub(super) fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> MqttC
         ("tls_ca_file", raw.tls_ca_file.is_some()),
         ("tls_cert_file", raw.tls_cert_file.is_some()),
         ("tls_key_file", raw.tls_key_file.is_some()),
+        // The agent's own client: embedded, the agent is connected in-process.
+        ("client_id", raw.client_id.is_some()),
+        ("keepalive_ms", raw.keepalive_ms.is_some()),
+        ("queue_capacity", raw.queue_capacity.is_some()),
     ];
     let misplaced = |doc: &mut Doc<'_>, fields: &[(&str, bool)], applies: &str, mode: &str| {
         for (field, present) in fields {
@@ -266,6 +270,27 @@ pub(super) fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> MqttC
     match mode {
         Some("embedded") => misplaced(doc, &external_only, "external", "embedded"),
         Some("external") => misplaced(doc, &embedded_only, "embedded", "external"),
+        Some("off") => {
+            misplaced(doc, &embedded_only, "embedded", "off");
+            misplaced(doc, &external_only, "external", "off");
+            let either = [
+                ("username", raw.username.is_some()),
+                ("password", raw.password.is_some()),
+                ("password_file", raw.password_file.is_some()),
+                ("connect_timeout_ms", raw.connect_timeout_ms.is_some()),
+                ("max_packet_bytes", raw.max_packet_bytes.is_some()),
+                ("max_requests_per_s", raw.max_requests_per_s.is_some()),
+            ];
+            for (field, present) in either {
+                if present {
+                    doc.at(
+                        &loc,
+                        field,
+                        format_args!("{field} has no effect with mode = \"off\" (no local MQTT)"),
+                    );
+                }
+            }
+        }
         _ => {}
     }
 
@@ -565,5 +590,25 @@ mod tests {
         let errs = parse("[mqtt]\nlisten = \"nowhere\"\n").unwrap_err();
         assert!(errs[0].1.contains("not an ip:port"), "{errs:#?}");
         assert!(parse("[mqtt]\nmode = \"off\"\n").unwrap().mode == MqttMode::Off);
+        // The agent's client exists only with an external broker; with `off`, no field of
+        // either mode does anything: errors, not settings that silently do nothing.
+        for (mode, field) in [
+            ("embedded", "client_id = \"a\""),
+            ("embedded", "keepalive_ms = 30000"),
+            ("embedded", "queue_capacity = 100"),
+            ("off", "listen = \"127.0.0.1:1\""),
+            ("off", "broker = \"b:1\""),
+            ("off", "queue_capacity = 100"),
+            ("off", "max_packet_bytes = 4096"),
+        ] {
+            let errs = parse(&format!("[mqtt]\nmode = {mode:?}\n{field}\n")).unwrap_err();
+            let key = field.split(' ').next().unwrap();
+            assert!(
+                errs.iter().any(|(l, m)| *l == Some(line(3))
+                    && (m.contains(&format!("{key} applies only to mode"))
+                        || m.contains(&format!("{key} has no effect with mode = \"off\"")))),
+                "{mode} {field}: {errs:#?}"
+            );
+        }
     }
 }

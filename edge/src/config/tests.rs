@@ -247,6 +247,28 @@ fn an_empty_optional_section_means_the_same_as_none() {
 }
 
 #[test]
+fn a_hub_id_outside_our_trust_domains_is_reported_by_the_parser() {
+    let with_hub_id = |id: &str, extra: &str| {
+        BASE.replace(
+            "address = \"hub.local:7443\"",
+            &format!("address = \"hub.local:7443\"\nhub_id = {id:?}"),
+        ) + extra
+    };
+    let ours = parse_text(&with_hub_id("spiffe://example.org/hub", "")).unwrap();
+    assert_eq!(ours.hub.hub_id.as_deref(), Some("spiffe://example.org/hub"));
+    assert_problem(
+        &with_hub_id("spiffe://other.org/hub", ""),
+        "hub_id = ",
+        "is in trust domain \"other.org\", neither ours (\"example.org\") nor listed in [identity] federates_with",
+    );
+    let federated = with_hub_id(
+        "spiffe://other.org/hub",
+        "federates_with = [\"other.org\"]\n[identity.federated_bundles]\n\"other.org\" = \"other.pem\"\n",
+    );
+    parse_text(&federated).unwrap();
+}
+
+#[test]
 fn outbox_policies() {
     let cfg = parse_text(&format!(
         "{BASE}[outbox]\nfsync = \"interval\"\nfsync_interval_ms = 250\non_full = \"refuse_new\"\nmax_bytes = 1048576\n"
@@ -1014,6 +1036,36 @@ fn state_only_is_a_per_tag_flag() {
             .any(|(l, m)| *l == Some(line_of(&text, "state_only")) && m.contains("state_only")),
         "{found:#?}"
     );
+}
+
+#[test]
+fn a_workload_api_socket_is_a_unix_path_or_a_tcp_socket_address() {
+    let with = |socket: &str| {
+        BASE.replace(
+            "cert = \"c.pem\"\nkey = \"k.pem\"\nbundle = \"b.pem\"\n",
+            &format!("source = \"workload_api\"\nworkload_api_socket = {socket:?}\n"),
+        )
+    };
+    for ok in [
+        "unix:///run/spire/agent.sock",
+        "tcp://127.0.0.1:8081",
+        "tcp://[::1]:8081",
+    ] {
+        parse_text(&with(ok)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for bad in [
+        "tcp://spire-agent",
+        "tcp://localhost:8081",
+        "tcp://",
+        "unix:///",
+        "unix://x",
+    ] {
+        assert_problem(
+            &with(bad),
+            "workload_api_socket",
+            "must be unix:///<absolute path> or tcp://<ip>:<port>",
+        );
+    }
 }
 
 #[test]
