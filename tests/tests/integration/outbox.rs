@@ -39,6 +39,30 @@ struct Rig {
     metrics: String,
 }
 
+/// The agent's directory under `tmp`, a free metrics address, and the start of its config:
+/// `[agent]`, `[hub]` with `hub` (its keys), `[identity]`, `[mqtt]` off and `[metrics]`.
+fn agent_preamble(
+    tmp: &TempDir,
+    pki: &Pki,
+    hub: &str,
+) -> anyhow::Result<(std::path::PathBuf, String, String)> {
+    let metrics = format!("127.0.0.1:{}", free_tcp_port()?);
+    let dir = tmp.path().join(NODE);
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/{NODE}"), "agent")?;
+    let mut s = String::new();
+    writeln!(
+        s,
+        "[agent]\ndata_dir = {:?}\n",
+        dir.join("data").display().to_string()
+    )?;
+    writeln!(s, "[hub]\n{hub}\n")?;
+    s.push_str(&harness::identity_toml(TD, &cert, &key, &pki.bundle));
+    writeln!(s, "[mqtt]\nmode = \"off\"\n")?;
+    writeln!(s, "[metrics]\nlisten = {metrics:?}\n")?;
+    Ok((dir, metrics, s))
+}
+
 impl Rig {
     /// A PLC whose holding registers `0..counters` count up every 50 ms, and an agent polling
     /// them every 50 ms as tags `c<i>` (`state_only` for the indexes in `state_only`), with a
@@ -68,23 +92,13 @@ impl Rig {
         let sim = SimHandle::start("127.0.0.1:0".parse()?, SimConfig::with_units([1])).await?;
         let scripts = start_counters(&sim, counters)?;
         let tunnel = dead_hub()?;
-        let metrics = format!("127.0.0.1:{}", free_tcp_port()?);
-        let dir = tmp.path().join(NODE);
-        std::fs::create_dir_all(&dir)?;
-        let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/{NODE}"), "agent")?;
-        let mut s = String::new();
-        writeln!(
-            s,
-            "[agent]\ndata_dir = {:?}\n",
-            dir.join("data").display().to_string()
+        let (dir, metrics, mut s) = agent_preamble(
+            &tmp,
+            &pki,
+            &format!(
+                "address = {tunnel:?}\nbackoff_initial_ms = 100\nbackoff_max_ms = 500\nkeepalive_ms = 500\nidle_timeout_ms = 3000"
+            ),
         )?;
-        writeln!(
-            s,
-            "[hub]\naddress = {tunnel:?}\nbackoff_initial_ms = 100\nbackoff_max_ms = 500\nkeepalive_ms = 500\nidle_timeout_ms = 3000\n"
-        )?;
-        s.push_str(&harness::identity_toml(TD, &cert, &key, &pki.bundle));
-        writeln!(s, "[mqtt]\nmode = \"off\"\n")?;
-        writeln!(s, "[metrics]\nlisten = {metrics:?}\n")?;
         writeln!(s, "[outbox]\n{outbox}\n")?;
         writeln!(
             s,
@@ -741,20 +755,8 @@ async fn a_poll_sweep_read_back_to_back_shares_one_commit() -> anyhow::Result<()
             Duration::from_millis(20),
         )?;
     }
-    let metrics = format!("127.0.0.1:{}", free_tcp_port()?);
-    let dir = tmp.path().join(NODE);
-    std::fs::create_dir_all(&dir)?;
-    let (cert, key) = pki.svid(&format!("spiffe://{TD}/edge/{NODE}"), "agent")?;
-    let mut s = String::new();
-    writeln!(
-        s,
-        "[agent]\ndata_dir = {:?}\n",
-        dir.join("data").display().to_string()
-    )?;
-    writeln!(s, "[hub]\naddress = {:?}\n", dead_hub()?)?;
-    s.push_str(&harness::identity_toml(TD, &cert, &key, &pki.bundle));
-    writeln!(s, "[mqtt]\nmode = \"off\"\n")?;
-    writeln!(s, "[metrics]\nlisten = {metrics:?}\n")?;
+    let (dir, metrics, mut s) =
+        agent_preamble(&tmp, &pki, &format!("address = {:?}", dead_hub()?))?;
     // No [outbox] table: the default commit policy.
     for u in 1..=UNITS {
         writeln!(
