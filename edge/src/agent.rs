@@ -423,7 +423,7 @@ const MAX_GROUP_RECORDS: usize = 4096;
 /// link reads back to back (its readings say another cycle follows at once). One commit per
 /// sweep instead of one per reading that arrives between commits: at 10 units of 100 changing
 /// registers every 100 ms, see BENCHMARKS.md.
-const SWEEP_HOLD_MAX: Duration = Duration::from_millis(10);
+const SWEEP_HOLD_MAX: Duration = crate::modbus::link::FOLLOWS_WITHIN;
 
 /// How often the twin is written behind to sled (at most).
 const TWIN_FLUSH_INTERVAL: Duration = Duration::from_secs(1);

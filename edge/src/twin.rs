@@ -210,6 +210,10 @@ impl Twin {
                 out.push(s);
             }
         }
+        if out.capacity() > 2 * out.len() {
+            // Few changed: the batch may be held a while (events, pending records).
+            out.shrink_to_fit();
+        }
         out
     }
 
@@ -318,6 +322,38 @@ mod tests {
         out.iter()
             .map(|s| s.value.as_ref().and_then(Value::as_f64))
             .collect()
+    }
+
+    #[test]
+    fn a_reading_where_few_change_holds_no_room_for_the_rest() {
+        let tags = (0..100)
+            .map(|i| {
+                test_support::tag(
+                    &format!("t{i}"),
+                    Table::HoldingRegister,
+                    DataType::Float32,
+                    Access::Read,
+                )
+            })
+            .collect();
+        let sp = test_support::device("d", tags);
+        let read = |ts: u64, changed: f64| DeviceReading {
+            device: DeviceId::new("d").unwrap(),
+            ts: Timestamp(ts),
+            follows: false,
+            samples: (0..100)
+                .map(|i| TagSample {
+                    tag: i,
+                    value: Some(Value::Float(if i == 7 { changed } else { 1.0 })),
+                    quality: Quality::Good,
+                })
+                .collect(),
+        };
+        let mut t = Twin::new(&[], vec![]);
+        assert_eq!(t.observe(&sp, &read(0, 1.0)).len(), 100);
+        let out = t.observe(&sp, &read(100, 2.0));
+        assert_eq!(out.len(), 1);
+        assert!(out.capacity() <= 2, "capacity {}", out.capacity());
     }
 
     #[test]

@@ -581,8 +581,14 @@ fn check(
     }
 
     let (hub, hub_loc) = check_hub(doc, root);
+    let errors_before_identity = doc.error_count();
     let identity = check_identity(doc, root, base);
-    if let (Some(id), Some(loc)) = (&hub.hub_id, &hub_loc) {
+    // A broken [identity] leaves its federated domains unknown: no second, false error.
+    if let (Some(id), Some(loc), true) = (
+        &hub.hub_id,
+        &hub_loc,
+        doc.error_count() == errors_before_identity,
+    ) {
         check_hub_domain(doc, loc, id, &identity);
     }
     let outbox = check_outbox(doc, root);

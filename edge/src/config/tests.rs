@@ -266,6 +266,26 @@ fn a_hub_id_outside_our_trust_domains_is_reported_by_the_parser() {
         "federates_with = [\"other.org\"]\n[identity.federated_bundles]\n\"other.org\" = \"other.pem\"\n",
     );
     parse_text(&federated).unwrap();
+    // A broken [identity] (here its socket) is reported alone: its federated domains are
+    // unknown, so the hub_id is not called foreign.
+    let api = BASE
+        .replace(
+            "address = \"hub.local:7443\"",
+            "address = \"hub.local:7443\"\nhub_id = \"spiffe://other.org/hub\"",
+        )
+        .replace(
+            "cert = \"c.pem\"\nkey = \"k.pem\"\nbundle = \"b.pem\"\n",
+            "source = \"workload_api\"\nworkload_api_socket = \"tcp://nowhere\"\nfederates_with = [\"other.org\"]\n",
+        );
+    let found = problems(&api);
+    assert!(
+        found.iter().any(|(_, m)| m.contains("workload_api_socket")),
+        "{found:#?}"
+    );
+    assert!(
+        !found.iter().any(|(_, m)| m.contains("hub_id")),
+        "{found:#?}"
+    );
 }
 
 #[test]

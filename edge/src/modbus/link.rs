@@ -71,11 +71,15 @@ pub struct DeviceReading {
     pub ts: Timestamp,
     /// One sample per tag read in the cycle, ordered by tag index.
     pub samples: Vec<TagSample>,
-    /// The link starts another cycle at once: another unit (or another poll group) was already
-    /// due when this cycle ended. A hint for batching the outbox commit, never needed for
-    /// correctness.
+    /// Another reading is expected soon: another unit (or another poll group) was already due
+    /// when this cycle ended, and this cycle took less than [`FOLLOWS_WITHIN`] (on a slow
+    /// serial bus the next one would not come sooner). A hint for batching the outbox commit,
+    /// never needed for correctness.
     pub follows: bool,
 }
+
+/// The longest cycle after which a reading still says [`DeviceReading::follows`].
+pub const FOLLOWS_WITHIN: Duration = Duration::from_millis(10);
 
 /// One tag's result in a [`DeviceReading`].
 #[derive(Debug, Clone, PartialEq)]
@@ -428,6 +432,7 @@ impl LinkTask {
             let Some(conn) = self.conn.as_mut() else {
                 continue;
             };
+            let cycle_start = Instant::now();
             let cycle = run_cycle(&mut self.units[unit], conn, &self.clock, &self.key);
             let (mut reading, end) = tokio::select! {
                 // Cancellation mid-cycle: the request in flight is abandoned with the task.
@@ -435,8 +440,8 @@ impl LinkTask {
                 // The cycle ran to its end (all due tags have a sample).
                 out = cycle => out,
             };
-            if matches!(end, CycleEnd::Ok) {
-                let now = Instant::now();
+            let now = Instant::now();
+            if matches!(end, CycleEnd::Ok) && now.duration_since(cycle_start) < FOLLOWS_WITHIN {
                 reading.follows = self
                     .units
                     .iter()
@@ -1788,6 +1793,12 @@ mod tests {
             sweeps += 1;
         }
         assert!(sweeps >= 3, "{sweeps}");
+        // A slow unit (a serial bus, a busy gateway) is not waited for: its reading does not
+        // promise another soon.
+        sim.with(1, |u| u.delay = Some(FOLLOWS_WITHIN * 2));
+        let r = run.next_of("plc-1").await;
+        assert!(!r.follows, "a slow cycle: {r:?}");
+        sim.with(1, |u| u.delay = None);
         // A unit that times out ends its reading without `follows` (its cycle was cut short).
         sim.with(2, |u| u.silent = true);
         let r = run.next_of("plc-2").await;
