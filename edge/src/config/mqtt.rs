@@ -256,23 +256,23 @@ pub(super) fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> MqttC
         ("keepalive_ms", raw.keepalive_ms.is_some()),
         ("queue_capacity", raw.queue_capacity.is_some()),
     ];
-    let misplaced = |doc: &mut Doc<'_>, fields: &[(&str, bool)], applies: &str, mode: &str| {
+    // Each field given in `fields` is an error, worded by `why`.
+    let report = |doc: &mut Doc<'_>, fields: &[(&str, bool)], why: &dyn Fn(&str) -> String| {
         for (field, present) in fields {
             if *present {
-                doc.at(
-                    &loc,
-                    field,
-                    format_args!("{field} applies only to mode = \"{applies}\", not {mode:?}"),
-                );
+                doc.at(&loc, field, why(field));
             }
         }
     };
+    let only = |applies: &'static str, mode: &'static str| {
+        move |field: &str| format!("{field} applies only to mode = \"{applies}\", not {mode:?}")
+    };
     match mode {
-        Some("embedded") => misplaced(doc, &external_only, "external", "embedded"),
-        Some("external") => misplaced(doc, &embedded_only, "embedded", "external"),
+        Some("embedded") => report(doc, &external_only, &only("external", "embedded")),
+        Some("external") => report(doc, &embedded_only, &only("embedded", "external")),
         Some("off") => {
-            misplaced(doc, &embedded_only, "embedded", "off");
-            misplaced(doc, &external_only, "external", "off");
+            report(doc, &embedded_only, &only("embedded", "off"));
+            report(doc, &external_only, &only("external", "off"));
             let either = [
                 ("username", raw.username.is_some()),
                 ("password", raw.password.is_some()),
@@ -281,15 +281,9 @@ pub(super) fn check(doc: &mut Doc<'_>, root: &DeTable<'_>, base: &Path) -> MqttC
                 ("max_packet_bytes", raw.max_packet_bytes.is_some()),
                 ("max_requests_per_s", raw.max_requests_per_s.is_some()),
             ];
-            for (field, present) in either {
-                if present {
-                    doc.at(
-                        &loc,
-                        field,
-                        format_args!("{field} has no effect with mode = \"off\" (no local MQTT)"),
-                    );
-                }
-            }
+            report(doc, &either, &|field| {
+                format!("{field} has no effect with mode = \"off\" (no local MQTT)")
+            });
         }
         _ => {}
     }
