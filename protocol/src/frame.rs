@@ -11,7 +11,7 @@
 use bytes::{Buf, BufMut, BytesMut};
 use prost::Message;
 
-use crate::ids::{DeviceId, IdError, PropertyId};
+use crate::ids::{DeviceId, INLINE_ID_LEN, IdError, PropertyId};
 use crate::value::{BadReason, Quality, Sample, Timestamp, Value};
 
 /// Protocol versions this build speaks, newest last.
@@ -490,9 +490,11 @@ impl From<&Sample> for WireSample {
     }
 }
 
-/// Ids already validated on one connection: a record's device and property ids are looked up
-/// here instead of being validated and allocated again (a node sends the same few thousand ids
-/// over and over). Bounded: past [`IdCache::MAX_IDS`] ids of a kind, that kind starts afresh.
+/// Ids already validated on one connection: a record's device and property ids longer than
+/// [`INLINE_ID_LEN`] are looked up here instead of being validated and allocated again (a node
+/// sends the same few thousand ids over and over). Shorter ids are held inline: validating and
+/// copying one costs less than the lookup, so they are not kept. Bounded: past
+/// [`IdCache::MAX_IDS`] ids of a kind, that kind starts afresh.
 #[derive(Debug, Default)]
 pub struct IdCache {
     devices: std::collections::HashMap<Box<str>, DeviceId>,
@@ -525,6 +527,9 @@ fn cached<T: Clone>(
     make: fn(&str) -> Result<T, IdError>,
 ) -> Result<T, String> {
     let s = std::str::from_utf8(b).map_err(|_| format!("{kind} id is not UTF-8"))?;
+    if s.len() <= INLINE_ID_LEN {
+        return make(s).map_err(|e| e.to_string());
+    }
     if let Some(id) = map.get(s) {
         return Ok(id.clone());
     }
@@ -1100,15 +1105,19 @@ mod tests {
 
     #[test]
     fn id_cache_shares_validated_ids_and_still_refuses_bad_ones() {
+        // Ids longer than INLINE_ID_LEN (shorter ones are held inline, not cached).
+        let long = |s: Sample| Sample {
+            device: DeviceId::new(format!("{}-of-line-7-in-hall-b", s.device)).unwrap(),
+            property: PropertyId::new(format!("{}-temperature-upper-zone", s.property)).unwrap(),
+            ..s
+        };
         let mut ids = IdCache::default();
         let wire = |w: Vec<Sample>| w.iter().map(WireSample::from).collect::<Vec<_>>();
-        let first = samples_from_wire_with(wire((0..5).map(sample).collect()), &mut ids).unwrap();
-        let again = samples_from_wire_with(wire((0..5).map(sample).collect()), &mut ids).unwrap();
+        let batch = || (0..5).map(sample).map(long).collect::<Vec<_>>();
+        let first = samples_from_wire_with(wire(batch()), &mut ids).unwrap();
+        let again = samples_from_wire_with(wire(batch()), &mut ids).unwrap();
         assert_eq!(first, again);
-        assert_eq!(
-            first,
-            samples_from_wire(wire((0..5).map(sample).collect())).unwrap()
-        );
+        assert_eq!(first, samples_from_wire(wire(batch())).unwrap());
         // One allocation per distinct id, shared by every later sample.
         assert_eq!(ids.counts(), (1, 5));
         assert!(std::ptr::eq(
@@ -1119,12 +1128,23 @@ mod tests {
             first[2].property.as_str(),
             again[2].property.as_str()
         ));
+        // Short ids decode the same without being kept.
+        let short = samples_from_wire_with(wire((0..5).map(sample).collect()), &mut ids).unwrap();
+        assert_eq!(short, (0..5).map(sample).collect::<Vec<_>>());
+        assert_eq!(ids.counts(), (1, 5));
         // An invalid id is refused with its index, cached ids or not.
         let mut bad = wire((0..3).map(sample).collect());
         bad[2].property = "has space".into();
         let e = samples_from_wire_with(bad, &mut ids).unwrap_err();
         assert!(
             matches!(e, FrameError::InvalidSample { index: 2, .. }),
+            "{e:?}"
+        );
+        let mut bad = wire(batch());
+        bad[3].device = "a device id longer than 23 bytes".into();
+        let e = samples_from_wire_with(bad, &mut ids).unwrap_err();
+        assert!(
+            matches!(e, FrameError::InvalidSample { index: 3, .. }),
             "{e:?}"
         );
         let mut bad = wire((0..2).map(sample).collect());

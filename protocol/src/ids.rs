@@ -5,12 +5,16 @@
 //! NATS subjects and URLs without escaping.
 
 use std::fmt;
-use std::sync::Arc;
+
+use smol_str::SmolStr;
 
 use serde::{Deserialize, Serialize};
 
 /// Longest id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 64;
+
+/// Longest id held inline (cloned by copying its bytes); longer ones share an allocation.
+pub const INLINE_ID_LEN: usize = 23;
 
 /// Why a string is not a valid id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,17 +71,25 @@ macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
         ///
-        /// Cloning is cheap (a reference count), so ids can be copied into every sample.
+        /// Cloning is cheap, so ids can be copied into every sample: an id of up to
+        /// [`INLINE_ID_LEN`] bytes (most are) is held inline and cloned as a copy of its bytes, touching no shared
+        /// memory; a longer one shares a reference-counted allocation.
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(Arc<str>);
+        pub struct $name(SmolStr);
 
         impl $name {
             /// Validates `s` and wraps it.
-            pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
-                let s: String = s.into();
-                validate($kind, &s)?;
-                Ok(Self(Arc::from(s)))
+            pub fn new(s: impl AsRef<str>) -> Result<Self, IdError> {
+                let s = s.as_ref();
+                validate($kind, s)?;
+                Ok(Self(SmolStr::new(s)))
+            }
+
+            /// Whether the id is held inline (see [`INLINE_ID_LEN`]); for tests.
+            #[doc(hidden)]
+            pub fn is_inline(&self) -> bool {
+                !self.0.is_heap_allocated()
             }
 
             /// The id as a string slice.
@@ -109,7 +121,7 @@ macro_rules! id_type {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0.to_string()
+                id.0.into()
             }
         }
 
@@ -173,6 +185,43 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn short_and_long_ids_behave_the_same() {
+        use std::collections::HashSet;
+        // Up to 23 bytes are held inline, longer ones in a shared allocation: no difference
+        // shows but the sharing.
+        for len in [1, 22, 23, 24, 63, 64] {
+            let s: String = std::iter::once('a')
+                .chain((1..len).map(|i| char::from(b'0' + (i % 10) as u8)))
+                .collect();
+            let id = PropertyId::new(&s).unwrap();
+            let copy = id.clone();
+            assert_eq!(id.is_inline(), len <= INLINE_ID_LEN, "{len}");
+            assert_eq!(
+                std::ptr::eq(id.as_str(), copy.as_str()),
+                len > INLINE_ID_LEN,
+                "{len}"
+            );
+            assert_eq!(id.as_str(), s, "{len}");
+            assert_eq!(copy, id, "{len}");
+            assert_eq!(String::from(copy), s, "{len}");
+            assert_eq!(PropertyId::new(s.clone()).unwrap(), id, "{len}");
+            let set: HashSet<PropertyId> = [id.clone(), PropertyId::new(&s).unwrap()].into();
+            assert_eq!(set.len(), 1, "{len}");
+            let json = serde_json::to_string(&id).unwrap();
+            assert_eq!(json, format!("{s:?}"), "{len}");
+            assert_eq!(
+                serde_json::from_str::<PropertyId>(&json).unwrap(),
+                id,
+                "{len}"
+            );
+        }
+        // Order is the strings' order whatever their length.
+        let short = DeviceId::new("b").unwrap();
+        let long = DeviceId::new("a".repeat(40)).unwrap();
+        assert!(long < short);
     }
 
     #[test]
