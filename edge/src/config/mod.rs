@@ -62,6 +62,8 @@ const DEFAULT_SLED_CACHE_BYTES: u64 = 2 * 1024 * 1024;
 pub const DEFAULT_DESIRED_EXPIRY_MS: u64 = 600_000;
 /// Default outbox bound: 256 MiB.
 pub const DEFAULT_OUTBOX_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// Default `[outbox] batch_max_records`: a sweep of 10 units x 100 changed registers in one frame.
+pub const DEFAULT_BATCH_MAX_RECORDS: usize = 1024;
 /// Shortest poll interval accepted, in milliseconds.
 pub const MIN_POLL_INTERVAL_MS: i64 = 10;
 
@@ -166,7 +168,9 @@ pub struct OutboxConfig {
     pub commit_interval_ms: u64,
     /// When commits are forced to stable storage.
     pub fsync: FsyncPolicy,
-    /// Most records sent to the hub in one uplink batch.
+    /// Most records sent to the hub in one uplink frame. The hub commits and acknowledges
+    /// what arrived together: a commit's records split over two frames cost it two commits
+    /// and two acknowledgements, so the default holds a 10 x 100-register sweep.
     pub batch_max_records: usize,
     /// What happens when the outbox is full.
     pub on_full: OutboxFullPolicy,
@@ -178,7 +182,7 @@ impl Default for OutboxConfig {
             max_bytes: DEFAULT_OUTBOX_MAX_BYTES,
             commit_interval_ms: 0,
             fsync: FsyncPolicy::EveryCommit,
-            batch_max_records: 512,
+            batch_max_records: DEFAULT_BATCH_MAX_RECORDS,
             on_full: OutboxFullPolicy::DropOldest,
         }
     }
@@ -290,7 +294,7 @@ struct RawOutbox {
     fsync: Option<String>,
     /// With `fsync = "interval"`: the interval in milliseconds (default 1000).
     fsync_interval_ms: Option<i64>,
-    /// Records per uplink batch (default 512).
+    /// Records per uplink frame (default [`DEFAULT_BATCH_MAX_RECORDS`]).
     batch_max_records: Option<i64>,
     /// `drop_oldest` (default) or `refuse_new`.
     on_full: Option<String>,

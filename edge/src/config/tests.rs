@@ -234,6 +234,15 @@ fn an_outbox_section_without_a_key_takes_the_same_default_as_no_section() {
     // The documented default: commit at once when no commit runs.
     assert_eq!(none.commit_interval_ms, 0);
     assert_eq!(none.fsync, FsyncPolicy::EveryCommit);
+    // A sweep of 10 units x 100 changed registers goes up in one frame, as the session's own
+    // default (for embedders of the protocol crate) also sends it.
+    assert_eq!(none.batch_max_records, 1024);
+    assert_eq!(
+        none.batch_max_records,
+        edgesync_protocol::session::EdgeConfig::default().max_batch_records
+    );
+    let set = parse_text(&format!("{BASE}[outbox]\nbatch_max_records = 100\n")).unwrap();
+    assert_eq!(set.outbox.batch_max_records, 100);
 }
 
 #[test]

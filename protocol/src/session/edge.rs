@@ -43,7 +43,7 @@ impl Default for EdgeConfig {
             keepalive_ms: 2_000,
             idle_timeout_ms: 10_000,
             resend_timeout_ms: 5_000,
-            max_batch_records: 512,
+            max_batch_records: 1024,
             max_inflight_records: 16_384,
             last_downlink_seq: 0,
             config_version: 0,
