@@ -87,7 +87,7 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     group: u64,
     /// Most records per uplink frame (the agent's `batch_max_records`).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = edgesync_edge::config::DEFAULT_BATCH_MAX_RECORDS)]
     batch: usize,
     /// Records per second in the latency run (one group every 10 ms).
     #[arg(long, default_value_t = 10_000)]
