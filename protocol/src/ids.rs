@@ -72,8 +72,9 @@ macro_rules! id_type {
         $(#[$doc])*
         ///
         /// Cloning is cheap, so ids can be copied into every sample: an id of up to
-        /// [`INLINE_ID_LEN`] bytes (most are) is held inline and cloned as a copy of its bytes, touching no shared
-        /// memory; a longer one shares a reference-counted allocation.
+        /// [`INLINE_ID_LEN`] bytes (most are) is held inline and cloned as a copy of its
+        /// bytes, touching no shared memory; a longer one shares a reference-counted
+        /// allocation.
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
         pub struct $name(SmolStr);
@@ -86,9 +87,10 @@ macro_rules! id_type {
                 Ok(Self(SmolStr::new(s)))
             }
 
-            /// Whether the id is held inline (see [`INLINE_ID_LEN`]); for tests.
-            #[doc(hidden)]
-            pub fn is_inline(&self) -> bool {
+            /// Whether the id is held inline (see [`INLINE_ID_LEN`]).
+            #[cfg(test)]
+            #[allow(dead_code, reason = "the tests use it for one of the id types")]
+            fn is_inline(&self) -> bool {
                 !self.0.is_heap_allocated()
             }
 
