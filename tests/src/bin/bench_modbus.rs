@@ -28,6 +28,13 @@
 //! conditions. `--layout uint16` makes every register tag a uint16, and `--change-all`
 //! rewrites every register of every unit twice per poll interval (one bulk write per unit),
 //! so every poll reads a change in every register tag.
+//!
+//! `--floor` measures, in every run after the agent and against the same simulators, the
+//! `edgesync-io-floor` process: the same Modbus round trips, one message per unit of the size
+//! the agent's telemetry had (to a TCP sink in this process), and one synced file write per
+//! sweep of 16 bytes per record the hub stored, with nothing else. Its CPU is a lower bound
+//! for this load on this machine at this moment, so the agent's CPU can be read as a ratio to
+//! it (the machine's noise moves both).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -156,6 +163,10 @@ struct Args {
     /// "segment_bytes = 65536"; `;` separates lines).
     #[arg(long, default_value = "")]
     mqtt_config: String,
+    /// Also measure `edgesync-io-floor` (the bare I/O of the load) in every run, after the
+    /// agent, with the same simulators.
+    #[arg(long)]
+    floor: bool,
 }
 
 /// One tag of the generated layout (the same on every unit).
@@ -385,6 +396,8 @@ struct RunResult {
     /// Telemetry messages and properties the MQTT subscriber received per second.
     mqtt_msgs_per_s: f64,
     mqtt_props_per_s: f64,
+    /// The floor process's CPU (% of one core) and peak RSS, with `--floor`.
+    floor: Option<(f64, f64)>,
 }
 
 async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResult> {
@@ -550,6 +563,9 @@ async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResu
         })
     };
     let (mq_m0, mq_p0) = counted(&subscriber);
+    let mq_b0 = subscriber
+        .as_ref()
+        .map_or(0, |s| s.bytes.load(std::sync::atomic::Ordering::Relaxed));
     let node = NodeId::new(NODE)?;
     let seq0 = hub.store.stored_seq(&node)?;
     for sim in &sims {
@@ -561,6 +577,9 @@ async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResu
     tokio::time::sleep(Duration::from_secs(args.window_secs)).await;
     let c1 = harness::proc_cpu_seconds(pid)?;
     let (mq_m1, mq_p1) = counted(&subscriber);
+    let mq_b1 = subscriber
+        .as_ref()
+        .map_or(0, |s| s.bytes.load(std::sync::atomic::Ordering::Relaxed));
     let elapsed = w0.elapsed().as_secs_f64();
     let hwm_mib = harness::proc_status_mib(pid, "VmHWM:")?;
     let rss_mib = harness::proc_status_mib(pid, "VmRSS:")?;
@@ -577,14 +596,34 @@ async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResu
     }
     let cpu_pct = (c1 - c0) / elapsed * 100.0;
 
-    if let Some(c) = changer {
-        c.abort();
-    }
     if let Some(s) = subscriber {
         s.close().await;
     }
     let _ = agent.terminate().await;
     hub.shutdown().await;
+    let floor = if args.floor {
+        let sweeps = elapsed / period.as_secs_f64();
+        let message_bytes = (mq_b1 - mq_b0).checked_div(mq_m1 - mq_m0).unwrap_or(0);
+        let commit_bytes = ((seq1 - seq0) as f64 / sweeps * 16.0) as usize;
+        Some(
+            measure_floor(
+                args,
+                &dir,
+                &sims,
+                &FloorLoad {
+                    messages: mqtt,
+                    message_bytes: usize::try_from(message_bytes)?,
+                    commit_bytes,
+                },
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    if let Some(c) = changer {
+        c.abort();
+    }
     for sim in &sims {
         sim.shutdown();
     }
@@ -682,7 +721,119 @@ async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResu
         stored_per_s: (seq1 - seq0) as f64 / elapsed,
         mqtt_msgs_per_s: (mq_m1 - mq_m0) as f64 / elapsed,
         mqtt_props_per_s: (mq_p1 - mq_p0) as f64 / elapsed,
+        floor,
     })
+}
+
+/// What the floor process does per sweep besides the Modbus reads.
+struct FloorLoad {
+    /// One message per unit to the sink.
+    messages: bool,
+    message_bytes: usize,
+    /// Bytes written and synced per sweep.
+    commit_bytes: usize,
+}
+
+/// Runs `edgesync-io-floor` against the simulators (one endpoint) for a warm-up and the window;
+/// returns its CPU (% of one core) and peak RSS (MiB), after checking that it polled.
+async fn measure_floor(
+    args: &Args,
+    dir: &Path,
+    sims: &[SimHandle],
+    load: &FloorLoad,
+) -> anyhow::Result<(f64, f64)> {
+    ensure!(
+        sims.len() == 1,
+        "--floor supports one endpoint (it polls the units one after the other on one connection)"
+    );
+    let sim = &sims[0];
+    let bin = std::env::current_exe()?.with_file_name("edgesync-io-floor");
+    ensure!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build --release -p edgesync-testkit --bins`",
+        bin.display()
+    );
+    // The sink: reads and drops what the floor process sends, counting bytes.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let sink_addr = listener.local_addr()?;
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = received.clone();
+    let sink = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let endpoint = sim.local_addr().to_string();
+    let units = args.units.to_string();
+    let registers = args.registers.to_string();
+    let period = args.poll_ms.to_string();
+    let sink_arg = sink_addr.to_string();
+    let message_bytes = load.message_bytes.to_string();
+    let commit_bytes = load.commit_bytes.to_string();
+    let data_dir = dir.join("floor");
+    let data_dir_arg = data_dir.display().to_string();
+    let mut cmd = vec![
+        "--endpoint",
+        endpoint.as_str(),
+        "--units",
+        units.as_str(),
+        "--registers",
+        registers.as_str(),
+        "--period-ms",
+        period.as_str(),
+        "--commit-bytes",
+        commit_bytes.as_str(),
+        "--data-dir",
+        data_dir_arg.as_str(),
+    ];
+    if load.messages {
+        cmd.extend([
+            "--sink",
+            sink_arg.as_str(),
+            "--message-bytes",
+            message_bytes.as_str(),
+        ]);
+    }
+    let floor = Proc::spawn_env(&bin, &cmd, &dir.join("floor.log"), Some("ready"), &[]).await?;
+    let pid = floor.pid().context("floor process has no pid")?;
+    tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
+    let r0 = sim.request_count(1);
+    let b0 = received.load(std::sync::atomic::Ordering::Relaxed);
+    let c0 = harness::proc_cpu_seconds(pid)?;
+    let w0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.window_secs)).await;
+    let c1 = harness::proc_cpu_seconds(pid)?;
+    let elapsed = w0.elapsed().as_secs_f64();
+    let hwm = harness::proc_status_mib(pid, "VmHWM:")?;
+    let polls = sim.request_count(1) - r0;
+    let bytes = received.load(std::sync::atomic::Ordering::Relaxed) - b0;
+    let _ = floor.terminate().await;
+    sink.abort();
+    let sweeps = elapsed * 1000.0 / args.poll_ms as f64;
+    let per_sweep = f64::from(args.registers.div_ceil(MAX_READ));
+    ensure!(
+        polls as f64 >= 0.9 * sweeps * per_sweep,
+        "the floor process read unit 1 {polls} times in {elapsed:.1} s, expected about {:.0}: see {}",
+        sweeps * per_sweep,
+        dir.join("floor.log").display()
+    );
+    ensure!(
+        !load.messages
+            || bytes as f64 >= 0.9 * sweeps * f64::from(args.units) * load.message_bytes as f64,
+        "the sink received {bytes} bytes from the floor process, expected about {:.0}",
+        sweeps * f64::from(args.units) * load.message_bytes as f64
+    );
+    Ok(((c1 - c0) / elapsed * 100.0, hwm))
 }
 
 fn ms(us: u64) -> f64 {
@@ -775,6 +926,13 @@ fn main() -> anyhow::Result<()> {
             for &mqtt in modes {
                 let r = run_once(&args, run, mqtt).await?;
                 print_row(&run.to_string(), mode_name(mqtt), &r);
+                if let Some((cpu, hwm)) = r.floor {
+                    println!(
+                        "      floor ({}): cpu {cpu:.2} %, peak RSS {hwm:.1} MiB; agent / floor = {:.2}",
+                        mode_name(mqtt),
+                        r.cpu_pct / cpu
+                    );
+                }
                 let _ = r.expected_cycles;
                 results.push((mqtt, r));
             }
@@ -806,6 +964,15 @@ fn main() -> anyhow::Result<()> {
                 med(&|r| r.mqtt_msgs_per_s),
                 med(&|r| r.mqtt_props_per_s),
             );
+            if args.floor {
+                let floor_cpu = med(&|r| r.floor.map_or(f64::NAN, |f| f.0));
+                let ratio = med(&|r| r.floor.map_or(f64::NAN, |f| r.cpu_pct / f.0));
+                println!(
+                    " med floor ({}): cpu {floor_cpu:.2} %, peak RSS {:.1} MiB; agent / floor, median of the runs' ratios = {ratio:.2}",
+                    mode_name(mqtt),
+                    med(&|r| r.floor.map_or(f64::NAN, |f| f.1)),
+                );
+            }
             let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
             println!(
                 "targets (mqtt {}): cpu < {}% of one core: {} ({cpu:.2}%); peak RSS < {} MB: {} ({:.1} MB); jitter p99 < 5 ms: {} ({p99:.3} ms)",

@@ -45,6 +45,8 @@ pub struct Subscriber {
     pub messages: Arc<AtomicU64>,
     /// Telemetry properties received so far (`"quality"` keys in the payloads).
     pub properties: Arc<AtomicU64>,
+    /// Payload bytes received so far.
+    pub bytes: Arc<AtomicU64>,
     client: AsyncClient,
     task: tokio::task::JoinHandle<()>,
 }
@@ -86,7 +88,8 @@ impl Subscriber {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
         let messages = Arc::new(AtomicU64::new(0));
         let properties = Arc::new(AtomicU64::new(0));
-        let (m, p) = (messages.clone(), properties.clone());
+        let bytes = Arc::new(AtomicU64::new(0));
+        let (m, p, b) = (messages.clone(), properties.clone(), bytes.clone());
         let task = tokio::spawn(async move {
             let mut ready = Some(ready_tx);
             loop {
@@ -95,6 +98,7 @@ impl Subscriber {
                         let at = Instant::now();
                         m.fetch_add(1, Ordering::Relaxed);
                         p.fetch_add(count(&msg.payload, b"\"quality\""), Ordering::Relaxed);
+                        b.fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
                         if keep {
                             let _ = tx.send(Msg {
                                 at,
@@ -126,6 +130,7 @@ impl Subscriber {
             rx,
             messages,
             properties,
+            bytes,
             client,
             task,
         })
