@@ -53,6 +53,22 @@ impl Queue {
         queue.pop_front()
     }
 
+    // edgesync patch: the pool's immortal threads wait for a job without a
+    // deadline. The deadline only lets a dynamic thread end after a second
+    // without work; an immortal thread woke once a second for nothing (7
+    // wake-ups a second in an idle process).
+    fn recv(&self) -> Work {
+        let mut queue = self.mu.lock();
+        loop {
+            if let Some(work) = queue.pop_front() {
+                return work;
+            }
+            WAITING_THREAD_COUNT.fetch_add(1, SeqCst);
+            self.cv.wait(&mut queue);
+            WAITING_THREAD_COUNT.fetch_sub(1, SeqCst);
+        }
+    }
+
     fn try_recv(&self) -> Option<Work> {
         let mut queue = self.mu.lock();
         queue.pop_front()
@@ -100,7 +116,11 @@ fn perform_work(is_immortal: bool) {
 
     while is_immortal || performed < 5 || contiguous_overshoots < 3 {
         debug_delay();
-        let task_res = QUEUE.recv_timeout(wait_limit);
+        let task_res = if is_immortal {
+            Some(QUEUE.recv())
+        } else {
+            QUEUE.recv_timeout(wait_limit)
+        };
 
         if let Some(task) = task_res {
             WAITING_THREAD_COUNT.fetch_sub(1, SeqCst);
