@@ -555,17 +555,15 @@ async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResu
 
     // Measurement window.
     let counted = |s: &Option<Subscriber>| {
-        s.as_ref().map_or((0, 0), |s| {
+        s.as_ref().map_or((0, 0, 0), |s| {
             (
                 s.messages.load(std::sync::atomic::Ordering::Relaxed),
                 s.properties.load(std::sync::atomic::Ordering::Relaxed),
+                s.bytes.load(std::sync::atomic::Ordering::Relaxed),
             )
         })
     };
-    let (mq_m0, mq_p0) = counted(&subscriber);
-    let mq_b0 = subscriber
-        .as_ref()
-        .map_or(0, |s| s.bytes.load(std::sync::atomic::Ordering::Relaxed));
+    let (mq_m0, mq_p0, mq_b0) = counted(&subscriber);
     let node = NodeId::new(NODE)?;
     let seq0 = hub.store.stored_seq(&node)?;
     for sim in &sims {
@@ -576,10 +574,7 @@ async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResu
     let w0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.window_secs)).await;
     let c1 = harness::proc_cpu_seconds(pid)?;
-    let (mq_m1, mq_p1) = counted(&subscriber);
-    let mq_b1 = subscriber
-        .as_ref()
-        .map_or(0, |s| s.bytes.load(std::sync::atomic::Ordering::Relaxed));
+    let (mq_m1, mq_p1, mq_b1) = counted(&subscriber);
     let elapsed = w0.elapsed().as_secs_f64();
     let hwm_mib = harness::proc_status_mib(pid, "VmHWM:")?;
     let rss_mib = harness::proc_status_mib(pid, "VmRSS:")?;
