@@ -34,7 +34,11 @@
 //! the agent's telemetry had (to a TCP sink in this process), and one synced file write per
 //! sweep of 16 bytes per record the hub stored, with nothing else. Its CPU is a lower bound
 //! for this load on this machine at this moment, so the agent's CPU can be read as a ratio to
-//! it (the machine's noise moves both).
+//! it (the machine's noise moves both). `--floor-quic` adds the tunnel's bare I/O to the floor:
+//! per sweep, as many bytes as the agent's records take encoded (the records the hub stored
+//! per sweep, times the encoded size of this layout's samples) on one QUIC stream to a quinn
+//! server in this process, which acknowledges each sweep with 8 bytes. `--floor-pipeline` has
+//! the floor write all of a sweep's Modbus requests at once instead of one after the other.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -167,6 +171,14 @@ struct Args {
     /// agent, with the same simulators.
     #[arg(long)]
     floor: bool,
+    /// The floor also sends the sweep's records (as many bytes as the agent's encoding takes)
+    /// over QUIC and waits for an acknowledgement (with `--floor`).
+    #[arg(long, requires = "floor")]
+    floor_quic: bool,
+    /// The floor writes all of a sweep's Modbus requests at once, then reads the answers
+    /// (with `--floor`).
+    #[arg(long, requires = "floor")]
+    floor_pipeline: bool,
 }
 
 /// One tag of the generated layout (the same on every unit).
@@ -599,7 +611,9 @@ async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResu
     let floor = if args.floor {
         let sweeps = elapsed / period.as_secs_f64();
         let message_bytes = (mq_b1 - mq_b0).checked_div(mq_m1 - mq_m0).unwrap_or(0);
-        let commit_bytes = ((seq1 - seq0) as f64 / sweeps * 16.0) as usize;
+        let records_per_sweep = (seq1 - seq0) as f64 / sweeps;
+        let commit_bytes = (records_per_sweep * 16.0) as usize;
+        let uplink_bytes = (records_per_sweep * record_bytes(&tags)?) as usize;
         Some(
             measure_floor(
                 args,
@@ -609,6 +623,8 @@ async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResu
                     messages: mqtt,
                     message_bytes: usize::try_from(message_bytes)?,
                     commit_bytes,
+                    uplink_bytes: args.floor_quic.then_some(uplink_bytes),
+                    pipeline: args.floor_pipeline,
                 },
             )
             .await?,
@@ -720,6 +736,18 @@ async fn run_once(args: &Args, run: usize, mqtt: bool) -> anyhow::Result<RunResu
     })
 }
 
+/// The floor's name in the report: `floor`, with `+quic` and `+pipeline` for its options.
+fn floor_name(args: &Args) -> String {
+    let mut name = "floor".to_owned();
+    if args.floor_quic {
+        name.push_str("+quic");
+    }
+    if args.floor_pipeline {
+        name.push_str("+pipeline");
+    }
+    name
+}
+
 /// What the floor process does per sweep besides the Modbus reads.
 struct FloorLoad {
     /// One message per unit to the sink.
@@ -727,6 +755,110 @@ struct FloorLoad {
     message_bytes: usize,
     /// Bytes written and synced per sweep.
     commit_bytes: usize,
+    /// Bytes sent over QUIC per sweep (none: no QUIC).
+    uplink_bytes: Option<usize>,
+    /// All of a sweep's requests written at once.
+    pipeline: bool,
+}
+
+/// Average encoded size (bytes) of one record of `tags` (unit 1's, each with a five-digit
+/// value), as the agent's uplink encodes samples.
+fn record_bytes(tags: &[TagDef]) -> anyhow::Result<f64> {
+    let device = edgesync_protocol::DeviceId::new("plc-1")?;
+    let samples = tags
+        .iter()
+        .map(|t| {
+            Ok(edgesync_protocol::Sample {
+                device: device.clone(),
+                property: PropertyId::new(t.name.clone())?,
+                value: Some(match t.data_type {
+                    DataType::Bool => Value::Bool(true),
+                    DataType::Float32 | DataType::Float64 => Value::Float(12345.5),
+                    DataType::UInt16 => Value::UInt(12345),
+                    _ => Value::Int(12345),
+                }),
+                quality: edgesync_protocol::Quality::Good,
+                ts: edgesync_protocol::Timestamp(1_800_000_000_000),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    ensure!(!samples.is_empty(), "no tags");
+    Ok(edgesync_protocol::frame::encode_samples(&samples).len() as f64 / samples.len() as f64)
+}
+
+/// A QUIC server in this process for the floor's uplink: on every stream it reads `per_sweep`
+/// bytes at a time and answers each with 8 bytes.
+struct QuicSink {
+    addr: SocketAddr,
+    /// PEM file of its self-signed certificate (name `localhost`).
+    pem: PathBuf,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl QuicSink {
+    async fn start(dir: &Path, per_sweep: usize) -> anyhow::Result<Self> {
+        use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+        let pem = dir.join("floor-quic.pem");
+        std::fs::write(&pem, certified.cert.pem())?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            certified.signing_key.serialize_der(),
+        ));
+        let crypto = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)?;
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)?;
+        let endpoint = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(std::sync::Arc::new(quic)),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        )?;
+        let addr = endpoint.local_addr()?;
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = received.clone();
+        let task = tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let counter = counter.clone();
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; per_sweep];
+                            while recv.read_exact(&mut buf).await.is_ok() {
+                                counter.fetch_add(
+                                    per_sweep as u64,
+                                    std::sync::atomic::Ordering::Relaxed,
+                                );
+                                if send.write_all(&[0u8; 8]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                });
+            }
+        });
+        Ok(QuicSink {
+            addr,
+            pem,
+            received,
+            task,
+        })
+    }
+
+    fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for QuicSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Runs `edgesync-io-floor` against the simulators (one endpoint) for a warm-up and the window;
@@ -799,11 +931,30 @@ async fn measure_floor(
             message_bytes.as_str(),
         ]);
     }
+    let quic = match load.uplink_bytes {
+        Some(n) => Some((QuicSink::start(dir, n).await?, n)),
+        None => None,
+    };
+    let quic_args = quic.as_ref().map(|(q, n)| {
+        [
+            q.addr.to_string(),
+            q.pem.display().to_string(),
+            n.to_string(),
+        ]
+    });
+    if let Some([addr, pem, n]) = &quic_args {
+        cmd.extend(["--quic", addr, "--quic-cert", pem, "--uplink-bytes", n]);
+    }
+    if load.pipeline {
+        cmd.push("--pipeline");
+    }
+    let quic_received = || quic.as_ref().map_or(0, |(q, _)| q.received());
     let floor = Proc::spawn_env(&bin, &cmd, &dir.join("floor.log"), Some("ready"), &[]).await?;
     let pid = floor.pid().context("floor process has no pid")?;
     tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
     let r0 = sim.request_count(1);
     let b0 = received.load(std::sync::atomic::Ordering::Relaxed);
+    let q0 = quic_received();
     let c0 = harness::proc_cpu_seconds(pid)?;
     let w0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.window_secs)).await;
@@ -812,8 +963,10 @@ async fn measure_floor(
     let hwm = harness::proc_status_mib(pid, "VmHWM:")?;
     let polls = sim.request_count(1) - r0;
     let bytes = received.load(std::sync::atomic::Ordering::Relaxed) - b0;
+    let quic_bytes = quic_received() - q0;
     let _ = floor.terminate().await;
     sink.abort();
+    drop(quic);
     let sweeps = elapsed * 1000.0 / args.poll_ms as f64;
     let per_sweep = f64::from(args.registers.div_ceil(MAX_READ));
     ensure!(
@@ -828,6 +981,13 @@ async fn measure_floor(
         "the sink received {bytes} bytes from the floor process, expected about {:.0}",
         sweeps * f64::from(args.units) * load.message_bytes as f64
     );
+    if let Some(n) = load.uplink_bytes {
+        ensure!(
+            quic_bytes as f64 >= 0.9 * sweeps * n as f64,
+            "the QUIC server received {quic_bytes} bytes from the floor process, expected about {:.0}",
+            sweeps * n as f64
+        );
+    }
     Ok(((c1 - c0) / elapsed * 100.0, hwm))
 }
 
@@ -923,7 +1083,8 @@ fn main() -> anyhow::Result<()> {
                 print_row(&run.to_string(), mode_name(mqtt), &r);
                 if let Some((cpu, hwm)) = r.floor {
                     println!(
-                        "      floor ({}): cpu {cpu:.2} %, peak RSS {hwm:.1} MiB; agent / floor = {:.2}",
+                        "      {} ({}): cpu {cpu:.2} %, peak RSS {hwm:.1} MiB; agent / floor = {:.2}",
+                        floor_name(&args),
                         mode_name(mqtt),
                         r.cpu_pct / cpu
                     );
@@ -963,7 +1124,8 @@ fn main() -> anyhow::Result<()> {
                 let floor_cpu = med(&|r| r.floor.map_or(f64::NAN, |f| f.0));
                 let ratio = med(&|r| r.floor.map_or(f64::NAN, |f| r.cpu_pct / f.0));
                 println!(
-                    " med floor ({}): cpu {floor_cpu:.2} %, peak RSS {:.1} MiB; agent / floor, median of the runs' ratios = {ratio:.2}",
+                    " med {} ({}): cpu {floor_cpu:.2} %, peak RSS {:.1} MiB; agent / floor, median of the runs' ratios = {ratio:.2}",
+                    floor_name(&args),
                     mode_name(mqtt),
                     med(&|r| r.floor.map_or(f64::NAN, |f| f.1)),
                 );
