@@ -792,6 +792,8 @@ struct QuicSink {
     addr: SocketAddr,
     /// PEM file of its self-signed certificate (name `localhost`).
     pem: PathBuf,
+    /// Bytes read (and acknowledged) at a time.
+    per_sweep: usize,
     received: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -845,6 +847,7 @@ impl QuicSink {
         Ok(QuicSink {
             addr,
             pem,
+            per_sweep,
             received,
             task,
         })
@@ -932,14 +935,14 @@ async fn measure_floor(
         ]);
     }
     let quic = match load.uplink_bytes {
-        Some(n) => Some((QuicSink::start(dir, n).await?, n)),
+        Some(n) => Some(QuicSink::start(dir, n).await?),
         None => None,
     };
-    let quic_args = quic.as_ref().map(|(q, n)| {
+    let quic_args = quic.as_ref().map(|q| {
         [
             q.addr.to_string(),
             q.pem.display().to_string(),
-            n.to_string(),
+            q.per_sweep.to_string(),
         ]
     });
     if let Some([addr, pem, n]) = &quic_args {
@@ -948,7 +951,7 @@ async fn measure_floor(
     if load.pipeline {
         cmd.push("--pipeline");
     }
-    let quic_received = || quic.as_ref().map_or(0, |(q, _)| q.received());
+    let quic_received = || quic.as_ref().map_or(0, QuicSink::received);
     let floor = Proc::spawn_env(&bin, &cmd, &dir.join("floor.log"), Some("ready"), &[]).await?;
     let pid = floor.pid().context("floor process has no pid")?;
     tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
